@@ -1,0 +1,38 @@
+# p2pupd — the two commands a new machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/p2pupd demo
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check protocol daemon tools tests
+
+# mypy checks the packages under their import names through a symlink farm,
+# since the folders are mapped (protocol/ -> p2pupd.protocol, ...).
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck/p2pupd
+	ln -s ../../../protocol build/typecheck/p2pupd/protocol
+	ln -s ../../../daemon build/typecheck/p2pupd/daemon
+	ln -s ../../../tools build/typecheck/p2pupd/tools
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p p2pupd.protocol -p p2pupd.daemon -p p2pupd.tools
+
+bench: $(STAMP)
+	$(BIN)/python -m p2pupd.tools.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""p2pupd.tools: the command line and the publisher side."""

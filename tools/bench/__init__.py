@@ -1,0 +1,1 @@
+"""Benchmarks: run on demand, each prints a table. Never part of the test suite."""
