@@ -1,0 +1,284 @@
+"""Anti-entropy gossip of verified manifests: ``now`` and events in, actions out.
+
+Theory of operation
+-------------------
+Each node holds, per component, the highest manifest serial it has *verified*
+(``holdings``: component -> (serial, manifest digest)) and tells peers about it
+with ``Announce``. A ``Gossip`` object keeps the last Announce of every
+connected peer and turns events into actions for the daemon to carry out:
+
+* ``SendAnnounce(peer)``: to a random fan-out of peers every
+  ``announce_interval`` (jittered by the injected ``random.Random`` so nodes
+  do not fall into lock-step), to a peer that just joined, to peers an Announce
+  shows are behind us, and to peers behind on a component we just verified.
+* ``RequestManifest(peer, component, serial, digest)``: when a peer announces a
+  higher serial than ours for a component we track. Only the highest serial on
+  offer is fetched, from one randomly chosen announcer, and a (component,
+  serial) is never pending with two peers at once. When a request times out
+  (``tick``) or the peer says it lacks the manifest, that peer is skipped for
+  that serial for ``retry_after`` seconds and another announcer is tried.
+* ``Ban(peer, until, reason)``: when the caller reports that a peer's manifest
+  failed verification. The peer's claims are forgotten and it is ignored until
+  the ban ends.
+
+Trust rule: an announced serial is only a *hint* about where to look.
+``holdings`` change only in ``on_manifest_verified``, which the caller invokes
+after the manifest passed signature, threshold and rollback checks, so a node
+never holds, or announces onward, what it has not verified itself.
+
+Peers are any hashable ids the caller chooses (node ids, addresses).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .wire import Announce
+
+P = TypeVar("P", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class SendAnnounce(Generic[P]):
+    """Send ``Gossip.announcement()`` to ``peer``."""
+
+    peer: P
+
+
+@dataclass(frozen=True)
+class RequestManifest(Generic[P]):
+    """Ask ``peer`` for this manifest; ``manifest_digest`` is the peer's unverified claim."""
+
+    peer: P
+    component: str
+    serial: int
+    manifest_digest: bytes
+
+
+@dataclass(frozen=True)
+class Ban(Generic[P]):
+    """Disconnect ``peer`` and refuse it until ``until`` (caller's clock)."""
+
+    peer: P
+    until: float
+    reason: str
+
+
+Action = SendAnnounce[P] | RequestManifest[P] | Ban[P]
+
+
+@dataclass
+class _Pending(Generic[P]):
+    peer: P
+    deadline: float
+
+
+class Gossip(Generic[P]):
+    """Gossip state of one node; see the module docstring."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        holdings: Mapping[str, tuple[int, bytes]] | None = None,
+        tracked: Iterable[str] = (),
+        fanout: int = 3,
+        announce_interval: float = 30.0,
+        request_timeout: float = 15.0,
+        retry_after: float = 60.0,
+        ban_seconds: float = 3600.0,
+    ) -> None:
+        self._rng = rng
+        self._holdings: dict[str, tuple[int, bytes]] = dict(holdings or {})
+        self._tracked = set(tracked) | set(self._holdings)
+        self._fanout = fanout
+        self._interval = announce_interval
+        self._timeout = request_timeout
+        self._retry_after = retry_after
+        self._ban_seconds = ban_seconds
+        self._peers: dict[P, dict[str, tuple[int, bytes]]] = {}  # last Announce of each
+        self._banned: dict[P, float] = {}
+        self._pending: dict[tuple[str, int], _Pending[P]] = {}
+        self._skip: dict[tuple[P, str, int], float] = {}  # failed attempt -> retry time
+        self._generation = 0  # bumped when holdings change
+        self._told: dict[P, int] = {}  # generation last announced to each peer
+        self._next_announce: float | None = None
+
+    # ----- queries --------------------------------------------------------
+
+    @property
+    def holdings(self) -> dict[str, tuple[int, bytes]]:
+        """A copy of what this node has verified: component -> (serial, digest)."""
+        return dict(self._holdings)
+
+    @property
+    def peers(self) -> list[P]:
+        """Connected, not banned peers."""
+        return list(self._peers)
+
+    @property
+    def pending(self) -> dict[tuple[str, int], P]:
+        """Manifest requests in flight: (component, serial) -> peer."""
+        return {key: p.peer for key, p in self._pending.items()}
+
+    def announcement(self) -> Announce:
+        """Return the Announce message describing our verified holdings."""
+        return Announce.from_holdings(self._holdings)
+
+    def is_banned(self, peer: P, now: float) -> bool:
+        """True while ``peer`` is banned."""
+        return self._banned.get(peer, -math.inf) > now
+
+    def next_deadline(self) -> float | None:
+        """Return the earliest time ``tick`` has work to do, or None."""
+        times = [p.deadline for p in self._pending.values()]
+        times += [*self._skip.values(), *self._banned.values()]
+        if self._next_announce is not None and self._peers:
+            times.append(self._next_announce)
+        return min(times, default=None)
+
+    # ----- events ---------------------------------------------------------
+
+    def track(self, component: str, now: float) -> list[Action[P]]:
+        """Start caring about ``component``; returns requests for it if peers offer it."""
+        self._tracked.add(component)
+        return self._plan(component, now)
+
+    def peer_joined(self, peer: P, now: float) -> list[Action[P]]:
+        """A connection finished its handshake. Returns our Announce to it, or a Ban."""
+        if self.is_banned(peer, now):
+            return [Ban(peer, self._banned[peer], "peer is banned")]
+        self._peers.setdefault(peer, {})
+        return [self._announce_to(peer)]
+
+    def peer_left(self, peer: P, now: float) -> list[Action[P]]:
+        """Forget ``peer``; returns requests re-sent elsewhere for what it owed us."""
+        self._peers.pop(peer, None)
+        self._told.pop(peer, None)
+        return self._drop_pending_of(peer, now)
+
+    def on_announce(
+        self, peer: P, entries: Iterable[tuple[str, int, bytes]], now: float
+    ) -> list[Action[P]]:
+        """Record a peer's Announce; returns manifest requests and announces."""
+        if self.is_banned(peer, now):
+            return []
+        announced = {c: (serial, digest) for c, serial, digest in entries}
+        self._peers[peer] = announced
+        actions: list[Action[P]] = []
+        # Push-pull: a peer that is behind us hears from us at once, but only
+        # once per change of our holdings, so two nodes cannot ping-pong.
+        behind = any(announced.get(c, (0, b""))[0] < s for c, (s, _) in self._holdings.items())
+        if behind and self._told.get(peer) != self._generation:
+            actions.append(self._announce_to(peer))
+        for component in sorted(announced.keys() & self._tracked):
+            actions += self._plan(component, now)
+        return actions
+
+    def on_manifest_verified(
+        self, component: str, serial: int, digest: bytes, now: float
+    ) -> list[Action[P]]:
+        """The caller verified this manifest and stored it: hold it and spread it.
+
+        Returns announces to peers that are behind and any further requests.
+        An older serial than the one held changes nothing (rollback protection
+        is the verifier's job; this only keeps the highest).
+        """
+        self._tracked.add(component)
+        for key in [k for k in self._pending if k[0] == component and k[1] <= serial]:
+            del self._pending[key]
+        actions: list[Action[P]] = []
+        if serial > self._holdings.get(component, (0, b""))[0]:
+            self._holdings[component] = (serial, digest)
+            self._generation += 1
+            behind = [
+                p for p, ann in self._peers.items() if ann.get(component, (0, b""))[0] < serial
+            ]
+            actions += [self._announce_to(p) for p in self._sample(behind)]
+        return actions + self._plan(component, now)
+
+    def on_manifest_rejected(
+        self, peer: P, component: str, serial: int, now: float, reason: str = ""
+    ) -> list[Action[P]]:
+        """The manifest ``peer`` sent failed verification.
+
+        Returns ``Ban(peer, ...)`` first, then requests to other peers.
+        """
+        until = now + self._ban_seconds
+        self._banned[peer] = until
+        self._peers.pop(peer, None)
+        self._told.pop(peer, None)
+        why = reason or f"manifest {component} #{serial} failed verification"
+        actions: list[Action[P]] = [Ban(peer, until, why)]
+        return actions + self._drop_pending_of(peer, now, also=component)
+
+    def on_manifest_unavailable(
+        self, peer: P, component: str, serial: int, now: float
+    ) -> list[Action[P]]:
+        """``peer`` answered ManifestMissing; returns a request to another peer."""
+        self._skip[(peer, component, serial)] = now + self._retry_after
+        pending = self._pending.get((component, serial))
+        if pending is not None and pending.peer == peer:
+            del self._pending[(component, serial)]
+        return self._plan(component, now)
+
+    def tick(self, now: float) -> list[Action[P]]:
+        """Expire timeouts and bans, announce periodically; returns the actions due."""
+        for peer in [p for p, until in self._banned.items() if until <= now]:
+            del self._banned[peer]
+        for key in [k for k, until in self._skip.items() if until <= now]:
+            del self._skip[key]
+        actions: list[Action[P]] = []
+        for (component, serial), pending in list(self._pending.items()):
+            if pending.deadline <= now:
+                del self._pending[(component, serial)]
+                self._skip[(pending.peer, component, serial)] = now + self._retry_after
+        if self._next_announce is None or now >= self._next_announce:
+            actions += [self._announce_to(p) for p in self._sample(list(self._peers))]
+            self._next_announce = now + self._interval * self._rng.uniform(0.5, 1.5)
+        for component in sorted(self._tracked):
+            actions += self._plan(component, now)
+        return actions
+
+    # ----- internals ------------------------------------------------------
+
+    def _announce_to(self, peer: P) -> SendAnnounce[P]:
+        self._told[peer] = self._generation
+        return SendAnnounce(peer)
+
+    def _sample(self, peers: list[P]) -> list[P]:
+        return self._rng.sample(peers, min(self._fanout, len(peers)))
+
+    def _drop_pending_of(self, peer: P, now: float, also: str | None = None) -> list[Action[P]]:
+        components = {also} if also is not None else set()
+        for key in [k for k, p in self._pending.items() if p.peer == peer]:
+            del self._pending[key]
+            components.add(key[0])
+        actions: list[Action[P]] = []
+        for component in sorted(components):
+            actions += self._plan(component, now)
+        return actions
+
+    def _plan(self, component: str, now: float) -> list[Action[P]]:
+        """Request the highest serial on offer above what we hold and what is pending."""
+        if component not in self._tracked:
+            return []
+        floor = max(
+            [self._holdings.get(component, (0, b""))[0]]
+            + [serial for c, serial in self._pending if c == component]
+        )
+        offers: dict[int, list[P]] = {}
+        for peer, announced in self._peers.items():
+            serial = announced.get(component, (0, b""))[0]
+            if serial > floor and self._skip.get((peer, component, serial), -math.inf) <= now:
+                offers.setdefault(serial, []).append(peer)
+        if not offers:
+            return []
+        serial = max(offers)
+        peer = self._rng.choice(offers[serial])
+        self._pending[(component, serial)] = _Pending(peer, now + self._timeout)
+        return [RequestManifest(peer, component, serial, self._peers[peer][component][1])]

@@ -1,0 +1,330 @@
+"""The per-peer conversation as a sans-IO state machine (h11 style).
+
+Theory of operation
+-------------------
+A ``Session`` sits between one TCP stream and the daemon. The daemon feeds it
+whatever bytes arrive (``receive_data``; ``b""`` means end of stream), pulls
+validated messages out with ``next_event`` until it returns ``NEED_DATA`` or
+``CLOSED``, and turns each outgoing message into bytes with ``send``. The
+session never does I/O and never looks at a clock; timeouts belong to the
+caller (the gossip and planner modules take ``now``).
+
+The conversation has one shared state, and every legal move is a row of
+``TRANSITIONS``: (state, direction, message type) -> next state. Anything not in
+the table is refused -- with ``RemoteProtocolError`` when the peer did it and
+``LocalProtocolError`` when we tried to. A failed peer leaves the session in
+``ERROR``; from there we may still send ``Error`` or ``Bye`` to say why.
+
+Handshake: both sides send ``Hello`` first, in either order. The peer's Hello
+must carry our magic, our protocol version, our cluster id and a node id other
+than ours (else ``HandshakeError``). Until both Hellos are through, nothing else
+may be sent or received.
+
+Requests: the session allocates request ids (``request_manifest``,
+``request_chunk``, ``request_root`` build requests with fresh ids) and tracks
+requests in each direction. A response must answer an outstanding request of
+its kind (chunk digest and root version must match too), otherwise the peer is
+lying or confused. At most ``max_in_flight`` requests may be outstanding each
+way: sending more is our bug, receiving more is the peer's abuse. A request we
+gave up on (``cancel_request``) keeps its slot until the peer answers, because
+the peer still counts it; its answer is then dropped silently.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from . import ids, limits
+from .errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
+from .wire import (
+    MAGIC,
+    MAX_REQUEST_ID,
+    Announce,
+    Bye,
+    ChunkData,
+    ChunkMissing,
+    ChunkRequest,
+    Error,
+    FrameDecoder,
+    Hello,
+    ManifestData,
+    ManifestMissing,
+    ManifestRequest,
+    Message,
+    Request,
+    Response,
+    RootData,
+    RootMissing,
+    RootRequest,
+    encode_message,
+)
+
+
+class HandshakeError(RemoteProtocolError):
+    """The peer is not a compatible member of our cluster."""
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # nobody has sent Hello
+    HELLO_SENT = "hello-sent"  # ours is out, theirs not yet in
+    HELLO_RECEIVED = "hello-received"  # theirs is in, ours not yet out
+    OPEN = "open"
+    CLOSED = "closed"  # Bye or Error went either way, or the stream ended
+    ERROR = "error"  # the peer broke the protocol
+
+
+class Direction(enum.Enum):
+    SEND = "send"
+    RECEIVE = "receive"
+
+
+class Signal(enum.Enum):
+    NEED_DATA = "need-data"
+    CLOSED = "closed"
+
+
+NEED_DATA = Signal.NEED_DATA
+CLOSED = Signal.CLOSED
+
+_SEND, _RECV = Direction.SEND, Direction.RECEIVE
+_CONVERSATION: tuple[type[Message], ...] = (
+    Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
+    ChunkMissing, RootRequest, RootData, RootMissing,
+)  # fmt: skip
+_LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
+
+TRANSITIONS: dict[tuple[State, Direction, type[Message]], State] = {
+    # Handshake: each side's Hello, in either order.
+    (State.IDLE, _SEND, Hello): State.HELLO_SENT,
+    (State.IDLE, _RECV, Hello): State.HELLO_RECEIVED,
+    (State.HELLO_SENT, _RECV, Hello): State.OPEN,
+    (State.HELLO_RECEIVED, _SEND, Hello): State.OPEN,
+    # Conversation: every other message, both ways, only once open.
+    **{(State.OPEN, d, t): State.OPEN for d in Direction for t in _CONVERSATION},
+    # Closing: Bye or Error from any live state ends it.
+    **{(s, d, t): State.CLOSED for s in _LIVE for d in Direction for t in (Bye, Error)},
+    # After the peer broke the protocol we may still tell it why.
+    (State.ERROR, _SEND, Error): State.CLOSED,
+    (State.ERROR, _SEND, Bye): State.CLOSED,
+}
+
+_REQUESTS = (ManifestRequest, ChunkRequest, RootRequest)
+_RESPONSES = (ManifestData, ManifestMissing, ChunkData, ChunkMissing, RootData, RootMissing)
+# Which request kind each response answers.
+_ANSWERS: dict[type[Message], type[Request]] = {
+    ManifestData: ManifestRequest,
+    ManifestMissing: ManifestRequest,
+    ChunkData: ChunkRequest,
+    ChunkMissing: ChunkRequest,
+    RootData: RootRequest,
+    RootMissing: RootRequest,
+}
+
+
+def verify_chunk(msg: ChunkData) -> None:
+    """Raise ``HashMismatchError`` unless ``msg.data`` hashes to ``msg.digest``."""
+    if ids.sha256(msg.data) != msg.digest:
+        raise HashMismatchError(f"chunk data does not match {msg.digest.hex()[:16]}")
+
+
+class Session:
+    """One peer conversation; see the module docstring."""
+
+    def __init__(
+        self,
+        node_id: bytes,
+        cluster_id: str,
+        listen_port: int = 0,
+        features: frozenset[str] = frozenset(),
+        max_in_flight: int = limits.MAX_IN_FLIGHT_PER_PEER,
+    ) -> None:
+        self.hello = Hello.create(node_id, cluster_id, listen_port, features)
+        self.peer_hello: Hello | None = None
+        self.state = State.IDLE
+        self._max_in_flight = max_in_flight
+        self._decoder = FrameDecoder()
+        self._ours: dict[int, Request] = {}  # our requests awaiting the peer's answer
+        self._theirs: dict[int, Request] = {}  # the peer's requests awaiting our answer
+        self._cancelled: set[int] = set()  # subset of _ours whose answers we drop
+        self._next_id = 0
+
+    # ----- incoming -------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the stream ended.
+
+        Never raises for bad bytes (``next_event`` does). Raises
+        ``LocalProtocolError`` if called again after end of stream.
+        """
+        if not data:
+            self._decoder.feed_eof()
+        elif self.state not in (State.CLOSED, State.ERROR):
+            self._decoder.feed(data)  # anything after Bye or an error is ignored
+
+    def next_event(self) -> Message | Signal:
+        """Return the next message from the peer, ``NEED_DATA`` or ``CLOSED``.
+
+        Raises ``RemoteProtocolError`` (``CodecError``, ``FrameTooLargeError``,
+        ``HandshakeError``, ...) when the peer breaks the protocol; the session
+        is then in ``State.ERROR`` and raises again on every later call.
+        """
+        while True:
+            if self.state is State.ERROR:
+                raise RemoteProtocolError("peer already broke the protocol on this session")
+            if self.state is State.CLOSED:
+                return CLOSED
+            try:
+                msg = self._decoder.next_message()
+                if msg is None:
+                    if self._decoder.eof:
+                        self.state = State.CLOSED  # peer vanished without Bye
+                        return CLOSED
+                    return NEED_DATA
+                deliver = self._process_incoming(msg)
+            except RemoteProtocolError:
+                self.state = State.ERROR
+                raise
+            if deliver:
+                return msg
+
+    def _process_incoming(self, msg: Message) -> bool:
+        """Apply ``msg`` to the state; return False if it must not be delivered."""
+        new_state = TRANSITIONS.get((self.state, _RECV, type(msg)))
+        if new_state is None:
+            raise RemoteProtocolError(f"peer sent {type(msg).__name__} in state {self.state.value}")
+        deliver = True
+        if isinstance(msg, Hello):
+            self._check_peer_hello(msg)
+            self.peer_hello = msg
+        elif isinstance(msg, _REQUESTS):
+            if msg.request_id in self._theirs:
+                raise RemoteProtocolError(f"peer reused request id {msg.request_id}")
+            if len(self._theirs) >= self._max_in_flight:
+                raise RemoteProtocolError(f"peer exceeded {self._max_in_flight} requests in flight")
+            self._theirs[msg.request_id] = msg
+        elif isinstance(msg, _RESPONSES):
+            _check_answer(self._ours.get(msg.request_id), msg, "peer sent", RemoteProtocolError)
+            del self._ours[msg.request_id]
+            if msg.request_id in self._cancelled:
+                self._cancelled.discard(msg.request_id)
+                deliver = False
+        self.state = new_state
+        return deliver
+
+    def _check_peer_hello(self, hello: Hello) -> None:
+        if hello.magic != MAGIC:
+            raise HandshakeError(f"peer is not a p2pupd node (magic {hello.magic!r})")
+        if hello.protocol_version != self.hello.protocol_version:
+            raise HandshakeError(
+                f"peer speaks p2pupd protocol version {hello.protocol_version}, this node "
+                f"speaks version {self.hello.protocol_version}; upgrade the older node"
+            )
+        if hello.cluster_id != self.hello.cluster_id:
+            raise HandshakeError(
+                f"peer belongs to cluster {hello.cluster_id!r}, "
+                f"this node to {self.hello.cluster_id!r}"
+            )
+        if hello.node_id == self.hello.node_id:
+            raise HandshakeError("connected to ourselves")
+
+    # ----- outgoing -------------------------------------------------------
+
+    def send(self, msg: Message) -> bytes:
+        """Return the bytes for ``msg`` and advance the state.
+
+        Raises ``LocalProtocolError`` when ``msg`` is not allowed now: before
+        the handshake, after close, a Hello other than ``self.hello``, a
+        request beyond the in-flight cap or with a used id, or a response to
+        no outstanding peer request.
+        """
+        new_state = TRANSITIONS.get((self.state, _SEND, type(msg)))
+        if new_state is None:
+            raise LocalProtocolError(
+                f"cannot send {type(msg).__name__} in state {self.state.value}"
+            )
+        if isinstance(msg, Hello) and msg != self.hello:
+            raise LocalProtocolError("send session.hello, not another Hello")
+        if isinstance(msg, _REQUESTS):
+            if msg.request_id in self._ours:
+                raise LocalProtocolError(f"request id {msg.request_id} is already in flight")
+            if len(self._ours) >= self._max_in_flight:
+                raise LocalProtocolError(f"already {self._max_in_flight} requests in flight")
+        elif isinstance(msg, _RESPONSES):
+            _check_answer(self._theirs.get(msg.request_id), msg, "we sent", LocalProtocolError)
+        data = encode_message(msg)  # may raise; the state is untouched until it succeeds
+        if isinstance(msg, _REQUESTS):
+            self._ours[msg.request_id] = msg
+        elif isinstance(msg, _RESPONSES):
+            del self._theirs[msg.request_id]
+        self.state = new_state
+        return data
+
+    def send_hello(self) -> bytes:
+        """Return the bytes of our Hello; shorthand for ``send(self.hello)``."""
+        return self.send(self.hello)
+
+    def next_request_id(self) -> int:
+        """Return an id not used by any of our outstanding requests."""
+        while True:
+            request_id = self._next_id
+            self._next_id = 0 if request_id == MAX_REQUEST_ID else request_id + 1
+            if request_id not in self._ours:
+                return request_id
+
+    def request_manifest(self, component: str, serial: int) -> ManifestRequest:
+        """Return a ManifestRequest with a fresh id (not yet sent)."""
+        return ManifestRequest(self.next_request_id(), component, serial)
+
+    def request_chunk(self, digest: bytes) -> ChunkRequest:
+        """Return a ChunkRequest with a fresh id (not yet sent)."""
+        return ChunkRequest(self.next_request_id(), digest)
+
+    def request_root(self, version: int) -> RootRequest:
+        """Return a RootRequest with a fresh id (not yet sent)."""
+        return RootRequest(self.next_request_id(), version)
+
+    def cancel_request(self, request_id: int) -> None:
+        """Drop the answer to our request when it comes; its slot stays taken until then.
+
+        Raises ``LocalProtocolError`` if no such request is outstanding.
+        """
+        if request_id not in self._ours:
+            raise LocalProtocolError(f"no request {request_id} in flight")
+        self._cancelled.add(request_id)
+
+    # ----- inspection -----------------------------------------------------
+
+    @property
+    def can_request(self) -> bool:
+        """True when ``send`` would accept one more request now."""
+        return self.state is State.OPEN and len(self._ours) < self._max_in_flight
+
+    @property
+    def outstanding(self) -> Mapping[int, Request]:
+        """Our requests awaiting an answer, by request id (read-only view)."""
+        return dict(self._ours)
+
+    @property
+    def peer_outstanding(self) -> Mapping[int, Request]:
+        """The peer's requests we have not answered yet, by request id."""
+        return dict(self._theirs)
+
+
+def _check_answer(request: Request | None, msg: Response, who: str, error: type[Exception]) -> None:
+    """Raise ``error`` unless ``msg`` answers ``request`` (same kind, digest, version)."""
+    name = type(msg).__name__
+    if request is None or type(request) is not _ANSWERS[type(msg)]:
+        raise error(f"{who} {name} answering no outstanding {_ANSWERS[type(msg)].__name__}")
+    if (
+        isinstance(msg, ChunkData | ChunkMissing)
+        and isinstance(request, ChunkRequest)
+        and msg.digest != request.digest
+    ):
+        raise error(f"{who} {name} for digest {msg.digest.hex()[:16]}, not the one requested")
+    if (
+        isinstance(msg, RootData)
+        and isinstance(request, RootRequest)
+        and msg.version != request.version
+    ):
+        raise error(f"{who} root version {msg.version}, requested {request.version}")

@@ -1,0 +1,239 @@
+"""The publisher's repository: trust roots, signed releases and their blobs.
+
+Layout (the blob directory is the same OCI blob layout a node's store uses):
+
+    REPO/root.msgpack              the current root: what operators install on nodes
+    REPO/roots/<N>.msgpack         every root version, for nodes that must walk forward
+    REPO/repo.msgpack              publisher settings: release key files, delta depth
+    REPO/releases/<c>/<serial>.msgpack   signed release envelopes
+    REPO/blobs/sha256/<hex>        chunks, patches and hooks
+
+Every document is written with temp + fsync + rename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2pupd.daemon.api import BlobStore, atomic_write
+from p2pupd.protocol import encoding, limits
+from p2pupd.protocol.errors import CodecError, P2pupdError
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.trust import (
+    ROOT_TYPE,
+    Envelope,
+    Role,
+    Root,
+    TrustedRoot,
+    key_id,
+    sign,
+)
+
+from .keys import load_private, load_public
+
+
+class RepoError(P2pupdError):
+    """The repository is missing, damaged or misused (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    release_keys: tuple[str, ...]
+    delta_depth: int = 2
+
+    def to_value(self) -> dict[str, Any]:
+        return {"release_keys": list(self.release_keys), "delta_depth": self.delta_depth}
+
+
+class Repo:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root_path = path / "root.msgpack"
+        self.roots_dir = path / "roots"
+        self.releases_dir = path / "releases"
+        self.settings_path = path / "repo.msgpack"
+
+    @property
+    def store(self) -> BlobStore:
+        return BlobStore(self.path)
+
+    def exists(self) -> bool:
+        return self.root_path.exists()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise RepoError(f"{self.path} is not a p2pupd repository (run `p2pupd repo init`)")
+
+    # -- roots -----------------------------------------------------------------
+
+    def init(
+        self,
+        root_keys: list[Path],
+        threshold: int,
+        release_keys: list[Path],
+        release_threshold: int = 1,
+        name: str = "p2pupd",
+        expires: int | None = None,
+    ) -> TrustedRoot:
+        """Create the repository with root v1 signed by ``root_keys``."""
+        if self.exists():
+            raise RepoError(f"{self.path} already holds a repository")
+        privs = [load_private(k) for k in root_keys]
+        rel_pubs = [load_public(k) for k in release_keys]
+        root = _make_root(1, privs, threshold, rel_pubs, release_threshold, name, expires)
+        env = sign(ROOT_TYPE, root.encode(), privs)
+        for d in (self.path, self.roots_dir, self.releases_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._write_root(env)
+        atomic_write(
+            self.settings_path,
+            encoding.encode(RepoSettings(tuple(str(k.resolve()) for k in release_keys)).to_value()),
+        )
+        return TrustedRoot.load(env.encode())
+
+    def rotate_root(
+        self,
+        old_keys: list[Path],
+        new_keys: list[Path],
+        threshold: int,
+        release_keys: list[Path] | None,
+        release_threshold: int | None = None,
+        expires: int | None = None,
+    ) -> TrustedRoot:
+        """Write root N+1 with ``new_keys``, signed by old and new root keys.
+
+        The signature check is the node's own (``TrustedRoot.rotate``): a
+        rotation this writes is one a node accepts.
+        """
+        cur = self.trusted()
+        old_privs = [load_private(k) for k in old_keys]
+        new_privs = [load_private(k) for k in new_keys]
+        if release_keys:
+            rel_pubs = [load_public(k) for k in release_keys]
+            rel_thr = release_threshold or 1
+        else:
+            rel = cur.root.roles["release"]
+            rel_pubs = [cur.root.keys[k] for k in rel.keyids]
+            rel_thr = release_threshold or rel.threshold
+        root = _make_root(
+            cur.version + 1, new_privs, threshold, rel_pubs, rel_thr, cur.root.name, expires
+        )
+        signers = {key_id(k.public_key().public_bytes_raw()): k for k in old_privs + new_privs}
+        env = sign(ROOT_TYPE, root.encode(), signers.values())
+        new = cur.rotate(env.encode())
+        self._write_root(env)
+        if release_keys:
+            s = self.settings()
+            atomic_write(
+                self.settings_path,
+                encoding.encode(
+                    RepoSettings(
+                        tuple(str(k.resolve()) for k in release_keys), s.delta_depth
+                    ).to_value()
+                ),
+            )
+        return new
+
+    def trusted(self) -> TrustedRoot:
+        self.require()
+        try:
+            return TrustedRoot.load(self.root_path.read_bytes())
+        except OSError as exc:
+            raise RepoError(f"cannot read {self.root_path}: {exc.strerror}") from None
+
+    def roots(self) -> dict[int, bytes]:
+        out = {}
+        for p in sorted(self.roots_dir.glob("*.msgpack")):
+            try:
+                out[int(p.stem)] = p.read_bytes()
+            except (ValueError, OSError):
+                continue
+        return out
+
+    def _write_root(self, env: Envelope) -> None:
+        data = env.encode()
+        root = Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
+        atomic_write(self.roots_dir / f"{root.version}.msgpack", data)
+        atomic_write(self.root_path, data)
+
+    # -- settings and keys ----------------------------------------------------------
+
+    def settings(self) -> RepoSettings:
+        self.require()
+        try:
+            v = encoding.decode(self.settings_path.read_bytes())
+            return RepoSettings(tuple(v["release_keys"]), int(v.get("delta_depth", 2)))
+        except (OSError, CodecError, KeyError, TypeError, ValueError) as exc:
+            raise RepoError(f"cannot read {self.settings_path}: {exc}") from None
+
+    def release_signers(self, override: list[Path] | None = None) -> list[Ed25519PrivateKey]:
+        paths = override or [Path(p) for p in self.settings().release_keys]
+        return [load_private(p) for p in paths]
+
+    # -- releases -------------------------------------------------------------
+
+    def release_path(self, component: str, serial: int) -> Path:
+        return self.releases_dir / component / f"{serial}.msgpack"
+
+    def serials(self, component: str) -> list[int]:
+        d = self.releases_dir / component
+        out = []
+        for p in d.glob("*.msgpack") if d.is_dir() else []:
+            try:
+                out.append(int(p.stem))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def components(self) -> list[str]:
+        if not self.releases_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.releases_dir.iterdir() if p.is_dir())
+
+    def release_bytes(self, component: str, serial: int) -> bytes:
+        try:
+            return self.release_path(component, serial).read_bytes()
+        except OSError as exc:
+            raise RepoError(f"cannot read release {component}/{serial}: {exc.strerror}") from None
+
+    def release(self, component: str, serial: int) -> tuple[Manifest, Envelope]:
+        return self.trusted().verify_release(self.release_bytes(component, serial), None, component)
+
+    def write_release(self, man: Manifest, env: Envelope) -> None:
+        d = self.releases_dir / man.component
+        d.mkdir(parents=True, exist_ok=True)
+        p = self.release_path(man.component, man.serial)
+        if p.exists():
+            raise RepoError(f"release {man.component} serial {man.serial} already exists")
+        atomic_write(p, env.encode())
+
+
+def _make_root(
+    version: int,
+    root_privs: list[Ed25519PrivateKey],
+    threshold: int,
+    release_pubs: list[bytes],
+    release_threshold: int,
+    name: str,
+    expires: int | None,
+) -> Root:
+    root_pubs = [k.public_key().public_bytes_raw() for k in root_privs]
+    keys = {key_id(p): p for p in root_pubs + release_pubs}
+    if not 1 <= threshold <= len(set(root_pubs)):
+        raise RepoError(f"threshold {threshold} needs 1..{len(set(root_pubs))} root keys")
+    if not 1 <= release_threshold <= len(set(release_pubs)):
+        raise RepoError(f"release threshold {release_threshold} needs that many release keys")
+    return Root(
+        version=version,
+        keys=keys,
+        roles={
+            "root": Role(tuple(sorted({key_id(p) for p in root_pubs})), threshold),
+            "release": Role(tuple(sorted({key_id(p) for p in release_pubs})), release_threshold),
+        },
+        expires=expires,
+        name=name,
+    )
