@@ -1,0 +1,216 @@
+"""Node commands: init, import, apply, rollback, status, history."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from p2pupd.daemon import api
+
+from .clibase import EXIT_OK, Adder, UsageError, out, state_dir
+from .progress import Progress
+
+
+def _state(args: argparse.Namespace) -> Path:
+    return state_dir(args)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    comps: dict[str, Path] = {}
+    for c in args.component:
+        name, _, target = c.partition("=")
+        if not target:
+            raise UsageError(f"--component wants NAME=TARGET, got {c!r}")
+        comps[name] = Path(target)
+    cfg = api.init_node(
+        _state(args),
+        Path(args.trust),
+        comps,
+        kind=args.kind,
+        platform=args.platform,
+        health_cmd=tuple(args.health_cmd.split()) if args.health_cmd else (),
+        health_seconds=args.health_timeout,
+        retain=args.retain,
+        immutable=args.immutable,
+    )
+    print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with Progress("import", 0, enabled=not args.json) as bar:
+        report, results = api.import_dir(
+            _state(args),
+            Path(args.src),
+            apply_after=args.apply,
+            progress=bar.advance,
+            on_total=bar.set_total,
+        )
+    doc = {
+        "root_version": report.root_version,
+        "releases": [
+            {"component": r.component, "version": r.version, "serial": r.serial, "new": r.new}
+            for r in report.releases
+        ],
+        "skipped": report.skipped,
+        "blobs_copied": report.blobs_copied,
+        "blobs_present": report.blobs_present,
+        "bytes_copied": report.bytes_copied,
+        "applied": [
+            {
+                "component": r.component,
+                "version": r.version,
+                "serial": r.serial,
+                "changed": r.changed,
+            }
+            for r in results
+        ],
+    }
+
+    def human() -> None:
+        for r in report.releases:
+            print(
+                f"{'imported' if r.new else 'already had'} {r.component} {r.version} (serial {r.serial})"
+            )
+        for s in report.skipped:
+            print(f"skipped {s}")
+        print(
+            f"{report.blobs_copied} blobs copied ({report.bytes_copied} bytes), {report.blobs_present} already present"
+        )
+        for a in results:
+            print(
+                f"applied {a.component} {a.version}"
+                if a.changed
+                else f"{a.component} {a.version} already live"
+            )
+
+    out(args, doc, human)
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    r = api.apply(_state(args), args.component, version=args.version, force=args.force)
+    doc = {
+        "component": r.component,
+        "version": r.version,
+        "serial": r.serial,
+        "changed": r.changed,
+        "previous": r.previous,
+    }
+    out(
+        args,
+        doc,
+        lambda: print(f"{r.component} {r.version} is live" + ("" if r.changed else " (no change)")),
+    )
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    r = api.rollback(_state(args), args.component)
+    doc = {"component": r.component, "version": r.version, "serial": r.serial}
+    out(args, doc, lambda: print(f"rolled {r.component} back to {r.version}"))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = api.status(_state(args))
+
+    def human() -> None:
+        print(
+            f"node {doc['node_id'][:12]}  platform {doc['platform']}  root v{doc['root_version']}"
+        )
+        print(
+            f"{'COMPONENT':<16} {'VERSION':<14} {'SERIAL':>6}  {'AVAILABLE':<14} {'KEPT':<14} NOTE"
+        )
+        for name, c in doc["components"].items():
+            avail = c["available"]["version"] if c["available"] else "-"
+            kept = ",".join(k["version"] or "?" for k in c["kept"]) or "-"
+            note = c["last_error"] or ""
+            print(
+                f"{name:<16} {c['version'] or '-':<14} {c['serial'] or '-':>6}  {avail:<14} {kept:<14} {note}"
+            )
+
+    out(args, doc, human)
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    entries = api.history(_state(args), args.component)
+
+    def human() -> None:
+        for e in entries:
+            t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["time"]))
+            print(f"{t}  {e['event']:<13} {e['version'] or '-':<14} {e['detail']}")
+
+    out(args, {"component": args.component, "history": entries}, human)
+    return EXIT_OK
+
+
+def register(add: Adder) -> None:
+    sp = add(
+        "init",
+        cmd_init,
+        "initialise a node: pin its trust root and configure components",
+        state=True,
+    )
+    sp.add_argument("--trust", required=True, help="root.msgpack from the publisher")
+    sp.add_argument(
+        "--component", action="append", required=True, help="NAME=TARGET_DIR (repeatable)"
+    )
+    sp.add_argument("--kind", choices=["dir", "symlink", "file"], default="dir", help="target kind")
+    sp.add_argument("--platform", help="this node's platform (default: detected)")
+    sp.add_argument("--health-cmd", help="command run after a swap; non-zero exit rolls back")
+    sp.add_argument("--health-timeout", type=float, default=30.0, help="seconds (default 30)")
+    sp.add_argument("--retain", type=int, default=2, help="previous versions kept (default 2)")
+    sp.add_argument(
+        "--immutable",
+        action="store_true",
+        help="targets are never modified in place: hard-link unchanged files",
+    )
+
+    sp = add(
+        "import",
+        cmd_import,
+        "verify a bundle directory (e.g. /media/usb), store it, optionally apply",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("src")
+    sp.add_argument("--apply", action="store_true", help="apply each newly imported release")
+
+    sp = add(
+        "apply",
+        cmd_apply,
+        "make a stored release of COMPONENT live (default: the newest)",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("component")
+    sp.add_argument("--version", help="version label to apply")
+    sp.add_argument("--force", action="store_true", help="retry a release that failed here before")
+
+    sp = add(
+        "rollback",
+        cmd_rollback,
+        "make the previous kept version of COMPONENT live again",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("component")
+
+    add(
+        "status",
+        cmd_status,
+        "show installed, available and kept versions",
+        json_opt=True,
+        state=True,
+    )
+    sp = add(
+        "history",
+        cmd_history,
+        "show what happened to COMPONENT on this node",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("component")
