@@ -157,7 +157,10 @@ class Session:
         Never raises for bad bytes (``next_event`` does). Raises
         ``LocalProtocolError`` if called again after end of stream.
         """
-        if not data:
+        if self._decoder.eof:
+            if data:
+                raise LocalProtocolError("data received after end of stream")
+        elif not data:
             self._decoder.feed_eof()
         elif self.state not in (State.CLOSED, State.ERROR):
             self._decoder.feed(data)  # anything after Bye or an error is ignored

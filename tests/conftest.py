@@ -1,0 +1,169 @@
+"""Shared fixtures: a publisher world (keys, repository) and a node, driven
+through the real command line in-process (``p2pupd.tools.cli.main``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from p2pupd.tools.cli import main
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+Run = Callable[..., Result]
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Run:
+    """Run the CLI in-process; returns exit code, stdout and stderr."""
+
+    def _run(*args: str | Path) -> Result:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+        cap = capsys.readouterr()
+        return Result(code, cap.out, cap.err)
+
+    return _run
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Return {relpath: (kind, mode, content-hash or link target)} of a tree."""
+    out: dict[str, tuple[str, int, str]] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("link", 0, os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777, "")
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def state_snapshot(state: Path) -> dict[str, tuple[str, int, str]]:
+    """Snapshot of a state dir, leaving out the lock and scratch files."""
+    snap = tree_snapshot(state)
+    return {k: v for k, v in snap.items() if k != "lock" and not k.startswith(("tmp/", "cache/"))}
+
+
+def make_tree(
+    root: Path,
+    files: dict[str, bytes],
+    links: dict[str, str] | None = None,
+    empty_dirs: tuple[str, ...] = (),
+) -> Path:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    for rel, target in (links or {}).items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, p)
+    for d in empty_dirs:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class World:
+    """Keys, a repository with 2-of-3 root keys and 2-of-2 release keys, and a node."""
+
+    base: Path
+    run: Run
+
+    @property
+    def repo(self) -> Path:
+        return self.base / "repo"
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def target(self) -> Path:
+        return self.base / "target" / "app"
+
+    def key(self, name: str) -> Path:
+        return self.base / "keys" / f"{name}.key"
+
+    def publish(self, version: str, files: dict[str, bytes], **kw: object) -> Path:
+        src = make_tree(self.base / "src" / version, files, **kw)  # type: ignore[arg-type]
+        r = self.run("publish", self.repo, "app", version, src)
+        assert r.code == 0, r.err
+        return src
+
+    def export(self, name: str, *extra: str) -> Path:
+        dest = self.base / name
+        r = self.run("export", self.repo, dest, *extra)
+        assert r.code == 0, r.err
+        return dest
+
+    def import_(self, bundle: Path, *extra: str) -> Result:
+        return self.run("import", bundle, "--state-dir", self.state, *extra)
+
+    def snapshot(self) -> tuple[object, object]:
+        return state_snapshot(self.state), tree_snapshot(self.target)
+
+
+@pytest.fixture
+def world(tmp_path: Path, run: Run) -> World:
+    w = World(tmp_path, run)
+    (tmp_path / "keys").mkdir()
+    for name in ("root1", "root2", "root3", "rel1", "rel2"):
+        assert run("keygen", w.key(name)).code == 0
+    r = run(
+        "repo",
+        "init",
+        w.repo,
+        "--root-key",
+        w.key("root1"),
+        "--root-key",
+        w.key("root2"),
+        "--root-key",
+        w.key("root3"),
+        "--threshold",
+        "2",
+        "--release-key",
+        w.key("rel1"),
+        "--release-key",
+        w.key("rel2"),
+        "--release-threshold",
+        "2",
+    )
+    assert r.code == 0, r.err
+    w.target.parent.mkdir(parents=True)
+    r = run(
+        "init",
+        "--state-dir",
+        w.state,
+        "--trust",
+        w.repo / "root.msgpack",
+        "--component",
+        f"app={w.target}",
+    )
+    assert r.code == 0, r.err
+    return w
