@@ -1,0 +1,150 @@
+"""The daemon's configuration file (``/etc/p2pupd/config.toml``).
+
+Every option has a default; the file may be absent. Command-line flags win
+over the file. Unknown keys are an error (a typo should not silently leave a
+site on defaults). See docs/config.md for the annotated file.
+
+    [node]
+    state_dir = "/var/lib/p2pupd"
+
+    [network]
+    listen = "0.0.0.0:7707"
+    peers = ["10.1.2.3:7707"]       # static peers for routed networks
+    mdns = true
+    mdns_interfaces = []            # addresses to run mDNS on; empty = all
+    bandwidth_limit = ""            # e.g. "5M" (bytes/s); empty = unlimited
+    gossip_interval = 30            # seconds
+
+    [import]
+    watch = ["/media"]              # auto-import bundles appearing below these
+
+    [metrics]
+    listen = ""                     # e.g. "127.0.0.1:9477"; empty = off
+
+    [log]
+    level = "info"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/p2pupd/config.toml")
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "node": {"state_dir": str},
+    "network": {
+        "listen": str,
+        "peers": list,
+        "mdns": bool,
+        "mdns_interfaces": list,
+        "bandwidth_limit": (str, int),
+        "gossip_interval": (int, float),
+    },
+    "import": {"watch": list},
+    "metrics": {"listen": str},
+    "log": {"level": str},
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    """Values read from the file; ``None`` means "not set there"."""
+
+    state_dir: Path | None = None
+    listen: str | None = None
+    peers: tuple[str, ...] | None = None
+    mdns: bool | None = None
+    mdns_interfaces: tuple[str, ...] | None = None
+    bandwidth_limit: str | None = None
+    gossip_interval: float | None = None
+    watch: tuple[Path, ...] | None = None
+    metrics_listen: str | None = None
+    log_level: str | None = None
+
+
+def load_config(path: Path, required: bool = False) -> FileConfig:
+    """Read and check ``path``; an absent file gives all-``None`` unless ``required``.
+
+    Raises ``ConfigError`` (exit code 2) naming the file and the bad key.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return FileConfig()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _check(doc, path)
+    get = _getter(doc)
+    level = get("log", "level")
+    if level is not None and level not in LOG_LEVELS:
+        raise ConfigError(f"{path}: [log] level must be one of {', '.join(LOG_LEVELS)}")
+    bw = get("network", "bandwidth_limit")
+    interval = get("network", "gossip_interval")
+    if interval is not None and interval <= 0:
+        raise ConfigError(f"{path}: [network] gossip_interval must be positive")
+    return FileConfig(
+        state_dir=_path(get("node", "state_dir")),
+        listen=get("network", "listen"),
+        peers=_strs(get("network", "peers"), path, "network.peers"),
+        mdns=get("network", "mdns"),
+        mdns_interfaces=_strs(get("network", "mdns_interfaces"), path, "network.mdns_interfaces"),
+        bandwidth_limit=None if bw in (None, "", 0) else str(bw),
+        gossip_interval=None if interval is None else float(interval),
+        watch=tuple(Path(p) for p in _strs(get("import", "watch"), path, "import.watch") or ())
+        if get("import", "watch") is not None
+        else None,
+        metrics_listen=get("metrics", "listen") or None,
+        log_level=level,
+    )
+
+
+def _check(doc: dict[str, Any], path: Path) -> None:
+    for section, body in doc.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for key, value in body.items():
+            want = _SCHEMA[section].get(key)
+            if want is None:
+                raise ConfigError(f"{path}: unknown option {section}.{key}")
+            if isinstance(value, bool) and want is not bool and bool not in _as_tuple(want):
+                raise ConfigError(f"{path}: {section}.{key} has the wrong type")
+            if not isinstance(value, want):
+                raise ConfigError(f"{path}: {section}.{key} has the wrong type")
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _getter(doc: dict[str, Any]) -> Any:
+    def get(section: str, key: str) -> Any:
+        return doc.get(section, {}).get(key)
+
+    return get
+
+
+def _strs(v: Any, path: Path, what: str) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{path}: {what} must be a list of strings")
+    return tuple(v)
+
+
+def _path(v: str | None) -> Path | None:
+    return None if v is None else Path(v)

@@ -1,0 +1,78 @@
+"""The TOML configuration file: every option, defaults, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pupd.daemon.config import FileConfig, load_config
+from p2pupd.daemon.errors import ConfigError
+
+FULL = """
+[node]
+state_dir = "/srv/p2pupd"
+
+[network]
+listen = "169.254.77.1:7707"
+peers = ["10.0.0.5:7707", "[fe80::1]:7707"]
+mdns = false
+mdns_interfaces = ["169.254.77.1"]
+bandwidth_limit = "5M"
+gossip_interval = 10
+
+[import]
+watch = ["/media", "/run/media"]
+
+[metrics]
+listen = "127.0.0.1:9477"
+
+[log]
+level = "debug"
+"""
+
+
+def test_full_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(FULL)
+    c = load_config(p)
+    assert c == FileConfig(
+        state_dir=Path("/srv/p2pupd"),
+        listen="169.254.77.1:7707",
+        peers=("10.0.0.5:7707", "[fe80::1]:7707"),
+        mdns=False,
+        mdns_interfaces=("169.254.77.1",),
+        bandwidth_limit="5M",
+        gossip_interval=10.0,
+        watch=(Path("/media"), Path("/run/media")),
+        metrics_listen="127.0.0.1:9477",
+        log_level="debug",
+    )
+
+
+def test_absent_file_is_all_defaults(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "none.toml") == FileConfig()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml", required=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[nettwork]\nmdns = true\n", "unknown section [nettwork]"),
+        ("[network]\nmdsn = true\n", "unknown option network.mdsn"),
+        ("[network]\nmdns = 'yes'\n", "network.mdns has the wrong type"),
+        ("[network]\npeers = [1, 2]\n", "network.peers must be a list of strings"),
+        ("[log]\nlevel = 'loud'\n", "[log] level must be one of"),
+        ("[network\n", "not valid TOML"),
+        ("[network]\ngossip_interval = 0\n", "gossip_interval must be positive"),
+        ("[network]\ngossip_interval = true\n", "wrong type"),
+    ],
+)
+def test_bad_files_are_refused_clearly(tmp_path: Path, text: str, words: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert words in str(exc.value)
+    assert str(p) in str(exc.value)
