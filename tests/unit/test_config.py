@@ -76,3 +76,15 @@ def test_bad_files_are_refused_clearly(tmp_path: Path, text: str, words: str) ->
         load_config(p)
     assert words in str(exc.value)
     assert str(p) in str(exc.value)
+
+
+def test_shipped_example_config_is_valid_and_documents_every_option() -> None:
+    from p2pupd.daemon.config import _SCHEMA
+
+    example = Path(__file__).resolve().parents[2] / "tools" / "systemd" / "config.toml"
+    load_config(example, required=True)
+    text = example.read_text()
+    for section, keys in _SCHEMA.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            assert f"\n{key} = " in text, f"{section}.{key} is not documented in the example"
