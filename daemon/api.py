@@ -9,13 +9,16 @@ repository uses the same on-disk blob layout as a node.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
 from p2pupd.protocol.manifest import Manifest
 
+from . import ctlclient
 from .apply import Applier, ApplyResult
 from .errors import (
     ApplyError,
@@ -28,10 +31,14 @@ from .errors import (
     StorageError,
 )
 from .fsutil import atomic_write
-from .importer import ImportReport, import_bundle
+from .importer import ImportedRelease, ImportInterruptedError, ImportReport, import_bundle
 from .node import ComponentConfig, NodeConfig, StateDir, default_platform, new_node_id, now_seconds
 from .node_ctx import Node
+from .options import DaemonOptions, parse_endpoint, parse_rate
+from .siterequest import build_request
+from .sitesource import StateSource
 from .store import BlobStore
+from .watch import WatchEvent, watch
 
 __all__ = [
     "ApplyError",
@@ -40,20 +47,35 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "DaemonError",
+    "DaemonOptions",
     "HealthCheckFailedError",
+    "ImportInterruptedError",
     "ImportReport",
+    "ImportedRelease",
     "LockedError",
     "NotFoundError",
+    "StateSource",
     "StorageError",
+    "WatchEvent",
     "apply",
     "atomic_write",
     "component_status",
+    "fsck",
+    "gc",
     "history",
     "import_dir",
     "init_node",
+    "make_request",
     "open_node",
+    "open_state_source",
+    "parse_endpoint",
+    "parse_rate",
+    "peers",
+    "recover",
     "rollback",
+    "run_daemon",
     "status",
+    "watch_imports",
 ]
 
 
@@ -120,13 +142,35 @@ def import_dir(
     apply_after: bool = False,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    allow_other_node: bool = False,
 ) -> tuple[ImportReport, list[ApplyResult]]:
-    """Import the bundle at ``src``; with ``apply_after`` apply each new release."""
+    """Import the bundle at ``src``; with ``apply_after`` apply each new release.
+
+    ``cancel`` is polled between blobs (``ImportInterruptedError``);
+    ``allow_other_node`` accepts a minimal bundle cut for another node.
+    With a daemon running, it does the import (no progress callbacks).
+    """
+    running, doc = _daemon(
+        state_dir, "import", src=str(Path(src).resolve()), apply=apply_after,
+        allow_other_node=allow_other_node,
+    )  # fmt: skip
+    if running:
+        applied = [ctlclient.result_from_doc(r) for r in doc["applied"]]
+        return ctlclient.report_from_doc(doc["report"]), applied
     node = Node(state_dir)
     with node.lock:
         applier = Applier(node)
         applier.recover()
-        report = import_bundle(node, src, now_seconds(), progress, on_total)
+        report = import_bundle(
+            node,
+            src,
+            now_seconds(),
+            progress,
+            on_total,
+            cancel=cancel,
+            allow_other_node=allow_other_node,
+        )
         results = []
         if apply_after:
             for comp in sorted({r.component for r in report.releases}):
@@ -141,14 +185,23 @@ def apply(
     version: str | None = None,
     force: bool = False,
 ) -> ApplyResult:
+    running, doc = _daemon(
+        state_dir, "apply", component=component, serial=serial, version=version, force=force
+    )
+    if running:
+        return ctlclient.result_from_doc(doc)
     node = Node(state_dir)
     with node.lock:
+        applier = Applier(node)
         if version is not None:
-            serial = _serial_of(node, component, version)
-        return Applier(node).apply(component, serial, force)
+            serial = applier.serial_of(component, version)
+        return applier.apply(component, serial, force)
 
 
 def rollback(state_dir: Path, component: str) -> ApplyResult:
+    running, doc = _daemon(state_dir, "rollback", component=component)
+    if running:
+        return ctlclient.result_from_doc(doc)
     node = Node(state_dir)
     with node.lock:
         return Applier(node).rollback(component)
@@ -198,23 +251,85 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
     }
 
 
-def status(state_dir: Path) -> dict[str, Any]:
-    """Return the node's state as plain data (the ``status --json`` document)."""
+def _recover_if_free(node: Node) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Recover open transactions if the state lock is free; return (actions, still open).
+
+    A read-only command must not wait for a running apply (or a daemon), nor
+    fail when it may not write: then it only reports what is open.
+    """
+    applier = Applier(node)
+    try:
+        node.lock.acquire(blocking=False)
+    except (LockedError, StorageError):
+        return [], applier.pending()
+    try:
+        return applier.recover(), applier.pending()
+    finally:
+        node.lock.release()
+
+
+def status(state_dir: Path, *, route: bool = True) -> dict[str, Any]:
+    """Return the node's state as plain data (the ``status --json`` document).
+
+    Recovers an interrupted apply first when it can (``recovered``); a
+    transaction still open (another process is applying) is shown per
+    component as ``transaction``. With a daemon running (and ``route``), the
+    daemon answers and adds ``daemon`` and, per component, ``received``
+    (bytes, blobs and ``from``: bytes per peer node id), ``fetch``,
+    ``holding`` and ``origin``.
+    """
+    if route:
+        running, doc = _daemon(state_dir, "status")
+        if running:
+            return doc  # type: ignore[no-any-return]
     node = Node(state_dir)
+    recovered, pending = _recover_if_free(node)
     root = node.trusted_root()
+    comps = {n: component_status(node, n) for n in sorted(node.config.components)}
+    for name, c in comps.items():
+        c["transaction"] = pending.get(name)
     return {
         "node_id": node.config.node_id.hex(),
         "platform": node.config.platform,
         "root_version": root.version,
         "store": {"blobs": sum(1 for _ in node.store.iter_digests())},
-        "components": {n: component_status(node, n) for n in sorted(node.config.components)},
+        "recovered": recovered,
+        "components": comps,
     }
 
 
 def history(state_dir: Path, component: str) -> list[dict[str, Any]]:
+    """Return ``component``'s history (oldest first), after recovering when possible."""
     node = Node(state_dir)
     node.config.component(component)
+    _recover_if_free(node)
     return [h.to_value() for h in node.state.read_state(component).history]
+
+
+def gc(state_dir: Path, dry_run: bool = False) -> dict[str, Any]:
+    """Delete blobs no installed, kept, pending or newest release needs (see gc.py)."""
+    from . import gc as maint
+
+    node = Node(state_dir)
+    with node.lock:
+        res = maint.collect(node, dry_run=dry_run)
+    return {
+        "dry_run": res.dry_run,
+        "blobs_removed": res.blobs_removed,
+        "bytes_freed": res.bytes_freed,
+        "blobs_kept": res.blobs_kept,
+        "temp_files_removed": res.temp_files_removed,
+        "recovered": res.recovered,
+    }
+
+
+def fsck(state_dir: Path, repair: bool = False, full: bool = False) -> dict[str, Any]:
+    """Check the store and every live target against its release (see gc.py)."""
+    from . import gc as maint
+
+    node = Node(state_dir)
+    with node.lock:
+        return maint.fsck(node, repair=repair, full=full)
 
 
 def mark_good(state_dir: Path, component: str, serial: int) -> None:
@@ -225,3 +340,84 @@ def mark_good(state_dir: Path, component: str, serial: int) -> None:
         bad = dict(st.bad)
         bad.pop(serial, None)
         node.state.update_state(component, replace(st, bad=bad))
+
+
+# -- sneakernet: request files, export from a node, auto-import ------------------
+
+
+def make_request(state_dir: Path) -> bytes:
+    """Return the signed request file describing this node (see siterequest.py).
+
+    Creates the node key on first use, under the state lock.
+    """
+    node = Node(state_dir)
+    with node.lock:
+        return build_request(node, now_seconds())[0]
+
+
+def open_state_source(state_dir: Path) -> StateSource:
+    """Return this node's releases and blobs as a bundle source (read-only use)."""
+    return StateSource(Node(state_dir))
+
+
+def watch_imports(
+    state_dir: Path,
+    root: Path,
+    *,
+    apply_after: bool = False,
+    stop: threading.Event | None = None,
+    interval: float = 2.0,
+    once: bool = False,
+    timeout: float | None = None,
+    on_event: Callable[[WatchEvent], None] | None = None,
+) -> list[WatchEvent]:
+    """Import every bundle that appears under ``root`` until ``stop`` (see watch.py).
+
+    Each import holds the state lock only while it runs; a refused bundle is
+    reported as a "refused" event, an operational failure as "error"; neither
+    ends the watch. Raises ``BundleError`` if ``root`` is not a directory.
+    """
+    halt = stop or threading.Event()
+
+    def handle(path: Path) -> WatchEvent:
+        try:
+            result = import_dir(state_dir, path, apply_after=apply_after, cancel=halt.is_set)
+        except (VerificationError, RemoteProtocolError) as exc:
+            return WatchEvent(path, "refused", exc)
+        except P2pupdError as exc:
+            return WatchEvent(path, "error", exc)
+        return WatchEvent(path, "imported", result)
+
+    return watch(
+        root, handle, stop=halt, interval=interval, once=once, timeout=timeout, on_event=on_event
+    )
+
+
+# -- the daemon: running it, and routing commands to it -----------------------------
+
+
+def _daemon(state_dir: Path, op: str, **args: Any) -> tuple[bool, Any]:
+    """Send ``op`` to the daemon running on ``state_dir``: (False, None) when none is.
+
+    While a daemon runs it holds the state lock, so node commands go to it
+    over ``STATE/control.sock`` instead of failing with ``LockedError``.
+    """
+    return ctlclient.call(state_dir, op, args)
+
+
+def peers(state_dir: Path) -> dict[str, Any]:
+    """The running daemon's peer table (``p2pupd peers --json``).
+
+    Raises ``DaemonError`` when no daemon runs on ``state_dir``.
+    """
+    running, doc = _daemon(state_dir, "peers")
+    if not running:
+        raise DaemonError(f"no p2pupd daemon is running for {state_dir}")
+    return doc  # type: ignore[no-any-return]
+
+
+def run_daemon(options: DaemonOptions) -> int:
+    """Run ``p2pupd daemon`` in this process until SIGTERM/SIGINT; returns the exit code."""
+    from . import app  # trio, zeroconf: loaded only for the daemon itself
+
+    return app.main(options)

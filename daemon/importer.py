@@ -1,41 +1,69 @@
 """Import a bundle (a USB stick, a directory) into a node.
 
-Theory of operation — the medium is read-only and untrusted:
+Theory of operation -- the medium is read-only and untrusted (see bundleio.py
+for how it is read), and nothing on the node changes until all of it checks out:
 
-1. Read ``oci-layout`` and ``index.json`` (bounded, never through a symlink).
-2. Read every artifact manifest and every signed document they point to; each
-   blob is opened ``O_NOFOLLOW`` by a name we build from a parsed digest
-   (never from a string in the bundle), must be a regular file of the declared
-   size, and must hash to its name.
-3. Verify all of it in memory: walk the root chain from the pinned root, then
-   verify every release envelope against the resulting root, its component
-   against the artifact's annotation and the node's config, and its serial
-   against the rollback high-water mark. Any failure here raises before a
-   single byte is written.
-4. Copy the blobs the *verified* manifests need and the store lacks, each
-   streamed, hashed and renamed into place (so an interrupted import leaves
-   only complete blobs and a rerun skips them: resume for free).
-5. Only then persist the new root and the release envelopes and raise the
-   high-water marks, each with an atomic write.
+1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
+   signed document they point to (each hash-checked against its name, the lot
+   bounded by ``bundle.MAX_METADATA_BYTES``).
+2. *Verify in memory.* Walk the root chain from the pinned root (a bundle root
+   at a version we hold must be the one we hold: else it is another
+   repository's), verify every release envelope (signatures, expiry on the
+   node clock, component named by the artifact), check that each release
+   artifact's layers are blobs its signed manifest names, and -- for a minimal
+   bundle -- that the request it was cut for is this node's own.
+3. *Rollback rule*, per component: the newest release offered must be newer
+   than the high-water mark (or be exactly the release held); older ones are
+   imported only if already held, else skipped as history.
+4. *Layout.* Every referenced blob must be a regular file of its declared
+   size; an unreferenced blob or a stray name in ``blobs/sha256`` is refused.
+   Any failure so far raises before a single byte is written.
+5. *Copy* the blobs the store lacks into ``STATE/incoming`` (incoming.py),
+   hashing as they stream; blobs an interrupted run left there are re-checked
+   and reused. A mismatch discards what this run copied (exit 3, nothing
+   changed); an I/O error keeps it for the rerun (exit 1).
+6. *Commit*: flush, move the blobs into the store, then persist the new root
+   and the release envelopes and raise the high-water marks (atomic writes).
+   A crash in between is repaired by a rerun: blobs already stored are skipped.
 """
 
 from __future__ import annotations
 
 import os
-import stat
+import signal
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from p2pupd.protocol import bundle as oci
-from p2pupd.protocol import encoding, ids, limits
-from p2pupd.protocol.errors import HashMismatchError, MixAndMatchError, SchemaError
-from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.trust import Envelope, Root, TrustedRoot, check_serial
+from p2pupd.protocol import limits
+from p2pupd.protocol.errors import (
+    P2pupdError,
+    RemoteProtocolError,
+    RollbackError,
+    VerificationError,
+)
+from p2pupd.protocol.trust import Envelope, check_serial
 
+from .accept import needed_for, persist_release
+from .bundleio import BundleReader
 from .errors import BundleError
-from .node import HistoryEntry, now_seconds
+from .fsutil import ensure_free
+from .incoming import Incoming
+from .metadata import BundleMetadata, VerifiedRelease, read_metadata
 from .node_ctx import Node
+from .siterequest import node_public_key
+
+FREE_MARGIN_BYTES = 16 * limits.MiB
+COPY_THREADS = min(4, os.cpu_count() or 1)
+DEBRIS_ENTRIES = 1024  # hidden names (.DS_Store, ._*) tolerated in blobs/sha256
+
+# Fault injection for the resume test: SIGKILL this process after N blobs.
+_KILL_AFTER = os.environ.get("P2PUPD_IMPORT_KILL_AFTER")
+
+
+class ImportInterruptedError(BundleError):
+    """The import was asked to stop; complete blobs are kept for a rerun."""
 
 
 @dataclass
@@ -44,8 +72,7 @@ class ImportedRelease:
     version: str
     serial: int
     new: bool
-    blobs_copied: int = 0
-    bytes_copied: int = 0
+    complete: bool = True
 
 
 @dataclass
@@ -54,211 +81,224 @@ class ImportReport:
     releases: list[ImportedRelease] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     blobs_copied: int = 0
+    blobs_resumed: int = 0
     blobs_present: int = 0
     bytes_copied: int = 0
-
-
-class BundleReader:
-    """Reads members of a bundle directory, refusing anything outside its layout."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        try:
-            st = os.lstat(root)
-        except OSError as exc:
-            raise BundleError(f"cannot read bundle {root}: {exc.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise BundleError(f"{root} is not a directory")
-
-    def _open(self, rel: str) -> int:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in rel.split("/")[:-1]:
-                nfd = os.open(
-                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
-                os.close(fd)
-                fd = nfd
-            ffd = os.open(
-                rel.rsplit("/", maxsplit=1)[-1],
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=fd,
-            )
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (40, 20):  # ELOOP, ENOTDIR: a symlink where a file must be
-                raise SchemaError(
-                    f"bundle member {rel} is a symlink or not a regular file"
-                ) from None
-            if isinstance(exc, FileNotFoundError):
-                raise SchemaError(f"bundle is missing {rel}") from None
-            raise BundleError(f"cannot read bundle member {rel}: {exc.strerror}") from None
-        os.close(fd)
-        if not stat.S_ISREG(os.fstat(ffd).st_mode):
-            os.close(ffd)
-            raise SchemaError(f"bundle member {rel} is not a regular file")
-        return ffd
-
-    def read(self, rel: str, max_bytes: int) -> bytes:
-        """Return the member's bytes; ``FrameTooLargeError``-like SchemaError over ``max_bytes``."""
-        fd = self._open(rel)
-        try:
-            size = os.fstat(fd).st_size
-            if size > max_bytes:
-                raise SchemaError(f"bundle member {rel} is {size} bytes, limit {max_bytes}")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise BundleError(f"cannot read bundle member {rel}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-        if len(data) > max_bytes:
-            raise SchemaError(f"bundle member {rel} grew past its limit while being read")
-        return data
-
-    def blob_rel(self, digest: bytes) -> str:
-        return f"blobs/sha256/{digest.hex()}"
-
-    def read_blob(self, digest: bytes, size: int) -> bytes:
-        """Return a blob's bytes after checking its size and hash."""
-        data = self.read(self.blob_rel(digest), size)
-        if len(data) != size:
-            raise HashMismatchError(
-                f"bundle blob {digest.hex()[:16]} is {len(data)} bytes, expected {size}"
-            )
-        ids.verify_digest(data, digest, f"bundle blob {digest.hex()[:16]}")
-        return data
-
-    def open_blob(self, digest: bytes) -> int:
-        return self._open(self.blob_rel(digest))
-
-    def has_blob(self, digest: bytes) -> bool:
-        try:
-            st = os.lstat(self.root / self.blob_rel(digest))
-        except OSError:
-            return False
-        return stat.S_ISREG(st.st_mode)
+    for_node: str | None = None
+    seconds: float = 0.0
 
 
 @dataclass
 class _Candidate:
-    man: Manifest
-    env: Envelope
-    blobs: dict[bytes, int]
+    rel: VerifiedRelease
+    new: bool
 
 
-def read_bundle_metadata(
-    reader: BundleReader, trusted: TrustedRoot, now: int | None
-) -> tuple[TrustedRoot, dict[int, bytes], list[tuple[Manifest, Envelope, oci.Artifact]]]:
-    """Read and verify every root and release in the bundle (no writes).
+def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> list[_Candidate]:
+    """Apply the configuration and the rollback rule; return what to import.
 
-    Returns the root after rotation, the root documents by version, and each
-    verified release with its artifact.
+    Raises ``RollbackError`` when a component's newest offered release is not
+    newer than the node's high-water mark (a replayed, frozen or stale
+    bundle), or when a release differs from the one held under its serial.
     """
-    oci.parse_layout(reader.read("oci-layout", 4096))
-    index = oci.parse_index(reader.read("index.json", limits.MAX_INDEX_BYTES))
-    roots: dict[int, bytes] = {}
-    releases: list[tuple[bytes, oci.Artifact]] = []
-    for d in index:
-        art = oci.parse_artifact(reader.read_blob(d.digest, d.size))
-        if art.artifact_type == oci.TRUST_ARTIFACT:
-            for layer in art.layers:
-                data = reader.read_blob(layer.digest, min(layer.size, limits.MAX_ROOT_BYTES))
-                env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-                root = Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
-                roots[root.version] = data
+    states = node.state.read_states()
+    by_comp: dict[str, list[VerifiedRelease]] = {}
+    for r in meta.releases:
+        man = r.manifest
+        if man.component not in node.config.components:
+            report.skipped.append(f"{man.component} {man.version}: not configured on this node")
+        elif man.platform is not None and man.platform != node.config.platform:
+            report.skipped.append(f"{man.component} {man.version}: for platform {man.platform}")
         else:
-            releases.append((reader.read_blob(art.layers[0].digest, art.layers[0].size), art))
-    while trusted.version + 1 in roots:
-        trusted = trusted.rotate(roots[trusted.version + 1], now)
-    verified = []
-    for data, art in releases:
-        man, env = trusted.verify_release(data, now)
-        named = art.annotations.get(oci.ANNOTATION_COMPONENT)
-        if named is not None and named != man.component:
-            raise MixAndMatchError(
-                f"bundle lists a release of {named!r} whose signed manifest is for {man.component!r}"
-            )
-        verified.append((man, env, art))
-    return trusted, roots, verified
+            by_comp.setdefault(man.component, []).append(r)
+    out: list[_Candidate] = []
+    for comp, rels in sorted(by_comp.items()):
+        rels.sort(key=lambda r: r.manifest.serial)
+        st = states.get(comp)
+        high = st.high_water if st else 0
+        newest = rels[-1]
+        check_serial(newest.manifest, high, st.high_digest if st else None, newest.digest)
+        for r in rels:
+            man = r.manifest
+            if man.serial > high:
+                out.append(_Candidate(r, True))
+                continue
+            held = _held_digest(node, comp, man.serial)
+            if held == r.digest:
+                out.append(_Candidate(r, False))
+            elif held is not None:
+                raise RollbackError(
+                    f"release {comp} serial {man.serial} differs from the one this node holds "
+                    "(not newer than what it trusts)"
+                )
+            else:
+                report.skipped.append(
+                    f"{comp} {man.version}: serial {man.serial} is older than trusted serial {high}"
+                )
+    return out
+
+
+def _held_digest(node: Node, component: str, serial: int) -> bytes | None:
+    if not node.releases.has(component, serial):
+        return None
+    try:
+        data = node.releases.get_bytes(component, serial)
+        return Envelope.decode(data, limits.MAX_MANIFEST_BYTES).payload_digest()
+    except P2pupdError:  # unreadable or damaged: treated as not held
+        return None
 
 
 def import_bundle(
     node: Node,
-    src: Path,
+    src: os.PathLike[str] | str,
     now: int | None,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    *,
+    cancel: Callable[[], bool] | None = None,
+    allow_other_node: bool = False,
 ) -> ImportReport:
     """Verify and import the bundle at ``src`` into ``node``. See module doc.
 
-    Raises a ``VerificationError`` (refused, nothing changed), a
-    ``RemoteProtocolError`` (malformed bundle, nothing changed), or
-    ``BundleError``/``StorageError`` (I/O; only complete verified blobs may
-    have been added to the store).
+    The caller holds the node lock. ``on_total`` is told how many bytes will
+    be copied, ``progress`` each block copied; ``cancel`` is polled between
+    blobs. Raises a ``VerificationError`` (refused) or ``RemoteProtocolError``
+    (malformed medium) with the node unchanged; ``BundleError`` (the medium
+    could not be read), ``ImportInterruptedError`` or ``StorageError`` with the
+    node unchanged but for complete blobs kept in ``STATE/incoming`` to resume.
     """
-    reader = BundleReader(src)
-    old_root = node.trusted_root()
-    trusted, roots, verified = read_bundle_metadata(reader, old_root, now)
-    report = ImportReport(root_version=trusted.version)
-    states = node.state.read_states()
-    todo: list[_Candidate] = []
-    seen: dict[str, int] = {}
-    for man, env, _art in verified:
-        comp = node.config.components.get(man.component)
-        if comp is None:
-            report.skipped.append(f"{man.component} {man.version}: not configured on this node")
-            continue
-        if man.platform is not None and man.platform != node.config.platform:
-            report.skipped.append(f"{man.component} {man.version}: for platform {man.platform}")
-            continue
-        st = states.get(man.component)
-        high = st.high_water if st else 0
-        held = st.high_digest if st else None
-        is_new = check_serial(
-            man, max(high, seen.get(man.component, 0)), held, env.payload_digest()
-        )
-        seen[man.component] = max(seen.get(man.component, 0), man.serial)
-        if not is_new:
-            report.releases.append(ImportedRelease(man.component, man.version, man.serial, False))
-        todo.append(_Candidate(man, env, man.blob_sizes()))
-
-    # Everything is verified. From here on only complete, hash-checked blobs
-    # and atomically written documents are added.
-    need: dict[bytes, int] = {}
-    for c in todo:
-        for dg, size in c.blobs.items():
-            if not node.store.has(dg) and reader.has_blob(dg):
-                need[dg] = size
-    if on_total is not None:
-        on_total(sum(need.values()))
-    for dg, size in sorted(need.items()):
-        fd = reader.open_blob(dg)
+    t0 = time.monotonic()
+    with BundleReader(src) as reader:
+        meta = read_metadata(reader, node.trusted_root(), node.trust_store.history(), now)
+        report = ImportReport(root_version=meta.trusted.version)
+        if meta.request is not None:
+            report.for_node = meta.request.node_id.hex()
+            if not allow_other_node:
+                meta.check_request_is_for(node.config.node_id, node_public_key(node.state))
+        todo = select_releases(node, meta, report)
+        # An honest blob directory holds exactly the referenced blobs (and a
+        # little OS debris), which bounds the listing far below MAX_BUNDLE_MEMBERS.
+        inodes = reader.check_blobs(meta.referenced, len(meta.referenced) + DEBRIS_ENTRIES)
+        carried: dict[bytes, int] = {}
+        for c in todo:
+            carried.update(c.rel.carried)
+        need = {d: s for d, s in carried.items() if not node.store.has(d)}
+        report.blobs_present = len(carried) - len(need)
+        incoming = Incoming(node.root, node.store)
         try:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                n = node.store.put_stream(f, dg, size, progress)
-        except OSError as exc:
-            raise BundleError(f"cannot read bundle blob {dg.hex()[:16]}: {exc.strerror}") from None
+            _copy(reader, incoming, need, inodes, report, progress, on_total, cancel)
+            # Everything is verified and on our disk. From here on only complete
+            # blobs and atomically written documents are added.
+            incoming.commit(sorted(need))
+            incoming.remove()
         finally:
-            os.close(fd)
-        if n != size:
-            # put_stream verified the hash, so a short read can only mean the
-            # manifest's size was wrong: that would be a signed lie.
-            raise HashMismatchError(f"blob {dg.hex()[:16]} has {n} bytes, manifest says {size}")
-        report.blobs_copied += 1
-        report.bytes_copied += n
-    report.blobs_present = sum(len(c.blobs) for c in todo) - report.blobs_copied
-
-    if trusted.version != old_root.version:
-        node.trust_store.advance(roots, now)
-    for c in sorted(todo, key=lambda c: c.man.serial):
-        man = c.man
-        node.releases.put(man.component, man.serial, c.env)
-        st = node.state.read_state(man.component)
-        if man.serial > st.high_water:
-            st = replace(st, high_water=man.serial, high_digest=c.env.payload_digest()).with_event(
-                HistoryEntry(now_seconds(), "imported", man.serial, man.version, str(src))
-            )
-            node.state.update_state(man.component, st)
-            report.releases.append(ImportedRelease(man.component, man.version, man.serial, True))
+            incoming.remove_if_empty()  # an empty area left by a failure goes
+    _persist(node, meta, todo, report, now, os.fspath(src))
+    report.seconds = time.monotonic() - t0
     return report
+
+
+def _copy(
+    reader: BundleReader,
+    incoming: Incoming,
+    need: dict[bytes, int],
+    inodes: dict[bytes, int],
+    report: ImportReport,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+    cancel: Callable[[], bool] | None,
+) -> None:
+    """Bring every blob of ``need`` into ``incoming``; see step 5 of the module doc.
+
+    Blobs are copied by ``COPY_THREADS`` threads (hashing and the kernel's
+    file creation release the GIL), taken in on-disk order of the medium.
+    """
+    incoming.open()
+    left = incoming.held()
+    resumed = {d for d in need if d in left and incoming.reverify(d, need[d])}
+    todo = iter(sorted((d for d in need if d not in resumed), key=lambda d: inodes.get(d, 0)))
+    total = sum(s for d, s in need.items() if d not in resumed)
+    if on_total is not None:
+        on_total(total)
+    if total:
+        ensure_free(incoming.dir.parent, total, FREE_MARGIN_BYTES)
+    report.blobs_resumed = len(resumed)
+    lock = threading.Lock()
+    copied: list[bytes] = []
+    failed: list[BaseException] = []
+    kill_after = int(_KILL_AFTER) if _KILL_AFTER else None
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                dg = None if failed else next(todo, None)
+            if dg is None:
+                return
+            try:
+                if cancel is not None and cancel():
+                    raise ImportInterruptedError(
+                        f"import stopped after {len(copied)} blobs; rerun it to resume"
+                    )
+                fd = reader.open_blob(dg, need[dg])
+                try:
+                    n = incoming.copy(fd, dg, need[dg], advance)
+                finally:
+                    os.close(fd)
+            except BaseException as exc:
+                with lock:
+                    failed.append(exc)
+                return
+            with lock:
+                copied.append(dg)
+                report.blobs_copied += 1
+                report.bytes_copied += n
+                if kill_after is not None and len(copied) >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threads = [threading.Thread(target=worker, name=f"import-{i}") for i in range(COPY_THREADS)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException as exc:  # KeyboardInterrupt: stop after the blobs in flight
+        with lock:
+            failed.insert(0, exc)
+        for t in threads:
+            t.join()
+    if failed:
+        if isinstance(failed[0], (VerificationError, RemoteProtocolError)):
+            # The bundle lied: what it brought goes, so a refusal changes nothing.
+            incoming.discard(copied)
+            incoming.remove_if_empty()
+        raise failed[0]
+
+
+def _persist(
+    node: Node,
+    meta: BundleMetadata,
+    todo: list[_Candidate],
+    report: ImportReport,
+    now: int | None,
+    src: str,
+) -> None:
+    """Record the new root, the releases and the high-water marks (step 6).
+
+    Releases take the one path every verified release takes into a node
+    (``accept.persist_release``).
+    """
+    if meta.trusted.version != node.trusted_root().version:
+        node.trust_store.advance(meta.roots, now)
+    for c in todo:
+        man = c.rel.manifest
+        if c.new:
+            persist_release(node, man, c.rel.envelope, c.rel.digest, "imported", src)
+        complete = not needed_for(node, man)
+        report.releases.append(
+            ImportedRelease(man.component, man.version, man.serial, c.new, complete)
+        )

@@ -5,7 +5,7 @@ the step is appended and fsynced. Records are framed as
 ``len:u32 | crc32:u32 | canonical msgpack``; a torn tail (a crash mid-append)
 fails its length or CRC and is ignored, so the log always reads as a prefix of
 what was written. ``last_transaction`` returns the records of the newest
-transaction; recovery (apply.recover) decides from them, plus an inspection of
+transaction; recovery (transaction.py) decides from them, plus an inspection of
 the filesystem for the one step whose effect is a single syscall (the swap),
 whether to finish or undo. A transaction ends with ``done``; the log is
 truncated once it grows past a bound while no transaction is open.

@@ -1,94 +1,89 @@
 """Staging: build a release's tree beside its target, verified, before any swap.
 
 Theory of operation: the stage directory is created fresh by us (any leftover
-from a crashed run is removed first), on the target's filesystem so the swap is
-one rename. Entries are created in a safe order — directories, then files, then
-symlinks last — and the manifest check guarantees no entry lies beneath a file
-or symlink, so no write can be redirected by a link. Each file comes from the
-cheapest source that can be proven right:
+from a crashed run is removed first) — or is a dropped version recycled in
+place (recycle.py) — on the target's filesystem, so the swap is one rename.
+Entries are created in a safe order — directories, then files, then symlinks
+last — and the manifest check guarantees no entry lies beneath a file or
+symlink, so no write can be redirected by a link. Each file comes from the
+cheapest source that can be proven right (build.py): a trusted file on disk
+(reflink, hard link for immutable components, else copy), a patch of the live
+file at its path, a delta, or the store's chunks.
 
-1. *reuse*: a file with the same sha256 in a version already on disk (cloned:
-   reflink, or hard link for immutable components, else copy),
-2. *delta*: rebuilt from a base the node holds plus a patch blob (delta.py),
-3. *chunks*: concatenated from the blob store.
-
-Every file's sha256 is computed as it is written (or checked after cloning) and
-compared with the manifest before the stage counts as complete; a mismatch
-raises ``HashMismatchError`` and the caller discards the stage. Directory modes
-and mtimes are set last, since adding children changes a directory's mtime.
+Free space is checked first (``NoSpaceError`` before anything is written);
+directory modes and mtimes are set last, since adding children changes a
+directory's mtime. Nothing is fsynced per file: one ``syncfs`` at the end
+makes the whole stage durable before the caller journals it (stagefs.py). A
+failure raises and the caller discards the stage.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from p2pupd.protocol.errors import HashMismatchError
+from p2pupd.protocol.deltaplan import Holdings, plan_release
 from p2pupd.protocol.manifest import FileEntry, Manifest
 
+from .build import DeltaBuilder, FileBuilder, StageReport, verify_reusable, write_file_from_chunks
 from .errors import StorageError
-from .fsutil import clone_file, ensure_free, fsync_dir, hash_file, storage_error
+from .fsutil import ensure_free, fsync_dir, storage_error
+from .patch import PatchPlan, patch_in_place
+from .recycle import Kept, Recycled, prepare_tree
+from .stagefs import (
+    Owners,
+    ReflinkState,
+    lchown_quietly,
+    reflink_supported,
+    remove_tree,
+    set_fd_meta,
+    syncfs,
+)
+from .statcache import Source, stat_key
 from .store import BlobStore
+
+__all__ = [
+    "FREE_MARGIN_BYTES",
+    "DeltaBuilder",
+    "StageReport",
+    "missing_blobs",
+    "plan_bytes",
+    "remove_tree",
+    "stage_file",
+    "stage_tree",
+    "write_file_from_chunks",
+]
 
 FREE_MARGIN_BYTES = 16 * 1024 * 1024
 
-# A builder returns the bytes source for a file from deltas (see delta.py); it
-# writes into the open fd and returns nothing, or returns False if it cannot.
-DeltaBuilder = Callable[[FileEntry, int], bool]
+
+def plan_bytes(
+    man: Manifest, reusable: Mapping[bytes, object], store: BlobStore, *, clone_free: bool = True
+) -> int:
+    """Return how many bytes staging may write: new files, plus reused ones when copied."""
+    return sum(f.size for f in man.files if not clone_free or f.sha256 not in reusable)
 
 
-@dataclass
-class StageReport:
-    files: int = 0
-    reused: int = 0
-    from_chunks: int = 0
-    from_delta: int = 0
-    bytes_written: int = 0
-    methods: dict[str, int] = field(default_factory=dict)
+def missing_blobs(
+    man: Manifest,
+    reusable: Mapping[bytes, Path],
+    store: BlobStore,
+    held: Iterable[Manifest] = (),
+) -> set[bytes]:
+    """Return the blobs (chunks or patches) still needed for files that cannot be reused.
 
-
-def remove_tree(path: Path) -> None:
-    """Remove ``path`` (file, link or tree) if it exists; ``StorageError`` otherwise."""
-    try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.exists():
-            shutil.rmtree(path)
-    except OSError as exc:
-        raise storage_error(exc, "remove", path) from None
-
-
-def plan_bytes(man: Manifest, reusable: Mapping[bytes, Path], store: BlobStore) -> int:
-    """Return how many bytes staging must write (files not reusable by clone)."""
-    return sum(f.size for f in man.files if f.sha256 not in reusable)
-
-
-def missing_blobs(man: Manifest, reusable: Mapping[bytes, Path], store: BlobStore) -> set[bytes]:
-    """Return the chunk digests needed for files that cannot be reused."""
+    Each file is costed by its cheapest path (``protocol.deltaplan``): with
+    ``held`` (the manifests of the versions on disk) a delta-only bundle is
+    enough; without it only stored chunks and patches count.
+    """
+    held_now = Holdings.of(held, files=reusable.keys())
+    holdings = Holdings(held_now.files | frozenset(reusable), held_now.chunks)
     need: set[bytes] = set()
-    for f in man.files:
-        if f.sha256 in reusable:
-            continue
-        need.update(c.digest for c in f.chunks if not store.has(c.digest))
+    for plan in plan_release(man, holdings, store.has).values():
+        need.update(plan.blobs)
     return need
-
-
-def write_file_from_chunks(f: FileEntry, fd: int, store: BlobStore) -> None:
-    """Write ``f``'s chunks from the store into ``fd``, checking its sha256."""
-    h = hashlib.sha256()
-    for c in f.chunks:
-        data = store.get_bytes(c.digest, verify=False)
-        h.update(data)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    if h.digest() != f.sha256:
-        raise HashMismatchError(f"rebuilt {f.path} does not match its sha256 in the manifest")
 
 
 def stage_tree(
@@ -99,18 +94,40 @@ def stage_tree(
     *,
     allow_hardlink: bool = False,
     delta_builder: DeltaBuilder | None = None,
+    sources: Mapping[bytes, Source] | None = None,
+    patches: Mapping[str, PatchPlan] | None = None,
+    live_root: Path | None = None,
+    reflink: bool | None = None,
+    recycled: Recycled | None = None,
 ) -> StageReport:
     """Build ``man``'s tree at ``stage`` (which must not exist). See module doc.
 
     ``reusable`` maps a file sha256 to a path on disk holding those bytes
-    (from an installed or kept version). Raises ``HashMismatchError``,
-    ``NoSpaceError``, ``StorageError`` or ``NotFoundError``; the caller removes
-    the stage on failure.
+    (from an installed or kept version); ``sources`` are the ones the stat
+    cache already trusts (without it every reused file is re-hashed).
+    ``patches`` maps a path to a plan for building it from a base file and
+    ``live_root`` is the live version, whose owners staged entries inherit;
+    ``reflink`` says whether FICLONE works there (probed when ``None``).
+    With ``recycled``, ``stage`` exists and holds that dropped version, which
+    is reshaped in place (recycle.py).
+    Raises ``HashMismatchError``, ``NoSpaceError``, ``StorageError`` or
+    ``NotFoundError``; the caller removes the stage on failure.
     """
     report = StageReport()
-    ensure_free(stage.parent, plan_bytes(man, reusable, store), FREE_MARGIN_BYTES)
+    if sources is None:
+        sources = verify_reusable(man, reusable)
+    clones = ReflinkState(reflink_supported(stage.parent) if reflink is None else reflink)
+    clone_free = bool(clones.supported) or allow_hardlink
+    kept = prepare_tree(recycled, man, stage) if recycled is not None else Kept()
+    need = sum(
+        f.size
+        for f in man.files
+        if f.path not in kept.files and (not clone_free or f.sha256 not in sources)
+    )
+    ensure_free(stage.parent, need, FREE_MARGIN_BYTES)
+    owners = Owners(live_root)
     try:
-        stage.mkdir(mode=0o700)
+        stage.mkdir(mode=0o700, exist_ok=recycled is not None)
         dir_paths = sorted(
             {d.path for d in man.dirs} | _implicit_dirs(man), key=lambda p: p.count("/")
         )
@@ -119,59 +136,120 @@ def stage_tree(
     except OSError as exc:
         raise storage_error(exc, "create stage directory", stage) from None
 
+    builder = FileBuilder(
+        store, sources, patches or {}, delta_builder, allow_hardlink, owners, clones, report
+    )
+    root = str(stage)
     for f in man.files:
-        dst = stage / f.path
-        report.files += 1
-        src = reusable.get(f.sha256)
-        if src is not None:
-            # A hard link shares mode and mtime with the kept version, so only
-            # link when they already agree.
-            link_ok = allow_hardlink and _meta_matches(src, f.mode, f.mtime)
-            how = clone_file(src, dst, allow_hardlink=link_ok)
-            if how != "hardlink":
-                digest, size = hash_file(dst)
-                if digest != f.sha256 or size != f.size:
-                    raise HashMismatchError(f"installed copy of {f.path} was modified locally")
-                _set_meta(dst, f.mode, f.mtime)
-            report.reused += 1
-            report.methods[how] = report.methods.get(how, 0) + 1
-            continue
-        try:
-            fd = os.open(
-                dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-        except OSError as exc:
-            raise storage_error(exc, "create", dst) from None
-        try:
-            if delta_builder is not None and delta_builder(f, fd):
-                report.from_delta += 1
-            else:
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.ftruncate(fd, 0)
-                write_file_from_chunks(f, fd, store)
-                report.from_chunks += 1
-            os.fsync(fd)
-        except OSError as exc:
-            raise storage_error(exc, "write", dst) from None
-        finally:
-            os.close(fd)
-        report.bytes_written += f.size
-        _set_meta(dst, f.mode, f.mtime)
+        st = kept.files.get(f.path)
+        if st is None or not builder.keep(f, f"{root}/{f.path}", st):
+            builder.build(f, f"{root}/{f.path}")
+    builder.record_links()
 
     try:
         for s in man.symlinks:
+            if s.path in kept.links:
+                continue
             os.symlink(s.target, stage / s.path)
+            lchown_quietly(stage / s.path, owners.for_file(s.path))
         modes = {d.path: (d.mode, d.mtime) for d in man.dirs}
         for rel in sorted(dir_paths, key=lambda p: -p.count("/")):
             mode, mtime = modes.get(rel, (0o755, man.created))
+            lchown_quietly(stage / rel, owners.for_dir(rel))
             _set_meta(stage / rel, mode, mtime)
-            fsync_dir(stage / rel)
-        os.chmod(stage, 0o755)
-        fsync_dir(stage)
-        fsync_dir(stage.parent)
+        live = _lstat(live_root)
+        lchown_quietly(stage, owners.for_dir(""))
+        os.chmod(stage, stat.S_IMODE(live.st_mode) if live else 0o755)
     except OSError as exc:
         raise storage_error(exc, "finish stage", stage) from None
+    syncfs(stage)
+    fsync_dir(stage.parent)
     return report
+
+
+def stage_file(
+    man: Manifest,
+    dst: Path,
+    store: BlobStore,
+    reusable: Mapping[bytes, Path],
+    *,
+    delta_builder: DeltaBuilder | None = None,
+    sources: Mapping[bytes, Source] | None = None,
+    patches: Mapping[str, PatchPlan] | None = None,
+    live_root: Path | None = None,
+    reflink: bool | None = None,
+    recycled: Recycled | None = None,
+) -> StageReport:
+    """Build the single file of ``man`` at ``dst`` (a file target). Like ``stage_tree``.
+
+    With ``recycled``, ``dst`` holds that dropped version's image, patched in
+    place when possible (recycle.py), else replaced.
+    """
+    report = StageReport()
+    if sources is None:
+        sources = verify_reusable(man, reusable)
+    clones = ReflinkState(reflink_supported(dst.parent) if reflink is None else reflink)
+    f = man.files[0]
+    plan = (patches or {}).get(f.path)
+    if recycled is not None:
+        if _patch_recycled(f, recycled, dst, store, plan, report, live_root):
+            syncfs(dst.parent)
+            fsync_dir(dst.parent)
+            return report
+        remove_tree(dst)
+    need = 0 if (clones.supported and f.sha256 in sources) else f.size
+    if plan is not None and clones.supported:
+        need = f.size - plan.kept
+    ensure_free(dst.parent, need, FREE_MARGIN_BYTES)
+    owners = Owners(live_root, single_file=True)
+    builder = FileBuilder(
+        store, sources, patches or {}, delta_builder, False, owners, clones, report
+    )
+    builder.build(f, str(dst))
+    syncfs(dst.parent)
+    fsync_dir(dst.parent)
+    return report
+
+
+def _patch_recycled(
+    f: FileEntry,
+    rec: Recycled,
+    dst: Path,
+    store: BlobStore,
+    plan: PatchPlan | None,
+    report: StageReport,
+    live_root: Path | None,
+) -> bool:
+    """Patch the recycled image at ``dst`` into ``f`` in place; False if it cannot be."""
+    old = rec.man.files[0] if len(rec.man.files) == 1 else None
+    st = None if old is None else rec.cache.trusted(rec.serial, old.path, dst, old.sha256)
+    if old is None or st is None:
+        return False
+    done = patch_in_place(f, old, st, str(dst), store, plan.base if plan else None)
+    if done is None:
+        return False
+    fd, written = done
+    owner = Owners(live_root, single_file=True).for_file(f.path)
+    try:
+        report.keys[f.path] = stat_key(set_fd_meta(fd, f.mode, f.mtime, owner))
+    except OSError as exc:
+        raise storage_error(exc, "set owner, mode and mtime of", dst) from None
+    finally:
+        os.close(fd)
+    report.files += 1
+    report.from_base += 1
+    report.bytes_written += written
+    report.count("patch-in-place")
+    return True
+
+
+def _lstat(path: Path | None) -> os.stat_result | None:
+    if path is None:
+        return None
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def _implicit_dirs(man: Manifest) -> set[str]:
@@ -191,11 +269,3 @@ def _set_meta(path: Path, mode: int, mtime: int) -> None:
         os.utime(path, (mtime, mtime), follow_symlinks=False)
     except OSError as exc:
         raise StorageError(f"cannot set mode/mtime of {path}: {exc.strerror}") from None
-
-
-def _meta_matches(path: Path, mode: int, mtime: int) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return (st.st_mode & 0o7777) == mode and int(st.st_mtime) == mtime

@@ -2,28 +2,33 @@
 
 A bundle directory is a valid OCI image layout (``oci-layout``, ``index.json``,
 ``blobs/sha256/<hex>``), so registry tools (oras, skopeo, crane) can copy it.
-Each p2pupd document is an OCI artifact manifest referenced from ``index.json``:
+Each p2pupd document is an OCI artifact manifest referenced from ``index.json``
+(see docs/bundle-format.md for the full layout):
 
-* one *trust* artifact (``artifactType`` = ``TRUST_ARTIFACT``) whose layers are
-  the root envelopes v1..vN, so a node at any older root can walk forward;
+* at most one *trust* artifact (``artifactType`` = ``TRUST_ARTIFACT``) whose
+  layers are root envelopes, so a node at an older root can walk forward;
 * one *release* artifact per release, whose first layer is the signed release
   envelope and whose other layers are the blobs (chunks, patches, hooks) the
-  bundle carries for it.
+  bundle carries for it;
+* at most one *request* artifact: the signed request file of the node the
+  bundle was cut for (minimal bundles only).
 
-Nothing here is trusted: an importer reads the OCI metadata only to find the
-signed envelopes, verifies those against its pinned root, and then copies only
-the blobs the *verified* manifest names. This module parses and builds the
-JSON with every size, count and name bounded; it does no I/O.
+Every artifact's ``config`` is the OCI empty descriptor (``{}``), as the OCI
+artifact guidance asks. Nothing here is trusted: an importer reads the OCI
+metadata only to find the signed envelopes, verifies those against its pinned
+root, and copies only blobs the *verified* manifests name. This module parses
+and builds the JSON with every size, count and name bounded; it does no I/O.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import ids, limits
 from .errors import CodecError, FrameTooLargeError, SchemaError
+from .manifest import Manifest
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -32,18 +37,31 @@ EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
 TRUST_ARTIFACT = "application/vnd.p2pupd.trust.v1"
 RELEASE_ARTIFACT = "application/vnd.p2pupd.release.v1"
+REQUEST_ARTIFACT = "application/vnd.p2pupd.request.v1"
+ARTIFACT_TYPES = (TRUST_ARTIFACT, RELEASE_ARTIFACT, REQUEST_ARTIFACT)
 ROOT_MEDIA_TYPE = "application/vnd.p2pupd.root.v1+msgpack"
 RELEASE_MEDIA_TYPE = "application/vnd.p2pupd.release.v1+msgpack"
+REQUEST_MEDIA_TYPE = "application/vnd.p2pupd.request.v1+msgpack"
 CHUNK_MEDIA_TYPE = "application/vnd.p2pupd.chunk.v1"
+ZCHUNK_MEDIA_TYPE = "application/vnd.p2pupd.chunk.v1+zstd"
 PATCH_MEDIA_TYPE = "application/vnd.p2pupd.patch.v1+bsdiff4"
 HOOK_MEDIA_TYPE = "application/wasm"
-REQUEST_MEDIA_TYPE = "application/vnd.p2pupd.request.v1+msgpack"
-BLOB_MEDIA_TYPES = (CHUNK_MEDIA_TYPE, PATCH_MEDIA_TYPE, HOOK_MEDIA_TYPE)
+BLOB_MEDIA_TYPES = (CHUNK_MEDIA_TYPE, ZCHUNK_MEDIA_TYPE, PATCH_MEDIA_TYPE, HOOK_MEDIA_TYPE)
 ANNOTATION_COMPONENT = "org.p2pupd.component"
 ANNOTATION_VERSION = "org.p2pupd.version"
 ANNOTATION_SERIAL = "org.p2pupd.serial"
 ANNOTATION_ROOT_VERSION = "org.p2pupd.root.version"
-MAX_ARTIFACT_BYTES = 256 * limits.MiB
+ANNOTATION_NODE = "org.p2pupd.node"
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+
+# Bounds of the OCI side (the signed documents have their own in ``limits``).
+MAX_ARTIFACT_BYTES = 256 * limits.MiB  # a release listing ~1.5 M blobs
+MAX_INDEX_ENTRIES = 4096  # artifacts listed by index.json
+MAX_METADATA_BYTES = 1 * limits.GiB  # all artifacts and envelopes of one bundle, read in memory
+MAX_ANNOTATIONS = 32
+MAX_MEDIA_TYPE_CHARS = 255
+MAX_ANNOTATION_KEY_CHARS = 255
+MAX_ANNOTATION_VALUE_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,7 @@ class Descriptor:
     media_type: str
     digest: bytes
     size: int
-    annotations: dict[str, str]
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -71,6 +89,13 @@ class Artifact:
     artifact_type: str
     layers: tuple[Descriptor, ...]
     annotations: dict[str, str]
+    config: Descriptor | None = None
+
+    def digests(self) -> set[bytes]:
+        """Every blob this artifact references (config included)."""
+        out = {d.digest for d in self.layers}
+        out.add((self.config or empty_descriptor()).digest)
+        return out
 
 
 def _json_bytes(v: Any) -> bytes:
@@ -106,6 +131,16 @@ def build_index(manifests: list[Descriptor]) -> bytes:
     )
 
 
+def layer_media_types(man: Manifest) -> dict[bytes, str]:
+    """Return the media type of each blob ``man`` names (chunks by default)."""
+    out = {c.digest: CHUNK_MEDIA_TYPE for f in man.files for c in f.chunks}
+    for d in man.deltas:
+        out[d.patch] = ZCHUNK_MEDIA_TYPE if d.kind == "zchunk" else PATCH_MEDIA_TYPE
+    for h in man.hooks.values():
+        out[h.sha256] = HOOK_MEDIA_TYPE
+    return out
+
+
 def _load_json(data: bytes, max_bytes: int, what: str) -> Any:
     if len(data) > max_bytes:
         raise FrameTooLargeError(f"{what} of {len(data)} bytes exceeds limit {max_bytes}")
@@ -115,73 +150,107 @@ def _load_json(data: bytes, max_bytes: int, what: str) -> Any:
         raise CodecError(f"{what} is not valid JSON: {exc}") from None
 
 
+def _annotations(v: Any, what: str) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > MAX_ANNOTATIONS:
+        raise SchemaError(f"{what}: annotations must be a map of at most {MAX_ANNOTATIONS}")
+    for k, a in v.items():
+        if (
+            not isinstance(k, str)
+            or not isinstance(a, str)
+            or len(k) > MAX_ANNOTATION_KEY_CHARS
+            or len(a) > MAX_ANNOTATION_VALUE_CHARS
+        ):
+            raise SchemaError(f"{what}: bad annotation")
+    return dict(v)
+
+
 def parse_descriptor(v: Any, what: str) -> Descriptor:
-    """Parse and bound one OCI descriptor; ``SchemaError`` on anything odd."""
+    """Parse and bound one OCI descriptor; ``SchemaError``/``CodecError`` on anything odd.
+
+    The digest must be ``sha256:`` and 64 lowercase hex characters, so a name
+    built from it can never hold ``/``, ``..`` or an absolute path.
+    """
     if not isinstance(v, dict):
         raise SchemaError(f"{what}: descriptor must be an object")
     mt, dg, size = v.get("mediaType"), v.get("digest"), v.get("size")
-    if not isinstance(mt, str) or not 0 < len(mt) <= 255:
+    if not isinstance(mt, str) or not 0 < len(mt) <= MAX_MEDIA_TYPE_CHARS:
         raise SchemaError(f"{what}: bad mediaType")
     if not isinstance(dg, str) or not dg.startswith("sha256:"):
-        raise SchemaError(f"{what}: digest must be sha256:<hex>")
-    digest = ids.parse_hex_digest(dg[len("sha256:") :])
+        raise SchemaError(f"{what}: digest must be sha256:<hex>, got {dg!r:.80}")
+    try:
+        digest = ids.parse_hex_digest(dg[len("sha256:") :])
+    except CodecError as exc:
+        raise SchemaError(f"{what}: {exc}") from None
     if (
         not isinstance(size, int)
         or isinstance(size, bool)
         or not 0 <= size <= limits.MAX_BLOB_BYTES
     ):
         raise SchemaError(f"{what}: size out of range")
-    ann = v.get("annotations", {})
-    if not isinstance(ann, dict) or len(ann) > 32:
-        raise SchemaError(f"{what}: bad annotations")
-    for k, a in ann.items():
-        if not isinstance(k, str) or not isinstance(a, str) or len(k) > 255 or len(a) > 1024:
-            raise SchemaError(f"{what}: bad annotation")
-    return Descriptor(mt, digest, size, dict(ann))
+    return Descriptor(mt, digest, size, _annotations(v.get("annotations"), what))
 
 
 def parse_index(data: bytes) -> list[Descriptor]:
-    """Parse ``index.json``; return the descriptors of the artifacts it lists."""
+    """Parse ``index.json``; return the descriptors of the artifacts it lists.
+
+    Raises ``FrameTooLargeError`` over ``limits.MAX_INDEX_BYTES`` and
+    ``SchemaError``/``CodecError`` for anything that is not a bounded OCI index
+    of image manifests, each listed once.
+    """
     v = _load_json(data, limits.MAX_INDEX_BYTES, "index.json")
     if not isinstance(v, dict) or v.get("schemaVersion") != 2:
         raise SchemaError("index.json is not an OCI image index")
     mans = v.get("manifests")
-    if not isinstance(mans, list) or len(mans) > 100_000:
-        raise SchemaError("index.json manifests must be a bounded list")
+    if not isinstance(mans, list) or len(mans) > MAX_INDEX_ENTRIES:
+        raise SchemaError(f"index.json must list at most {MAX_INDEX_ENTRIES} manifests")
     out = [parse_descriptor(m, "index.json") for m in mans]
+    seen: set[bytes] = set()
     for d in out:
         if d.media_type != MANIFEST_MEDIA_TYPE:
             raise SchemaError(f"index.json lists unsupported media type {d.media_type!r:.60}")
         if d.size > MAX_ARTIFACT_BYTES:
             raise SchemaError("index.json lists an oversized artifact")
+        if d.digest in seen:
+            raise SchemaError(f"index.json lists artifact {d.digest.hex()[:16]} twice")
+        seen.add(d.digest)
     return out
 
 
 def parse_artifact(data: bytes) -> Artifact:
-    """Parse an OCI artifact manifest naming p2pupd layers."""
+    """Parse an OCI artifact manifest naming p2pupd layers.
+
+    Raises ``SchemaError``/``CodecError`` for an unknown artifact type, a
+    config other than the empty descriptor, a layer of the wrong media type or
+    listed twice, or any field out of bounds.
+    """
     v = _load_json(data, MAX_ARTIFACT_BYTES, "artifact manifest")
     if not isinstance(v, dict) or v.get("schemaVersion") != 2:
         raise SchemaError("artifact is not an OCI image manifest")
     at = v.get("artifactType")
-    if at not in (TRUST_ARTIFACT, RELEASE_ARTIFACT):
+    if at not in ARTIFACT_TYPES:
         raise SchemaError(f"unknown artifact type {at!r:.60}")
+    config = parse_descriptor(v.get("config"), "artifact config")
+    if config != empty_descriptor():
+        raise SchemaError("artifact config must be the OCI empty descriptor")
     layers_v = v.get("layers")
     if not isinstance(layers_v, list) or len(layers_v) > limits.MAX_BUNDLE_MEMBERS:
         raise SchemaError("artifact layers must be a bounded list")
     layers = tuple(parse_descriptor(x, "artifact layer") for x in layers_v)
-    ann = v.get("annotations", {})
-    if not isinstance(ann, dict) or not all(
-        isinstance(k, str) and isinstance(x, str) for k, x in ann.items()
-    ):
-        raise SchemaError("artifact annotations must map text to text")
+    if len({d.digest for d in layers}) != len(layers):
+        raise SchemaError("artifact lists a layer twice")
+    ann = _annotations(v.get("annotations"), "artifact")
     if at == TRUST_ARTIFACT and not all(d.media_type == ROOT_MEDIA_TYPE for d in layers):
         raise SchemaError("trust artifact holds a non-root layer")
+    if at == REQUEST_ARTIFACT and (len(layers) != 1 or layers[0].media_type != REQUEST_MEDIA_TYPE):
+        raise SchemaError("request artifact must hold exactly one request document")
     if at == RELEASE_ARTIFACT:
         if not layers or layers[0].media_type != RELEASE_MEDIA_TYPE:
             raise SchemaError("release artifact must start with a release envelope")
         if not all(d.media_type in BLOB_MEDIA_TYPES for d in layers[1:]):
             raise SchemaError("release artifact holds a layer of unknown media type")
-    return Artifact(str(at), layers, dict(ann))
+    return Artifact(str(at), layers, ann, config)
 
 
 def parse_layout(data: bytes) -> None:
@@ -189,3 +258,27 @@ def parse_layout(data: bytes) -> None:
     v = _load_json(data, 4096, "oci-layout")
     if not isinstance(v, dict) or v.get("imageLayoutVersion") != "1.0.0":
         raise SchemaError("oci-layout is not an OCI image layout 1.0.0 marker")
+
+
+def check_release_layers(art: Artifact, man: Manifest) -> dict[bytes, int]:
+    """Return {digest: size} of the blobs ``art`` carries for the verified ``man``.
+
+    The artifact is unsigned, so each layer after the envelope must be a blob
+    the signed manifest names, with the size it gives; ``SchemaError`` if not.
+    """
+    named = man.blob_sizes()
+    out: dict[bytes, int] = {}
+    for d in art.layers[1:]:
+        size = named.get(d.digest)
+        if size is None:
+            raise SchemaError(
+                f"bundle layer {d.digest.hex()[:16]} is not part of the signed release "
+                f"{man.component} {man.version}"
+            )
+        if size != d.size:
+            raise SchemaError(
+                f"bundle layer {d.digest.hex()[:16]} claims {d.size} bytes, "
+                f"the signed release says {size}"
+            )
+        out[d.digest] = size
+    return out

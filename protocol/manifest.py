@@ -62,7 +62,9 @@ class Delta:
 
     ``kind`` is ``"file"`` when ``target`` and ``bases`` are whole-file sha256s
     (the node reads the base from an installed version) or ``"chunk"`` when they
-    are chunk digests (the node reads bases from its store).
+    are chunk digests (the node reads bases from its store or a held file).
+    ``"zchunk"`` has no bases: the patch blob is a zstd frame of the chunk
+    ``target`` (a compressed literal). See ``deltaplan``.
     """
 
     kind: str
@@ -300,7 +302,7 @@ def _dir(v: Any) -> DirEntry:
 
 def _delta(v: Any) -> Delta:
     kind, target, target_size, bases, patch, patch_size = _fields(v, "delta", 6)
-    if kind not in ("file", "chunk"):
+    if kind not in ("file", "chunk", "zchunk"):
         raise SchemaError(f"unknown delta kind {kind!r:.20}")
     return Delta(
         kind=kind,

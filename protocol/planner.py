@@ -129,7 +129,9 @@ class FetchPlanner(Generic[P]):
         A good chunk is done, even if it came late or from another peer than
         the one now assigned. A bad one bans the peer for ``ban_seconds``.
         """
-        state = self._free_slot(peer, digest)
+        # A good chunk becomes done, so the cursor need not go back for it;
+        # rescanning the order from the start on every answer is O(n^2).
+        state = self._free_slot(peer, digest, requeue=not ok)
         if not ok:
             self.ban(peer, now + self._ban_seconds)
             return
@@ -217,13 +219,14 @@ class FetchPlanner(Generic[P]):
         # Each whole penalty point halves a peer's share, never below one.
         return max(1, self._cap >> min(int(state.penalty), 16))
 
-    def _free_slot(self, peer: P, digest: bytes) -> _Peer | None:
+    def _free_slot(self, peer: P, digest: bytes, requeue: bool = True) -> _Peer | None:
         state = self._peers.get(peer)
         if state is not None:
             state.slots.pop(digest, None)
         if self._active.get(digest) == peer:
             del self._active[digest]
-            self._cursor = 0
+            if requeue:
+                self._cursor = 0
         return state
 
     def _release(self, peer: P) -> None:

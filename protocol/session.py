@@ -23,8 +23,11 @@ may be sent or received.
 Requests: the session allocates request ids (``request_manifest``,
 ``request_chunk``, ``request_root`` build requests with fresh ids) and tracks
 requests in each direction. A response must answer an outstanding request of
-its kind (chunk digest and root version must match too), otherwise the peer is
-lying or confused. At most ``max_in_flight`` requests may be outstanding each
+its kind (chunk digest, root version and range offset must match too, and a
+range answer may not be longer than asked), otherwise the peer is lying or
+confused. Messages of a Hello feature (ranges, Have) may only be sent to a
+peer that advertised the feature, and are refused from a peer we did not
+advertise it to. At most ``max_in_flight`` requests may be outstanding each
 way: sending more is our bug, receiving more is the peer's abuse. A request we
 gave up on (``cancel_request``) keeps its slot until the peer answers, because
 the peer still counts it; its answer is then dropped silently.
@@ -38,18 +41,26 @@ from collections.abc import Mapping
 from . import ids, limits
 from .errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
 from .wire import (
+    FEATURE_HAVE,
+    FEATURE_RANGE,
     MAGIC,
+    MAX_RANGE_BYTES,
     MAX_REQUEST_ID,
     Announce,
+    BlobRangeData,
+    BlobRangeRequest,
     Bye,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
     Error,
     FrameDecoder,
+    Have,
     Hello,
     ManifestData,
     ManifestMissing,
+    ManifestRangeData,
+    ManifestRangeRequest,
     ManifestRequest,
     Message,
     Request,
@@ -90,7 +101,8 @@ CLOSED = Signal.CLOSED
 _SEND, _RECV = Direction.SEND, Direction.RECEIVE
 _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
-    ChunkMissing, RootRequest, RootData, RootMissing,
+    ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
+    ManifestRangeRequest, ManifestRangeData, Have,
 )  # fmt: skip
 _LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
 
@@ -109,16 +121,29 @@ TRANSITIONS: dict[tuple[State, Direction, type[Message]], State] = {
     (State.ERROR, _SEND, Bye): State.CLOSED,
 }
 
-_REQUESTS = (ManifestRequest, ChunkRequest, RootRequest)
-_RESPONSES = (ManifestData, ManifestMissing, ChunkData, ChunkMissing, RootData, RootMissing)
-# Which request kind each response answers.
-_ANSWERS: dict[type[Message], type[Request]] = {
-    ManifestData: ManifestRequest,
-    ManifestMissing: ManifestRequest,
-    ChunkData: ChunkRequest,
-    ChunkMissing: ChunkRequest,
-    RootData: RootRequest,
-    RootMissing: RootRequest,
+_REQUESTS = (ManifestRequest, ChunkRequest, RootRequest, BlobRangeRequest, ManifestRangeRequest)
+_RESPONSES = (
+    ManifestData, ManifestMissing, ChunkData, ChunkMissing, RootData, RootMissing,
+    BlobRangeData, ManifestRangeData,
+)  # fmt: skip
+# Which request kinds each response may answer.
+_ANSWERS: dict[type[Message], tuple[type[Request], ...]] = {
+    ManifestData: (ManifestRequest,),
+    ManifestMissing: (ManifestRequest, ManifestRangeRequest),
+    ChunkData: (ChunkRequest,),
+    ChunkMissing: (ChunkRequest, BlobRangeRequest),
+    RootData: (RootRequest,),
+    RootMissing: (RootRequest,),
+    BlobRangeData: (BlobRangeRequest,),
+    ManifestRangeData: (ManifestRangeRequest,),
+}
+# Messages that exist only between peers that both advertised a Hello feature.
+_FEATURE_OF: dict[type[Message], str] = {
+    BlobRangeRequest: FEATURE_RANGE,
+    BlobRangeData: FEATURE_RANGE,
+    ManifestRangeRequest: FEATURE_RANGE,
+    ManifestRangeData: FEATURE_RANGE,
+    Have: FEATURE_HAVE,
 }
 
 
@@ -197,6 +222,11 @@ class Session:
         if new_state is None:
             raise RemoteProtocolError(f"peer sent {type(msg).__name__} in state {self.state.value}")
         deliver = True
+        feature = _FEATURE_OF.get(type(msg))
+        if feature is not None and feature not in self.hello.features:
+            raise RemoteProtocolError(
+                f"peer sent {type(msg).__name__}, but feature {feature!r} was not offered"
+            )
         if isinstance(msg, Hello):
             self._check_peer_hello(msg)
             self.peer_hello = msg
@@ -248,6 +278,9 @@ class Session:
             )
         if isinstance(msg, Hello) and msg != self.hello:
             raise LocalProtocolError("send session.hello, not another Hello")
+        feature = _FEATURE_OF.get(type(msg))
+        if feature is not None and feature not in self.peer_features:
+            raise LocalProtocolError(f"peer did not offer feature {feature!r}")
         if isinstance(msg, _REQUESTS):
             if msg.request_id in self._ours:
                 raise LocalProtocolError(f"request id {msg.request_id} is already in flight")
@@ -287,6 +320,20 @@ class Session:
         """Return a RootRequest with a fresh id (not yet sent)."""
         return RootRequest(self.next_request_id(), version)
 
+    def request_blob_range(self, digest: bytes, offset: int, length: int) -> BlobRangeRequest:
+        """Return a BlobRangeRequest with a fresh id (not yet sent)."""
+        return BlobRangeRequest(
+            self.next_request_id(), digest, offset, min(length, MAX_RANGE_BYTES)
+        )
+
+    def request_manifest_range(
+        self, component: str, serial: int, offset: int, length: int = MAX_RANGE_BYTES
+    ) -> ManifestRangeRequest:
+        """Return a ManifestRangeRequest with a fresh id (not yet sent)."""
+        return ManifestRangeRequest(
+            self.next_request_id(), component, serial, offset, min(length, MAX_RANGE_BYTES)
+        )
+
     def cancel_request(self, request_id: int) -> None:
         """Drop the answer to our request when it comes; its slot stays taken until then.
 
@@ -297,6 +344,15 @@ class Session:
         self._cancelled.add(request_id)
 
     # ----- inspection -----------------------------------------------------
+
+    @property
+    def peer_features(self) -> frozenset[str]:
+        """Features the peer advertised in its Hello (empty before it arrived)."""
+        return self.peer_hello.features if self.peer_hello is not None else frozenset()
+
+    def supports(self, feature: str) -> bool:
+        """True when both sides advertised ``feature``, so its messages may flow."""
+        return feature in self.hello.features and feature in self.peer_features
 
     @property
     def can_request(self) -> bool:
@@ -317,14 +373,25 @@ class Session:
 def _check_answer(request: Request | None, msg: Response, who: str, error: type[Exception]) -> None:
     """Raise ``error`` unless ``msg`` answers ``request`` (same kind, digest, version)."""
     name = type(msg).__name__
-    if request is None or type(request) is not _ANSWERS[type(msg)]:
-        raise error(f"{who} {name} answering no outstanding {_ANSWERS[type(msg)].__name__}")
+    kinds = _ANSWERS[type(msg)]
+    if request is None or type(request) not in kinds:
+        raise error(f"{who} {name} answering no outstanding {kinds[0].__name__}")
     if (
-        isinstance(msg, ChunkData | ChunkMissing)
-        and isinstance(request, ChunkRequest)
+        isinstance(msg, ChunkData | ChunkMissing | BlobRangeData)
+        and isinstance(request, ChunkRequest | BlobRangeRequest)
         and msg.digest != request.digest
     ):
         raise error(f"{who} {name} for digest {msg.digest.hex()[:16]}, not the one requested")
+    if isinstance(msg, BlobRangeData | ManifestRangeData) and isinstance(
+        request, BlobRangeRequest | ManifestRangeRequest
+    ):
+        if msg.offset != request.offset or len(msg.data) > request.length:
+            raise error(
+                f"{who} {name} of {len(msg.data)} bytes at {msg.offset}, "
+                f"requested {request.length} at {request.offset}"
+            )
+        if isinstance(msg, ManifestRangeData) and msg.offset + len(msg.data) > msg.total:
+            raise error(f"{who} {name} runs past the manifest's total of {msg.total} bytes")
     if (
         isinstance(msg, RootData)
         and isinstance(request, RootRequest)

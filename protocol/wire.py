@@ -8,7 +8,18 @@ always encodable and a decoded frame is always well-typed.
 Compatibility: the six fields of ``Hello`` are frozen across protocol versions
 (later versions may only append fields), so a peer of another version can
 always be told *why* it was refused. Other messages have an exact arity; new
-kinds are only sent to peers that advertised the matching Hello feature.
+kinds are only sent to peers that advertised the matching Hello feature:
+
+* ``"range"`` (``FEATURE_RANGE``): ``BlobRangeRequest``/``BlobRangeData`` and
+  ``ManifestRangeRequest``/``ManifestRangeData`` move a blob or a signed
+  manifest in pieces, so documents larger than one frame (patches and hooks
+  up to ``limits.MAX_BLOB_BYTES``, manifests up to ``MAX_MANIFEST_BYTES``)
+  still travel while ``MAX_FRAME_BYTES`` keeps bounding what a peer can make
+  us buffer. The receiver checks the whole document's hash or signature once
+  every piece is in, exactly as for a single-frame transfer.
+* ``"have"`` (``FEATURE_HAVE``): ``Have`` tells a peer which blobs of a release
+  we can serve before we hold all of it, so fetching nodes serve each other
+  (swarming) instead of all pulling from the one node that had it first.
 
 Why the receive side stays O(n) under hostile input
 ---------------------------------------------------
@@ -59,6 +70,12 @@ MAX_FEATURES = 32
 MAX_CLUSTER_ID_BYTES = 64
 MAX_TEXT_BYTES = 1 * limits.KiB  # Bye reasons and Error messages end up in logs
 MAX_COMPONENT_BYTES = limits.MAX_COMPONENT_NAME_BYTES
+# Largest piece a range request may ask for: what fits in one data frame.
+MAX_RANGE_BYTES = MAX_PAYLOAD_BYTES
+# Digests per Have message: 32 Ki x 34 encoded bytes ~ 1.1 MiB, well inside a frame.
+MAX_HAVE_DIGESTS = 32 * limits.KiB
+FEATURE_RANGE = "range"
+FEATURE_HAVE = "have"
 _CLUSTER_RE = re.compile(r"\S(.*\S)?")  # no leading/trailing blanks, not empty
 _FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 
@@ -87,6 +104,20 @@ def _text(value: Any, name: str, most: int, pattern: re.Pattern[str] | None = No
         raise LocalProtocolError(f"{name} must be printable text of <= {most} bytes")
     if pattern is not None and not pattern.fullmatch(value):
         raise LocalProtocolError(f"invalid {name} {value!r:.80}")
+    return value
+
+
+def _bool(value: Any, name: str) -> Any:
+    if not isinstance(value, bool):
+        raise LocalProtocolError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _digests(value: Any) -> Any:
+    if not isinstance(value, tuple) or len(value) > MAX_HAVE_DIGESTS:
+        raise LocalProtocolError(f"digests must be a tuple of at most {MAX_HAVE_DIGESTS}")
+    for digest in value:
+        _blob(digest, "digest", exact=DIGEST_BYTES)
     return value
 
 
@@ -132,6 +163,11 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "message": lambda v, n, _: _text(v, n, MAX_TEXT_BYTES),
     "features": lambda v, n, _: _features(v),
     "entries": lambda v, n, _: _entries(v),
+    "offset": lambda v, n, _: _uint(v, n, 0, limits.MAX_BLOB_BYTES),
+    "length": lambda v, n, _: _uint(v, n, 1, MAX_RANGE_BYTES),
+    "total": lambda v, n, _: _uint(v, n, 0, limits.MAX_MANIFEST_BYTES),
+    "complete": lambda v, n, _: _bool(v, n),
+    "digests": lambda v, n, _: _digests(v),
 }
 
 
@@ -296,18 +332,92 @@ class Error(_Wire):
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class BlobRangeRequest(_Wire):
+    """Ask for up to ``length`` bytes of blob ``digest`` from ``offset`` (feature "range").
+
+    Answered by ``BlobRangeData`` or ``ChunkMissing``.
+    """
+
+    TYPE: ClassVar[int] = 14
+    request_id: int
+    digest: bytes
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRangeData(_Wire):
+    """A piece of a blob; only the reassembled blob can be hash-checked."""
+
+    TYPE: ClassVar[int] = 15
+    DATA_LIMIT: ClassVar[int] = MAX_RANGE_BYTES
+    request_id: int
+    digest: bytes
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRangeRequest(_Wire):
+    """Ask for a piece of a signed manifest envelope (feature "range").
+
+    Answered by ``ManifestRangeData`` or ``ManifestMissing``.
+    """
+
+    TYPE: ClassVar[int] = 16
+    request_id: int
+    component: str
+    serial: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRangeData(_Wire):
+    """A piece of a manifest envelope of ``total`` bytes; the receiver verifies the whole."""
+
+    TYPE: ClassVar[int] = 17
+    DATA_LIMIT: ClassVar[int] = MAX_RANGE_BYTES
+    request_id: int
+    offset: int
+    total: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Have(_Wire):
+    """Blobs of release (component, serial) the sender can serve (feature "have").
+
+    ``complete`` means every blob the manifest names; otherwise ``digests``
+    lists them (one message may add to an earlier one). A hint, like
+    Announce: every blob received is still hash-checked.
+    """
+
+    TYPE: ClassVar[int] = 18
+    component: str
+    serial: int
+    complete: bool
+    digests: tuple[bytes, ...] = ()
+
+
 # fmt: off
 Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
+    | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
+)
+Request = ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
+Response = (
+    ManifestData | ManifestMissing | ChunkData | ChunkMissing | RootData | RootMissing
+    | BlobRangeData | ManifestRangeData
 )
 # fmt: on
-Request = ManifestRequest | ChunkRequest | RootRequest
-Response = ManifestData | ManifestMissing | ChunkData | ChunkMissing | RootData | RootMissing
 
 _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
+    BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 
@@ -318,6 +428,8 @@ def _to_wire(msg: Message) -> list[Any]:
         return [*fields, sorted(msg.features)]
     if isinstance(msg, Announce):
         return [[list(entry) for entry in msg.entries]]
+    if isinstance(msg, Have):
+        return [msg.component, msg.serial, msg.complete, list(msg.digests)]
     return [getattr(msg, f.name) for f in dataclasses.fields(msg)]
 
 
@@ -337,6 +449,11 @@ def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
         if not isinstance(entries, list) or not all(isinstance(e, list) for e in entries):
             raise SchemaError("Announce entries must be a list of lists")
         return Announce(tuple(AnnounceEntry(*e) for e in entries))
+    if cls is Have:
+        component, serial, complete, digests = fields
+        if not isinstance(digests, list):
+            raise SchemaError("Have digests must be a list")
+        return Have(component, serial, complete, tuple(digests))
     factory: Callable[..., Message] = cls  # every other message maps fields 1:1
     return factory(*fields)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from p2pupd.daemon import api
 
+from . import cmd_bundle
 from .clibase import EXIT_OK, Adder, UsageError, out, state_dir
-from .progress import Progress
 
 
 def _state(args: argparse.Namespace) -> Path:
@@ -39,54 +39,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    with Progress("import", 0, enabled=not args.json) as bar:
-        report, results = api.import_dir(
-            _state(args),
-            Path(args.src),
-            apply_after=args.apply,
-            progress=bar.advance,
-            on_total=bar.set_total,
-        )
-    doc = {
-        "root_version": report.root_version,
-        "releases": [
-            {"component": r.component, "version": r.version, "serial": r.serial, "new": r.new}
-            for r in report.releases
-        ],
-        "skipped": report.skipped,
-        "blobs_copied": report.blobs_copied,
-        "blobs_present": report.blobs_present,
-        "bytes_copied": report.bytes_copied,
-        "applied": [
-            {
-                "component": r.component,
-                "version": r.version,
-                "serial": r.serial,
-                "changed": r.changed,
-            }
-            for r in results
-        ],
-    }
-
-    def human() -> None:
-        for r in report.releases:
-            print(
-                f"{'imported' if r.new else 'already had'} {r.component} {r.version} (serial {r.serial})"
-            )
-        for s in report.skipped:
-            print(f"skipped {s}")
-        print(
-            f"{report.blobs_copied} blobs copied ({report.bytes_copied} bytes), {report.blobs_present} already present"
-        )
-        for a in results:
-            print(
-                f"applied {a.component} {a.version}"
-                if a.changed
-                else f"{a.component} {a.version} already live"
-            )
-
-    out(args, doc, human)
-    return EXIT_OK
+    """``import`` lives with the other sneakernet commands in cmd_bundle."""
+    return cmd_bundle.cmd_import(args)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -169,15 +123,7 @@ def register(add: Adder) -> None:
         help="targets are never modified in place: hard-link unchanged files",
     )
 
-    sp = add(
-        "import",
-        cmd_import,
-        "verify a bundle directory (e.g. /media/usb), store it, optionally apply",
-        json_opt=True,
-        state=True,
-    )
-    sp.add_argument("src")
-    sp.add_argument("--apply", action="store_true", help="apply each newly imported release")
+    cmd_bundle.register_import(add)
 
     sp = add(
         "apply",

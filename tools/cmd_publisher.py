@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import keys
+from . import cmd_bundle, keys
 from .clibase import EXIT_OK, Adder, UsageError, now, out
+from .delta import source_for_node_at
 from .export import ReleaseSource, write_bundle
 from .progress import Progress
 from .publish import build_manifest, sign_and_write
@@ -71,6 +72,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         expires=_expiry(args.expires_days),
         platform=args.platform,
         hooks=hooks,
+        delta_depth=args.delta_depth,
     )
     sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
     doc = {
@@ -80,6 +82,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         "files": len(man.files),
         "bytes": man.total_size(),
         "chunks": len(man.chunk_digests()),
+        "deltas": len(man.deltas),
     }
     out(
         args,
@@ -93,6 +96,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    special = cmd_bundle.export_special(args)  # --request, --for, --state-dir
+    if special is not None:
+        return special
     repo = Repo(Path(args.repo))
     trusted = repo.trusted()
     comps = args.component or repo.components()
@@ -101,6 +107,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         serials = repo.serials(c)
         if not serials:
             raise RepoError(f"component {c!r} has no releases in {args.repo}")
+        if args.from_version is not None:  # only what a node at that version needs
+            sources.append(source_for_node_at(repo, c, args.from_version))
+            continue
         for serial in serials[-max(1, args.history) :]:
             man, env = trusted.verify_release(repo.release_bytes(c, serial), None, c)
             sources.append(ReleaseSource(man, env, man.blob_sizes()))
@@ -180,15 +189,24 @@ def register(add: Adder) -> None:
     sp.add_argument(
         "--hook", action="append", help="POINT=FILE.wasm (pre-apply, post-apply, health)"
     )
+    sp.add_argument(
+        "--delta-depth",
+        type=int,
+        metavar="N",
+        help="compute deltas from the previous N releases (default: the repo's setting, 2)",
+    )
 
     sp = add(
         "export",
         cmd_export,
-        "write a bundle (an OCI image layout) of REPO's newest releases into DEST",
+        "write a bundle (an OCI image layout) of REPO's newest releases into DEST; "
+        "with --state-dir from a node's own store; --request writes a node's request file, "
+        "--for cuts the smallest bundle for one",
         json_opt=True,
     )
-    sp.add_argument("repo")
-    sp.add_argument("dest")
+    sp.add_argument("repo", nargs="?", metavar="REPO", help="repository (omit with --state-dir)")
+    sp.add_argument("dest", nargs="?", metavar="DEST", help="bundle directory (e.g. /media/usb)")
+    cmd_bundle.add_export_options(sp)
     sp.add_argument("--component", action="append", help="only these components (default: all)")
     sp.add_argument(
         "--history",
@@ -196,4 +214,9 @@ def register(add: Adder) -> None:
         default=1,
         metavar="N",
         help="carry the newest N releases of each component (default 1)",
+    )
+    sp.add_argument(
+        "--from-version",
+        metavar="V",
+        help="carry only what a node at version V needs for the newest release (deltas)",
     )

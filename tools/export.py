@@ -1,26 +1,39 @@
 """Bundle export: write releases and their blobs as an OCI image layout.
 
-The bundle holds the whole root chain (so a node pinned to any older root can
+A full bundle holds the whole root chain (so a node pinned to any older root can
 walk forward), the newest release of each chosen component, and the blobs those
-releases need. Blobs go in first and ``index.json`` last, each written with
-temp + fsync + rename, so a stick pulled out mid-export holds either no index
-(refused as incomplete) or a complete bundle.
+releases need. A *minimal* bundle, cut for a site's request file, holds only
+the roots, releases and blobs that site lacks (``plan_for_request``) plus the
+request itself, so the site can tell the bundle was made for it.
+
+Writing is crash-safe and re-uses a stick: an old ``index.json`` is removed
+first, blobs go in (those already present are kept), blobs no longer referenced
+are deleted, and ``index.json`` is written last, each file with temp + fsync +
+rename. A stick pulled out mid-export therefore holds no index (refused as
+incomplete) or a complete bundle -- never a stale index naming missing blobs.
+
+Sources are a publisher's repository (``RepoSource``) or a node's state
+directory (``api.open_state_source``): anything with the ``ExportSource`` shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
-from p2pupd.daemon.api import BlobStore, atomic_write
+from p2pupd.daemon.api import BlobStore, NotFoundError, atomic_write
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
+from p2pupd.protocol.deltaplan import needed_blobs
+from p2pupd.protocol.errors import MixAndMatchError
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.request import Request, plan_for_request
 from p2pupd.protocol.trust import Envelope, Root
 
-from .repo import RepoError
+from .repo import Repo, RepoError
 
 
 @dataclass
@@ -28,6 +41,10 @@ class ExportReport:
     releases: list[tuple[str, str, int]] = field(default_factory=list)
     blobs: int = 0
     bytes: int = 0
+    blobs_in_bundle: int = 0
+    bytes_in_bundle: int = 0
+    notes: list[str] = field(default_factory=list)
+    for_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,76 +56,173 @@ class ReleaseSource:
     blobs: dict[bytes, int]
 
 
+class BlobSource(Protocol):
+    def open(self, digest: bytes) -> BinaryIO: ...
+
+
+class ExportSource(BlobSource, Protocol):
+    """Where releases come from: a repository or a node's state directory."""
+
+    @property
+    def repository(self) -> str: ...
+
+    def roots(self) -> dict[int, bytes]: ...
+
+    def components(self) -> list[str]: ...
+
+    def serials(self, component: str) -> list[int]: ...
+
+    def release(self, component: str, serial: int) -> tuple[Manifest, Envelope] | None: ...
+
+    def has_blob(self, digest: bytes) -> bool: ...
+
+
+class RepoSource:
+    """A publisher's repository as an ``ExportSource`` (releases re-verified)."""
+
+    def __init__(self, repo: Repo) -> None:
+        self.repo = repo
+        self.trusted = repo.trusted()
+        self.store = repo.store
+
+    @property
+    def repository(self) -> str:
+        return self.trusted.root.name
+
+    def roots(self) -> dict[int, bytes]:
+        return self.repo.roots()
+
+    def components(self) -> list[str]:
+        return self.repo.components()
+
+    def serials(self, component: str) -> list[int]:
+        return self.repo.serials(component)
+
+    def release(self, component: str, serial: int) -> tuple[Manifest, Envelope] | None:
+        if serial not in self.repo.serials(component):
+            return None
+        return self.trusted.verify_release(
+            self.repo.release_bytes(component, serial), None, component
+        )
+
+    def has_blob(self, digest: bytes) -> bool:
+        return self.store.has(digest)
+
+    def open(self, digest: bytes) -> BinaryIO:
+        return self.store.open(digest)
+
+
+def full_releases(
+    source: ExportSource, components: Iterable[str], history: int, notes: list[str]
+) -> list[ReleaseSource]:
+    """Return the newest ``history`` releases of each component the source can supply whole.
+
+    Each carries its chunks and hooks (no patches: the receiving node's
+    versions are unknown). A newer release missing blobs here is skipped with
+    a note; raises ``RepoError`` for a component with no usable release.
+    """
+    out: list[ReleaseSource] = []
+    for comp in components:
+        picked: list[ReleaseSource] = []
+        for serial in sorted(source.serials(comp), reverse=True):
+            found = source.release(comp, serial)
+            if found is None:
+                continue
+            man, env = found
+            blobs = needed_blobs(replace(man, deltas=()), [], lambda _d: False)
+            if not all(source.has_blob(d) for d in blobs):
+                notes.append(f"{comp} {man.version}: not complete here, not exported")
+                continue
+            picked.append(ReleaseSource(man, env, blobs))
+            if len(picked) >= max(1, history):
+                break
+        if not picked:
+            raise RepoError(f"component {comp!r} has no complete release to export")
+        out.extend(reversed(picked))
+    return out
+
+
 def write_bundle(
     dest: Path,
     roots: dict[int, bytes],
     releases: Iterable[ReleaseSource],
-    source: BlobStore,
+    source: BlobSource,
     progress: Callable[[int], None] | None = None,
+    *,
+    request: bytes | None = None,
 ) -> ExportReport:
-    """Write a bundle into ``dest`` (created if needed). See module doc."""
+    """Write a bundle into ``dest`` (created if needed). See module doc.
+
+    ``request``, the signed request file a minimal bundle was cut for, is
+    carried as a request artifact. Raises ``RepoError``/``NotFoundError`` for
+    a blob the source lacks, ``StorageError`` for write errors.
+    """
     report = ExportReport()
+    dest.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (dest / "index.json").unlink()  # a stale index must never outlive its blobs
     out = BlobStore(dest)
     index: list[oci.Descriptor] = []
+    keep: set[bytes] = set()
 
-    def put_doc(data: bytes) -> oci.Descriptor:
+    def put_doc(data: bytes, media_type: str, ann: dict[str, str] | None = None) -> oci.Descriptor:
         dg = out.put_bytes(data)
-        return oci.Descriptor("", dg, len(data), {})
+        keep.add(dg)
+        return oci.Descriptor(media_type, dg, len(data), ann or {})
 
-    root_layers = []
-    for v in sorted(roots):
-        d = put_doc(roots[v])
-        Root.from_value(encoding.decode(Envelope.decode(roots[v], limits.MAX_ROOT_BYTES).payload))
-        root_layers.append(
-            oci.Descriptor(
-                oci.ROOT_MEDIA_TYPE, d.digest, d.size, {oci.ANNOTATION_ROOT_VERSION: str(v)}
+    def put_artifact(art: oci.Artifact, ann: dict[str, str]) -> None:
+        d = put_doc(oci.build_artifact(art), oci.MANIFEST_MEDIA_TYPE, ann)
+        index.append(d)
+
+    put_doc(oci.EMPTY_JSON, oci.EMPTY_MEDIA_TYPE)
+    if roots:
+        layers = []
+        for v in sorted(roots):
+            env = Envelope.decode(roots[v], limits.MAX_ROOT_BYTES)
+            Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
+            layers.append(
+                put_doc(roots[v], oci.ROOT_MEDIA_TYPE, {oci.ANNOTATION_ROOT_VERSION: str(v)})
             )
+        put_artifact(
+            oci.Artifact(oci.TRUST_ARTIFACT, tuple(layers), {}), {oci.ANNOTATION_REF_NAME: "trust"}
         )
-    art = oci.build_artifact(oci.Artifact(oci.TRUST_ARTIFACT, tuple(root_layers), {}))
-    index.append(_manifest_desc(put_doc(art), {"org.opencontainers.image.ref.name": "trust"}))
+    if request is not None:
+        layer = put_doc(request, oci.REQUEST_MEDIA_TYPE)
+        put_artifact(
+            oci.Artifact(oci.REQUEST_ARTIFACT, (layer,), {}), {oci.ANNOTATION_REF_NAME: "request"}
+        )
 
     for rel in releases:
         man = rel.manifest
-        env_bytes = rel.envelope.encode()
-        env_d = put_doc(env_bytes)
-        layers = [oci.Descriptor(oci.RELEASE_MEDIA_TYPE, env_d.digest, env_d.size, {})]
-        hooks = {h.sha256 for h in man.hooks.values()}
-        patches = {d.patch for d in man.deltas}
+        layers = [put_doc(rel.envelope.encode(), oci.RELEASE_MEDIA_TYPE)]
+        types = oci.layer_media_types(man)
         for dg, size in sorted(rel.blobs.items()):
+            keep.add(dg)
             if not out.has(dg):
                 try:
                     with source.open(dg) as f:
-                        n = out.put_stream(f, dg, size)
-                except FileNotFoundError:
+                        n = out.put_stream(f, dg, size, progress)
+                except NotFoundError:
                     raise RepoError(
-                        f"blob {ids.hexd(dg)[:16]} of {man.component} is missing"
+                        f"blob {ids.hexd(dg)[:16]} of {man.component} {man.version} is missing"
                     ) from None
                 report.blobs += 1
                 report.bytes += n
-                if progress:
-                    progress(n)
-            mt = (
-                oci.HOOK_MEDIA_TYPE
-                if dg in hooks
-                else oci.PATCH_MEDIA_TYPE
-                if dg in patches
-                else oci.CHUNK_MEDIA_TYPE
-            )
-            layers.append(oci.Descriptor(mt, dg, size, {}))
+            layers.append(oci.Descriptor(types.get(dg, oci.CHUNK_MEDIA_TYPE), dg, size, {}))
+            report.blobs_in_bundle += 1
+            report.bytes_in_bundle += size
         ann = {
             oci.ANNOTATION_COMPONENT: man.component,
             oci.ANNOTATION_VERSION: man.version,
             oci.ANNOTATION_SERIAL: str(man.serial),
         }
-        art = oci.build_artifact(oci.Artifact(oci.RELEASE_ARTIFACT, tuple(layers), ann))
-        index.append(
-            _manifest_desc(
-                put_doc(art),
-                {**ann, "org.opencontainers.image.ref.name": f"{man.component}-{man.serial}"},
-            )
+        put_artifact(
+            oci.Artifact(oci.RELEASE_ARTIFACT, tuple(layers), ann),
+            {**ann, oci.ANNOTATION_REF_NAME: f"{man.component}-{man.serial}"},
         )
         report.releases.append((man.component, man.version, man.serial))
 
+    out.gc(keep)  # blobs of an earlier bundle in the same place: importers refuse extras
     out.clean_tmp()
     with contextlib.suppress(OSError):
         (dest / "tmp").rmdir()  # the writer's scratch dir is not part of the layout
@@ -117,5 +231,67 @@ def write_bundle(
     return report
 
 
-def _manifest_desc(d: oci.Descriptor, ann: dict[str, str]) -> oci.Descriptor:
-    return oci.Descriptor(oci.MANIFEST_MEDIA_TYPE, d.digest, d.size, ann)
+def releases_for_request(
+    source: ExportSource, req: Request, *, use_deltas: bool = True
+) -> tuple[list[ReleaseSource], dict[int, bytes], list[str]]:
+    """Return (releases, roots, notes) of the smallest bundle for ``req``'s node.
+
+    Raises ``MixAndMatchError`` if the node trusts another repository and
+    ``RepoError`` if a blob the plan needs is missing from the source.
+    """
+    cache: dict[tuple[str, int], tuple[Manifest, Envelope] | None] = {}
+
+    def get(component: str, serial: int) -> tuple[Manifest, Envelope] | None:
+        if (component, serial) not in cache:
+            cache[component, serial] = source.release(component, serial)
+        return cache[component, serial]
+
+    def lookup(component: str, serial: int) -> tuple[Manifest, bytes] | None:
+        found = get(component, serial)
+        return None if found is None else (found[0], found[1].payload_digest())
+
+    all_roots = source.roots()
+    digests = {
+        v: Envelope.decode(d, limits.MAX_ROOT_BYTES).payload_digest() for v, d in all_roots.items()
+    }
+    plan = plan_for_request(
+        req, source.repository, source.serials, lookup, digests, use_deltas=use_deltas
+    )
+    out: list[ReleaseSource] = []
+    for p in plan.releases:
+        man = p.manifest
+        found = get(man.component, man.serial)
+        assert found is not None  # the plan only names releases lookup found
+        missing = [d for d in p.blobs if not source.has_blob(d)]
+        if missing:
+            raise RepoError(
+                f"{len(missing)} blob(s) of {man.component} {man.version} are missing here"
+            )
+        out.append(ReleaseSource(man, found[1], p.blobs))
+    return out, {v: all_roots[v] for v in plan.roots}, plan.notes
+
+
+def check_node_key(known_dir: Path, req: Request) -> bool:
+    """Trust a node's key on first use; refuse a request whose key changed.
+
+    Records ``known_dir/<node id>.pub`` the first time a node is seen (returns
+    True). Raises ``MixAndMatchError`` if the node id is known under another
+    key: the request is from another node, or the node was re-initialised
+    (then delete that file to accept the new key).
+    """
+    path = known_dir / f"{req.node_id.hex()}.pub"
+    try:
+        known = path.read_text().strip()
+    except FileNotFoundError:
+        known_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (req.node_key.hex() + "\n").encode())
+        return True
+    except OSError as exc:
+        raise RepoError(f"cannot read {path}: {exc.strerror}") from None
+    if known != req.node_key.hex():
+        raise MixAndMatchError(
+            f"request claims node {req.node_id.hex()[:12]} but is signed by key "
+            f"{req.key_id[:12]}, not the key this publisher knows for that node "
+            f"(another node's request, or the node was re-initialised: then remove {path})"
+        )
+    return False

@@ -61,9 +61,17 @@ class Progress:
             if t - self._last >= PLAIN_INTERVAL_S:
                 self._last = t
                 rate = self.done / max(t - self._start, 1e-9)
+                pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+                eta = (
+                    f", ETA {max(0.0, self.total - self.done) / rate:.0f} s"
+                    if rate > 0 and self.total
+                    else ""
+                )
                 print(
-                    f"{self.label}: {self.done}/{self.total} bytes, {rate / 1e6:.1f} MB/s",
+                    f"{self.label}: {self.done}/{self.total} bytes{pct}, "
+                    f"{rate / 1e6:.1f} MB/s{eta}",
                     file=sys.stderr,
+                    flush=True,
                 )
 
     def __exit__(

@@ -1,8 +1,10 @@
 """Publishing: a source tree becomes a signed release in the repository.
 
 tree -> walk (lstat only, hostile names refused) -> chunks into the repo's blob
-store -> (deltas against previous releases, see delta.py) -> manifest with
-serial = previous + 1 -> signed by the release keys -> written atomically.
+store -> deltas against the previous N releases of the same component and
+platform (N = ``--delta-depth``, default the repository's setting, 2; see
+delta.py) -> manifest with serial = previous + 1 -> signed by the release keys
+-> written atomically.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from p2pupd.protocol.manifest import (
 )
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 
+from .delta import DeltaMaker
 from .repo import Repo, RepoError
 
 
@@ -110,8 +113,15 @@ def build_manifest(
     platform: str | None = None,
     hooks: dict[str, Path] | None = None,
     progress: Callable[[str], None] | None = None,
+    delta_depth: int | None = None,
+    delta_workers: int | None = None,
 ) -> Manifest:
-    """Return the (unsigned) manifest for ``src`` as the next serial of ``component``."""
+    """Return the (unsigned) manifest for ``src`` as the next serial of ``component``.
+
+    ``delta_depth`` (default: the repository's setting) is how many previous
+    releases get deltas; 0 publishes chunks only. Raises ``RepoError``,
+    ``UnsafePathError``.
+    """
     ids.check_component(component)
     ids.check_version_label(version)
     if platform is not None:
@@ -133,6 +143,11 @@ def build_manifest(
         hook_refs[point] = HookRef(store.put_bytes(data), len(data))
     serial = next_serial(repo, component)
     f, s, d = sort_entries(files, tree.symlinks, tree.dirs)
+    depth = repo.settings().delta_depth if delta_depth is None else delta_depth
+    if depth < 0:
+        raise RepoError(f"delta depth must be 0 or more, got {depth}")
+    previous = previous_releases(repo, component, platform, depth)
+    deltas = DeltaMaker(store, previous, delta_workers, progress).compute(f)
     return Manifest(
         component=component,
         version=version,
@@ -144,7 +159,25 @@ def build_manifest(
         expires=expires,
         platform=platform,
         hooks=hook_refs,
+        deltas=deltas,
     )
+
+
+def previous_releases(
+    repo: Repo, component: str, platform: str | None, depth: int
+) -> list[Manifest]:
+    """Return up to ``depth`` newest releases of ``component`` for ``platform``, newest first.
+
+    Each is verified with the repository's root, like any release a node reads.
+    """
+    out: list[Manifest] = []
+    for serial in reversed(repo.serials(component)):
+        if len(out) >= depth:
+            break
+        man, _env = repo.release(component, serial)
+        if man.platform == platform:
+            out.append(man)
+    return out
 
 
 def next_serial(repo: Repo, component: str) -> int:

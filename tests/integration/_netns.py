@@ -11,6 +11,7 @@ the namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -51,16 +52,20 @@ class Host:
     def cmd(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *argv]
 
-    def run(self, argv: Sequence[str], timeout: float = 60, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout,
-                              env=env, check=False)
+    def run(
+        self, argv: Sequence[str], timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.cmd(argv), capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
 
-    def spawn(self, argv: Sequence[str], log_path: str, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: Sequence[str], log_path: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the process record
-        p = subprocess.Popen(self.cmd(argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            self.cmd(argv), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         self.procs.append(p)
         return p
@@ -109,8 +114,21 @@ class Lan:
     def shape(self, host: Host, rate: str) -> None:
         """Cap ``host``'s egress and ingress at ``rate`` (e.g. ``"40mbit"``) with tc."""
         for dev, ns in (("eth0", host.ns), (host.veth, None)):
-            argv = ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-                    "burst", "64kb", "latency", "50ms"]
+            argv = [
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                "50ms",
+            ]
             if ns:
                 argv = ["ip", "netns", "exec", ns, *argv]
             subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30)
@@ -119,18 +137,14 @@ class Lan:
         for h in self.hosts:
             for p in h.procs:
                 if p.poll() is None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     p.wait(timeout=10)
             # Anything else still running inside the namespace.
             r = _ip("netns", "pids", h.ns, check=False)
             for pid in r.stdout.split():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
             _ip("link", "del", h.veth, check=False)
             _ip("netns", "del", h.ns, check=False)
         _ip("link", "del", self.bridge, check=False)

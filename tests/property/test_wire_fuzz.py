@@ -22,15 +22,20 @@ from p2pupd.protocol.wire import (
     MAX_SERIAL,
     Announce,
     AnnounceEntry,
+    BlobRangeData,
+    BlobRangeRequest,
     Bye,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
     Error,
     FrameDecoder,
+    Have,
     Hello,
     ManifestData,
     ManifestMissing,
+    ManifestRangeData,
+    ManifestRangeRequest,
     ManifestRequest,
     Message,
     RootData,
@@ -75,6 +80,20 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(RootMissing, request_id),
     st.builds(Bye, text),
     st.builds(Error, st.integers(0, 65535), text),
+    st.builds(BlobRangeRequest, request_id, digest, st.integers(0, 1 << 30), st.integers(1, 4096)),
+    st.builds(BlobRangeData, request_id, digest, st.integers(0, 1 << 30), blob),
+    st.builds(
+        ManifestRangeRequest,
+        request_id,
+        component,
+        serial,
+        st.integers(0, 1 << 20),
+        st.integers(1, 4096),
+    ),
+    st.builds(
+        ManifestRangeData, request_id, st.integers(0, 1 << 20), st.integers(0, 1 << 20), blob
+    ),
+    st.builds(Have, component, serial, st.booleans(), st.lists(digest, max_size=4).map(tuple)),
 )
 
 # Well-formed msgpack of arbitrary shape: exercises the schema checks rather

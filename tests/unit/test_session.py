@@ -23,16 +23,22 @@ from p2pupd.protocol.session import (
     verify_chunk,
 )
 from p2pupd.protocol.wire import (
+    FEATURE_HAVE,
+    FEATURE_RANGE,
     MAGIC,
+    MAX_RANGE_BYTES,
     Announce,
+    BlobRangeData,
     Bye,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
     Error,
+    Have,
     Hello,
     ManifestData,
     ManifestMissing,
+    ManifestRangeData,
     ManifestRequest,
     Message,
     RootData,
@@ -42,6 +48,7 @@ from p2pupd.protocol.wire import (
 
 A_ID = b"A" * 16
 B_ID = b"B" * 16
+D = b"\x05" * 32
 
 
 class Pair:
@@ -349,3 +356,91 @@ def test_request_helpers_validate() -> None:
         session.request_chunk(b"short")
     assert encoding.decode(session.send_hello()[4:])[0] == Hello.TYPE
     assert isinstance(session.request_root(1), RootRequest)
+
+
+# ----- Hello features: ranged transfers and Have ---------------------------------------
+
+FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE})
+
+
+def featured_pair(a_features: frozenset[str] = FEATURES, b_features: frozenset[str] = FEATURES):  # type: ignore[no-untyped-def]
+    pair = Pair()
+    pair.a = Session(A_ID, "site", 7000, a_features)
+    pair.b = Session(B_ID, "site", 7001, b_features)
+    pair.handshake()
+    return pair
+
+
+def test_ranged_blob_transfer_round_trip() -> None:
+    pair = featured_pair()
+    assert pair.a.supports(FEATURE_RANGE) and pair.b.supports(FEATURE_HAVE)
+    req = pair.a.request_blob_range(D, 1 << 22, 1 << 30)  # length clipped to a frame
+    assert req.length == MAX_RANGE_BYTES
+    assert pair.send(pair.a, req) == [req, NEED_DATA]
+    data = BlobRangeData(req.request_id, D, req.offset, b"piece")
+    assert pair.send(pair.b, data) == [data, NEED_DATA]
+    miss_req = pair.a.request_blob_range(D, 0, 10)
+    pair.send(pair.a, miss_req)
+    miss = ChunkMissing(miss_req.request_id, D)
+    assert pair.send(pair.b, miss) == [miss, NEED_DATA]  # ChunkMissing answers ranges too
+    assert not pair.a.outstanding
+
+
+def test_ranged_manifest_transfer_round_trip() -> None:
+    pair = featured_pair()
+    req = pair.a.request_manifest_range("app", 2, 5, 4)
+    pair.send(pair.a, req)
+    piece = ManifestRangeData(req.request_id, 5, 9, b"abcd")
+    assert pair.send(pair.b, piece) == [piece, NEED_DATA]
+    req2 = pair.a.request_manifest_range("app", 2, 0)
+    pair.send(pair.a, req2)
+    assert pair.send(pair.b, ManifestMissing(req2.request_id))[0] == ManifestMissing(
+        req2.request_id
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda rid: BlobRangeData(rid, D, 99, b"x"),  # other offset
+        lambda rid: BlobRangeData(rid, b"\x07" * 32, 0, b"x"),  # other blob
+        lambda rid: BlobRangeData(rid, D, 0, b"x" * 11),  # longer than asked
+        lambda rid: ChunkData(rid, D, b"x"),  # whole-blob answer to a range
+    ],
+)
+def test_bad_range_answers_are_remote_errors(answer) -> None:  # type: ignore[no-untyped-def]
+    pair = featured_pair()
+    req = pair.a.request_blob_range(D, 0, 10)
+    pair.send(pair.a, req)
+    pair.a.receive_data(encode_message(answer(req.request_id)))
+    with pytest.raises(RemoteProtocolError):
+        drain(pair.a)
+
+
+def test_manifest_piece_past_its_total_is_a_remote_error() -> None:
+    pair = featured_pair()
+    req = pair.a.request_manifest_range("app", 2, 8, 100)
+    pair.send(pair.a, req)
+    pair.a.receive_data(encode_message(ManifestRangeData(req.request_id, 8, 9, b"xy")))
+    with pytest.raises(RemoteProtocolError, match="total"):
+        drain(pair.a)
+
+
+def test_feature_messages_need_both_sides() -> None:
+    pair = featured_pair(b_features=frozenset())
+    assert not pair.a.supports(FEATURE_HAVE)
+    with pytest.raises(LocalProtocolError, match="feature"):
+        pair.a.send(Have("app", 1, True))
+    with pytest.raises(LocalProtocolError, match="feature"):
+        pair.a.send(pair.a.request_blob_range(D, 0, 1))
+    # b never offered "have": a Have arriving anyway is the peer's fault.
+    pair.b.receive_data(encode_message(Have("app", 1, True)))
+    with pytest.raises(RemoteProtocolError, match="not offered"):
+        drain(pair.b)
+
+
+def test_have_flows_both_ways_once_open() -> None:
+    pair = featured_pair()
+    msg = Have("app", 3, False, (D,))
+    assert pair.send(pair.a, msg) == [msg, NEED_DATA]
+    assert pair.send(pair.b, Have("app", 3, True)) == [Have("app", 3, True), NEED_DATA]

@@ -14,18 +14,27 @@ from p2pupd.protocol.errors import (
 )
 from p2pupd.protocol.wire import (
     MAGIC,
+    MAX_HAVE_DIGESTS,
     MAX_PAYLOAD_BYTES,
+    MAX_RANGE_BYTES,
+    MAX_REQUEST_ID,
+    MAX_SERIAL,
     Announce,
     AnnounceEntry,
+    BlobRangeData,
+    BlobRangeRequest,
     Bye,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
     Error,
     FrameDecoder,
+    Have,
     Hello,
     ManifestData,
     ManifestMissing,
+    ManifestRangeData,
+    ManifestRangeRequest,
     ManifestRequest,
     Message,
     RootData,
@@ -55,6 +64,12 @@ EXAMPLES: list[Message] = [
     Bye("shutting down"),
     Bye(),
     Error(400, "bad request"),
+    BlobRangeRequest(10, D1, 4 * limits.MiB, limits.MiB),
+    BlobRangeData(11, D1, 4 * limits.MiB, b"piece"),
+    ManifestRangeRequest(12, "app", 3, 0, MAX_RANGE_BYTES),
+    ManifestRangeData(13, 0, 9, b"first"),
+    Have("app", 3, True),
+    Have("app", 3, False, (D1, D2)),
 ]
 
 
@@ -73,7 +88,7 @@ def test_round_trip(msg: Message) -> None:
 
 def test_type_codes_are_unique() -> None:
     codes = {type(m).TYPE for m in EXAMPLES}
-    assert len(codes) == len({type(m) for m in EXAMPLES}) == 13
+    assert len(codes) == len({type(m) for m in EXAMPLES}) == 18
 
 
 def test_hello_create_uses_our_magic_and_version() -> None:
@@ -109,6 +124,15 @@ def test_announce_from_holdings_is_sorted() -> None:
         lambda: Announce((("b", 1, D1), ("a", 1, D2))),  # unsorted
         lambda: Announce((("a", 1, D1), ("a", 2, D2))),  # duplicate component
         lambda: Announce((("a", 1),)),  # type: ignore[arg-type]
+        lambda: BlobRangeRequest(1, D1, 0, 0),  # empty range
+        lambda: BlobRangeRequest(1, D1, 0, MAX_RANGE_BYTES + 1),
+        lambda: BlobRangeRequest(1, D1, limits.MAX_BLOB_BYTES + 1, 1),
+        lambda: BlobRangeData(1, D1, 0, b"x" * (MAX_RANGE_BYTES + 1)),
+        lambda: ManifestRangeData(1, 0, limits.MAX_MANIFEST_BYTES + 1, b""),
+        lambda: Have("app", 1, 1, ()),  # type: ignore[arg-type]
+        lambda: Have("app", 1, False, [D1]),  # type: ignore[arg-type]
+        lambda: Have("app", 1, False, (b"short",)),
+        lambda: Have("app", 1, False, (D1,) * (MAX_HAVE_DIGESTS + 1)),
     ],
 )
 def test_invalid_fields_refused_on_construction(build: object) -> None:
@@ -139,6 +163,9 @@ def test_plain_tuples_are_normalised_to_entries() -> None:
         ([1, MAGIC, 1, NODE, "c", 0, ["b", "a"]], SchemaError),  # unsorted features
         ([1, MAGIC, 1, NODE, "c", 0, [["x"]]], SchemaError),  # unhashable feature
         ([1, MAGIC, 1, NODE, "c", 0, ["a", 1]], SchemaError),  # mixed types
+        ([18, "app", 1, False, D1], SchemaError),  # Have digests not a list
+        ([18, "app", 1, 0, []], SchemaError),  # Have complete not a bool
+        ([14, 1, D1, 0], SchemaError),  # range request without length
     ],
 )
 def test_bad_bodies_raise_schema_error(value: object, error: type[Exception]) -> None:
@@ -242,3 +269,10 @@ def test_eof_at_boundary_is_clean_and_feeding_after_it_is_our_bug() -> None:
 def test_encode_refuses_non_messages() -> None:
     with pytest.raises(LocalProtocolError):
         encode_message("hello")  # type: ignore[arg-type]
+
+
+def test_largest_range_piece_fits_in_a_frame() -> None:
+    msg = BlobRangeData(MAX_REQUEST_ID, D1, limits.MAX_BLOB_BYTES, b"x" * MAX_RANGE_BYTES)
+    assert len(encode_message(msg)) <= limits.MAX_FRAME_BYTES + 4
+    have = Have("a" * 64, MAX_SERIAL, False, (D1,) * MAX_HAVE_DIGESTS)
+    assert len(encode_message(have)) <= limits.MAX_FRAME_BYTES + 4

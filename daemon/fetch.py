@@ -1,0 +1,402 @@
+"""Fetching a release's blobs from several peers at once (drives ``protocol.planner``).
+
+Theory of operation
+-------------------
+One ``ReleaseFetch`` per component, for the newest accepted release; a newer
+accepted release replaces it (blobs already stored count for the new one).
+
+1. *What is missing*: ``accept.needed_for`` -- ``deltaplan.needed_blobs``, the
+   cheapest path given the versions on disk and the store. So a restart
+   resumes from what is stored, and an empty answer means complete.
+2. *Who has what*: peers that speak "have" tell us with ``Have`` messages
+   which blobs of the release they can serve (all of them, or a list that
+   grows as their own fetch proceeds); peers that do not are assumed to hold
+   everything of a release they announce. We send our own ``Have`` to every
+   peer when a fetch starts and to each peer that joins, answer a peer's
+   first ``Have`` for a release with ours, and tell peers that are fetching
+   the same release about each blob we store (batched every
+   ``COMMIT_SECONDS``). Fetching nodes thus serve each other instead of
+   all pulling from the first node that had the release.
+3. *Plan*: the pure ``FetchPlanner`` picks (peer, blob) pairs -- rarest first,
+   per-peer cap, reassignment on timeout -- and each pair becomes a task:
+   ``blobxfer`` moves the blob (one ``ChunkRequest``, or ranged pieces for one
+   larger than a frame). Every blob is hash-checked before it is written
+   (``Landing.put``, ``BlobStore.put_stream``); landed blobs are made durable
+   and moved into the store in batches (``landing``), at the latest before
+   the release counts as complete.
+   A mismatch bans and disconnects the peer; a peer that does not answer
+   within ``hard_timeout`` is disconnected; ChunkMissing just steers the
+   planner elsewhere.
+4. *Done*: ``Lifecycle.release_complete`` announces the release and, for
+   an ``auto_apply`` component, applies it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pupd.protocol import limits
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.planner import FetchPlanner
+from p2pupd.protocol.wire import (
+    FEATURE_HAVE,
+    FEATURE_RANGE,
+    MAX_HAVE_DIGESTS,
+    MAX_PAYLOAD_BYTES,
+    Announce,
+    Have,
+)
+
+from .accept import needed_for
+from .blobxfer import get_ranged, get_whole
+from .errors import DaemonError
+from .events import log
+from .landing import Landing
+from .transport import PeerConnection, TransferError
+
+if TYPE_CHECKING:
+    from .core import NodeService
+
+PER_PEER_CAP = 14  # of the session's 16 in flight; the rest is for manifest and root requests
+COMMIT_SECONDS = 0.25  # landed blobs are flushed, stored and announced in batches
+IDLE_SECONDS = 5.0
+BATCH_SECONDS = 0.001
+RETRY_SECONDS = 30.0
+# A blob up to this size goes in one ChunkData frame (room for the envelope).
+SINGLE_FRAME_BYTES = MAX_PAYLOAD_BYTES - 4 * limits.KiB
+
+
+@dataclass
+class Received:
+    """What arrived for one release: shown by ``status --json``."""
+
+    serial: int
+    bytes: int = 0
+    blobs: int = 0
+    by_peer: dict[str, int] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "bytes": self.bytes,
+            "blobs": self.blobs,
+            "from": self.by_peer,
+        }
+
+
+@dataclass
+class ReleaseFetch:
+    man: Manifest
+    digest: bytes
+    have: set[bytes] = field(default_factory=set)  # blobs of the release we can serve
+    needed: dict[bytes, int] | None = None
+    planner: FetchPlanner[bytes] | None = None
+    # Haves that arrived before the planner existed: peer -> (complete, digests).
+    early: dict[bytes, tuple[bool, set[bytes]]] = field(default_factory=dict)
+    wake: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.man.component, self.man.serial)
+
+
+class FetchManager:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        core: NodeService,
+        rng: random.Random,
+        *,
+        request_timeout: float,
+        hard_timeout: float,
+        ban_seconds: float,
+    ) -> None:
+        self.core = core
+        self._rng = rng
+        self._request_timeout = request_timeout
+        self._hard_timeout = hard_timeout
+        self._ban_seconds = ban_seconds
+        self.active: dict[str, ReleaseFetch] = {}
+        self.received: dict[str, Received] = {}
+        self._interested: dict[tuple[str, int], set[bytes]] = {}  # peers fetching it
+        self._heard: set[tuple[bytes, str, int]] = set()  # (peer, release) that sent us a Have
+        self._pending: dict[tuple[str, int], list[bytes]] = {}  # Have updates to send
+        self._commit_wanted = trio.Event()
+        self.landing = Landing(core.node.root, core.node.store)
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run fetches and the batched commits (and Have updates) until cancelled."""
+        await self.core.offload(self.landing.clear)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await self._commit_wanted.wait()
+                await trio.sleep(COMMIT_SECONDS)  # batch what lands meanwhile
+                self._commit_wanted = trio.Event()
+                await self.commit()
+
+    def start(self, man: Manifest, digest: bytes) -> None:
+        """Fetch what ``man`` still needs (replacing an older fetch of its component)."""
+        old = self.active.get(man.component)
+        if old is not None:
+            if old.man.serial >= man.serial:
+                return
+            old.scope.cancel()
+        rf = ReleaseFetch(man, digest)
+        self.active[man.component] = rf
+        self.received[man.component] = Received(man.serial)
+        for key in [k for k in self._interested if k[0] == man.component and k[1] < man.serial]:
+            del self._interested[key]
+        assert self._nursery is not None, "FetchManager.serve is not running"
+        self._nursery.start_soon(self._run, rf)
+
+    # ----- the fetch -----------------------------------------------------------
+
+    async def _run(self, rf: ReleaseFetch) -> None:
+        c = rf.man.component
+        with rf.scope:
+            while True:
+                try:
+                    await self._fetch(rf)
+                    break
+                except DaemonError as exc:  # our store failed (full disk, I/O)
+                    log(
+                        "fetch-failed",
+                        component=c,
+                        serial=rf.man.serial,
+                        reason=str(exc),
+                        retry_in=RETRY_SECONDS,
+                    )
+                    await trio.sleep(RETRY_SECONDS)
+            if self.active.get(c) is rf:
+                del self.active[c]
+            await self.core.lifecycle.release_complete(rf.man, rf.digest)
+
+    async def _fetch(self, rf: ReleaseFetch) -> None:
+        node = self.core.node
+        while needed := await self.core.offload(lambda: needed_for(node, rf.man)):
+            rf.needed = needed
+            _, have = await self.core.offload(lambda: self.core.content.servable(rf.man))
+            rf.have = set(have)
+            planner: FetchPlanner[bytes] = FetchPlanner(
+                needed,
+                self._rng,
+                per_peer_cap=PER_PEER_CAP,
+                request_timeout=self._request_timeout,
+                ban_seconds=self._ban_seconds,
+            )
+            rf.planner = planner
+            for peer, (complete, digests) in rf.early.items():
+                if complete:
+                    planner.peer_has_all(peer)
+                else:
+                    planner.peer_has(peer, digests)
+            rf.early.clear()
+            for conn in list(self.core.conns.values()):
+                self._use_announce(rf, conn)
+                self._tell(conn, rf.key)
+            log(
+                "fetch-started",
+                component=rf.man.component,
+                version=rf.man.version,
+                serial=rf.man.serial,
+                blobs=len(needed),
+                bytes=sum(needed.values()),
+            )
+            async with trio.open_nursery() as nursery:
+                while not planner.done:
+                    now = trio.current_time()
+                    for peer, digest in planner.next_requests(now):
+                        nursery.start_soon(self._get, rf, peer, digest)
+                    deadline = planner.next_deadline()
+                    wait = IDLE_SECONDS if deadline is None else min(IDLE_SECONDS, deadline - now)
+                    with trio.move_on_after(max(wait, 0.001)):
+                        await rf.wake.wait()
+                    # Let a few more answers arrive, so the next requests leave in
+                    # one write instead of one small send (a syscall) per chunk.
+                    await trio.sleep(BATCH_SECONDS)
+                    rf.wake = trio.Event()
+                nursery.cancel_scope.cancel()  # late duplicates of reassigned requests
+            await self.commit()  # durable before the release can count as complete
+
+    async def _get(self, rf: ReleaseFetch, peer: bytes, digest: bytes) -> None:
+        planner, needed = rf.planner, rf.needed
+        assert planner is not None and needed is not None
+        conn = self.core.conns.get(peer)
+        size = needed[digest]
+        try:
+            if conn is None:
+                raise TransferError("peer left")
+            offload, timeout = self.core.offload, self._hard_timeout
+            if size <= SINGLE_FRAME_BYTES:
+                got = await get_whole(conn, digest, size, self.landing, timeout)
+            elif conn.session.supports(FEATURE_RANGE):
+                store = self.core.node.store
+                got = await get_ranged(conn, digest, size, store, offload, timeout)
+                if got:
+                    self._committed([digest])  # streamed straight into the store
+            else:
+                got = None
+        except TransferError as exc:
+            planner.remove_peer(peer)
+            if conn is not None and not conn.closed:
+                conn.close(f"request failed: {exc}")
+            rf.wake.set()
+            return
+        now = trio.current_time()
+        if got is None:
+            planner.on_chunk_missing(peer, digest, now)
+        else:
+            planner.on_chunk_received(peer, digest, got, now)
+            if got:
+                self._received(rf, peer, size)
+            else:
+                self.core.ban(peer, f"blob {digest.hex()[:16]} failed its hash check")
+        rf.wake.set()
+
+    def _received(self, rf: ReleaseFetch, peer: bytes, size: int) -> None:
+        self._commit_wanted.set()
+        rec = self.received.setdefault(rf.man.component, Received(rf.man.serial))
+        rec.bytes += size
+        rec.blobs += 1
+        rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size
+        info = self.core.peers.get(peer)
+        if info is not None:
+            info.blobs_in += 1
+
+    async def commit(self) -> None:
+        """Make landed blobs durable and store them, then tell interested peers."""
+        self._committed(await self.core.offload(self.landing.commit))
+
+    def _committed(self, digests: list[bytes]) -> None:
+        for rf in self.active.values():
+            if rf.needed is None:
+                continue
+            new = [d for d in digests if d in rf.needed]
+            rf.have.update(new)
+            if new and self._interested.get(rf.key):
+                self._pending.setdefault(rf.key, []).extend(new)
+        self._send_pending()
+
+    # ----- who has what ----------------------------------------------------------
+
+    def on_have(self, conn: PeerConnection, msg: Have) -> None:
+        """A peer told us what it can serve of (component, serial)."""
+        key, peer = (msg.component, msg.serial), conn.node_id
+        rf = self.active.get(msg.component)
+        fetching = rf is not None and rf.man.serial == msg.serial
+        holding = self.core.gossip.holdings.get(msg.component, (0, b""))[0] == msg.serial
+        if not (fetching or holding):
+            return  # a release we do not know (yet): our own Have will ask later
+        if not msg.complete:
+            self._interested.setdefault(key, set()).add(peer)
+        first = (peer, *key) not in self._heard
+        self._heard.add((peer, *key))
+        if rf is not None and fetching:
+            if rf.planner is not None:
+                if msg.complete:
+                    rf.planner.peer_has_all(peer)
+                else:
+                    rf.planner.peer_has(peer, msg.digests)
+                rf.wake.set()
+            else:  # remember it, bounded by the release's own blob list
+                complete, known = rf.early.setdefault(peer, (False, set()))
+                blobs = rf.man.blob_sizes()
+                known.update(d for d in msg.digests if d in blobs)
+                rf.early[peer] = (complete or msg.complete, known)
+        if first:  # a peer starting on this release: tell it what we have
+            self._tell(conn, key)
+
+    def _use_announce(self, rf: ReleaseFetch, conn: PeerConnection) -> None:
+        """A peer without "have" that announces the release is taken to hold all of it."""
+        if rf.planner is None or conn.session.supports(FEATURE_HAVE) or not conn.joined:
+            return
+        info = self.core.peers.get(conn.node_id)
+        if info is not None and info.announced.get(rf.man.component) == (rf.man.serial, rf.digest):
+            rf.planner.peer_has_all(conn.node_id)
+            rf.wake.set()
+
+    def on_announce(self, conn: PeerConnection, msg: Announce) -> None:
+        """Use announcers of a release as sources when they lack "have"."""
+        for entry in msg.entries:
+            rf = self.active.get(entry.component)
+            if rf is not None:
+                self._use_announce(rf, conn)
+
+    def peer_joined(self, conn: PeerConnection) -> None:
+        """Tell a new peer what we hold of every release we are fetching."""
+        for rf in list(self.active.values()):
+            self._tell(conn, rf.key)
+
+    def peer_left(self, peer: bytes) -> None:
+        """Forget a peer in every planner and Have table."""
+        for rf in self.active.values():
+            if rf.planner is not None:
+                rf.planner.remove_peer(peer)
+                rf.wake.set()
+            rf.early.pop(peer, None)
+        for peers in self._interested.values():
+            peers.discard(peer)
+        self._heard = {t for t in self._heard if t[0] != peer}
+
+    def release_done(self, component: str, serial: int) -> None:
+        """We hold (component, serial) in full: tell the peers still fetching it."""
+        key = (component, serial)
+        for peer in list(self._interested.get(key, ())):
+            conn = self.core.conns.get(peer)
+            if conn is not None:
+                self._tell(conn, key)
+
+    def _tell(self, conn: PeerConnection, key: tuple[str, int]) -> None:
+        """Send our Have for release ``key`` (what we can serve of it) to ``conn``."""
+        if not conn.joined or not conn.session.supports(FEATURE_HAVE):
+            return
+        rf = self.active.get(key[0])
+        if rf is not None and rf.man.serial == key[1]:
+            complete, digests = False, sorted(rf.have)
+        else:
+            servable = self.core.servable(*key)
+            if servable is None:
+                return
+            complete, digests = servable
+        if complete:
+            conn.post(Have(key[0], key[1], True))
+            return
+        for i in range(0, max(len(digests), 1), MAX_HAVE_DIGESTS):
+            conn.post(Have(key[0], key[1], False, tuple(digests[i : i + MAX_HAVE_DIGESTS])))
+
+    def _send_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for key, digests in pending.items():
+            for peer in list(self._interested.get(key, ())):
+                conn = self.core.conns.get(peer)
+                if conn is None or not conn.session.supports(FEATURE_HAVE):
+                    continue
+                for i in range(0, len(digests), MAX_HAVE_DIGESTS):
+                    conn.post(Have(key[0], key[1], False, tuple(digests[i : i + MAX_HAVE_DIGESTS])))
+
+    # ----- reporting ------------------------------------------------------------
+
+    def status(self, component: str) -> dict[str, Any] | None:
+        """The ``fetch`` part of a component in ``status --json`` (None when idle)."""
+        rf = self.active.get(component)
+        if rf is None:
+            return None
+        doc: dict[str, Any] = {"serial": rf.man.serial, "version": rf.man.version}
+        if rf.planner is not None and rf.needed is not None:
+            now = trio.current_time()
+            doc.update(
+                needed_bytes=sum(rf.needed.values()),
+                done_bytes=rf.planner.bytes_done,
+                progress=round(rf.planner.progress, 4),
+                unavailable_blobs=len(rf.planner.unavailable(now)),
+            )
+        return doc

@@ -1,0 +1,163 @@
+"""Read and verify every signed document of a bundle, in memory, before any write.
+
+Theory of operation. ``read_metadata`` is steps 1-2 of the importer (see
+importer.py): it reads the OCI metadata and the documents it points to
+through a ``BundleReader`` (bounded, hash-checked, never through a link) and
+applies the trust rules to all of them. It returns only what passed; any
+failure raises, and since nothing here writes, a refused bundle leaves the node
+untouched. Rules, one check each:
+
+  1. ``oci-layout``/``index.json``/artifacts parse within their bounds ... RemoteProtocolError
+  2. a blob's bytes hash to its name and size ............................ HashMismatchError
+  3. all metadata read stays under ``bundle.MAX_METADATA_BYTES`` ............ FrameTooLargeError
+  4. a bundle root at a version the node holds is that root ............. MixAndMatchError
+  5. roots N+1, N+2... rotate from the pinned root ....................... (trust.rotate)
+  6. each release verifies under the resulting root, unexpired ........... (trust.verify_release)
+  7. the artifact's component annotation matches the signed one ........ MixAndMatchError
+  8. a release artifact carries only blobs its manifest names, at size .... SchemaError
+  9. one bundle does not offer two different releases under one serial ... RollbackError
+ 10. a request artifact is a document signed by the node key it names .... (request.verify_request)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from p2pupd.protocol import bundle as oci
+from p2pupd.protocol import encoding, limits
+from p2pupd.protocol.errors import (
+    FrameTooLargeError,
+    MixAndMatchError,
+    RollbackError,
+    SchemaError,
+)
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.request import Request, check_request_is_ours, verify_request
+from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
+
+from .bundleio import BundleReader
+
+
+@dataclass(frozen=True)
+class VerifiedRelease:
+    manifest: Manifest
+    envelope: Envelope
+    digest: bytes  # of the signed payload: the release's identity
+    carried: dict[bytes, int]  # blobs the bundle carries for it
+
+
+@dataclass
+class BundleMetadata:
+    trusted: TrustedRoot  # the root after every rotation the bundle offers
+    roots: dict[int, bytes]
+    releases: list[VerifiedRelease] = field(default_factory=list)
+    request: Request | None = None
+    referenced: dict[bytes, int] = field(default_factory=dict)  # every blob named, by size
+
+    def check_request_is_for(self, node_id: bytes, node_key: bytes | None) -> None:
+        """Raise ``MixAndMatchError`` if the bundle was cut for another node's request."""
+        if self.request is not None:
+            check_request_is_ours(self.request, node_id, node_key)
+
+
+class _Reads:
+    """Reads metadata blobs, recording references and the bytes spent (rules 2, 3)."""
+
+    def __init__(self, reader: BundleReader) -> None:
+        self.reader = reader
+        self.referenced: dict[bytes, int] = {}
+        self.spent = 0
+
+    def ref(self, d: oci.Descriptor) -> None:
+        if self.referenced.setdefault(d.digest, d.size) != d.size:
+            raise SchemaError(f"bundle names blob {d.digest.hex()[:16]} with two sizes")
+
+    def read(self, d: oci.Descriptor, limit: int, what: str) -> bytes:
+        if d.size > limit:
+            raise FrameTooLargeError(f"bundle {what} of {d.size} bytes exceeds limit {limit}")
+        self.spent += d.size
+        if self.spent > oci.MAX_METADATA_BYTES:
+            raise FrameTooLargeError(
+                f"bundle metadata exceeds {oci.MAX_METADATA_BYTES // limits.MiB} MiB"
+            )
+        return self.reader.read_blob(d.digest, d.size)
+
+
+def read_metadata(
+    reader: BundleReader, trusted: TrustedRoot, history: dict[int, bytes], now: int | None
+) -> BundleMetadata:
+    """Read and verify every root, release and request of the bundle (no writes).
+
+    ``history`` holds the root envelopes the node accepted, by version. Returns
+    the verified metadata; raises the error of the first rule broken (see the
+    module docstring).
+    """
+    oci.parse_layout(reader.read("oci-layout", 4096))
+    index = oci.parse_index(reader.read("index.json", limits.MAX_INDEX_BYTES))
+    reads = _Reads(reader)
+    roots: dict[int, bytes] = {}
+    raw_releases: list[tuple[bytes, oci.Artifact]] = []
+    raw_request: bytes | None = None
+    for d in index:
+        reads.ref(d)
+        art = oci.parse_artifact(reads.read(d, oci.MAX_ARTIFACT_BYTES, "artifact"))
+        for layer in (*art.layers, art.config or oci.empty_descriptor()):
+            reads.ref(layer)
+        if art.artifact_type == oci.TRUST_ARTIFACT:
+            for layer in art.layers:
+                data = reads.read(layer, limits.MAX_ROOT_BYTES, "root")
+                version = _root_version(data)
+                if roots.setdefault(version, data) != data:
+                    raise SchemaError(f"bundle holds two different roots v{version}")
+        elif art.artifact_type == oci.RELEASE_ARTIFACT:
+            data = reads.read(art.layers[0], limits.MAX_MANIFEST_BYTES, "release manifest")
+            raw_releases.append((data, art))
+        else:
+            if raw_request is not None:
+                raise SchemaError("bundle holds two request documents")
+            raw_request = reads.read(art.layers[0], limits.MAX_REQUEST_BYTES, "request")
+    if index:
+        empty = oci.empty_descriptor()
+        reader.read_blob(empty.digest, empty.size)
+
+    for version, data in sorted(roots.items()):
+        held = history.get(version)
+        if held is not None and _payload_digest(held) != _payload_digest(data):
+            raise MixAndMatchError(
+                f"bundle's root v{version} is not the root v{version} this node trusts: "
+                "the bundle is from another repository"
+            )
+    while trusted.version + 1 in roots:
+        trusted = trusted.rotate(roots[trusted.version + 1], now)
+
+    meta = BundleMetadata(trusted, roots, referenced=reads.referenced)
+    seen: dict[tuple[str, int], VerifiedRelease] = {}
+    for data, art in raw_releases:
+        man, env = trusted.verify_release(data, now)
+        named = art.annotations.get(oci.ANNOTATION_COMPONENT)
+        if named is not None and named != man.component:
+            raise MixAndMatchError(
+                f"bundle lists a release of {named!r} whose signed manifest is for {man.component!r}"
+            )
+        rel = VerifiedRelease(man, env, env.payload_digest(), oci.check_release_layers(art, man))
+        twin = seen.setdefault((man.component, man.serial), rel)
+        if twin is rel:
+            meta.releases.append(rel)
+        elif twin.digest != rel.digest:
+            raise RollbackError(
+                f"bundle offers two different releases of {man.component} serial {man.serial}"
+            )
+        else:  # the same release listed twice: carry the union of its blobs
+            twin.carried.update(rel.carried)
+    if raw_request is not None:
+        meta.request = verify_request(raw_request)[0]
+    return meta
+
+
+def _root_version(data: bytes) -> int:
+    env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
+    return Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES)).version
+
+
+def _payload_digest(data: bytes) -> bytes:
+    return Envelope.decode(data, limits.MAX_ROOT_BYTES).payload_digest()

@@ -1,0 +1,399 @@
+"""Delta planning: which blobs a node must receive, and how it builds each file.
+
+Theory of operation
+-------------------
+A release names every file by its sha256 and its content-defined chunks, and may
+add *deltas* (``Manifest.deltas``), each a recipe for one target::
+
+    kind "file"   target = a file sha256,  bases = whole files (sha256s),
+                  patch = bsdiff4 patch:   target = bspatch(concat(bases), patch)
+    kind "chunk"  target = the first chunk of a *run* of consecutive chunks
+                  of a file, target_size = the run's length in bytes (one
+                  chunk's size for a single-chunk run), bases = chunks (a
+                  bounded window of old chunks), patch = bsdiff4 patch:
+                  bytes of the run = bspatch(concat(bases), patch)
+    kind "zchunk" target = a chunk digest, bases = (), patch = a zstd frame of
+                  the chunk's bytes (a compressed literal)
+
+Every blob stays named by the sha256 of its own bytes (patches and zstd frames
+too), so stores and bundles verify them like any chunk, and every recipe's
+output is checked against signed digests: a file against its sha256, a run
+chunk by chunk against the manifest's chunk digests. A run applies at a place
+in a file where its first chunk is followed by chunks whose sizes add up to
+``target_size`` exactly; the publisher starts multi-chunk runs only at chunks
+that occur once in the release, so the place is unambiguous. (Runs exist
+because a patch per 64 KiB chunk loses bsdiff's context: on rebuilt binaries
+1 MiB runs come within a few percent of one whole-file patch.)
+
+A node holds two kinds of things: *held files* -- whole files of the versions
+on its disk (installed, kept), each of which it can read by sha256, and whose
+chunks it can therefore read too -- and *blobs* in its store. For each file of
+the new release ``plan_file`` picks the cheapest path it can satisfy:
+
+1. ``REUSE``: a file with the same sha256 is held; nothing to receive.
+2. ``FILE_DELTA``: a "file" delta whose bases are all held files; receive the
+   patch (nothing if the store has it).
+3. ``CHUNKS``: the cheapest cover of the file's chunk list by steps, each
+   one chunk -- the store has it; a held file contains it; a "zchunk"; the
+   literal -- or a run rebuilt by a "chunk" delta whose bases the node has
+   (held or stored). Found by dynamic programming from the file's end.
+
+Cost is the bytes still to receive. Between equal costs the chunk path wins:
+it streams in bounded memory. The same function answers both questions -- what
+a bundle or a peer must carry (``needed_blobs``) and, once those blobs are
+stored, how the node builds the file (every step then costs nothing). This
+module does no I/O: callers supply ``have_blob``.
+"""
+
+from __future__ import annotations
+
+import enum
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from . import limits
+from .errors import SchemaError
+from .manifest import ChunkRef, Delta, FileEntry, Manifest
+
+KIND_FILE = "file"
+KIND_CHUNK = "chunk"
+KIND_ZCHUNK = "zchunk"
+DELTA_KINDS = (KIND_FILE, KIND_CHUNK, KIND_ZCHUNK)
+
+HaveBlob = Callable[[bytes], bool]
+
+# A node builds a file delta in memory (base, patch and result together), and
+# a chunk recipe from at most 64 bases of <= CHUNK_MAX_BYTES each. Recipes
+# beyond these bounds are ignored, whatever the (signed) manifest says, so the
+# node's memory stays bounded; the file then comes from chunks.
+MAX_FILE_DELTA_TARGET_BYTES = limits.WHOLE_FILE_DELTA_MAX_BYTES
+MAX_FILE_PATCH_BYTES = 2 * limits.WHOLE_FILE_DELTA_MAX_BYTES
+MAX_RUN_BYTES = 4 * limits.MiB
+MAX_CHUNK_PATCH_BYTES = 2 * MAX_RUN_BYTES
+
+
+class Method(enum.Enum):
+    """How a whole file is built."""
+
+    REUSE = "reuse"
+    FILE_DELTA = "file-delta"
+    CHUNKS = "chunks"
+
+
+class Source(enum.Enum):
+    """Where the bytes of one step of a ``CHUNKS`` plan come from."""
+
+    STORE = "store"  # the blob store has the chunk (or will, once received)
+    HELD = "held"  # a held file contains it: read it from disk
+    DELTA = "delta"  # bspatch(bases, patch) gives the run of chunks
+    ZCHUNK = "zchunk"  # zstd-decompress the patch blob
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """One chunk, or (``DELTA`` only) a run of consecutive chunks, and its source."""
+
+    chunks: tuple[ChunkRef, ...]
+    source: Source
+    delta: Delta | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """The chosen path for one file and the blobs it still needs.
+
+    ``blobs`` is empty when the node can build the file now.
+    """
+
+    path: str
+    method: Method
+    blobs: dict[bytes, int] = field(default_factory=dict)
+    delta: Delta | None = None
+    steps: tuple[ChunkStep, ...] = ()
+
+    @property
+    def cost(self) -> int:
+        """Bytes still to receive for this file."""
+        return sum(self.blobs.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.blobs
+
+    @property
+    def uses_deltas(self) -> bool:
+        """True if building needs more than copying chunks from the store."""
+        return self.method is Method.FILE_DELTA or any(
+            s.source is not Source.STORE for s in self.steps
+        )
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a node has on disk outside its store: held files and their chunks."""
+
+    files: frozenset[bytes] = frozenset()
+    chunks: frozenset[bytes] = frozenset()
+
+    @classmethod
+    def of(cls, held: Iterable[Manifest], files: Iterable[bytes] | None = None) -> Holdings:
+        """Holdings from the manifests of the versions on disk.
+
+        ``files``, if given, restricts them to the file sha256s the caller can
+        actually open (e.g. the keys of a node's ``reusable`` map).
+        """
+        allowed = None if files is None else frozenset(files)
+        fs: set[bytes] = set()
+        cs: set[bytes] = set()
+        for man in held:
+            for f in man.files:
+                if allowed is not None and f.sha256 not in allowed:
+                    continue
+                fs.add(f.sha256)
+                cs.update(c.digest for c in f.chunks)
+        return cls(frozenset(fs), frozenset(cs))
+
+
+class DeltaIndex:
+    """A release's deltas grouped by target, built once per manifest."""
+
+    def __init__(self, man: Manifest) -> None:
+        self.file: dict[bytes, list[Delta]] = {}
+        self.chunk: dict[bytes, list[Delta]] = {}
+        self.zchunk: dict[bytes, Delta] = {}
+        for d in man.deltas:
+            if d.kind == KIND_FILE:
+                self.file.setdefault(d.target, []).append(d)
+            elif d.kind == KIND_CHUNK:
+                self.chunk.setdefault(d.target, []).append(d)
+            elif d.kind == KIND_ZCHUNK and not d.bases:
+                # Keep the smallest if a (strange) manifest lists several.
+                old = self.zchunk.get(d.target)
+                if old is None or d.patch_size < old.patch_size:
+                    self.zchunk[d.target] = d
+
+
+def plan_file(f: FileEntry, index: DeltaIndex, holdings: Holdings, have_blob: HaveBlob) -> FilePlan:
+    """Return the cheapest way to build ``f`` (see the module doc)."""
+    if f.sha256 in holdings.files:
+        return FilePlan(f.path, Method.REUSE)
+    chunked = _plan_chunks(f, index, holdings, have_blob)
+    best = chunked
+    for d in index.file.get(f.sha256, ()):
+        if (
+            d.target_size != f.size
+            or d.target_size > MAX_FILE_DELTA_TARGET_BYTES
+            or d.patch_size > MAX_FILE_PATCH_BYTES
+            or not d.bases
+            or not all(b in holdings.files for b in d.bases)
+        ):
+            continue
+        blobs = {} if have_blob(d.patch) else {d.patch: d.patch_size}
+        cand = FilePlan(f.path, Method.FILE_DELTA, blobs, d)
+        if cand.cost < best.cost:
+            best = cand
+    return best
+
+
+def _plan_chunks(
+    f: FileEntry, index: DeltaIndex, holdings: Holdings, have_blob: HaveBlob
+) -> FilePlan:
+    chunks = f.chunks
+    n = len(chunks)
+    offs = [0, *accumulate(c.size for c in chunks)]
+
+    def fetch(digest: bytes, size: int) -> tuple[int, tuple[bytes, int] | None]:
+        return (0, None) if have_blob(digest) else (size, (digest, size))
+
+    # best[i]: least bytes to receive for chunks[i:]; pick[i]: the first step
+    # of that cover, the blob it needs (if any), and where the next step starts.
+    best = [0] * (n + 1)
+    pick: list[tuple[ChunkStep, tuple[bytes, int] | None, int]] = [
+        (ChunkStep((), Source.STORE), None, 0)
+    ] * n
+    for i in range(n - 1, -1, -1):
+        c = chunks[i]
+        one = (c,)
+        if have_blob(c.digest):
+            best[i], pick[i] = best[i + 1], (ChunkStep(one, Source.STORE), None, i + 1)
+            continue
+        if c.digest in holdings.chunks:
+            best[i], pick[i] = best[i + 1], (ChunkStep(one, Source.HELD), None, i + 1)
+            continue
+        # The literal is always possible; a recipe must beat it strictly.
+        cost, blob = fetch(c.digest, c.size)
+        best[i], pick[i] = cost + best[i + 1], (ChunkStep(one, Source.STORE), blob, i + 1)
+        z = index.zchunk.get(c.digest)
+        if z is not None and z.target_size == c.size and z.patch_size <= MAX_CHUNK_PATCH_BYTES:
+            cost, blob = fetch(z.patch, z.patch_size)
+            if cost + best[i + 1] < best[i]:
+                best[i], pick[i] = (
+                    cost + best[i + 1],
+                    (ChunkStep(one, Source.ZCHUNK, z), blob, i + 1),
+                )
+        for d in index.chunk.get(c.digest, ()):
+            j = bisect_left(offs, offs[i] + d.target_size, i + 1)
+            if (
+                j > n
+                or offs[j] - offs[i] != d.target_size
+                or d.target_size > MAX_RUN_BYTES
+                or d.patch_size > MAX_CHUNK_PATCH_BYTES
+                or not d.bases
+                or not all(b in holdings.chunks or have_blob(b) for b in d.bases)
+            ):
+                continue
+            cost, blob = fetch(d.patch, d.patch_size)
+            if cost + best[j] < best[i]:
+                best[i], pick[i] = (
+                    cost + best[j],
+                    (ChunkStep(chunks[i:j], Source.DELTA, d), blob, j),
+                )
+    steps: list[ChunkStep] = []
+    blobs: dict[bytes, int] = {}
+    i = 0
+    while i < n:
+        step, blob, i = pick[i]
+        steps.append(step)
+        if blob is not None:
+            blobs[blob[0]] = blob[1]
+    return FilePlan(f.path, Method.CHUNKS, blobs, None, tuple(steps))
+
+
+def plan_release(new: Manifest, holdings: Holdings, have_blob: HaveBlob) -> dict[str, FilePlan]:
+    """Return the plan of every file of ``new``, by path."""
+    index = DeltaIndex(new)
+    return {f.path: plan_file(f, index, holdings, have_blob) for f in new.files}
+
+
+def needed_with(new: Manifest, holdings: Holdings, have_blob: HaveBlob) -> dict[bytes, int]:
+    """``needed_blobs`` for callers that already built their ``Holdings``."""
+    out: dict[bytes, int] = {}
+    for plan in plan_release(new, holdings, have_blob).values():
+        out.update(plan.blobs)
+    for h in new.hooks.values():
+        if not have_blob(h.sha256):
+            out[h.sha256] = h.size
+    return out
+
+
+def needed_blobs(new: Manifest, held: Iterable[Manifest], have_blob: HaveBlob) -> dict[bytes, int]:
+    """Return {digest: size} of the blobs (chunks, patches, hooks) a node must receive to build `new`,
+    given the manifests of versions whose files it has on disk (`held`) and the blobs in its store.
+
+    Chooses per file the cheapest path it can satisfy: reuse (file sha256
+    present in a held version), delta (a Delta whose bases the node has:
+    whole-file bases from held versions, chunk bases from held manifests'
+    chunks or the store), else chunks (zstd-compressed literals where the
+    release carries them). An empty result means the node can build ``new``.
+    """
+    return needed_with(new, Holdings.of(held), have_blob)
+
+
+# -- the patch container --------------------------------------------------------
+#
+# A bsdiff4 patch is three blocks (control, diff, extra). The classic BSDIFF40
+# file compresses each with bz2, which costs ~450 bytes of tables per patch:
+# more than a typical per-chunk delta of a small edit. p2pupd's container keeps
+# bsdiff4's blocks unchanged and compresses them as one zstd frame:
+#
+#     b"PZB1" | uvarint target_size | uvarint control_size | uvarint diff_size
+#             | zstd frame of (control || diff || extra)
+#
+# A node also accepts classic BSDIFF40 patches. (The zstd work itself happens in
+# tools/ and daemon/; this module only lays out the header.)
+
+PATCH_MAGIC = b"PZB1"
+BSDIFF40_MAGIC = b"BSDIFF40"
+_CONTROL_RECORD_BYTES = 24  # three int64 per bsdiff control record
+
+
+@dataclass(frozen=True)
+class PatchHeader:
+    target_size: int
+    control_size: int
+    diff_size: int
+    body_offset: int
+
+    @property
+    def max_body_size(self) -> int:
+        """The most bytes the compressed body may expand to (extra <= target)."""
+        return self.control_size + self.diff_size + self.target_size
+
+
+def encode_patch_header(target_size: int, control_size: int, diff_size: int) -> bytes:
+    """Return the container header for a patch with these block sizes."""
+    return PATCH_MAGIC + _uvarint(target_size) + _uvarint(control_size) + _uvarint(diff_size)
+
+
+def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
+    """Parse and bound-check a container header.
+
+    Raises ``SchemaError`` if the magic is wrong, a field is truncated, or the
+    sizes are impossible for a bsdiff patch of ``target_size`` bytes.
+    """
+    if bytes(data[:4]) != PATCH_MAGIC:
+        raise SchemaError("patch is not a p2pupd bsdiff container")
+    pos = 4
+    fields = []
+    for _ in range(3):
+        value, pos = _read_uvarint(data, pos)
+        fields.append(value)
+    target, control, diff = fields
+    if (
+        control % _CONTROL_RECORD_BYTES
+        or diff > target
+        or control > _CONTROL_RECORD_BYTES * (target + 1)
+    ):
+        raise SchemaError("patch header sizes are inconsistent")
+    return PatchHeader(target, control, diff, pos)
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 56:
+            raise SchemaError("patch header is truncated or oversized")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+__all__ = [
+    "BSDIFF40_MAGIC",
+    "DELTA_KINDS",
+    "KIND_CHUNK",
+    "KIND_FILE",
+    "KIND_ZCHUNK",
+    "PATCH_MAGIC",
+    "ChunkStep",
+    "DeltaIndex",
+    "FilePlan",
+    "Holdings",
+    "Method",
+    "PatchHeader",
+    "Source",
+    "encode_patch_header",
+    "needed_blobs",
+    "needed_with",
+    "parse_patch_header",
+    "plan_file",
+    "plan_release",
+]

@@ -1,0 +1,209 @@
+"""One or two in-process nodes over memory streams under MockClock: resume,
+ranged transfers, bans for protocol errors, apply policy, duplicate links."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import trio
+import trio.testing
+from _daemonkit import Site, installed, link, make_service, random_tree, wait_until
+
+from p2pupd.daemon import api
+from p2pupd.daemon.blobxfer import get_ranged
+from p2pupd.daemon.gossip_service import fetch_manifest
+from p2pupd.daemon.node import StateDir
+from p2pupd.daemon.node_ctx import Node
+from p2pupd.daemon.ratelimit import TokenBucket
+from p2pupd.daemon.transport import ERR_PROTOCOL
+from p2pupd.protocol import ids
+from p2pupd.protocol.session import Session, Signal
+from p2pupd.protocol.wire import FEATURE_HAVE, FEATURE_RANGE, Error
+
+
+def two_nodes(tmp_path: Path) -> tuple[Site, tuple[Path, Path], tuple[Path, Path]]:
+    site = Site(tmp_path)
+    site.publish("1.0", random_tree(3, files=4))
+    a, b = site.node("a"), site.node("b")
+    api.import_dir(a[0], site.bundle("v1"))
+    return site, a, b
+
+
+async def test_restart_resumes_from_what_is_stored(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, (sa, _), (sb, tb) = two_nodes(tmp_path)
+    # b already accepted 1.0 and stored two of its blobs before it "crashed".
+    node_a, node_b = Node(sa), Node(sb)
+    env = node_a.releases.get(node_a.trusted_root(), "app", 1)[1]
+    man = node_a.manifest("app", 1)
+    from p2pupd.daemon.accept import persist_release
+
+    persist_release(node_b, man, env, env.payload_digest(), "received", "test")
+    sizes = man.blob_sizes()
+    kept = sorted(sizes)[:2]
+    for d in kept:
+        node_b.store.put_bytes(node_a.store.get_bytes(d), d)
+
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        assert b.fetch.active["app"].man.serial == 1  # resumed at start, before any peer
+        link(nursery, b, a)
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        nursery.cancel_scope.cancel()
+    rec = b.fetch.received["app"]
+    assert rec.bytes == sum(sizes.values()) - sum(sizes[d] for d in kept)
+    assert rec.by_peer == {a.node.config.node_id.hex(): rec.bytes}
+    assert sorted(p.name for p in tb.iterdir()) == sorted(f"f{i}.bin" for i in range(4))
+
+
+async def test_blobs_and_manifests_larger_than_a_frame_travel_in_pieces(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    big = bytes(range(256)) * (9 * 4096 + 7)  # 9 MiB and a bit: three frames' worth
+    digest = Node(sa).store.put_bytes(big)
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        await wait_until(lambda: bool(b.conns), timeout=10, step=0.1)
+        conn = next(iter(b.conns.values()))
+        assert conn.session.supports(FEATURE_RANGE)
+        assert await get_ranged(conn, digest, len(big), b.node.store, b.offload, 10) is True
+        # A blob the peer does not have: ChunkMissing, nothing stored.
+        other = ids.sha256(b"not there")
+        assert (
+            await get_ranged(conn, other, 10, b.node.store, b.offload, 10) is None
+        )  # peer lacks it
+        envelope = await fetch_manifest(conn, "app", 1, timeout=10, piece=1000)
+        nursery.cancel_scope.cancel()
+    assert Node(sb).store.get_bytes(digest) == big
+    assert envelope == Node(sa).releases.get_bytes("app", 1)
+    assert not list(Node(sb).store.tmp_dir.iterdir())  # spool files cleaned up
+
+
+async def test_a_peer_breaking_the_protocol_is_banned_and_the_node_carries_on(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    evil_id = b"E" * 16
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(
+            lambda: a.run_stream(ours, outbound=False, address="evil:1", source="memory")
+        )
+        evil = Session(evil_id, "default", 9, frozenset({FEATURE_RANGE, FEATURE_HAVE}))
+        await theirs.send_all(evil.send_hello())
+        await wait_until(lambda: evil_id in a.conns, timeout=10, step=0.1)
+        await theirs.send_all(b"\x00\x00\x00\x05garbage")
+        await wait_until(lambda: evil_id not in a.conns, timeout=10, step=0.1)
+        assert a.peers.banned(trio.current_time(), evil_id) is not None
+        # An Error frame told the peer why, then the stream was closed.
+        while data := await theirs.receive_some(65536):
+            evil.receive_data(data)
+        evil.receive_data(b"")
+        seen = []
+        while not isinstance(event := evil.next_event(), Signal):
+            seen.append(event)
+        assert any(isinstance(m, Error) and m.code == ERR_PROTOCOL for m in seen)
+        # Reconnecting is refused while banned...
+        ours2, theirs2 = trio.testing.memory_stream_pair()
+        nursery.start_soon(
+            lambda: a.run_stream(ours2, outbound=False, address="evil:2", source="memory")
+        )
+        again = Session(evil_id, "default", 9)
+        await theirs2.send_all(again.send_hello())
+        await trio.sleep(1)
+        assert evil_id not in a.conns
+        # ...and honest peers are still served.
+        link(nursery, b, a)
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        nursery.cancel_scope.cancel()
+
+
+async def test_manual_policy_and_rollback_are_respected(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    site, (sa, _), (sb, _) = two_nodes(tmp_path)
+    site.publish("2.0", random_tree(4, files=4))
+    api.import_dir(sa, site.bundle("v2"), apply_after=True)
+    sd = StateDir(sb)
+    cfg = sd.read_config()
+    manual = dataclasses.replace(cfg.components["app"], auto_apply=False)
+    sd.write_config(dataclasses.replace(cfg, components={"app": manual}))
+
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 2, timeout=300)
+        await trio.sleep(5)
+        assert installed(sb) is None  # manual: complete, announced, not applied
+        assert (await b.lifecycle.apply_release("app")).serial == 2
+        assert installed(sb) == 2
+        # The operator rolls a (auto-apply) back: the daemon must not undo that.
+        assert (await a.lifecycle.rollback("app")).serial == 1
+        nursery.cancel_scope.cancel()
+    a2 = make_service(sa, 3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a2.serve)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert installed(sa) == 1
+
+
+async def test_crossed_dials_leave_exactly_one_connection(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, a, b)
+        link(nursery, b, a)
+        await trio.sleep(5)
+        assert len(a.conns) == len(b.conns) == 1
+        conn_a, conn_b = next(iter(a.conns.values())), next(iter(b.conns.values()))
+        assert conn_a.outbound != conn_b.outbound  # the same connection, seen from both ends
+        dialer = a.node.config.node_id if conn_a.outbound else b.node.config.node_id
+        assert dialer == min(a.node.config.node_id, b.node.config.node_id)
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        nursery.cancel_scope.cancel()
+
+
+async def test_token_bucket_holds_the_average_rate(autojump_clock: trio.testing.MockClock) -> None:
+    bucket = TokenBucket(100_000, burst=100_000)
+    start = trio.current_time()
+    for _ in range(30):
+        await bucket.consume(50_000)  # 1.5 MB at 100 kB/s, 100 kB of burst
+    assert 13.5 <= trio.current_time() - start <= 14.5
+
+
+async def test_bandwidth_cap_slows_the_transfer_to_its_rate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)  # 4 files of ~70 kB: ~290 kB to move
+    a = make_service(sa, 1, bandwidth_limit=50_000)
+    b = make_service(sb, 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        start = trio.current_time()
+        link(nursery, b, a)
+        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 1, timeout=300, step=0.1)
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    moved = b.fetch.received["app"].bytes
+    assert moved > 250_000
+    # The seed's upload is capped at 50 kB/s (after a burst of 64 kB).
+    assert (moved - 64 * 1024) / 50_000 * 0.9 <= elapsed <= moved / 50_000 * 1.5

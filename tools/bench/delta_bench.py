@@ -1,0 +1,366 @@
+"""Delta engine: what a node at the old version receives, and what it costs.
+
+Run: ``python -m p2pupd.tools.bench.delta_bench [--quick] [--no-real] [--work DIR]``.
+
+For each old/new pair it drives the real command line in subprocesses:
+publish old -> export -> node init -> import --apply (v1 installed) -> publish
+new (timed) -> ``export --from-version`` old -> import -> apply (timed) -> the
+target must equal the new tree byte for byte. Pairs:
+
+* a synthetic disk image (200 MiB; ``--quick`` 20 MiB) with ~1 % of its bytes
+  changed in scattered places plus a 1 MiB insertion;
+* a tree of many small files with a few changed, added and removed;
+* a real pair: two consecutive numpy wheels (large native libraries),
+  downloaded with pip and unpacked (skipped with a note if that fails).
+
+Columns: full size of the new tree; bytes the node receives (the whole
+``--from-version`` bundle: blobs, the signed manifest, roots, OCI metadata --
+and, in brackets, the manifest alone); whole-file bsdiff4 (classic BSDIFF40,
+per changed file, same old/new file pairing; new files diffed against empty);
+``zstd -19 --long --patch-from`` per changed file; publish time and peak RSS;
+whole-file bsdiff4 time; node apply time and peak RSS. Times are wall clock;
+peak RSS is each command's own ru_maxrss (see ``measured_rss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1024 * 1024
+CLI = [sys.executable, "-m", "p2pupd.tools.cli"]
+REAL = ("numpy", "2.2.5", "2.2.6")
+
+
+@dataclass
+class Row:
+    name: str
+    full: int = 0
+    receive: int = 0
+    manifest: int = 0
+    data: int = 0
+    bsdiff: int = 0
+    zstd: int | None = None
+    publish_s: float = 0.0
+    publish_rss: int = 0
+    bsdiff_s: float = 0.0
+    bsdiff_rss: int = 0
+    apply_s: float = 0.0
+    apply_rss: int = 0
+    ok: bool = False
+    note: str = ""
+
+
+# A forked child starts with its parent's RSS high-water mark (Linux copies the
+# mm), so a child of this big process would report at least our own size. The
+# measured command therefore runs under a small wrapper, which reports its one
+# child's peak from getrusage(RUSAGE_CHILDREN) as the last line of stderr.
+_WRAP = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(r.returncode)"
+)
+
+
+def measured_rss(cmd: list[str]) -> tuple[float, int, str]:
+    """Run ``cmd``; return (seconds, its peak RSS in bytes, stdout). Raises ``RuntimeError``."""
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=False
+    )
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {r.stderr[-400:]}")
+    return dt, int(r.stderr.strip().splitlines()[-1]) * 1024, r.stdout
+
+
+def cli(*args: str | Path) -> str:
+    """Run one p2pupd command; return its stdout. Raises ``RuntimeError`` on failure."""
+    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"p2pupd {' '.join(map(str, args[:3]))} failed: {r.stderr[-400:]}")
+    return r.stdout
+
+
+# -- data ------------------------------------------------------------------------
+
+
+def image_bytes(r: random.Random, size: int) -> bytearray:
+    """Disk-image-like bytes: incompressible runs, text, zero blocks."""
+    out = bytearray()
+    while len(out) < size:
+        x = r.random()
+        if x < 0.45:
+            out += r.randbytes(r.randint(512, 16384))
+        elif x < 0.9:
+            out += b"".join(
+                b"%08x line %d of a log or config\n" % (r.getrandbits(32), i)
+                for i in range(r.randint(8, 200))
+            )
+        else:
+            out += bytes(4096 * r.randint(1, 16))
+    del out[size:]
+    return out
+
+
+def make_image_pair(base: Path, size: int) -> tuple[Path, Path]:
+    r = random.Random(42)
+    old = image_bytes(r, size)
+    new = bytearray(old)
+    changed = 0
+    while changed < size // 100:  # ~1 % of the bytes, in scattered places
+        n = r.randint(16, 4096)
+        p = r.randrange(len(new) - n)
+        new[p : p + n] = r.randbytes(n)
+        changed += n
+    p = r.randrange(len(new))
+    new[p:p] = r.randbytes(1 * MiB)
+    return _write_tree(base / "old", {"disk.img": bytes(old)}), _write_tree(
+        base / "new", {"disk.img": bytes(new)}
+    )
+
+
+def make_tree_pair(base: Path, files: int) -> tuple[Path, Path]:
+    r = random.Random(7)
+    old: dict[str, bytes] = {}
+    for i in range(files):
+        data = image_bytes(r, r.randint(200, 60_000))
+        old[f"d{i % 37}/f{i}.dat"] = bytes(data)
+    new = dict(old)
+    names = sorted(old)
+    for name in r.sample(names, max(3, files // 100)):  # ~1 % of files edited
+        data = bytearray(new[name])
+        p = r.randrange(len(data))
+        data[p : p + 40] = r.randbytes(40)
+        new[name] = bytes(data)
+    for name in r.sample(names, 2):
+        del new[name]
+    for i in range(2):
+        new[f"added/n{i}.txt"] = bytes(image_bytes(r, 5000))
+    return _write_tree(base / "old", old), _write_tree(base / "new", new)
+
+
+def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def fetch_real(cache: Path) -> tuple[Path, Path, str]:
+    """Download and unpack two consecutive wheels; raises ``RuntimeError``."""
+    name, v1, v2 = REAL
+    dirs = []
+    for v in (v1, v2):
+        dest = cache / f"{name}-{v}"
+        if not dest.is_dir():
+            dl = cache / "dl"
+            dl.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--python-version", "3.11", "--platform", "manylinux_2_17_x86_64",
+                   f"{name}=={v}", "-d", str(dl), "-q"]  # fmt: skip
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+            wheels = list(dl.glob(f"{name}-{v}-*.whl"))
+            if r.returncode != 0 or not wheels:
+                raise RuntimeError(f"pip download {name}=={v} failed: {r.stderr.strip()[-200:]}")
+            with zipfile.ZipFile(wheels[0]) as z:
+                z.extractall(dest)
+        dirs.append(dest)
+    return dirs[0], dirs[1], f"{name} {v1}->{v2} wheel"
+
+
+# -- baselines ---------------------------------------------------------------------
+
+
+def changed_pairs(old: Path, new: Path) -> list[tuple[Path | None, Path]]:
+    """(old file or None, new file) for every new file that differs, paired as publish does."""
+    from p2pupd.tools.delta import _name_key
+
+    olds = {str(p.relative_to(old)): p for p in old.rglob("*") if p.is_file()}
+    news = {str(p.relative_to(new)): p for p in new.rglob("*") if p.is_file()}
+    removed = {k: v for k, v in olds.items() if k not in news}
+    out: list[tuple[Path | None, Path]] = []
+    for rel, p in sorted(news.items()):
+        o = olds.get(rel)
+        if o is None:
+            cands = [v for k, v in removed.items() if _name_key(k) == _name_key(rel)]
+            o = min(cands, key=lambda c: abs(c.stat().st_size - p.stat().st_size), default=None)
+        if o is not None and o.read_bytes() == p.read_bytes():
+            continue
+        out.append((o, p))
+    return out
+
+
+def bsdiff_baseline(old: Path, new: Path) -> int:
+    """Total classic whole-file bsdiff4 patch bytes (run in a measured subprocess)."""
+    import bsdiff4
+
+    total = 0
+    for o, p in changed_pairs(old, new):
+        total += len(bsdiff4.diff(o.read_bytes() if o else b"", p.read_bytes()))
+    return total
+
+
+def zstd_baseline(old: Path, new: Path, work: Path) -> int | None:
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        return None
+    total = 0
+    out = work / "zstd.out"
+    for o, p in changed_pairs(old, new):
+        size = max(p.stat().st_size, o.stat().st_size if o else 0)
+        wlog = max(10, min(30, (2 * size).bit_length()))
+        cmd = [zstd, "-q", "-f", "-19", f"--long={wlog}", "-T2", str(p), "-o", str(out)]
+        if o is not None:
+            cmd[4:4] = [f"--patch-from={o}"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        total += out.stat().st_size
+    return total
+
+
+# -- one pair --------------------------------------------------------------------
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def bench_pair(name: str, old: Path, new: Path, work: Path) -> Row:
+    row = Row(name, full=sum(p.stat().st_size for p in new.rglob("*") if p.is_file()))
+    work.mkdir(parents=True)
+    keys, repo, state, target = work / "keys", work / "repo", work / "state", work / "target"
+    keys.mkdir()
+    cli("keygen", keys / "root.key")
+    cli("keygen", keys / "rel.key")
+    cli("repo", "init", repo, "--root-key", keys / "root.key", "--release-key", keys / "rel.key")
+    cli("publish", repo, "app", "1.0", old)
+    cli("export", repo, work / "b1")
+    target.mkdir()
+    cli("init", "--state-dir", state, "--trust", repo / "root.msgpack",
+        "--component", f"app={target / 'app'}")  # fmt: skip
+    cli("import", work / "b1", "--state-dir", state, "--apply")
+    shutil.rmtree(work / "b1")
+
+    row.publish_s, row.publish_rss, _ = measured_rss(
+        [*CLI, "publish", str(repo), "app", "2.0", str(new)]
+    )
+    cli("export", repo, work / "b2", "--from-version", "1.0")
+    row.receive = sum(p.stat().st_size for p in (work / "b2").rglob("*") if p.is_file())
+    row.manifest = (repo / "releases" / "app" / "2.msgpack").stat().st_size
+    row.data = delta_data_bytes(repo, work / "b2")
+    cli("import", work / "b2", "--state-dir", state)
+    row.apply_s, row.apply_rss, _ = measured_rss([*CLI, "apply", "app", "--state-dir", str(state)])
+    row.ok = tree_digest(target / "app") == tree_digest(new)
+
+    me = [sys.executable, "-m", "p2pupd.tools.bench.delta_bench", "--baseline", str(old), str(new)]
+    row.bsdiff_s, row.bsdiff_rss, out = measured_rss(me)
+    row.bsdiff = int(out.strip())
+    row.zstd = zstd_baseline(old, new, work)
+    shutil.rmtree(repo)
+    shutil.rmtree(state)
+    shutil.rmtree(target)
+    return row
+
+
+def delta_data_bytes(repo: Path, bundle: Path) -> int:
+    """Bytes of the release's own blobs (chunks, patches) in ``bundle``."""
+    from p2pupd.tools.repo import Repo
+
+    r = Repo(repo)
+    man, _ = r.release("app", r.serials("app")[-1])
+    blobs = bundle / "blobs" / "sha256"
+    return sum(n for d, n in man.blob_sizes().items() if (blobs / d.hex()).exists())
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("MiB", MiB), ("KiB", 1024)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def print_table(rows: list[Row]) -> None:
+    head = ["pair", "full size", "node receives (manifest)", "recv/bsdiff", "data/bsdiff", "bsdiff4 whole",
+            "zstd --patch-from", "publish s (RSS)", "bsdiff4 s (RSS)", "apply s (RSS)", "ok"]  # fmt: skip
+    lines = [head]
+    for r in rows:
+        if r.note and not r.full:
+            lines.append([r.name, r.note, *[""] * (len(head) - 2)])
+            continue
+        lines.append([
+            r.name,
+            fmt_bytes(r.full),
+            f"{fmt_bytes(r.receive)} ({fmt_bytes(r.manifest)})",
+            f"{r.receive / r.bsdiff:.2f}x ({(r.receive - r.manifest) / r.bsdiff:.2f}x)",
+            f"{fmt_bytes(r.data)} = {r.data / r.bsdiff:.2f}x",
+            fmt_bytes(r.bsdiff),
+            fmt_bytes(r.zstd),
+            f"{r.publish_s:.1f} ({r.publish_rss // MiB} MiB)",
+            f"{r.bsdiff_s:.1f} ({r.bsdiff_rss // MiB} MiB)",
+            f"{r.apply_s:.1f} ({r.apply_rss // MiB} MiB)",
+            "yes" if r.ok else "NO",
+        ])  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for k, line in enumerate(lines):
+        print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+        if k == 0:
+            print("-+-".join("-" * w for w in widths))
+    print(
+        "recv/bsdiff: whole bundle / whole-file bsdiff4 (in brackets: without the signed manifest);"
+        " data: the chunk and patch blobs alone"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="20 MiB image, 300 small files")
+    ap.add_argument("--no-real", action="store_true", help="skip the downloaded real pair")
+    ap.add_argument("--work", type=Path, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "p2pupd-bench")
+    ap.add_argument("--baseline", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.baseline:
+        print(bsdiff_baseline(*args.baseline))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="delta-bench-", dir=args.work))
+    rows: list[Row] = []
+    try:
+        size = (20 if args.quick else 200) * MiB
+        old, new = make_image_pair(work / "img", size)
+        rows.append(bench_pair(f"synthetic {size // MiB} MiB image", old, new, work / "img-run"))
+        shutil.rmtree(work / "img")
+        old, new = make_tree_pair(work / "tree", 300 if args.quick else 2000)
+        rows.append(bench_pair("many small files", old, new, work / "tree-run"))
+        if not args.no_real:
+            try:
+                old, new, label = fetch_real(args.cache)
+                rows.append(bench_pair(label, old, new, work / "real-run"))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                rows.append(Row("real pair (numpy wheels)", note=f"download failed: {exc}"))
+        print_table(rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r.ok or r.note for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Single-peer transfer throughput through two daemons vs a plain socket; idle cost.
+
+Run: ``python -m p2pupd.tools.bench.transfer_bench [--mb 200] [--dir DIR]``.
+
+1. Publishes a release of ``--mb`` MiB of random files, imports it into node A.
+2. Baseline: a plain Python sender and receiver (two processes, TCP on
+   127.0.0.1, 1 MiB ``sendall``/``recv_into``) move the same number of bytes.
+3. Starts ``p2pupd daemon`` A (holding the release) and B (``--peer`` A,
+   ``--no-mdns``) as real processes and times B from ``event=fetch-started``
+   to ``event=release-complete`` (every chunk requested, hash-checked,
+   fsynced into B's store); then the apply, for information.
+4. Idle: after the transfer both daemons sit connected; RSS (VmRSS) and CPU
+   (utime+stime from /proc) of A are sampled over ``--idle`` seconds, plus a
+   freshly started daemon with nothing to do.
+
+Prints a table; the targets of issue 6 are >= 50 % of the plain socket and
+< 60 MB idle RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1024 * 1024
+TS_RE = r"ts=(\S+)Z level=\w+ event={}"
+
+
+def cli(*args: str | Path) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "p2pupd.tools.cli", *map(str, args)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if r.returncode:
+        raise SystemExit(f"p2pupd {' '.join(map(str, args))} failed: {r.stderr}")
+    return r.stdout
+
+
+def make_release(base: Path, mb: int) -> tuple[Path, Path, Path, int]:
+    """Keys, repo, one release of ``mb`` MiB in 8 files; returns (repo, bundle, root, bytes)."""
+    (base / "keys").mkdir(parents=True)
+    cli("keygen", base / "keys/root.key")
+    cli("keygen", base / "keys/rel.key")
+    repo = base / "repo"
+    cli("repo", "init", repo, "--root-key", base / "keys/root.key",
+        "--release-key", base / "keys/rel.key")  # fmt: skip
+    src = base / "src"
+    src.mkdir()
+    rng = random.Random(6)
+    total = 0
+    for i in range(8):
+        data = rng.randbytes(mb * MiB // 8)
+        (src / f"part{i}.bin").write_bytes(data)
+        total += len(data)
+    cli("publish", repo, "app", "1.0", src)
+    cli("export", repo, base / "bundle")
+    return repo, base / "bundle", repo / "root.msgpack", total
+
+
+PLAIN_RECEIVER = """
+import socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); buf = bytearray(1 << 20); n = 0
+while (k := c.recv_into(buf)): n += k
+print(n, flush=True)
+"""
+
+# The same bytes, but landed like a store does: one file per 64 KiB chunk (the
+# average chunk size), one flush at the end. This is what the disk allows.
+FILES_RECEIVER = """
+import os, socket, sys
+out = sys.argv[1]; chunk = 64 * 1024
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); f = c.makefile("rb"); n = i = 0
+while (block := f.read(chunk)):
+    fd = os.open(f"{out}/{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    os.write(fd, block); os.close(fd); n += len(block); i += 1
+os.sync()
+print(n, flush=True)
+"""
+
+
+def plain_socket(total: int, files_dir: Path | None = None) -> float:
+    """Seconds for a plain Python sender -> receiver (separate processes) of ``total`` bytes.
+
+    With ``files_dir`` the receiver writes each 64 KiB to its own file there.
+    """
+    cmd = [sys.executable, "-c", PLAIN_RECEIVER]
+    if files_dir is not None:
+        files_dir.mkdir()
+        cmd = [sys.executable, "-c", FILES_RECEIVER, str(files_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    block = random.Random(1).randbytes(MiB)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        sent = 0
+        while sent < total:
+            n = min(MiB, total - sent)
+            s.sendall(block[:n] if n < MiB else block)
+            sent += n
+    got = int(proc.stdout.readline())
+    elapsed = time.perf_counter() - start
+    proc.wait()
+    assert got == total, (got, total)
+    return elapsed
+
+
+class Daemon:
+    def __init__(self, state: Path, *extra: str) -> None:
+        self.log = state.parent / f"{state.name}.log"
+        self._out = open(self.log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pupd.tools.cli", "daemon", "--state-dir", str(state),
+             "--listen", "127.0.0.1:0", "--no-mdns", *extra],
+            stdout=self._out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.port = int(self.wait(r"event=listening addr=127\.0\.0\.1:(\d+)", 30))
+
+    def wait(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log.read_text())
+            if m:
+                return m.group(1) if m.groups() else m.group(0)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise SystemExit(f"timed out waiting for {pattern!r}:\n{self.log.read_text()[-2000:]}")
+
+    def stamp(self, event: str, timeout: float) -> float:
+        ts = self.wait(TS_RE.format(event), timeout)
+        secs, _, ms = ts.partition(".")
+        return time.mktime(time.strptime(secs, "%Y-%m-%dT%H:%M:%S")) + int(ms) / 1000
+
+    def sample(self) -> tuple[float, float]:
+        """(RSS in MB, CPU seconds so far) from /proc."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return rss_kb / 1024, cpu
+
+    def peak_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+def idle(d: Daemon, seconds: float) -> tuple[float, float]:
+    """(RSS MB at the end, CPU % over ``seconds``) of an idle daemon."""
+    _, cpu0 = d.sample()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    rss, cpu1 = d.sample()
+    return rss, 100 * (cpu1 - cpu0) / (time.perf_counter() - t0)
+
+
+def run(base: Path, mb: int, idle_seconds: float) -> list[tuple[str, str]]:
+    _, bundle, root, total = make_release(base, mb)
+    nodes = {}
+    for name in ("a", "b", "c"):
+        state = base / name / "state"
+        (base / name / "target").mkdir(parents=True)
+        cli("init", "--state-dir", state, "--trust", root,
+            "--component", f"app={base / name / 'target' / 'app'}")  # fmt: skip
+        nodes[name] = state
+    cli("import", bundle, "--state-dir", nodes["a"])
+
+    plain = min(plain_socket(total) for _ in range(3))
+    files = plain_socket(total, base / "plain-files")
+    a = Daemon(nodes["a"])
+    b = Daemon(nodes["b"], "--peer", f"127.0.0.1:{a.port}")
+    try:
+        t0 = b.stamp("fetch-started", 120)
+        blobs = b.wait(r"event=fetch-started .*blobs=(\d+)", 5)
+        t1 = b.stamp("release-complete", 600)
+        t2 = b.stamp("applied", 600)
+        peak_b = b.peak_mb()
+        rss_a, cpu_a = idle(a, idle_seconds)
+        rss_b, cpu_b = idle(b, idle_seconds / 2)
+    finally:
+        b.stop()
+        a.stop()
+    fresh = Daemon(nodes["c"])
+    try:
+        fresh.wait("event=ready", 30)
+        rss_c, cpu_c = idle(fresh, idle_seconds)
+    finally:
+        fresh.stop()
+    daemon = max(t1 - t0, 1e-3)
+    return [
+        ("bytes transferred", f"{total / MiB:.0f} MiB in {blobs} chunks"),
+        ("plain Python socket", f"{total / plain / MiB:8.1f} MiB/s  ({plain:.2f} s, best of 3)"),
+        ("daemon -> daemon", f"{total / daemon / MiB:8.1f} MiB/s  ({daemon:.2f} s)"),
+        ("ratio (target >= 50 %)", f"{100 * plain / daemon:8.1f} %"),
+        (
+            "plain socket, 1 file/64 KiB + sync",
+            f"{total / files / MiB:8.1f} MiB/s  ({files:.2f} s)",
+        ),
+        ("ratio to that disk-bound reference", f"{100 * files / daemon:8.1f} %"),
+        ("apply after transfer", f"{t2 - t1:8.2f} s"),
+        ("receiver peak RSS", f"{peak_b:8.1f} MB"),
+        (f"idle RSS / CPU, seed ({idle_seconds:.0f} s)", f"{rss_a:8.1f} MB  {cpu_a:5.2f} %"),
+        ("idle RSS / CPU, receiver", f"{rss_b:8.1f} MB  {cpu_b:5.2f} %"),
+        ("idle RSS / CPU, fresh (target < 60 MB)", f"{rss_c:8.1f} MB  {cpu_c:5.2f} %"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mb", type=int, default=200, help="release size in MiB (default 200)")
+    p.add_argument("--idle", type=float, default=10.0, help="idle sampling seconds (default 10)")
+    p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        rows = run(Path(tmp), args.mb, args.idle)
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{width}}  value")
+    print(f"{'-' * width}  {'-' * 40}")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
