@@ -9,6 +9,7 @@ repository uses the same on-disk blob layout as a node.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from p2pupd.protocol.manifest import Manifest
 
 from . import ctlclient
 from .apply import Applier, ApplyResult
+from .config import DEFAULT_CONFIG_PATH, FileConfig, load_config
 from .errors import (
     ApplyError,
     BundleError,
@@ -32,7 +34,15 @@ from .errors import (
 )
 from .fsutil import atomic_write
 from .importer import ImportedRelease, ImportInterruptedError, ImportReport, import_bundle
-from .node import ComponentConfig, NodeConfig, StateDir, default_platform, new_node_id, now_seconds
+from .node import (
+    ComponentConfig,
+    HookLimits,
+    NodeConfig,
+    StateDir,
+    default_platform,
+    new_node_id,
+    now_seconds,
+)
 from .node_ctx import Node
 from .options import DaemonOptions, parse_endpoint, parse_rate
 from .siterequest import build_request
@@ -41,6 +51,7 @@ from .store import BlobStore
 from .watch import WatchEvent, watch
 
 __all__ = [
+    "DEFAULT_CONFIG_PATH",
     "ApplyError",
     "ApplyResult",
     "BlobStore",
@@ -48,7 +59,9 @@ __all__ = [
     "ConfigError",
     "DaemonError",
     "DaemonOptions",
+    "FileConfig",
     "HealthCheckFailedError",
+    "HookLimits",
     "ImportInterruptedError",
     "ImportReport",
     "ImportedRelease",
@@ -65,6 +78,7 @@ __all__ = [
     "history",
     "import_dir",
     "init_node",
+    "load_config",
     "make_request",
     "open_node",
     "open_state_source",
@@ -91,11 +105,13 @@ def init_node(
     retain: int = 2,
     immutable: bool = False,
     cluster: str = "default",
+    hook_limits: HookLimits | None = None,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root.
 
     Re-running adds components; the pinned root is only replaced by ``init``
     when none is installed yet (rotation happens through signed imports).
+    ``hook_limits`` ``None`` keeps the node's limits (defaults on a new node).
     """
     sd = StateDir(state_dir)
     old = sd.read_config() if sd.exists() else None
@@ -115,6 +131,7 @@ def init_node(
         platform=platform or (old.platform if old else default_platform()),
         components=comps,
         cluster=cluster if old is None else old.cluster,
+        hooks=hook_limits or (old.hooks if old else HookLimits()),
     )
     try:
         data = trust_file.read_bytes()
@@ -171,6 +188,12 @@ def import_dir(
             cancel=cancel,
             allow_other_node=allow_other_node,
         )
+        # Keep the verified, decoded manifests (daemon/mancache.py): a later
+        # apply then starts from them instead of decoding thousands of entries.
+        for r in report.releases:
+            if r.new:
+                with contextlib.suppress(DaemonError):
+                    applier.manifest(r.component, r.serial)
         results = []
         if apply_after:
             for comp in sorted({r.component for r in report.releases}):
@@ -194,8 +217,24 @@ def apply(
     with node.lock:
         applier = Applier(node)
         if version is not None:
-            serial = applier.serial_of(component, version)
+            try:
+                serial = applier.serial_of(component, version)
+            except NotFoundError as exc:
+                raise _no_variant_error(node, component, version) or exc from None
         return applier.apply(component, serial, force)
+
+
+def _no_variant_error(node: Node, component: str, version: str) -> NotFoundError | None:
+    """Explain why no release labelled ``version`` is stored, if an import said why.
+
+    The importer records a ``no-variant`` history event for a release that had
+    no variant for this node's platform; returns the error naming the
+    variants it had, or ``None``.
+    """
+    for h in reversed(node.state.read_state(component).history):
+        if h.event == "no-variant" and h.version == version:
+            return NotFoundError(h.detail)
+    return None
 
 
 def rollback(state_dir: Path, component: str) -> ApplyResult:
@@ -291,6 +330,7 @@ def status(state_dir: Path, *, route: bool = True) -> dict[str, Any]:
     return {
         "node_id": node.config.node_id.hex(),
         "platform": node.config.platform,
+        "hook_limits": node.config.hooks.to_value(),
         "root_version": root.version,
         "store": {"blobs": sum(1 for _ in node.store.iter_digests())},
         "recovered": recovered,

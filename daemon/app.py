@@ -36,17 +36,21 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from p2pupd.protocol.errors import P2pupdError
 
+from .autoimport import serve_watch
 from .core import NodeService, ServiceOptions
+from .daemon_metrics import MetricsFeed
 from .dialer import Dialer
 from .discovery import Discovery
 from .errors import LockedError
-from .events import log, setup_logging, short
+from .events import log, observe, setup_logging, short
+from .metrics import serve_metrics
 from .node_ctx import Node
 from .options import DaemonOptions
 from .peers import format_endpoint
@@ -64,6 +68,8 @@ class RestartPolicy:
 
 DEFAULT_POLICY = RestartPolicy()
 DISCOVERY_POLICY = RestartPolicy(backoff_min=5.0, backoff_max=300.0)
+# A watched mount directory may not exist until a stick is inserted.
+WATCH_POLICY = RestartPolicy(backoff_min=10.0, backoff_max=60.0)
 
 
 def sd_notify(state: str) -> bool:
@@ -184,6 +190,10 @@ async def run(
                     on_found=dialer.wake,
                 )
                 nursery.start_soon(supervise, "discovery", discovery.serve, DISCOVERY_POLICY)
+            if options.metrics_listen is not None:
+                await _start_metrics(nursery, core, options.metrics_listen)
+            for root in options.watch:
+                nursery.start_soon(supervise, f"watch:{root}", _watch(core, root), WATCH_POLICY)
             log(
                 "ready",
                 node=short(node.config.node_id),
@@ -195,6 +205,26 @@ async def run(
     finally:
         node.lock.release()
         log("stopped")
+
+
+async def _start_metrics(nursery: trio.Nursery, core: NodeService, listen: tuple[str, int]) -> None:
+    """Serve Prometheus metrics on ``listen`` (off unless configured)."""
+    feed = MetricsFeed(core)
+    observe(feed.on_event)
+    host, port = listen
+
+    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve_metrics(host, port, feed.metrics.registry, task_status=task_status)
+
+    bound = await nursery.start(supervise, "metrics", serve)
+    log("metrics-listening", addr=format_endpoint(host, bound))
+
+
+def _watch(core: NodeService, root: Path) -> StartFn:
+    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve_watch(core, root, task_status=task_status)
+
+    return serve
 
 
 def _control(core: NodeService) -> StartFn:

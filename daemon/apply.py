@@ -10,8 +10,10 @@ docstring for the state machine and recovery). One apply is:
    content that is neither on disk nor in the store (a clear error naming
    locally modified files), too little free space (stage.py);
 4. if that version is still kept on disk and intact, switch to it (no staging);
-   otherwise stage it beside the target from the cheapest proven sources —
-   files the stat cache trusts, patches of big files, deltas, chunks;
+   otherwise stage it beside the target (planning.py decides how): in the
+   kept version this commit would drop, reshaped in place (recycle.py), or
+   fresh, from the cheapest proven sources — files the stat cache trusts,
+   patches of big files, deltas, chunks;
 5. run the ``pre-apply`` hook on the stage, then swap, then the checks
    (``post-apply`` and ``health`` hooks, the health command) decide between
    commit and undo. A failed check marks the release bad here, so it is never
@@ -177,8 +179,9 @@ class Applier:
         if serial in st.kept and self.planner.intact(cache, target, man, kept):
             tx = self.tx.begin(cfg, serial, st.installed, kept, "switch", checked, event)
         else:
-            plan = self.planner.plan(cfg, target, cache, man, st)
-            tx, report = self._stage_tx(cfg, target, cache, man, st, plan, checked, event)
+            rec = self.planner.recyclable(cfg, target, cache, st, serial, man)
+            plan = self.planner.plan(cfg, target, cache, man, st, rec)
+            tx, report = self._stage_tx(cfg, target, cache, man, st, plan, rec, checked, event)
         stage_seconds = time.monotonic() - t0
         try:
             self.tx.swap_and_commit(cfg, man, tx, self._checks)
@@ -199,13 +202,13 @@ class Applier:
         man: Manifest,
         st: ComponentState,
         plan: StagePlan,
+        rec: Recycled | None,
         checked: bool,
         event: str,
     ) -> tuple[Tx, StageReport]:
         """Begin a transaction and build its stage (recycling a dropped version if any)."""
         serial = man.serial
         src = target.stage_path(serial)
-        rec = self.planner.recyclable(cfg, target, cache, st, serial)
         drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
         if rec is not None:
             drop.add(rec.serial)
@@ -223,6 +226,8 @@ class Applier:
                 self.tx.follow(cfg, target)
             report = self._stage(cfg, target, man, src, plan, rec)
             cache.replace_version(serial, record_tree(man, src, target.file_at, report.keys))
+            if rec is not None:
+                cache.versions.pop(rec.serial, None)  # its files are now the new version's
             cache.adopt_links(serial)
             cache.save()
             self._pre_apply(cfg, target, man, tx, st)
@@ -245,7 +250,7 @@ class Applier:
                 man,
                 src,
                 self.node.store,
-                plan.reusable,
+                plan.sources,
                 delta_builder=self.planner.delta_builder(man, plan),
                 sources=plan.reuse.sources,
                 patches=plan.patches,
@@ -257,7 +262,7 @@ class Applier:
             man,
             src,
             self.node.store,
-            plan.reusable,
+            plan.sources,
             allow_hardlink=cfg.immutable,
             delta_builder=self.planner.delta_builder(man, plan),
             sources=plan.reuse.sources,
@@ -292,11 +297,12 @@ class Applier:
 
     def _checks(self, cfg: ComponentConfig, target: Target, man: Manifest, tx: Tx) -> None:
         """After the swap: post-apply hook, health hook, health command; raise on failure."""
-        live = target.version_root(man.serial, man.serial)
-        old = self._label(cfg, tx.frm)
-        view = target.scratch_path("hookview")
-        self.hooks.run("post-apply", cfg, man, live, old, view)
-        self.hooks.run("health", cfg, man, live, old, view)
+        if man.hooks.keys() & {"post-apply", "health"}:
+            live = target.version_root(man.serial, man.serial)
+            old = self._label(cfg, tx.frm)  # reads the old manifest: only when a hook runs
+            view = target.scratch_path("hookview")
+            self.hooks.run("post-apply", cfg, man, live, old, view)
+            self.hooks.run("health", cfg, man, live, old, view)
         self.health(cfg, man)
 
     def _label(self, cfg: ComponentConfig, serial: int | None) -> str | None:

@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 LOGGER = logging.getLogger("p2pupd.daemon")
@@ -54,8 +55,21 @@ def format_event(event: str, fields: dict[str, object]) -> str:
     return " ".join(parts)
 
 
+Observer = Callable[[str, dict[str, object]], None]
+_OBSERVERS: list[Observer] = []
+
+
+def observe(fn: Observer) -> Callable[[], None]:
+    """Call ``fn(event, fields)`` for every event, whatever the log level
+    (metrics count events); returns a function that removes it again."""
+    _OBSERVERS.append(fn)
+    return lambda: _OBSERVERS.remove(fn)
+
+
 def log(event: str, level: int = logging.INFO, **fields: object) -> None:
     """Emit one event line (cheap when the level is disabled)."""
+    for fn in _OBSERVERS:
+        fn(event, fields)
     if LOGGER.isEnabledFor(level):
         LOGGER.log(level, "%s", format_event(event, fields))
 

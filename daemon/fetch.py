@@ -158,6 +158,22 @@ class FetchManager:
         assert self._nursery is not None, "FetchManager.serve is not running"
         self._nursery.start_soon(self._run, rf)
 
+    def restart(self, component: str, serial: int) -> bool:
+        """Re-plan the running fetch of (component, serial) from what the store holds.
+
+        For blobs that arrived another way (an import of the same release): the
+        running planner only counts what peers send and would wait for them
+        forever; the new fetch finds them stored and completes. Returns False
+        if no such fetch was running.
+        """
+        rf = self.active.get(component)
+        if rf is None or rf.man.serial != serial:
+            return False
+        rf.scope.cancel()
+        del self.active[component]
+        self.start(rf.man, rf.digest)
+        return True
+
     # ----- the fetch -----------------------------------------------------------
 
     async def _run(self, rf: ReleaseFetch) -> None:

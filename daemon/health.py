@@ -8,6 +8,12 @@ health command with its deadline. Any failure raises, and the applier swaps
 the old version back and marks the release bad on this node. A ``pre-apply``
 hook runs on the staged tree before the swap; its failure discards the stage.
 
+Every hook run, passing or not, is logged (event ``hook``) and recorded in the
+component's history (event ``hook``) with the tail of its stdout and stderr, so
+an operator can read why a hook refused a release after the fact; the failure
+itself is then recorded by the applier (``refused`` or ``health-failed``).
+Hook limits are the node's (``NodeConfig.hooks``), never the release's.
+
 The seam is ``HealthCheck``: any callable ``(config, manifest) -> None`` that
 raises ``HealthCheckFailedError``. ``run_health_command`` is the default;
 tests and other policies plug in their own.
@@ -21,6 +27,7 @@ alive past the deadline. The last line of its output explains a failure.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -32,9 +39,10 @@ from typing import IO, TYPE_CHECKING
 
 from p2pupd.protocol.manifest import Manifest
 
-from .errors import HealthCheckFailedError, HookError
+from .errors import HealthCheckFailedError, HookError, StorageError
+from .events import log
 from .fsutil import storage_error
-from .node import ComponentConfig
+from .node import ComponentConfig, HistoryEntry, now_seconds
 
 if TYPE_CHECKING:
     from .hooks import HookResult, HookRunner
@@ -43,6 +51,9 @@ if TYPE_CHECKING:
 HealthCheck = Callable[[ComponentConfig, Manifest], None]
 
 OUTPUT_TAIL_BYTES = 4096
+# Per stream, in a hook's history entry: the history holds up to HISTORY_LIMIT
+# entries in one document, so it keeps tails, not the whole captured output.
+HOOK_HISTORY_OUTPUT_CHARS = 1024
 
 
 def run_health_command(cfg: ComponentConfig, man: Manifest) -> None:
@@ -133,7 +144,11 @@ class Hooks:
 
         module = self.node.store.get_bytes(ref.sha256)
         if self._runner is None:
-            self._runner = HookRunner(self.node.state.cache_dir / "hooks")
+            limits = self.node.config.hooks
+            self._runner = HookRunner(
+                self.node.state.cache_dir / "hooks", limits.fuel, limits.memory_bytes,
+                limits.seconds,
+            )  # fmt: skip
         with contextlib.ExitStack() as stack:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="p2pupd-hook-")))
             if not tree.is_dir():
@@ -142,9 +157,34 @@ class Hooks:
             result = self._runner.run(
                 point, module, ref.sha256, tree, scratch, hook_env(cfg.name, old, man.version)
             )
+        self._record(cfg, man, result)
         if not result.ok:
             raise HookError(f"{point} hook: {result.reason}")
         return result
+
+    def _record(self, cfg: ComponentConfig, man: Manifest, result: HookResult) -> None:
+        """Log ``result`` and add it, with its output's tails, to the component's history."""
+        log(
+            "hook", component=cfg.name, serial=man.serial, point=result.point, ok=result.ok,
+            reason=result.reason, seconds=result.seconds, fuel=result.fuel_used,
+            cached=result.cached, stdout=result.stdout or None, stderr=result.stderr or None,
+        )  # fmt: skip
+        verdict = "passed" if result.ok else "failed"
+        detail = f"{result.point} hook {verdict}: {result.reason} ({result.seconds:.2f}s)"
+        for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+            if text.strip():
+                detail += f"\n{name}: {_tail_chars(text.strip(), HOOK_HISTORY_OUTPUT_CHARS)}"
+        entry = HistoryEntry(now_seconds(), "hook", man.serial, man.version, detail)
+        try:
+            st = self.node.state.read_state(cfg.name)
+            self.node.state.update_state(cfg.name, st.with_event(entry))
+        except StorageError as exc:  # the verdict matters more than its record
+            log("hook-record-failed", logging.WARNING, component=cfg.name, reason=str(exc))
+
+
+def _tail_chars(text: str, limit: int) -> str:
+    """Return the last ``limit`` characters of ``text``, marked when cut."""
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from p2pupd.protocol.errors import (
     RollbackError,
     VerificationError,
 )
+from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import Envelope, check_serial
 
 from .accept import needed_for, persist_release
@@ -51,6 +52,7 @@ from .errors import BundleError
 from .fsutil import ensure_free
 from .incoming import Incoming
 from .metadata import BundleMetadata, VerifiedRelease, read_metadata
+from .node import HistoryEntry, now_seconds
 from .node_ctx import Node
 from .siterequest import node_public_key
 
@@ -86,6 +88,8 @@ class ImportReport:
     bytes_copied: int = 0
     for_node: str | None = None
     seconds: float = 0.0
+    # Newer releases with no variant for this node: (component, serial, version, message).
+    no_variant: list[tuple[str, int, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -103,14 +107,25 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
     """
     states = node.state.read_states()
     by_comp: dict[str, list[VerifiedRelease]] = {}
+    others: dict[tuple[str, int], list[Manifest]] = {}  # variants for other platforms
     for r in meta.releases:
         man = r.manifest
         if man.component not in node.config.components:
             report.skipped.append(f"{man.component} {man.version}: not configured on this node")
         elif man.platform is not None and man.platform != node.config.platform:
-            report.skipped.append(f"{man.component} {man.version}: for platform {man.platform}")
+            others.setdefault((man.component, man.serial), []).append(man)
         else:
             by_comp.setdefault(man.component, []).append(r)
+    # Another platform's variant is noise when ours came along; a release with
+    # no variant for us is worth saying so, naming what it does have.
+    ours = {(r.manifest.component, r.manifest.serial) for rels in by_comp.values() for r in rels}
+    for key, mans in sorted(others.items()):
+        if key not in ours:
+            msg = no_variant_message(mans, node.config.platform)
+            report.skipped.append(msg)
+            st = states.get(key[0])
+            if key[1] > (st.high_water if st else 0):
+                report.no_variant.append((*key, mans[0].version, msg))
     out: list[_Candidate] = []
     for comp, rels in sorted(by_comp.items()):
         rels.sort(key=lambda r: r.manifest.serial)
@@ -136,6 +151,13 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
                     f"{comp} {man.version}: serial {man.serial} is older than trusted serial {high}"
                 )
     return out
+
+
+def no_variant_message(variants: list[Manifest], platform: str) -> str:
+    """Return "no variant of app 2.0 for P; the release has X, Y" for one release."""
+    man = variants[0]
+    have = ", ".join(sorted({str(m.platform) for m in variants}))
+    return f"no variant of {man.component} {man.version} for {platform}; the release has {have}"
 
 
 def _held_digest(node: Node, component: str, serial: int) -> bytes | None:
@@ -294,6 +316,12 @@ def _persist(
     """
     if meta.trusted.version != node.trusted_root().version:
         node.trust_store.advance(meta.roots, now)
+    for comp, serial, version, msg in report.no_variant:
+        # Recorded once, so `apply` can say why a release the site expects is absent.
+        st = node.state.read_state(comp)
+        if not any(h.event == "no-variant" and h.serial == serial for h in st.history):
+            entry = HistoryEntry(now_seconds(), "no-variant", serial, version, msg)
+            node.state.update_state(comp, st.with_event(entry))
     for c in todo:
         man = c.rel.manifest
         if c.new:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from p2pupd.protocol.errors import MixAndMatchError, P2pupdError
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
@@ -198,6 +200,7 @@ class Lifecycle:
         async with self.core.mutex:
             if version is not None:
                 serial = await self.core.offload(lambda: self._serial_of(component, version))
+            started = trio.current_time()
             result = await self.core.offload(
                 lambda: Applier(self.core.node).apply(component, serial, force)
             )
@@ -210,6 +213,7 @@ class Lifecycle:
                 version=result.version,
                 serial=result.serial,
                 from_=self.sources(component, result.serial),
+                seconds=trio.current_time() - started,
             )
         return result
 
@@ -249,6 +253,10 @@ class Lifecycle:
                     from_="import",
                 )
                 self.core.fetch.start(man, env.payload_digest())
+            elif self.core.fetch.restart(r.component, r.serial):
+                # Accepted earlier from a peer and still being fetched: the bundle
+                # brought the blobs, so that fetch finds them and completes.
+                self.origin[r.component] = (r.serial, "import")
         results = []
         if apply_after:
             for comp in sorted({r.component for r in report.releases}):

@@ -30,7 +30,7 @@ from typing import Any
 
 from p2pupd.protocol import manifest as manifest_module
 from p2pupd.protocol.errors import CodecError, VerificationError
-from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.manifest import ChunkRef, FileEntry, Manifest
 
 from .errors import CorruptStoreError, StorageError
 from .fsutil import atomic_write
@@ -96,8 +96,27 @@ class ManifestCache:
             ) from None
         with contextlib.suppress(StorageError, OSError):  # a cache: best effort
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            atomic_write(path, pickle.dumps(man, protocol=pickle.HIGHEST_PROTOCOL), mode=0o600)
+            atomic_write(path, _dump(man), mode=0o600)
         return man
+
+
+# Files are most of a manifest: they are stored as plain tuples and rebuilt
+# without running each frozen dataclass's __init__ (a third of the time).
+# Only while the two classes have exactly these fields; else whole pickles.
+_FAST = [f.name for f in dataclasses.fields(FileEntry)] == [
+    "path", "mode", "size", "sha256", "mtime", "chunks",
+] and [f.name for f in dataclasses.fields(ChunkRef)] == ["digest", "size"]  # fmt: skip
+
+
+def _dump(man: Manifest) -> bytes:
+    if not _FAST:
+        return pickle.dumps(man, protocol=pickle.HIGHEST_PROTOCOL)
+    files = [
+        (f.path, f.mode, f.size, f.sha256, f.mtime, [(c.digest, c.size) for c in f.chunks])
+        for f in man.files
+    ]
+    head = dataclasses.replace(man, files=())
+    return pickle.dumps((head, files), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _read(path: Path) -> Manifest | None:
@@ -107,6 +126,22 @@ def _read(path: Path) -> Manifest | None:
         return None
     try:
         obj = _Unpickler(io.BytesIO(data)).load()
+        if isinstance(obj, tuple) and _FAST:
+            head, files = obj
+            obj = dataclasses.replace(head, files=tuple(_file(*f) for f in files))
     except Exception:  # any damage is a miss
         return None
     return obj if isinstance(obj, Manifest) else None
+
+
+def _file(
+    path: str, mode: int, size: int, sha: bytes, mtime: int, chunks: list[tuple[bytes, int]]
+) -> FileEntry:
+    f = object.__new__(FileEntry)
+    refs = []
+    for digest, n in chunks:
+        c = object.__new__(ChunkRef)
+        c.__dict__.update(digest=digest, size=n)
+        refs.append(c)
+    f.__dict__.update(path=path, mode=mode, size=size, sha256=sha, mtime=mtime, chunks=tuple(refs))
+    return f

@@ -15,7 +15,8 @@ untouched. Rules, one check each:
   6. each release verifies under the resulting root, unexpired ........... (trust.verify_release)
   7. the artifact's component annotation matches the signed one ........ MixAndMatchError
   8. a release artifact carries only blobs its manifest names, at size .... SchemaError
-  9. one bundle does not offer two different releases under one serial ... RollbackError
+  9. one bundle does not offer two different releases under one serial
+     (platform variants of a release are not two releases) ............... RollbackError
  10. a request artifact is a document signed by the node key it names .... (request.verify_request)
 """
 
@@ -131,7 +132,8 @@ def read_metadata(
         trusted = trusted.rotate(roots[trusted.version + 1], now)
 
     meta = BundleMetadata(trusted, roots, referenced=reads.referenced)
-    seen: dict[tuple[str, int], VerifiedRelease] = {}
+    seen: dict[tuple[str, int, str | None], VerifiedRelease] = {}
+    kinds: dict[tuple[str, int], set[bool]] = {}  # universal or per-platform, per serial
     for data, art in raw_releases:
         man, env = trusted.verify_release(data, now)
         named = art.annotations.get(oci.ANNOTATION_COMPONENT)
@@ -140,7 +142,12 @@ def read_metadata(
                 f"bundle lists a release of {named!r} whose signed manifest is for {man.component!r}"
             )
         rel = VerifiedRelease(man, env, env.payload_digest(), oci.check_release_layers(art, man))
-        twin = seen.setdefault((man.component, man.serial), rel)
+        kinds.setdefault((man.component, man.serial), set()).add(man.platform is None)
+        twin = seen.setdefault((man.component, man.serial, man.platform), rel)
+        if len(kinds[man.component, man.serial]) > 1:
+            raise RollbackError(
+                f"bundle offers {man.component} serial {man.serial} both universal and per platform"
+            )
         if twin is rel:
             meta.releases.append(rel)
         elif twin.digest != rel.digest:

@@ -11,7 +11,7 @@ reading so a stray client cannot hold memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -76,6 +76,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.metrics: dict[str, Metric] = {}
+        # Called before each render, to refresh values read from live state.
+        self.collectors: list[Callable[[], None]] = []
 
     def counter(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Metric:
         return self._add(Metric(name, "counter", help, labels))
@@ -90,6 +92,8 @@ class Registry:
         return m
 
     def render(self) -> str:
+        for collect in self.collectors:
+            collect()
         lines: list[str] = []
         for m in self.metrics.values():
             lines.extend(m.render())

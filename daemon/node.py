@@ -27,6 +27,11 @@ from typing import Any
 
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import CodecError
+from p2pupd.protocol.limits import (
+    HOOK_DEFAULT_FUEL,
+    HOOK_DEFAULT_MEMORY_BYTES,
+    HOOK_DEFAULT_SECONDS,
+)
 
 from .errors import ConfigError, NotFoundError, StorageError
 from .fsutil import atomic_write
@@ -83,11 +88,43 @@ class ComponentConfig:
 
 
 @dataclass(frozen=True)
+class HookLimits:
+    """What one WebAssembly hook may use on this node (``p2pupd init --hook-*``).
+
+    A node's operator, not the publisher, sets these: the limits protect the
+    node, so a release cannot raise them for itself.
+    """
+
+    fuel: int = HOOK_DEFAULT_FUEL  # instructions, roughly
+    memory_bytes: int = HOOK_DEFAULT_MEMORY_BYTES  # linear memory
+    seconds: float = HOOK_DEFAULT_SECONDS  # wall clock, epoch deadline
+
+    def __post_init__(self) -> None:
+        if self.fuel <= 0 or self.memory_bytes <= 0 or self.seconds <= 0:
+            raise ConfigError("hook limits must be positive")
+
+    def to_value(self) -> dict[str, Any]:
+        return {"fuel": self.fuel, "memory": self.memory_bytes, "ms": int(self.seconds * 1000)}
+
+    @classmethod
+    def from_value(cls, v: Any) -> HookLimits:
+        """Read limits written by ``to_value``; absent fields (older configs) default."""
+        if v is None:
+            return cls()
+        return cls(
+            int(v.get("fuel", HOOK_DEFAULT_FUEL)),
+            int(v.get("memory", HOOK_DEFAULT_MEMORY_BYTES)),
+            int(v.get("ms", HOOK_DEFAULT_SECONDS * 1000)) / 1000,
+        )
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: bytes
     platform: str
     components: dict[str, ComponentConfig]
     cluster: str = "default"
+    hooks: HookLimits = field(default_factory=HookLimits)
 
     def component(self, name: str) -> ComponentConfig:
         try:
@@ -101,6 +138,7 @@ class NodeConfig:
             "platform": self.platform,
             "cluster": self.cluster,
             "components": {n: c.to_value() for n, c in self.components.items()},
+            "hooks": self.hooks.to_value(),
         }
 
     @classmethod
@@ -111,7 +149,11 @@ class NodeConfig:
                 for n, c in v["components"].items()
             }
             return cls(
-                bytes(v["node_id"]), str(v["platform"]), comps, str(v.get("cluster", "default"))
+                bytes(v["node_id"]),
+                str(v["platform"]),
+                comps,
+                str(v.get("cluster", "default")),
+                HookLimits.from_value(v.get("hooks")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, CodecError) as exc:
             raise ConfigError(f"node configuration is invalid: {exc}") from None

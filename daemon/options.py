@@ -25,6 +25,8 @@ class DaemonOptions:
     log_level: str = "info"
     handle_signals: bool = True  # False when embedded (tests)
     gossip_interval: float = 30.0
+    metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint; None = off
+    watch: tuple[Path, ...] = ()  # directories watched for bundles to import
 
 
 def parse_endpoint(text: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:

@@ -18,7 +18,8 @@ the release to apply, without changing anything:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import functools
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .errors import NotFoundError, StorageError
 from .node import ComponentConfig, ComponentState
 from .node_ctx import Node
 from .patch import PATCH_MIN_BYTES, PatchPlan, plan_patch
-from .recycle import Recycled
+from .recycle import Recycled, trusted_in
 from .stage import missing_blobs
 from .statcache import Reuse, Source, StatCache, Version, find_sources
 from .targets import Target, lstat_or_none, target_for
@@ -81,11 +82,44 @@ class PathMap(Mapping[bytes, Path]):
 
 @dataclass
 class StagePlan:
-    reusable: PathMap
+    """What ``Planner.plan`` decided; ``held`` and ``reusable`` (all files on disk, for
+    deltas) are computed on first use, since most applies never need them."""
+
     reuse: Reuse
     patches: dict[str, PatchPlan]
-    held: list[Manifest]
     live_root: Path | None
+    versions: list[Version]
+    cache: StatCache
+    file_at: Callable[[str, str], str]
+    needed: frozenset[bytes]  # the release's contents: untrusted copies of these never count
+    kept: Collection[str] = ()  # paths a recycled stage keeps in place
+    _full: tuple[list[Manifest], PathMap] | None = None
+
+    @property
+    def sources(self) -> PathMap:
+        """The trusted files by sha256 (what the stage reuses)."""
+        out = PathMap()
+        out.paths.update({sha: s.path for sha, s in self.reuse.sources.items()})
+        return out
+
+    def held(self) -> tuple[list[Manifest], PathMap]:
+        """Manifests of the versions on disk, and every file on them by sha256.
+
+        Every file may serve a delta as its base (delta.py checks what it
+        reads); contents this release needs count only where trusted.
+        Raises ``NotFoundError``/``StorageError`` if a manifest cannot be read.
+        """
+        if self._full is None:
+            mans = [v.man() for v in self.versions]
+            reusable = PathMap()
+            for v in reversed(self.versions):
+                at = str(v.root)
+                for rel, sha in v.files(self.cache):
+                    if sha not in self.needed:
+                        reusable.paths[sha] = self.file_at(at, rel)
+            reusable.paths.update(self.sources.paths)
+            self._full = (mans, reusable)
+        return self._full
 
 
 class Planner:
@@ -96,19 +130,28 @@ class Planner:
         self.manifest = manifest
 
     def recyclable(
-        self, cfg: ComponentConfig, target: Target, cache: StatCache, st: ComponentState, to: int
+        self,
+        cfg: ComponentConfig,
+        target: Target,
+        cache: StatCache,
+        st: ComponentState,
+        to: int,
+        man: Manifest,
     ) -> Recycled | None:
-        """The kept version this commit would drop, to reshape into the stage (recycle.py)."""
+        """The kept version this commit would drop, to reshape into the stage (recycle.py).
+
+        For a tree, the files it can keep are found (and trusted) now.
+        """
         after = ([st.installed] if st.installed is not None else []) + [
             s for s in st.kept if s != to
         ]
         for s in reversed(after[cfg.retain :]):
             if s == st.installed or lstat_or_none(target.version_path(s)) is None:
                 continue
-            try:
-                return Recycled(s, self.manifest(cfg.name, s), cache)
-            except (NotFoundError, StorageError):
-                continue
+            rec = Recycled(s, cache, functools.partial(self.manifest, cfg.name, s))
+            if target.kind != "file":
+                rec.keep.update(trusted_in(rec, man, target.version_path(s)))
+            return rec
         return None
 
     def intact(self, cache: StatCache, target: Target, man: Manifest, root: Path) -> bool:
@@ -127,12 +170,9 @@ class Planner:
         serials = ([st.installed] if st.installed is not None else []) + list(st.kept)
         for s in serials:
             root = target.version_root(s, st.installed)
-            try:
-                man = self.manifest(cfg.name, s)
-            except (NotFoundError, StorageError):
-                continue  # its envelope is gone: its files are simply not reused
-            if lstat_or_none(root) is not None:
-                out.append(Version(s, root, man, live=s == st.installed))
+            if lstat_or_none(root) is not None and self.node.releases.has(cfg.name, s):
+                load = functools.partial(self.manifest, cfg.name, s)
+                out.append(Version(s, root, s == st.installed, load))
         return out
 
     def plan(
@@ -142,27 +182,39 @@ class Planner:
         cache: StatCache,
         man: Manifest,
         st: ComponentState,
+        rec: Recycled | None = None,
     ) -> StagePlan:
         """Find trusted sources and patch bases; refuse if some content is nowhere.
 
+        Files the recycled version ``rec`` keeps in place need no source.
         Raises ``NotFoundError`` naming the missing count and any locally
         modified live files that made it so.
         """
         versions = self.versions(cfg, target, st)
-        reuse = find_sources(man, versions, cache, target.file_at)
+        kept = rec.keep if rec is not None else {}
+        covered = {f.sha256 for f in man.files if f.path in kept} - {
+            f.sha256 for f in man.files if f.path not in kept
+        }
+        reuse = find_sources(man, versions, cache, target.file_at, skip=covered)
         live = versions[0] if versions and versions[0].live else None
-        # Every file on disk may serve deltas as a base (delta.py checks what it
-        # reads); contents this release needs count only where trusted.
-        needed = {f.sha256 for f in man.files}
-        reusable = PathMap()
-        for v in reversed(versions):
-            at = str(v.root)
-            for f in v.man.files:
-                if f.sha256 not in needed:
-                    reusable.paths[f.sha256] = target.file_at(at, f.path)
-        reusable.paths.update({sha: s.path for sha, s in reuse.sources.items()})
         patches = self.patches(target, cache, man, live, reuse) if live else {}
-        need = missing_blobs(man, reusable, self.node.store, [v.man for v in versions])
+        needed = frozenset(f.sha256 for f in man.files)
+        plan = StagePlan(
+            reuse, patches, live.root if live else None, versions, cache, target.file_at, needed,
+            kept,
+        )  # fmt: skip
+        # First the cheap question: is everything to build stored? Only if not,
+        # ask the delta planner, reading the other versions' manifests: their
+        # files may hold chunks, or be the bases of deltas, that a minimal
+        # bundle did not carry.
+        has = self.node.store.has
+        need: set[bytes] = set()
+        for f in man.files:
+            if f.sha256 in reuse.sources or f.path in kept or f.path in patches:
+                continue
+            if not all(has(c.digest) for c in f.chunks):
+                need = missing_blobs(man, plan.held()[1], self.node.store, plan.held()[0])
+                break
         need |= {h.sha256 for h in man.hooks.values() if not self.node.store.has(h.sha256)}
         if need:
             why = ""
@@ -173,21 +225,20 @@ class Planner:
                 f"{len(need)} blob(s) of {cfg.name} {man.version} are not stored here{why}; "
                 "import the release again"
             )
-        return StagePlan(
-            reusable, reuse, patches, [v.man for v in versions], live.root if live else None
-        )
+        return plan
 
     def patches(
         self, target: Target, cache: StatCache, man: Manifest, live: Version, reuse: Reuse
     ) -> dict[str, PatchPlan]:
         """Plans for big changed files whose live predecessor is trusted (see patch.py)."""
         out: dict[str, PatchPlan] = {}
-        old = live.man.file_map()
-        single = target.kind == "file"
-        for f in man.files:
-            if f.sha256 in reuse.sources or f.size < PATCH_MIN_BYTES:
-                continue
-            base = live.man.files[0] if single and live.man.files else old.get(f.path)
+        big = [f for f in man.files if f.sha256 not in reuse.sources and f.size >= PATCH_MIN_BYTES]
+        if not big:
+            return out  # the live manifest is not even read
+        old = live.man().file_map()
+        first = live.man().files[0] if live.man().files else None
+        for f in big:
+            base = first if target.kind == "file" else old.get(f.path)
             if base is None or base.size < PATCH_MIN_BYTES:
                 continue
             path = target.file_at(str(live.root), base.path)
@@ -207,8 +258,9 @@ class Planner:
         """
         has = self.node.store.has
         for f in man.files:
-            if f.sha256 in plan.reuse.sources or f.path in plan.patches:
+            if f.sha256 in plan.reuse.sources or f.path in plan.patches or f.path in plan.kept:
                 continue
             if not all(has(c.digest) for c in f.chunks):
-                return DeltaBuilder(man, plan.held, plan.reusable, self.node.store)
+                held, reusable = plan.held()
+                return DeltaBuilder(man, held, reusable, self.node.store)
         return None

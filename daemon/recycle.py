@@ -29,11 +29,11 @@ import contextlib
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pupd.protocol.manifest import FileEntry, Manifest
+from p2pupd.protocol.manifest import Manifest
 
 from .fsutil import storage_error
 from .statcache import StatCache
@@ -41,11 +41,34 @@ from .statcache import StatCache
 
 @dataclass(frozen=True)
 class Recycled:
-    """A dropped version now at the stage's name: what it held and who trusts it."""
+    """A dropped version now at the stage's name: the cache that knows what it held.
+
+    ``load`` returns its manifest, needed only to patch a file target's image.
+    """
 
     serial: int
-    man: Manifest
     cache: StatCache
+    load: Callable[[], Manifest]
+    keep: dict[str, os.stat_result] = field(default_factory=dict)
+
+
+def trusted_in(rec: Recycled, man: Manifest, root: Path) -> dict[str, os.stat_result]:
+    """The files of the dropped version at ``root`` that ``man`` can keep as they are.
+
+    Same path, same sha256 by the stat cache, and the cache still trusts them:
+    one ``lstat`` each, taken while planning; the rename to the stage's name
+    does not change them, and ``prepare_tree`` checks each inode number again.
+    """
+    out: dict[str, os.stat_result] = {}
+    entries = rec.cache.versions.get(rec.serial, {})
+    at = str(root)
+    for f in man.files:
+        e = entries.get(f.path)
+        if e is not None and e[5] == f.sha256:
+            st = rec.cache.trusted(rec.serial, f.path, f"{at}/{f.path}", f.sha256)
+            if st is not None:
+                out[f.path] = st
+    return out
 
 
 @dataclass
@@ -72,10 +95,9 @@ def prepare_tree(rec: Recycled, man: Manifest, stage: Path) -> Kept:
     Returns the files (with the ``lstat`` that trusted them) and symlinks left
     in place. Raises ``StorageError`` if an entry cannot be listed or removed.
     """
-    files = {f.path: f for f in man.files}
+    files = {f.path: f.sha256 for f in man.files}
     links = {s.path: s.target for s in man.symlinks}
     dirs = wanted_dirs(man)
-    old = rec.man.file_map()
     kept = Kept()
     todo = [("", str(stage))]
     try:
@@ -96,22 +118,15 @@ def prepare_tree(rec: Recycled, man: Manifest, stage: Path) -> Kept:
                     else:
                         os.unlink(e.path)
                 else:
-                    st = _trusted(rec, files.get(rel), old.get(rel), e.path)
-                    if st is None:
+                    # Kept only if planning trusted it, and it is still that inode.
+                    st = rec.keep.get(rel)
+                    if st is None or rel not in files or e.inode() != st.st_ino:
                         os.unlink(e.path)
                     else:
                         kept.files[rel] = st
     except OSError as exc:
         raise storage_error(exc, "reshape recycled stage", stage) from None
     return kept
-
-
-def _trusted(
-    rec: Recycled, new: FileEntry | None, old: FileEntry | None, path: str
-) -> os.stat_result | None:
-    if new is None or old is None or new.sha256 != old.sha256:
-        return None
-    return rec.cache.trusted(rec.serial, old.path, path, old.sha256)
 
 
 @contextlib.contextmanager

@@ -221,7 +221,8 @@ def _patch_recycled(
     live_root: Path | None,
 ) -> bool:
     """Patch the recycled image at ``dst`` into ``f`` in place; False if it cannot be."""
-    old = rec.man.files[0] if len(rec.man.files) == 1 else None
+    files = rec.load().files
+    old = files[0] if len(files) == 1 else None
     st = None if old is None else rec.cache.trusted(rec.serial, old.path, dst, old.sha256)
     if old is None or st is None:
         return False

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import msgpack
 from p2pupd.protocol.manifest import FileEntry, Manifest
 
 from .errors import StorageError
-from .fsutil import atomic_write, hash_file
+from .fsutil import hash_file, storage_error
 
 StatKey = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev
 Entry = tuple[int, int, int, int, int, bytes]  # stat key, then sha256 (flat: loads fast)
@@ -57,14 +57,28 @@ class Source:
         return stat_key(self.st)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Version:
-    """One version on disk: its serial, where its files are, and its manifest."""
+    """One version on disk: its serial, where its files are, and its manifest (on demand)."""
 
     serial: int
     root: Path
-    man: Manifest
     live: bool
+    load: Callable[[], Manifest]
+    _man: Manifest | None = None
+
+    def man(self) -> Manifest:
+        """The version's manifest, loaded on first use (``NotFoundError``, ``StorageError``)."""
+        if self._man is None:
+            self._man = self.load()
+        return self._man
+
+    def files(self, cache: StatCache) -> Iterable[tuple[str, bytes]]:
+        """``(path, sha256)`` of its files: from the cache when it has them (no manifest)."""
+        entries = cache.versions.get(self.serial)
+        if entries:
+            return ((rel, e[5]) for rel, e in entries.items())
+        return ((f.path, f.sha256) for f in self.man().files)
 
 
 class StatCache:
@@ -115,8 +129,19 @@ class StatCache:
         self.versions = {s: e for s, e in self.versions.items() if s in keep}
 
     def save(self) -> None:
-        """Write the cache atomically; raises ``StorageError``."""
-        atomic_write(self.path, msgpack.packb(self.versions, use_bin_type=True), mode=0o600)
+        """Replace the cache file (temp file + rename); raises ``StorageError``.
+
+        Not fsynced: after a power cut a lost or empty cache only costs a
+        re-hash, never a wrong answer (an entry must match ``lstat`` exactly).
+        """
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(msgpack.packb(self.versions, use_bin_type=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise storage_error(exc, "write", self.path) from None
 
     def trusted(self, serial: int, rel: str, path: str | Path, sha: bytes) -> os.stat_result | None:
         """Return ``lstat(path)`` if the cache vouches that ``path`` holds ``sha``, else ``None``."""
@@ -145,36 +170,40 @@ def find_sources(
     versions: list[Version],
     cache: StatCache,
     file_at: Callable[[str, str], str],
+    skip: Collection[bytes] = (),
 ) -> Reuse:
     """Find, for each file content ``man`` needs, a trusted copy in a version on disk.
 
-    ``versions`` are searched in order (put the live version first);
-    ``file_at(root, path)`` names a manifest path of a version at ``root``. A file
-    whose ``lstat`` differs from the cache is re-hashed: if the bytes are still
-    right it is trusted (and the cache updated), otherwise it is skipped, and
-    a live file at the path ``man`` has for it is reported in ``modified``.
-    Raises ``StorageError`` only if a directory cannot be read.
+    ``versions`` are searched in order (put the live version first), each only
+    for what the ones before it lacked, by their cache records (a version the
+    cache does not know is read from its manifest); ``file_at(root, path)``
+    names a path of a version at ``root``. A file whose ``lstat`` differs from
+    the cache is re-hashed: if the bytes are still right it is trusted (and the
+    cache updated), otherwise it is skipped, and if it is live it is reported
+    in ``modified``. Contents in ``skip`` are not looked for. Raises
+    ``NotFoundError``/``StorageError`` only when an unknown version's manifest
+    cannot be read.
     """
-    need = {f.sha256 for f in man.files}
-    candidates: dict[bytes, list[tuple[Version, FileEntry]]] = {}
-    for v in versions:
-        for f in v.man.files:
-            if f.sha256 in need:
-                candidates.setdefault(f.sha256, []).append((v, f))
+    need = {f.sha256: f for f in man.files if f.sha256 not in skip}
     reuse = Reuse({}, [])
-    for sha, cands in candidates.items():
-        for v, f in cands:
-            path = file_at(str(v.root), f.path)
-            st = cache.trusted(v.serial, f.path, path, sha)
+    for v in versions:
+        if len(reuse.sources) == len(need):
+            break
+        at = str(v.root)
+        for rel, sha in v.files(cache):
+            f = need.get(sha)
+            if f is None or sha in reuse.sources:
+                continue
+            path = file_at(at, rel)
+            st = cache.trusted(v.serial, rel, path, sha)
             if st is None:
                 st = _rehash(path, f, reuse)
                 if st is None:
                     if v.live:
-                        reuse.modified.append(f.path)
+                        reuse.modified.append(rel)
                     continue
-                cache.put(v.serial, f.path, stat_key(st), sha)
+                cache.put(v.serial, rel, stat_key(st), sha)
             reuse.sources[sha] = Source(path, st, f)
-            break
     return reuse
 
 

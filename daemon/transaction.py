@@ -147,6 +147,7 @@ class Transactions:
         return tx
 
     def step(self, tx: Tx, step: str, **fields: Any) -> None:
+        """Journal ``step`` of ``tx`` (durable on return); ``StorageError`` if it cannot."""
         self.journal(tx.component).append({"step": step, "tx": tx.tx, **fields})
 
     def abort(self, cfg: ComponentConfig, tx: Tx) -> None:

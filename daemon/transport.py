@@ -303,20 +303,24 @@ class PeerConnection:
                             return
                         break
                     self._dispatch(event, handler)
+                    # Admit the peer as soon as its Hello is through, before
+                    # anything that arrived with it in the same read: an
+                    # Announce must find the peer registered, and a bad frame
+                    # right behind the Hello must still get it banned.
+                    if not self.joined and self.session.state is State.OPEN:
+                        refusal = handler.admit(self)
+                        if refusal is not None:
+                            self.close(refusal, ERR_REFUSED)
+                            return
+                        self.joined = True
+                        handler.joined(self)
+                        nursery.start_soon(self._guard, self._server, handler)
             except RemoteProtocolError as exc:
                 if self.joined and not isinstance(exc, HandshakeError):
                     handler.broke_protocol(self, exc)
                 raise
             finally:
                 self._slots.unpark_all()  # answers free request slots
-            if not self.joined and self.session.state is State.OPEN:
-                refusal = handler.admit(self)
-                if refusal is not None:
-                    self.close(refusal, ERR_REFUSED)
-                    return
-                self.joined = True
-                handler.joined(self)
-                nursery.start_soon(self._guard, self._server, handler)
 
     def _dispatch(self, msg: Message, handler: Handler) -> None:
         if isinstance(msg, Request):

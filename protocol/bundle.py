@@ -50,6 +50,7 @@ BLOB_MEDIA_TYPES = (CHUNK_MEDIA_TYPE, ZCHUNK_MEDIA_TYPE, PATCH_MEDIA_TYPE, HOOK_
 ANNOTATION_COMPONENT = "org.p2pupd.component"
 ANNOTATION_VERSION = "org.p2pupd.version"
 ANNOTATION_SERIAL = "org.p2pupd.serial"
+ANNOTATION_PLATFORM = "org.p2pupd.platform"  # informative: the signed manifest decides
 ANNOTATION_ROOT_VERSION = "org.p2pupd.root.version"
 ANNOTATION_NODE = "org.p2pupd.node"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"

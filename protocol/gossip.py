@@ -198,7 +198,9 @@ class Gossip(Generic[P]):
             behind = [
                 p for p, ann in self._peers.items() if ann.get(component, (0, b""))[0] < serial
             ]
-            actions += [self._announce_to(p) for p in self._sample(behind)]
+            # Every peer behind hears of it now (the module doc's rule), not a
+            # fan-out sample: the others would wait until the first ones finished.
+            actions += [self._announce_to(p) for p in behind]
         return actions + self._plan(component, now)
 
     def on_manifest_rejected(

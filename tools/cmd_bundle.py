@@ -338,7 +338,7 @@ def _export_for_repo(args: argparse.Namespace) -> int:
     data = read_request_file(Path(args.for_request))
     req, _ = verify_request(data)
     repo = Repo(Path(args.repo))
-    source = RepoSource(repo)
+    source = RepoSource(repo, req.platform)  # the node's own variant of each release
     check_node_key(repo.path / "nodes", req)
     sources, roots, notes = releases_for_request(source, req)
     report = _write(args, sources, roots, source, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from p2pupd.daemon import api
 
@@ -10,14 +11,32 @@ from .clibase import EXIT_OK, Adder, out, state_dir
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    # Flags win over the config file; the file wins over built-in defaults.
+    cfg = api.load_config(Path(args.config), required=args.config != str(api.DEFAULT_CONFIG_PATH))
+    state = (
+        Path(args.state_dir)
+        if args.state_dir
+        else cfg.state_dir
+        if cfg.state_dir is not None
+        else state_dir(args)
+    )
+    listen = args.listen or cfg.listen or "0.0.0.0:7707"
+    peers = list(cfg.peers or ()) + list(args.peer)
+    mdns = False if args.no_mdns else (cfg.mdns if cfg.mdns is not None else True)
+    rate = args.bandwidth_limit or cfg.bandwidth_limit
+    metrics = args.metrics_listen or cfg.metrics_listen
+    watch = [Path(w) for w in args.watch] or list(cfg.watch or ())
     options = api.DaemonOptions(
-        state_dir=state_dir(args),
-        listen=api.parse_endpoint(args.listen),
-        peers=tuple(api.parse_endpoint(p) for p in args.peer),
-        mdns=not args.no_mdns,
-        mdns_interfaces=tuple(args.mdns_interface),
-        bandwidth_limit=api.parse_rate(args.bandwidth_limit) if args.bandwidth_limit else None,
-        log_level=args.log_level,
+        state_dir=state,
+        listen=api.parse_endpoint(listen),
+        peers=tuple(api.parse_endpoint(p) for p in peers),
+        mdns=mdns,
+        mdns_interfaces=tuple(args.mdns_interface) or tuple(cfg.mdns_interfaces or ()),
+        bandwidth_limit=api.parse_rate(rate) if rate else None,
+        log_level=args.log_level or cfg.log_level or "info",
+        gossip_interval=cfg.gossip_interval or 30.0,
+        metrics_listen=api.parse_endpoint(metrics, default_port=None) if metrics else None,
+        watch=tuple(watch),
     )
     return api.run_daemon(options)
 
@@ -48,8 +67,26 @@ def register(add: Adder) -> None:
         state=True,
     )
     sp.add_argument(
+        "--config",
+        default=str(api.DEFAULT_CONFIG_PATH),
+        metavar="FILE",
+        help="TOML configuration (default /etc/p2pupd/config.toml, used if present)",
+    )
+    sp.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    sp.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="import (and apply) bundles appearing under DIR, e.g. /media/p2pupd (repeatable)",
+    )
+    sp.add_argument(
         "--listen",
-        default="0.0.0.0:7707",
+        default=None,
         metavar="HOST:PORT",
         help="TCP address for peers (default 0.0.0.0:7707; port 0 picks a free one)",
     )
@@ -76,7 +113,7 @@ def register(add: Adder) -> None:
     sp.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        default="info",
+        default=None,
         help="log verbosity (one key=value event per line on stderr)",
     )
     add("peers", cmd_peers, "show the running daemon's peers and bans", json_opt=True, state=True)

@@ -7,6 +7,12 @@ import time
 from pathlib import Path
 
 from p2pupd.daemon import api
+from p2pupd.protocol.limits import (
+    HOOK_DEFAULT_FUEL,
+    HOOK_DEFAULT_MEMORY_BYTES,
+    HOOK_DEFAULT_SECONDS,
+    MiB,
+)
 
 from . import cmd_bundle
 from .clibase import EXIT_OK, Adder, UsageError, out, state_dir
@@ -33,9 +39,26 @@ def cmd_init(args: argparse.Namespace) -> int:
         health_seconds=args.health_timeout,
         retain=args.retain,
         immutable=args.immutable,
+        hook_limits=_hook_limits(args),
     )
     print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
     return EXIT_OK
+
+
+def _hook_limits(args: argparse.Namespace) -> api.HookLimits | None:
+    """The ``--hook-*`` options as limits (unset ones default), or ``None`` if none given."""
+    given = (args.hook_fuel, args.hook_memory_mib, args.hook_seconds)
+    if all(v is None for v in given):
+        return None
+    d = api.HookLimits()
+    try:
+        return api.HookLimits(
+            d.fuel if args.hook_fuel is None else args.hook_fuel,
+            d.memory_bytes if args.hook_memory_mib is None else args.hook_memory_mib * MiB,
+            d.seconds if args.hook_seconds is None else args.hook_seconds,
+        )
+    except api.ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -95,7 +118,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     def human() -> None:
         for e in entries:
             t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["time"]))
-            print(f"{t}  {e['event']:<13} {e['version'] or '-':<14} {e['detail']}")
+            line = f"{t}  {e['event']:<13} {e['version'] or '-':<14} "
+            # A hook's output spans lines: keep them under the detail column.
+            print(line + str(e["detail"]).replace("\n", "\n" + " " * len(line)))
 
     out(args, {"component": args.component, "history": entries}, human)
     return EXIT_OK
@@ -121,6 +146,19 @@ def register(add: Adder) -> None:
         "--immutable",
         action="store_true",
         help="targets are never modified in place: hard-link unchanged files",
+    )
+    sp.add_argument(
+        "--hook-fuel", type=int, help=f"fuel per WebAssembly hook (default {HOOK_DEFAULT_FUEL:,})"
+    )
+    sp.add_argument(
+        "--hook-memory-mib",
+        type=int,
+        help=f"hook memory limit in MiB (default {HOOK_DEFAULT_MEMORY_BYTES // MiB})",
+    )
+    sp.add_argument(
+        "--hook-seconds",
+        type=float,
+        help=f"hook wall-clock deadline (default {HOOK_DEFAULT_SECONDS:g})",
     )
 
     cmd_bundle.register_import(add)

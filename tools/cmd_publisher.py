@@ -111,8 +111,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             sources.append(source_for_node_at(repo, c, args.from_version))
             continue
         for serial in serials[-max(1, args.history) :]:
-            man, env = trusted.verify_release(repo.release_bytes(c, serial), None, c)
-            sources.append(ReleaseSource(man, env, man.blob_sizes()))
+            # Every variant: one bundle serves a fleet of mixed platforms.
+            for platform in repo.platforms(c, serial):
+                data = repo.release_bytes(c, serial, platform)
+                man, env = trusted.verify_release(data, None, c)
+                sources.append(ReleaseSource(man, env, man.blob_sizes()))
     total = sum(sum(s.blobs.values()) for s in sources)
     with Progress("export", total, enabled=not args.json) as bar:
         report = write_bundle(Path(args.dest), repo.roots(), sources, repo.store, bar.advance)

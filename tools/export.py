@@ -78,10 +78,15 @@ class ExportSource(BlobSource, Protocol):
 
 
 class RepoSource:
-    """A publisher's repository as an ``ExportSource`` (releases re-verified)."""
+    """A publisher's repository as an ``ExportSource`` (releases re-verified).
 
-    def __init__(self, repo: Repo) -> None:
+    A release with platform variants is seen through ``platform``: its
+    variant for that platform, or none (``None`` sees universal releases only).
+    """
+
+    def __init__(self, repo: Repo, platform: str | None = None) -> None:
         self.repo = repo
+        self.platform = platform
         self.trusted = repo.trusted()
         self.store = repo.store
 
@@ -99,10 +104,12 @@ class RepoSource:
         return self.repo.serials(component)
 
     def release(self, component: str, serial: int) -> tuple[Manifest, Envelope] | None:
-        if serial not in self.repo.serials(component):
+        held = self.repo.platforms(component, serial)
+        platform = None if None in held else self.platform
+        if platform not in held:
             return None
         return self.trusted.verify_release(
-            self.repo.release_bytes(component, serial), None, component
+            self.repo.release_bytes(component, serial, platform), None, component
         )
 
     def has_blob(self, digest: bytes) -> bool:
@@ -216,9 +223,13 @@ def write_bundle(
             oci.ANNOTATION_VERSION: man.version,
             oci.ANNOTATION_SERIAL: str(man.serial),
         }
+        ref = f"{man.component}-{man.serial}"
+        if man.platform is not None:  # variants of one release need distinct names
+            ann[oci.ANNOTATION_PLATFORM] = man.platform
+            ref += f"-{man.platform}"
         put_artifact(
             oci.Artifact(oci.RELEASE_ARTIFACT, tuple(layers), ann),
-            {**ann, oci.ANNOTATION_REF_NAME: f"{man.component}-{man.serial}"},
+            {**ann, oci.ANNOTATION_REF_NAME: ref},
         )
         report.releases.append((man.component, man.version, man.serial))
 

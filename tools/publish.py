@@ -5,6 +5,10 @@ store -> deltas against the previous N releases of the same component and
 platform (N = ``--delta-depth``, default the repository's setting, 2; see
 delta.py) -> manifest with serial = previous + 1 -> signed by the release keys
 -> written atomically.
+
+Variants: publishing the newest release's version again with another
+``--platform`` adds a variant to that release (same serial, its own signed
+manifest); see ``next_serial`` for what is refused.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def build_manifest(
         except OSError as exc:
             raise RepoError(f"cannot read hook {hp}: {exc.strerror}") from None
         hook_refs[point] = HookRef(store.put_bytes(data), len(data))
-    serial = next_serial(repo, component)
+    serial = next_serial(repo, component, version, platform)
     f, s, d = sort_entries(files, tree.symlinks, tree.dirs)
     depth = repo.settings().delta_depth if delta_depth is None else delta_depth
     if depth < 0:
@@ -174,16 +178,39 @@ def previous_releases(
     for serial in reversed(repo.serials(component)):
         if len(out) >= depth:
             break
-        man, _env = repo.release(component, serial)
-        if man.platform == platform:
-            out.append(man)
+        if platform in repo.platforms(component, serial):
+            out.append(repo.release(component, serial, platform)[0])
     return out
 
 
-def next_serial(repo: Repo, component: str) -> int:
-    """Serial for a new release: the newest serial of ``component`` plus one."""
+def next_serial(
+    repo: Repo, component: str, version: str | None = None, platform: str | None = None
+) -> int:
+    """Serial for a new release of ``version`` for ``platform`` (``None``: universal).
+
+    The newest serial plus one, except that a platform variant of the newest
+    release's version joins that release (same serial). Raises ``RepoError``
+    when that would mix a universal release and variants under one serial, or
+    when the newest release already has a variant for ``platform``.
+    """
     serials = repo.serials(component)
-    return serials[-1] + 1 if serials else 1
+    if not serials:
+        return 1
+    newest = serials[-1]
+    held = repo.platforms(component, newest)
+    man = repo.release(component, newest, held[0])[0]
+    if version is None or man.version != version or (platform is None and None in held):
+        return newest + 1  # (a universal tree re-published under its label: a new release)
+    if platform is None or None in held:
+        kind = "universal" if None in held else "variants for " + ", ".join(map(str, held))
+        raise RepoError(
+            f"{component} {version} (serial {newest}) is already published ({kind}); "
+            "a serial is either universal or per-platform: publish it with --platform for "
+            "every variant, or as a new version"
+        )
+    if platform in held:
+        raise RepoError(f"{component} {version} already has a variant for {platform}")
+    return newest
 
 
 def sign_and_write(repo: Repo, man: Manifest, key_paths: list[Path] | None = None) -> Envelope:

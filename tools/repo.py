@@ -5,10 +5,16 @@ Layout (the blob directory is the same OCI blob layout a node's store uses):
     REPO/root.msgpack              the current root: what operators install on nodes
     REPO/roots/<N>.msgpack         every root version, for nodes that must walk forward
     REPO/repo.msgpack              publisher settings: release key files, delta depth
-    REPO/releases/<c>/<serial>.msgpack   signed release envelopes
+    REPO/releases/<c>/<serial>.msgpack   signed release envelopes (universal)
+    REPO/releases/<c>/<serial>.<platform>.msgpack   one platform variant of a release
     REPO/blobs/sha256/<hex>        chunks, patches and hooks
 
 Every document is written with temp + fsync + rename.
+
+A release is either universal (one manifest, no platform) or a set of
+platform variants sharing one serial and version, each its own signed manifest
+naming its platform; a serial never holds both kinds, so a node always knows
+whether a release has something for it. Chunks common to variants are one blob.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.daemon.api import BlobStore, atomic_write
-from p2pupd.protocol import encoding, limits
+from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import CodecError, P2pupdError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import (
@@ -176,40 +182,94 @@ class Repo:
 
     # -- releases -------------------------------------------------------------
 
-    def release_path(self, component: str, serial: int) -> Path:
-        return self.releases_dir / component / f"{serial}.msgpack"
+    def release_path(self, component: str, serial: int, platform: str | None = None) -> Path:
+        """Path of the universal release (``platform`` None) or of one variant."""
+        name = f"{serial}.msgpack" if platform is None else f"{serial}.{platform}.msgpack"
+        return self.releases_dir / component / name
+
+    def _entries(self, component: str) -> dict[int, list[str | None]]:
+        """Serial -> platforms stored (``None`` = universal), from the file names."""
+        d = self.releases_dir / component
+        out: dict[int, list[str | None]] = {}
+        for p in d.glob("*.msgpack") if d.is_dir() else []:
+            head, _, platform = p.name.removesuffix(".msgpack").partition(".")
+            try:
+                serial = int(head)
+                if platform:
+                    ids.check_platform(platform)
+            except (ValueError, CodecError):
+                continue  # not a release file (a temp file, a stray copy)
+            out.setdefault(serial, []).append(platform or None)
+        return out
 
     def serials(self, component: str) -> list[int]:
-        d = self.releases_dir / component
-        out = []
-        for p in d.glob("*.msgpack") if d.is_dir() else []:
-            try:
-                out.append(int(p.stem))
-            except ValueError:
-                continue
-        return sorted(out)
+        """Serials of ``component``, oldest first (a release with variants counts once)."""
+        return sorted(self._entries(component))
+
+    def platforms(self, component: str, serial: int) -> list[str | None]:
+        """Platforms of the release ``serial``: ``[None]`` when universal, else its variants."""
+        return sorted(self._entries(component).get(serial, []), key=lambda p: p or "")
 
     def components(self) -> list[str]:
         if not self.releases_dir.is_dir():
             return []
         return sorted(p.name for p in self.releases_dir.iterdir() if p.is_dir())
 
-    def release_bytes(self, component: str, serial: int) -> bytes:
+    def release_bytes(self, component: str, serial: int, platform: str | None = None) -> bytes:
+        """Return the envelope of the universal release or of variant ``platform``.
+
+        Raises ``RepoError`` if it is not there (naming the variants when the
+        release has only those).
+        """
+        path = self.release_path(component, serial, platform)
         try:
-            return self.release_path(component, serial).read_bytes()
+            return path.read_bytes()
+        except FileNotFoundError:
+            variants = [p for p in self.platforms(component, serial) if p is not None]
+            if platform is None and variants:
+                raise RepoError(
+                    f"release {component}/{serial} has only platform variants "
+                    f"({', '.join(variants)}): name one"
+                ) from None
+            raise RepoError(f"release {component}/{serial} ({platform or 'universal'}) "
+                            "does not exist") from None  # fmt: skip
         except OSError as exc:
             raise RepoError(f"cannot read release {component}/{serial}: {exc.strerror}") from None
 
-    def release(self, component: str, serial: int) -> tuple[Manifest, Envelope]:
-        return self.trusted().verify_release(self.release_bytes(component, serial), None, component)
+    def release(
+        self, component: str, serial: int, platform: str | None = None
+    ) -> tuple[Manifest, Envelope]:
+        """Return the verified universal release ``serial`` or its ``platform`` variant."""
+        return self.trusted().verify_release(
+            self.release_bytes(component, serial, platform), None, component
+        )
+
+    def variants(self, component: str, serial: int) -> list[tuple[Manifest, Envelope]]:
+        """Return every manifest of release ``serial`` (one when universal), verified."""
+        trusted = self.trusted()
+        return [
+            trusted.verify_release(self.release_bytes(component, serial, p), None, component)
+            for p in self.platforms(component, serial)
+        ]
 
     def write_release(self, man: Manifest, env: Envelope) -> None:
+        """Write a signed release; refuse a duplicate or mixing universal and variants.
+
+        Raises ``RepoError``.
+        """
         d = self.releases_dir / man.component
         d.mkdir(parents=True, exist_ok=True)
-        p = self.release_path(man.component, man.serial)
-        if p.exists():
-            raise RepoError(f"release {man.component} serial {man.serial} already exists")
-        atomic_write(p, env.encode())
+        held = self.platforms(man.component, man.serial)
+        what = f"release {man.component} serial {man.serial}"
+        if man.platform in held:
+            variant = f" for {man.platform}" if man.platform else ""
+            raise RepoError(f"{what}{variant} already exists")
+        if held and (man.platform is None or None in held):
+            raise RepoError(
+                f"{what} cannot be both universal and per-platform "
+                f"(it has {', '.join(p or 'universal' for p in held)})"
+            )
+        atomic_write(self.release_path(man.component, man.serial, man.platform), env.encode())
 
 
 def _make_root(

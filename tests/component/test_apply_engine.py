@@ -13,7 +13,7 @@ from conftest import World, tree_snapshot
 
 from p2pupd.daemon import api, fsutil, statcache, targets
 from p2pupd.daemon.apply import Applier
-from p2pupd.daemon.errors import ApplyError, NotFoundError
+from p2pupd.daemon.errors import ApplyError, CorruptStoreError, NotFoundError
 from p2pupd.daemon.node_ctx import Node
 from p2pupd.daemon.store import BlobStore
 
@@ -256,3 +256,38 @@ def test_status_shows_an_open_transaction_while_another_process_holds_the_lock(
     doc = api.status(world.state)  # the lock is free: status recovers
     assert doc["recovered"] == ["app: discarded an interrupted apply of serial 2; old version kept"]
     assert doc["components"]["app"]["transaction"] is None
+
+
+def test_recycled_version_modified_on_disk_is_repaired(world: World) -> None:
+    """What the stat cache no longer vouches for in the recycled version is rebuilt,
+    and what the release does not have is removed."""
+    reinit(world, "--retain", "1")
+    *_, v4 = publish_all(world, V1, V2, V3, {**V3, "etc/conf": b"a=4\n"})
+    for version in ("1.0", "2.0", "3.0"):
+        api.apply(world.state, "app", version=version)
+    kept = world.target.parent / ".app.p2pupd-v2"
+    (kept / "lib/f01").write_bytes(b"tampered")
+    (kept / "lib/extra").write_bytes(b"not in any release")
+    os.symlink("/etc/passwd", kept / "lib/f02.link")
+    r = api.apply(world.state, "app", version="4.0")
+    assert r.stage is not None
+    assert r.stage.methods["kept"] == len(FILES) - 1  # all but the tampered one
+    assert tree_snapshot(world.target) == tree_snapshot(v4)
+
+
+def test_manifest_cache_gives_back_the_verified_manifest(world: World) -> None:
+    publish_all(world, V1, V2)
+    node = Node(world.state)
+    verified = node.manifest("app", 2)
+    cached = sorted((world.state / "cache" / "manifests").iterdir())
+    assert len(cached) == 2  # the import kept both releases, verified and decoded
+    assert Applier(Node(world.state)).manifest("app", 2) == verified  # read back
+    for c in cached:
+        c.write_bytes(b"\x80\x05garbage")  # a damaged cache entry is only a miss
+    assert Applier(Node(world.state)).manifest("app", 2) == verified
+    release = world.state / "releases" / "app" / "2.msgpack"
+    data = bytearray(release.read_bytes())
+    data[-5] ^= 1  # the release itself altered on disk: verified again, and refused
+    release.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError):
+        Applier(Node(world.state)).manifest("app", 2)

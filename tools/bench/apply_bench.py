@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from p2pupd.daemon import api
+from p2pupd.daemon.apply import Applier
 from p2pupd.daemon.fsutil import filesystem_type
 from p2pupd.daemon.node_ctx import Node
 from p2pupd.tools.cli import main as cli_main
@@ -181,7 +182,7 @@ def seed_node(repo_dir: Path, state: Path) -> None:
     blobs hard-linked from the repository (same filesystem): exporting and
     importing gigabytes of bundle is not what is measured here."""
     repo, node = Repo(repo_dir), Node(state)
-    root = node.trusted_root()
+    root, applier = node.trusted_root(), Applier(node)
     for comp in repo.components():
         for serial in repo.serials(comp):
             man, env = root.verify_release(repo.release_bytes(comp, serial), None, comp)
@@ -189,6 +190,7 @@ def seed_node(repo_dir: Path, state: Path) -> None:
                 if not node.store.has(digest):
                     os.link(repo.store.path(digest), node.store.path(digest))
             node.releases.put(comp, serial, env)
+            applier.manifest(comp, serial)  # as an import does: verified and decoded once
 
 
 def init(state: Path, trust: Path, comp: str, target: Path, *extra: str) -> None:
