@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p p2pupd.protocol -p p2pupd.daemon -p p2pupd.tools
 
 bench: $(STAMP)
-	$(BIN)/python -m p2pupd.tools.bench
+	$(BIN)/python -m p2pupd.tools.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
