@@ -27,10 +27,10 @@ from p2pupd.protocol.errors import (
     VerificationError,
 )
 
-from . import cmd_daemon, cmd_maint, cmd_node, cmd_publisher, demo, keys
+from . import cmd_daemon, cmd_inspect, cmd_maint, cmd_node, cmd_publisher, demo, keys
 from .clibase import EPILOG, EXIT_ERROR, EXIT_REFUSED, EXIT_USAGE, Adder, UsageError
 
-COMMAND_MODULES = [cmd_publisher, cmd_node, cmd_maint, cmd_daemon, demo]
+COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_maint, cmd_daemon, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
