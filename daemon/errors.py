@@ -47,5 +47,10 @@ class BundleError(DaemonError):
     """A bundle directory is unreadable or not a p2pupd OCI layout (I/O side)."""
 
 
+class MissingBaseError(BundleError):
+    """A bundle carries a release envelope as a patch against one this node
+    does not hold: cut for another node's state, not tampered (exit 1)."""
+
+
 class NotFoundError(DaemonError):
     """A named component, version or blob is not known here."""

@@ -5,7 +5,11 @@ for how it is read), and nothing on the node changes until all of it checks out:
 
 1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
    signed document they point to (each hash-checked against its name, the lot
-   bounded by ``bundle.MAX_METADATA_BYTES``).
+   bounded by ``bundle.MAX_METADATA_BYTES``). A release envelope carried as
+   a patch is rebuilt from the envelope this node stores that it names (by
+   sha256), then treated exactly as a whole one. A bundle whose patch needs a
+   base this node lacks is refused (``MissingBaseError``, exit 1) if the node
+   runs that component, else that release is skipped.
 2. *Verify in memory.* Walk the root chain from the pinned root (a bundle root
    at a version we hold must be the one we hold: else it is another
    repository's), verify every release envelope (signatures, expiry on the
@@ -36,7 +40,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from p2pupd.protocol import limits
+from p2pupd.protocol import bundle as oci
+from p2pupd.protocol import ids, limits
 from p2pupd.protocol.errors import (
     P2pupdError,
     RemoteProtocolError,
@@ -48,10 +53,10 @@ from p2pupd.protocol.trust import Envelope, check_serial
 
 from .accept import needed_for, persist_release
 from .bundleio import BundleReader
-from .errors import BundleError
+from .errors import BundleError, MissingBaseError
 from .fsutil import ensure_free
 from .incoming import Incoming
-from .metadata import BundleMetadata, VerifiedRelease, read_metadata
+from .metadata import BundleMetadata, HeldEnvelopes, VerifiedRelease, read_metadata
 from .node import HistoryEntry, now_seconds
 from .node_ctx import Node
 from .siterequest import node_public_key
@@ -170,6 +175,34 @@ def _held_digest(node: Node, component: str, serial: int) -> bytes | None:
         return None
 
 
+def held_envelopes(node: Node) -> HeldEnvelopes:
+    """Find the stored envelope a release patch applies to, by its sha256.
+
+    Stored envelopes are ``Envelope.encode()`` of what the node verified, so
+    they are byte-identical to the publisher's. The serial the patch names is
+    tried first (it is only a hint), then every other stored release of the
+    component, newest first, one file in memory at a time.
+    """
+
+    def find(component: str, patch: oci.ReleasePatch) -> bytes | None:
+        if component not in node.config.components:
+            return None
+        serials = node.releases.serials(component)
+        if patch.base_serial in serials:
+            serials.remove(patch.base_serial)
+            serials.append(patch.base_serial)
+        for serial in reversed(serials):
+            try:
+                data = node.releases.get_bytes(component, serial)
+            except P2pupdError:  # unreadable: not a base
+                continue
+            if ids.sha256(data) == patch.base:
+                return data
+        return None
+
+    return find
+
+
 def import_bundle(
     node: Node,
     src: os.PathLike[str] | str,
@@ -191,12 +224,18 @@ def import_bundle(
     """
     t0 = time.monotonic()
     with BundleReader(src) as reader:
-        meta = read_metadata(reader, node.trusted_root(), node.trust_store.history(), now)
+        meta = read_metadata(
+            reader, node.trusted_root(), node.trust_store.history(), now, held_envelopes(node)
+        )
         report = ImportReport(root_version=meta.trusted.version)
         if meta.request is not None:
             report.for_node = meta.request.node_id.hex()
             if not allow_other_node:
                 meta.check_request_is_for(node.config.node_id, node_public_key(node.state))
+        for u in meta.unresolved:
+            if u.component in node.config.components:
+                raise MissingBaseError(u.message)
+            report.skipped.append(f"{u.label}: not configured on this node")
         todo = select_releases(node, meta, report)
         # An honest blob directory holds exactly the referenced blobs (and a
         # little OS debris), which bounds the listing far below MAX_BUNDLE_MEMBERS.

@@ -9,6 +9,10 @@ untouched. Rules, one check each:
 
   1. ``oci-layout``/``index.json``/artifacts parse within their bounds ... RemoteProtocolError
   2. a blob's bytes hash to its name and size ............................ HashMismatchError
+  2b. a release envelope carried as a patch: its base is an envelope the
+     node stores (found by sha256, else the release is *unresolved*, see
+     below); bspatch within the annotated size; the result hashes to the
+     annotated sha256 ..................................................... HashMismatchError
   3. all metadata read stays under ``bundle.MAX_METADATA_BYTES`` ............ FrameTooLargeError
   4. a bundle root at a version the node holds is that root ............. MixAndMatchError
   5. roots N+1, N+2... rotate from the pinned root ....................... (trust.rotate)
@@ -18,16 +22,24 @@ untouched. Rules, one check each:
   9. one bundle does not offer two different releases under one serial
      (platform variants of a release are not two releases) ............... RollbackError
  10. a request artifact is a document signed by the node key it names .... (request.verify_request)
+
+A rebuilt envelope then takes rules 6-9 exactly as a whole one: the patch
+saves bytes, trust comes from the signature. A patch whose base this node does
+not hold is not an error here: it is listed in ``BundleMetadata.unresolved``
+and the importer refuses the bundle (``MissingBaseError``, exit 1) only if it
+needs that component.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2pupd.protocol import bundle as oci
-from p2pupd.protocol import encoding, limits
+from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import (
     FrameTooLargeError,
+    HashMismatchError,
     MixAndMatchError,
     RollbackError,
     SchemaError,
@@ -37,6 +49,19 @@ from p2pupd.protocol.request import Request, check_request_is_ours, verify_reque
 from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
 
 from .bundleio import BundleReader
+from .delta import apply_patch
+
+# (component, patch) -> the stored envelope whose sha256 is ``patch.base``, or None.
+HeldEnvelopes = Callable[[str, oci.ReleasePatch], bytes | None]
+
+
+@dataclass(frozen=True)
+class UnresolvedRelease:
+    """A release carried as a patch against an envelope this node does not hold."""
+
+    component: str  # from the (unsigned) artifact annotations
+    label: str  # "app 2.0", printable
+    message: str
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,7 @@ class BundleMetadata:
     releases: list[VerifiedRelease] = field(default_factory=list)
     request: Request | None = None
     referenced: dict[bytes, int] = field(default_factory=dict)  # every blob named, by size
+    unresolved: list[UnresolvedRelease] = field(default_factory=list)
 
     def check_request_is_for(self, node_id: bytes, node_key: bytes | None) -> None:
         """Raise ``MixAndMatchError`` if the bundle was cut for another node's request."""
@@ -83,15 +109,28 @@ class _Reads:
             )
         return self.reader.read_blob(d.digest, d.size)
 
+    def charge(self, n: int) -> None:
+        """Count ``n`` bytes built in memory (a rebuilt envelope) against rule 3."""
+        self.spent += n
+        if self.spent > oci.MAX_METADATA_BYTES:
+            raise FrameTooLargeError(
+                f"bundle metadata exceeds {oci.MAX_METADATA_BYTES // limits.MiB} MiB"
+            )
+
 
 def read_metadata(
-    reader: BundleReader, trusted: TrustedRoot, history: dict[int, bytes], now: int | None
+    reader: BundleReader,
+    trusted: TrustedRoot,
+    history: dict[int, bytes],
+    now: int | None,
+    held: HeldEnvelopes | None = None,
 ) -> BundleMetadata:
     """Read and verify every root, release and request of the bundle (no writes).
 
-    ``history`` holds the root envelopes the node accepted, by version. Returns
-    the verified metadata; raises the error of the first rule broken (see the
-    module docstring).
+    ``history`` holds the root envelopes the node accepted, by version;
+    ``held`` finds the stored envelope a release patch applies to (None: the
+    node holds none). Returns the verified metadata; raises the error of the
+    first rule broken (see the module docstring).
     """
     oci.parse_layout(reader.read("oci-layout", 4096))
     index = oci.parse_index(reader.read("index.json", limits.MAX_INDEX_BYTES))
@@ -99,6 +138,7 @@ def read_metadata(
     roots: dict[int, bytes] = {}
     raw_releases: list[tuple[bytes, oci.Artifact]] = []
     raw_request: bytes | None = None
+    unresolved: list[UnresolvedRelease] = []
     for d in index:
         reads.ref(d)
         art = oci.parse_artifact(reads.read(d, oci.MAX_ARTIFACT_BYTES, "artifact"))
@@ -111,7 +151,15 @@ def read_metadata(
                 if roots.setdefault(version, data) != data:
                     raise SchemaError(f"bundle holds two different roots v{version}")
         elif art.artifact_type == oci.RELEASE_ARTIFACT:
-            data = reads.read(art.layers[0], limits.MAX_MANIFEST_BYTES, "release manifest")
+            patch = oci.release_patch(art)
+            if patch is None:
+                data = reads.read(art.layers[0], limits.MAX_MANIFEST_BYTES, "release manifest")
+            else:
+                rebuilt = _rebuild_envelope(reads, art, patch, held)
+                if isinstance(rebuilt, UnresolvedRelease):
+                    unresolved.append(rebuilt)
+                    continue
+                data = rebuilt
             raw_releases.append((data, art))
         else:
             if raw_request is not None:
@@ -122,8 +170,8 @@ def read_metadata(
         reader.read_blob(empty.digest, empty.size)
 
     for version, data in sorted(roots.items()):
-        held = history.get(version)
-        if held is not None and _payload_digest(held) != _payload_digest(data):
+        pinned = history.get(version)
+        if pinned is not None and _payload_digest(pinned) != _payload_digest(data):
             raise MixAndMatchError(
                 f"bundle's root v{version} is not the root v{version} this node trusts: "
                 "the bundle is from another repository"
@@ -131,7 +179,7 @@ def read_metadata(
     while trusted.version + 1 in roots:
         trusted = trusted.rotate(roots[trusted.version + 1], now)
 
-    meta = BundleMetadata(trusted, roots, referenced=reads.referenced)
+    meta = BundleMetadata(trusted, roots, referenced=reads.referenced, unresolved=unresolved)
     seen: dict[tuple[str, int, str | None], VerifiedRelease] = {}
     kinds: dict[tuple[str, int], set[bool]] = {}  # universal or per-platform, per serial
     for data, art in raw_releases:
@@ -159,6 +207,48 @@ def read_metadata(
     if raw_request is not None:
         meta.request = verify_request(raw_request)[0]
     return meta
+
+
+def _shown(text: str) -> str:
+    """An unsigned annotation as it may appear in a one-line message."""
+    return text if text.isprintable() and len(text) <= 64 else repr(text[:64])
+
+
+def _rebuild_envelope(
+    reads: _Reads, art: oci.Artifact, patch: oci.ReleasePatch, held: HeldEnvelopes | None
+) -> bytes | UnresolvedRelease:
+    """Return the envelope ``art``'s release patch rebuilds (rule 2b), or what
+    is missing when this node does not hold its base."""
+    comp = art.annotations[oci.ANNOTATION_COMPONENT]  # parse_artifact requires it
+    version = art.annotations.get(oci.ANNOTATION_VERSION, "?")
+    blob = reads.read(art.layers[0], limits.MAX_MANIFEST_BYTES, "release patch")
+    reads.charge(patch.result_size)
+    what = f"{_shown(comp)} {_shown(version)}"
+    base = None if held is None else held(comp, patch)
+    if base is None:
+        if patch.base_version is not None:
+            have = f"{_shown(comp)} {_shown(patch.base_version)}"
+        elif patch.base_serial is not None:
+            have = f"{_shown(comp)} serial {patch.base_serial}"
+        else:
+            have = f"the {_shown(comp)} release {patch.base.hex()[:16]}"
+        msg = (
+            f"bundle was cut for a node holding {have}, which this node does not have "
+            "(export it again for this node: --from-version its version, or --for its request)"
+        )
+        return UnresolvedRelease(comp, what, msg)
+    try:
+        data = apply_patch(base, blob, patch.result_size)
+    except HashMismatchError as exc:
+        raise HashMismatchError(
+            f"bundle's release patch for {what} does not apply ({exc}): damaged or tampered"
+        ) from None
+    if ids.sha256(data) != patch.result:
+        raise HashMismatchError(
+            f"bundle's release patch for {what} does not rebuild the envelope it names "
+            "(damaged or tampered)"
+        )
+    return data
 
 
 def _root_version(data: bytes) -> int:

@@ -8,8 +8,10 @@ Each p2pupd document is an OCI artifact manifest referenced from ``index.json``
 * at most one *trust* artifact (``artifactType`` = ``TRUST_ARTIFACT``) whose
   layers are root envelopes, so a node at an older root can walk forward;
 * one *release* artifact per release, whose first layer is the signed release
-  envelope and whose other layers are the blobs (chunks, patches, hooks) the
-  bundle carries for it;
+  envelope -- whole, or as a bsdiff patch against an envelope the receiving
+  node already holds (``RELEASE_PATCH_MEDIA_TYPE``, see ``ReleasePatch``) --
+  and whose other layers are the blobs (chunks, patches, hooks) the bundle
+  carries for it;
 * at most one *request* artifact: the signed request file of the node the
   bundle was cut for (minimal bundles only).
 
@@ -41,6 +43,7 @@ REQUEST_ARTIFACT = "application/vnd.p2pupd.request.v1"
 ARTIFACT_TYPES = (TRUST_ARTIFACT, RELEASE_ARTIFACT, REQUEST_ARTIFACT)
 ROOT_MEDIA_TYPE = "application/vnd.p2pupd.root.v1+msgpack"
 RELEASE_MEDIA_TYPE = "application/vnd.p2pupd.release.v1+msgpack"
+RELEASE_PATCH_MEDIA_TYPE = "application/vnd.p2pupd.release-patch.v1"
 REQUEST_MEDIA_TYPE = "application/vnd.p2pupd.request.v1+msgpack"
 CHUNK_MEDIA_TYPE = "application/vnd.p2pupd.chunk.v1"
 ZCHUNK_MEDIA_TYPE = "application/vnd.p2pupd.chunk.v1+zstd"
@@ -54,6 +57,14 @@ ANNOTATION_PLATFORM = "org.p2pupd.platform"  # informative: the signed manifest 
 ANNOTATION_ROOT_VERSION = "org.p2pupd.root.version"
 ANNOTATION_NODE = "org.p2pupd.node"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+# A release-patch layer: the envelope it applies to and the envelope it makes
+# (sha256 of the encoded envelope bytes, and size). The base's serial and
+# version are informative (for messages); the digests decide.
+ANNOTATION_PATCH_BASE = "org.p2pupd.patch.base"
+ANNOTATION_PATCH_RESULT = "org.p2pupd.patch.result"
+ANNOTATION_PATCH_RESULT_SIZE = "org.p2pupd.patch.result.size"
+ANNOTATION_PATCH_BASE_SERIAL = "org.p2pupd.patch.base.serial"
+ANNOTATION_PATCH_BASE_VERSION = "org.p2pupd.patch.base.version"
 
 # Bounds of the OCI side (the signed documents have their own in ``limits``).
 MAX_ARTIFACT_BYTES = 256 * limits.MiB  # a release listing ~1.5 M blobs
@@ -81,6 +92,34 @@ class Descriptor:
         if self.annotations:
             d["annotations"] = dict(sorted(self.annotations.items()))
         return d
+
+
+@dataclass(frozen=True)
+class ReleasePatch:
+    """A release envelope carried as a patch against one the node holds.
+
+    ``base`` and ``result`` are sha256 digests of *encoded envelopes* (the
+    bytes a node stores, ``Envelope.encode()``), not payload digests. The
+    patch only saves bytes: the rebuilt envelope is verified like a whole one.
+    """
+
+    base: bytes
+    result: bytes
+    result_size: int
+    base_serial: int | None = None  # informative
+    base_version: str | None = None  # informative
+
+    def annotations(self) -> dict[str, str]:
+        out = {
+            ANNOTATION_PATCH_BASE: "sha256:" + self.base.hex(),
+            ANNOTATION_PATCH_RESULT: "sha256:" + self.result.hex(),
+            ANNOTATION_PATCH_RESULT_SIZE: str(self.result_size),
+        }
+        if self.base_serial is not None:
+            out[ANNOTATION_PATCH_BASE_SERIAL] = str(self.base_serial)
+        if self.base_version is not None:
+            out[ANNOTATION_PATCH_BASE_VERSION] = self.base_version
+        return out
 
 
 @dataclass(frozen=True)
@@ -247,11 +286,71 @@ def parse_artifact(data: bytes) -> Artifact:
     if at == REQUEST_ARTIFACT and (len(layers) != 1 or layers[0].media_type != REQUEST_MEDIA_TYPE):
         raise SchemaError("request artifact must hold exactly one request document")
     if at == RELEASE_ARTIFACT:
-        if not layers or layers[0].media_type != RELEASE_MEDIA_TYPE:
+        if not layers or layers[0].media_type not in (RELEASE_MEDIA_TYPE, RELEASE_PATCH_MEDIA_TYPE):
             raise SchemaError("release artifact must start with a release envelope")
+        if layers[0].media_type == RELEASE_PATCH_MEDIA_TYPE:
+            parse_release_patch(layers[0])
+            if not ann.get(ANNOTATION_COMPONENT):
+                raise SchemaError("release artifact with a release patch must name its component")
         if not all(d.media_type in BLOB_MEDIA_TYPES for d in layers[1:]):
             raise SchemaError("release artifact holds a layer of unknown media type")
     return Artifact(str(at), layers, ann, config)
+
+
+def _sha256_annotation(ann: dict[str, str], key: str) -> bytes:
+    v = ann.get(key)
+    if v is None or not v.startswith("sha256:"):
+        raise SchemaError(f"release patch: {key} must be sha256:<hex>")
+    try:
+        return ids.parse_hex_digest(v[len("sha256:") :])
+    except CodecError as exc:
+        raise SchemaError(f"release patch: {key}: {exc}") from None
+
+
+def _decimal(v: str, key: str, lo: int, hi: int) -> int:
+    if not (0 < len(v) <= 20 and v.isascii() and v.isdigit()):
+        raise SchemaError(f"release patch: {key} is not a decimal number")
+    n = int(v)
+    if not lo <= n <= hi:
+        raise SchemaError(f"release patch: {key} {n} is out of range [{lo}, {hi}]")
+    return n
+
+
+def parse_release_patch(d: Descriptor) -> ReleasePatch:
+    """Parse and bound a release-patch layer's annotations; ``SchemaError`` if odd.
+
+    The patch itself and the envelope it makes are each at most
+    ``limits.MAX_MANIFEST_BYTES``.
+    """
+    if d.media_type != RELEASE_PATCH_MEDIA_TYPE:
+        raise SchemaError("not a release patch layer")
+    if not 0 < d.size <= limits.MAX_MANIFEST_BYTES:
+        raise SchemaError(f"release patch of {d.size} bytes is out of bounds")
+    ann = d.annotations
+    base = _sha256_annotation(ann, ANNOTATION_PATCH_BASE)
+    result = _sha256_annotation(ann, ANNOTATION_PATCH_RESULT)
+    size_v = ann.get(ANNOTATION_PATCH_RESULT_SIZE)
+    if size_v is None:
+        raise SchemaError(f"release patch: {ANNOTATION_PATCH_RESULT_SIZE} is missing")
+    size = _decimal(size_v, ANNOTATION_PATCH_RESULT_SIZE, 1, limits.MAX_MANIFEST_BYTES)
+    serial_v = ann.get(ANNOTATION_PATCH_BASE_SERIAL)
+    serial = (
+        None if serial_v is None else _decimal(serial_v, ANNOTATION_PATCH_BASE_SERIAL, 0, 2**63 - 1)
+    )
+    version = ann.get(ANNOTATION_PATCH_BASE_VERSION)
+    if version is not None and (
+        len(version.encode()) > limits.MAX_VERSION_LABEL_BYTES or not version.isprintable()
+    ):
+        raise SchemaError(f"release patch: bad {ANNOTATION_PATCH_BASE_VERSION}")
+    return ReleasePatch(base, result, size, serial, version)
+
+
+def release_patch(art: Artifact) -> ReleasePatch | None:
+    """Return the release patch ``art`` carries instead of its envelope, if any."""
+    if art.artifact_type != RELEASE_ARTIFACT or not art.layers:
+        return None
+    first = art.layers[0]
+    return parse_release_patch(first) if first.media_type == RELEASE_PATCH_MEDIA_TYPE else None
 
 
 def parse_layout(data: bytes) -> None:

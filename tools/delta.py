@@ -31,7 +31,6 @@ coexist (peak ~ 17 x 32 MiB).
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import threading
@@ -41,7 +40,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import bsdiff4
 import zstandard
 
 from p2pupd.daemon.api import BlobStore
@@ -50,41 +48,20 @@ from p2pupd.protocol.deltaplan import (
     KIND_CHUNK,
     KIND_FILE,
     KIND_ZCHUNK,
-    encode_patch_header,
     needed_blobs,
 )
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
 
-from .export import ReleaseSource
+from .export import HeldEnvelope, ReleaseSource
+from .patchcodec import encode_patch
 from .repo import Repo, RepoError
 from .segments import SimilarityIndex, plan_segments
 
 KEEP_RATIO = 0.8  # a patch must save at least 20 % of the bytes it replaces
 ZCHUNK_KEEP_RATIO = 0.9
-PATCH_LEVEL = 19  # patch bodies are mostly zeros: level 19 is still fast on them
 ZCHUNK_LEVEL = 9  # ~350 MB/s on binaries, within 1 % of level 19's size
 BIG_FILE_JOB_BYTES = 4 * limits.MiB
-CLASSIC_MIN_BYTES = 256 * limits.KiB  # below this bz2's table overhead never pays
 QUEUED_JOBS_PER_WORKER = 4
-
-
-def encode_patch(old: bytes, new: bytes, level: int = PATCH_LEVEL) -> bytes:
-    """Return a bsdiff4 patch from ``old`` to ``new``: the smaller of p2pupd's
-    zstd container and a classic BSDIFF40 file.
-
-    zstd wins on small patches (bz2's tables cost ~450 bytes per patch); bz2's
-    block sorting wins on large, sparse diff blocks (a relinked binary: the
-    diff is mostly zeros with scattered address changes), by up to 20 %.
-    """
-    control, diff, extra = bsdiff4.core.diff(old, new)
-    body = zstandard.ZstdCompressor(level=level).compress(control + diff + extra)
-    ours = encode_patch_header(len(new), len(control), len(diff)) + body
-    if len(new) < CLASSIC_MIN_BYTES:
-        return ours
-    out = io.BytesIO()
-    bsdiff4.format.write_patch(out, len(new), control, diff, extra)
-    classic = out.getvalue()
-    return classic if len(classic) < len(ours) else ours
 
 
 def compress_chunk(data: bytes, level: int = ZCHUNK_LEVEL) -> bytes:
@@ -291,7 +268,9 @@ def source_for_node_at(repo: Repo, component: str, version: str) -> ReleaseSourc
     The node is assumed to hold that version's files on disk and nothing else
     (its store may have been collected), so this is what ``needed_blobs``
     picks for it: deltas from that version where they pay, zstd literals or
-    chunks otherwise, and hooks. Raises ``RepoError`` if no release of
+    chunks otherwise, and hooks. The node also holds that version's signed
+    envelope, so the new envelope travels as a patch against it where that is
+    smaller (``write_bundle``). Raises ``RepoError`` if no release of
     ``component`` has that version label.
     """
     serials = repo.serials(component)
@@ -299,7 +278,9 @@ def source_for_node_at(repo: Repo, component: str, version: str) -> ReleaseSourc
         raise RepoError(f"component {component!r} has no releases in {repo.path}")
     new, env = repo.release(component, serials[-1])
     for serial in reversed(serials):
-        held, _ = repo.release(component, serial)
+        held, held_env = repo.release(component, serial)
         if held.version == version:
-            return ReleaseSource(new, env, needed_blobs(new, [held], lambda _d: False))
+            blobs = needed_blobs(new, [held], lambda _d: False)
+            base = None if serial == new.serial else HeldEnvelope(serial, version, held_env)
+            return ReleaseSource(new, env, blobs, base)
     raise RepoError(f"no release of {component} has version {version!r} in {repo.path}")

@@ -12,6 +12,11 @@ are deleted, and ``index.json`` is written last, each file with temp + fsync +
 rename. A stick pulled out mid-export therefore holds no index (refused as
 incomplete) or a complete bundle -- never a stale index naming missing blobs.
 
+A release whose receiving node is known to hold an earlier release of the same
+component (``export --from-version``, ``--for``) carries its signed envelope as
+a bsdiff patch against the envelope that node holds, when that is smaller: on a
+tree of many small files the envelope, not the data, is most of the bundle.
+
 Sources are a publisher's repository (``RepoSource``) or a node's state
 directory (``api.open_state_source``): anything with the ``ExportSource`` shape.
 """
@@ -33,6 +38,7 @@ from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.request import Request, plan_for_request
 from p2pupd.protocol.trust import Envelope, Root
 
+from .patchcodec import encode_patch
 from .repo import Repo, RepoError
 
 
@@ -43,17 +49,57 @@ class ExportReport:
     bytes: int = 0
     blobs_in_bundle: int = 0
     bytes_in_bundle: int = 0
+    envelope_bytes: int = 0  # release envelopes (or their patches) in the bundle
+    envelopes_patched: int = 0
     notes: list[str] = field(default_factory=list)
     for_node: str | None = None
 
 
 @dataclass(frozen=True)
+class HeldEnvelope:
+    """A release the receiving node holds: its envelope is stored there as
+    ``envelope.encode()`` (canonical msgpack), byte for byte."""
+
+    serial: int
+    version: str
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
 class ReleaseSource:
-    """One release to export: its envelope, manifest, and which blobs to carry."""
+    """One release to export: its envelope, manifest, and which blobs to carry.
+
+    ``base``, when set, is a release of the same component the receiving node
+    holds: the envelope is then carried as a patch against it if smaller.
+    """
 
     manifest: Manifest
     envelope: Envelope
     blobs: dict[bytes, int]
+    base: HeldEnvelope | None = None
+
+
+def envelope_layer(rel: ReleaseSource) -> tuple[bytes, str, dict[str, str]]:
+    """Return (bytes, media type, annotations) of ``rel``'s first layer.
+
+    The whole envelope, or a bsdiff patch against ``rel.base`` when that is
+    smaller (``oci.RELEASE_PATCH_MEDIA_TYPE``, annotated with both envelopes'
+    sha256 and the result's size). The patch saves bytes only: the node
+    verifies the envelope it rebuilds exactly as a whole one.
+    """
+    data = rel.envelope.encode()
+    if rel.base is None:
+        return data, oci.RELEASE_MEDIA_TYPE, {}
+    base = rel.base.envelope.encode()
+    if base == data:
+        return data, oci.RELEASE_MEDIA_TYPE, {}
+    patch = encode_patch(base, data)
+    if len(patch) >= len(data):
+        return data, oci.RELEASE_MEDIA_TYPE, {}
+    rp = oci.ReleasePatch(
+        ids.sha256(base), ids.sha256(data), len(data), rel.base.serial, rel.base.version
+    )
+    return patch, oci.RELEASE_PATCH_MEDIA_TYPE, rp.annotations()
 
 
 class BlobSource(Protocol):
@@ -201,7 +247,10 @@ def write_bundle(
 
     for rel in releases:
         man = rel.manifest
-        layers = [put_doc(rel.envelope.encode(), oci.RELEASE_MEDIA_TYPE)]
+        first, media_type, first_ann = envelope_layer(rel)
+        layers = [put_doc(first, media_type, first_ann)]
+        report.envelope_bytes += len(first)
+        report.envelopes_patched += media_type == oci.RELEASE_PATCH_MEDIA_TYPE
         types = oci.layer_media_types(man)
         for dg, size in sorted(rel.blobs.items()):
             keep.add(dg)
@@ -247,7 +296,8 @@ def releases_for_request(
 ) -> tuple[list[ReleaseSource], dict[int, bytes], list[str]]:
     """Return (releases, roots, notes) of the smallest bundle for ``req``'s node.
 
-    Raises ``MixAndMatchError`` if the node trusts another repository and
+    Each release's envelope may travel as a patch against one the node holds
+    (``held_base``). Raises ``MixAndMatchError`` if the node trusts another repository and
     ``RepoError`` if a blob the plan needs is missing from the source.
     """
     cache: dict[tuple[str, int], tuple[Manifest, Envelope] | None] = {}
@@ -278,8 +328,31 @@ def releases_for_request(
             raise RepoError(
                 f"{len(missing)} blob(s) of {man.component} {man.version} are missing here"
             )
-        out.append(ReleaseSource(man, found[1], p.blobs))
+        out.append(ReleaseSource(man, found[1], p.blobs, held_base(req, man, get)))
     return out, {v: all_roots[v] for v in plan.roots}, plan.notes
+
+
+def held_base(
+    req: Request,
+    new: Manifest,
+    get: Callable[[str, int], tuple[Manifest, Envelope] | None],
+) -> HeldEnvelope | None:
+    """Return the release of ``new``'s component that ``req``'s node holds and
+    this source knows (same signed payload): the installed one if held, else
+    the newest held. None if there is none."""
+    installed = {c.name: c.installed for c in req.components}.get(new.component)
+    best: tuple[bool, int] | None = None
+    picked: HeldEnvelope | None = None
+    for r in req.releases:
+        if r.component != new.component or r.serial == new.serial:
+            continue
+        found = get(r.component, r.serial)
+        if found is None or found[1].payload_digest() != r.digest:
+            continue
+        rank = (r.serial == installed, r.serial)
+        if best is None or rank > best:
+            best, picked = rank, HeldEnvelope(r.serial, found[0].version, found[1])
+    return picked
 
 
 def check_node_key(known_dir: Path, req: Request) -> bool:

@@ -35,6 +35,9 @@ class Contents:
     releases: list[tuple[Manifest, Envelope, bytes]]  # manifest, envelope, envelope bytes
     blob_dir: Path
     carried: dict[bytes, int] = field(default_factory=dict)  # bundle: digest -> declared size
+    # Bundle releases whose envelope is a patch against one a node holds: they
+    # cannot be decoded or verified without that node's copy ("app 2.0").
+    patched: list[str] = field(default_factory=list)
 
 
 def _read_member(path: Path, max_bytes: int) -> bytes:
@@ -89,6 +92,7 @@ def _load_bundle(path: Path) -> Contents:
 
     roots: dict[int, bytes] = {}
     releases = []
+    patched: list[str] = []
     carried: dict[bytes, int] = {}
     for d in index:
         carried[d.digest] = d.size
@@ -102,11 +106,20 @@ def _load_bundle(path: Path) -> Contents:
                 roots[Root.from_value(encoding.decode(env.payload)).version] = data
         elif art.artifact_type == oci.RELEASE_ARTIFACT:
             first = art.layers[0]
+            patch = oci.release_patch(art)
+            if patch is not None:
+                ann = art.annotations
+                base = patch.base_version or f"serial {patch.base_serial}"
+                patched.append(
+                    f"{ann.get(oci.ANNOTATION_COMPONENT)} {ann.get(oci.ANNOTATION_VERSION, '?')} "
+                    f"(patch against {base})"
+                )
+                continue
             data = blob(first.digest, first.size)
             env = Envelope.decode(data, limits.MAX_MANIFEST_BYTES)
             releases.append((Manifest.decode(env.payload), env, data))
     carried[oci.empty_descriptor().digest] = len(oci.EMPTY_JSON)
-    return Contents("bundle", roots, releases, blob_dir, carried)
+    return Contents("bundle", roots, releases, blob_dir, carried, patched)
 
 
 def describe(c: Contents) -> dict[str, Any]:
@@ -140,7 +153,7 @@ def describe(c: Contents) -> dict[str, Any]:
             "signatures": [k for k, _ in env.signatures],
             "digest": env.payload_digest().hex(),
         })  # fmt: skip
-    return {"kind": c.kind, "roots": roots, "releases": rels}
+    return {"kind": c.kind, "roots": roots, "releases": rels, "patched_releases": c.patched}
 
 
 def verify(c: Contents, trust: bytes | None, now: int | None) -> dict[str, Any]:
@@ -178,7 +191,9 @@ def verify(c: Contents, trust: bytes | None, now: int | None) -> dict[str, Any]:
                 f"bundle holds {len(extra)} unreferenced blob(s), e.g. {extra[0][:16]}"
             )
     return {"root_version": trusted.version, "basis": basis, "releases": len(c.releases),
-            "blobs_checked": blobs}  # fmt: skip
+            "blobs_checked": blobs,
+            # verified only by a node holding the base envelope (on import)
+            "patched_releases_unverified": c.patched}  # fmt: skip
 
 
 def _digest_of(name: str) -> bytes | None:

@@ -1,6 +1,7 @@
 """Delta engine: what a node at the old version receives, and what it costs.
 
-Run: ``python -m p2pupd.tools.bench.delta_bench [--quick] [--no-real] [--work DIR]``.
+Run: ``python -m p2pupd.tools.bench.delta_bench [--quick] [--no-real] [--only PAIR] [--work DIR]``
+(``--only image|tree|real`` runs one pair).
 
 For each old/new pair it drives the real command line in subprocesses:
 publish old -> export -> node init -> import --apply (v1 installed) -> publish
@@ -15,7 +16,8 @@ target must equal the new tree byte for byte. Pairs:
 
 Columns: full size of the new tree; bytes the node receives (the whole
 ``--from-version`` bundle: blobs, the signed manifest, roots, OCI metadata --
-and, in brackets, the manifest alone); whole-file bsdiff4 (classic BSDIFF40,
+and, in brackets, the manifest as the bundle carries it: a patch against the
+node's held envelope where that is smaller, else whole); whole-file bsdiff4 (classic BSDIFF40,
 per changed file, same old/new file pairing; new files diffed against empty);
 ``zstd -19 --long --patch-from`` per changed file; publish time and peak RSS;
 whole-file bsdiff4 time; node apply time and peak RSS. Times are wall clock;
@@ -260,7 +262,7 @@ def bench_pair(name: str, old: Path, new: Path, work: Path) -> Row:
     )
     cli("export", repo, work / "b2", "--from-version", "1.0")
     row.receive = sum(p.stat().st_size for p in (work / "b2").rglob("*") if p.is_file())
-    row.manifest = (repo / "releases" / "app" / "2.msgpack").stat().st_size
+    row.manifest = envelope_layer_bytes(work / "b2")
     row.data = delta_data_bytes(repo, work / "b2")
     cli("import", work / "b2", "--state-dir", state)
     row.apply_s, row.apply_rss, _ = measured_rss([*CLI, "apply", "app", "--state-dir", str(state)])
@@ -274,6 +276,20 @@ def bench_pair(name: str, old: Path, new: Path, work: Path) -> Row:
     shutil.rmtree(state)
     shutil.rmtree(target)
     return row
+
+
+def envelope_layer_bytes(bundle: Path) -> int:
+    """Bytes of the release's first layer in ``bundle``: its envelope or envelope patch."""
+    import json
+
+    from p2pupd.protocol import bundle as oci
+
+    blobs = bundle / "blobs" / "sha256"
+    for d in json.loads((bundle / "index.json").read_text())["manifests"]:
+        art = json.loads((blobs / d["digest"].removeprefix("sha256:")).read_text())
+        if art["artifactType"] == oci.RELEASE_ARTIFACT:
+            return int(art["layers"][0]["size"])
+    raise RuntimeError(f"{bundle} holds no release")
 
 
 def delta_data_bytes(repo: Path, bundle: Path) -> int:
@@ -325,7 +341,8 @@ def print_table(rows: list[Row]) -> None:
         if k == 0:
             print("-+-".join("-" * w for w in widths))
     print(
-        "recv/bsdiff: whole bundle / whole-file bsdiff4 (in brackets: without the signed manifest);"
+        "recv/bsdiff: whole bundle / whole-file bsdiff4 (in brackets: without the manifest layer,"
+        " the envelope or its patch);"
         " data: the chunk and patch blobs alone"
     )
 
@@ -334,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="20 MiB image, 300 small files")
     ap.add_argument("--no-real", action="store_true", help="skip the downloaded real pair")
+    ap.add_argument(
+        "--only", choices=("image", "tree", "real"), help="run one pair: image, tree or real"
+    )
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temp dir)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "p2pupd-bench")
     ap.add_argument("--baseline", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -344,13 +364,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="delta-bench-", dir=args.work))
     rows: list[Row] = []
     try:
-        size = (20 if args.quick else 200) * MiB
-        old, new = make_image_pair(work / "img", size)
-        rows.append(bench_pair(f"synthetic {size // MiB} MiB image", old, new, work / "img-run"))
-        shutil.rmtree(work / "img")
-        old, new = make_tree_pair(work / "tree", 300 if args.quick else 2000)
-        rows.append(bench_pair("many small files", old, new, work / "tree-run"))
-        if not args.no_real:
+        want = {args.only} if args.only else {"image", "tree", "real"}
+        if args.no_real:
+            want.discard("real")
+        if "image" in want:
+            size = (20 if args.quick else 200) * MiB
+            old, new = make_image_pair(work / "img", size)
+            rows.append(
+                bench_pair(f"synthetic {size // MiB} MiB image", old, new, work / "img-run")
+            )
+            shutil.rmtree(work / "img")
+        if "tree" in want:
+            old, new = make_tree_pair(work / "tree", 300 if args.quick else 2000)
+            rows.append(bench_pair("many small files", old, new, work / "tree-run"))
+        if "real" in want:
             try:
                 old, new, label = fetch_real(args.cache)
                 rows.append(bench_pair(label, old, new, work / "real-run"))
