@@ -245,7 +245,11 @@ async def _on_signals(core: NodeService, scope: trio.CancelScope) -> None:
             with trio.move_on_after(3):
                 await core.close_all("shutting down")
             scope.cancel()
-            return
+            break
+    # The services are unwinding now; a repeated SIGTERM (an impatient
+    # supervisor) must not kill the process half-way through its shutdown.
+    # systemd still has SIGKILL after TimeoutStopSec.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(options: DaemonOptions) -> int:

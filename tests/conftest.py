@@ -66,6 +66,9 @@ def state_snapshot(state: Path) -> dict[str, tuple[str, int, str]]:
     return {k: v for k, v in snap.items() if k != "lock" and not k.startswith(("tmp/", "cache/"))}
 
 
+TREE_MTIME = 1_790_000_000
+
+
 def make_tree(
     root: Path,
     files: dict[str, bytes],
@@ -79,6 +82,9 @@ def make_tree(
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+        # A fixed mtime: trees written in different seconds must still agree
+        # on unchanged files (publishing records mtimes; hard links need them equal).
+        os.utime(p, (TREE_MTIME, TREE_MTIME))
     for rel, target in (links or {}).items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)

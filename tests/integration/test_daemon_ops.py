@@ -79,6 +79,8 @@ def test_ready_and_stopping_are_sent_to_the_notify_socket(tmp_path: Path) -> Non
             assert r.returncode == 0 and json.loads(r.stdout)["daemon"]["running"]
             proc.send_signal(signal.SIGTERM)
             assert sock.recv(256) == b"STOPPING=1"
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)  # a second, impatient SIGTERM
             assert proc.wait(timeout=20) == 0
         finally:
             stop(proc)
