@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
+from p2pupd.protocol.errors import CodecError, P2pupdError, RemoteProtocolError, VerificationError
 from p2pupd.protocol.manifest import Manifest
 
 from . import ctlclient
@@ -139,7 +139,10 @@ def init_node(
         raise ConfigError(f"cannot read trust root {trust_file}: {exc.strerror}") from None
     from p2pupd.protocol.trust import TrustedRoot
 
-    TrustedRoot.load(data, now_seconds())  # refuse a bad root before creating anything
+    try:
+        TrustedRoot.load(data, now_seconds())  # refuse a bad root before creating anything
+    except CodecError as exc:
+        raise CodecError(f"{trust_file} is not a p2pupd root file ({exc})") from None
     sd.create(cfg)
     node = Node(state_dir)
     with node.lock:

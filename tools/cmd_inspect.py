@@ -6,8 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
+from p2pupd.protocol.errors import CodecError
+from p2pupd.protocol.trust import TrustedRoot
+
 from . import inspect
-from .clibase import EXIT_OK, Adder, now, out
+from .clibase import EXIT_OK, Adder, UsageError, now, out
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -34,7 +37,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     contents = inspect.load(Path(args.path))
-    trust = Path(args.trust).read_bytes() if args.trust else None
+    trust = None
+    if args.trust:
+        try:
+            trust = Path(args.trust).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read trust root {args.trust}: {exc.strerror}") from None
+        try:
+            TrustedRoot.load(trust)
+        except CodecError as exc:
+            raise CodecError(f"{args.trust} is not a p2pupd root file ({exc})") from None
     doc = inspect.verify(contents, trust, now())
     out(args, doc, lambda: print(
         f"{contents.kind} {args.path} verifies against {doc['basis']}: root v{doc['root_version']}, "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from p2pupd.protocol import ids
+from p2pupd.protocol.errors import CodecError
+
 from . import cmd_bundle, keys
 from .clibase import EXIT_OK, Adder, UsageError, now, out
 from .delta import source_for_node_at
@@ -55,6 +58,13 @@ def _expiry(days: float | None) -> int | None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    try:  # bad names on the command line are usage errors, not refusals
+        ids.check_component(args.component)
+        ids.check_version_label(args.version)
+        if args.platform is not None:
+            ids.check_platform(args.platform)
+    except CodecError as exc:
+        raise UsageError(str(exc)) from None
     repo = Repo(Path(args.repo))
     repo.require()
     hooks = {}

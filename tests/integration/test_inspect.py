@@ -57,3 +57,18 @@ def test_verify_passes_and_catches_tampering(world: World, run: Run, tmp_path: P
     r = run("verify", usb, "--trust", root)
     assert r.code == 3 and "unreferenced" in r.err
     assert len(r.err.strip().splitlines()) == 1
+
+
+def test_command_line_names_and_wrong_root_files_are_clear(world: World, run: Run) -> None:
+    src = world.base / "t"
+    src.mkdir()
+    r = run("publish", world.repo, "App Name", "1.0", src)
+    assert r.code == 2 and r.err.strip() == (
+        "p2pupd: error: invalid component name 'App Name' (want [a-z0-9._-], 1-64 chars)"
+    )
+    key = world.key("root1")
+    r = run("init", "--state-dir", world.base / "s2", "--trust", key, "--component", "a=/tmp/x")
+    assert r.code == 3 and r.err.startswith(f"p2pupd: refused: {key} is not a p2pupd root file")
+    assert not (world.base / "s2").exists()
+    r = run("verify", world.repo, "--trust", key)
+    assert r.code == 3 and f"{key} is not a p2pupd root file" in r.err
