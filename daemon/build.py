@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +146,33 @@ class FileBuilder:
             raise
         self.report.bytes_written += f.size
         self._finish(f, fd, dst, self.owners.for_file(f.path))
+
+    def keep_all(
+        self, files: Iterable[FileEntry], kept: Mapping[str, os.stat_result], root: str
+    ) -> list[FileEntry]:
+        """``keep`` each of ``files`` that a recycled stage at ``root`` holds (``kept``: its
+        trusted ``lstat``); return the rest, in order, for ``build``.
+
+        The common case (mode and mtime already right) is handled inline: this
+        runs over every file of a tree, most of them unchanged.
+        """
+        rest: list[FileEntry] = []
+        keys = self.report.keys
+        n = 0
+        for f in files:
+            st = kept.get(f.path)
+            if st is None:
+                rest.append(f)
+            elif st.st_mode & 0o7777 == f.mode and st.st_mtime_ns == f.mtime * 1_000_000_000:
+                keys[f.path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                n += 1
+            elif not self.keep(f, f"{root}/{f.path}", st):
+                rest.append(f)
+        if n:
+            self.report.files += n
+            self.report.reused += n
+            self.report.methods["kept"] = self.report.methods.get("kept", 0) + n
+        return rest
 
     def keep(self, f: FileEntry, dst: str, st: os.stat_result) -> bool:
         """Keep the recycled file at ``dst`` (trusted, same content); fix mode and mtime.

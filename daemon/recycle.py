@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -59,16 +60,7 @@ def trusted_in(rec: Recycled, man: Manifest, root: Path) -> dict[str, os.stat_re
     one ``lstat`` each, taken while planning; the rename to the stage's name
     does not change them, and ``prepare_tree`` checks each inode number again.
     """
-    out: dict[str, os.stat_result] = {}
-    entries = rec.cache.versions.get(rec.serial, {})
-    at = str(root)
-    for f in man.files:
-        e = entries.get(f.path)
-        if e is not None and e[5] == f.sha256:
-            st = rec.cache.trusted(rec.serial, f.path, f"{at}/{f.path}", f.sha256)
-            if st is not None:
-                out[f.path] = st
-    return out
+    return rec.cache.trusted_files(rec.serial, man.files, str(root))
 
 
 @dataclass
@@ -81,23 +73,30 @@ class Kept:
 
 def wanted_dirs(man: Manifest) -> set[str]:
     """Every directory of ``man``'s tree, listed or implied by a deeper entry."""
-    out = {d.path for d in man.dirs}
-    for p in [f.path for f in man.files] + [s.path for s in man.symlinks] + list(out):
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            out.add("/".join(parts[:i]))
-    return out
+    listed = {d.path for d in man.dirs}
+    implied: set[str] = set()
+    for p in itertools.chain((f.path for f in man.files), (s.path for s in man.symlinks), listed):
+        i = p.rfind("/")
+        while i > 0:
+            parent = p[:i]
+            if parent in implied:
+                break  # and so are all of its ancestors
+            implied.add(parent)
+            i = parent.rfind("/")
+    return listed | implied
 
 
-def prepare_tree(rec: Recycled, man: Manifest, stage: Path) -> Kept:
+def prepare_tree(rec: Recycled, man: Manifest, stage: Path, dirs: set[str] | None = None) -> Kept:
     """Strip the recycled tree at ``stage`` down to what ``man`` can keep (see module doc).
 
     Returns the files (with the ``lstat`` that trusted them) and symlinks left
-    in place. Raises ``StorageError`` if an entry cannot be listed or removed.
+    in place; ``dirs`` is ``wanted_dirs(man)`` if the caller has it. Raises
+    ``StorageError`` if an entry cannot be listed or removed.
     """
     files = {f.path: f.sha256 for f in man.files}
     links = {s.path: s.target for s in man.symlinks}
-    dirs = wanted_dirs(man)
+    if dirs is None:
+        dirs = wanted_dirs(man)
     kept = Kept()
     todo = [("", str(stage))]
     try:

@@ -31,7 +31,7 @@ from .build import DeltaBuilder, FileBuilder, StageReport, verify_reusable, writ
 from .errors import StorageError
 from .fsutil import ensure_free, fsync_dir, storage_error
 from .patch import PatchPlan, patch_in_place
-from .recycle import Kept, Recycled, prepare_tree
+from .recycle import Kept, Recycled, prepare_tree, wanted_dirs
 from .stagefs import (
     Owners,
     ReflinkState,
@@ -118,7 +118,8 @@ def stage_tree(
         sources = verify_reusable(man, reusable)
     clones = ReflinkState(reflink_supported(stage.parent) if reflink is None else reflink)
     clone_free = bool(clones.supported) or allow_hardlink
-    kept = prepare_tree(recycled, man, stage) if recycled is not None else Kept()
+    dirs = wanted_dirs(man)
+    kept = prepare_tree(recycled, man, stage, dirs) if recycled is not None else Kept()
     need = sum(
         f.size
         for f in man.files
@@ -128,9 +129,7 @@ def stage_tree(
     owners = Owners(live_root)
     try:
         stage.mkdir(mode=0o700, exist_ok=recycled is not None)
-        dir_paths = sorted(
-            {d.path for d in man.dirs} | _implicit_dirs(man), key=lambda p: p.count("/")
-        )
+        dir_paths = sorted(dirs, key=lambda p: p.count("/"))
         for rel in dir_paths:
             (stage / rel).mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -140,10 +139,8 @@ def stage_tree(
         store, sources, patches or {}, delta_builder, allow_hardlink, owners, clones, report
     )
     root = str(stage)
-    for f in man.files:
-        st = kept.files.get(f.path)
-        if st is None or not builder.keep(f, f"{root}/{f.path}", st):
-            builder.build(f, f"{root}/{f.path}")
+    for f in builder.keep_all(man.files, kept.files, root):
+        builder.build(f, f"{root}/{f.path}")
     builder.record_links()
 
     try:
@@ -251,17 +248,6 @@ def _lstat(path: Path | None) -> os.stat_result | None:
         return os.lstat(path)
     except OSError:
         return None
-
-
-def _implicit_dirs(man: Manifest) -> set[str]:
-    out: set[str] = set()
-    for p in (
-        [f.path for f in man.files] + [s.path for s in man.symlinks] + [d.path for d in man.dirs]
-    ):
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            out.add("/".join(parts[:i]))
-    return out
 
 
 def _set_meta(path: Path, mode: int, mtime: int) -> None:
