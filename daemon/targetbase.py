@@ -21,6 +21,7 @@ targets.py.
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 import stat
@@ -47,7 +48,7 @@ def lstat_or_none(path: Path) -> os.stat_result | None:
         raise storage_error(exc, "stat", path) from None
 
 
-class Target:
+class Target(abc.ABC):
     """Operations common to all kinds; subclasses define the swap."""
 
     kind = ""
@@ -159,16 +160,19 @@ class Target:
 
     def prepare(self, frm: int | None) -> None:
         """Last step before the swap: keep what the swap would otherwise destroy."""
+        return  # a kind whose swap keeps the old version needs nothing here
 
+    @abc.abstractmethod
     def swap(self, src: Path) -> None:
-        raise NotImplementedError
+        """Make the version at ``src`` live at the target in one system call."""
 
+    @abc.abstractmethod
     def undo(self, src: Path, new_id: Identity, old_id: Identity, frm: int | None, op: str) -> None:
         """Put the old version back if the new one is live; keep or drop ``src``."""
-        raise NotImplementedError
 
     def finish(self, src: Path, frm: int | None) -> None:
         """After commit: move the replaced version (if at ``src``) to its versioned name."""
+        return  # a kind that keeps the replaced version in place needs nothing here
 
     def discard(self, src: Path, op: str, frm: int | None) -> None:
         """Abort before the swap: remove a stage (never a live or kept version) and scratch."""

@@ -4,11 +4,13 @@ through the real command line in-process (``p2pupd.tools.cli.main``)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +132,26 @@ class World:
 
     def import_(self, bundle: Path, *extra: str) -> Result:
         return self.run("import", bundle, "--state-dir", self.state, *extra)
+
+    def reinit(self, *extra: str) -> None:
+        """(Re)configure the component with extra ``init`` options."""
+        r = self.run("init", "--state-dir", self.state, "--trust", self.repo / "root.msgpack",
+                     "--component", f"app={self.target}", *extra)  # fmt: skip
+        assert r.code == 0, r.err
+
+    def app_status(self) -> dict[str, Any]:
+        """The component's part of ``status --json``."""
+        r = self.run("status", "--state-dir", self.state, "--json")
+        assert r.code == 0, r.err
+        doc: dict[str, Any] = json.loads(r.out)["components"]["app"]
+        return doc
+
+    def app_history(self) -> list[dict[str, Any]]:
+        """The component's ``history --json`` entries."""
+        r = self.run("history", "app", "--state-dir", self.state, "--json")
+        assert r.code == 0, r.err
+        entries: list[dict[str, Any]] = json.loads(r.out)["history"]
+        return entries
 
     def snapshot(self) -> tuple[object, object]:
         return state_snapshot(self.state), tree_snapshot(self.target)

@@ -29,12 +29,6 @@ def publish_all(world: World, *trees: dict[str, bytes]) -> list[Path]:
     return srcs
 
 
-def reinit(world: World, *extra: str) -> None:
-    r = world.run("init", "--state-dir", world.state, "--trust", world.repo / "root.msgpack",
-                  "--component", f"app={world.target}", *extra)  # fmt: skip
-    assert r.code == 0, r.err
-
-
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every file the stat cache had to read back."""
     seen: list[str] = []
@@ -108,7 +102,7 @@ def test_locally_modified_file_without_its_chunks_is_refused(world: World) -> No
 def test_immutable_component_hard_links_and_keeps_its_cache(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reinit(world, "--immutable")
+    world.reinit("--immutable")
     _, v2, v3 = publish_all(world, V1, V2, V3)
     api.apply(world.state, "app", version="1.0")
     r = api.apply(world.state, "app", version="2.0")
@@ -124,7 +118,7 @@ def test_immutable_component_hard_links_and_keeps_its_cache(
 
 
 def test_retain_one_recycles_the_dropped_version(world: World) -> None:
-    reinit(world, "--retain", "1")
+    world.reinit("--retain", "1")
     *_, v4 = publish_all(world, V1, V2, V3, {**V3, "etc/conf": b"a=4\n"})
     for version in ("1.0", "2.0", "3.0"):
         api.apply(world.state, "app", version=version)
@@ -161,10 +155,10 @@ def test_filesystem_without_exchange_is_refused_before_staging(
 
 def test_kind_preconditions_are_clear_errors(world: World) -> None:
     publish_all(world, V1)
-    reinit(world, "--kind", "file")
+    world.reinit("--kind", "file")
     with pytest.raises(ApplyError, match=r"must hold exactly one file \(it has 22 files"):
         api.apply(world.state, "app")
-    reinit(world, "--kind", "symlink")
+    world.reinit("--kind", "symlink")
     world.target.mkdir()
     with pytest.raises(ApplyError, match="exists and is not a symlink"):
         api.apply(world.state, "app")
@@ -202,7 +196,7 @@ def test_owners_follow_the_live_version(world: World) -> None:
 
 
 def test_gc_keeps_every_blob_a_kept_or_newer_release_needs(world: World) -> None:
-    reinit(world, "--retain", "1")
+    world.reinit("--retain", "1")
     publish_all(world, V1, V2, V3, {**V3, "etc/conf": b"a=4\n"})
     for version in ("1.0", "2.0", "3.0"):
         api.apply(world.state, "app", version=version)
@@ -261,7 +255,7 @@ def test_status_shows_an_open_transaction_while_another_process_holds_the_lock(
 def test_recycled_version_modified_on_disk_is_repaired(world: World) -> None:
     """What the stat cache no longer vouches for in the recycled version is rebuilt,
     and what the release does not have is removed."""
-    reinit(world, "--retain", "1")
+    world.reinit("--retain", "1")
     *_, v4 = publish_all(world, V1, V2, V3, {**V3, "etc/conf": b"a=4\n"})
     for version in ("1.0", "2.0", "3.0"):
         api.apply(world.state, "app", version=version)

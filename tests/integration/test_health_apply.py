@@ -5,7 +5,6 @@ a release before anything is swapped."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -35,27 +34,6 @@ def exit_module(code: int) -> bytes:
     )
 
 
-def node_with(world: World, *extra: str) -> None:
-    """(Re)configure the component with extra init options, e.g. a health command."""
-    r = world.run("init", "--state-dir", world.state, "--trust", world.repo / "root.msgpack",
-                  "--component", f"app={world.target}", *extra)  # fmt: skip
-    assert r.code == 0, r.err
-
-
-def status(world: World) -> dict[str, object]:
-    r = world.run("status", "--state-dir", world.state, "--json")
-    assert r.code == 0, r.err
-    doc: dict[str, object] = json.loads(r.out)["components"]["app"]
-    return doc
-
-
-def history(world: World) -> list[dict[str, object]]:
-    r = world.run("history", "app", "--state-dir", world.state, "--json")
-    assert r.code == 0, r.err
-    entries: list[dict[str, object]] = json.loads(r.out)["history"]
-    return entries
-
-
 def install_v1_then_import_v2(world: World, **publish_v2: object) -> tuple[Path, Path]:
     v1 = world.publish("1.0", V1)
     r = world.import_(world.export("usb1"), "--apply")
@@ -70,11 +48,11 @@ def install_v1_then_import_v2(world: World, **publish_v2: object) -> tuple[Path,
 def assert_rolled_back(world: World, v1: Path, reason: str) -> None:
     assert tree_snapshot(world.target) == tree_snapshot(v1)
     assert sorted(os.listdir(world.target.parent)) == ["app"]
-    st = status(world)
+    st = world.app_status()
     assert st["version"] == "1.0"
     assert st["bad"] == {"2": reason}
     assert st["last_error"] == f"2.0 rolled back: {reason}"
-    last = history(world)[-1]
+    last = world.app_history()[-1]
     assert (last["event"], last["version"], last["detail"]) == ("health-failed", "2.0", reason)
     # Never retried automatically: the newest good release is the live one.
     r = world.run("apply", "app", "--state-dir", world.state)
@@ -85,7 +63,7 @@ def assert_rolled_back(world: World, v1: Path, reason: str) -> None:
 def test_health_command_failure_rolls_back(world: World, tmp_path: Path) -> None:
     check = script(tmp_path / "check", 'grep -q v2 "$P2PUPD_TARGET/bin/tool" && '
                    '{ echo "starting..."; echo "v2 answers 500" >&2; exit 3; }; exit 0\n')  # fmt: skip
-    node_with(world, "--health-cmd", str(check))
+    world.reinit("--health-cmd", str(check))
     v1, _ = install_v1_then_import_v2(world)
     r = world.run("apply", "app", "--state-dir", world.state)
     assert r.code == 1
@@ -95,7 +73,7 @@ def test_health_command_failure_rolls_back(world: World, tmp_path: Path) -> None
     # --force retries it (and it still fails, and is still recorded).
     r = world.run("apply", "app", "--state-dir", world.state, "--version", "2.0", "--force")
     assert r.code == 1
-    assert [h["event"] for h in history(world)].count("health-failed") == 2
+    assert [h["event"] for h in world.app_history()].count("health-failed") == 2
 
 
 def test_health_command_timeout_rolls_back_and_kills_its_children(
@@ -106,7 +84,7 @@ def test_health_command_timeout_rolls_back_and_kills_its_children(
         tmp_path / "hang",
         f'grep -q v1 "$P2PUPD_TARGET/bin/tool" && exit 0; sleep 60 & echo $! > {pidfile}; wait\n',
     )
-    node_with(world, "--health-cmd", str(check), "--health-timeout", "0.5")
+    world.reinit("--health-cmd", str(check), "--health-timeout", "0.5")
     v1, _ = install_v1_then_import_v2(world)
     r = world.run("apply", "app", "--state-dir", world.state)
     assert r.code == 1
@@ -130,13 +108,13 @@ def _proc_state(pid: int) -> str:
 def test_passing_health_command_commits(world: World, tmp_path: Path) -> None:
     seen = tmp_path / "seen"
     check = script(tmp_path / "ok", f'echo "$P2PUPD_VERSION $P2PUPD_KIND" > {seen}\n')
-    node_with(world, "--health-cmd", str(check))
+    world.reinit("--health-cmd", str(check))
     _, v2 = install_v1_then_import_v2(world)
     r = world.run("apply", "app", "--state-dir", world.state)
     assert r.code == 0, r.err
     assert tree_snapshot(world.target) == tree_snapshot(v2)
     assert seen.read_text() == "2.0 dir\n"
-    assert status(world)["last_error"] is None
+    assert world.app_status()["last_error"] is None
 
 
 def test_wasm_health_hook_failure_rolls_back(world: World, tmp_path: Path) -> None:
@@ -153,9 +131,9 @@ def test_wasm_health_hook_failure_rolls_back(world: World, tmp_path: Path) -> No
     assert r.code == 1
     assert r.err == "p2pupd: error: app 4.0 rolled back: health hook: exited with 7\n"
     assert tree_snapshot(world.target) == tree_snapshot(v1)
-    st = status(world)
+    st = world.app_status()
     assert st["bad"] == {"4": "health hook: exited with 7"}
-    assert history(world)[-1]["event"] == "health-failed"
+    assert world.app_history()[-1]["event"] == "health-failed"
 
 
 def test_wasm_pre_apply_hook_refuses_before_the_swap(world: World, tmp_path: Path) -> None:
@@ -172,14 +150,14 @@ def test_wasm_pre_apply_hook_refuses_before_the_swap(world: World, tmp_path: Pat
     assert r.err == "p2pupd: error: app 3.0 not applied: pre-apply hook: exited with 2\n"
     assert tree_snapshot(world.target) == tree_snapshot(v1)
     assert sorted(os.listdir(world.target.parent)) == ["app"]
-    last = history(world)[-1]
+    last = world.app_history()[-1]
     assert (last["event"], last["detail"]) == ("refused", "pre-apply hook: exited with 2")
-    assert status(world)["bad"] == {"3": "pre-apply hook: exited with 2"}
+    assert world.app_status()["bad"] == {"3": "pre-apply hook: exited with 2"}
 
 
 def test_history_is_recovered_and_shown_to_humans(world: World, run: Run, tmp_path: Path) -> None:
     check = script(tmp_path / "fail", 'grep -q v2 "$P2PUPD_TARGET/bin/tool" && exit 9; exit 0\n')
-    node_with(world, "--health-cmd", str(check))
+    world.reinit("--health-cmd", str(check))
     install_v1_then_import_v2(world)
     assert run("apply", "app", "--state-dir", world.state).code == 1
     r = run("history", "app", "--state-dir", world.state)

@@ -130,26 +130,6 @@ MEMORY_BOMB = compile_wat(
 # -- node helpers ---------------------------------------------------------------------
 
 
-def init_node(world: World, *limits: str) -> None:
-    r = world.run("init", "--state-dir", world.state, "--trust", world.repo / "root.msgpack",
-                  "--component", f"app={world.target}", *limits)  # fmt: skip
-    assert r.code == 0, r.err
-
-
-def status(world: World) -> dict[str, object]:
-    r = world.run("status", "--state-dir", world.state, "--json")
-    assert r.code == 0, r.err
-    doc: dict[str, object] = json.loads(r.out)["components"]["app"]
-    return doc
-
-
-def history(world: World) -> list[dict[str, object]]:
-    r = world.run("history", "app", "--state-dir", world.state, "--json")
-    assert r.code == 0, r.err
-    entries: list[dict[str, object]] = json.loads(r.out)["history"]
-    return entries
-
-
 def publish_with_hooks(
     world: World, tmp_path: Path, version: str, files: dict[str, bytes], **hooks: bytes
 ) -> Path:
@@ -177,11 +157,11 @@ def v1(world: World) -> Path:
 def assert_rolled_back(world: World, v1: Path, version: str, serial: int, reason: str) -> None:
     assert tree_snapshot(world.target) == tree_snapshot(v1)
     assert sorted(os.listdir(world.target.parent)) == ["app"]  # no stage or view left
-    st = status(world)
+    st = world.app_status()
     assert st["version"] == "1.0"
     assert st["bad"] == {str(serial): reason}
     assert st["last_error"] == f"{version} rolled back: {reason}"
-    hist = history(world)
+    hist = world.app_history()
     assert (hist[-1]["event"], hist[-1]["version"], hist[-1]["detail"]) == (
         "health-failed", version, reason,
     )  # fmt: skip
@@ -202,8 +182,8 @@ def test_hooks_run_at_each_point_and_their_output_is_in_history(
     r = world.import_(world.export("usb2"), "--apply", "--json")
     assert r.code == 0, r.err
     assert tree_snapshot(world.target) == tree_snapshot(src)
-    assert status(world)["version"] == "2.0"
-    hist = history(world)
+    assert world.app_status()["version"] == "2.0"
+    hist = world.app_history()
     hooks = [h for h in hist if h["event"] == "hook"]
     assert [str(h["detail"]).split(" hook ")[0] for h in hooks] == [
         "pre-apply", "post-apply", "health",
@@ -229,7 +209,7 @@ def test_health_hook_reading_the_live_tree_refuses_wrong_content(
     reason = "health hook: exited with 1"
     assert r.err == f"p2pupd: error: app 2.0 rolled back: {reason}\n"
     assert_rolled_back(world, v1, "2.0", 2, reason)
-    hook = history(world)[-2]
+    hook = world.app_history()[-2]
     assert hook["event"] == "hook"
     detail = str(hook["detail"])
     assert re.fullmatch(
@@ -250,7 +230,7 @@ def test_health_hook_reading_the_live_tree_refuses_wrong_content(
 def test_infinite_loop_is_stopped_and_rolled_back(
     world: World, tmp_path: Path, v1: Path, limits: tuple[str, ...], reason: str
 ) -> None:
-    init_node(world, *limits)
+    world.reinit(*limits)
     publish_with_hooks(world, tmp_path, "2.0", V2, health=LOOP)
     r = world.import_(world.export("usb2"), "--apply")
     assert r.code == 1
@@ -259,14 +239,14 @@ def test_infinite_loop_is_stopped_and_rolled_back(
 
 
 def test_memory_bomb_is_stopped_by_the_limit(world: World, tmp_path: Path, v1: Path) -> None:
-    init_node(world, "--hook-memory-mib", "4")
+    world.reinit("--hook-memory-mib", "4")
     assert status_limits(world)["memory"] == 4 * 1024 * 1024
     publish_with_hooks(world, tmp_path, "2.0", V2, health=MEMORY_BOMB)
     r = world.import_(world.export("usb2"))
     assert r.code == 0, r.err
     r = world.run("apply", "app", "--state-dir", world.state)
     assert r.code == 1
-    reason = str(status(world)["bad"]["2"])  # type: ignore[index]
+    reason = str(world.app_status()["bad"]["2"])  # type: ignore[index]
     assert reason.startswith("health hook: memory limit 4 MiB exceeded (trap: ")
     assert "unreachable" in reason
     assert_rolled_back(world, v1, "2.0", 2, reason)
@@ -285,7 +265,7 @@ def test_escape_from_the_preopens_is_refused(world: World, tmp_path: Path, v1: P
     assert r.code == 1
     reason = "health hook: exited with 13"
     assert_rolled_back(world, v1, "2.0", 2, reason)
-    assert "stderr: every escape was refused" in str(history(world)[-2]["detail"])
+    assert "stderr: every escape was refused" in str(world.app_history()[-2]["detail"])
 
 
 def test_pre_apply_failure_never_swaps(world: World, tmp_path: Path, v1: Path) -> None:
@@ -295,9 +275,9 @@ def test_pre_apply_failure_never_swaps(world: World, tmp_path: Path, v1: Path) -
     reason = "pre-apply hook: exited with 4"
     assert r.err == f"p2pupd: error: app 2.0 not applied: {reason}\n"
     assert tree_snapshot(world.target) == tree_snapshot(v1)
-    st = status(world)
+    st = world.app_status()
     assert (st["bad"], st["last_error"]) == ({"2": reason}, f"2.0 refused: {reason}")
-    hist = history(world)
+    hist = world.app_history()
     assert [h["event"] for h in hist[-2:]] == ["hook", "refused"]
     assert "stderr: no" in str(hist[-2]["detail"])
 
@@ -318,10 +298,12 @@ def test_a_module_the_manifest_does_not_name_never_runs(
     assert r.code != 0
     assert "does not match its name" in r.err
     assert tree_snapshot(world.target) == tree_snapshot(v1)
-    st = status(world)
+    st = world.app_status()
     assert st["version"] == "1.0"
     assert "does not match its name" in str(st["last_error"])
-    assert not any(h["event"] == "hook" and "passed" in str(h["detail"]) for h in history(world))
+    assert not any(
+        h["event"] == "hook" and "passed" in str(h["detail"]) for h in world.app_history()
+    )
 
 
 def status_limits(world: World) -> dict[str, int]:
