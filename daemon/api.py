@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from p2pupd.protocol.errors import CodecError, P2pupdError, RemoteProtocolError, VerificationError
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.request import SiteRequest, verify_any_request
 
 from . import ctlclient
 from .apply import Applier, ApplyResult
@@ -66,6 +67,7 @@ __all__ = [
     "ImportReport",
     "ImportedRelease",
     "LockedError",
+    "MadeRequest",
     "NotFoundError",
     "StateSource",
     "StorageError",
@@ -388,14 +390,31 @@ def mark_good(state_dir: Path, component: str, serial: int) -> None:
 # -- sneakernet: request files, export from a node, auto-import ------------------
 
 
-def make_request(state_dir: Path) -> bytes:
-    """Return the signed request file describing this node (see siterequest.py).
+@dataclass(frozen=True)
+class MadeRequest:
+    """A request file and what it speaks for."""
 
-    Creates the node key on first use, under the state lock.
+    data: bytes
+    site: SiteRequest
+    unanswered: list[str]  # peers (node id hex) the daemon asked that did not answer
+
+
+def make_request(state_dir: Path, *, site: bool = True) -> MadeRequest:
+    """Return the signed request file describing this node or, with a daemon, its site.
+
+    With a daemon running (and ``site``), the daemon asks every connected
+    peer for its own signed request and wraps them with this node's in a site
+    request (see siterequest.py); otherwise the file speaks for this node
+    alone. Creates the node key on first use, under the state lock.
     """
+    running, doc = _daemon(state_dir, "request", site=site)
+    if running:
+        data = doc["data"]
+        return MadeRequest(data, verify_any_request(data), list(doc["unanswered"]))
     node = Node(state_dir)
     with node.lock:
-        return build_request(node, now_seconds())[0]
+        data = build_request(node, now_seconds())[0]
+    return MadeRequest(data, verify_any_request(data), [])
 
 
 def open_state_source(state_dir: Path) -> StateSource:

@@ -1,16 +1,17 @@
-"""Moving one blob from one peer: a single ``ChunkRequest``, or ranged pieces.
+"""Moving one blob larger than a frame from one peer, in ranged pieces.
 
-Both return ``True`` (stored or landed, hash checked), ``False`` (the peer sent
-bytes that do not match: the caller bans it) or ``None`` (the peer lacks the
-blob), and raise ``TransferError`` when the peer leaves or does not answer.
+(A blob that fits a frame is one ``ChunkRequest``, sent by ``fetch`` itself
+and landed by its ``Lander``.) ``get_ranged`` returns ``True`` (stored, hash
+checked), ``False`` (the peer sent bytes that do not match: the caller bans
+it) or ``None`` (the peer lacks the blob), and raises ``TransferError`` when
+the peer leaves or does not answer.
 
-A blob that fits a frame lands in the ``Landing`` (hash-checked there, made
-durable in batches). A larger one (patches, hooks) is asked for in pieces of
-``PIECE_BYTES``, ``RANGE_DEPTH`` at a time, from the one peer the planner
-assigned it to -- so a mismatch of the reassembled blob can be blamed on that
-peer -- written at their offsets into a spool file in ``STATE/tmp`` (cleaned
-at start-up), then streamed into the store by ``put_stream``, which refuses it
-unless the whole hashes to its name.
+The blob (patches, hooks) is asked for in pieces of ``PIECE_BYTES``,
+``RANGE_DEPTH`` at a time, from the one peer the planner assigned it to -- so
+a mismatch of the reassembled blob can be blamed on that peer -- written at
+their offsets into a spool file in ``STATE/tmp`` (cleaned at start-up), then
+streamed into the store by ``put_stream``, which refuses it unless the whole
+hashes to its name.
 """
 
 from __future__ import annotations
@@ -25,34 +26,14 @@ import trio
 from p2pupd.protocol import limits
 from p2pupd.protocol.errors import HashMismatchError, RemoteProtocolError
 from p2pupd.protocol.session import Session
-from p2pupd.protocol.wire import BlobRangeData, ChunkData
+from p2pupd.protocol.wire import BlobRangeData
 
-from .landing import Landing
 from .offload import Offload
 from .store import BlobStore
 from .transport import PeerConnection
 
 PIECE_BYTES = 1 * limits.MiB
 RANGE_DEPTH = 4
-
-
-async def get_whole(
-    conn: PeerConnection, digest: bytes, size: int, landing: Landing, timeout: float
-) -> bool | None:
-    """Fetch a blob of ``size`` bytes in one frame into ``landing``."""
-    resp = await conn.request(partial(Session.request_chunk, digest=digest), timeout)
-    if not isinstance(resp, ChunkData):
-        return None
-    if len(resp.data) != size:
-        return False
-    try:
-        # Inline, not in a thread: hashing and writing one chunk into the page
-        # cache takes ~0.1 ms, less than handing it to a thread and back, and
-        # worker threads contending for the GIL stall the event loop's I/O.
-        landing.put(resp.data, digest)
-    except HashMismatchError:
-        return False
-    return True
 
 
 async def get_ranged(

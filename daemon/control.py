@@ -1,5 +1,7 @@
 """The daemon's control socket: how ``p2pupd status/import/apply/rollback/peers`` reach it.
 
+(And ``export --request``, which the daemon answers for the whole site.)
+
 Theory of operation. While a daemon runs it holds the node lock, so the CLI
 cannot act on the state directory itself; ``api`` finds ``STATE/control.sock``
 and sends the operation here instead (wire format: ``ctlclient``). Each
@@ -134,6 +136,8 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
             force=bool(args.get("force", False)),
         )
         return result_to_doc(result)
+    if op == "request":
+        return await core.site_requests.collect(bool(args.get("site", True)))
     if op == "rollback":
         return result_to_doc(await core.lifecycle.rollback(_str(args, "component")))
     raise ControlError(f"unknown control operation {op!r}")

@@ -35,8 +35,10 @@ from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import RemoteProtocolError
 from p2pupd.protocol.session import Session
 from p2pupd.protocol.wire import (
+    FEATURE_BATCH,
     FEATURE_HAVE,
     FEATURE_RANGE,
+    FEATURE_REQUEST,
     Announce,
     BlobRangeData,
     BlobRangeRequest,
@@ -49,6 +51,7 @@ from p2pupd.protocol.wire import (
     ManifestRangeData,
     ManifestRangeRequest,
     ManifestRequest,
+    NodeRequestQuery,
     Request,
     Response,
     RootData,
@@ -66,9 +69,10 @@ from .node_ctx import Node
 from .offload import Offload, in_thread
 from .peers import PeerInfo, PeerTable
 from .ratelimit import Limits
+from .sitecollect import SiteRequests
 from .transport import ERR_PROTOCOL, ERR_REFUSED, STALE_SECONDS, PeerConnection
 
-FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE})
+FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH})
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class NodeService:
             ban_seconds=opts.ban_seconds,
         )
         self.lifecycle = Lifecycle(self)
+        self.site_requests = SiteRequests(self)
         self.on_holdings: list[Callable[[], None]] = []
         self.listen_endpoint: str | None = None
         self.stopping = False  # set by close_all: refuse new connections
@@ -252,7 +257,9 @@ class NodeService:
             self.fetch.on_have(conn, msg)
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
-        """Answer one request of the peer (see ``respond``)."""
+        """Answer one request of the peer (see ``respond``; a site query reads the state)."""
+        if isinstance(req, NodeRequestQuery):
+            return await self.site_requests.answer(req)
         return self.respond(req)
 
     def broke_protocol(self, conn: PeerConnection, exc: RemoteProtocolError) -> None:

@@ -18,12 +18,21 @@ accepted release replaces it (blobs already stored count for the new one).
    ``COMMIT_SECONDS``). Fetching nodes thus serve each other instead of
    all pulling from the first node that had the release.
 3. *Plan*: the pure ``FetchPlanner`` picks (peer, blob) pairs -- rarest first,
-   per-peer cap, reassignment on timeout -- and each pair becomes a task:
-   ``blobxfer`` moves the blob (one ``ChunkRequest``, or ranged pieces for one
-   larger than a frame). Every blob is hash-checked before it is written
-   (``Landing.put``, ``BlobStore.put_stream``); landed blobs are made durable
-   and moved into the store in batches (``landing``), at the latest before
-   the release counts as complete.
+   per-peer cap, reassignment on timeout. Blobs that fit a frame are asked
+   for without a task of their own (``PeerConnection.send_request``): from a
+   peer that speaks "batch", up to ``MAX_BATCH_DIGESTS`` per
+   ``ChunkBatchRequest`` and ``BATCH_PEER_CAP`` in flight, else one
+   ``ChunkRequest`` each and ``PER_PEER_CAP`` in flight. The reader hands
+   each answer to a callback that queues it and wakes the fetch loop; the
+   loop lands what arrived (``Landing.put`` hash-checks and writes it),
+   applies the outcomes to the planner and sends the next requests, so each
+   turn of the loop handles a batch of chunks and one write carries its
+   requests. A blob's planner slot is freed only once it is landed, so the
+   per-peer caps also bound what waits to be landed. A larger blob (patches,
+   hooks) gets a task that fetches ranged pieces (``blobxfer.get_ranged``)
+   and streams them into the store (``BlobStore.put_stream``). Landed blobs
+   are made durable and moved into the store in batches (``landing``), at
+   the latest before the release counts as complete.
    A mismatch bans and disconnects the peer; a peer that does not answer
    within ``hard_timeout`` is disconnected; ChunkMissing just steers the
    planner elsewhere.
@@ -34,25 +43,35 @@ accepted release replaces it (blobs already stored count for the new one).
 from __future__ import annotations
 
 import random
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from p2pupd.protocol import limits
+from p2pupd.protocol.errors import HashMismatchError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.planner import FetchPlanner
+from p2pupd.protocol.session import Session
 from p2pupd.protocol.wire import (
+    FEATURE_BATCH,
     FEATURE_HAVE,
     FEATURE_RANGE,
+    MAX_BATCH_DIGESTS,
     MAX_HAVE_DIGESTS,
     MAX_PAYLOAD_BYTES,
     Announce,
+    ChunkData,
     Have,
+    Request,
+    Response,
 )
 
 from .accept import needed_for
-from .blobxfer import get_ranged, get_whole
+from .blobxfer import get_ranged
 from .errors import DaemonError
 from .events import log
 from .landing import Landing
@@ -62,9 +81,11 @@ if TYPE_CHECKING:
     from .core import NodeService
 
 PER_PEER_CAP = 14  # of the session's 16 in flight; the rest is for manifest and root requests
+# Blobs in flight to a peer that speaks "batch": enough to keep it busy while
+# our answers travel and a batch of them lands (they take few session slots).
+BATCH_PEER_CAP = MAX_BATCH_DIGESTS
 COMMIT_SECONDS = 0.25  # landed blobs are flushed, stored and announced in batches
 IDLE_SECONDS = 5.0
-BATCH_SECONDS = 0.001
 RETRY_SECONDS = 30.0
 # A blob up to this size goes in one ChunkData frame (room for the envelope).
 SINGLE_FRAME_BYTES = MAX_PAYLOAD_BYTES - 4 * limits.KiB
@@ -103,6 +124,31 @@ class ReleaseFetch:
     @property
     def key(self) -> tuple[str, int]:
         return (self.man.component, self.man.serial)
+
+
+# What became of one request: the bytes (to land), True (landed), False (bad
+# bytes), None (the peer lacks the blob), a connection (it ended before
+# answering) or a store error.
+Outcome = bytes | bool | PeerConnection | DaemonError | None
+
+
+@dataclass
+class _Attempt:
+    """One planner's go at a release: the answers to its requests come back here.
+
+    Callbacks hold the attempt they asked for, so the answers to an earlier
+    attempt's requests never reach a newer attempt's planner.
+    """
+
+    rf: ReleaseFetch
+    planner: FetchPlanner[bytes]
+    needed: dict[bytes, int]
+    results: list[tuple[bytes, bytes, Outcome]] = field(default_factory=list)
+
+    def report(self, peer: bytes, digest: bytes, outcome: Outcome) -> None:
+        """Queue an outcome for the fetch loop and wake it."""
+        self.results.append((peer, digest, outcome))
+        self.rf.wake.set()
 
 
 class FetchManager:
@@ -208,6 +254,7 @@ class FetchManager:
                 per_peer_cap=PER_PEER_CAP,
                 request_timeout=self._request_timeout,
                 ban_seconds=self._ban_seconds,
+                peer_cap=self._peer_cap,
             )
             rf.planner = planner
             for peer, (complete, digests) in rf.early.items():
@@ -227,56 +274,140 @@ class FetchManager:
                 blobs=len(needed),
                 bytes=sum(needed.values()),
             )
-            async with trio.open_nursery() as nursery:
-                while not planner.done:
+            run = _Attempt(rf, planner, needed)
+            async with trio.open_nursery() as nursery:  # ranged transfers
+                while True:
+                    failure = self._settle(run)
+                    if failure is not None or planner.done:
+                        break
                     now = trio.current_time()
-                    for peer, digest in planner.next_requests(now):
-                        nursery.start_soon(self._get, rf, peer, digest)
+                    self._ask(run, planner.next_requests(now), nursery)
                     deadline = planner.next_deadline()
                     wait = IDLE_SECONDS if deadline is None else min(IDLE_SECONDS, deadline - now)
                     with trio.move_on_after(max(wait, 0.001)):
                         await rf.wake.wait()
-                    # Let a few more answers arrive, so the next requests leave in
-                    # one write instead of one small send (a syscall) per chunk.
-                    await trio.sleep(BATCH_SECONDS)
                     rf.wake = trio.Event()
                 nursery.cancel_scope.cancel()  # late duplicates of reassigned requests
+            if failure is not None:
+                raise failure  # our store failed: _run retries later
             await self.commit()  # durable before the release can count as complete
 
-    async def _get(self, rf: ReleaseFetch, peer: bytes, digest: bytes) -> None:
-        planner, needed = rf.planner, rf.needed
-        assert planner is not None and needed is not None
+    def _peer_cap(self, peer: bytes) -> int:
         conn = self.core.conns.get(peer)
-        size = needed[digest]
-        try:
-            if conn is None:
-                raise TransferError("peer left")
-            offload, timeout = self.core.offload, self._hard_timeout
-            if size <= SINGLE_FRAME_BYTES:
-                got = await get_whole(conn, digest, size, self.landing, timeout)
-            elif conn.session.supports(FEATURE_RANGE):
-                store = self.core.node.store
-                got = await get_ranged(conn, digest, size, store, offload, timeout)
-                if got:
-                    self._committed([digest])  # streamed straight into the store
+        batch = conn is not None and conn.session.supports(FEATURE_BATCH)
+        return BATCH_PEER_CAP if batch else PER_PEER_CAP
+
+    def _ask(self, run: _Attempt, pairs: list[tuple[bytes, bytes]], nursery: trio.Nursery) -> None:
+        """Ask each peer for its digests; the outcomes arrive in ``run.results``."""
+        by_peer: dict[bytes, list[bytes]] = {}
+        for peer, digest in pairs:
+            by_peer.setdefault(peer, []).append(digest)
+        for peer, digests in by_peer.items():
+            conn = self.core.conns.get(peer)
+            if conn is None:  # it left since the planner chose it
+                run.planner.remove_peer(peer)
+                continue
+            small = [d for d in digests if run.needed[d] <= SINGLE_FRAME_BYTES]
+            for digest in digests:
+                if run.needed[digest] > SINGLE_FRAME_BYTES:
+                    if conn.session.supports(FEATURE_RANGE):
+                        nursery.start_soon(self._get_ranged, run, conn, digest, run.needed[digest])
+                    else:
+                        run.report(peer, digest, None)  # too big for a peer without ranges
+            if conn.session.supports(FEATURE_BATCH):
+                for i in range(0, len(small), MAX_BATCH_DIGESTS):
+                    batch = tuple(small[i : i + MAX_BATCH_DIGESTS])
+                    build = partial(Session.request_chunk_batch, digests=batch)
+                    on_answer = partial(self._on_batch, run, conn, deque(batch))
+                    self._send(run, conn, build, on_answer, batch)
             else:
-                got = None
-        except TransferError as exc:
-            planner.remove_peer(peer)
-            if conn is not None and not conn.closed:
-                conn.close(f"request failed: {exc}")
-            rf.wake.set()
-            return
-        now = trio.current_time()
-        if got is None:
-            planner.on_chunk_missing(peer, digest, now)
+                for digest in small:
+                    one = partial(Session.request_chunk, digest=digest)
+                    on_answer = partial(self._on_chunk, run, conn, digest)
+                    self._send(run, conn, one, on_answer, (digest,))
+
+    def _send(
+        self,
+        run: _Attempt,
+        conn: PeerConnection,
+        build: Callable[[Session], Request],
+        on_answer: Callable[[Response | None], None],
+        digests: tuple[bytes, ...],
+    ) -> None:
+        if not conn.send_request(build, on_answer, self._hard_timeout):
+            for digest in digests:
+                run.report(conn.node_id, digest, conn)
+
+    def _on_batch(
+        self, run: _Attempt, conn: PeerConnection, due: deque[bytes], resp: Response | None
+    ) -> None:
+        """One answer to a ChunkBatchRequest; the session checked it is for ``due[0]``."""
+        if resp is None:  # the connection ended: nothing more comes
+            for digest in due:
+                run.report(conn.node_id, digest, conn)
+            due.clear()
         else:
-            planner.on_chunk_received(peer, digest, got, now)
+            self._on_chunk(run, conn, due.popleft(), resp)
+
+    def _on_chunk(
+        self, run: _Attempt, conn: PeerConnection, digest: bytes, resp: Response | None
+    ) -> None:
+        """The peer's answer for one blob (called by its reader: must not block)."""
+        peer = conn.node_id
+        if isinstance(resp, ChunkData):
+            good_size = len(resp.data) == run.needed[digest]
+            run.report(peer, digest, resp.data if good_size else False)
+        else:  # ChunkMissing, or None: the connection ended first
+            run.report(peer, digest, conn if resp is None else None)
+
+    async def _get_ranged(
+        self, run: _Attempt, conn: PeerConnection, digest: bytes, size: int
+    ) -> None:
+        peer = conn.node_id
+        try:
+            store, offload = self.core.node.store, self.core.offload
+            got = await get_ranged(conn, digest, size, store, offload, self._hard_timeout)
+        except TransferError as exc:
+            if not conn.closed:
+                conn.close(f"request failed: {exc}")
+            run.report(peer, digest, conn)
+        except DaemonError as exc:  # our store failed
+            run.report(peer, digest, exc)
+        else:
             if got:
-                self._received(rf, peer, size)
-            else:
+                self._committed([digest])  # streamed straight into the store
+            run.report(peer, digest, got)
+
+    def _settle(self, run: _Attempt) -> DaemonError | None:
+        """Apply the answers that arrived since the last call to the planner.
+
+        Returns the first store error a landing ran into, if any.
+        """
+        failure = None
+        results, run.results = run.results, []
+        planner, now = run.planner, trio.current_time()
+        for peer, digest, outcome in results:
+            if isinstance(outcome, bytes):
+                try:
+                    self.landing.put(outcome, digest)
+                    outcome = True
+                except HashMismatchError:
+                    outcome = False
+                except DaemonError as exc:  # our store failed (full disk, I/O)
+                    outcome = exc
+            if outcome is True:
+                planner.on_chunk_received(peer, digest, True, now)
+                self._received(run.rf, peer, run.needed[digest])
+            elif outcome is False:
+                planner.on_chunk_received(peer, digest, False, now)
                 self.core.ban(peer, f"blob {digest.hex()[:16]} failed its hash check")
-        rf.wake.set()
+            elif outcome is None:
+                planner.on_chunk_missing(peer, digest, now)
+            elif isinstance(outcome, DaemonError):
+                failure = failure or outcome
+            elif self.core.conns.get(peer) in (outcome, None):
+                planner.remove_peer(peer)  # that connection ended; a newer one stays
+        return failure
 
     def _received(self, rf: ReleaseFetch, peer: bytes, size: int) -> None:
         self._commit_wanted.set()

@@ -5,17 +5,19 @@ for how it is read), and nothing on the node changes until all of it checks out:
 
 1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
    signed document they point to (each hash-checked against its name, the lot
-   bounded by ``bundle.MAX_METADATA_BYTES``). A release envelope carried as
-   a patch is rebuilt from the envelope this node stores that it names (by
-   sha256), then treated exactly as a whole one. A bundle whose patch needs a
-   base this node lacks is refused (``MissingBaseError``, exit 1) if the node
-   runs that component, else that release is skipped.
+   bounded by ``bundle.MAX_METADATA_BYTES``), and every pack, to learn which
+   blobs it holds. A release envelope carried as a patch is rebuilt from the
+   envelope this node stores that it names (by sha256), then treated exactly
+   as a whole one. A bundle whose patch needs a base this node lacks is refused
+   (``MissingBaseError``, exit 1) if the node runs that component, else that
+   release is skipped.
 2. *Verify in memory.* Walk the root chain from the pinned root (a bundle root
    at a version we hold must be the one we hold: else it is another
    repository's), verify every release envelope (signatures, expiry on the
    node clock, component named by the artifact), check that each release
-   artifact's layers are blobs its signed manifest names, and -- for a minimal
-   bundle -- that the request it was cut for is this node's own.
+   artifact's layers and pack entries are blobs its signed manifest names,
+   and -- for a minimal bundle -- that the request it was cut for is this
+   node's own.
 3. *Rollback rule*, per component: the newest release offered must be newer
    than the high-water mark (or be exactly the release held); older ones are
    imported only if already held, else skipped as history.
@@ -24,8 +26,10 @@ for how it is read), and nothing on the node changes until all of it checks out:
    Any failure so far raises before a single byte is written.
 5. *Copy* the blobs the store lacks into ``STATE/incoming`` (incoming.py),
    hashing as they stream; blobs an interrupted run left there are re-checked
-   and reused. A mismatch discards what this run copied (exit 3, nothing
-   changed); an I/O error keeps it for the rerun (exit 1).
+   and reused. Packed blobs come first: each pack is read again (one in memory
+   at a time) and its entries are copied out of it like files. A mismatch
+   discards what this run copied (exit 3, nothing changed); an I/O error keeps
+   it for the rerun (exit 1).
 6. *Commit*: flush, move the blobs into the store, then persist the new root
    and the release envelopes and raise the high-water marks (atomic writes).
    A crash in between is repaired by a rerun: blobs already stored are skipped.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -53,10 +58,10 @@ from p2pupd.protocol.trust import Envelope, check_serial
 
 from .accept import needed_for, persist_release
 from .bundleio import BundleReader
-from .errors import BundleError, MissingBaseError
-from .fsutil import ensure_free
+from .errors import BundleError, MissingBaseError, StorageError
+from .fsutil import ensure_free, write_all
 from .incoming import Incoming
-from .metadata import BundleMetadata, HeldEnvelopes, VerifiedRelease, read_metadata
+from .metadata import BundleMetadata, HeldEnvelopes, PackedBlob, VerifiedRelease, read_metadata
 from .node import HistoryEntry, now_seconds
 from .node_ctx import Node
 from .siterequest import node_public_key
@@ -229,7 +234,7 @@ def import_bundle(
         )
         report = ImportReport(root_version=meta.trusted.version)
         if meta.request is not None:
-            report.for_node = meta.request.node_id.hex()
+            report.for_node = meta.request.collector.node_id.hex()
             if not allow_other_node:
                 meta.check_request_is_for(node.config.node_id, node_public_key(node.state))
         for u in meta.unresolved:
@@ -247,7 +252,8 @@ def import_bundle(
         report.blobs_present = len(carried) - len(need)
         incoming = Incoming(node.root, node.store)
         try:
-            _copy(reader, incoming, need, inodes, report, progress, on_total, cancel)
+            blobs = _BlobOpener(reader, meta.packed)
+            _copy(blobs, incoming, need, inodes, report, progress, on_total, cancel)
             # Everything is verified and on our disk. From here on only complete
             # blobs and atomically written documents are added.
             incoming.commit(sorted(need))
@@ -259,8 +265,61 @@ def import_bundle(
     return report
 
 
+class _BlobOpener:
+    """Opens the bytes of a blob to copy: its file on the medium, or its entry in a pack.
+
+    ``Incoming.copy`` reads from an fd, so a packed blob is served from an
+    anonymous in-memory file. The pack is read (hash-checked) again, one at a
+    time: packed blobs are copied in pack order, so each pack is read about once.
+    """
+
+    def __init__(self, reader: BundleReader, packed: dict[bytes, PackedBlob]) -> None:
+        self.reader = reader
+        self.packed = packed
+        self._lock = threading.Lock()
+        self._pack: tuple[bytes, bytes] | None = None  # (digest, bytes) of the pack in memory
+
+    def order(self, digest: bytes, inodes: dict[bytes, int]) -> tuple[int, bytes, int]:
+        """Sort key: packed blobs first, by pack and offset; then files in on-disk order."""
+        at = self.packed.get(digest)
+        if at is not None:
+            return (0, at.pack, at.offset)
+        return (1, b"", inodes.get(digest, 0))
+
+    def open(self, digest: bytes, size: int) -> int:
+        """Return an fd reading the blob from its start (the caller closes it)."""
+        at = self.packed.get(digest)
+        if at is None:
+            return self.reader.open_blob(digest, size)
+        with self._lock:
+            if self._pack is None or self._pack[0] != at.pack:
+                self._pack = None  # one pack in memory at a time
+                self._pack = (at.pack, self.reader.read_blob(at.pack, at.pack_size))
+            data = self._pack[1][at.offset : at.offset + at.size]
+        return _memory_fd(data)
+
+
+def _memory_fd(data: bytes) -> int:
+    """Return an fd positioned at the start of a private, unnamed file holding ``data``."""
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("p2pupd-packed-blob", os.MFD_CLOEXEC)
+        else:
+            fd, name = tempfile.mkstemp(prefix="p2pupd-packed-")
+            os.unlink(name)
+    except OSError as exc:
+        raise StorageError(f"cannot buffer a packed blob: {exc.strerror or exc}") from None
+    try:
+        write_all(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"cannot buffer a packed blob: {exc.strerror or exc}") from None
+    return fd
+
+
 def _copy(
-    reader: BundleReader,
+    blobs: _BlobOpener,
     incoming: Incoming,
     need: dict[bytes, int],
     inodes: dict[bytes, int],
@@ -272,12 +331,13 @@ def _copy(
     """Bring every blob of ``need`` into ``incoming``; see step 5 of the module doc.
 
     Blobs are copied by ``COPY_THREADS`` threads (hashing and the kernel's
-    file creation release the GIL), taken in on-disk order of the medium.
+    file creation release the GIL): packed blobs first, then files in on-disk
+    order of the medium.
     """
     incoming.open()
     left = incoming.held()
     resumed = {d for d in need if d in left and incoming.reverify(d, need[d])}
-    todo = iter(sorted((d for d in need if d not in resumed), key=lambda d: inodes.get(d, 0)))
+    todo = iter(sorted((d for d in need if d not in resumed), key=lambda d: blobs.order(d, inodes)))
     total = sum(s for d, s in need.items() if d not in resumed)
     if on_total is not None:
         on_total(total)
@@ -305,7 +365,7 @@ def _copy(
                     raise ImportInterruptedError(
                         f"import stopped after {len(copied)} blobs; rerun it to resume"
                     )
-                fd = reader.open_blob(dg, need[dg])
+                fd = blobs.open(dg, need[dg])
                 try:
                     n = incoming.copy(fd, dg, need[dg], advance)
                 finally:

@@ -11,29 +11,40 @@ untouched. Rules, one check each:
   2. a blob's bytes hash to its name and size ............................ HashMismatchError
   2b. a release envelope carried as a patch: its base is an envelope the
      node stores (found by sha256, else the release is *unresolved*, see
-     below); bspatch within the annotated size; the result hashes to the
-     annotated sha256 ..................................................... HashMismatchError
+     below); bspatch, or zstd with the base as dictionary, within the
+     annotated size; the result hashes to the annotated sha256 ............ HashMismatchError
+  2c. a pack parses within its bounds (``bundle.parse_pack``) and holds no
+     blob twice; each entry is named by the sha256 of its bytes ........... SchemaError
   3. all metadata read stays under ``bundle.MAX_METADATA_BYTES`` ............ FrameTooLargeError
   4. a bundle root at a version the node holds is that root ............. MixAndMatchError
   5. roots N+1, N+2... rotate from the pinned root ....................... (trust.rotate)
   6. each release verifies under the resulting root, unexpired ........... (trust.verify_release)
   7. the artifact's component annotation matches the signed one ........ MixAndMatchError
-  8. a release artifact carries only blobs its manifest names, at size .... SchemaError
+  8. a release artifact carries only blobs its manifest names, at size,
+     each once -- pack entries included ................................... SchemaError
   9. one bundle does not offer two different releases under one serial
      (platform variants of a release are not two releases) ............... RollbackError
- 10. a request artifact is a document signed by the node key it names .... (request.verify_request)
+ 10. a request artifact is a document signed by the node key it names .... (request.verify_any_request)
 
 A rebuilt envelope then takes rules 6-9 exactly as a whole one: the patch
 saves bytes, trust comes from the signature. A patch whose base this node does
 not hold is not an error here: it is listed in ``BundleMetadata.unresolved``
 and the importer refuses the bundle (``MissingBaseError``, exit 1) only if it
-needs that component.
+needs that component (its packs are then not read at all).
+
+Packs are read here, whole (each at most ``bundle.MAX_PACK_BYTES``, counted
+against rule 3), only to learn which blobs they hold; their bytes are dropped
+again and ``BundleMetadata.packed`` says where each entry lies. The importer
+reads a pack a second time to copy the entries it needs, and hashes each entry
+again as it copies it, so a medium that changes in between is caught.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import zstandard
 
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
@@ -45,7 +56,7 @@ from p2pupd.protocol.errors import (
     SchemaError,
 )
 from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.request import Request, check_request_is_ours, verify_request
+from p2pupd.protocol.request import SiteRequest, check_site_includes, verify_any_request
 from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
 
 from .bundleio import BundleReader
@@ -65,6 +76,16 @@ class UnresolvedRelease:
 
 
 @dataclass(frozen=True)
+class PackedBlob:
+    """Where a blob lies in a pack of the bundle."""
+
+    pack: bytes  # the pack's digest
+    pack_size: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
 class VerifiedRelease:
     manifest: Manifest
     envelope: Envelope
@@ -77,14 +98,15 @@ class BundleMetadata:
     trusted: TrustedRoot  # the root after every rotation the bundle offers
     roots: dict[int, bytes]
     releases: list[VerifiedRelease] = field(default_factory=list)
-    request: Request | None = None
+    request: SiteRequest | None = None  # the (site) request the bundle was cut for
     referenced: dict[bytes, int] = field(default_factory=dict)  # every blob named, by size
     unresolved: list[UnresolvedRelease] = field(default_factory=list)
+    packed: dict[bytes, PackedBlob] = field(default_factory=dict)  # blobs carried in packs
 
     def check_request_is_for(self, node_id: bytes, node_key: bytes | None) -> None:
-        """Raise ``MixAndMatchError`` if the bundle was cut for another node's request."""
+        """Raise ``MixAndMatchError`` if the bundle was cut for a request this node is not in."""
         if self.request is not None:
-            check_request_is_ours(self.request, node_id, node_key)
+            check_site_includes(self.request, node_id, node_key)
 
 
 class _Reads:
@@ -94,6 +116,9 @@ class _Reads:
         self.reader = reader
         self.referenced: dict[bytes, int] = {}
         self.spent = 0
+        self.packs: dict[bytes, list[oci.PackEntry]] = {}  # by the pack's digest
+        self.packed: dict[bytes, PackedBlob] = {}
+        self.entries = 0
 
     def ref(self, d: oci.Descriptor) -> None:
         if self.referenced.setdefault(d.digest, d.size) != d.size:
@@ -108,6 +133,22 @@ class _Reads:
                 f"bundle metadata exceeds {oci.MAX_METADATA_BYTES // limits.MiB} MiB"
             )
         return self.reader.read_blob(d.digest, d.size)
+
+    def pack(self, d: oci.Descriptor) -> None:
+        """Read a pack once and learn its entries (rule 2c); its bytes are dropped."""
+        if d.digest in self.packs:
+            return
+        data = self.read(d, oci.MAX_PACK_BYTES, "pack")
+        try:
+            entries = oci.pack_entries(data)
+        except SchemaError as exc:
+            raise SchemaError(f"bundle pack {d.digest.hex()[:16]}: {exc}") from None
+        self.entries += len(entries)
+        if self.entries > limits.MAX_BUNDLE_MEMBERS:
+            raise SchemaError(f"bundle packs hold over {limits.MAX_BUNDLE_MEMBERS} blobs")
+        self.packs[d.digest] = entries
+        for e in entries:
+            self.packed.setdefault(e.digest, PackedBlob(d.digest, d.size, e.offset, e.size))
 
     def charge(self, n: int) -> None:
         """Count ``n`` bytes built in memory (a rebuilt envelope) against rule 3."""
@@ -160,6 +201,9 @@ def read_metadata(
                     unresolved.append(rebuilt)
                     continue
                 data = rebuilt
+            for layer in art.layers[1:]:
+                if layer.media_type == oci.PACK_MEDIA_TYPE:
+                    reads.pack(layer)
             raw_releases.append((data, art))
         else:
             if raw_request is not None:
@@ -179,7 +223,9 @@ def read_metadata(
     while trusted.version + 1 in roots:
         trusted = trusted.rotate(roots[trusted.version + 1], now)
 
-    meta = BundleMetadata(trusted, roots, referenced=reads.referenced, unresolved=unresolved)
+    meta = BundleMetadata(
+        trusted, roots, referenced=reads.referenced, unresolved=unresolved, packed=reads.packed
+    )
     seen: dict[tuple[str, int, str | None], VerifiedRelease] = {}
     kinds: dict[tuple[str, int], set[bool]] = {}  # universal or per-platform, per serial
     for data, art in raw_releases:
@@ -189,7 +235,8 @@ def read_metadata(
             raise MixAndMatchError(
                 f"bundle lists a release of {named!r} whose signed manifest is for {man.component!r}"
             )
-        rel = VerifiedRelease(man, env, env.payload_digest(), oci.check_release_layers(art, man))
+        carried = oci.check_release_layers(art, man, reads.packs)
+        rel = VerifiedRelease(man, env, env.payload_digest(), carried)
         kinds.setdefault((man.component, man.serial), set()).add(man.platform is None)
         twin = seen.setdefault((man.component, man.serial, man.platform), rel)
         if len(kinds[man.component, man.serial]) > 1:
@@ -205,7 +252,7 @@ def read_metadata(
         else:  # the same release listed twice: carry the union of its blobs
             twin.carried.update(rel.carried)
     if raw_request is not None:
-        meta.request = verify_request(raw_request)[0]
+        meta.request = verify_any_request(raw_request)
     return meta
 
 
@@ -238,7 +285,10 @@ def _rebuild_envelope(
         )
         return UnresolvedRelease(comp, what, msg)
     try:
-        data = apply_patch(base, blob, patch.result_size)
+        if patch.media_type == oci.RELEASE_ZPATCH_MEDIA_TYPE:
+            data = apply_dict_patch(base, blob, patch.result_size)
+        else:
+            data = apply_patch(base, blob, patch.result_size)
     except HashMismatchError as exc:
         raise HashMismatchError(
             f"bundle's release patch for {what} does not apply ({exc}): damaged or tampered"
@@ -249,6 +299,32 @@ def _rebuild_envelope(
             "(damaged or tampered)"
         )
     return data
+
+
+DICT_PATCH_MAX_WINDOW = 1 << 27  # what an honest writer uses at most (128 MiB)
+
+
+def apply_dict_patch(base: bytes, frame: bytes, size: int) -> bytes:
+    """Return the zstd ``frame`` decoded with ``base`` as a raw-content dictionary.
+
+    The frame must declare exactly ``size`` bytes (so no more is allocated),
+    use a window of at most 128 MiB and be followed by nothing. Raises
+    ``HashMismatchError`` otherwise, or for corrupt data.
+    """
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared != size:
+            shown = "no size" if declared < 0 else f"{declared} bytes"
+            raise HashMismatchError(f"zstd frame declares {shown}, the patch names {size}")
+        d = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        out = zstandard.ZstdDecompressor(
+            dict_data=d, max_window_size=DICT_PATCH_MAX_WINDOW
+        ).decompress(frame, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise HashMismatchError(f"corrupt zstd data: {exc}") from None
+    if len(out) != size:
+        raise HashMismatchError(f"zstd frame made {len(out)} bytes, the patch names {size}")
+    return out
 
 
 def _root_version(data: bytes) -> int:

@@ -12,20 +12,28 @@ never made a request has no key, so it refuses every bundle cut for one.
 serial and high-water mark, per stored release its digest and whether its files
 are on disk and its blobs complete in the store; only the store blobs no
 complete release accounts for are listed one by one.
+
+``build_site_request`` is the daemon's version: this node's request plus the
+signed requests its peers sent it (each verified, and bound to the node id the
+peer proved in its Hello), wrapped and signed with this node's key.
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pupd.protocol.errors import CodecError, VerificationError
+from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
 from p2pupd.protocol.request import (
     MAX_EXTRA_BLOBS,
     MAX_REQUEST_RELEASES,
     ComponentHave,
     HeldRelease,
     Request,
+    SiteRequest,
     sign_request,
+    sign_site_request,
+    verify_any_request,
+    verify_request,
 )
 
 from .errors import CorruptStoreError, NotFoundError, StorageError
@@ -68,11 +76,15 @@ def node_public_key(state: StateDir) -> bytes | None:
     return None if key is None else key.public_key().public_bytes_raw()
 
 
-def build_request(node: Node, now: int) -> tuple[bytes, Request]:
+def build_request(
+    node: Node, now: int, *, max_extra: int = MAX_EXTRA_BLOBS
+) -> tuple[bytes, Request]:
     """Return (signed request file bytes, request) describing ``node``.
 
     The caller holds the node lock (the node key may be created). Stored
-    releases that fail re-verification are left out. Raises ``StorageError``.
+    releases that fail re-verification are left out; at most ``max_extra``
+    loose blobs are listed (a request sent to a peer must fit in a frame).
+    Raises ``StorageError``.
     """
     key = node_key(node.state)
     trusted = node.trusted_root()
@@ -118,7 +130,32 @@ def build_request(node: Node, now: int) -> tuple[bytes, Request]:
             for name in sorted(node.config.components)
         ),
         releases=tuple(held[:MAX_REQUEST_RELEASES]),
-        extra_blobs=tuple(extras[:MAX_EXTRA_BLOBS]),
-        extra_truncated=len(extras) > MAX_EXTRA_BLOBS,
+        extra_blobs=tuple(extras[:max_extra]),
+        extra_truncated=len(extras) > max_extra,
     )
     return sign_request(req, key), req
+
+
+def peer_request(data: bytes, peer_id: bytes) -> bytes:
+    """Check a request a peer sent us: valid, and made by the node that peer is.
+
+    Raises ``VerificationError``/``CodecError`` (the peer misbehaved) otherwise.
+    """
+    req, _ = verify_request(data)
+    if req.node_id != peer_id:
+        raise MixAndMatchError(
+            f"peer {peer_id.hex()[:12]} sent the request of node {req.node_id.hex()[:12]}"
+        )
+    return data
+
+
+def build_site_request(node: Node, own: bytes, peers: list[bytes]) -> tuple[bytes, SiteRequest]:
+    """Return (signed site request bytes, its model) of ``own`` and the ``peers``' requests.
+
+    The caller holds the node lock and has checked each peer's document with
+    ``peer_request``. With no peer answer the result is a plain request.
+    """
+    if not peers:
+        return own, verify_any_request(own)
+    data = sign_site_request(own, peers, node_key(node.state))
+    return data, verify_any_request(data)

@@ -9,17 +9,33 @@ A connection runs three tasks around one ``protocol.session.Session``:
   the task that asked, Announce/Have go to the handler (which must not block);
 * the **writer** is the only task that sends: everything else *posts* a
   message, which runs ``session.send`` at once (so bytes leave in the order
-  the session saw them) and queues the frame;
+  the session saw them) and queues the frame. It writes whatever is queued
+  at once, up to ``WRITE_BYTES``; on a socket as one ``sendmsg`` of the
+  frames' pieces, so a blob's bytes are never copied into a joined buffer;
 * the **server** answers the peer's requests one at a time
-  (``Handler.answer``), taking one of ``DATA_TOKENS`` before queuing a data
-  frame, so a peer that does not read its answers stalls only its own server
-  and at most ``DATA_TOKENS`` frames of memory.
+  (``Handler.answer``), queuing data frames only while less than
+  ``DATA_QUEUE_BYTES`` of them wait for the writer, so a peer that does not
+  read its answers stalls only its own server and ties up at most that much
+  memory plus one frame.
 
 Because the reader never blocks on a send, two peers sending big answers to
 each other cannot deadlock on full TCP buffers. ``request`` waits for a free
 session slot, posts, and waits (bounded) for the answer; on timeout or
 cancellation it cancels the request in the session, which keeps the slot until
 the peer answers, as the peer still counts it.
+
+``send_request`` is the same without a task per request, for the fetch's
+stream of chunk requests: each answer is handed to a callback that the reader
+calls (so it must not block; a ``ChunkBatchRequest`` gets one call per
+digest), requests beyond the free session slots wait in a queue that the
+reader drains as answers free slots, and one **watchdog** task ends the
+connection when one of them goes unanswered past its timeout (for a batch:
+no next answer within it). When the connection ends, every callback still
+waiting gets ``None`` once.
+
+The server answers a ``ChunkBatchRequest`` as the ChunkRequests it stands
+for, one ``Handler.answer`` per digest, so a node serves a blob the same way
+whichever way it was asked for.
 
 Each task catches the peer's errors (``RemoteProtocolError``, a broken or
 closed stream, ``OSError``) and ends the connection with a reason; nothing a
@@ -32,8 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -44,6 +60,8 @@ from p2pupd.protocol.session import CLOSED, HandshakeError, Session, Signal, Sta
 from p2pupd.protocol.wire import (
     Announce,
     Bye,
+    ChunkBatchRequest,
+    ChunkRequest,
     Error,
     Have,
     Hello,
@@ -55,11 +73,13 @@ from p2pupd.protocol.wire import (
 from .errors import DaemonError
 from .ratelimit import Limits
 
-RECV_BYTES = 256 * limits.KiB
+RECV_BYTES = 1 * limits.MiB  # one read takes many chunk frames; bounded by what was fed
 HANDSHAKE_SECONDS = 10.0
 FLUSH_SECONDS = 2.0
-DATA_TOKENS = 4
-COALESCE_BYTES = 64 * limits.KiB  # small frames queued together go out in one write
+DATA_QUEUE_BYTES = 1 * limits.MiB  # answers queued for the writer before the server waits
+WRITE_BYTES = 1 * limits.MiB  # the most one write gathers from the queue
+COALESCE_BYTES = 64 * limits.KiB  # what one write gathers under a bandwidth cap (smooth bursts)
+MAX_PIECES = 64  # buffers per sendmsg (the kernel allows 1024)
 KEEPALIVE_IDLE = 20  # seconds of silence before the kernel probes a connection
 KEEPALIVE_INTERVAL = 5
 STALE_SECONDS = 15.0  # a connection silent this long yields to a new one from its peer
@@ -94,10 +114,8 @@ class Handler(Protocol):
     def broke_protocol(self, conn: PeerConnection, exc: RemoteProtocolError) -> None: ...
 
 
-@dataclass
-class _Waiter:
-    event: trio.Event
-    result: Response | None = None
+# Called with the peer's answer, or None when the connection ended first.
+AnswerFn = Callable[[Response | None], None]
 
 
 class PeerConnection:
@@ -125,12 +143,20 @@ class PeerConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_seen = trio.current_time()
-        self._out_send, self._out_recv = trio.open_memory_channel[tuple[bytes, bool]](math.inf)
+        # Frames for the writer: (pieces, bytes of them that are answers to credit back).
+        self._out_send, self._out_recv = trio.open_memory_channel[tuple[tuple[bytes, ...], int]](
+            math.inf
+        )
         self._req_send, self._req_recv = trio.open_memory_channel[Request](
             limits.MAX_IN_FLIGHT_PER_PEER * 2
         )
-        self._data_tokens = trio.Semaphore(DATA_TOKENS)
-        self._waiters: dict[int, _Waiter] = {}
+        self._data_queued = 0  # bytes of answers posted and not yet written
+        self._data_room = trio.lowlevel.ParkingLot()  # the server, waiting for them to go
+        self._waiters: dict[int, AnswerFn] = {}
+        # send_request's requests: request id -> (give up at, timeout).
+        self._deadlines: dict[int, tuple[float, float]] = {}
+        self._backlog: deque[tuple[Callable[[Session], Request], AnswerFn, float]] = deque()
+        self._watch: trio.CancelScope | None = None  # the watchdog's sleep
         self._slots = trio.lowlevel.ParkingLot()
         self._inner: trio.CancelScope | None = None
         self._writer_done = trio.Event()
@@ -158,20 +184,18 @@ class PeerConnection:
             if self.session.state in (State.CLOSED, State.ERROR):
                 return False
             raise
-        self._out_send.send_nowait((data, False))
+        self._out_send.send_nowait(((data,), 0))
         return True
 
     async def _post_data(self, msg: Response) -> None:
-        await self._data_tokens.acquire()
+        while self._data_queued >= DATA_QUEUE_BYTES:
+            await self._data_room.park()
         if self.session.state is not State.OPEN or self._final is not None:
-            self._data_tokens.release()  # the peer said Bye meanwhile: nobody to answer
-            return
-        try:
-            data = self.session.send(msg)
-        except BaseException:
-            self._data_tokens.release()
-            raise
-        self._out_send.send_nowait((data, True))
+            return  # the peer said Bye meanwhile: nobody to answer
+        parts = self.session.send_parts(msg)
+        size = sum(map(len, parts))
+        self._data_queued += size
+        self._out_send.send_nowait((parts, size))
 
     async def request(self, build: Callable[[Session], Request], timeout: float) -> Response:
         """Send the request ``build(session)`` makes and return the peer's answer.
@@ -184,22 +208,62 @@ class PeerConnection:
                 raise TransferError(f"connection to {self.address} is closed")
             await self._slots.park()
         req = build(self.session)
-        waiter = _Waiter(trio.Event())
-        self._waiters[req.request_id] = waiter
+        event, answers = trio.Event(), list[Response | None]()
+
+        def answered(resp: Response | None) -> None:
+            answers.append(resp)
+            event.set()
+
+        self._waiters[req.request_id] = answered
         try:
             if not self.post(req):
                 raise TransferError(f"connection to {self.address} is closed")
             with trio.move_on_after(timeout):
-                await waiter.event.wait()
+                await event.wait()
         finally:
-            if not waiter.event.is_set():  # timed out, cancelled or never sent
+            if not event.is_set():  # timed out, cancelled or never sent
                 self._waiters.pop(req.request_id, None)
                 if req.request_id in self.session.outstanding:
                     self.session.cancel_request(req.request_id)
-        if waiter.result is None:
+        if not answers or answers[0] is None:
             why = self.reason or f"no answer within {timeout:.0f}s"
             raise TransferError(f"{type(req).__name__} to {self.address} failed: {why}")
-        return waiter.result
+        return answers[0]
+
+    def send_request(
+        self, build: Callable[[Session], Request], on_answer: AnswerFn, timeout: float
+    ) -> bool:
+        """Send ``build(session)`` as soon as a slot is free; the answer goes to ``on_answer``.
+
+        Returns False (and never calls ``on_answer``) if the connection can no
+        longer send. Otherwise ``on_answer`` is called exactly once, from the
+        reader (it must not block): with the answer, or with None when the
+        connection ends first. No answer within ``timeout`` seconds ends the
+        connection.
+        """
+        if self.closed or self._final is not None or self.session.state is not State.OPEN:
+            return False
+        if self._backlog or not self.session.can_request:
+            self._backlog.append((build, on_answer, timeout))
+        else:
+            self._send_now(build, on_answer, timeout)
+        return True
+
+    def _send_now(
+        self, build: Callable[[Session], Request], on_answer: AnswerFn, timeout: float
+    ) -> None:
+        req = build(self.session)
+        deadline = trio.current_time() + timeout
+        self._waiters[req.request_id] = on_answer
+        self._deadlines[req.request_id] = (deadline, timeout)
+        if self._watch is not None and deadline < self._watch.deadline:
+            self._watch.deadline = deadline
+        self.post(req)
+
+    def _send_backlog(self) -> None:
+        """Send queued ``send_request`` requests while session slots are free."""
+        while self._backlog and self.session.can_request and not self.closed:
+            self._send_now(*self._backlog.popleft())
 
     # ----- running -----------------------------------------------------------
 
@@ -213,6 +277,7 @@ class PeerConnection:
                     async with trio.open_nursery() as inner:
                         inner.start_soon(self._guard, self._reader, handler, inner)
                         inner.start_soon(self._handshake_timer)
+                        inner.start_soon(self._watchdog)
                 self._flush_final()
                 with trio.move_on_after(FLUSH_SECONDS):
                     await self._writer_done.wait()
@@ -220,9 +285,12 @@ class PeerConnection:
         finally:
             self.closed = True
             self._slots.unpark_all()
-            for waiter in self._waiters.values():
-                waiter.event.set()  # result None: the requester raises TransferError
+            waiting = [*self._waiters.values(), *(entry[1] for entry in self._backlog)]
             self._waiters.clear()
+            self._deadlines.clear()
+            self._backlog.clear()
+            for on_answer in waiting:
+                on_answer(None)  # the requester gives up on this peer
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self.stream.aclose()
         return self.reason
@@ -245,7 +313,7 @@ class PeerConnection:
         final, self._final = self._final, None
         if final is not None:
             with contextlib.suppress(LocalProtocolError):
-                self._out_send.send_nowait((self.session.send(final), False))
+                self._out_send.send_nowait(((self.session.send(final),), 0))
         self._out_send.close()
 
     async def _guard(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -264,27 +332,58 @@ class PeerConnection:
         if not self.joined:
             self.close("handshake timed out", ERR_HANDSHAKE)
 
+    async def _watchdog(self) -> None:
+        """End the connection when a ``send_request`` request is not answered in time."""
+        while True:
+            soonest = min((d for d, _ in self._deadlines.values()), default=math.inf)
+            with trio.CancelScope(deadline=soonest) as scope:
+                self._watch = scope
+                await trio.sleep_forever()
+            self._watch = None
+            now = trio.current_time()
+            late = [t for d, t in self._deadlines.values() if d <= now]
+            if late:
+                self.close(f"request failed: no answer within {min(late):.0f}s")
+                return
+
     async def _writer(self) -> None:
+        gather = WRITE_BYTES if self.limits.upload is None else COALESCE_BYTES
         try:
-            async for data, is_data in self._out_recv:
-                frames, tokens = [data], int(is_data)
-                size = len(data)
-                while size < COALESCE_BYTES:  # batch small frames into one write
+            async for parts, credit in self._out_recv:
+                pieces = list(parts)
+                size = sum(map(len, parts))
+                while size < gather and len(pieces) < MAX_PIECES:  # one write for all queued
                     try:
-                        more, more_data = self._out_recv.receive_nowait()
+                        more, more_credit = self._out_recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    frames.append(more)
-                    size += len(more)
-                    tokens += int(more_data)
+                    pieces.extend(more)
+                    size += sum(map(len, more))
+                    credit += more_credit
                 if self.limits.upload is not None:
                     await self.limits.upload.consume(size)
-                await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+                await self._write(pieces)
                 self.bytes_out += size
-                for _ in range(tokens):
-                    self._data_tokens.release()
+                if credit:
+                    self._data_queued -= credit
+                    self._data_room.unpark_all()
         finally:
             self._writer_done.set()
+
+    async def _write(self, pieces: list[bytes]) -> None:
+        """Send ``pieces`` in order: gathered by the kernel on a socket, else joined."""
+        if not isinstance(self.stream, trio.SocketStream) or not hasattr(
+            self.stream.socket, "sendmsg"
+        ):
+            await self.stream.send_all(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            return
+        sock, views = self.stream.socket, [memoryview(p) for p in pieces if p]
+        while views:
+            sent = await sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
 
     async def _reader(self, handler: Handler, nursery: trio.Nursery) -> None:
         while True:
@@ -320,7 +419,8 @@ class PeerConnection:
                     handler.broke_protocol(self, exc)
                 raise
             finally:
-                self._slots.unpark_all()  # answers free request slots
+                self._send_backlog()  # answers free request slots
+                self._slots.unpark_all()
 
     def _dispatch(self, msg: Message, handler: Handler) -> None:
         if isinstance(msg, Request):
@@ -329,10 +429,17 @@ class PeerConnection:
             except trio.WouldBlock:  # the session caps requests, so this is a bug
                 raise LocalProtocolError("request queue overflow") from None
         elif isinstance(msg, Response):
-            waiter = self._waiters.pop(msg.request_id, None)
-            if waiter is not None:
-                waiter.result = msg
-                waiter.event.set()
+            rid = msg.request_id
+            if self.session.in_flight(rid):  # a batch: more answers to come
+                on_answer = self._waiters.get(rid)
+                timing = self._deadlines.get(rid)
+                if timing is not None:  # the clock restarts for the next answer
+                    self._deadlines[rid] = (trio.current_time() + timing[1], timing[1])
+            else:
+                on_answer = self._waiters.pop(rid, None)
+                self._deadlines.pop(rid, None)
+            if on_answer is not None:
+                on_answer(msg)
         elif isinstance(msg, Announce | Have):
             handler.message(self, msg)
         elif isinstance(msg, Bye):
@@ -342,7 +449,19 @@ class PeerConnection:
 
     async def _server(self, handler: Handler) -> None:
         async for req in self._req_recv:
-            await self._post_data(await handler.answer(self, req))
+            while True:  # answer what is queued without a scheduling round per request
+                if isinstance(req, ChunkBatchRequest):
+                    for digest in req.batch:
+                        if self._final is not None or self.session.state is not State.OPEN:
+                            break
+                        answer = await handler.answer(self, ChunkRequest(req.request_id, digest))
+                        await self._post_data(answer)
+                else:
+                    await self._post_data(await handler.answer(self, req))
+                try:
+                    req = self._req_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
 
 
 async def serve_listener(
@@ -364,6 +483,7 @@ async def serve_listener(
 
     async def handle(stream: trio.SocketStream) -> None:
         keepalive(stream)
+        bulk(stream)
         try:
             peer = stream.socket.getpeername()
             address = f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}"
@@ -381,6 +501,7 @@ async def dial(host: str, port: int, timeout: float = 10.0) -> trio.SocketStream
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(host, port)
         keepalive(stream)
+        bulk(stream)
         return stream
     except trio.TooSlowError:
         raise TransferError(f"connecting to {host}:{port} timed out") from None
@@ -400,3 +521,15 @@ def keepalive(stream: trio.SocketStream) -> None:
         stream.setsockopt(sock.IPPROTO_TCP, sock.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         stream.setsockopt(sock.IPPROTO_TCP, sock.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
         stream.setsockopt(sock.IPPROTO_TCP, sock.TCP_KEEPCNT, 4)
+
+
+def bulk(stream: trio.SocketStream) -> None:
+    """Let the kernel hold ``WRITE_BYTES`` of unsent data, not trio's 16 KiB.
+
+    trio sets TCP_NOTSENT_LOWAT to 16 KiB for interactive latency; a connection
+    moving blobs to a reader slower than us would then wake its writer every
+    16 KiB. Our own queues are bounded (``DATA_QUEUE_BYTES``), so this only
+    trades a little latency behind a bulk transfer for far fewer wake-ups.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NOTSENT_LOWAT, WRITE_BYTES)

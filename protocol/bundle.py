@@ -8,29 +8,35 @@ Each p2pupd document is an OCI artifact manifest referenced from ``index.json``
 * at most one *trust* artifact (``artifactType`` = ``TRUST_ARTIFACT``) whose
   layers are root envelopes, so a node at an older root can walk forward;
 * one *release* artifact per release, whose first layer is the signed release
-  envelope -- whole, or as a bsdiff patch against an envelope the receiving
-  node already holds (``RELEASE_PATCH_MEDIA_TYPE``, see ``ReleasePatch``) --
-  and whose other layers are the blobs (chunks, patches, hooks) the bundle
-  carries for it;
+  envelope -- whole, or as a patch against an envelope the receiving node
+  already holds (``RELEASE_PATCH_MEDIA_TYPES``, see ``ReleasePatch``) -- and
+  whose other layers are the blobs (chunks, patches, hooks) the bundle carries
+  for it, the small ones gathered into *packs* (``PACK_MEDIA_TYPE``, see
+  ``parse_pack``) so that a delta of a few hundred bytes does not cost a
+  file and a ~180-byte descriptor of its own;
 * at most one *request* artifact: the signed request file of the node the
   bundle was cut for (minimal bundles only).
 
 Every artifact's ``config`` is the OCI empty descriptor (``{}``), as the OCI
 artifact guidance asks. Nothing here is trusted: an importer reads the OCI
 metadata only to find the signed envelopes, verifies those against its pinned
-root, and copies only blobs the *verified* manifests name. This module parses
-and builds the JSON with every size, count and name bounded; it does no I/O.
+root, and copies only blobs the *verified* manifests name -- a pack's entries
+included, each identified by the sha256 of its bytes. This module parses and
+builds the JSON and the packs with every size, count and name bounded; it does
+no I/O.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import ids, limits
 from .errors import CodecError, FrameTooLargeError, SchemaError
 from .manifest import Manifest
+from .varint import encode_uvarint, read_uvarint
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -43,13 +49,19 @@ REQUEST_ARTIFACT = "application/vnd.p2pupd.request.v1"
 ARTIFACT_TYPES = (TRUST_ARTIFACT, RELEASE_ARTIFACT, REQUEST_ARTIFACT)
 ROOT_MEDIA_TYPE = "application/vnd.p2pupd.root.v1+msgpack"
 RELEASE_MEDIA_TYPE = "application/vnd.p2pupd.release.v1+msgpack"
+# A release envelope as a patch against one the node holds: a bsdiff4 patch
+# (the delta engine's PZB1 or BSDIFF40), or one zstd frame compressed with the
+# base envelope as a raw-content dictionary ("+zstd"), whichever is smaller.
 RELEASE_PATCH_MEDIA_TYPE = "application/vnd.p2pupd.release-patch.v1"
+RELEASE_ZPATCH_MEDIA_TYPE = "application/vnd.p2pupd.release-patch.v1+zstd"
+RELEASE_PATCH_MEDIA_TYPES = (RELEASE_PATCH_MEDIA_TYPE, RELEASE_ZPATCH_MEDIA_TYPE)
 REQUEST_MEDIA_TYPE = "application/vnd.p2pupd.request.v1+msgpack"
 CHUNK_MEDIA_TYPE = "application/vnd.p2pupd.chunk.v1"
 ZCHUNK_MEDIA_TYPE = "application/vnd.p2pupd.chunk.v1+zstd"
 PATCH_MEDIA_TYPE = "application/vnd.p2pupd.patch.v1+bsdiff4"
 HOOK_MEDIA_TYPE = "application/wasm"
 BLOB_MEDIA_TYPES = (CHUNK_MEDIA_TYPE, ZCHUNK_MEDIA_TYPE, PATCH_MEDIA_TYPE, HOOK_MEDIA_TYPE)
+PACK_MEDIA_TYPE = "application/vnd.p2pupd.pack.v1"
 ANNOTATION_COMPONENT = "org.p2pupd.component"
 ANNOTATION_VERSION = "org.p2pupd.version"
 ANNOTATION_SERIAL = "org.p2pupd.serial"
@@ -74,6 +86,16 @@ MAX_ANNOTATIONS = 32
 MAX_MEDIA_TYPE_CHARS = 255
 MAX_ANNOTATION_KEY_CHARS = 255
 MAX_ANNOTATION_VALUE_CHARS = 1024
+
+# Packs: small blobs of one release in one blob (see ``parse_pack``). A pack is
+# read whole into memory, so it and its entries are small; an entry is at most
+# the minimum chunk size, so only deltas, zstd literals, small hooks, small
+# files and the tail chunks of files are ever packed.
+PACK_MAGIC = b"P2PK"
+PACK_BLOB_MAX_BYTES = 16 * limits.KiB
+MAX_PACK_BYTES = 4 * limits.MiB
+MAX_PACK_ENTRIES = 16384
+PACK_HEADER_MAX_BYTES = len(PACK_MAGIC) + 3  # magic and entry count (<= 16384: 3 bytes)
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,7 @@ class ReleasePatch:
     result_size: int
     base_serial: int | None = None  # informative
     base_version: str | None = None  # informative
+    media_type: str = RELEASE_PATCH_MEDIA_TYPE  # bsdiff4, or the zstd dictionary form
 
     def annotations(self) -> dict[str, str]:
         out = {
@@ -120,6 +143,15 @@ class ReleasePatch:
         if self.base_version is not None:
             out[ANNOTATION_PATCH_BASE_VERSION] = self.base_version
         return out
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    """One blob in a pack: its sha256 (of its bytes: entries carry no name) and place."""
+
+    digest: bytes
+    offset: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -286,14 +318,19 @@ def parse_artifact(data: bytes) -> Artifact:
     if at == REQUEST_ARTIFACT and (len(layers) != 1 or layers[0].media_type != REQUEST_MEDIA_TYPE):
         raise SchemaError("request artifact must hold exactly one request document")
     if at == RELEASE_ARTIFACT:
-        if not layers or layers[0].media_type not in (RELEASE_MEDIA_TYPE, RELEASE_PATCH_MEDIA_TYPE):
+        first = layers[0].media_type if layers else None
+        if first != RELEASE_MEDIA_TYPE and first not in RELEASE_PATCH_MEDIA_TYPES:
             raise SchemaError("release artifact must start with a release envelope")
-        if layers[0].media_type == RELEASE_PATCH_MEDIA_TYPE:
+        if first in RELEASE_PATCH_MEDIA_TYPES:
             parse_release_patch(layers[0])
             if not ann.get(ANNOTATION_COMPONENT):
                 raise SchemaError("release artifact with a release patch must name its component")
-        if not all(d.media_type in BLOB_MEDIA_TYPES for d in layers[1:]):
-            raise SchemaError("release artifact holds a layer of unknown media type")
+        for d in layers[1:]:
+            if d.media_type == PACK_MEDIA_TYPE:
+                if not 0 < d.size <= MAX_PACK_BYTES:
+                    raise SchemaError(f"pack of {d.size} bytes is out of bounds")
+            elif d.media_type not in BLOB_MEDIA_TYPES:
+                raise SchemaError("release artifact holds a layer of unknown media type")
     return Artifact(str(at), layers, ann, config)
 
 
@@ -322,7 +359,7 @@ def parse_release_patch(d: Descriptor) -> ReleasePatch:
     The patch itself and the envelope it makes are each at most
     ``limits.MAX_MANIFEST_BYTES``.
     """
-    if d.media_type != RELEASE_PATCH_MEDIA_TYPE:
+    if d.media_type not in RELEASE_PATCH_MEDIA_TYPES:
         raise SchemaError("not a release patch layer")
     if not 0 < d.size <= limits.MAX_MANIFEST_BYTES:
         raise SchemaError(f"release patch of {d.size} bytes is out of bounds")
@@ -342,7 +379,7 @@ def parse_release_patch(d: Descriptor) -> ReleasePatch:
         len(version.encode()) > limits.MAX_VERSION_LABEL_BYTES or not version.isprintable()
     ):
         raise SchemaError(f"release patch: bad {ANNOTATION_PATCH_BASE_VERSION}")
-    return ReleasePatch(base, result, size, serial, version)
+    return ReleasePatch(base, result, size, serial, version, d.media_type)
 
 
 def release_patch(art: Artifact) -> ReleasePatch | None:
@@ -350,7 +387,7 @@ def release_patch(art: Artifact) -> ReleasePatch | None:
     if art.artifact_type != RELEASE_ARTIFACT or not art.layers:
         return None
     first = art.layers[0]
-    return parse_release_patch(first) if first.media_type == RELEASE_PATCH_MEDIA_TYPE else None
+    return parse_release_patch(first) if first.media_type in RELEASE_PATCH_MEDIA_TYPES else None
 
 
 def parse_layout(data: bytes) -> None:
@@ -360,25 +397,127 @@ def parse_layout(data: bytes) -> None:
         raise SchemaError("oci-layout is not an OCI image layout 1.0.0 marker")
 
 
-def check_release_layers(art: Artifact, man: Manifest) -> dict[bytes, int]:
+def check_release_layers(
+    art: Artifact, man: Manifest, packs: Mapping[bytes, Sequence[PackEntry]] | None = None
+) -> dict[bytes, int]:
     """Return {digest: size} of the blobs ``art`` carries for the verified ``man``.
 
-    The artifact is unsigned, so each layer after the envelope must be a blob
-    the signed manifest names, with the size it gives; ``SchemaError`` if not.
+    ``packs`` gives the entries of each pack layer, by the pack's digest
+    (``pack_entries``). The artifact is unsigned, so each layer
+    after the envelope, and each entry of a pack layer, must be a blob the
+    signed manifest names, with the size it gives, carried once; ``SchemaError``
+    if not.
     """
     named = man.blob_sizes()
     out: dict[bytes, int] = {}
-    for d in art.layers[1:]:
-        size = named.get(d.digest)
-        if size is None:
+
+    def carry(digest: bytes, size: int, where: str) -> None:
+        want = named.get(digest)
+        if want is None:
             raise SchemaError(
-                f"bundle layer {d.digest.hex()[:16]} is not part of the signed release "
+                f"bundle {where} {digest.hex()[:16]} is not part of the signed release "
                 f"{man.component} {man.version}"
             )
-        if size != d.size:
+        if want != size:
             raise SchemaError(
-                f"bundle layer {d.digest.hex()[:16]} claims {d.size} bytes, "
-                f"the signed release says {size}"
+                f"bundle {where} {digest.hex()[:16]} claims {size} bytes, "
+                f"the signed release says {want}"
             )
-        out[d.digest] = size
+        if digest in out:
+            raise SchemaError(f"bundle carries blob {digest.hex()[:16]} twice for one release")
+        out[digest] = size
+
+    for d in art.layers[1:]:
+        if d.media_type != PACK_MEDIA_TYPE:
+            carry(d.digest, d.size, "layer")
+            continue
+        entries = (packs or {}).get(d.digest)
+        if entries is None:
+            raise SchemaError(f"bundle pack {d.digest.hex()[:16]} was not read")
+        for e in entries:
+            carry(e.digest, e.size, "pack entry")
     return out
+
+
+# -- packs ---------------------------------------------------------------------------
+#
+#   "P2PK" | uvarint n | n x uvarint size | the n blobs' bytes, back to back
+#
+# Offsets are implied by the sizes, so entries can neither overlap nor leave a
+# gap, and the sizes must add up to the rest of the pack exactly. An entry has
+# no name of its own: it is the blob whose sha256 its bytes have, and it counts
+# only if a verified manifest names that digest at that size. Writing 32 bytes
+# of name per entry would repeat what the bytes already say (and what the
+# artifact's digest of the whole pack already seals), and on a bundle of a
+# few small deltas those names would be a tenth of its size.
+
+
+def build_pack(blobs: Sequence[bytes]) -> bytes:
+    """Return a pack of ``blobs`` (order kept); ``ValueError`` beyond the pack bounds."""
+    if not 0 < len(blobs) <= MAX_PACK_ENTRIES:
+        raise ValueError(f"a pack holds 1..{MAX_PACK_ENTRIES} blobs, not {len(blobs)}")
+    if any(len(b) > PACK_BLOB_MAX_BYTES for b in blobs):
+        raise ValueError(f"a packed blob is at most {PACK_BLOB_MAX_BYTES} bytes")
+    out = b"".join([PACK_MAGIC, _uvarint(len(blobs)), *(_uvarint(len(b)) for b in blobs), *blobs])
+    if len(out) > MAX_PACK_BYTES:
+        raise ValueError(f"a pack is at most {MAX_PACK_BYTES} bytes")
+    return out
+
+
+def packed_bytes(size: int) -> int:
+    """Bytes a blob of ``size`` takes in a pack: itself and its size field."""
+    return size + len(_uvarint(size))
+
+
+def parse_pack(data: bytes) -> list[tuple[int, int]]:
+    """Return (offset, size) of each entry of the pack ``data``, in order.
+
+    Raises ``SchemaError`` for a pack over ``MAX_PACK_BYTES``, a wrong magic,
+    a truncated or overlong header, more than ``MAX_PACK_ENTRIES`` entries, an
+    entry over ``PACK_BLOB_MAX_BYTES``, or sizes that do not add up to the
+    bytes that follow the header exactly.
+    """
+    if len(data) > MAX_PACK_BYTES:
+        raise SchemaError(f"pack of {len(data)} bytes exceeds limit {MAX_PACK_BYTES}")
+    if data[: len(PACK_MAGIC)] != PACK_MAGIC:
+        raise SchemaError("pack does not start with the pack magic")
+    n, pos = _read_uvarint(data, len(PACK_MAGIC))
+    if not 0 < n <= MAX_PACK_ENTRIES:
+        raise SchemaError(f"pack lists {n} entries, limit 1..{MAX_PACK_ENTRIES}")
+    sizes = []
+    for _ in range(n):
+        size, pos = _read_uvarint(data, pos)
+        if size > PACK_BLOB_MAX_BYTES:
+            raise SchemaError(f"pack entry of {size} bytes exceeds limit {PACK_BLOB_MAX_BYTES}")
+        sizes.append(size)
+    if sum(sizes) != len(data) - pos:
+        raise SchemaError(
+            f"pack entries add up to {sum(sizes)} bytes, the pack holds {len(data) - pos}"
+        )
+    out = []
+    for size in sizes:
+        out.append((pos, size))
+        pos += size
+    return out
+
+
+def pack_entries(data: bytes) -> list[PackEntry]:
+    """Return the entries of the pack ``data``, each named by its sha256.
+
+    Raises ``parse_pack``'s errors, and ``SchemaError`` if one blob is in the
+    pack twice.
+    """
+    out = [PackEntry(ids.sha256(data[o : o + n]), o, n) for o, n in parse_pack(data)]
+    if len({e.digest for e in out}) != len(out):
+        raise SchemaError("pack holds one blob twice")
+    return out
+
+
+def _uvarint(n: int) -> bytes:
+    return encode_uvarint(n)
+
+
+def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    # No honest header field needs more than 4 bytes (sizes <= 16 KiB,
+    # counts <= 16384): a longer varint is refused, not accumulated.
+    return read_uvarint(data, pos, 4, "pack header")

@@ -56,6 +56,7 @@ from itertools import accumulate
 from . import limits
 from .errors import SchemaError
 from .manifest import ChunkRef, Delta, FileEntry, Manifest
+from .varint import encode_uvarint, read_uvarint
 
 KIND_FILE = "file"
 KIND_CHUNK = "chunk"
@@ -355,25 +356,11 @@ def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
 
 
 def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return encode_uvarint(n)
 
 
 def _read_uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 56:
-            raise SchemaError("patch header is truncated or oversized")
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
+    return read_uvarint(data, pos, 9, "patch header")
 
 
 __all__ = [

@@ -17,7 +17,9 @@ hash check) or ``on_chunk_missing``.
 * A slot is the planner's mirror of a ``Session`` request: it is taken when a
   pair is returned and freed only when that peer answers or is removed --
   never on timeout, because the peer still counts the request against its
-  cap. A peer has at most ``per_peer_cap`` slots, fewer while penalised.
+  cap. A peer has at most ``per_peer_cap`` slots (or what the optional
+  ``peer_cap(peer)`` says: peers differ in how much they take in flight),
+  fewer while penalised.
 * A request past ``request_timeout`` is reassigned to another holder (its slot
   stays taken), and the slow peer is penalised: more timeouts shrink its
   share; answers earn the penalty back. ChunkMissing means "does not hold it":
@@ -26,15 +28,16 @@ hash check) or ``on_chunk_missing``.
   assigned goes back to the queue at once.
 
 Cost: the rarest-first order is rebuilt only when who-holds-what changes
-(join, leave, ban, ChunkMissing); ``next_requests`` then walks that order from
-a cursor that skips finished work and stops as soon as every peer is busy.
+(join, leave, ban, ChunkMissing, a Have or Announce that says something
+new); ``next_requests`` then walks that order from a cursor that skips
+finished work and stops as soon as every peer is busy.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -71,13 +74,16 @@ class FetchPlanner(Generic[P]):
         per_peer_cap: int = limits.MAX_IN_FLIGHT_PER_PEER,
         request_timeout: float = 30.0,
         ban_seconds: float = 600.0,
+        peer_cap: Callable[[P], int] | None = None,
     ) -> None:
         self._size = dict(needed)
         self._total = sum(self._size.values())
         self._cap = per_peer_cap
+        self._peer_cap = peer_cap
         self._timeout = request_timeout
         self._ban_seconds = ban_seconds
         self._key = {d: rng.random() for d in sorted(self._size)}  # tie-break, reproducible
+        self._by_key = sorted(self._key, key=self._key.__getitem__)
         self._rng = rng
         self._peers: dict[P, _Peer] = {}
         self._done: set[bytes] = set()
@@ -91,16 +97,22 @@ class FetchPlanner(Generic[P]):
 
     def peer_has(self, peer: P, digests: Iterable[bytes]) -> None:
         """Record that ``peer`` holds ``digests`` (others than needed are ignored)."""
-        state = self._peers.setdefault(peer, _Peer())
+        state = self._peers.get(peer)
+        if state is None:
+            state = self._peers[peer] = _Peer()
+            self._order = None
         wanted = {d for d in digests if d in self._size}
+        if any(not state.holds(d) for d in wanted):  # else the order stands: no rebuild
+            self._order = None
         state.has |= wanted
         state.lacks -= wanted
-        self._order = None
 
     def peer_has_all(self, peer: P) -> None:
         """Record that ``peer`` holds every needed chunk (it announced the manifest)."""
-        self._peers.setdefault(peer, _Peer()).has_all = True
-        self._order = None
+        state = self._peers.setdefault(peer, _Peer())
+        if not state.has_all:  # peers repeat themselves (Announce, Have): no rebuild then
+            state.has_all = True
+            self._order = None
 
     def remove_peer(self, peer: P) -> None:
         """Forget ``peer`` (disconnected): its slots are freed, its work requeued."""
@@ -160,10 +172,11 @@ class FetchPlanner(Generic[P]):
 
         Expires timed-out assignments (penalising their peers) and lifts
         ended bans first. Each returned pair takes one slot of that peer.
+        ``now`` must not go back between calls (a monotonic clock).
         """
         self._expire(now)
         usable = {p: s for p, s in self._peers.items() if s.banned_until <= now}
-        free = {p: self._capacity(s) - len(s.slots) for p, s in usable.items()}
+        free = {p: self._capacity(p, s) - len(s.slots) for p, s in usable.items()}
         if sum(max(0, n) for n in free.values()) <= 0:
             return []
         order = self._rarest_first(usable)
@@ -196,12 +209,15 @@ class FetchPlanner(Generic[P]):
         if banned != self._banned_now:  # a ban began or ended: availability changed
             self._banned_now = banned
             self._order = None
+        # _active is in assignment order, which is deadline order (one timeout,
+        # ``now`` never goes back): only its expired head needs looking at.
         for digest, peer in list(self._active.items()):
             state = self._peers[peer]
-            if state.slots[digest] <= now:
-                del self._active[digest]  # requeue; the slot waits for the answer
-                state.penalty += TIMEOUT_PENALTY
-                self._cursor = 0
+            if state.slots[digest] > now:
+                break
+            del self._active[digest]  # requeue; the slot waits for the answer
+            state.penalty += TIMEOUT_PENALTY
+            self._cursor = 0
 
     def _rarest_first(self, usable: Mapping[P, _Peer]) -> list[bytes]:
         if self._order is None:
@@ -210,14 +226,17 @@ class FetchPlanner(Generic[P]):
                 held = count.keys() if state.has_all else state.has & count.keys()
                 for digest in held - state.lacks:
                     count[digest] += 1
-            available = [d for d, n in count.items() if n > 0]
-            self._order = sorted(available, key=lambda d: (count[d], self._key[d]))
+            # By count, ties by the random key: a stable sort of the key order
+            # (C-level keys: this runs for thousands of chunks at a time).
+            available = [d for d in self._by_key if count.get(d, 0) > 0]
+            self._order = sorted(available, key=count.__getitem__)
             self._cursor = 0
         return self._order
 
-    def _capacity(self, state: _Peer) -> int:
+    def _capacity(self, peer: P, state: _Peer) -> int:
         # Each whole penalty point halves a peer's share, never below one.
-        return max(1, self._cap >> min(int(state.penalty), 16))
+        cap = self._cap if self._peer_cap is None else self._peer_cap(peer)
+        return max(1, cap >> min(int(state.penalty), 16))
 
     def _free_slot(self, peer: P, digest: bytes, requeue: bool = True) -> _Peer | None:
         state = self._peers.get(peer)
@@ -267,4 +286,6 @@ class FetchPlanner(Generic[P]):
 
     def next_deadline(self) -> float | None:
         """The earliest live assignment deadline (when to call ``next_requests``)."""
-        return min((self._peers[p].slots[d] for d, p in self._active.items()), default=None)
+        for digest, peer in self._active.items():  # the oldest one (see _expire)
+            return self._peers[peer].slots[digest]
+        return None

@@ -28,6 +28,15 @@ useless, never make a node accept anything, since every release is still
 verified against the node's pinned root. Requests are not confidential (they
 list what a site runs), and the first request from a node is taken on faith.
 
+Site requests. A daemon can speak for its whole site: it collects the signed
+request of every peer it is connected to (each signed by that peer's own node
+key, so the collector cannot misstate another node's holdings) and wraps them,
+its own first, in a *site request* signed by its own node key. A bundle cut
+for a site request carries the union of what each member needs (each node's
+own cheapest path; no blob that no member needs), so any member can import it
+and then serve the rest over the LAN; a node accepts such a bundle only if it
+is a member (id and key). A plain request is a site of one.
+
 ``plan_for_request`` is the publisher's side, pure: given a verified request
 and a way to look up its own releases, it returns the releases and blobs the
 site lacks, choosing per file the cheapest path via ``deltaplan``.
@@ -48,6 +57,8 @@ from .manifest import Manifest
 from .trust import Envelope, Role, check_signatures, key_id, sign
 
 REQUEST_TYPE = "request"
+SITE_REQUEST_TYPE = "site-request"
+MAX_SITE_NODES = 1024
 SPEC_VERSION = 1
 NODE_ID_BYTES = 16
 MAX_REQUEST_COMPONENTS = 1024
@@ -223,6 +234,87 @@ def check_request_is_ours(req: Request, node_id: bytes, node_key: bytes | None) 
             f"bundle was cut for node {req.node_id.hex()[:12]} (key {req.key_id[:12]}), "
             f"this is node {node_id.hex()[:12]}; it may lack blobs this node needs"
         )
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """The requests of one or more nodes of a site; ``members[0]`` collected them."""
+
+    members: tuple[Request, ...]
+    digest: bytes  # of the signed payload: the identity of the whole file
+
+    @property
+    def collector(self) -> Request:
+        return self.members[0]
+
+    def member(self, node_id: bytes) -> Request | None:
+        return next((r for r in self.members if r.node_id == node_id), None)
+
+
+def sign_site_request(own: bytes, others: list[bytes], key: Ed25519PrivateKey) -> bytes:
+    """Wrap this node's signed request ``own`` and its peers' ``others`` in a site request.
+
+    Every inner request is verified first; ``SchemaError`` if ``own`` was not
+    made with ``key``, if two requests name the same node or if the members
+    trust different repositories (the site would need two publishers).
+    """
+    docs = [own, *others]
+    site = _check_members([verify_request(d)[0] for d in docs])
+    if site[0].node_key != key.public_key().public_bytes_raw():
+        raise SchemaError("a site request must be signed by its collector's node key")
+    payload = encoding.encode({"_type": SITE_REQUEST_TYPE, "spec": SPEC_VERSION, "requests": docs})
+    return sign(SITE_REQUEST_TYPE, payload, [key]).encode()
+
+
+def _check_members(members: list[Request]) -> list[Request]:
+    if not 0 < len(members) <= MAX_SITE_NODES:
+        raise SchemaError(f"a site request holds 1 to {MAX_SITE_NODES} node requests")
+    if len({r.node_id for r in members}) != len(members):
+        raise SchemaError("site request lists a node twice")
+    if len({r.repository for r in members}) != 1:
+        raise SchemaError("site request mixes nodes of different repositories")
+    return members
+
+
+def verify_any_request(data: bytes) -> SiteRequest:
+    """Decode a request file or a site request file and check every signature.
+
+    A plain request becomes a site of one. A site request must be signed by
+    its first member's node key, and every member by its own. Raises the
+    errors of ``verify_request`` (for the outer document and each member).
+    """
+    env = Envelope.decode(data, limits.MAX_REQUEST_BYTES)
+    value = encoding.decode(env.payload, limits.MAX_REQUEST_BYTES)
+    if not isinstance(value, dict) or value.get("_type") != SITE_REQUEST_TYPE:
+        req, digest = verify_request(data)
+        return SiteRequest((req,), digest)
+    if value.get("spec") != SPEC_VERSION or set(value) != {"_type", "spec", "requests"}:
+        raise SchemaError("unsupported site request")
+    docs = value["requests"]
+    if not isinstance(docs, list) or not docs or len(docs) > MAX_SITE_NODES:
+        raise SchemaError(f"a site request holds 1 to {MAX_SITE_NODES} node requests")
+    if not all(isinstance(d, bytes) for d in docs):
+        raise SchemaError("site request members must be signed request files")
+    members = _check_members([verify_request(d)[0] for d in docs])
+    kid = members[0].key_id
+    check_signatures(
+        SITE_REQUEST_TYPE, env, {kid: members[0].node_key}, Role((kid,), 1), "site request file"
+    )
+    return SiteRequest(tuple(members), env.payload_digest())
+
+
+def check_site_includes(site: SiteRequest, node_id: bytes, node_key: bytes | None) -> Request:
+    """Return this node's member request; ``MixAndMatchError`` if it is not one (id and key)."""
+    req = site.member(node_id)
+    if req is None or node_key is None or req.node_key != node_key:
+        if len(site.members) == 1:
+            check_request_is_ours(site.collector, node_id, node_key)
+        raise MixAndMatchError(
+            f"bundle was cut for a site of {len(site.members)} nodes collected by node "
+            f"{site.collector.node_id.hex()[:12]}; this node ({node_id.hex()[:12]}) is not "
+            "one of them, so it may lack blobs this node needs"
+        )
+    return req
 
 
 # -- the publisher's side -------------------------------------------------------

@@ -31,18 +31,26 @@ advertise it to. At most ``max_in_flight`` requests may be outstanding each
 way: sending more is our bug, receiving more is the peer's abuse. A request we
 gave up on (``cancel_request``) keeps its slot until the peer answers, because
 the peer still counts it; its answer is then dropped silently.
+
+A ``ChunkBatchRequest`` (feature "batch") takes one slot and is answered by
+one ChunkData or ChunkMissing per digest, in the order asked: the session
+keeps the digests still due and refuses an answer for any other than the
+next one; the request leaves flight with its last answer.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Mapping
 
 from . import ids, limits
 from .errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
 from .wire import (
+    FEATURE_BATCH,
     FEATURE_HAVE,
     FEATURE_RANGE,
+    FEATURE_REQUEST,
     MAGIC,
     MAX_RANGE_BYTES,
     MAX_REQUEST_ID,
@@ -50,6 +58,7 @@ from .wire import (
     BlobRangeData,
     BlobRangeRequest,
     Bye,
+    ChunkBatchRequest,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
@@ -63,12 +72,14 @@ from .wire import (
     ManifestRangeRequest,
     ManifestRequest,
     Message,
+    NodeRequestData,
+    NodeRequestQuery,
     Request,
     Response,
     RootData,
     RootMissing,
     RootRequest,
-    encode_message,
+    encode_parts,
 )
 
 
@@ -102,7 +113,8 @@ _SEND, _RECV = Direction.SEND, Direction.RECEIVE
 _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
     ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
-    ManifestRangeRequest, ManifestRangeData, Have,
+    ManifestRangeRequest, ManifestRangeData, Have, NodeRequestQuery, NodeRequestData,
+    ChunkBatchRequest,
 )  # fmt: skip
 _LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
 
@@ -121,21 +133,25 @@ TRANSITIONS: dict[tuple[State, Direction, type[Message]], State] = {
     (State.ERROR, _SEND, Bye): State.CLOSED,
 }
 
-_REQUESTS = (ManifestRequest, ChunkRequest, RootRequest, BlobRangeRequest, ManifestRangeRequest)
+_REQUESTS = (
+    ManifestRequest, ChunkRequest, RootRequest, BlobRangeRequest, ManifestRangeRequest,
+    NodeRequestQuery, ChunkBatchRequest,
+)  # fmt: skip
 _RESPONSES = (
     ManifestData, ManifestMissing, ChunkData, ChunkMissing, RootData, RootMissing,
-    BlobRangeData, ManifestRangeData,
+    BlobRangeData, ManifestRangeData, NodeRequestData,
 )  # fmt: skip
 # Which request kinds each response may answer.
 _ANSWERS: dict[type[Message], tuple[type[Request], ...]] = {
     ManifestData: (ManifestRequest,),
     ManifestMissing: (ManifestRequest, ManifestRangeRequest),
-    ChunkData: (ChunkRequest,),
-    ChunkMissing: (ChunkRequest, BlobRangeRequest),
+    ChunkData: (ChunkRequest, ChunkBatchRequest),
+    ChunkMissing: (ChunkRequest, BlobRangeRequest, ChunkBatchRequest),
     RootData: (RootRequest,),
     RootMissing: (RootRequest,),
     BlobRangeData: (BlobRangeRequest,),
     ManifestRangeData: (ManifestRangeRequest,),
+    NodeRequestData: (NodeRequestQuery,),
 }
 # Messages that exist only between peers that both advertised a Hello feature.
 _FEATURE_OF: dict[type[Message], str] = {
@@ -144,6 +160,9 @@ _FEATURE_OF: dict[type[Message], str] = {
     ManifestRangeRequest: FEATURE_RANGE,
     ManifestRangeData: FEATURE_RANGE,
     Have: FEATURE_HAVE,
+    NodeRequestQuery: FEATURE_REQUEST,
+    NodeRequestData: FEATURE_REQUEST,
+    ChunkBatchRequest: FEATURE_BATCH,
 }
 
 
@@ -172,6 +191,9 @@ class Session:
         self._ours: dict[int, Request] = {}  # our requests awaiting the peer's answer
         self._theirs: dict[int, Request] = {}  # the peer's requests awaiting our answer
         self._cancelled: set[int] = set()  # subset of _ours whose answers we drop
+        # Batch requests: the digests still to be answered, in order, each way.
+        self._ours_due: dict[int, deque[bytes]] = {}
+        self._theirs_due: dict[int, deque[bytes]] = {}
         self._next_id = 0
 
     # ----- incoming -------------------------------------------------------
@@ -236,11 +258,18 @@ class Session:
             if len(self._theirs) >= self._max_in_flight:
                 raise RemoteProtocolError(f"peer exceeded {self._max_in_flight} requests in flight")
             self._theirs[msg.request_id] = msg
+            if isinstance(msg, ChunkBatchRequest):
+                self._theirs_due[msg.request_id] = deque(msg.batch)
         elif isinstance(msg, _RESPONSES):
-            _check_answer(self._ours.get(msg.request_id), msg, "peer sent", RemoteProtocolError)
-            del self._ours[msg.request_id]
-            if msg.request_id in self._cancelled:
-                self._cancelled.discard(msg.request_id)
+            rid = msg.request_id
+            due = self._ours_due.get(rid)
+            _check_answer(self._ours.get(rid), msg, "peer sent", RemoteProtocolError, due)
+            if _last_answer(self._ours_due, rid, due):
+                del self._ours[rid]
+                if rid in self._cancelled:
+                    self._cancelled.discard(rid)
+                    deliver = False
+            elif rid in self._cancelled:
                 deliver = False
         self.state = new_state
         return deliver
@@ -264,7 +293,12 @@ class Session:
     # ----- outgoing -------------------------------------------------------
 
     def send(self, msg: Message) -> bytes:
-        """Return the bytes for ``msg`` and advance the state.
+        """Return the bytes for ``msg`` and advance the state; see ``send_parts``."""
+        parts = self.send_parts(msg)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def send_parts(self, msg: Message) -> tuple[bytes, ...]:
+        """Return the bytes for ``msg`` in pieces (``wire.encode_parts``) and advance the state.
 
         Raises ``LocalProtocolError`` when ``msg`` is not allowed now: before
         the handshake, after close, a Hello other than ``self.hello``, a
@@ -287,12 +321,17 @@ class Session:
             if len(self._ours) >= self._max_in_flight:
                 raise LocalProtocolError(f"already {self._max_in_flight} requests in flight")
         elif isinstance(msg, _RESPONSES):
-            _check_answer(self._theirs.get(msg.request_id), msg, "we sent", LocalProtocolError)
-        data = encode_message(msg)  # may raise; the state is untouched until it succeeds
+            due = self._theirs_due.get(msg.request_id)
+            _check_answer(self._theirs.get(msg.request_id), msg, "we sent", LocalProtocolError, due)
+        data = encode_parts(msg)  # may raise; the state is untouched until it succeeds
         if isinstance(msg, _REQUESTS):
             self._ours[msg.request_id] = msg
+            if isinstance(msg, ChunkBatchRequest):
+                self._ours_due[msg.request_id] = deque(msg.batch)
         elif isinstance(msg, _RESPONSES):
-            del self._theirs[msg.request_id]
+            rid = msg.request_id
+            if _last_answer(self._theirs_due, rid, self._theirs_due.get(rid)):
+                del self._theirs[rid]
         self.state = new_state
         return data
 
@@ -316,6 +355,10 @@ class Session:
         """Return a ChunkRequest with a fresh id (not yet sent)."""
         return ChunkRequest(self.next_request_id(), digest)
 
+    def request_chunk_batch(self, digests: tuple[bytes, ...]) -> ChunkBatchRequest:
+        """Return a ChunkBatchRequest with a fresh id (not yet sent; feature "batch")."""
+        return ChunkBatchRequest(self.next_request_id(), digests)
+
     def request_root(self, version: int) -> RootRequest:
         """Return a RootRequest with a fresh id (not yet sent)."""
         return RootRequest(self.next_request_id(), version)
@@ -333,6 +376,10 @@ class Session:
         return ManifestRangeRequest(
             self.next_request_id(), component, serial, offset, min(length, MAX_RANGE_BYTES)
         )
+
+    def request_node_request(self) -> NodeRequestQuery:
+        """Return a NodeRequestQuery with a fresh id (not yet sent; feature "request")."""
+        return NodeRequestQuery(self.next_request_id())
 
     def cancel_request(self, request_id: int) -> None:
         """Drop the answer to our request when it comes; its slot stays taken until then.
@@ -359,6 +406,10 @@ class Session:
         """True when ``send`` would accept one more request now."""
         return self.state is State.OPEN and len(self._ours) < self._max_in_flight
 
+    def in_flight(self, request_id: int) -> bool:
+        """True while our request ``request_id`` awaits (more) answers."""
+        return request_id in self._ours
+
     @property
     def outstanding(self) -> Mapping[int, Request]:
         """Our requests awaiting an answer, by request id (read-only view)."""
@@ -370,12 +421,39 @@ class Session:
         return dict(self._theirs)
 
 
-def _check_answer(request: Request | None, msg: Response, who: str, error: type[Exception]) -> None:
-    """Raise ``error`` unless ``msg`` answers ``request`` (same kind, digest, version)."""
+def _last_answer(due: dict[int, deque[bytes]], request_id: int, left: deque[bytes] | None) -> bool:
+    """Count one answer to ``request_id``; True if it was the last one due."""
+    if left is None:
+        return True  # not a batch: one answer ends it
+    left.popleft()
+    if left:
+        return False
+    del due[request_id]
+    return True
+
+
+def _check_answer(
+    request: Request | None,
+    msg: Response,
+    who: str,
+    error: type[Exception],
+    due: deque[bytes] | None = None,
+) -> None:
+    """Raise ``error`` unless ``msg`` answers ``request`` (same kind, digest, version).
+
+    ``due``: for a batch request, the digests still to be answered, in order.
+    """
     name = type(msg).__name__
     kinds = _ANSWERS[type(msg)]
     if request is None or type(request) not in kinds:
         raise error(f"{who} {name} answering no outstanding {kinds[0].__name__}")
+    if isinstance(request, ChunkBatchRequest):
+        assert due and isinstance(msg, ChunkData | ChunkMissing)  # by _ANSWERS
+        if msg.digest != due[0]:
+            raise error(
+                f"{who} {name} for digest {msg.digest.hex()[:16]}, "
+                f"not the next one of the batch ({due[0].hex()[:16]})"
+            )
     if (
         isinstance(msg, ChunkData | ChunkMissing | BlobRangeData)
         and isinstance(request, ChunkRequest | BlobRangeRequest)

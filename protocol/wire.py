@@ -20,6 +20,17 @@ kinds are only sent to peers that advertised the matching Hello feature:
 * ``"have"`` (``FEATURE_HAVE``): ``Have`` tells a peer which blobs of a release
   we can serve before we hold all of it, so fetching nodes serve each other
   (swarming) instead of all pulling from the one node that had it first.
+* ``"batch"`` (``FEATURE_BATCH``): ``ChunkBatchRequest`` asks for up to
+  ``MAX_BATCH_DIGESTS`` blobs in one frame and one in-flight slot; the peer
+  answers with one ``ChunkData`` or ``ChunkMissing`` per digest, in the
+  order asked. A fetch then keeps far more blobs in flight than the
+  per-peer request cap would allow one request per blob, and neither side
+  handles a request frame per blob.
+* ``"request"`` (``FEATURE_REQUEST``): ``NodeRequestQuery`` asks a peer for
+  its signed request file (what it has installed and holds), answered by
+  ``NodeRequestData``; a daemon collects these into a site request for the
+  publisher (protocol/request.py). The collector checks each one's signature
+  and that it names the node id the peer proved in its Hello.
 
 Why the receive side stays O(n) under hostile input
 ---------------------------------------------------
@@ -76,6 +87,11 @@ MAX_RANGE_BYTES = MAX_PAYLOAD_BYTES
 MAX_HAVE_DIGESTS = 32 * limits.KiB
 FEATURE_RANGE = "range"
 FEATURE_HAVE = "have"
+FEATURE_BATCH = "batch"
+# Blobs one ChunkBatchRequest may ask for: 64 x ~64 KiB chunks keep a fast
+# link busy; the answers are paced by the reader, never buffered at once.
+MAX_BATCH_DIGESTS = 64
+FEATURE_REQUEST = "request"
 _CLUSTER_RE = re.compile(r"\S(.*\S)?")  # no leading/trailing blanks, not empty
 _FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 
@@ -116,6 +132,14 @@ def _bool(value: Any, name: str) -> Any:
 def _digests(value: Any) -> Any:
     if not isinstance(value, tuple) or len(value) > MAX_HAVE_DIGESTS:
         raise LocalProtocolError(f"digests must be a tuple of at most {MAX_HAVE_DIGESTS}")
+    for digest in value:
+        _blob(digest, "digest", exact=DIGEST_BYTES)
+    return value
+
+
+def _batch(value: Any) -> Any:
+    if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_BATCH_DIGESTS:
+        raise LocalProtocolError(f"batch must be a tuple of 1 to {MAX_BATCH_DIGESTS} digests")
     for digest in value:
         _blob(digest, "digest", exact=DIGEST_BYTES)
     return value
@@ -168,6 +192,7 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "total": lambda v, n, _: _uint(v, n, 0, limits.MAX_MANIFEST_BYTES),
     "complete": lambda v, n, _: _bool(v, n),
     "digests": lambda v, n, _: _digests(v),
+    "batch": lambda v, n, _: _batch(v),
 }
 
 
@@ -196,11 +221,23 @@ class _Wire:
     DATA_LIMIT: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            checked = _check(f.name, value, self.DATA_LIMIT)
+        limit = self.DATA_LIMIT
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            checked = _RULES[name](value, name, limit)
             if checked is not value:
-                object.__setattr__(self, f.name, checked)  # frozen: normalise once
+                object.__setattr__(self, name, checked)  # frozen: normalise once
+
+
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A message class's field names (``dataclasses.fields`` is slow for every chunk)."""
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,16 +438,52 @@ class Have(_Wire):
     digests: tuple[bytes, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkBatchRequest(_Wire):
+    """Ask for several blobs at once (feature "batch").
+
+    Answered by one ``ChunkData`` or ``ChunkMissing`` per digest of ``batch``,
+    in that order, all with this ``request_id``; the request stays in flight
+    (one slot) until the last of them.
+    """
+
+    TYPE: ClassVar[int] = 19
+    request_id: int
+    batch: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRequestQuery(_Wire):
+    """Ask the peer for its signed request file (feature "request")."""
+
+    TYPE: ClassVar[int] = 30
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRequestData(_Wire):
+    """The peer's signed request file; the receiver verifies it (feature "request")."""
+
+    TYPE: ClassVar[int] = 31
+    DATA_LIMIT: ClassVar[int] = MAX_PAYLOAD_BYTES
+    request_id: int
+    data: bytes
+
+
 # fmt: off
 Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
+    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest
 )
-Request = ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
+Request = (
+    ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
+    | NodeRequestQuery | ChunkBatchRequest
+)
 Response = (
     ManifestData | ManifestMissing | ChunkData | ChunkMissing | RootData | RootMissing
-    | BlobRangeData | ManifestRangeData
+    | BlobRangeData | ManifestRangeData | NodeRequestData
 )
 # fmt: on
 
@@ -418,6 +491,7 @@ _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
+    NodeRequestQuery, NodeRequestData, ChunkBatchRequest,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 
@@ -430,6 +504,8 @@ def _to_wire(msg: Message) -> list[Any]:
         return [[list(entry) for entry in msg.entries]]
     if isinstance(msg, Have):
         return [msg.component, msg.serial, msg.complete, list(msg.digests)]
+    if isinstance(msg, ChunkBatchRequest):
+        return [msg.request_id, list(msg.batch)]
     return [getattr(msg, f.name) for f in dataclasses.fields(msg)]
 
 
@@ -454,6 +530,11 @@ def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
         if not isinstance(digests, list):
             raise SchemaError("Have digests must be a list")
         return Have(component, serial, complete, tuple(digests))
+    if cls is ChunkBatchRequest:
+        request_id, batch = fields
+        if not isinstance(batch, list):
+            raise SchemaError("ChunkBatchRequest batch must be a list")
+        return ChunkBatchRequest(request_id, tuple(batch))
     factory: Callable[..., Message] = cls  # every other message maps fields 1:1
     return factory(*fields)
 
@@ -464,21 +545,47 @@ def encode_message(msg: Message) -> bytes:
     Raises ``LocalProtocolError`` if ``msg`` is not a message or would not fit
     in ``limits.MAX_FRAME_BYTES``.
     """
+    parts = encode_parts(msg)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def encode_parts(msg: Message) -> tuple[bytes, ...]:
+    """The frame for ``msg`` as pieces to send in order (``encode_message`` joins them).
+
+    A data message's payload is its own piece, so a sender that can write a
+    list of buffers at once never copies it. Raises like ``encode_message``.
+    """
+    hot = _pack_hot(msg)
+    if hot is not None:
+        envelope, payload = hot
+        size = sum(map(len, envelope)) + len(payload)
+        if size > limits.MAX_FRAME_BYTES:
+            raise LocalProtocolError(f"{type(msg).__name__} frame of {size} bytes is too large")
+        head = b"".join((size.to_bytes(HEADER_BYTES, "big"), *envelope))
+        return (head, payload) if payload else (head,)
     if type(msg) not in _CLASSES:
         raise LocalProtocolError(f"not a wire message: {type(msg).__name__}")
     body = encoding.encode([msg.TYPE, *_to_wire(msg)])
     if len(body) > limits.MAX_FRAME_BYTES:
         raise LocalProtocolError(f"{type(msg).__name__} frame of {len(body)} bytes is too large")
-    return len(body).to_bytes(HEADER_BYTES, "big") + body
+    return (len(body).to_bytes(HEADER_BYTES, "big") + body,)
 
 
-def decode_body(body: bytes) -> Message:
+def decode_body(body: bytes | memoryview) -> Message:
     """Decode one frame body (without its length header).
 
     Raises ``CodecError`` (``SchemaError`` for wrong fields) or
     ``FrameTooLargeError``; no other exception escapes.
     """
-    value = encoding.decode(body, max_bytes=limits.MAX_FRAME_BYTES)
+    hot = _HOT.get(bytes(body[:2]))
+    if hot is not None:
+        try:
+            msg = _parse_hot(hot, body)
+        except LocalProtocolError as exc:  # canonical bytes, but a field out of range
+            raise SchemaError(f"bad {hot.__name__}: {exc}") from None
+        if msg is not None:
+            return msg
+    value = encoding.decode(bytes(body), max_bytes=limits.MAX_FRAME_BYTES)
     if not isinstance(value, list) or not value or type(value[0]) is not int:
         raise SchemaError("frame body must be an array starting with an integer type code")
     cls = _BY_CODE.get(value[0])
@@ -490,6 +597,110 @@ def decode_body(body: bytes) -> Message:
         raise SchemaError(f"bad {cls.__name__}: {exc}") from None
     except (TypeError, ValueError, UnicodeError, OverflowError) as exc:
         raise SchemaError(f"bad {cls.__name__}: {type(exc).__name__}") from None
+
+
+# ----- the hot path -------------------------------------------------------------
+# Nearly every frame of a transfer is a ChunkRequest, ChunkData or BlobRangeData.
+# Canonical msgpack gives each exactly one layout, so they are packed and parsed
+# by hand: no generic walk, no msgpack copy of the payload and no re-encoding to
+# prove canonical form (a parse that accepts only the canonical layout proves it).
+# Anything that does not match that layout byte for byte falls back to the
+# generic decoder, which refuses or accepts it exactly as before.
+
+_DIGEST_HEAD = b"\xc4" + bytes((DIGEST_BYTES,))  # bin 8 of 32 bytes
+_UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack uint 8/16/32/64
+_BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32
+_MIN_OF_WIDTH = {1: 0, 2: 1 << 8, 4: 1 << 16, 8: 1 << 32}  # below: a shorter form exists
+
+
+def _packed_uint(value: int) -> bytes:
+    """The canonical msgpack form of a non-negative integer."""
+    if value < 0x80:
+        return bytes((value,))
+    for code, width in _UINT_WIDTH.items():
+        if value < 1 << (8 * width):
+            return bytes((code,)) + value.to_bytes(width, "big")
+    raise LocalProtocolError(f"integer {value} does not fit 64 bits")
+
+
+def _bin_head(size: int) -> bytes:
+    """The canonical msgpack header of a bin of ``size`` bytes."""
+    if size < 1 << 8:
+        return b"\xc4" + bytes((size,))
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def _pack_hot(msg: object) -> tuple[tuple[bytes, ...], bytes] | None:
+    """The body of a hot message as (envelope pieces, payload), or None for another."""
+    kind = type(msg)
+    if kind is ChunkData:
+        assert isinstance(msg, ChunkData)
+        rid, data = _packed_uint(msg.request_id), msg.data
+        return (b"\x94\x07", rid, _DIGEST_HEAD, msg.digest, _bin_head(len(data))), data
+    if kind is BlobRangeData:
+        assert isinstance(msg, BlobRangeData)
+        rid, offset, data = _packed_uint(msg.request_id), _packed_uint(msg.offset), msg.data
+        envelope = (b"\x95\x0f", rid, _DIGEST_HEAD, msg.digest, offset, _bin_head(len(data)))
+        return envelope, data
+    if kind is ChunkRequest:
+        assert isinstance(msg, ChunkRequest)
+        return (b"\x93\x06", _packed_uint(msg.request_id), _DIGEST_HEAD, msg.digest), b""
+    return None
+
+
+# The first two body bytes of each hot message: array header, type code.
+_HOT: dict[bytes, type[ChunkData | BlobRangeData | ChunkRequest]] = {
+    b"\x94\x07": ChunkData,
+    b"\x95\x0f": BlobRangeData,
+    b"\x93\x06": ChunkRequest,
+}
+
+
+def _read_uint(body: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """(value, next position) of the canonical uint at ``pos``; (-1, -1) if there is none."""
+    if pos >= len(body):
+        return -1, -1
+    code = body[pos]
+    if code < 0x80:
+        return code, pos + 1
+    width = _UINT_WIDTH.get(code, 0)
+    end = pos + 1 + width
+    if not width or end > len(body):
+        return -1, -1
+    value = int.from_bytes(body[pos + 1 : end], "big")
+    return (value, end) if value >= max(_MIN_OF_WIDTH[width], 0x80) else (-1, -1)
+
+
+def _parse_hot(
+    cls: type[ChunkData | BlobRangeData | ChunkRequest], body: bytes | memoryview
+) -> Message | None:
+    """Parse a hot message laid out canonically; None if the layout differs.
+
+    Raises ``LocalProtocolError`` when the layout is right but a field is out
+    of range (the message constructor's checks).
+    """
+    rid, pos = _read_uint(body, 2)
+    if pos < 0 or bytes(body[pos : pos + 2]) != _DIGEST_HEAD or pos + 34 > len(body):
+        return None
+    digest, pos = bytes(body[pos + 2 : pos + 34]), pos + 34
+    if cls is ChunkRequest:
+        return ChunkRequest(rid, digest) if pos == len(body) else None
+    offset = 0
+    if cls is BlobRangeData:
+        offset, pos = _read_uint(body, pos)
+        if pos < 0:
+            return None
+    width = _BIN_WIDTH.get(body[pos], 0) if pos < len(body) else 0
+    size = int.from_bytes(body[pos + 1 : pos + 1 + width], "big") if width else -1
+    pos += 1 + width
+    if size < _MIN_OF_WIDTH[width or 1] or pos + size != len(body):
+        return None
+    data = bytes(body[pos:])
+    if cls is ChunkData:
+        return ChunkData(rid, digest, data)
+    return BlobRangeData(rid, digest, offset, data)
 
 
 class FrameDecoder:
@@ -507,7 +718,7 @@ class FrameDecoder:
         self._header = bytearray()
         self._body = bytearray()
         self._need: int | None = None  # body length once the header is complete
-        self._frames: deque[bytes] = deque()
+        self._frames: deque[bytes | memoryview] = deque()
         self._error: RemoteProtocolError | None = None
         self._eof = False
 
@@ -543,8 +754,10 @@ class FrameDecoder:
                 else:
                     self._need = length
             elif not self._body and end - pos >= self._need:
-                # Whole body in this read: one copy instead of two.
-                self._frames.append(bytes(view[pos : pos + self._need]))
+                # Whole body in this read: a view of it, no copy (the data messages
+                # copy their payload once, when they are decoded).
+                body = view[pos : pos + self._need]
+                self._frames.append(body if isinstance(data, bytes) else bytes(body))
                 pos += self._need
                 self._need = None
             else:

@@ -22,7 +22,7 @@ from typing import Any, cast
 from p2pupd.daemon import api
 from p2pupd.protocol import limits
 from p2pupd.protocol.errors import FrameTooLargeError, RemoteProtocolError
-from p2pupd.protocol.request import verify_request
+from p2pupd.protocol.request import SiteRequest, verify_any_request
 
 from .clibase import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, Adder, UsageError, out, state_dir
 from .export import (
@@ -32,11 +32,11 @@ from .export import (
     RepoSource,
     check_node_key,
     full_releases,
-    releases_for_request,
     write_bundle,
 )
 from .progress import Progress
 from .repo import Repo
+from .siteexport import releases_for_site
 
 REQUEST_PREFIX = "p2pupd-request-"
 REQUEST_SUFFIX = ".msgpack"
@@ -203,7 +203,14 @@ def add_export_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--request",
         action="store_true",
-        help="write this node's request file into DEST (a directory or a file name)",
+        help="write a request file into DEST (a directory or a file name): with a daemon "
+        "running, for the whole site (every connected peer's signed request), else for "
+        "this node",
+    )
+    sp.add_argument(
+        "--this-node",
+        action="store_true",
+        help="with --request: speak for this node only, even when a daemon runs",
     )
     sp.add_argument(
         "--for",
@@ -223,6 +230,8 @@ def export_special(args: argparse.Namespace) -> int | None:
     Normalises the positionals: ``export REPO DEST`` reads a repository,
     ``export DEST`` (with --state-dir, --request or $P2PUPD_STATE_DIR) a node.
     """
+    if args.this_node and not args.request:
+        raise UsageError("--this-node goes with --request")
     given = [p for p in (args.repo, args.dest) if p]
     special = args.request or args.state_dir or args.for_request or len(given) == 1
     if special and getattr(args, "from_version", None):
@@ -244,27 +253,40 @@ def export_special(args: argparse.Namespace) -> int | None:
 
 
 def _export_request(args: argparse.Namespace) -> int:
-    data = api.make_request(state_dir(args))
-    req, _ = verify_request(data)
+    made = api.make_request(state_dir(args), site=not args.this_node)
+    own, members = made.site.collector, made.site.members
     dest = Path(args.dest)
     if dest.is_dir():
-        dest = dest / f"{REQUEST_PREFIX}{req.node_id.hex()[:12]}{REQUEST_SUFFIX}"
-    api.atomic_write(dest, data, mode=0o644)
+        dest = dest / f"{REQUEST_PREFIX}{own.node_id.hex()[:12]}{REQUEST_SUFFIX}"
+    api.atomic_write(dest, made.data, mode=0o644)
     doc = {
         "request": str(dest),
-        "node_id": req.node_id.hex(),
-        "bytes": len(data),
-        "components": {c.name: c.installed for c in req.components},
-        "releases_held": len(req.releases),
-        "extra_blobs": len(req.extra_blobs),
+        "node_id": own.node_id.hex(),
+        "bytes": len(made.data),
+        "components": {c.name: c.installed for c in own.components},
+        "releases_held": len(own.releases),
+        "extra_blobs": len(own.extra_blobs),
+        "site": [
+            {
+                "node_id": m.node_id.hex(),
+                "platform": m.platform,
+                "components": {c.name: c.installed for c in m.components},
+            }
+            for m in members
+        ],
+        "unanswered": made.unanswered,
     }
-    out(
-        args,
-        doc,
-        lambda: print(
-            f"wrote request of node {req.node_id.hex()[:12]} to {dest} ({len(data)} bytes)"
-        ),
-    )
+
+    def human() -> None:
+        if len(members) == 1:
+            what = f"request of node {own.node_id.hex()[:12]}"
+        else:
+            what = f"site request of {len(members)} nodes (collected by {own.node_id.hex()[:12]})"
+        print(f"wrote {what} to {dest} ({len(made.data)} bytes)")
+        for peer in made.unanswered:
+            print(f"note: peer {peer[:12]} did not answer; its needs are not in the request")
+
+    out(args, doc, human)
     return EXIT_OK
 
 
@@ -336,14 +358,23 @@ def _report(args: argparse.Namespace, report: ExportReport) -> int:
 
 def _export_for_repo(args: argparse.Namespace) -> int:
     data = read_request_file(Path(args.for_request))
-    req, _ = verify_request(data)
+    site = verify_any_request(data)
     repo = Repo(Path(args.repo))
-    source = RepoSource(repo, req.platform)  # the node's own variant of each release
-    check_node_key(repo.path / "nodes", req)
-    sources, roots, notes = releases_for_request(source, req)
-    report = _write(args, sources, roots, source, data)
-    report.notes, report.for_node = notes, req.node_id.hex()
+    for member in site.members:
+        check_node_key(repo.path / "nodes", member)
+    # Each member is planned from its own platform's variant of each release.
+    sources, roots, notes = releases_for_site(lambda p: RepoSource(repo, p), site)
+    report = _write(args, sources, roots, RepoSource(repo, site.collector.platform), data)
+    report.for_node = _for_whom(site, notes)
+    report.notes = notes
     return _report(args, report)
+
+
+def _for_whom(site: SiteRequest, notes: list[str]) -> str:
+    """The collector's node id; a site of several nodes also gets a note naming its size."""
+    if len(site.members) > 1:
+        notes.insert(0, f"site request of {len(site.members)} nodes: the bundle serves each")
+    return site.collector.node_id.hex()
 
 
 def _export_state(args: argparse.Namespace) -> int:
@@ -352,9 +383,9 @@ def _export_state(args: argparse.Namespace) -> int:
     if args.for_request:
         data: bytes | None = read_request_file(Path(args.for_request))
         assert data is not None
-        req, _ = verify_request(data)
-        sources, roots, notes = releases_for_request(source, req, use_deltas=False)
-        for_node: str | None = req.node_id.hex()
+        site = verify_any_request(data)
+        sources, roots, notes = releases_for_site(lambda _: source, site, use_deltas=False)
+        for_node: str | None = _for_whom(site, notes)
     else:
         data, for_node = None, None
         comps = args.component or source.components()

@@ -270,8 +270,9 @@ def source_for_node_at(repo: Repo, component: str, version: str) -> ReleaseSourc
     picks for it: deltas from that version where they pay, zstd literals or
     chunks otherwise, and hooks. The node also holds that version's signed
     envelope, so the new envelope travels as a patch against it where that is
-    smaller (``write_bundle``). Raises ``RepoError`` if no release of
-    ``component`` has that version label.
+    smaller, and the roots up to the one it was signed under stay home
+    (``write_bundle``). Raises ``RepoError`` if no release of ``component``
+    has that version label.
     """
     serials = repo.serials(component)
     if not serials:

@@ -14,8 +14,18 @@ incomplete) or a complete bundle -- never a stale index naming missing blobs.
 
 A release whose receiving node is known to hold an earlier release of the same
 component (``export --from-version``, ``--for``) carries its signed envelope as
-a bsdiff patch against the envelope that node holds, when that is smaller: on a
-tree of many small files the envelope, not the data, is most of the bundle.
+a patch against the envelope that node holds -- bsdiff4 or zstd with the held
+envelope as dictionary, whichever is smaller -- when that is smaller than the
+envelope: on a tree of many small files the envelope, not the data, is most of
+the bundle. Such a node also trusts the root its held release was signed
+under, so roots up to that version are left out (``receiver_root``); a full
+export carries the whole chain.
+
+Blobs of at most ``bundle.PACK_BLOB_MAX_BYTES`` (deltas, zstd literals, small
+files and tail chunks) go into packs, one or more per release, instead of a
+file and a descriptor each; a blob two releases of the bundle share stays a
+file, so every artifact lists what it carries and no bytes are written twice.
+At most ``PACKED_BYTES_PER_BUNDLE`` are packed: an importer reads packs twice.
 
 Sources are a publisher's repository (``RepoSource``) or a node's state
 directory (``api.open_state_source``): anything with the ``ExportSource`` shape.
@@ -33,13 +43,15 @@ from p2pupd.daemon.api import BlobStore, NotFoundError, atomic_write
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.deltaplan import needed_blobs
-from p2pupd.protocol.errors import MixAndMatchError
+from p2pupd.protocol.errors import HashMismatchError, MixAndMatchError, P2pupdError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.request import Request, plan_for_request
-from p2pupd.protocol.trust import Envelope, Root
+from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
 
-from .patchcodec import encode_patch
+from .patchcodec import encode_dict_patch, encode_patch
 from .repo import Repo, RepoError
+
+PACKED_BYTES_PER_BUNDLE = 64 * limits.MiB
 
 
 @dataclass
@@ -51,6 +63,8 @@ class ExportReport:
     bytes_in_bundle: int = 0
     envelope_bytes: int = 0  # release envelopes (or their patches) in the bundle
     envelopes_patched: int = 0
+    blobs_packed: int = 0  # of blobs_in_bundle, those carried in packs
+    roots_left_out: int = 0  # roots the receiving node already trusts
     notes: list[str] = field(default_factory=list)
     for_node: str | None = None
 
@@ -82,10 +96,11 @@ class ReleaseSource:
 def envelope_layer(rel: ReleaseSource) -> tuple[bytes, str, dict[str, str]]:
     """Return (bytes, media type, annotations) of ``rel``'s first layer.
 
-    The whole envelope, or a bsdiff patch against ``rel.base`` when that is
-    smaller (``oci.RELEASE_PATCH_MEDIA_TYPE``, annotated with both envelopes'
-    sha256 and the result's size). The patch saves bytes only: the node
-    verifies the envelope it rebuilds exactly as a whole one.
+    The whole envelope, or the smaller of a bsdiff4 patch and a zstd frame
+    with the envelope of ``rel.base`` as dictionary, when that is smaller
+    (``oci.RELEASE_PATCH_MEDIA_TYPES``, annotated with both envelopes' sha256
+    and the result's size). The patch saves bytes only: the node verifies the
+    envelope it rebuilds exactly as a whole one.
     """
     data = rel.envelope.encode()
     if rel.base is None:
@@ -93,13 +108,47 @@ def envelope_layer(rel: ReleaseSource) -> tuple[bytes, str, dict[str, str]]:
     base = rel.base.envelope.encode()
     if base == data:
         return data, oci.RELEASE_MEDIA_TYPE, {}
-    patch = encode_patch(base, data)
+    patch, media_type = min(
+        (encode_patch(base, data), oci.RELEASE_PATCH_MEDIA_TYPE),
+        (encode_dict_patch(base, data), oci.RELEASE_ZPATCH_MEDIA_TYPE),
+        key=lambda c: len(c[0]),
+    )
     if len(patch) >= len(data):
         return data, oci.RELEASE_MEDIA_TYPE, {}
     rp = oci.ReleasePatch(
         ids.sha256(base), ids.sha256(data), len(data), rel.base.serial, rel.base.version
     )
-    return patch, oci.RELEASE_PATCH_MEDIA_TYPE, rp.annotations()
+    return patch, media_type, rp.annotations()
+
+
+def receiver_root(roots: dict[int, bytes], releases: Iterable[ReleaseSource]) -> int:
+    """Return the root version the receiving node is known to trust at least (0: unknown).
+
+    A node holding the release ``rel.base`` verified it under the root it
+    trusted then, and a node's root only moves forward: so it trusts at least
+    the lowest root among ``roots`` whose release keys sign that envelope.
+    The roots up to that version need not travel.
+    """
+    known = 0
+    loaded: dict[int, TrustedRoot | None] = {}
+    for rel in releases:
+        if rel.base is None:
+            continue
+        data = rel.base.envelope.encode()
+        for v in sorted(roots):
+            if v not in loaded:
+                try:
+                    loaded[v] = TrustedRoot.load(roots[v], None)
+                except P2pupdError:  # not a usable root: it proves nothing
+                    loaded[v] = None
+            root = loaded[v]
+            try:
+                if root is not None and root.verify_release(data, None):
+                    known = max(known, v)
+                    break
+            except P2pupdError:
+                continue
+    return known
 
 
 class BlobSource(Protocol):
@@ -208,8 +257,10 @@ def write_bundle(
 
     ``request``, the signed request file a minimal bundle was cut for, is
     carried as a request artifact. Raises ``RepoError``/``NotFoundError`` for
-    a blob the source lacks, ``StorageError`` for write errors.
+    a blob the source lacks, ``HashMismatchError`` for one whose bytes do not
+    match, ``StorageError`` for write errors.
     """
+    releases = list(releases)
     report = ExportReport()
     dest.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -228,6 +279,9 @@ def write_bundle(
         index.append(d)
 
     put_doc(oci.EMPTY_JSON, oci.EMPTY_MEDIA_TYPE)
+    held = receiver_root(roots, releases)
+    report.roots_left_out = sum(v <= held for v in roots)
+    roots = {v: d for v, d in roots.items() if v > held}
     if roots:
         layers = []
         for v in sorted(roots):
@@ -245,14 +299,36 @@ def write_bundle(
             oci.Artifact(oci.REQUEST_ARTIFACT, (layer,), {}), {oci.ANNOTATION_REF_NAME: "request"}
         )
 
+    uses: dict[bytes, int] = {}
+    for rel in releases:
+        for dg in rel.blobs:
+            uses[dg] = uses.get(dg, 0) + 1
+    pack_budget = PACKED_BYTES_PER_BUNDLE
     for rel in releases:
         man = rel.manifest
         first, media_type, first_ann = envelope_layer(rel)
         layers = [put_doc(first, media_type, first_ann)]
         report.envelope_bytes += len(first)
-        report.envelopes_patched += media_type == oci.RELEASE_PATCH_MEDIA_TYPE
+        report.envelopes_patched += media_type in oci.RELEASE_PATCH_MEDIA_TYPES
+        small: dict[bytes, int] = {}
+        for dg, size in sorted(rel.blobs.items()):
+            if size <= oci.PACK_BLOB_MAX_BYTES and uses[dg] == 1 and size <= pack_budget:
+                small[dg] = size
+                pack_budget -= size
+        for pack in _pack_groups(small):
+            data = _pack(pack, source, man, progress)
+            present = out.has(ids.sha256(data))
+            layers.append(put_doc(data, oci.PACK_MEDIA_TYPE))
+            if not present:
+                report.blobs += len(pack)
+                report.bytes += sum(pack.values())
+            report.blobs_in_bundle += len(pack)
+            report.bytes_in_bundle += sum(pack.values())
+            report.blobs_packed += len(pack)
         types = oci.layer_media_types(man)
         for dg, size in sorted(rel.blobs.items()):
+            if dg in small:
+                continue
             keep.add(dg)
             if not out.has(dg):
                 try:
@@ -289,6 +365,54 @@ def write_bundle(
     atomic_write(dest / "oci-layout", oci.OCI_LAYOUT)
     atomic_write(dest / "index.json", oci.build_index(index))
     return report
+
+
+def _pack_groups(blobs: dict[bytes, int]) -> list[dict[bytes, int]]:
+    """Split ``blobs`` (digest -> size) into groups that each fit one pack."""
+    groups: list[dict[bytes, int]] = []
+    cur: dict[bytes, int] = {}
+    used = oci.PACK_HEADER_MAX_BYTES
+    for dg, size in blobs.items():
+        n = oci.packed_bytes(size)
+        if cur and (len(cur) >= oci.MAX_PACK_ENTRIES or used + n > oci.MAX_PACK_BYTES):
+            groups.append(cur)
+            cur, used = {}, oci.PACK_HEADER_MAX_BYTES
+        cur[dg] = size
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _pack(
+    blobs: dict[bytes, int],
+    source: BlobSource,
+    man: Manifest,
+    progress: Callable[[int], None] | None,
+) -> bytes:
+    """Return a pack of ``blobs`` read from ``source``, each checked against its digest."""
+    parts = []
+    for dg, size in blobs.items():
+        try:
+            with source.open(dg) as f:
+                data = f.read(size + 1)
+        except NotFoundError:
+            raise RepoError(
+                f"blob {ids.hexd(dg)[:16]} of {man.component} {man.version} is missing"
+            ) from None
+        except OSError as exc:
+            raise RepoError(
+                f"cannot read blob {ids.hexd(dg)[:16]}: {exc.strerror or exc}"
+            ) from None
+        if len(data) != size or ids.sha256(data) != dg:
+            raise HashMismatchError(
+                f"blob {ids.hexd(dg)[:16]} of {man.component} {man.version} does not match "
+                "its sha256 here"
+            )
+        parts.append(data)
+        if progress is not None:
+            progress(size)
+    return oci.build_pack(parts)
 
 
 def releases_for_request(

@@ -1,8 +1,17 @@
-"""bsdiff4 patches in the form nodes accept (``daemon.delta.apply_patch``).
+"""Patches in the forms nodes accept.
 
-One encoder for every patch the publisher side writes: file and chunk deltas
-(``tools/delta.py``) and release envelopes carried as patches in bundles
-(``tools/export.py``). The container is laid out in ``protocol.deltaplan``.
+``encode_patch``: bsdiff4 patches (``daemon.delta.apply_patch``), the one
+encoder for file and chunk deltas (``tools/delta.py``) and for release
+envelopes carried as patches in bundles (``tools/export.py``). The container is
+laid out in ``protocol.deltaplan``.
+
+``encode_dict_patch``: a zstd frame of the new bytes compressed with the old as
+a raw-content dictionary, the other form a bundle may carry a release envelope
+in (``daemon.metadata`` decodes it). An envelope is mostly 32-byte digests:
+bsdiff can only express a new digest as a byte difference from the old one in
+its place, while zstd may also copy it from earlier in the *new* envelope --
+the digest of an edited file recurs as its chunk's digest and as the target of
+its deltas -- so on the delta benchmark's tree of small files it is ~20 % smaller.
 """
 
 from __future__ import annotations
@@ -36,3 +45,26 @@ def encode_patch(old: bytes, new: bytes, level: int = PATCH_LEVEL) -> bytes:
     bsdiff4.format.write_patch(out, len(new), control, diff, extra)
     classic = out.getvalue()
     return classic if len(classic) < len(ours) else ours
+
+
+DICT_PATCH_MAX_WINDOW_LOG = 27  # 128 MiB: an old and a new envelope of 64 MiB each
+
+
+def encode_dict_patch(old: bytes, new: bytes, level: int = PATCH_LEVEL) -> bytes:
+    """Return ``new`` as one zstd frame using ``old`` as a raw-content dictionary.
+
+    The frame declares its content size and no dictionary id; the window
+    covers old and new together, so any of ``old`` stays reachable.
+    """
+    window_log = min(DICT_PATCH_MAX_WINDOW_LOG, max(10, (len(old) + len(new)).bit_length()))
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level,
+        source_size=len(new),
+        dict_size=len(old),
+        window_log=window_log,
+        write_content_size=True,
+        write_checksum=False,
+        write_dict_id=False,
+    )
+    d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(new)

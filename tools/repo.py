@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.daemon.api import BlobStore, atomic_write
 from p2pupd.protocol import encoding, ids, limits
-from p2pupd.protocol.errors import CodecError, P2pupdError
+from p2pupd.protocol.errors import CodecError, P2pupdError, ThresholdError, UnknownKeyError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import (
     ROOT_TYPE,
@@ -240,17 +240,33 @@ class Repo:
         self, component: str, serial: int, platform: str | None = None
     ) -> tuple[Manifest, Envelope]:
         """Return the verified universal release ``serial`` or its ``platform`` variant."""
-        return self.trusted().verify_release(
-            self.release_bytes(component, serial, platform), None, component
-        )
+        return self._verify(self.release_bytes(component, serial, platform), component)
 
     def variants(self, component: str, serial: int) -> list[tuple[Manifest, Envelope]]:
         """Return every manifest of release ``serial`` (one when universal), verified."""
-        trusted = self.trusted()
         return [
-            trusted.verify_release(self.release_bytes(component, serial, p), None, component)
+            self._verify(self.release_bytes(component, serial, p), component)
             for p in self.platforms(component, serial)
         ]
+
+    def _verify(self, data: bytes, component: str) -> tuple[Manifest, Envelope]:
+        """Verify a release of this repository under the root it was signed under.
+
+        The current root first; a release signed before a rotation that
+        replaced the release keys is checked against the older roots of the
+        chain, newest first (it was valid when published, and its bytes are
+        still checked against a key that root lists). Nodes never do this: a
+        node accepts a new release only under its current root.
+        """
+        try:
+            return self.trusted().verify_release(data, None, component)
+        except (UnknownKeyError, ThresholdError) as current_error:
+            for _, raw in sorted(self.roots().items(), reverse=True):
+                try:
+                    return TrustedRoot.load(raw).verify_release(data, None, component)
+                except (UnknownKeyError, ThresholdError):
+                    continue
+            raise current_error from None
 
     def write_release(self, man: Manifest, env: Envelope) -> None:
         """Write a signed release; refuse a duplicate or mixing universal and variants.

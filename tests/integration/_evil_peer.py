@@ -19,7 +19,12 @@ and waits (bounded) for the daemon to end the connection. Attacks:
                  on the honest nodes), serves its real manifest, then answers
                  every chunk request with random bytes of the right length;
 * ``oversized``: sends a frame header announcing 64 MiB (limit: 4 MiB);
-* ``garbage``:   sends a well-framed body that is not msgpack.
+* ``garbage``:   sends a well-framed body that is not msgpack;
+* ``batch-skew``: like ``corrupt`` but speaking "batch": answers the daemon's
+                 ChunkBatchRequest with data for another digest than the next
+                 one due (the daemon must refuse it, whatever the bytes);
+* ``batch-oversized``: speaks "batch" and sends a ChunkBatchRequest of
+                 ``MAX_BATCH_DIGESTS + 1`` digests.
 
 Finally ``rejoin`` reconnects with the first attack's node id to show the ban
 holds. One JSON line per connection on stdout: attack, target, node id (hex),
@@ -46,9 +51,12 @@ from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import CLOSED, NEED_DATA, Session, Signal, State
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.protocol.wire import (
+    FEATURE_BATCH,
+    MAX_BATCH_DIGESTS,
     Announce,
     AnnounceEntry,
     Bye,
+    ChunkBatchRequest,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
@@ -60,11 +68,16 @@ from p2pupd.protocol.wire import (
     Request,
     RootMissing,
     RootRequest,
+    encode_message,
 )
 
 CONNECT_SECONDS = 5.0
 ATTACK_SECONDS = 8.0  # the daemon must have ended the connection by then
-ATTACKS = ("forged", "foreign", "replay", "corrupt", "oversized", "garbage")
+ATTACKS = (
+    "forged", "foreign", "replay", "corrupt", "oversized", "garbage", "batch-skew",
+    "batch-oversized",
+)  # fmt: skip
+BATCH_ATTACKS = ("batch-skew", "batch-oversized")  # these speak "batch"
 
 
 @dataclass
@@ -107,12 +120,18 @@ class Conn:
     """A blocking socket and a ``Session`` playing one attack."""
 
     def __init__(
-        self, target: str, cluster: str, node_id: bytes, out: Outcome, sizes: dict[bytes, int]
+        self,
+        target: str,
+        cluster: str,
+        node_id: bytes,
+        out: Outcome,
+        sizes: dict[bytes, int],
+        features: frozenset[str] = frozenset(),
     ) -> None:
         host, port = target.rsplit(":", 1)
         self.sizes = sizes  # chunk sizes of the offered release
         self.sock = socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS)
-        self.session = Session(node_id, cluster, 0, frozenset())
+        self.session = Session(node_id, cluster, 0, features)
         self.out = out
         self.sock.sendall(self.session.send_hello())
 
@@ -173,6 +192,13 @@ class Conn:
                 resp = ChunkData(req.request_id, req.digest, secrets.token_bytes(size))
             else:
                 resp = ChunkMissing(req.request_id, req.digest)
+        elif isinstance(req, ChunkBatchRequest):
+            # Data for a digest other than the next one due: encoded by hand,
+            # since our own session would refuse to send it.
+            wrong = req.batch[1] if len(req.batch) > 1 else secrets.token_bytes(32)
+            data = secrets.token_bytes(self.sizes.get(wrong, 1024))
+            self.sock.sendall(encode_message(ChunkData(req.request_id, wrong, data)))
+            return
         elif isinstance(req, RootRequest):
             resp = RootMissing(req.request_id)
         else:  # range requests are never sent to a peer without the "range" feature
@@ -187,6 +213,10 @@ class Conn:
             self.sock.sendall((64 * limits.MiB).to_bytes(4, "big") + b"\x93" * 4096)
         elif attack == "garbage":
             body = b"\xc1" + secrets.token_bytes(63)  # 0xc1 is never valid msgpack
+            self.sock.sendall(len(body).to_bytes(4, "big") + body)
+        elif attack == "batch-oversized":
+            digests = [secrets.token_bytes(32) for _ in range(MAX_BATCH_DIGESTS + 1)]
+            body = encoding.encode([ChunkBatchRequest.TYPE, 1, digests])
             self.sock.sendall(len(body).to_bytes(4, "big") + body)
         for _ in range(10_000):
             if time.monotonic() >= deadline:
@@ -226,8 +256,9 @@ def run_attack(
 ) -> Outcome:
     out = Outcome(attack, target, node_id.hex())
     deadline = time.monotonic() + ATTACK_SECONDS
+    features = frozenset({FEATURE_BATCH}) if attack in BATCH_ATTACKS else frozenset[str]()
     try:
-        conn = Conn(target, cluster, node_id, out, sizes)
+        conn = Conn(target, cluster, node_id, out, sizes, features)
     except OSError as exc:
         out.ended = f"connect failed: {exc}"
         return out
@@ -258,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "corrupt": Offer(man.serial, valid, corrupt_chunks=True),
         "oversized": None,
         "garbage": None,
+        "batch-skew": Offer(man.serial, valid),
+        "batch-oversized": None,
     }
     first: dict[str, bytes] = {}
     for attack in args.attack or ATTACKS:

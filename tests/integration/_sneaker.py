@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import Result, World, state_snapshot, tree_snapshot
 
 from p2pupd.protocol import bundle as oci
+from p2pupd.protocol import ids
 
 
 def rand(seed: int, n: int) -> bytes:
@@ -29,34 +30,55 @@ V2 = {
 
 @dataclass
 class Parts:
-    """The members of a bundle, by kind (paths under ``blobs/sha256``)."""
+    """The members of a bundle, by kind (paths under ``blobs/sha256``).
+
+    ``chunks`` are the release's blobs stored as files of their own, ``packs``
+    the packs holding its small blobs, ``packed`` those blobs (hex digests).
+    A bundle cut for a node that trusts every root has no trust artifact.
+    """
 
     root: Path
     index: Path
     layout: Path
-    trust_artifact: Path
+    trust_artifact: Path | None
     release_artifact: Path
     roots: list[Path]
     release_envelope: Path
     chunks: list[Path]
     config: Path
+    packs: list[Path]
+    packed: list[str]
+
+    @property
+    def blob_count(self) -> int:
+        """Blobs the release carries, files and packed ones."""
+        return len(self.chunks) + len(self.packed)
 
 
 def blob(bundle: Path, digest: str) -> Path:
     return bundle / "blobs" / "sha256" / digest.removeprefix("sha256:")
 
 
+def pack_members(pack: Path) -> list[str]:
+    """Hex digests of the blobs a pack holds, in order."""
+    data = pack.read_bytes()
+    return [ids.sha256(data[o : o + n]).hex() for o, n in oci.parse_pack(data)]
+
+
 def parts(bundle: Path) -> Parts:
     idx = json.loads((bundle / "index.json").read_text())
-    trust = release = None
+    trust: tuple[Path | None, list[Path]] = (None, [])
+    release = None
     for d in idx["manifests"]:
         art = json.loads(blob(bundle, d["digest"]).read_text())
         if art["artifactType"] == oci.TRUST_ARTIFACT:
             trust = (blob(bundle, d["digest"]), [blob(bundle, x["digest"]) for x in art["layers"]])
         elif art["artifactType"] == oci.RELEASE_ARTIFACT:
             release = (blob(bundle, d["digest"]), art)
-    assert trust is not None and release is not None
+    assert release is not None
     art = release[1]
+    rest = art["layers"][1:]
+    packs = [blob(bundle, x["digest"]) for x in rest if x["mediaType"] == oci.PACK_MEDIA_TYPE]
     return Parts(
         root=bundle,
         index=bundle / "index.json",
@@ -65,9 +87,37 @@ def parts(bundle: Path) -> Parts:
         release_artifact=release[0],
         roots=trust[1],
         release_envelope=blob(bundle, art["layers"][0]["digest"]),
-        chunks=[blob(bundle, x["digest"]) for x in art["layers"][1:]],
+        chunks=[blob(bundle, x["digest"]) for x in rest if x["mediaType"] != oci.PACK_MEDIA_TYPE],
         config=blob(bundle, art["config"]["digest"]),
+        packs=packs,
+        packed=[h for p in packs for h in pack_members(p)],
     )
+
+
+def carried_blobs(bundle: Path) -> dict[str, int]:
+    """Every blob the bundle's releases carry, files and packed ones: hex digest -> size."""
+    out: dict[str, int] = {}
+    idx = json.loads((bundle / "index.json").read_text())
+    for d in idx["manifests"]:
+        art = json.loads(blob(bundle, d["digest"]).read_text())
+        if art["artifactType"] != oci.RELEASE_ARTIFACT:
+            continue
+        for x in art["layers"][1:]:
+            if x["mediaType"] == oci.PACK_MEDIA_TYPE:
+                data = blob(bundle, x["digest"]).read_bytes()
+                for o, n in oci.parse_pack(data):
+                    out[ids.sha256(data[o : o + n]).hex()] = n
+            else:
+                out[x["digest"].removeprefix("sha256:")] = x["size"]
+    return out
+
+
+def holder(bundle: Path, digest: bytes) -> Path:
+    """The file of the bundle that holds a blob: its own, or the pack it is in."""
+    own = blob(bundle, digest.hex())
+    if own.exists():
+        return own
+    return next(p for p in parts(bundle).packs if digest.hex() in pack_members(p))
 
 
 def writable(p: Path) -> Path:

@@ -4,11 +4,13 @@ one clear line on stderr, and the node's state and target tree unchanged."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
 import pytest
-from conftest import World, tree_snapshot
+from _sneaker import holder
+from conftest import World, make_tree, tree_snapshot
 
 from p2pupd.protocol import encoding
 from p2pupd.protocol.manifest import Manifest
@@ -189,9 +191,9 @@ def test_blob_bytes_do_not_match_name(installed: World) -> None:
     bundle = w.export("usb2")
     man, _ = Repo(w.repo).release("app", 2)
     chunk = next(c.digest for f in man.files if f.path == "new.txt" for c in f.chunks)
-    p = bundle / "blobs" / "sha256" / chunk.hex()
+    p = holder(bundle, chunk)  # a 4-byte file's chunk travels in a pack
     p.chmod(0o644)
-    p.write_bytes(b"NEW\n")
+    p.write_bytes(p.read_bytes().replace(b"new\n", b"NEW\n"))
     before = w.snapshot()
     assert_refused(w, bundle, before, "does not match")
 
@@ -275,6 +277,36 @@ def test_valid_root_rotation_accepted(installed: World) -> None:
     doc = json.loads(st.out)
     assert doc["root_version"] == 2
     assert doc["components"]["app"]["version"] == "2.0"
+
+
+def test_release_keys_replaced_by_rotation_publish_and_install(installed: World) -> None:
+    """After a rotation that replaces the release keys, the next publish (which reads
+    the releases signed under the old keys for its serial and deltas) works, and a
+    node pinned to the old root walks to the new one and installs it."""
+    w = installed
+    w.publish("2.0", V2)  # signed by rel1+rel2 under root v1
+    generate(w.key("rel3"))
+    r = w.run(
+        "repo", "rotate-root", w.repo, "--old-key", w.key("root1"), "--old-key", w.key("root2"),
+        "--root-key", w.key("root1"), "--root-key", w.key("root2"), "--threshold", "2",
+        "--release-key", w.key("rel3"), "--release-threshold", "1",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    src = make_tree(w.base / "src" / "3.0", {**V2, "etc/new.conf": b"three\n"})
+    r = w.run("publish", w.repo, "app", "3.0", src, "--key", w.key("rel3"), "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["serial"] == 3
+    # The old releases are still verified -- under the root that signed them.
+    repo = Repo(w.repo)
+    assert [repo.release("app", serial)[0].version for serial in (1, 2)] == ["1.0", "2.0"]
+    r = w.import_(w.export("usb3"), "--apply")
+    assert r.code == 0, r.err
+    assert w.app_status()["version"] == "3.0"
+    # A release signed by the retired keys after the rotation is still refused by nodes.
+    man = dataclasses.replace(Repo(w.repo).release("app", 3)[0], serial=4, version="4.0")
+    env = sign(RELEASE_TYPE, encoding.encode(man.to_value()), release_keys(w))
+    before = w.snapshot()
+    assert_refused(w, craft_bundle(w, "retired", man, env), before, "does not list")
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a\x00b", "a\nb", "a//b", "."])

@@ -44,11 +44,10 @@ def usb(world: World) -> Path:
 
 
 def chunk_count(usb: Path) -> int:
-    return len(parts_chunks(usb))
-
-
-def parts_chunks(usb: Path) -> list[Path]:
-    return parts(usb).chunks if (usb / "index.json").exists() else []
+    """Blobs the bundle carries: files of their own and packed small ones (``small``)."""
+    p = parts(usb)
+    assert p.packed, "the tiny file is packed: resume covers packed blobs too"
+    return p.blob_count
 
 
 def complete_in(incoming: Path) -> list[str]:
@@ -108,7 +107,8 @@ def test_rerun_rechecks_left_blobs_and_recopies_a_torn_one(world: World, usb: Pa
 
 
 def _chunk_digests(usb: Path) -> list[bytes]:
-    return [bytes.fromhex(p.name) for p in parts_chunks(usb)]
+    p = parts(usb)
+    return [bytes.fromhex(c.name) for c in p.chunks] + [bytes.fromhex(h) for h in p.packed]
 
 
 def test_cancel_between_blobs_keeps_complete_blobs(world: World, usb: Path) -> None:

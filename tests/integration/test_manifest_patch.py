@@ -1,12 +1,14 @@
 """Release envelopes carried as patches in delta-only bundles.
 
 A ``--from-version`` or ``--for`` bundle carries the new signed envelope as a
-bsdiff patch against the envelope the node holds, when that is smaller. On a
-tree of many small files with a few edits the envelope is most of the bundle,
-so this is what makes such a bundle small. The node rebuilds the envelope from
-its stored copy, checks the result's sha256 and size, and then verifies it as
-a whole one: a corrupted patch, a wrong result, a forged envelope and a
-missing base are each refused with one line and nothing changed.
+patch against the envelope the node holds (bsdiff4, or zstd with the held
+envelope as dictionary), when that is smaller. On a tree of many small files
+with a few edits the envelope is most of the bundle, so this is what makes such
+a bundle small. The node rebuilds the envelope from its stored copy, checks the
+result's sha256 and size, and then verifies it as a whole one: a corrupted
+patch, a wrong result, a forged envelope and a missing base are each refused
+with one line and nothing changed. Such a bundle also leaves out the roots the
+node already trusts.
 """
 
 from __future__ import annotations
@@ -15,18 +17,28 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _sneaker import assert_refused, installed_version, snapshot
+from _sneaker import assert_refused, installed_version, parts, snapshot, status
 from conftest import World, make_tree, tree_snapshot
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
 from p2pupd.protocol.errors import SchemaError
-from p2pupd.protocol.trust import Envelope
-from p2pupd.tools.patchcodec import encode_patch
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.trust import RELEASE_TYPE, ROOT_TYPE, Envelope, Role, Root, key_id, sign
+from p2pupd.tools.export import HeldEnvelope, ReleaseSource, receiver_root
+from p2pupd.tools.keys import generate
+from p2pupd.tools.patchcodec import encode_dict_patch, encode_patch
+
+ENCODERS = {
+    oci.RELEASE_PATCH_MEDIA_TYPE: encode_patch,
+    oci.RELEASE_ZPATCH_MEDIA_TYPE: encode_dict_patch,
+}
 
 FILES = 400
 
@@ -74,7 +86,10 @@ def release_layer(bundle: Path) -> tuple[dict[str, Any], bytes]:
 
 
 def rewrite_first_layer(
-    bundle: Path, data: bytes | None = None, annotations: dict[str, str] | None = None
+    bundle: Path,
+    data: bytes | None = None,
+    annotations: dict[str, str] | None = None,
+    media_type: str | None = None,
 ) -> None:
     """Replace the release artifact's first layer (bytes and/or annotations) and
     re-seal the OCI metadata, as a tamperer with write access to the stick would."""
@@ -89,6 +104,7 @@ def rewrite_first_layer(
             _blob(bundle, layer["digest"]).unlink()
             layer["digest"], layer["size"] = _put(bundle, data), len(data)
         layer["annotations"].update(annotations or {})
+        layer["mediaType"] = media_type or layer["mediaType"]
         raw = json.dumps(art, sort_keys=True, separators=(",", ":")).encode()
         art_path.unlink()
         d["digest"], d["size"] = _put(bundle, raw), len(raw)
@@ -128,7 +144,7 @@ def test_from_version_bundle_carries_a_small_patch_and_applies(at_v1: World) -> 
     dest = w.export("usb2", "--from-version", "1.0")
     layer, patch = release_layer(dest)
     env2 = envelope_file(w, 2)
-    assert layer["mediaType"] == oci.RELEASE_PATCH_MEDIA_TYPE
+    assert layer["mediaType"] in oci.RELEASE_PATCH_MEDIA_TYPES
     ann = layer["annotations"]
     assert ann[oci.ANNOTATION_PATCH_BASE] == "sha256:" + ids.sha256(envelope_file(w, 1)).hex()
     assert ann[oci.ANNOTATION_PATCH_RESULT] == "sha256:" + ids.sha256(env2).hex()
@@ -150,11 +166,90 @@ def test_for_request_bundle_carries_a_patch(at_v1: World) -> None:
     r = w.run("export", w.repo, dest, "--for", req)
     assert r.code == 0, r.err
     layer, _ = release_layer(dest)
-    assert layer["mediaType"] == oci.RELEASE_PATCH_MEDIA_TYPE
+    assert layer["mediaType"] in oci.RELEASE_PATCH_MEDIA_TYPES
     assert layer["annotations"][oci.ANNOTATION_PATCH_BASE_SERIAL] == "1"
     r = w.import_(dest, "--apply")
     assert r.code == 0, r.err
     assert tree_snapshot(w.target) == tree_snapshot(w.base / "src" / "2.0")
+
+
+@pytest.mark.parametrize("media_type", sorted(ENCODERS))
+def test_either_patch_form_rebuilds_the_envelope(at_v1: World, media_type: str) -> None:
+    """The exporter picks the smaller form; a node takes both (and a bundle
+    written before the zstd form existed)."""
+    w = at_v1
+    dest = w.export("usb2", "--from-version", "1.0")
+    patch = ENCODERS[media_type](envelope_file(w, 1), envelope_file(w, 2))
+    rewrite_first_layer(dest, patch, media_type=media_type)
+    r = w.import_(dest, "--apply")
+    assert r.code == 0, r.err
+    assert tree_snapshot(w.target) == tree_snapshot(w.base / "src" / "2.0")
+
+
+def test_zstd_form_is_smaller_on_many_small_files(at_v1: World) -> None:
+    """New digests recur in the new envelope (file, chunk, delta target): zstd
+    copies them, bsdiff cannot."""
+    base, new = envelope_file(at_v1, 1), envelope_file(at_v1, 2)
+    assert len(encode_dict_patch(base, new)) < len(encode_patch(base, new))
+    layer, _ = release_layer(at_v1.export("usb2", "--from-version", "1.0"))
+    assert layer["mediaType"] == oci.RELEASE_ZPATCH_MEDIA_TYPE
+
+
+def test_from_version_bundle_leaves_out_roots_the_node_trusts(at_v1: World) -> None:
+    w = at_v1
+    dest = w.export("usb2", "--from-version", "1.0")
+    assert parts(dest).trust_artifact is None
+    full = parts(w.export("usb-full"))
+    assert full.trust_artifact is not None and len(full.roots) == 1
+
+
+def test_from_version_bundle_carries_roots_newer_than_the_held_release(at_v1: World) -> None:
+    """Release 1.0 was signed under root v1, so the node trusts v1 or later:
+    v2, made after it, travels, and the node rotates to it."""
+    w = at_v1
+    for k in ("new1", "new2"):
+        generate(w.key(k))
+    r = w.run(
+        "repo", "rotate-root", w.repo, "--old-key", w.key("root1"), "--old-key", w.key("root2"),
+        "--root-key", w.key("new1"), "--root-key", w.key("new2"),
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    w.publish("3.0", V3)
+    dest = w.export("usb3", "--from-version", "1.0")
+    roots = parts(dest).roots
+    assert [p.read_bytes() for p in roots] == [(w.repo / "roots" / "2.msgpack").read_bytes()]
+    r = w.import_(dest, "--apply", "--json")
+    assert r.code == 0, r.err
+    assert status(w)["root_version"] == 2
+    assert installed_version(w) == "3.0"
+
+
+def test_roots_left_out_are_those_the_held_release_proves() -> None:
+    """A node holding a release trusts at least the lowest root whose release
+    keys sign it: the roots up to that one stay home, later ones travel."""
+    root_key, rel_a, rel_b = (Ed25519PrivateKey.generate() for _ in range(3))
+
+    def root(version: int, rel: Ed25519PrivateKey) -> bytes:
+        pubs = [k.public_key().public_bytes_raw() for k in (root_key, rel)]
+        doc = Root(
+            version,
+            {key_id(p): p for p in pubs},
+            {"root": Role((key_id(pubs[0]),), 1), "release": Role((key_id(pubs[1]),), 1)},
+        )
+        return sign(ROOT_TYPE, doc.encode(), [root_key]).encode()
+
+    roots = {1: root(1, rel_a), 2: root(2, rel_b), 3: root(3, rel_b)}
+    man = Manifest("app", "1.0", 1, 0, ())
+
+    def held_by(signer: Ed25519PrivateKey) -> list[ReleaseSource]:
+        env = sign(RELEASE_TYPE, man.encode(), [signer])
+        return [ReleaseSource(man, env, {}, HeldEnvelope(1, "1.0", env))]
+
+    assert receiver_root(roots, held_by(rel_b)) == 2  # signed under v2 (and v3): v3 travels
+    assert receiver_root(roots, held_by(rel_a)) == 1
+    assert receiver_root(roots, held_by(Ed25519PrivateKey.generate())) == 0  # proves nothing
+    no_base = ReleaseSource(man, sign(RELEASE_TYPE, man.encode(), [rel_b]), {})
+    assert receiver_root(roots, [no_base]) == 0  # a full export carries the whole chain
 
 
 def test_full_export_still_carries_whole_envelopes(at_v1: World) -> None:
@@ -187,7 +282,8 @@ def test_patch_with_wrong_result_hash_is_refused(at_v1: World) -> None:
     assert snapshot(w) == before
 
 
-def test_patch_to_a_forged_envelope_fails_its_signature(at_v1: World) -> None:
+@pytest.mark.parametrize("media_type", sorted(ENCODERS))
+def test_patch_to_a_forged_envelope_fails_its_signature(at_v1: World, media_type: str) -> None:
     """A patch that rebuilds exactly what its annotations say is still only
     bytes: the rebuilt envelope must verify like a whole one."""
     w = at_v1
@@ -199,15 +295,54 @@ def test_patch_to_a_forged_envelope_fails_its_signature(at_v1: World) -> None:
     data = forged.encode()
     rewrite_first_layer(
         dest,
-        encode_patch(base, data),
+        ENCODERS[media_type](base, data),
         {
             oci.ANNOTATION_PATCH_RESULT: "sha256:" + ids.sha256(data).hex(),
             oci.ANNOTATION_PATCH_RESULT_SIZE: str(len(data)),
         },
+        media_type,
     )
     before = snapshot(w)
     r = w.import_(dest, "--apply")
     assert_refused(r, "signature")
+    assert snapshot(w) == before
+
+
+@pytest.mark.parametrize(
+    ("mangle", "words"),
+    [
+        (lambda p: p + b"\0", "unused data"),  # trailing bytes after the frame
+        (lambda p: p + p, "unused data"),  # a second frame
+        (lambda p: p[:4] + bytes([p[4] ^ 0x20]) + p[5:], "does not apply"),  # header flags
+    ],
+)
+def test_malformed_zstd_patch_is_refused(
+    at_v1: World, mangle: Callable[[bytes], bytes], words: str
+) -> None:
+    w = at_v1
+    dest = w.export("usb2", "--from-version", "1.0")
+    patch = encode_dict_patch(envelope_file(w, 1), envelope_file(w, 2))
+    rewrite_first_layer(dest, mangle(patch), media_type=oci.RELEASE_ZPATCH_MEDIA_TYPE)
+    before = snapshot(w)
+    r = w.import_(dest, "--apply")
+    assert_refused(r, "release patch for app 2.0 does not apply")
+    assert words in r.err
+    assert snapshot(w) == before
+
+
+def test_zstd_patch_declaring_another_size_is_refused(at_v1: World) -> None:
+    """The frame's declared size must be the annotated one, before anything is allocated."""
+    w = at_v1
+    dest = w.export("usb2", "--from-version", "1.0")
+    env2 = envelope_file(w, 2)
+    rewrite_first_layer(
+        dest,
+        encode_dict_patch(envelope_file(w, 1), env2 + b"x"),
+        media_type=oci.RELEASE_ZPATCH_MEDIA_TYPE,
+    )
+    before = snapshot(w)
+    r = w.import_(dest, "--apply")
+    assert_refused(r, f"zstd frame declares {len(env2) + 1} bytes, the patch names {len(env2)}")
     assert snapshot(w) == before
 
 

@@ -54,6 +54,8 @@ WHY_BANNED = {
     "corrupt": "failed its hash check",
     "oversized": "exceeds",
     "garbage": "malformed",
+    "batch-skew": "not the next one of the batch",  # data for a digest out of turn
+    "batch-oversized": "batch must be",  # more digests than one batch may ask for
     "rejoin": "banned:",  # the first attacker id, back again
 }
 
@@ -195,6 +197,8 @@ def test_malicious_peer_is_banned_and_changes_nothing(
             assert "ManifestRequest" in o["requests"], o  # it did look, then refused
         if o["attack"] == "corrupt":
             assert "ChunkRequest" in o["requests"], o
+        if o["attack"] == "batch-skew":
+            assert "ChunkBatchRequest" in o["requests"], o
 
     evil_ids = {o["node_id"] for o in outcomes}
     assert evil_ids.isdisjoint(ids)

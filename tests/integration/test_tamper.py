@@ -33,7 +33,9 @@ from _sneaker import (
 )
 from conftest import Run, World, make_tree
 
+from p2pupd.daemon.bundleio import BundleReader
 from p2pupd.daemon.fsutil import rename_exchange
+from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
 from p2pupd.protocol.request import sign_request, verify_request
 from p2pupd.tools import progress
@@ -98,7 +100,9 @@ def test_bit_flip_in_release_artifact_manifest(site: Site) -> None:
 
 
 def test_bit_flip_in_trust_artifact_manifest(site: Site) -> None:
-    flip_bit(parts(site.usb2).trust_artifact, 40)
+    trust = parts(site.usb2).trust_artifact
+    assert trust is not None  # a full export carries the root chain
+    flip_bit(trust, 40)
     refused(site, site.usb2, "does not match its sha256")
 
 
@@ -176,6 +180,136 @@ def test_artifact_lists_blob_the_signed_release_does_not_name(site: Site) -> Non
     art["layers"].append(layer)
     replace_artifact(site.usb2, p.release_artifact, art)
     refused(site, site.usb2, "not part of the signed release")
+
+
+# -- packs: small blobs of a release in one blob ---------------------------------------
+
+
+def uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def pack_of(blobs: list[bytes], sizes: list[int] | None = None, count: int | None = None) -> bytes:
+    """A pack as a writer would make it, or with a lying header."""
+    sizes = [len(b) for b in blobs] if sizes is None else sizes
+    head = oci.PACK_MAGIC + uvarint(len(sizes) if count is None else count)
+    return head + b"".join(uvarint(n) for n in sizes) + b"".join(blobs)
+
+
+def pack_blobs(s: Site) -> list[bytes]:
+    """The blobs the release's one pack holds."""
+    p = parts(s.usb2)
+    assert len(p.packs) == 1 and len(p.packed) >= 2, "V2's small files travel in a pack"
+    data = p.packs[0].read_bytes()
+    return [data[o : o + n] for o, n in oci.parse_pack(data)]
+
+
+def reseal_pack(s: Site, data: bytes) -> None:
+    """Replace the release's pack with ``data`` and fix every digest above it."""
+    p = parts(s.usb2)
+    old = p.packs[0]
+    h = ids.sha256(data).hex()
+    writable(old).unlink()
+    blob(s.usb2, h).write_bytes(data)
+    art = json.loads(p.release_artifact.read_text())
+    for layer in art["layers"]:
+        if layer["digest"] == f"sha256:{old.name}":
+            layer["digest"], layer["size"] = f"sha256:{h}", len(data)
+    replace_artifact(s.usb2, p.release_artifact, art)
+
+
+def test_bit_flip_in_pack(site: Site) -> None:
+    flip_bit(parts(site.usb2).packs[0], 7, 1)
+    refused(site, site.usb2, "does not match its sha256")
+
+
+def test_pack_entry_changed_and_resealed(site: Site) -> None:
+    """An entry is the blob its bytes hash to: changed bytes are a blob the
+    signed release does not name, whatever the digests above say."""
+    blobs = pack_blobs(site)
+    blobs[0] = bytes([blobs[0][0] ^ 1]) + blobs[0][1:]
+    reseal_pack(site, pack_of(blobs))
+    refused(site, site.usb2, "is not part of the signed release")
+
+
+def test_pack_with_a_smuggled_entry(site: Site) -> None:
+    reseal_pack(site, pack_of([*pack_blobs(site), b"#!/bin/sh\nrm -rf /\n"]))
+    refused(site, site.usb2, "is not part of the signed release")
+
+
+@pytest.mark.parametrize(
+    ("mangle", "words"),
+    [
+        # Offsets follow from the sizes: an entry can only run out of range.
+        (lambda b: pack_of(b, [len(x) for x in b[:-1]] + [len(b[-1]) + 1]), "add up to"),
+        (lambda b: pack_of(b) + b"\0", "add up to"),  # trailing bytes
+        (lambda b: pack_of(b, [len(x) for x in b[:-1]]), "add up to"),  # an entry left out
+        (lambda b: pack_of(b, count=oci.MAX_PACK_ENTRIES + 1), "entries, limit 1..16384"),
+        (lambda b: pack_of([], count=0), "0 entries"),
+        (lambda b: pack_of([bytes(oci.PACK_BLOB_MAX_BYTES + 1)]), "exceeds limit 16384"),
+        (lambda b: pack_of([b[0], b[0]]), "holds one blob twice"),
+        (lambda b: b"PK\3\4" + pack_of(b)[4:], "pack magic"),
+        (lambda b: oci.PACK_MAGIC + b"\x80\x80", "truncated or malformed"),
+        (lambda b: oci.PACK_MAGIC + b"\xff" * 9 + b"\x01", "truncated or malformed"),
+    ],
+    ids=[
+        "entry-past-end", "trailing", "entry-missing", "too-many", "empty",
+        "entry-too-big", "twice", "magic", "truncated-header", "overlong-varint",
+    ],
+)  # fmt: skip
+def test_malformed_pack_resealed(
+    site: Site, mangle: Callable[[list[bytes]], bytes], words: str
+) -> None:
+    reseal_pack(site, mangle(pack_blobs(site)))
+    refused(site, site.usb2, words)
+
+
+def test_pack_descriptor_over_the_pack_limit(site: Site) -> None:
+    p = parts(site.usb2)
+    art = json.loads(p.release_artifact.read_text())
+    for layer in art["layers"]:
+        if layer["mediaType"] == oci.PACK_MEDIA_TYPE:
+            layer["size"] = oci.MAX_PACK_BYTES + 1
+    replace_artifact(site.usb2, p.release_artifact, art)
+    refused(site, site.usb2, f"pack of {oci.MAX_PACK_BYTES + 1} bytes is out of bounds")
+
+
+def test_blob_in_a_pack_and_as_a_layer(site: Site) -> None:
+    p = parts(site.usb2)
+    first = pack_blobs(site)[0]
+    h = ids.sha256(first).hex()
+    blob(site.usb2, h).write_bytes(first)
+    art = json.loads(p.release_artifact.read_text())
+    art["layers"].append(
+        {"mediaType": oci.CHUNK_MEDIA_TYPE, "digest": f"sha256:{h}", "size": len(first)}
+    )
+    replace_artifact(site.usb2, p.release_artifact, art)
+    refused(site, site.usb2, "twice for one release")
+
+
+def test_missing_pack(site: Site) -> None:
+    writable(parts(site.usb2).packs[0]).unlink()
+    refused(site, site.usb2, "bundle is missing blobs/sha256/")
+
+
+def test_pack_changes_between_check_and_copy(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pack is read again to copy its entries: a medium that changed in
+    between is caught by the pack's digest, and what was copied is discarded."""
+    pack = parts(site.usb2).packs[0]
+    real = BundleReader.check_blobs
+
+    def then_tamper(self: BundleReader, referenced: dict[bytes, int], n: int) -> dict[bytes, int]:
+        out = real(self, referenced, n)
+        flip_bit(pack, 9, 2)
+        return out
+
+    monkeypatch.setattr(BundleReader, "check_blobs", then_tamper)
+    refused(site, site.usb2, "does not match its sha256")
+    assert not (site.w.state / "incoming").exists()
 
 
 # -- links and special files ---------------------------------------------------------
@@ -464,6 +598,6 @@ def test_stick_pulled_out_mid_import(
     doc = json.loads(r.out)
     assert doc["blobs_resumed"] == len(left)
     total = doc["blobs_copied"] + doc["blobs_resumed"] + doc["blobs_present"]
-    assert total == len(parts(site.usb2).chunks)
+    assert total == parts(site.usb2).blob_count
     assert installed_version(w) == "2.0"
     assert not (w.state / "incoming").exists()

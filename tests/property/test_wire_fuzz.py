@@ -25,6 +25,7 @@ from p2pupd.protocol.wire import (
     BlobRangeData,
     BlobRangeRequest,
     Bye,
+    ChunkBatchRequest,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
@@ -94,6 +95,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         ManifestRangeData, request_id, st.integers(0, 1 << 20), st.integers(0, 1 << 20), blob
     ),
     st.builds(Have, component, serial, st.booleans(), st.lists(digest, max_size=4).map(tuple)),
+    st.builds(ChunkBatchRequest, request_id, st.lists(digest, min_size=1, max_size=4).map(tuple)),
 )
 
 # Well-formed msgpack of arbitrary shape: exercises the schema checks rather

@@ -132,3 +132,100 @@ def test_layer_media_types_follow_the_manifest() -> None:
     assert types[d(3)] == oci.HOOK_MEDIA_TYPE
     assert types[d(4)] == oci.ZCHUNK_MEDIA_TYPE
     assert types[d(5)] == oci.PATCH_MEDIA_TYPE
+
+
+# -- packs ---------------------------------------------------------------------------
+
+
+def test_pack_round_trip_names_entries_by_their_bytes() -> None:
+    blobs = [b"first", b"", b"x" * oci.PACK_BLOB_MAX_BYTES]
+    data = oci.build_pack(blobs)
+    entries = oci.pack_entries(data)
+    assert [data[e.offset : e.offset + e.size] for e in entries] == blobs
+    assert [e.digest for e in entries] == [ids.sha256(b) for b in blobs]
+    assert len(data) == len(oci.PACK_MAGIC) + 1 + sum(oci.packed_bytes(len(b)) for b in blobs)
+
+
+def test_pack_builder_refuses_what_a_reader_would() -> None:
+    with pytest.raises(ValueError, match="not 0"):
+        oci.build_pack([])
+    with pytest.raises(ValueError, match="at most"):
+        oci.build_pack([bytes(oci.PACK_BLOB_MAX_BYTES + 1)])
+    with pytest.raises(ValueError, match="not 16385"):
+        oci.build_pack([bytes(1)] * (oci.MAX_PACK_ENTRIES + 1))
+    with pytest.raises(ValueError, match="at most"):  # 257 entries of 16 KiB: over 4 MiB
+        oci.build_pack([bytes(oci.PACK_BLOB_MAX_BYTES)] * 257)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "magic"),
+        (b"P2PX\x01\x01a", "magic"),
+        (oci.PACK_MAGIC, "truncated"),
+        (oci.PACK_MAGIC + b"\x02\x01", "truncated"),  # second size missing
+        (oci.PACK_MAGIC + b"\x01\x02a", "add up to 2 bytes, the pack holds 1"),
+        (oci.PACK_MAGIC + b"\x01\x01ab", "add up to 1 bytes, the pack holds 2"),
+        (oci.PACK_MAGIC + b"\x00", "0 entries"),
+        (oci.PACK_MAGIC + b"\x81\x80\x01", "16385 entries"),
+        (oci.PACK_MAGIC + b"\x01\x81\x80\x01", "16385 bytes exceeds"),
+        (oci.PACK_MAGIC + b"\x01\x80\x80\x80\x80\x00", "malformed"),  # a 5-byte varint
+    ],
+)
+def test_pack_parser_bounds(data: bytes, words: str) -> None:
+    with pytest.raises(SchemaError, match=words):
+        oci.parse_pack(data)
+
+
+def test_pack_parser_refuses_oversized_packs_and_twins() -> None:
+    with pytest.raises(SchemaError, match="exceeds limit"):
+        oci.parse_pack(oci.PACK_MAGIC + bytes(oci.MAX_PACK_BYTES))
+    with pytest.raises(SchemaError, match="twice"):
+        oci.pack_entries(oci.build_pack([b"same", b"same"]))
+
+
+def test_release_artifact_pack_layers() -> None:
+    rel = desc(1, oci.RELEASE_MEDIA_TYPE)
+    ok = oci.parse_artifact(artifact(oci.RELEASE_ARTIFACT, rel, desc(2, oci.PACK_MEDIA_TYPE)))
+    assert ok.layers[1].media_type == oci.PACK_MEDIA_TYPE
+    for size in (0, oci.MAX_PACK_BYTES + 1):
+        with pytest.raises(SchemaError, match="out of bounds"):
+            oci.parse_artifact(
+                artifact(oci.RELEASE_ARTIFACT, rel, desc(2, oci.PACK_MEDIA_TYPE, size=size))
+            )
+    with pytest.raises(SchemaError, match="start with"):
+        oci.parse_artifact(artifact(oci.RELEASE_ARTIFACT, desc(2, oci.PACK_MEDIA_TYPE)))
+
+
+def test_pack_entries_must_be_blobs_of_the_signed_manifest() -> None:
+    env = oci.Descriptor(oci.RELEASE_MEDIA_TYPE, d(9), 100)
+    pack = oci.Descriptor(oci.PACK_MEDIA_TYPE, d(30), 50)
+    art = oci.Artifact(oci.RELEASE_ARTIFACT, (env, pack), {})
+
+    def check(*entries: tuple[bytes, int], extra: tuple[oci.Descriptor, ...] = ()) -> object:
+        a = oci.Artifact(oci.RELEASE_ARTIFACT, (*art.layers, *extra), {})
+        listed = [oci.PackEntry(dg, 0, n) for dg, n in entries]
+        return oci.check_release_layers(a, MAN, {pack.digest: listed})
+
+    assert check((d(4), 7), (d(5), 3)) == {d(4): 7, d(5): 3}
+    with pytest.raises(SchemaError, match=r"pack entry \w+ is not part of the signed release"):
+        check((d(8), 7))
+    with pytest.raises(SchemaError, match="claims 8 bytes"):
+        check((d(4), 8))
+    with pytest.raises(SchemaError, match="twice"):
+        check((d(4), 7), extra=(oci.Descriptor(oci.ZCHUNK_MEDIA_TYPE, d(4), 7),))
+    with pytest.raises(SchemaError, match="was not read"):
+        oci.check_release_layers(art, MAN, {})
+
+
+def test_zstd_release_patch_layer() -> None:
+    ann = {
+        oci.ANNOTATION_PATCH_BASE: "sha256:" + "11" * 32,
+        oci.ANNOTATION_PATCH_RESULT: "sha256:" + "22" * 32,
+        oci.ANNOTATION_PATCH_RESULT_SIZE: "1000",
+    }
+    layer = oci.Descriptor(oci.RELEASE_ZPATCH_MEDIA_TYPE, d(9), 100, ann)
+    art = oci.Artifact(oci.RELEASE_ARTIFACT, (layer,), {oci.ANNOTATION_COMPONENT: "app"})
+    got = oci.release_patch(oci.parse_artifact(oci.build_artifact(art)))
+    assert got is not None and got.media_type == oci.RELEASE_ZPATCH_MEDIA_TYPE
+    assert got.result_size == 1000

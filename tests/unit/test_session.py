@@ -25,6 +25,7 @@ from p2pupd.protocol.session import (
 from p2pupd.protocol.wire import (
     FEATURE_HAVE,
     FEATURE_RANGE,
+    FEATURE_REQUEST,
     MAGIC,
     MAX_RANGE_BYTES,
     Announce,
@@ -41,6 +42,8 @@ from p2pupd.protocol.wire import (
     ManifestRangeData,
     ManifestRequest,
     Message,
+    NodeRequestData,
+    NodeRequestQuery,
     RootData,
     RootRequest,
     encode_message,
@@ -360,7 +363,7 @@ def test_request_helpers_validate() -> None:
 
 # ----- Hello features: ranged transfers and Have ---------------------------------------
 
-FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE})
+FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST})
 
 
 def featured_pair(a_features: frozenset[str] = FEATURES, b_features: frozenset[str] = FEATURES):  # type: ignore[no-untyped-def]
@@ -444,3 +447,25 @@ def test_have_flows_both_ways_once_open() -> None:
     msg = Have("app", 3, False, (D,))
     assert pair.send(pair.a, msg) == [msg, NEED_DATA]
     assert pair.send(pair.b, Have("app", 3, True)) == [Have("app", 3, True), NEED_DATA]
+
+
+def test_node_request_query_is_answered_only_by_node_request_data() -> None:
+    pair = featured_pair()
+    req = pair.a.request_node_request()
+    assert pair.send(pair.a, req) == [req, NEED_DATA]
+    answer = NodeRequestData(req.request_id, b"signed request")
+    assert pair.send(pair.b, answer) == [answer, NEED_DATA]
+    # A second answer to the same id (or a data frame nobody asked for) is the peer's fault.
+    pair.a.receive_data(encode_message(NodeRequestData(req.request_id, b"again")))
+    with pytest.raises(RemoteProtocolError):
+        drain(pair.a)
+
+
+def test_node_request_query_needs_the_request_feature() -> None:
+    pair = featured_pair(b_features=frozenset({FEATURE_RANGE, FEATURE_HAVE}))
+    assert not pair.a.supports(FEATURE_REQUEST)
+    with pytest.raises(LocalProtocolError, match="feature"):
+        pair.a.send(pair.a.request_node_request())
+    pair.b.receive_data(encode_message(NodeRequestQuery(5)))
+    with pytest.raises(RemoteProtocolError, match="not offered"):
+        drain(pair.b)

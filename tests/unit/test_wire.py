@@ -24,6 +24,7 @@ from p2pupd.protocol.wire import (
     BlobRangeData,
     BlobRangeRequest,
     Bye,
+    ChunkBatchRequest,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
@@ -37,6 +38,8 @@ from p2pupd.protocol.wire import (
     ManifestRangeRequest,
     ManifestRequest,
     Message,
+    NodeRequestData,
+    NodeRequestQuery,
     RootData,
     RootMissing,
     RootRequest,
@@ -70,6 +73,9 @@ EXAMPLES: list[Message] = [
     ManifestRangeData(13, 0, 9, b"first"),
     Have("app", 3, True),
     Have("app", 3, False, (D1, D2)),
+    NodeRequestQuery(14),
+    NodeRequestData(15, b"signed request"),
+    ChunkBatchRequest(16, (D1, D2)),
 ]
 
 
@@ -88,7 +94,7 @@ def test_round_trip(msg: Message) -> None:
 
 def test_type_codes_are_unique() -> None:
     codes = {type(m).TYPE for m in EXAMPLES}
-    assert len(codes) == len({type(m) for m in EXAMPLES}) == 18
+    assert len(codes) == len({type(m) for m in EXAMPLES}) == 21
 
 
 def test_hello_create_uses_our_magic_and_version() -> None:
@@ -133,6 +139,9 @@ def test_announce_from_holdings_is_sorted() -> None:
         lambda: Have("app", 1, False, [D1]),  # type: ignore[arg-type]
         lambda: Have("app", 1, False, (b"short",)),
         lambda: Have("app", 1, False, (D1,) * (MAX_HAVE_DIGESTS + 1)),
+        lambda: NodeRequestQuery(-1),
+        lambda: NodeRequestData(1, "text"),  # type: ignore[arg-type]
+        lambda: NodeRequestData(1, b"x" * (MAX_PAYLOAD_BYTES + 1)),
     ],
 )
 def test_invalid_fields_refused_on_construction(build: object) -> None:

@@ -10,7 +10,10 @@ target must equal the new tree byte for byte. Pairs:
 
 * a synthetic disk image (200 MiB; ``--quick`` 20 MiB) with ~1 % of its bytes
   changed in scattered places plus a 1 MiB insertion;
-* a tree of many small files with a few changed, added and removed;
+* a tree of many small files with a few changed, added and removed (files
+  keep fixed mtimes, the unchanged ones the same in both trees: the signed
+  manifest records every file's mtime, so mtimes that drift with the speed
+  of writing the trees would make the manifest patch, and the result, noisy);
 * a real pair: two consecutive numpy wheels (large native libraries),
   downloaded with pip and unpacked (skipped with a note if that fails).
 
@@ -21,13 +24,16 @@ node's held envelope where that is smaller, else whole); whole-file bsdiff4 (cla
 per changed file, same old/new file pairing; new files diffed against empty);
 ``zstd -19 --long --patch-from`` per changed file; publish time and peak RSS;
 whole-file bsdiff4 time; node apply time and peak RSS. Times are wall clock;
-peak RSS is each command's own ru_maxrss (see ``measured_rss``).
+peak RSS is each command's own ru_maxrss (see ``measured_rss``). Below the
+table, where each byte of the bundle goes (``bundle_breakdown``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import random
 import shutil
 import subprocess
@@ -37,6 +43,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 CLI = [sys.executable, "-m", "p2pupd.tools.cli"]
@@ -60,6 +67,7 @@ class Row:
     apply_rss: int = 0
     ok: bool = False
     note: str = ""
+    parts: dict[str, int] | None = None
 
 
 # A forked child starts with its parent's RSS high-water mark (Linux copies the
@@ -131,7 +139,12 @@ def make_image_pair(base: Path, size: int) -> tuple[Path, Path]:
     )
 
 
+OLD_MTIME = 1_700_000_000
+NEW_MTIME = OLD_MTIME + 86_400
+
+
 def make_tree_pair(base: Path, files: int) -> tuple[Path, Path]:
+    """Old and new trees; a file the new tree changes or adds is a day newer."""
     r = random.Random(7)
     old: dict[str, bytes] = {}
     for i in range(files):
@@ -148,14 +161,19 @@ def make_tree_pair(base: Path, files: int) -> tuple[Path, Path]:
         del new[name]
     for i in range(2):
         new[f"added/n{i}.txt"] = bytes(image_bytes(r, 5000))
-    return _write_tree(base / "old", old), _write_tree(base / "new", new)
+    mtimes = {rel: OLD_MTIME if old.get(rel) == data else NEW_MTIME for rel, data in new.items()}
+    return _write_tree(base / "old", old, dict.fromkeys(old, OLD_MTIME)), _write_tree(
+        base / "new", new, mtimes
+    )
 
 
-def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
+def _write_tree(root: Path, files: dict[str, bytes], mtimes: dict[str, int] | None = None) -> Path:
     for rel, data in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+        if mtimes is not None:
+            os.utime(p, (mtimes[rel], mtimes[rel]))
     return root
 
 
@@ -263,7 +281,9 @@ def bench_pair(name: str, old: Path, new: Path, work: Path) -> Row:
     cli("export", repo, work / "b2", "--from-version", "1.0")
     row.receive = sum(p.stat().st_size for p in (work / "b2").rglob("*") if p.is_file())
     row.manifest = envelope_layer_bytes(work / "b2")
-    row.data = delta_data_bytes(repo, work / "b2")
+    row.parts = bundle_breakdown(work / "b2")
+    row.data = row.parts["data"]
+    assert sum(row.parts.values()) == row.receive, (row.parts, row.receive)
     cli("import", work / "b2", "--state-dir", state)
     row.apply_s, row.apply_rss, _ = measured_rss([*CLI, "apply", "app", "--state-dir", str(state)])
     row.ok = tree_digest(target / "app") == tree_digest(new)
@@ -280,8 +300,6 @@ def bench_pair(name: str, old: Path, new: Path, work: Path) -> Row:
 
 def envelope_layer_bytes(bundle: Path) -> int:
     """Bytes of the release's first layer in ``bundle``: its envelope or envelope patch."""
-    import json
-
     from p2pupd.protocol import bundle as oci
 
     blobs = bundle / "blobs" / "sha256"
@@ -292,14 +310,44 @@ def envelope_layer_bytes(bundle: Path) -> int:
     raise RuntimeError(f"{bundle} holds no release")
 
 
-def delta_data_bytes(repo: Path, bundle: Path) -> int:
-    """Bytes of the release's own blobs (chunks, patches) in ``bundle``."""
-    from p2pupd.tools.repo import Repo
+def bundle_breakdown(bundle: Path) -> dict[str, int]:
+    """Where each byte of ``bundle`` goes (the values add up to its size):
 
-    r = Repo(repo)
-    man, _ = r.release("app", r.serials("app")[-1])
+    ``data`` the release's blobs (chunks, patches, zstd literals; in packs or
+    files), ``manifest`` the release envelope or its patch, ``packing`` what
+    packs add around their blobs, ``roots`` root envelopes, ``request`` a
+    request document, ``oci`` the layout's JSON (oci-layout, index.json,
+    artifact manifests, the empty config).
+    """
+    from p2pupd.protocol import bundle as oci
+
     blobs = bundle / "blobs" / "sha256"
-    return sum(n for d, n in man.blob_sizes().items() if (blobs / d.hex()).exists())
+    out = dict.fromkeys(("data", "manifest", "packing", "roots", "request", "oci"), 0)
+    out["oci"] = (bundle / "oci-layout").stat().st_size + (bundle / "index.json").stat().st_size
+    seen: set[str] = set()
+
+    def add(kind: str, d: dict[str, Any]) -> None:
+        if d["digest"] in seen:  # a blob listed by two artifacts is one file
+            return
+        seen.add(d["digest"])
+        if d["mediaType"] != oci.PACK_MEDIA_TYPE:
+            out[kind] += int(d["size"])
+            return
+        data = (blobs / d["digest"].removeprefix("sha256:")).read_bytes()
+        packed = sum(n for _, n in oci.parse_pack(data))
+        out["data"] += packed
+        out["packing"] += len(data) - packed
+
+    for m in json.loads((bundle / "index.json").read_text())["manifests"]:
+        add("oci", m)
+        art = json.loads((blobs / m["digest"].removeprefix("sha256:")).read_text())
+        add("oci", art["config"])
+        kind = {oci.TRUST_ARTIFACT: "roots", oci.REQUEST_ARTIFACT: "request"}.get(
+            art["artifactType"]
+        )
+        for i, d in enumerate(art["layers"]):
+            add(kind or ("manifest" if i == 0 else "data"), d)
+    return out
 
 
 # -- output ------------------------------------------------------------------------
@@ -345,6 +393,10 @@ def print_table(rows: list[Row]) -> None:
         " the envelope or its patch);"
         " data: the chunk and patch blobs alone"
     )
+    for r in rows:
+        if r.parts:
+            shown = ", ".join(f"{k} {v} B" for k, v in r.parts.items() if v)
+            print(f"{r.name}: bundle of {r.receive} B = {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:

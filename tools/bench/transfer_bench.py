@@ -8,7 +8,9 @@ Run: ``python -m p2pupd.tools.bench.transfer_bench [--mb 200] [--dir DIR]``.
 3. Starts ``p2pupd daemon`` A (holding the release) and B (``--peer`` A,
    ``--no-mdns``) as real processes and times B from ``event=fetch-started``
    to ``event=release-complete`` (every chunk requested, hash-checked,
-   fsynced into B's store); then the apply, for information.
+   fsynced into B's store); then the apply, for information. The CPU each
+   daemon spent meanwhile (sampled when those lines appear, so a few ms off)
+   is shown per chunk: on a two-core machine their sum bounds the rate.
 4. Idle: after the transfer both daemons sit connected; RSS (VmRSS) and CPU
    (utime+stime from /proc) of A are sampled over ``--idle`` seconds, plus a
    freshly started daemon with nothing to do.
@@ -194,8 +196,10 @@ def run(base: Path, mb: int, idle_seconds: float) -> list[tuple[str, str]]:
     b = Daemon(nodes["b"], "--peer", f"127.0.0.1:{a.port}")
     try:
         t0 = b.stamp("fetch-started", 120)
+        cpu0 = (a.sample()[1], b.sample()[1])
         blobs = b.wait(r"event=fetch-started .*blobs=(\d+)", 5)
         t1 = b.stamp("release-complete", 600)
+        cpu1 = (a.sample()[1], b.sample()[1])
         t2 = b.stamp("applied", 600)
         peak_b = b.peak_mb()
         rss_a, cpu_a = idle(a, idle_seconds)
@@ -210,11 +214,13 @@ def run(base: Path, mb: int, idle_seconds: float) -> list[tuple[str, str]]:
     finally:
         fresh.stop()
     daemon = max(t1 - t0, 1e-3)
+    per_chunk = [(c1 - c0) / max(int(blobs), 1) * 1e6 for c0, c1 in zip(cpu0, cpu1, strict=True)]
     return [
         ("bytes transferred", f"{total / MiB:.0f} MiB in {blobs} chunks"),
         ("plain Python socket", f"{total / plain / MiB:8.1f} MiB/s  ({plain:.2f} s, best of 3)"),
         ("daemon -> daemon", f"{total / daemon / MiB:8.1f} MiB/s  ({daemon:.2f} s)"),
         ("ratio (target >= 50 %)", f"{100 * plain / daemon:8.1f} %"),
+        ("CPU per chunk, seed / receiver", f"{per_chunk[0]:8.0f} us  {per_chunk[1]:.0f} us"),
         (
             "plain socket, 1 file/64 KiB + sync",
             f"{total / files / MiB:8.1f} MiB/s  ({files:.2f} s)",
