@@ -43,7 +43,7 @@ from .node_ctx import Node
 from .planning import Planner, StagePlan, kept_path, reusable_files
 from .recycle import Recycled
 from .stage import StageReport, stage_file, stage_tree
-from .statcache import StatCache, record_tree
+from .statcache import Shape, StatCache, record_tree
 from .targets import Target, target_for
 from .transaction import CRASH_POINTS, Transactions, Tx
 
@@ -262,10 +262,22 @@ class Applier:
                 target.take(target.version_path(rec.serial), src)
                 self.tx.follow(cfg, target)
             report = self._stage(cfg, target, man, src, plan, rec)
-            cache.replace_version(serial, record_tree(man, src, target.file_at, report.keys))
+            for old, new in report.rekeys:
+                cache.rekey(old, new)  # other names of inodes the reshape unlinked
+            carried = None
             if rec is not None:
-                cache.versions.pop(rec.serial, None)  # its files are now the new version's
-            cache.adopt_links(serial)
+                # Its files are now the new version's: the records of those kept
+                # unchanged carry over as they are.
+                carried = cache.take(rec.serial)
+                for rel in carried.keys() - report.kept:
+                    del carried[rel]
+            records = record_tree(man, src, target.file_at, report.records, carried)
+            shape = None
+            if target.kind != "file":
+                shape = Shape(report.dirs, tuple(s.path for s in man.symlinks), len(records))
+            cache.replace_version(serial, records, shape)
+            if report.methods.get("hardlink"):
+                cache.adopt_links(serial)  # linking changed the other names' ctime
             cache.save()
             self._pre_apply(cfg, target, man, tx, st)
         except BaseException:
@@ -307,6 +319,7 @@ class Applier:
             live_root=plan.live_root,
             reflink=target.reflink_supported(),
             recycled=recycled,
+            rest=plan.rest,
         )
 
     def _pre_apply(

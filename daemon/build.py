@@ -7,7 +7,8 @@ linked (immutable components, when mode, mtime and owner already agree),
 reflinked, or copied in the kernel; *patched* — a large changed file cloned
 from the live file at its path with only the differing chunks rewritten
 (patch.py); rebuilt from a *delta* (delta.py); or concatenated from *chunks*.
-``keep`` accepts a file left in place in a recycled stage (recycle.py).
+``keep_in_place`` accounts for the files left in place in a recycled stage
+(recycle.py), fixing the mode and mtime of those that need it.
 
 What is written is hash-checked as it is written (chunks and deltas whole,
 patches chunk by chunk); a cloned file is checked by identity: the source's
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from p2pupd.protocol.manifest import FileEntry, Manifest
 from .fsutil import hash_file, storage_error
 from .patch import PatchPlan, build_from_base
 from .stagefs import Owners, ReflinkState, clone_data, hardlink, remove_tree, set_fd_meta
-from .statcache import Source, StatKey, stat_key
+from .statcache import DirKey, Entry, Source, StatKey, stat_key
 from .store import BlobStore
 
 # A builder returns the bytes source for a file from deltas (see delta.py); it
@@ -47,7 +48,12 @@ class StageReport:
     from_base: int = 0
     bytes_written: int = 0
     methods: dict[str, int] = field(default_factory=dict)
-    keys: dict[str, StatKey] = field(default_factory=dict)  # lstat identities, for the cache
+    # For the stat cache: the records of the files made or fixed (identities
+    # from fstat), and the paths of those a recycled stage kept unchanged.
+    records: dict[str, Entry] = field(default_factory=dict)
+    kept: Collection[str] = ()
+    rekeys: list[tuple[StatKey, StatKey]] = field(default_factory=list)  # ctimes we changed
+    dirs: dict[str, DirKey] = field(default_factory=dict)  # identities of the finished dirs
 
     def count(self, how: str) -> None:
         self.methods[how] = self.methods.get(how, 0) + 1
@@ -108,7 +114,7 @@ class FileBuilder:
         self.owners = owners
         self.reflink = reflink
         self.report = report
-        self.linked: list[tuple[str, str]] = []
+        self.linked: list[tuple[FileEntry, str]] = []
 
     def build(self, f: FileEntry, dst: str) -> None:
         self.report.files += 1
@@ -147,32 +153,34 @@ class FileBuilder:
         self.report.bytes_written += f.size
         self._finish(f, fd, dst, self.owners.for_file(f.path))
 
-    def keep_all(
-        self, files: Iterable[FileEntry], kept: Mapping[str, os.stat_result], root: str
+    def keep_in_place(
+        self,
+        kept: Collection[str],
+        stale: Mapping[str, tuple[FileEntry, os.stat_result]],
+        root: str,
     ) -> list[FileEntry]:
-        """``keep`` each of ``files`` that a recycled stage at ``root`` holds (``kept``: its
-        trusted ``lstat``); return the rest, in order, for ``build``.
+        """Account for the files a recycled stage at ``root`` keeps in place; fix those of
+        them in ``stale`` (mode or mtime differs: with the ``lstat`` that trusted
+        each). Returns the ones that could not stay after all, for ``build``.
 
-        The common case (mode and mtime already right) is handled inline: this
-        runs over every file of a tree, most of them unchanged.
+        The usual update changes no metadata: then this is a count, not a loop
+        over every file of the tree.
         """
-        rest: list[FileEntry] = []
-        keys = self.report.keys
-        n = 0
-        for f in files:
-            st = kept.get(f.path)
-            if st is None:
-                rest.append(f)
-            elif st.st_mode & 0o7777 == f.mode and st.st_mtime_ns == f.mtime * 1_000_000_000:
-                keys[f.path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                n += 1
-            elif not self.keep(f, f"{root}/{f.path}", st):
-                rest.append(f)
+        rebuild: list[FileEntry] = []
+        fixed = 0
+        for rel, (f, st) in stale.items():
+            if rel not in kept:
+                continue  # not kept: the caller builds it anyway
+            fixed += 1
+            if not self.keep(f, f"{root}/{rel}", st):
+                rebuild.append(f)
+        n = len(kept) - fixed
+        self.report.kept = kept if not fixed else [r for r in kept if r not in stale]
         if n:
             self.report.files += n
             self.report.reused += n
             self.report.methods["kept"] = self.report.methods.get("kept", 0) + n
-        return rest
+        return rebuild
 
     def keep(self, f: FileEntry, dst: str, st: os.stat_result) -> bool:
         """Keep the recycled file at ``dst`` (trusted, same content); fix mode and mtime.
@@ -181,7 +189,7 @@ class FileBuilder:
         another name shares its inode (then ``build`` must make a new one).
         """
         if stat.S_IMODE(st.st_mode) == f.mode and st.st_mtime_ns == f.mtime * 1_000_000_000:
-            self.report.keys[f.path] = stat_key(st)
+            self.report.records[f.path] = (*stat_key(st), f.sha256)
         elif st.st_nlink == 1:
             try:
                 fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -218,7 +226,7 @@ class FileBuilder:
             and owner == (st.st_uid, st.st_gid)
             and hardlink(src.path, dst)
         ):
-            self.linked.append((f.path, dst))
+            self.linked.append((f, dst))
             self.report.reused += 1
             self.report.count("hardlink")
             return
@@ -235,7 +243,8 @@ class FileBuilder:
 
     def _finish(self, f: FileEntry, fd: int, dst: str, owner: tuple[int, int] | None) -> None:
         try:
-            self.report.keys[f.path] = stat_key(set_fd_meta(fd, f.mode, f.mtime, owner))
+            key = stat_key(set_fd_meta(fd, f.mode, f.mtime, owner))
+            self.report.records[f.path] = (*key, f.sha256)
         except OSError as exc:
             raise storage_error(exc, "set owner, mode and mtime of", dst) from None
         finally:
@@ -243,8 +252,8 @@ class FileBuilder:
 
     def record_links(self) -> None:
         """Take the identities of hard-linked files once all links exist (links change ctime)."""
-        for rel, dst in self.linked:
+        for f, dst in self.linked:
             try:
-                self.report.keys[rel] = stat_key(os.lstat(dst))
+                self.report.records[f.path] = (*stat_key(os.lstat(dst)), f.sha256)
             except OSError as exc:
                 raise storage_error(exc, "stat", dst) from None

@@ -108,11 +108,23 @@ _FAST = [f.name for f in dataclasses.fields(FileEntry)] == [
 ] and [f.name for f in dataclasses.fields(ChunkRef)] == ["digest", "size"]  # fmt: skip
 
 
+def _whole(f: FileEntry) -> bool:
+    """Whether ``f`` is one chunk: its own bytes (most files of a tree are)."""
+    return len(f.chunks) == 1 and f.chunks[0].digest == f.sha256 and f.chunks[0].size == f.size
+
+
+def _chunks(f: FileEntry) -> list[tuple[bytes, int]]:
+    return [(c.digest, c.size) for c in f.chunks]
+
+
 def _dump(man: Manifest) -> bytes:
+    """The cache entry of ``man``: files as tuples, the chunk list ``None`` for a file
+    that is one chunk (rebuilt from the file's own sha256 and size, so that
+    neither the list nor a second digest is stored and read back)."""
     if not _FAST:
         return pickle.dumps(man, protocol=pickle.HIGHEST_PROTOCOL)
     files = [
-        (f.path, f.mode, f.size, f.sha256, f.mtime, [(c.digest, c.size) for c in f.chunks])
+        (f.path, f.mode, f.size, f.sha256, f.mtime, None if _whole(f) else _chunks(f))
         for f in man.files
     ]
     head = dataclasses.replace(man, files=())
@@ -128,20 +140,34 @@ def _read(path: Path) -> Manifest | None:
         obj = _Unpickler(io.BytesIO(data)).load()
         if isinstance(obj, tuple) and _FAST:
             head, files = obj
-            obj = dataclasses.replace(head, files=tuple(_file(*f) for f in files))
+            obj = dataclasses.replace(head, files=_files(files))
     except Exception:  # any damage is a miss
         return None
     return obj if isinstance(obj, Manifest) else None
 
 
-def _file(
-    path: str, mode: int, size: int, sha: bytes, mtime: int, chunks: list[tuple[bytes, int]]
-) -> FileEntry:
-    f = object.__new__(FileEntry)
-    refs = []
-    for digest, n in chunks:
-        c = object.__new__(ChunkRef)
-        c.__dict__.update(digest=digest, size=n)
-        refs.append(c)
-    f.__dict__.update(path=path, mode=mode, size=size, sha256=sha, mtime=mtime, chunks=tuple(refs))
-    return f
+def _files(
+    rows: list[tuple[str, int, int, bytes, int, list[tuple[bytes, int]] | None]],
+) -> tuple[FileEntry, ...]:
+    """Rebuild the file entries of ``_dump``'s tuples (also those written before a whole
+    file was stored as ``None``: every chunk listed). One inline loop, without
+    calling ``__init__``: this builds 20,000 entries and more per tree."""
+    new = object.__new__
+    out: list[FileEntry] = []
+    append = out.append
+    for path, mode, size, sha, mtime, chunks in rows:
+        if chunks is None:
+            c = new(ChunkRef)
+            c.__dict__.update(digest=sha, size=size)
+            refs: tuple[ChunkRef, ...] = (c,)
+        else:
+            parts: list[ChunkRef] = []
+            for digest, n in chunks:
+                c = new(ChunkRef)
+                c.__dict__.update(digest=digest, size=n)
+                parts.append(c)
+            refs = tuple(parts)
+        f = new(FileEntry)
+        f.__dict__.update(path=path, mode=mode, size=size, sha256=sha, mtime=mtime, chunks=refs)
+        append(f)
+    return tuple(out)

@@ -19,11 +19,11 @@ the release to apply, without changing anything:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.manifest import FileEntry, Manifest
 
 from .delta import DeltaBuilder
 from .errors import NotFoundError, StorageError
@@ -91,8 +91,9 @@ class StagePlan:
     versions: list[Version]
     cache: StatCache
     file_at: Callable[[str, str], str]
-    needed: frozenset[bytes]  # the release's contents: untrusted copies of these never count
-    kept: Collection[str] = ()  # paths a recycled stage keeps in place
+    man: Manifest
+    # The files the stage must make: all but those a recycled stage keeps in place.
+    rest: list[FileEntry] = field(default_factory=list)
     _full: tuple[list[Manifest], PathMap] | None = None
 
     @property
@@ -106,16 +107,18 @@ class StagePlan:
         """Manifests of the versions on disk, and every file on them by sha256.
 
         Every file may serve a delta as its base (delta.py checks what it
-        reads); contents this release needs count only where trusted.
+        reads); contents this release needs count only where trusted
+        (untrusted copies of them never count).
         Raises ``NotFoundError``/``StorageError`` if a manifest cannot be read.
         """
         if self._full is None:
+            needed = {f.sha256 for f in self.man.files}
             mans = [v.man() for v in self.versions]
             reusable = PathMap()
             for v in reversed(self.versions):
                 at = str(v.root)
                 for rel, sha in v.files(self.cache):
-                    if sha not in self.needed:
+                    if sha not in needed:
                         reusable.paths[sha] = self.file_at(at, rel)
             reusable.paths.update(self.sources.paths)
             self._full = (mans, reusable)
@@ -150,7 +153,7 @@ class Planner:
                 continue
             rec = Recycled(s, cache, functools.partial(self.manifest, cfg.name, s))
             if target.kind != "file":
-                rec.keep.update(trusted_in(rec, man, target.version_path(s)))
+                trusted_in(rec, man, target.version_path(s))
             return rec
         return None
 
@@ -192,16 +195,16 @@ class Planner:
         """
         versions = self.versions(cfg, target, st)
         kept = rec.keep if rec is not None else {}
-        covered = {f.sha256 for f in man.files if f.path in kept} - {
-            f.sha256 for f in man.files if f.path not in kept
-        }
-        reuse = find_sources(man, versions, cache, target.file_at, skip=covered)
+        if rec is not None and rec.rest is not None:
+            rest = rec.rest  # found while trusting what it keeps
+        else:
+            rest = [f for f in man.files if f.path not in kept] if kept else list(man.files)
+        reuse = find_sources(rest, versions, cache, target.file_at)
         live = versions[0] if versions and versions[0].live else None
-        patches = self.patches(target, cache, man, live, reuse) if live else {}
-        needed = frozenset(f.sha256 for f in man.files)
+        patches = self.patches(target, cache, rest, live, reuse) if live else {}
         plan = StagePlan(
-            reuse, patches, live.root if live else None, versions, cache, target.file_at, needed,
-            kept,
+            reuse, patches, live.root if live else None, versions, cache, target.file_at, man,
+            rest,
         )  # fmt: skip
         # First the cheap question: is everything to build stored? Only if not,
         # ask the delta planner, reading the other versions' manifests: their
@@ -209,8 +212,8 @@ class Planner:
         # bundle did not carry.
         has = self.node.store.has
         need: set[bytes] = set()
-        for f in man.files:
-            if f.sha256 in reuse.sources or f.path in kept or f.path in patches:
+        for f in rest:
+            if f.sha256 in reuse.sources or f.path in patches:
                 continue
             if not all(has(c.digest) for c in f.chunks):
                 need = missing_blobs(man, plan.held()[1], self.node.store, plan.held()[0])
@@ -228,11 +231,16 @@ class Planner:
         return plan
 
     def patches(
-        self, target: Target, cache: StatCache, man: Manifest, live: Version, reuse: Reuse
+        self,
+        target: Target,
+        cache: StatCache,
+        files: list[FileEntry],
+        live: Version,
+        reuse: Reuse,
     ) -> dict[str, PatchPlan]:
-        """Plans for big changed files whose live predecessor is trusted (see patch.py)."""
+        """Plans for those big ``files`` whose live predecessor is trusted (see patch.py)."""
         out: dict[str, PatchPlan] = {}
-        big = [f for f in man.files if f.sha256 not in reuse.sources and f.size >= PATCH_MIN_BYTES]
+        big = [f for f in files if f.sha256 not in reuse.sources and f.size >= PATCH_MIN_BYTES]
         if not big:
             return out  # the live manifest is not even read
         old = live.man().file_map()
@@ -257,8 +265,8 @@ class Planner:
         builder (whose set-up indexes every file held on disk) is not needed.
         """
         has = self.node.store.has
-        for f in man.files:
-            if f.sha256 in plan.reuse.sources or f.path in plan.patches or f.path in plan.kept:
+        for f in plan.rest:
+            if f.sha256 in plan.reuse.sources or f.path in plan.patches:
                 continue
             if not all(has(c.digest) for c in f.chunks):
                 held, reusable = plan.held()

@@ -12,16 +12,18 @@ file at its path, a delta, or the store's chunks.
 
 Free space is checked first (``NoSpaceError`` before anything is written);
 directory modes and mtimes are set last, since adding children changes a
-directory's mtime. Nothing is fsynced per file: one ``syncfs`` at the end
-makes the whole stage durable before the caller journals it (stagefs.py). A
-failure raises and the caller discards the stage.
+directory's mtime (a directory already right is not written to), and each
+finished directory's identity is reported for the stat cache (statcache.Shape).
+Nothing is fsynced per file: one ``syncfs`` at the end makes the whole stage
+durable before the caller journals it (stagefs.py). A failure raises and the
+caller discards the stage.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from p2pupd.protocol.deltaplan import Holdings, plan_release
@@ -41,7 +43,7 @@ from .stagefs import (
     set_fd_meta,
     syncfs,
 )
-from .statcache import Source, stat_key
+from .statcache import Source, StatKey, dir_key, stat_key
 from .store import BlobStore
 
 __all__ = [
@@ -99,6 +101,7 @@ def stage_tree(
     live_root: Path | None = None,
     reflink: bool | None = None,
     recycled: Recycled | None = None,
+    rest: Sequence[FileEntry] | None = None,
 ) -> StageReport:
     """Build ``man``'s tree at ``stage`` (which must not exist). See module doc.
 
@@ -109,7 +112,8 @@ def stage_tree(
     ``live_root`` is the live version, whose owners staged entries inherit;
     ``reflink`` says whether FICLONE works there (probed when ``None``).
     With ``recycled``, ``stage`` exists and holds that dropped version, which
-    is reshaped in place (recycle.py).
+    is reshaped in place (recycle.py); ``rest`` may give the files of ``man``
+    planning did not find kept there (they are found again otherwise).
     Raises ``HashMismatchError``, ``NoSpaceError``, ``StorageError`` or
     ``NotFoundError``; the caller removes the stage on failure.
     """
@@ -118,20 +122,26 @@ def stage_tree(
         sources = verify_reusable(man, reusable)
     clones = ReflinkState(reflink_supported(stage.parent) if reflink is None else reflink)
     clone_free = bool(clones.supported) or allow_hardlink
-    dirs = wanted_dirs(man)
+    dirs = wanted_dirs(man, recycled)
     kept = prepare_tree(recycled, man, stage, dirs) if recycled is not None else Kept()
-    need = sum(
-        f.size
-        for f in man.files
-        if f.path not in kept.files and (not clone_free or f.sha256 not in sources)
-    )
+    if kept.rekeys:
+        sources = _follow(sources, kept.rekeys)
+        report.rekeys.extend(kept.rekeys)
+    if rest is not None and recycled is not None and kept.files is recycled.keep:
+        todo = list(rest)  # every file planning kept is still there
+    elif kept.files:
+        todo = [f for f in man.files if f.path not in kept.files]
+    else:
+        todo = list(man.files)
+    need = sum(f.size for f in todo if not clone_free or f.sha256 not in sources)
     ensure_free(stage.parent, need, FREE_MARGIN_BYTES)
     owners = Owners(live_root)
+    dir_paths = sorted(dirs, key=lambda p: p.count("/"))
     try:
         stage.mkdir(mode=0o700, exist_ok=recycled is not None)
-        dir_paths = sorted(dirs, key=lambda p: p.count("/"))
         for rel in dir_paths:
-            (stage / rel).mkdir(mode=0o700, exist_ok=True)
+            if rel not in kept.dirs:
+                (stage / rel).mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise storage_error(exc, "create stage directory", stage) from None
 
@@ -139,7 +149,8 @@ def stage_tree(
         store, sources, patches or {}, delta_builder, allow_hardlink, owners, clones, report
     )
     root = str(stage)
-    for f in builder.keep_all(man.files, kept.files, root):
+    stale = recycled.stale if recycled is not None else {}
+    for f in builder.keep_in_place(kept.files, stale, root) + todo:
         builder.build(f, f"{root}/{f.path}")
     builder.record_links()
 
@@ -152,8 +163,8 @@ def stage_tree(
         modes = {d.path: (d.mode, d.mtime) for d in man.dirs}
         for rel in sorted(dir_paths, key=lambda p: -p.count("/")):
             mode, mtime = modes.get(rel, (0o755, man.created))
-            lchown_quietly(stage / rel, owners.for_dir(rel))
-            _set_meta(stage / rel, mode, mtime)
+            # Complete now: its identity from here on vouches for its entries.
+            report.dirs[rel] = dir_key(_finish_dir(stage / rel, mode, mtime, owners.for_dir(rel)))
         live = _lstat(live_root)
         lchown_quietly(stage, owners.for_dir(""))
         os.chmod(stage, stat.S_IMODE(live.st_mode) if live else 0o755)
@@ -229,7 +240,7 @@ def _patch_recycled(
     fd, written = done
     owner = Owners(live_root, single_file=True).for_file(f.path)
     try:
-        report.keys[f.path] = stat_key(set_fd_meta(fd, f.mode, f.mtime, owner))
+        report.records[f.path] = (*stat_key(set_fd_meta(fd, f.mode, f.mtime, owner)), f.sha256)
     except OSError as exc:
         raise storage_error(exc, "set owner, mode and mtime of", dst) from None
     finally:
@@ -241,6 +252,26 @@ def _patch_recycled(
     return True
 
 
+def _follow(
+    sources: Mapping[bytes, Source], rekeys: list[tuple[StatKey, StatKey]]
+) -> dict[bytes, Source]:
+    """``sources`` with the new ``lstat`` of those whose identity changed as ``rekeys``
+    says (a hard link to them was removed); one whose identity differs from
+    that is dropped (its content is then built another way)."""
+    moved = dict(rekeys)
+    out = dict(sources)
+    for sha, src in sources.items():
+        new = moved.get(src.key)
+        if new is None:
+            continue
+        st = _lstat(Path(src.path))
+        if st is not None and stat_key(st) == new:
+            out[sha] = Source(src.path, st, src.entry)
+        else:
+            del out[sha]
+    return out
+
+
 def _lstat(path: Path | None) -> os.stat_result | None:
     if path is None:
         return None
@@ -248,6 +279,21 @@ def _lstat(path: Path | None) -> os.stat_result | None:
         return os.lstat(path)
     except OSError:
         return None
+
+
+def _finish_dir(path: Path, mode: int, mtime: int, owner: tuple[int, int] | None) -> os.stat_result:
+    """Give a staged directory its owner, mode and mtime; return its final ``lstat``.
+
+    What is already right is left alone: a directory of a recycled stage that
+    nothing changed is not even written to (no inode made dirty for the sync).
+    """
+    st = os.lstat(path)
+    if owner is not None and (st.st_uid, st.st_gid) != owner:
+        lchown_quietly(path, owner)
+    elif stat.S_IMODE(st.st_mode) == mode and st.st_mtime_ns == mtime * 1_000_000_000:
+        return st
+    _set_meta(path, mode, mtime)
+    return os.lstat(path)
 
 
 def _set_meta(path: Path, mode: int, mtime: int) -> None:

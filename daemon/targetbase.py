@@ -121,7 +121,9 @@ class Target(abc.ABC):
         """Remove probe and temporary-link debris a killed process may have left."""
         self._remove_scratch()
 
-    def _remove_scratch(self) -> None:
+    def _remove_scratch(self) -> bool:
+        """Remove the scratch names; return whether there was any."""
+        found = False
         for p in (
             *self._probe_names("x1", "x2", "r1", "r2"),
             self.scratch_path("link"),
@@ -129,6 +131,8 @@ class Target(abc.ABC):
         ):
             if lstat_or_none(p) is not None:
                 remove_tree(p)
+                found = True
+        return found
 
     # -- identity -----------------------------------------------------------------
 
@@ -145,9 +149,13 @@ class Target(abc.ABC):
         return self.identity_of(src)
 
     def take(self, version: Path, src: Path) -> None:
-        """Rename a dropped version to the stage's name, to be reshaped (recycle.py)."""
+        """Rename a dropped version to the stage's name, to be reshaped (recycle.py).
+
+        Not synced here: staging ends by syncing the filesystem and this
+        directory before the stage is journalled, and until then a crash
+        leaves it under either name, both of which recovery removes.
+        """
         self._rename(version, src, "recycle")
-        fsync_dir(self.parent)
 
     # -- the transaction's steps (overridden per kind) ------------------------------
 
@@ -181,13 +189,22 @@ class Target(abc.ABC):
         self._remove_scratch()
 
     def prune(self, kept: set[int], live: int | None) -> None:
-        """Remove versions beside TARGET that are neither kept nor live, and scratch names."""
+        """Remove versions beside TARGET that are neither kept nor live, and scratch names.
+
+        The directory is synced only if something was removed (every command
+        prunes first; most find nothing, and a sync is a disk flush).
+        """
+        removed = False
         for serial, path in self.versions_on_disk().items():
             if serial not in kept and not self._is_live(serial, live):
                 remove_tree(path)
-        remove_tree(self.parent / f"{self._prefix}stage")
-        self._remove_scratch()
-        fsync_dir(self.parent)
+                removed = True
+        stage = self.parent / f"{self._prefix}stage"
+        if lstat_or_none(stage) is not None:
+            remove_tree(stage)
+            removed = True
+        if self._remove_scratch() or removed:
+            fsync_dir(self.parent)
 
     def _is_live(self, serial: int, live: int | None) -> bool:
         return False

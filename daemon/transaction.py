@@ -296,14 +296,17 @@ class Transactions:
     ) -> list[tuple[int, str, str, Entry]]:
         """Trusted files of surviving versions that share an inode with a version to drop."""
         doomed = {
-            (e[3], e[4]) for s, es in cache.versions.items() if s not in keep for e in es.values()
+            (e[3], e[4])
+            for s in cache.serials()
+            if s not in keep
+            for e in cache.entries(s).values()
         }
         out: list[tuple[int, str, str, Entry]] = []
         if not doomed:
             return out
         for s in keep:
             root = str(target.version_root(s, installed))
-            for rel, e in cache.versions.get(s, {}).items():
+            for rel, e in cache.entries(s).items():
                 path = target.file_at(root, rel)
                 if (e[3], e[4]) in doomed and cache.trusted(s, rel, path, e[5]) is not None:
                     out.append((s, rel, path, e))

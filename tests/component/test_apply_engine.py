@@ -3,13 +3,16 @@ recycling, retention, owners, the refusals, gc, fsck and status."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import World, tree_snapshot
+from conftest import World, make_tree, tree_snapshot
 
 from p2pupd.daemon import api, fsutil, statcache, targets
 from p2pupd.daemon.apply import Applier
@@ -285,3 +288,128 @@ def test_manifest_cache_gives_back_the_verified_manifest(world: World) -> None:
     release.write_bytes(bytes(data))
     with pytest.raises(CorruptStoreError):
         Applier(Node(world.state)).manifest("app", 2)
+
+
+def publish_with_mode(world: World, version: str, files: dict[str, bytes], rel: str) -> Path:
+    """Publish ``files`` with ``rel`` made owner-only: same bytes, another mode."""
+    src = make_tree(world.base / "src" / version, files)
+    (src / rel).chmod(0o600)
+    assert world.run("publish", world.repo, "app", version, src).code == 0
+    return src
+
+
+def test_recycled_file_with_a_new_mode_is_fixed_in_place(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.reinit("--retain", "1")
+    publish_all(world, V1, V2, V3)
+    v4 = publish_with_mode(world, "4.0", V3, "lib/f00")
+    assert world.import_(world.export("usb4", "--history", "4")).code == 0
+    for version in ("1.0", "2.0", "3.0"):
+        api.apply(world.state, "app", version=version)
+    ino = (world.target.parent / ".app.p2pupd-v2" / "lib/f00").stat().st_ino
+    r = api.apply(world.state, "app", version="4.0")
+    assert r.stage is not None and r.stage.methods["kept"] == len(FILES)
+    assert (world.target / "lib/f00").stat().st_ino == ino  # the same inode, its mode fixed
+    assert tree_snapshot(world.target) == tree_snapshot(v4)
+    read = count_hashing(monkeypatch)
+    api.rollback(world.state, "app")  # v3 is kept: a switch, checked by the cache
+    assert api.apply(world.state, "app", version="4.0").changed
+    assert read == []  # the record of the fixed file is right: nothing re-read
+
+
+def test_immutable_recycled_file_with_a_new_mode_is_planned_from_another_copy(
+    world: World,
+) -> None:
+    """A shared inode is never changed in place: planning sources that file elsewhere
+    (here the live copy), so its chunks need not be stored."""
+    world.reinit("--retain", "1", "--immutable")
+    publish_all(world, V1, V2, V3)
+    v4 = publish_with_mode(world, "4.0", V3, "lib/f00")
+    assert world.import_(world.export("usb4", "--history", "4")).code == 0
+    for version in ("1.0", "2.0", "3.0"):
+        api.apply(world.state, "app", version=version)
+    node = Node(world.state)
+    for c in Applier(node).manifest("app", 4).file_map()["lib/f00"].chunks:
+        node.store.path(c.digest).unlink()
+    r = api.apply(world.state, "app", version="4.0")
+    assert r.stage is not None and r.stage.methods.get("copy") == 1
+    assert tree_snapshot(world.target) == tree_snapshot(v4)
+    kept = world.target.parent / ".app.p2pupd-v3" / "lib/f00"
+    assert kept.stat().st_mode & 0o7777 == 0o644  # the version it shared an inode with
+
+
+def test_manifest_cache_reads_entries_that_list_every_chunk(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries now store a one-chunk file without its chunk list; entries written
+    before, with every chunk listed, are still read (not re-verified)."""
+    publish_all(world, V1, V2)
+    verified = Node(world.state).manifest("app", 2)
+    rows = [
+        (f.path, f.mode, f.size, f.sha256, f.mtime, [(c.digest, c.size) for c in f.chunks])
+        for f in verified.files
+    ]
+    for entry in (world.state / "cache" / "manifests").iterdir():
+        head, files = pickle.loads(entry.read_bytes())
+        assert any(chunks is None for *_, chunks in files)  # one-chunk files, compact
+        if head.serial == 2:
+            entry.write_bytes(pickle.dumps((dataclasses.replace(verified, files=()), rows)))
+
+    def refuse(self: Node) -> None:
+        raise AssertionError("the release was verified again: the cache entry was not read")
+
+    monkeypatch.setattr(Node, "trusted_root", refuse)
+    assert Applier(Node(world.state)).manifest("app", 2) == verified
+
+
+def listed_dirs(world: World, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every directory of the stage that gets listed (by its path in it)."""
+    seen: list[str] = []
+    stage = str(world.target.parent / ".app.p2pupd-stage")
+    real = os.scandir
+
+    def spy(path: str) -> Any:
+        if str(path) == stage or str(path).startswith(stage + "/"):
+            seen.append(os.path.relpath(path, stage))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", spy)
+    return seen
+
+
+def test_recycled_version_is_reshaped_by_its_records_not_listed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.reinit("--retain", "1")
+    *_, v4 = publish_all(world, V1, V2, V3, {**V3, "etc/conf": b"a=4\n"})
+    for version in ("1.0", "2.0", "3.0"):
+        api.apply(world.state, "app", version=version)
+    listed = listed_dirs(world, monkeypatch)
+    api.apply(world.state, "app", version="4.0")  # v2 had etc/new: removed by name
+    assert listed == ["."]  # only the top, whose ctime the renames changed
+    assert tree_snapshot(world.target) == tree_snapshot(v4)
+
+
+def test_recycled_directory_changed_behind_a_restored_mtime_is_listed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changing a directory changes its ctime, which cannot be put back: it is
+    listed and repaired even when its mtime was."""
+    world.reinit("--retain", "1")
+    *_, v4 = publish_all(world, V1, V2, V3, {**V3, "etc/conf": b"a=4\n"})
+    for version in ("1.0", "2.0", "3.0"):
+        api.apply(world.state, "app", version=version)
+    kept = world.target.parent / ".app.p2pupd-v2"
+    lib, empty = kept / "lib", kept / "var" / "empty"
+    before = {d: d.stat() for d in (lib, empty)}
+    (lib / "sub").mkdir()
+    (lib / "sub" / "x").write_bytes(b"planted")
+    (empty / "y").write_bytes(b"planted")
+    for d, st in before.items():
+        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+    listed = listed_dirs(world, monkeypatch)
+    r = api.apply(world.state, "app", version="4.0")
+    assert sorted(listed) == [".", "lib", "lib/sub", "var/empty"]
+    assert r.stage is not None and r.stage.methods["kept"] == len(FILES)
+    assert tree_snapshot(world.target) == tree_snapshot(v4)
