@@ -100,6 +100,7 @@ class BlobStore:
         """
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / ALGORITHM
+        self._blob_dir = str(self.blob_dir)
         self.tmp_dir = self.root / "tmp"
         for d in (self.root, self.root / "blobs", self.blob_dir, self.tmp_dir):
             try:
@@ -125,8 +126,12 @@ class BlobStore:
         return self.blob_dir / hexd(check_digest(digest))
 
     def has(self, digest: bytes) -> bool:
-        """Return whether the blob is present (presence implies complete)."""
-        return self.path(digest).is_file()
+        """Return whether the blob is present (presence implies complete).
+
+        Plain string paths, not pathlib: a fetch or a request asks this once
+        per blob of a release, thousands of times in a row.
+        """
+        return os.path.isfile(os.path.join(self._blob_dir, hexd(check_digest(digest))))
 
     def size(self, digest: bytes) -> int:
         """Return the blob's size in bytes; ``NotFoundError`` if absent."""
