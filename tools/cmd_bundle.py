@@ -129,7 +129,11 @@ def _watch(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
+        # Not stop.set() here: the handler runs in the main thread, which may
+        # hold the event's internal lock inside stop.wait(); set() would then
+        # wait for that lock forever. A helper thread takes it once wait()
+        # lets go.
+        threading.Thread(target=stop.set, name="stop-watch", daemon=True).start()
 
     def on_event(ev: api.WatchEvent) -> None:
         if ev.outcome == "imported":
