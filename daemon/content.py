@@ -58,10 +58,8 @@ class Content:
                     path = files.get(f.sha256)
                     if path is None:
                         continue
-                    offset = 0
-                    for c in f.chunks:
-                        index.setdefault(c.digest, (path, offset, c.size))
-                        offset += c.size
+                    for digest, offset, size in f.chunk_spans():
+                        index.setdefault(digest, (path, offset, size))
         self._held = index
 
     def has(self, digest: bytes) -> bool:

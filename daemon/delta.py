@@ -162,10 +162,8 @@ class DeltaBuilder:
                 path = reusable.get(f.sha256)
                 if path is None:
                     continue
-                off = 0
-                for c in f.chunks:
-                    self.where.setdefault(c.digest, (path, off, c.size))
-                    off += c.size
+                for digest, off, size in f.chunk_spans():
+                    self.where.setdefault(digest, (path, off, size))
         self.report = BuildReport()
 
     def plan(self, f: FileEntry) -> FilePlan:

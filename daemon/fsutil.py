@@ -214,6 +214,38 @@ def _libc() -> tuple[ctypes.CDLL, Callable[..., int] | None]:
     return libc, wrapper
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback, do not wait for it
+
+
+def syncfs_fd(fd: int, what: str | os.PathLike[str]) -> None:
+    """Flush everything dirty on the filesystem holding ``fd`` (``os.sync`` without syncfs).
+
+    Raises ``StorageError`` (``NoSpaceError``) when the kernel reports a
+    writeback error: data it could not write must not be declared durable.
+    """
+    fn = getattr(_libc()[0], "syncfs", None)
+    if fn is None:
+        os.sync()
+        return
+    if fn(ctypes.c_int(fd)) != 0:
+        err = ctypes.get_errno()
+        raise storage_error(OSError(err, os.strerror(err)), "sync filesystem of", what)
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting.
+
+    Files made durable later by one ``syncfs_fd`` would otherwise all be
+    written at that flush, after the work that produced them (on a real disk,
+    a second pass as long as the first); starting writeback as each file is
+    complete overlaps the disk with that work. Only a hint: durability still
+    comes from the flush, and a libc without ``sync_file_range`` is ignored.
+    """
+    fn = getattr(_libc()[0], "sync_file_range", None)
+    if fn is not None:
+        fn(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+
 def _renameat2(a: bytes, b: bytes, flags: int, *, via_syscall: bool = False) -> int:
     """Call renameat2; return 0 or the errno (ENOSYS when no way to call it exists).
 
@@ -269,13 +301,21 @@ def exchange_supported(directory: str | os.PathLike[str]) -> bool:
     scratch entries cannot be made and ``ApplyError`` for other swap failures.
     """
     base = Path(directory, f".p2pupd-exchange-probe-{secrets.token_hex(6)}")
-    a, b = base.with_name(base.name + "-a"), base.with_name(base.name + "-b")
+    return probe_exchange(base.with_name(base.name + "-a"), base.with_name(base.name + "-b"))
+
+
+def probe_exchange(a: Path, b: Path) -> bool:
+    """Make directories ``a`` and ``b`` (new names, one parent), swap them, remove them.
+
+    Returns ``False`` only when the filesystem does not support the exchange;
+    raises as ``exchange_supported`` does.
+    """
     try:
         try:
             a.mkdir()
             b.mkdir()
         except OSError as exc:
-            raise storage_error(exc, "create probe entries in", directory) from None
+            raise storage_error(exc, "create probe entries in", a.parent) from None
         rename_exchange(a, b)
     except ExchangeUnsupportedError:
         return False

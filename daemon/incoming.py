@@ -24,7 +24,6 @@ before its name. ``copy`` may run in several threads at once (one per blob).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import shutil
@@ -40,49 +39,6 @@ from .store import BLOB_MODE, BlobStore
 
 READ_BYTES = 1 << 20
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback, do not wait for it
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def syncfs(fd: int) -> None:
-    """Flush every dirty page of the filesystem holding ``fd`` (falls back to sync)."""
-    try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
-            return
-    except AttributeError:
-        pass
-    os.sync()
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing ``fd``'s dirty pages to disk now, without waiting.
-
-    Blobs are flushed by one ``syncfs`` at commit; if all their pages were
-    still dirty then, that flush would write the whole import at the end,
-    after the copying (on a real disk, a second pass as long as the first).
-    Starting writeback as each blob is complete overlaps the disk's work with
-    reading and hashing the next ones, so the final flush finds little left.
-    This is only a hint: durability still comes from ``syncfs`` (errors and
-    platforms without ``sync_file_range`` are ignored).
-    """
-    try:
-        if _LIBC is not None:
-            _LIBC.sync_file_range(
-                fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE)
-            )
-    except AttributeError:
-        pass
 
 
 class Incoming:
@@ -194,7 +150,7 @@ class Incoming:
                     if progress is not None:
                         progress(len(block))
                 if got == size:
-                    start_writeback(out)
+                    fsutil.start_writeback(out)
             finally:
                 os.close(out)
             if got != size or h.digest() != digest:
@@ -229,7 +185,7 @@ class Incoming:
         todo = [d for d in digests]
         if not todo:
             return
-        syncfs(self._dirfd())
+        fsutil.syncfs_fd(self._dirfd(), self.dir)
         for d in todo:
             try:
                 os.rename(d.hex(), self.store.path(d), src_dir_fd=self._dirfd())

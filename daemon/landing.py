@@ -44,7 +44,6 @@ from p2pupd.protocol.errors import HashMismatchError
 
 from . import fsutil
 from .errors import StorageError
-from .incoming import syncfs
 from .store import BLOB_MODE, BlobStore
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -114,7 +113,7 @@ class Landing:
             return []
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            syncfs(fd)
+            fsutil.syncfs_fd(fd, self.dir)
         finally:
             os.close(fd)
         done: list[bytes] = []

@@ -96,7 +96,7 @@ class SiteRequests:
                 for conn in asked:
                     nursery.start_soon(ask, conn)
         answers = [got[c.node_id] for c in asked if c.node_id in got]
-        data, made = await self.core.offload(lambda: build_site_request(node, own, answers))
+        data = await self.core.offload(lambda: build_site_request(node, own, answers))
         unanswered = [c.node_id.hex() for c in asked if c.node_id not in got]
-        log("site-request", members=len(made.members), unanswered=len(unanswered))
+        log("site-request", members=1 + len(answers), unanswered=len(unanswered))
         return {"data": data, "unanswered": unanswered}

@@ -29,10 +29,8 @@ from p2pupd.protocol.request import (
     ComponentHave,
     HeldRelease,
     Request,
-    SiteRequest,
     sign_request,
     sign_site_request,
-    verify_any_request,
     verify_request,
 )
 
@@ -149,13 +147,10 @@ def peer_request(data: bytes, peer_id: bytes) -> bytes:
     return data
 
 
-def build_site_request(node: Node, own: bytes, peers: list[bytes]) -> tuple[bytes, SiteRequest]:
-    """Return (signed site request bytes, its model) of ``own`` and the ``peers``' requests.
+def build_site_request(node: Node, own: bytes, peers: list[bytes]) -> bytes:
+    """Return the signed site request of ``own`` and the ``peers``' requests.
 
     The caller holds the node lock and has checked each peer's document with
-    ``peer_request``. With no peer answer the result is a plain request.
+    ``peer_request``. With no peer answer the result is ``own`` unchanged.
     """
-    if not peers:
-        return own, verify_any_request(own)
-    data = sign_site_request(own, peers, node_key(node.state))
-    return data, verify_any_request(data)
+    return sign_site_request(own, peers, node_key(node.state)) if peers else own

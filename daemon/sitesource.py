@@ -84,10 +84,9 @@ class StateSource:
                     continue
                 root = target.version_root(serial, st.installed)
                 for f in found[0].files:
-                    off = 0
-                    for c in f.chunks:
-                        spans[c.digest] = _Span(target.file_in(root, f.path), off, c.size)
-                        off += c.size
+                    path = target.file_in(root, f.path)
+                    for digest, off, size in f.chunk_spans():
+                        spans[digest] = _Span(path, off, size)
         self._spans = spans
         return spans
 

@@ -17,8 +17,6 @@ Not root: everything staged belongs to this user, as it did before.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -26,19 +24,12 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .fsutil import copy_fd, reflink_fd, storage_error, unlink_quietly
+from .fsutil import copy_fd, reflink_fd, storage_error, syncfs_fd, unlink_quietly
 
 Owner = tuple[int, int]
 StrPath = str | os.PathLike[str]
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@functools.cache
-def _syncfs() -> ctypes._FuncPointer | None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    fn: ctypes._FuncPointer | None = getattr(libc, "syncfs", None)
-    return fn
 
 
 def remove_tree(path: Path) -> None:
@@ -53,7 +44,7 @@ def remove_tree(path: Path) -> None:
 
 
 def syncfs(path: Path) -> None:
-    """Flush everything dirty on ``path``'s filesystem (``os.sync`` where syncfs is missing).
+    """Flush everything dirty on ``path``'s filesystem (``fsutil.syncfs_fd``).
 
     Raises ``StorageError`` (``NoSpaceError``) when the flush reports an error.
     """
@@ -62,13 +53,7 @@ def syncfs(path: Path) -> None:
     except OSError as exc:
         raise storage_error(exc, "open", path) from None
     try:
-        fn = _syncfs()
-        if fn is None:
-            os.sync()
-            return
-        if fn(ctypes.c_int(fd)) != 0:
-            err = ctypes.get_errno()
-            raise storage_error(OSError(err, os.strerror(err)), "sync filesystem of", path)
+        syncfs_fd(fd, path)
     finally:
         os.close(fd)
 

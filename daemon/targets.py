@@ -39,6 +39,7 @@ from .fsutil import (
     clone_file,
     filesystem_type,
     fsync_dir,
+    probe_exchange,
     rename_exchange,
     storage_error,
 )
@@ -53,20 +54,8 @@ SYMLINK_HINT = "configure the component with the symlink kind (`p2pupd init --ki
 
 @functools.cache
 def _exchange_ok(dev: int, a: Path, b: Path) -> bool:
-    try:
-        try:
-            a.mkdir()
-            b.mkdir()
-        except OSError as exc:
-            raise storage_error(exc, "create probe entries in", a.parent) from None
-        rename_exchange(a, b)
-    except ExchangeUnsupportedError:
-        return False
-    finally:
-        for p in (a, b):
-            with contextlib.suppress(OSError):
-                p.rmdir()
-    return True
+    """``probe_exchange``, once per filesystem (``dev`` is the cache key)."""
+    return probe_exchange(a, b)
 
 
 class DirTarget(Target):

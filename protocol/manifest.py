@@ -42,6 +42,13 @@ class FileEntry:
     mtime: int
     chunks: tuple[ChunkRef, ...]
 
+    def chunk_spans(self) -> Iterator[tuple[bytes, int, int]]:
+        """Yield ``(digest, offset, size)`` of each chunk, in file order."""
+        off = 0
+        for c in self.chunks:
+            yield c.digest, off, c.size
+            off += c.size
+
 
 @dataclass(frozen=True)
 class SymlinkEntry:

@@ -402,3 +402,20 @@ def test_file_lock_held_by_other_process_until_it_dies(tmp_path: Path) -> None:
 def test_file_lock_cannot_open(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         fsutil.FileLock(tmp_path / "missing" / "lock").acquire()
+
+
+def test_syncfs_reports_a_failed_flush_instead_of_ignoring_it(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fsutil.syncfs_fd(fd, tmp_path)  # a working flush returns quietly
+    os.close(fd)
+    with pytest.raises(StorageError, match="sync filesystem of"):
+        fsutil.syncfs_fd(fd, tmp_path)  # closed: the kernel says EBADF
+
+
+def test_start_writeback_leaves_the_file_as_written(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"x" * 100_000)
+    fsutil.start_writeback(fd)
+    os.close(fd)
+    assert p.read_bytes() == b"x" * 100_000
