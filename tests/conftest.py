@@ -3,18 +3,18 @@ through the real command line in-process (``p2pupd.tools.cli.main``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _kit import TREE_MTIME, make_tree, tree_snapshot
 
 from p2pupd.tools.cli import main
+
+__all__ = ["TREE_MTIME", "make_tree", "tree_snapshot"]  # re-exported for the tests
 
 
 @dataclass
@@ -43,57 +43,12 @@ def run(capsys: pytest.CaptureFixture[str]) -> Run:
     return _run
 
 
-def tree_snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
-    """Return {relpath: (kind, mode, content-hash or link target)} of a tree."""
-    out: dict[str, tuple[str, int, str]] = {}
-    if not root.exists():
-        return out
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = p.lstat()
-            if p.is_symlink():
-                out[rel] = ("link", 0, os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("dir", st.st_mode & 0o7777, "")
-            else:
-                out[rel] = ("file", st.st_mode & 0o7777, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
-
-
 def state_snapshot(state: Path) -> dict[str, tuple[str, int, str]]:
     """Snapshot of a state dir, leaving out the lock and scratch files."""
     snap = tree_snapshot(state)
     return {k: v for k, v in snap.items() if k != "lock" and not k.startswith(("tmp/", "cache/"))}
 
 
-TREE_MTIME = 1_790_000_000
-
-
-def make_tree(
-    root: Path,
-    files: dict[str, bytes],
-    links: dict[str, str] | None = None,
-    empty_dirs: tuple[str, ...] = (),
-) -> Path:
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        # A fixed mtime: trees written in different seconds must still agree
-        # on unchanged files (publishing records mtimes; hard links need them equal).
-        os.utime(p, (TREE_MTIME, TREE_MTIME))
-    for rel, target in (links or {}).items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(target, p)
-    for d in empty_dirs:
-        (root / d).mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @dataclass

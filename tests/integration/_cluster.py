@@ -14,8 +14,6 @@ failure. Used by ``test_netns_cluster.py`` and ``tools/bench/swarm_bench.py``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import random
@@ -29,32 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _kit import Site, cli
 from _netns import Host, Lan
-
-from p2pupd.tools.cli import main as cli_main
 
 PORT = 7707
 P2PUPD = (sys.executable, "-m", "p2pupd.tools.cli")
 POLL_SECONDS = 0.25
 READY_SECONDS = 30.0
-TreeSnapshot = dict[str, tuple[str, int, str]]
 
 
 class ClusterError(AssertionError):
     """A bounded wait ran out or a command failed (the message says which)."""
-
-
-def cli(*args: str | Path) -> str:
-    """Run the CLI in-process (publisher side); returns stdout, raises on failure."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli_main([str(a) for a in args])
-        except SystemExit as exc:  # argparse usage errors
-            code = int(exc.code or 0)
-    if code != 0:
-        raise ClusterError(f"p2pupd {' '.join(map(str, args))} -> {code}: {err.getvalue()}")
-    return out.getvalue()
 
 
 def random_files(seed: int, total_bytes: int, files: int = 4) -> dict[str, bytes]:
@@ -62,25 +45,6 @@ def random_files(seed: int, total_bytes: int, files: int = 4) -> dict[str, bytes
     rng = random.Random(seed)
     each = max(1, total_bytes // files)
     return {f"data/f{i}.bin": rng.randbytes(each) for i in range(files)}
-
-
-def tree_snapshot(root: Path) -> TreeSnapshot:
-    """{relpath: (kind, mode, content hash or link target)} of a tree."""
-    out: TreeSnapshot = {}
-    if not root.exists():
-        return out
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = p.lstat()
-            if p.is_symlink():
-                out[rel] = ("link", 0, os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("dir", st.st_mode & 0o7777, "")
-            else:
-                out[rel] = ("file", st.st_mode & 0o7777, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
 
 
 def wait_until(
@@ -97,38 +61,17 @@ def wait_until(
     raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-class Publisher:
-    """Keys (1-of-1 root and release) and a repository; publishes trees, exports bundles."""
+class Publisher(Site):
+    """A ``Site`` whose bundles are exported once per name, and its stored envelopes."""
 
     def __init__(self, base: Path) -> None:
-        self.base = base
-        keys = base / "keys"
-        keys.mkdir(parents=True)
-        cli("keygen", keys / "root.key")
-        cli("keygen", keys / "rel.key")
-        self.repo = base / "repo"
-        cli("repo", "init", self.repo, "--root-key", keys / "root.key",
-            "--release-key", keys / "rel.key")  # fmt: skip
-        self.root_file = self.repo / "root.msgpack"
-        self.sources: dict[str, Path] = {}
+        super().__init__(base)
         self.bundles: dict[str, Path] = {}
-
-    def publish(self, version: str, files: dict[str, bytes], component: str = "app") -> Path:
-        """Sign ``files`` as the next serial of ``component``; returns the source tree."""
-        src = self.base / "src" / f"{component}-{version}"
-        for rel, data in files.items():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            (src / rel).write_bytes(data)
-        cli("publish", self.repo, component, version, src)
-        self.sources[version] = src
-        return src
 
     def bundle(self, name: str) -> Path:
         """Export the repository's newest releases as bundle ``name`` (once per name)."""
         if name not in self.bundles:
-            dest = self.base / "bundles" / name
-            cli("export", self.repo, dest)
-            self.bundles[name] = dest
+            self.bundles[name] = super().bundle(name)
         return self.bundles[name]
 
     def envelope(self, serial: int, component: str = "app") -> bytes:

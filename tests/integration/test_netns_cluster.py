@@ -29,10 +29,10 @@ from _cluster import (
     Node,
     Publisher,
     random_files,
-    tree_snapshot,
     wait_until,
 )
 from _netns import netns_unavailable
+from conftest import tree_snapshot
 
 from p2pupd.daemon.node import StateDir
 from p2pupd.protocol import limits

@@ -45,7 +45,7 @@ def load_cluster() -> ModuleType:
     """Import ``_cluster`` (and ``_netns``) from the source checkout's tests."""
     if not (CHECKOUT_TESTS / "_cluster.py").exists():
         raise SystemExit(f"swarm_bench needs a source checkout: {CHECKOUT_TESTS} not found")
-    sys.path.insert(0, str(CHECKOUT_TESTS))
+    sys.path[:0] = [str(CHECKOUT_TESTS), str(CHECKOUT_TESTS.parent)]  # _cluster, _kit
     netns = importlib.import_module("_netns")
     reason = netns.netns_unavailable()
     if reason is not None:
