@@ -82,8 +82,12 @@ if TYPE_CHECKING:
 
 PER_PEER_CAP = 14  # of the session's 16 in flight; the rest is for manifest and root requests
 # Blobs in flight to a peer that speaks "batch": enough to keep it busy while
-# our answers travel and a batch of them lands (they take few session slots).
-BATCH_PEER_CAP = MAX_BATCH_DIGESTS
+# our answers travel and a batch of them lands (they take few session slots),
+# and no more: blobs queued at one peer cannot be reassigned to a neighbour
+# that gets them later. With 64, six nodes on 50 mbit links each queued their
+# whole release at the seed (swarm 2.01x one node alone, two full copies out
+# of the seed); with 24, 1.47x and 1.45 copies.
+BATCH_PEER_CAP = 24
 COMMIT_SECONDS = 0.25  # landed blobs are flushed, stored and announced in batches
 IDLE_SECONDS = 5.0
 RETRY_SECONDS = 30.0
