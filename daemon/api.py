@@ -16,14 +16,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from p2pupd.protocol.errors import CodecError, P2pupdError, RemoteProtocolError, VerificationError
-from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.request import SiteRequest, verify_any_request
-
-from . import ctlclient
-from .apply import Applier, ApplyResult
-from .config import DEFAULT_CONFIG_PATH, FileConfig, load_config
-from .errors import (
+from p2pupd.daemon import ctl as ctlclient
+from p2pupd.daemon.apply.engine import Applier, ApplyResult
+from p2pupd.daemon.bundles.importer import (
+    ImportedRelease,
+    ImportInterruptedError,
+    ImportReport,
+    import_bundle,
+)
+from p2pupd.daemon.bundles.siterequest import build_request
+from p2pupd.daemon.bundles.sitesource import StateSource
+from p2pupd.daemon.bundles.watch import WatchEvent, watch
+from p2pupd.daemon.config import DEFAULT_CONFIG_PATH, FileConfig, load_config
+from p2pupd.daemon.errors import (
     ApplyError,
     BundleError,
     ConfigError,
@@ -33,9 +38,10 @@ from .errors import (
     NotFoundError,
     StorageError,
 )
-from .fsutil import atomic_write
-from .importer import ImportedRelease, ImportInterruptedError, ImportReport, import_bundle
-from .node import (
+from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.options import DaemonOptions, parse_endpoint, parse_rate
+from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import (
     ComponentConfig,
     HookLimits,
     NodeConfig,
@@ -44,12 +50,10 @@ from .node import (
     new_node_id,
     now_seconds,
 )
-from .node_ctx import Node
-from .options import DaemonOptions, parse_endpoint, parse_rate
-from .siterequest import build_request
-from .sitesource import StateSource
-from .store import BlobStore
-from .watch import WatchEvent, watch
+from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.protocol.errors import CodecError, P2pupdError, RemoteProtocolError, VerificationError
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.request import SiteRequest, verify_any_request
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -193,7 +197,7 @@ def import_dir(
             cancel=cancel,
             allow_other_node=allow_other_node,
         )
-        # Keep the verified, decoded manifests (daemon/mancache.py): a later
+        # Keep the verified, decoded manifests (daemon/state/mancache.py): a later
         # apply then starts from them instead of decoding thousands of entries.
         for r in report.releases:
             if r.new:
@@ -353,7 +357,7 @@ def history(state_dir: Path, component: str) -> list[dict[str, Any]]:
 
 def gc(state_dir: Path, dry_run: bool = False) -> dict[str, Any]:
     """Delete blobs no installed, kept, pending or newest release needs (see gc.py)."""
-    from . import gc as maint
+    from p2pupd.daemon.apply import gc as maint
 
     node = Node(state_dir)
     with node.lock:
@@ -370,7 +374,7 @@ def gc(state_dir: Path, dry_run: bool = False) -> dict[str, Any]:
 
 def fsck(state_dir: Path, repair: bool = False, full: bool = False) -> dict[str, Any]:
     """Check the store and every live target against its release (see gc.py)."""
-    from . import gc as maint
+    from p2pupd.daemon.apply import gc as maint
 
     node = Node(state_dir)
     with node.lock:
@@ -480,6 +484,6 @@ def peers(state_dir: Path) -> dict[str, Any]:
 
 def run_daemon(options: DaemonOptions) -> int:
     """Run ``p2pupd daemon`` in this process until SIGTERM/SIGINT; returns the exit code."""
-    from . import app  # trio, zeroconf: loaded only for the daemon itself
+    from p2pupd.daemon.service import app  # trio, zeroconf: loaded only for the daemon itself
 
     return app.main(options)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from p2pupd.daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/p2pupd/config.toml")
 

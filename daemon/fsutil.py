@@ -37,9 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from p2pupd.daemon.errors import ApplyError, LockedError, NoSpaceError, StorageError
 from p2pupd.protocol.limits import MiB
-
-from .errors import ApplyError, LockedError, NoSpaceError, StorageError
 
 BLOCK_BYTES: Final = 1 * MiB
 """Read/write block for streaming copies and hashing."""

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from p2pupd.daemon.errors import ConfigError
 
 DEFAULT_PORT = 7707
 DEFAULT_LISTEN = ("0.0.0.0", DEFAULT_PORT)

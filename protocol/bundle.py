@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids, limits
-from .errors import CodecError, FrameTooLargeError, SchemaError
-from .manifest import Manifest
-from .varint import encode_uvarint, read_uvarint
+from p2pupd.protocol import ids, limits
+from p2pupd.protocol.errors import CodecError, FrameTooLargeError, SchemaError
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.varint import encode_uvarint, read_uvarint
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
-from . import limits
+from p2pupd.protocol import limits
 
 _CDC = FastCDC(
     avg_size=limits.CHUNK_AVG_BYTES,

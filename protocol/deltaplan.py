@@ -53,10 +53,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from . import limits
-from .errors import SchemaError
-from .manifest import ChunkRef, Delta, FileEntry, Manifest
-from .varint import encode_uvarint, read_uvarint
+from p2pupd.protocol import limits
+from p2pupd.protocol.errors import SchemaError
+from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
+from p2pupd.protocol.varint import encode_uvarint, read_uvarint
 
 KIND_FILE = "file"
 KIND_CHUNK = "chunk"

@@ -19,8 +19,8 @@ from typing import Any
 
 import msgpack
 
-from . import limits
-from .errors import CodecError, FrameTooLargeError
+from p2pupd.protocol import limits
+from p2pupd.protocol.errors import CodecError, FrameTooLargeError
 
 Value = Any  # None | bool | int | str | bytes | list[Value] | dict[str, Value]
 

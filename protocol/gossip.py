@@ -37,7 +37,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .wire import Announce
+from p2pupd.protocol.wire import Announce
 
 P = TypeVar("P", bound=Hashable)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-from . import limits
-from .errors import CodecError, HashMismatchError, UnsafePathError
+from p2pupd.protocol import limits
+from p2pupd.protocol.errors import CodecError, HashMismatchError, UnsafePathError
 
 DIGEST_BYTES = 32
 HEX_RE = re.compile(r"[0-9a-f]{64}")

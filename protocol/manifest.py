@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import encoding, ids, limits
-from .errors import CodecError, SchemaError, UnsafePathError
+from p2pupd.protocol import encoding, ids, limits
+from p2pupd.protocol.errors import CodecError, SchemaError, UnsafePathError
 
 SPEC_VERSION = 1
 HOOK_POINTS = ("pre-apply", "post-apply", "health")

@@ -41,7 +41,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from . import limits
+from p2pupd.protocol import limits
 
 P = TypeVar("P", bound=Hashable)
 

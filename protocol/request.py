@@ -50,11 +50,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import encoding, ids, limits
-from .deltaplan import needed_blobs
-from .errors import MixAndMatchError, SchemaError
-from .manifest import Manifest
-from .trust import Envelope, Role, check_signatures, key_id, sign
+from p2pupd.protocol import encoding, ids, limits
+from p2pupd.protocol.deltaplan import needed_blobs
+from p2pupd.protocol.errors import MixAndMatchError, SchemaError
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.trust import Envelope, Role, check_signatures, key_id, sign
 
 REQUEST_TYPE = "request"
 SITE_REQUEST_TYPE = "site-request"

@@ -44,9 +44,9 @@ import enum
 from collections import deque
 from collections.abc import Mapping
 
-from . import ids, limits
-from .errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
-from .wire import (
+from p2pupd.protocol import ids, limits
+from p2pupd.protocol.errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
+from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,
     FEATURE_RANGE,

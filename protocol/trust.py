@@ -38,8 +38,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import encoding, ids, limits
-from .errors import (
+from p2pupd.protocol import encoding, ids, limits
+from p2pupd.protocol.errors import (
     BadSignatureError,
     ExpiredError,
     MixAndMatchError,
@@ -48,7 +48,7 @@ from .errors import (
     ThresholdError,
     UnknownKeyError,
 )
-from .manifest import Manifest
+from p2pupd.protocol.manifest import Manifest
 
 SIG_CONTEXT = b"p2pupd signature v1\x00"
 ROOT_TYPE = "root"

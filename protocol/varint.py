@@ -6,7 +6,7 @@ parser accumulate an unbounded integer: a longer varint is refused, not read.
 
 from __future__ import annotations
 
-from .errors import SchemaError
+from p2pupd.protocol.errors import SchemaError
 
 
 def encode_uvarint(n: int) -> bytes:

@@ -62,8 +62,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from . import PROTOCOL_VERSION, encoding, ids, limits
-from .errors import FrameTooLargeError, LocalProtocolError, RemoteProtocolError, SchemaError
+from p2pupd.protocol import PROTOCOL_VERSION, encoding, ids, limits
+from p2pupd.protocol.errors import (
+    FrameTooLargeError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SchemaError,
+)
 
 MAGIC = b"p2pupd"
 HEADER_BYTES = 4

@@ -18,9 +18,9 @@ import trio
 import trio.testing
 from _kit import Site
 
-from p2pupd.daemon.core import NodeService, ServiceOptions
-from p2pupd.daemon.node_ctx import Node
 from p2pupd.daemon.offload import inline
+from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
+from p2pupd.daemon.state.node import Node
 
 __all__ = ["Site", "link", "make_service", "random_tree", "wait_until"]
 

@@ -26,9 +26,21 @@ from p2pupd.protocol.errors import (
     UnsafePathError,
     VerificationError,
 )
-
-from . import cmd_daemon, cmd_inspect, cmd_maint, cmd_node, cmd_publisher, demo, keys
-from .clibase import EPILOG, EXIT_ERROR, EXIT_REFUSED, EXIT_USAGE, Adder, UsageError
+from p2pupd.tools import demo
+from p2pupd.tools.commands import daemon as cmd_daemon
+from p2pupd.tools.commands import inspect as cmd_inspect
+from p2pupd.tools.commands import maint as cmd_maint
+from p2pupd.tools.commands import node as cmd_node
+from p2pupd.tools.commands import publisher as cmd_publisher
+from p2pupd.tools.commands.base import (
+    EPILOG,
+    EXIT_ERROR,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Adder,
+    UsageError,
+)
+from p2pupd.tools.publisher import keys
 
 COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_maint, cmd_daemon, demo]
 

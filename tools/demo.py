@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from p2pupd.daemon import api
-
-from .clibase import EXIT_ERROR, EXIT_OK, Adder
-from .delta import source_for_node_at
-from .export import ReleaseSource, write_bundle
-from .keys import generate
-from .publish import build_manifest, sign_and_write
-from .repo import Repo
+from p2pupd.tools.commands.base import EXIT_ERROR, EXIT_OK, Adder
+from p2pupd.tools.publisher.deltas import source_for_node_at
+from p2pupd.tools.publisher.export import ReleaseSource, write_bundle
+from p2pupd.tools.publisher.keys import generate
+from p2pupd.tools.publisher.publish import build_manifest, sign_and_write
+from p2pupd.tools.publisher.repo import Repo
 
 NODES = ("node1", "node2", "node3")
 CONVERGE_SECONDS = 60.0

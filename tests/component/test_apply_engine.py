@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from conftest import World, make_tree, tree_snapshot
 
-from p2pupd.daemon import api, fsutil, statcache, targets
-from p2pupd.daemon.apply import Applier
+from p2pupd.daemon import api, fsutil
+from p2pupd.daemon.apply import targets
+from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.errors import ApplyError, CorruptStoreError, NotFoundError
-from p2pupd.daemon.node_ctx import Node
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.stage import statcache
+from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.store.blobs import BlobStore
 
 FILES = {f"lib/f{i:02}": os.urandom(3000 + i) for i in range(20)}
 V1 = {**FILES, "bin/tool": b"v1\n", "etc/conf": b"a=1\n"}

@@ -13,13 +13,14 @@ import pytest
 import trio
 import trio.testing
 
-from p2pupd.daemon import app, ctlclient
+from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon.errors import ConfigError, HealthCheckFailedError, NotFoundError
 from p2pupd.daemon.events import format_event
-from p2pupd.daemon.landing import Landing
+from p2pupd.daemon.net.peers import PeerTable
 from p2pupd.daemon.options import parse_endpoint, parse_rate
-from p2pupd.daemon.peers import PeerTable
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.service import app
+from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.landing import Landing
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import HashMismatchError, RollbackError, VerificationError
 

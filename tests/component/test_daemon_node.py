@@ -11,12 +11,12 @@ import trio.testing
 from _daemonkit import Site, installed, link, make_service, random_tree, wait_until
 
 from p2pupd.daemon import api
-from p2pupd.daemon.blobxfer import get_ranged
-from p2pupd.daemon.gossip_service import fetch_manifest
-from p2pupd.daemon.node import StateDir
-from p2pupd.daemon.node_ctx import Node
-from p2pupd.daemon.ratelimit import TokenBucket
-from p2pupd.daemon.transport import ERR_PROTOCOL
+from p2pupd.daemon.net.ranged import get_ranged
+from p2pupd.daemon.net.ratelimit import TokenBucket
+from p2pupd.daemon.net.transport import ERR_PROTOCOL
+from p2pupd.daemon.service.gossip import fetch_manifest
+from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.protocol import ids
 from p2pupd.protocol.session import Session, Signal
 from p2pupd.protocol.wire import FEATURE_HAVE, FEATURE_RANGE, Error
@@ -38,7 +38,7 @@ async def test_restart_resumes_from_what_is_stored(
     node_a, node_b = Node(sa), Node(sb)
     env = node_a.releases.get(node_a.trusted_root(), "app", 1)[1]
     man = node_a.manifest("app", 1)
-    from p2pupd.daemon.accept import persist_release
+    from p2pupd.daemon.state.gate import persist_release
 
     persist_release(node_b, man, env, env.payload_digest(), "received", "test")
     sizes = man.blob_sizes()

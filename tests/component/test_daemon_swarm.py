@@ -16,8 +16,8 @@ from _daemonkit import Site, installed, link, make_service, random_tree, wait_un
 from conftest import tree_snapshot
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pupd.daemon.core import NodeService
-from p2pupd.daemon.node_ctx import Node
+from p2pupd.daemon.service.nodeservice import NodeService
+from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import ids
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import sign

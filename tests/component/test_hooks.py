@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from p2pupd.daemon.errors import HookError
-from p2pupd.daemon.hooks import (
+from p2pupd.daemon.apply.hooks import (
     HookResult,
     HookRunner,
     hook_env,
     run_hook_or_raise,
     wasmtime_version,
 )
+from p2pupd.daemon.errors import HookError
 from p2pupd.protocol.ids import sha256
 from p2pupd.protocol.limits import KiB, MiB
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2pupd.daemon.metrics import DaemonMetrics, serve_metrics
+from p2pupd.daemon.service.metrics import DaemonMetrics, serve_metrics
 
 
 async def http_get(port: int, path: str) -> bytes:

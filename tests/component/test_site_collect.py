@@ -11,10 +11,10 @@ import trio.testing
 from _daemonkit import Site, link, make_service, random_tree, wait_until
 
 from p2pupd.daemon import api
-from p2pupd.daemon.core import NodeService
-from p2pupd.daemon.node import now_seconds
-from p2pupd.daemon.node_ctx import Node
-from p2pupd.daemon.siterequest import build_request
+from p2pupd.daemon.bundles.siterequest import build_request
+from p2pupd.daemon.service.nodeservice import NodeService
+from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import now_seconds
 from p2pupd.protocol.request import verify_any_request
 from p2pupd.protocol.wire import NodeRequestData, NodeRequestQuery
 

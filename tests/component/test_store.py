@@ -13,7 +13,7 @@ import pytest
 
 from p2pupd.daemon import fsutil
 from p2pupd.daemon.errors import CorruptStoreError, NoSpaceError, NotFoundError, StorageError
-from p2pupd.daemon.store import BLOB_MODE, BlobStore
+from p2pupd.daemon.store.blobs import BLOB_MODE, BlobStore
 from p2pupd.protocol.errors import CodecError, FrameTooLargeError, HashMismatchError
 
 MiB = 1 << 20

@@ -13,8 +13,8 @@ import trio.testing
 from _daemonkit import Site, link, make_service, wait_until
 
 from p2pupd.daemon import api
-from p2pupd.daemon.fetch import IDLE_SECONDS
-from p2pupd.daemon.transport import PeerConnection
+from p2pupd.daemon.net.transport import PeerConnection
+from p2pupd.daemon.service.fetch import IDLE_SECONDS
 from p2pupd.protocol.errors import RemoteProtocolError
 from p2pupd.protocol.session import Session
 from p2pupd.protocol.wire import (

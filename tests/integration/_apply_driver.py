@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from p2pupd.daemon import transaction
-from p2pupd.daemon.apply import Applier
+from p2pupd.daemon.apply import transaction
+from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.errors import HealthCheckFailedError
-from p2pupd.daemon.node import ComponentConfig
-from p2pupd.daemon.node_ctx import Node
+from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import ComponentConfig
 from p2pupd.protocol.errors import P2pupdError
 from p2pupd.protocol.manifest import Manifest
 

@@ -15,9 +15,9 @@ from conftest import World, make_tree, tree_snapshot
 from p2pupd.protocol import encoding
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import RELEASE_TYPE, ROOT_TYPE, Envelope, Role, Root, key_id, sign
-from p2pupd.tools.export import ReleaseSource, write_bundle
-from p2pupd.tools.keys import generate, load_private
-from p2pupd.tools.repo import Repo
+from p2pupd.tools.publisher.export import ReleaseSource, write_bundle
+from p2pupd.tools.publisher.keys import generate, load_private
+from p2pupd.tools.publisher.repo import Repo
 
 V1 = {"a.txt": b"one\n", "lib/data.bin": bytes(range(256)) * 300}
 V2 = {"a.txt": b"two\n", "lib/data.bin": bytes(range(256)) * 300, "new.txt": b"new\n"}

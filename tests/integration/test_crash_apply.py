@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 from _apply_driver import serve
 
-from p2pupd.daemon.journal import Journal
-from p2pupd.daemon.node import StateDir
-from p2pupd.daemon.store import BlobStore
-from p2pupd.daemon.transaction import CRASH_POINTS
+from p2pupd.daemon.apply.journal import Journal
+from p2pupd.daemon.apply.transaction import CRASH_POINTS
+from p2pupd.daemon.state.statedir import StateDir
+from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.tools.cli import main
 
 KINDS = ("dir", "symlink", "file")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from _daemonkit import Site, random_tree
 
-from p2pupd.daemon.node import StateDir
+from p2pupd.daemon.state.statedir import StateDir
 
 LISTEN_RE = re.compile(r"event=listening addr=127\.0\.0\.1:(\d+)")
 

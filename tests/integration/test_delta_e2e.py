@@ -96,7 +96,7 @@ def test_delta_only_bundle_updates_v1_to_v2(at_v1: World, empty_store: bool) -> 
 
 
 def test_publish_records_both_delta_kinds(at_v1: World) -> None:
-    from p2pupd.tools.repo import Repo
+    from p2pupd.tools.publisher.repo import Repo
 
     repo = Repo(at_v1.repo)
     man, _ = repo.release("app", repo.serials("app")[-1])

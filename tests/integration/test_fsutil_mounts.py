@@ -12,7 +12,7 @@ import pytest
 from _mounts import reflink_fs, tmpfs
 
 from p2pupd.daemon import fsutil
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.store.blobs import BlobStore
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ import pytest
 from _mounts import tmpfs
 from conftest import Run, make_tree, tree_snapshot
 
-from p2pupd.daemon import api, fsutil, stage
+from p2pupd.daemon import api, fsutil
 from p2pupd.daemon.errors import NoSpaceError
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.stage import stager as stage
+from p2pupd.daemon.store.blobs import BlobStore
 
 MiB = 1 << 20
 

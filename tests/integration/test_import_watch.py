@@ -17,7 +17,7 @@ from _sneaker import V1, V2, flip_bit, installed_version, parts
 from conftest import World
 
 from p2pupd.daemon import api
-from p2pupd.daemon.watch import find_bundles
+from p2pupd.daemon.bundles.watch import find_bundles
 
 
 def arrive(bundle: Path, mount: Path, name: str) -> Path:

@@ -30,10 +30,10 @@ from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
 from p2pupd.protocol.errors import SchemaError
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.patchcodec import encode_dict_patch, encode_patch
 from p2pupd.protocol.trust import RELEASE_TYPE, ROOT_TYPE, Envelope, Role, Root, key_id, sign
-from p2pupd.tools.export import HeldEnvelope, ReleaseSource, receiver_root
-from p2pupd.tools.keys import generate
-from p2pupd.tools.patchcodec import encode_dict_patch, encode_patch
+from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource, receiver_root
+from p2pupd.tools.publisher.keys import generate
 
 ENCODERS = {
     oci.RELEASE_PATCH_MEDIA_TYPE: encode_patch,

@@ -34,7 +34,7 @@ from _cluster import (
 from _netns import netns_unavailable
 from conftest import tree_snapshot
 
-from p2pupd.daemon.node import StateDir
+from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.protocol import limits
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import Envelope

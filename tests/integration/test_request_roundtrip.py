@@ -14,7 +14,7 @@ from _sneaker import V1, V2, carried_blobs, installed_version, rand, store_blobs
 from conftest import World, tree_snapshot
 
 from p2pupd.protocol.request import verify_request
-from p2pupd.tools.repo import Repo
+from p2pupd.tools.publisher.repo import Repo
 
 V3 = {**V2, "etc/b.conf": b"b=2\n", "data/new.bin": rand(2, 300_000)[:-1000] + rand(3, 5000)}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from _daemonkit import Site, random_tree
 from test_daemon_processes import Daemon, cli, daemons, private_cluster
 
-from p2pupd.daemon.node import StateDir
+from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.protocol.request import verify_any_request
 
 

@@ -18,7 +18,7 @@ from _mounts import tmpfs
 
 from p2pupd.daemon import fsutil
 from p2pupd.daemon.errors import NoSpaceError
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.store.blobs import BlobStore
 
 MiB = 1 << 20
 

@@ -33,15 +33,15 @@ from _sneaker import (
 )
 from conftest import Run, World, make_tree
 
-from p2pupd.daemon.bundleio import BundleReader
+from p2pupd.daemon.bundles.reader import BundleReader
 from p2pupd.daemon.fsutil import rename_exchange
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
 from p2pupd.protocol.request import sign_request, verify_request
-from p2pupd.tools import progress
-from p2pupd.tools.export import ReleaseSource, write_bundle
-from p2pupd.tools.keys import generate
-from p2pupd.tools.repo import Repo
+from p2pupd.tools.commands import progress
+from p2pupd.tools.publisher.export import ReleaseSource, write_bundle
+from p2pupd.tools.publisher.keys import generate
+from p2pupd.tools.publisher.repo import Repo
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ import pytest
 from _sneaker import carried_blobs
 from conftest import Run, World, make_tree, tree_snapshot
 
-from p2pupd.tools.repo import Repo
+from p2pupd.tools.publisher.repo import Repo
 
 X86, ARM, RISCV = "linux-x86_64", "linux-aarch64", "linux-riscv64"
 V1 = {"bin/tool": b"v1\n", "etc/conf": b"a=1\n"}

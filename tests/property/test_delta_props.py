@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pupd.daemon.delta import DeltaBuilder, apply_patch
-from p2pupd.daemon.stage import missing_blobs, stage_tree
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.stage.delta import DeltaBuilder, apply_patch
+from p2pupd.daemon.stage.stager import missing_blobs, stage_tree
+from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.protocol import chunking
 from p2pupd.protocol.deltaplan import (
     KIND_CHUNK,
@@ -33,8 +33,8 @@ from p2pupd.protocol.deltaplan import (
 )
 from p2pupd.protocol.errors import HashMismatchError, SchemaError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.tools.delta import DeltaMaker, encode_patch
-from p2pupd.tools.segments import plan_segments
+from p2pupd.tools.publisher.deltas import DeltaMaker, encode_patch
+from p2pupd.tools.publisher.segments import plan_segments
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pupd.daemon.store import BlobStore
+from p2pupd.daemon.store.blobs import BlobStore
 
 # Each example does real fsyncs; keep the count modest so the suite stays fast.
 EXAMPLES = settings(max_examples=40, deadline=None)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pupd.daemon import journal as journal_module
-from p2pupd.daemon.journal import Journal
+from p2pupd.daemon.apply import journal as journal_module
+from p2pupd.daemon.apply.journal import Journal
 
 
 def tx(j: Journal, name: str, *steps: str) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from p2pupd.daemon import statcache
-from p2pupd.daemon.statcache import Entry, Shape, StatCache, stat_key
+from p2pupd.daemon.stage import statcache
+from p2pupd.daemon.stage.statcache import Entry, Shape, StatCache, stat_key
 
 
 def sha(data: bytes) -> bytes:

@@ -39,11 +39,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from p2pupd.daemon import api
-from p2pupd.daemon.apply import Applier
+from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.fsutil import filesystem_type
-from p2pupd.daemon.node_ctx import Node
+from p2pupd.daemon.state.node import Node
 from p2pupd.tools.cli import main as cli_main
-from p2pupd.tools.repo import Repo
+from p2pupd.tools.publisher.repo import Repo
 
 MiB = 1 << 20
 

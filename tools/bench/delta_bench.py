@@ -204,7 +204,7 @@ def fetch_real(cache: Path) -> tuple[Path, Path, str]:
 
 def changed_pairs(old: Path, new: Path) -> list[tuple[Path | None, Path]]:
     """(old file or None, new file) for every new file that differs, paired as publish does."""
-    from p2pupd.tools.delta import _name_key
+    from p2pupd.tools.publisher.deltas import _name_key
 
     olds = {str(p.relative_to(old)): p for p in old.rglob("*") if p.is_file()}
     news = {str(p.relative_to(new)): p for p in new.rglob("*") if p.is_file()}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import wasmtime
 
-from p2pupd.daemon.hooks import HookResult, HookRunner, wasmtime_version
+from p2pupd.daemon.apply.hooks import HookResult, HookRunner, wasmtime_version
 from p2pupd.protocol.ids import sha256
 
 

@@ -1,0 +1,436 @@
+"""Import a bundle (a USB stick, a directory) into a node.
+
+Theory of operation -- the medium is read-only and untrusted (see bundleio.py
+for how it is read), and nothing on the node changes until all of it checks out:
+
+1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
+   signed document they point to (each hash-checked against its name, the lot
+   bounded by ``bundle.MAX_METADATA_BYTES``), and every pack, to learn which
+   blobs it holds. A release envelope carried as a patch is rebuilt from the
+   envelope this node stores that it names (by sha256), then treated exactly
+   as a whole one. A bundle whose patch needs a base this node lacks is refused
+   (``MissingBaseError``, exit 1) if the node runs that component, else that
+   release is skipped.
+2. *Verify in memory.* Walk the root chain from the pinned root (a bundle root
+   at a version we hold must be the one we hold: else it is another
+   repository's), verify every release envelope (signatures, expiry on the
+   node clock, component named by the artifact), check that each release
+   artifact's layers and pack entries are blobs its signed manifest names,
+   and -- for a minimal bundle -- that the request it was cut for is this
+   node's own.
+3. *Rollback rule*, per component: the newest release offered must be newer
+   than the high-water mark (or be exactly the release held); older ones are
+   imported only if already held, else skipped as history.
+4. *Layout.* Every referenced blob must be a regular file of its declared
+   size; an unreferenced blob or a stray name in ``blobs/sha256`` is refused.
+   Any failure so far raises before a single byte is written.
+5. *Copy* the blobs the store lacks into ``STATE/incoming`` (incoming.py),
+   hashing as they stream; blobs an interrupted run left there are re-checked
+   and reused. Packed blobs come first: each pack is read again (one in memory
+   at a time) and its entries are copied out of it like files. A mismatch
+   discards what this run copied (exit 3, nothing changed); an I/O error keeps
+   it for the rerun (exit 1).
+6. *Commit*: flush, move the blobs into the store, then persist the new root
+   and the release envelopes and raise the high-water marks (atomic writes).
+   A crash in between is repaired by a rerun: blobs already stored are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from p2pupd.daemon.bundles.reader import BundleReader
+from p2pupd.daemon.bundles.siterequest import node_public_key
+from p2pupd.daemon.bundles.verify import (
+    BundleMetadata,
+    HeldEnvelopes,
+    PackedBlob,
+    VerifiedRelease,
+    read_metadata,
+)
+from p2pupd.daemon.errors import BundleError, MissingBaseError, StorageError
+from p2pupd.daemon.fsutil import ensure_free, write_all
+from p2pupd.daemon.state.gate import needed_for, persist_release
+from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
+from p2pupd.daemon.store.incoming import Incoming
+from p2pupd.protocol import bundle as oci
+from p2pupd.protocol import ids, limits
+from p2pupd.protocol.errors import (
+    P2pupdError,
+    RemoteProtocolError,
+    RollbackError,
+    VerificationError,
+)
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.trust import Envelope, check_serial
+
+FREE_MARGIN_BYTES = 16 * limits.MiB
+COPY_THREADS = min(4, os.cpu_count() or 1)
+DEBRIS_ENTRIES = 1024  # hidden names (.DS_Store, ._*) tolerated in blobs/sha256
+
+# Fault injection for the resume test: SIGKILL this process after N blobs.
+_KILL_AFTER = os.environ.get("P2PUPD_IMPORT_KILL_AFTER")
+
+
+class ImportInterruptedError(BundleError):
+    """The import was asked to stop; complete blobs are kept for a rerun."""
+
+
+@dataclass
+class ImportedRelease:
+    component: str
+    version: str
+    serial: int
+    new: bool
+    complete: bool = True
+
+
+@dataclass
+class ImportReport:
+    root_version: int = 0
+    releases: list[ImportedRelease] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    blobs_copied: int = 0
+    blobs_resumed: int = 0
+    blobs_present: int = 0
+    bytes_copied: int = 0
+    for_node: str | None = None
+    seconds: float = 0.0
+    # Newer releases with no variant for this node: (component, serial, version, message).
+    no_variant: list[tuple[str, int, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Candidate:
+    rel: VerifiedRelease
+    new: bool
+
+
+def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> list[_Candidate]:
+    """Apply the configuration and the rollback rule; return what to import.
+
+    Raises ``RollbackError`` when a component's newest offered release is not
+    newer than the node's high-water mark (a replayed, frozen or stale
+    bundle), or when a release differs from the one held under its serial.
+    """
+    states = node.state.read_states()
+    by_comp: dict[str, list[VerifiedRelease]] = {}
+    others: dict[tuple[str, int], list[Manifest]] = {}  # variants for other platforms
+    for r in meta.releases:
+        man = r.manifest
+        if man.component not in node.config.components:
+            report.skipped.append(f"{man.component} {man.version}: not configured on this node")
+        elif man.platform is not None and man.platform != node.config.platform:
+            others.setdefault((man.component, man.serial), []).append(man)
+        else:
+            by_comp.setdefault(man.component, []).append(r)
+    # Another platform's variant is noise when ours came along; a release with
+    # no variant for us is worth saying so, naming what it does have.
+    ours = {(r.manifest.component, r.manifest.serial) for rels in by_comp.values() for r in rels}
+    for key, mans in sorted(others.items()):
+        if key not in ours:
+            msg = no_variant_message(mans, node.config.platform)
+            report.skipped.append(msg)
+            st = states.get(key[0])
+            if key[1] > (st.high_water if st else 0):
+                report.no_variant.append((*key, mans[0].version, msg))
+    out: list[_Candidate] = []
+    for comp, rels in sorted(by_comp.items()):
+        rels.sort(key=lambda r: r.manifest.serial)
+        st = states.get(comp)
+        high = st.high_water if st else 0
+        newest = rels[-1]
+        check_serial(newest.manifest, high, st.high_digest if st else None, newest.digest)
+        for r in rels:
+            man = r.manifest
+            if man.serial > high:
+                out.append(_Candidate(r, True))
+                continue
+            held = _held_digest(node, comp, man.serial)
+            if held == r.digest:
+                out.append(_Candidate(r, False))
+            elif held is not None:
+                raise RollbackError(
+                    f"release {comp} serial {man.serial} differs from the one this node holds "
+                    "(not newer than what it trusts)"
+                )
+            else:
+                report.skipped.append(
+                    f"{comp} {man.version}: serial {man.serial} is older than trusted serial {high}"
+                )
+    return out
+
+
+def no_variant_message(variants: list[Manifest], platform: str) -> str:
+    """Return "no variant of app 2.0 for P; the release has X, Y" for one release."""
+    man = variants[0]
+    have = ", ".join(sorted({str(m.platform) for m in variants}))
+    return f"no variant of {man.component} {man.version} for {platform}; the release has {have}"
+
+
+def _held_digest(node: Node, component: str, serial: int) -> bytes | None:
+    if not node.releases.has(component, serial):
+        return None
+    try:
+        data = node.releases.get_bytes(component, serial)
+        return Envelope.decode(data, limits.MAX_MANIFEST_BYTES).payload_digest()
+    except P2pupdError:  # unreadable or damaged: treated as not held
+        return None
+
+
+def held_envelopes(node: Node) -> HeldEnvelopes:
+    """Find the stored envelope a release patch applies to, by its sha256.
+
+    Stored envelopes are ``Envelope.encode()`` of what the node verified, so
+    they are byte-identical to the publisher's. The serial the patch names is
+    tried first (it is only a hint), then every other stored release of the
+    component, newest first, one file in memory at a time.
+    """
+
+    def find(component: str, patch: oci.ReleasePatch) -> bytes | None:
+        if component not in node.config.components:
+            return None
+        serials = node.releases.serials(component)
+        if patch.base_serial in serials:
+            serials.remove(patch.base_serial)
+            serials.append(patch.base_serial)
+        for serial in reversed(serials):
+            try:
+                data = node.releases.get_bytes(component, serial)
+            except P2pupdError:  # unreadable: not a base
+                continue
+            if ids.sha256(data) == patch.base:
+                return data
+        return None
+
+    return find
+
+
+def import_bundle(
+    node: Node,
+    src: os.PathLike[str] | str,
+    now: int | None,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    *,
+    cancel: Callable[[], bool] | None = None,
+    allow_other_node: bool = False,
+) -> ImportReport:
+    """Verify and import the bundle at ``src`` into ``node``. See module doc.
+
+    The caller holds the node lock. ``on_total`` is told how many bytes will
+    be copied, ``progress`` each block copied; ``cancel`` is polled between
+    blobs. Raises a ``VerificationError`` (refused) or ``RemoteProtocolError``
+    (malformed medium) with the node unchanged; ``BundleError`` (the medium
+    could not be read), ``ImportInterruptedError`` or ``StorageError`` with the
+    node unchanged but for complete blobs kept in ``STATE/incoming`` to resume.
+    """
+    t0 = time.monotonic()
+    with BundleReader(src) as reader:
+        meta = read_metadata(
+            reader, node.trusted_root(), node.trust_store.history(), now, held_envelopes(node)
+        )
+        report = ImportReport(root_version=meta.trusted.version)
+        if meta.request is not None:
+            report.for_node = meta.request.collector.node_id.hex()
+            if not allow_other_node:
+                meta.check_request_is_for(node.config.node_id, node_public_key(node.state))
+        for u in meta.unresolved:
+            if u.component in node.config.components:
+                raise MissingBaseError(u.message)
+            report.skipped.append(f"{u.label}: not configured on this node")
+        todo = select_releases(node, meta, report)
+        # An honest blob directory holds exactly the referenced blobs (and a
+        # little OS debris), which bounds the listing far below MAX_BUNDLE_MEMBERS.
+        inodes = reader.check_blobs(meta.referenced, len(meta.referenced) + DEBRIS_ENTRIES)
+        carried: dict[bytes, int] = {}
+        for c in todo:
+            carried.update(c.rel.carried)
+        need = {d: s for d, s in carried.items() if not node.store.has(d)}
+        report.blobs_present = len(carried) - len(need)
+        incoming = Incoming(node.root, node.store)
+        try:
+            blobs = _BlobOpener(reader, meta.packed)
+            _copy(blobs, incoming, need, inodes, report, progress, on_total, cancel)
+            # Everything is verified and on our disk. From here on only complete
+            # blobs and atomically written documents are added.
+            incoming.commit(sorted(need))
+            incoming.remove()
+        finally:
+            incoming.remove_if_empty()  # an empty area left by a failure goes
+    _persist(node, meta, todo, report, now, os.fspath(src))
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+class _BlobOpener:
+    """Opens the bytes of a blob to copy: its file on the medium, or its entry in a pack.
+
+    ``Incoming.copy`` reads from an fd, so a packed blob is served from an
+    anonymous in-memory file. The pack is read (hash-checked) again, one at a
+    time: packed blobs are copied in pack order, so each pack is read about once.
+    """
+
+    def __init__(self, reader: BundleReader, packed: dict[bytes, PackedBlob]) -> None:
+        self.reader = reader
+        self.packed = packed
+        self._lock = threading.Lock()
+        self._pack: tuple[bytes, bytes] | None = None  # (digest, bytes) of the pack in memory
+
+    def order(self, digest: bytes, inodes: dict[bytes, int]) -> tuple[int, bytes, int]:
+        """Sort key: packed blobs first, by pack and offset; then files in on-disk order."""
+        at = self.packed.get(digest)
+        if at is not None:
+            return (0, at.pack, at.offset)
+        return (1, b"", inodes.get(digest, 0))
+
+    def open(self, digest: bytes, size: int) -> int:
+        """Return an fd reading the blob from its start (the caller closes it)."""
+        at = self.packed.get(digest)
+        if at is None:
+            return self.reader.open_blob(digest, size)
+        with self._lock:
+            if self._pack is None or self._pack[0] != at.pack:
+                self._pack = None  # one pack in memory at a time
+                self._pack = (at.pack, self.reader.read_blob(at.pack, at.pack_size))
+            data = self._pack[1][at.offset : at.offset + at.size]
+        return _memory_fd(data)
+
+
+def _memory_fd(data: bytes) -> int:
+    """Return an fd positioned at the start of a private, unnamed file holding ``data``."""
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("p2pupd-packed-blob", os.MFD_CLOEXEC)
+        else:
+            fd, name = tempfile.mkstemp(prefix="p2pupd-packed-")
+            os.unlink(name)
+    except OSError as exc:
+        raise StorageError(f"cannot buffer a packed blob: {exc.strerror or exc}") from None
+    try:
+        write_all(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"cannot buffer a packed blob: {exc.strerror or exc}") from None
+    return fd
+
+
+def _copy(
+    blobs: _BlobOpener,
+    incoming: Incoming,
+    need: dict[bytes, int],
+    inodes: dict[bytes, int],
+    report: ImportReport,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+    cancel: Callable[[], bool] | None,
+) -> None:
+    """Bring every blob of ``need`` into ``incoming``; see step 5 of the module doc.
+
+    Blobs are copied by ``COPY_THREADS`` threads (hashing and the kernel's
+    file creation release the GIL): packed blobs first, then files in on-disk
+    order of the medium.
+    """
+    incoming.open()
+    left = incoming.held()
+    resumed = {d for d in need if d in left and incoming.reverify(d, need[d])}
+    todo = iter(sorted((d for d in need if d not in resumed), key=lambda d: blobs.order(d, inodes)))
+    total = sum(s for d, s in need.items() if d not in resumed)
+    if on_total is not None:
+        on_total(total)
+    if total:
+        ensure_free(incoming.dir.parent, total, FREE_MARGIN_BYTES)
+    report.blobs_resumed = len(resumed)
+    lock = threading.Lock()
+    copied: list[bytes] = []
+    failed: list[BaseException] = []
+    kill_after = int(_KILL_AFTER) if _KILL_AFTER else None
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                dg = None if failed else next(todo, None)
+            if dg is None:
+                return
+            try:
+                if cancel is not None and cancel():
+                    raise ImportInterruptedError(
+                        f"import stopped after {len(copied)} blobs; rerun it to resume"
+                    )
+                fd = blobs.open(dg, need[dg])
+                try:
+                    n = incoming.copy(fd, dg, need[dg], advance)
+                finally:
+                    os.close(fd)
+            except BaseException as exc:
+                with lock:
+                    failed.append(exc)
+                return
+            with lock:
+                copied.append(dg)
+                report.blobs_copied += 1
+                report.bytes_copied += n
+                if kill_after is not None and len(copied) >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threads = [threading.Thread(target=worker, name=f"import-{i}") for i in range(COPY_THREADS)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException as exc:  # KeyboardInterrupt: stop after the blobs in flight
+        with lock:
+            failed.insert(0, exc)
+        for t in threads:
+            t.join()
+    if failed:
+        if isinstance(failed[0], (VerificationError, RemoteProtocolError)):
+            # The bundle lied: what it brought goes, so a refusal changes nothing.
+            incoming.discard(copied)
+            incoming.remove_if_empty()
+        raise failed[0]
+
+
+def _persist(
+    node: Node,
+    meta: BundleMetadata,
+    todo: list[_Candidate],
+    report: ImportReport,
+    now: int | None,
+    src: str,
+) -> None:
+    """Record the new root, the releases and the high-water marks (step 6).
+
+    Releases take the one path every verified release takes into a node
+    (``accept.persist_release``).
+    """
+    if meta.trusted.version != node.trusted_root().version:
+        node.trust_store.advance(meta.roots, now)
+    for comp, serial, version, msg in report.no_variant:
+        # Recorded once, so `apply` can say why a release the site expects is absent.
+        st = node.state.read_state(comp)
+        if not any(h.event == "no-variant" and h.serial == serial for h in st.history):
+            entry = HistoryEntry(now_seconds(), "no-variant", serial, version, msg)
+            node.state.update_state(comp, st.with_event(entry))
+    for c in todo:
+        man = c.rel.manifest
+        if c.new:
+            persist_release(node, man, c.rel.envelope, c.rel.digest, "imported", src)
+        complete = not needed_for(node, man)
+        report.releases.append(
+            ImportedRelease(man.component, man.version, man.serial, c.new, complete)
+        )

@@ -1,0 +1,267 @@
+"""``p2pupd daemon``: wiring the services together, supervising them, shutting down.
+
+Theory of operation
+-------------------
+``run`` takes the node lock (one daemon per state directory; the CLI talks to
+it over the control socket meanwhile), then starts each service with
+``nursery.start`` in a fixed order, each under ``supervise`` with its own
+restart policy:
+
+    service     what                             policy
+    node        recovery, gossip, fetch (core)   restart, backoff 1-30 s
+    control     STATE/control.sock               restart, backoff 1-30 s
+    listener    TCP accept loop                  restart, backoff 1-30 s
+    dialer      static peers and mDNS finds      restart, backoff 1-30 s
+    discovery   zeroconf register/browse         restart, backoff 5-300 s
+
+A service that fails *while starting* is fatal (bad listen address, unusable
+state directory): the daemon exits with one error line. After start, a
+failure is logged (``event=service-failed``) and the service restarted after
+its backoff; peers' faults never get this far (each connection catches its
+own). Only then is readiness reported: ``event=ready`` and ``READY=1`` to
+systemd (``$NOTIFY_SOCKET``, a datagram; no dependency).
+
+SIGTERM/SIGINT: ``STOPPING=1``, ``Bye`` to every peer (bounded wait), cancel
+everything; discovery unregisters, the control socket is removed, the lock is
+released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pupd.daemon.errors import LockedError
+from p2pupd.daemon.events import log, observe, setup_logging, short
+from p2pupd.daemon.net.dialer import Dialer
+from p2pupd.daemon.net.discovery import Discovery
+from p2pupd.daemon.net.peers import format_endpoint
+from p2pupd.daemon.net.transport import serve_listener
+from p2pupd.daemon.options import DaemonOptions
+from p2pupd.daemon.service.autoimport import serve_watch
+from p2pupd.daemon.service.metrics import serve_metrics
+from p2pupd.daemon.service.metricsfeed import MetricsFeed
+from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
+from p2pupd.daemon.state.node import Node
+from p2pupd.protocol.errors import P2pupdError
+
+StartFn = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    restart: bool = True
+    backoff_min: float = 1.0
+    backoff_max: float = 30.0
+
+
+DEFAULT_POLICY = RestartPolicy()
+DISCOVERY_POLICY = RestartPolicy(backoff_min=5.0, backoff_max=300.0)
+# A watched mount directory may not exist until a stick is inserted.
+WATCH_POLICY = RestartPolicy(backoff_min=10.0, backoff_max=60.0)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd ``state`` (e.g. ``READY=1``) if it is listening; True if sent."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log("sd-notify-failed", level=logging.WARNING, reason=exc.strerror or str(exc))
+        return False
+    return True
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one real error inside nested exception groups, if there is one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def supervise(
+    name: str,
+    start: StartFn,
+    policy: RestartPolicy = DEFAULT_POLICY,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``start`` (a ``serve(task_status=...)`` service) and restart it per ``policy``.
+
+    A failure before the first ``started()`` propagates (fatal at start-up).
+    """
+    started = False
+    delay = policy.backoff_min
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                value = await nursery.start(start)
+                if not started:
+                    started = True
+                    task_status.started(value)
+                else:
+                    log("service-restarted", service=name)
+            log("service-stopped", service=name)
+            if not policy.restart:
+                return
+        except Exception as exc:
+            err = _leaf(exc)
+            if not started:
+                raise err from None
+            log(
+                "service-failed",
+                level=logging.ERROR,
+                service=name,
+                error=repr(err),
+                restart_in=delay if policy.restart else None,
+            )
+            if not policy.restart:
+                return
+        await trio.sleep(delay)
+        delay = min(policy.backoff_max, delay * 2)
+
+
+async def run(
+    options: DaemonOptions, *, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the daemon for ``options.state_dir`` until SIGTERM/SIGINT or cancellation.
+
+    Raises ``ConfigError``/``LockedError``/``ListenError``/``StorageError`` when
+    it cannot start.
+    """
+    node = Node(options.state_dir)
+    try:
+        node.lock.acquire()
+    except LockedError as exc:
+        raise LockedError(f"{exc}: is a p2pupd daemon already running on this state?") from None
+    try:
+        await trio.to_thread.run_sync(node.store.clean_tmp)
+        host, port = options.listen
+        core = NodeService(
+            node,
+            ServiceOptions(
+                bandwidth_limit=options.bandwidth_limit, gossip_interval=options.gossip_interval
+            ),
+        )
+        async with trio.open_nursery() as nursery:
+            if options.handle_signals:
+                nursery.start_soon(_on_signals, core, nursery.cancel_scope)
+
+            async def on_stream(stream: trio.SocketStream, address: str) -> None:
+                await core.run_stream(stream, outbound=False, address=address, source="incoming")
+
+            port = await nursery.start(
+                supervise,
+                "listener",
+                lambda task_status: serve_listener(host, port, on_stream, task_status=task_status),
+            )
+            core.options = dataclasses.replace(core.options, listen_port=port)
+            core.listen_endpoint = format_endpoint(host or "0.0.0.0", port)
+            log("listening", addr=core.listen_endpoint)
+            await nursery.start(supervise, "node", core.serve)
+            await nursery.start(supervise, "control", _control(core))
+            dialer = Dialer(core)
+            for peer_host, peer_port in options.peers:
+                dialer.add_static(peer_host, peer_port)
+            await nursery.start(supervise, "dialer", dialer.serve)
+            if options.mdns:
+                discovery = Discovery(
+                    core,
+                    port,
+                    interfaces=options.mdns_interfaces,
+                    listen_host=host,
+                    on_found=dialer.wake,
+                )
+                nursery.start_soon(supervise, "discovery", discovery.serve, DISCOVERY_POLICY)
+            if options.metrics_listen is not None:
+                await _start_metrics(nursery, core, options.metrics_listen)
+            for root in options.watch:
+                nursery.start_soon(supervise, f"watch:{root}", _watch(core, root), WATCH_POLICY)
+            log(
+                "ready",
+                node=short(node.config.node_id),
+                pid=os.getpid(),
+                mdns="on" if options.mdns else "off",
+            )
+            sd_notify("READY=1")
+            task_status.started(core)
+    finally:
+        node.lock.release()
+        log("stopped")
+
+
+async def _start_metrics(nursery: trio.Nursery, core: NodeService, listen: tuple[str, int]) -> None:
+    """Serve Prometheus metrics on ``listen`` (off unless configured)."""
+    feed = MetricsFeed(core)
+    observe(feed.on_event)
+    host, port = listen
+
+    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve_metrics(host, port, feed.metrics.registry, task_status=task_status)
+
+    bound = await nursery.start(supervise, "metrics", serve)
+    log("metrics-listening", addr=format_endpoint(host, bound))
+
+
+def _watch(core: NodeService, root: Path) -> StartFn:
+    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve_watch(core, root, task_status=task_status)
+
+    return serve
+
+
+def _control(core: NodeService) -> StartFn:
+    from p2pupd.daemon.service import (
+        control,  # control imports api, which imports this module lazily
+    )
+
+    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the control socket (imports ``control`` only when the daemon runs)."""
+        await control.serve(core, task_status=task_status)
+
+    return serve
+
+
+async def _on_signals(core: NodeService, scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log("stopping", signal=signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            with trio.move_on_after(3):
+                await core.close_all("shutting down")
+            scope.cancel()
+            break
+    # The services are unwinding now; a repeated SIGTERM (an impatient
+    # supervisor) must not kill the process half-way through its shutdown.
+    # systemd still has SIGKILL after TimeoutStopSec.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def main(options: DaemonOptions) -> int:
+    """Run the daemon in this process (the ``p2pupd daemon`` command); returns 0."""
+    setup_logging(options.log_level)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(run, options)
+    except BaseExceptionGroup as group:  # trio's nurseries wrap even a single error
+        leaf = _leaf(group)
+        if isinstance(leaf, P2pupdError):
+            raise leaf from None  # one line and an exit code at the CLI
+        raise
+    return 0

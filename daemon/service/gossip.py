@@ -1,0 +1,267 @@
+"""Driving ``protocol.gossip``: announce what we hold, fetch and verify newer manifests.
+
+Theory of operation
+-------------------
+The pure ``Gossip`` object decides; this service carries its actions out:
+
+* ``SendAnnounce(peer)`` posts our Announce on that peer's connection.
+* ``RequestManifest(peer, component, serial, digest)`` starts a task that
+  fetches the signed envelope (one ``ManifestRequest``, or ranged pieces when
+  both sides speak "range", so manifests larger than a frame still travel),
+  then hands it to ``Lifecycle.accept_from_peer``: verify against the
+  pinned root, check it is the serial and digest the peer announced, persist
+  it (``accept.persist_release``) and start fetching its blobs.
+* ``Ban(peer, ...)`` (after ``on_manifest_rejected``) bans and disconnects.
+
+What we *hold* for gossip is a release whose blobs are all here (the
+planner's rule: a node only announces what it can serve in full), so a
+release enters ``Gossip`` through ``complete`` when the fetch finishes, not
+when its manifest is verified. Meanwhile the serial is already at our
+high-water mark, and any request gossip plans for it or below is skipped: a
+second copy of a release we are fetching is useless, and an older one would
+fail the rollback check and wrongly get an honest peer banned.
+
+A manifest signed by keys our root does not know may be signed under a newer
+root: before banning, the peer is asked for root N+1, N+2, ... and each is
+accepted only through ``TrustStore.advance`` (threshold of old and new keys).
+Expired or other-platform releases are valid, so they are skipped, not
+punished.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from typing import TYPE_CHECKING
+
+import trio
+
+from p2pupd.daemon.errors import DaemonError
+from p2pupd.daemon.events import log, short
+from p2pupd.daemon.net.transport import PeerConnection, TransferError
+from p2pupd.daemon.state.gate import NotForThisNodeError
+from p2pupd.protocol.errors import (
+    ExpiredError,
+    RemoteProtocolError,
+    ThresholdError,
+    UnknownKeyError,
+    VerificationError,
+)
+from p2pupd.protocol.gossip import Action, Ban, Gossip, RequestManifest, SendAnnounce
+from p2pupd.protocol.session import Session
+from p2pupd.protocol.wire import (
+    FEATURE_RANGE,
+    MAX_RANGE_BYTES,
+    Announce,
+    ManifestData,
+    ManifestMissing,
+    ManifestRangeData,
+    RootData,
+)
+
+if TYPE_CHECKING:
+    from p2pupd.daemon.service.nodeservice import NodeService
+
+MAX_TICK_SECONDS = 30.0
+MAX_ROTATIONS = 8
+
+
+class GossipService:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        core: NodeService,
+        rng: random.Random,
+        *,
+        interval: float,
+        request_timeout: float,
+        ban_seconds: float,
+    ) -> None:
+        self.core = core
+        self._rng = rng
+        self._interval = interval
+        self._timeout = request_timeout
+        self._ban_seconds = ban_seconds
+        self.gossip: Gossip[bytes] = Gossip(rng, tracked=core.node.config.components)
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    def load(self, holdings: dict[str, tuple[int, bytes]]) -> None:
+        """Start from these complete holdings (before ``serve``)."""
+        self.gossip = Gossip(
+            self._rng,
+            holdings=holdings,
+            tracked=self.core.node.config.components,
+            announce_interval=self._interval,
+            request_timeout=self._timeout,
+            ban_seconds=self._ban_seconds,
+        )
+
+    @property
+    def holdings(self) -> dict[str, tuple[int, bytes]]:
+        return self.gossip.holdings
+
+    def announcement(self) -> Announce:
+        return self.gossip.announcement()
+
+    def holdings_value(self) -> dict[str, list[object]]:
+        """Holdings as a canonical-msgpack value (for digests of what we hold)."""
+        return {c: [s, d] for c, (s, d) in sorted(self.gossip.holdings.items())}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the tick loop (periodic announces, timeouts) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                self._run(self.gossip.tick(now))
+                deadline = self.gossip.next_deadline()
+                wait = MAX_TICK_SECONDS if deadline is None else deadline - now
+                with trio.move_on_after(min(MAX_TICK_SECONDS, max(wait, 0.01))):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    # ----- events from the node ------------------------------------------------
+
+    def peer_joined(self, peer: bytes) -> None:
+        """Announce ourselves to a peer that finished its handshake."""
+        self._run(self.gossip.peer_joined(peer, trio.current_time()))
+
+    def peer_left(self, peer: bytes) -> None:
+        """Forget a peer; re-plan what it owed us."""
+        self._run(self.gossip.peer_left(peer, trio.current_time()))
+
+    def on_announce(self, peer: bytes, msg: Announce) -> None:
+        """Record a peer's holdings; request newer manifests."""
+        self._run(self.gossip.on_announce(peer, msg.entries, trio.current_time()))
+
+    def complete(self, component: str, serial: int, digest: bytes) -> None:
+        """A release is fully here: hold it and tell the peers that are behind."""
+        self._run(self.gossip.on_manifest_verified(component, serial, digest, trio.current_time()))
+        self._wake.set()
+
+    # ----- carrying out actions ------------------------------------------------
+
+    def _run(self, actions: list[Action[bytes]]) -> None:
+        for action in actions:
+            if isinstance(action, SendAnnounce):
+                conn = self.core.conns.get(action.peer)
+                if conn is not None:
+                    conn.post(self.core.announcement())
+            elif isinstance(action, RequestManifest):
+                if self.core.high_water(action.component) >= action.serial:
+                    continue  # already accepted (fetching its blobs) or newer
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._get_manifest, action)
+            elif isinstance(action, Ban):
+                self.core.ban(action.peer, action.reason, until=action.until)
+
+    async def _get_manifest(self, action: RequestManifest[bytes]) -> None:
+        conn = self.core.conns.get(action.peer)
+        if conn is None:
+            return
+        c, s, peer = action.component, action.serial, action.peer
+        try:
+            data = await fetch_manifest(conn, c, s, self._timeout)
+        except TransferError:
+            return  # gossip's own timeout retries elsewhere
+        except RemoteProtocolError as exc:
+            self._rejected(peer, c, s, f"bad manifest transfer: {exc}")
+            return
+        if data is None:
+            self._run(self.gossip.on_manifest_unavailable(peer, c, s, trio.current_time()))
+            return
+        for attempt in range(2):
+            try:
+                await self.core.lifecycle.accept_from_peer(data, action)
+                return
+            except (NotForThisNodeError, ExpiredError) as exc:
+                log("manifest-refused", component=c, serial=s, peer=short(peer), reason=str(exc))
+                self._run(self.gossip.on_manifest_unavailable(peer, c, s, trio.current_time()))
+                return
+            except (UnknownKeyError, ThresholdError) as exc:
+                if attempt == 0 and await self._rotate_root(conn):
+                    continue  # signed under a newer root we now trust: verify again
+                self._rejected(peer, c, s, str(exc))
+                return
+            except (VerificationError, RemoteProtocolError) as exc:
+                self._rejected(peer, c, s, str(exc))
+                return
+            except DaemonError as exc:  # our own storage failed: not the peer's fault
+                log("manifest-store-failed", component=c, serial=s, reason=str(exc))
+                return
+
+    def _rejected(self, peer: bytes, component: str, serial: int, reason: str) -> None:
+        log("manifest-refused", component=component, serial=serial, peer=short(peer), reason=reason)
+        now = trio.current_time()
+        self._run(self.gossip.on_manifest_rejected(peer, component, serial, now, reason))
+
+    async def _rotate_root(self, conn: PeerConnection) -> bool:
+        """Fetch and accept newer roots from ``conn``; True if the pinned root advanced."""
+        advanced = False
+        for _ in range(MAX_ROTATIONS):
+            version = self.core.node.trusted_root().version + 1
+            try:
+                resp = await conn.request(
+                    partial(Session.request_root, version=version), self._timeout
+                )
+            except TransferError:
+                break
+            if not isinstance(resp, RootData):
+                break
+            try:
+                await self.core.lifecycle.advance_root(version, resp.data)
+            except (VerificationError, RemoteProtocolError) as exc:
+                log("root-refused", version=version, peer=short(conn.node_id), reason=str(exc))
+                break
+            advanced = True
+        return advanced
+
+
+async def fetch_manifest(
+    conn: PeerConnection,
+    component: str,
+    serial: int,
+    timeout: float,
+    piece: int = MAX_RANGE_BYTES,
+) -> bytes | None:
+    """The envelope bytes ``conn``'s peer holds for (component, serial), or None.
+
+    Uses ranged requests of ``piece`` bytes when both sides speak "range",
+    so a manifest larger than a frame still arrives.
+
+    Raises ``TransferError`` (gone, timeout) or ``RemoteProtocolError`` (the
+    pieces do not add up).
+    """
+    if not conn.session.supports(FEATURE_RANGE):
+        resp = await conn.request(lambda s: s.request_manifest(component, serial), timeout)
+        return resp.data if isinstance(resp, ManifestData) else None
+    parts: list[bytes] = []
+    offset, total = 0, None
+    while total is None or offset < total:
+        at = offset
+        resp = await conn.request(
+            partial(
+                Session.request_manifest_range,
+                component=component,
+                serial=serial,
+                offset=at,
+                length=piece,
+            ),
+            timeout,
+        )
+        if isinstance(resp, ManifestMissing):
+            return None
+        if not isinstance(resp, ManifestRangeData):  # the session matched kinds already
+            raise RemoteProtocolError(f"unexpected {type(resp).__name__}")
+        if total is None:
+            total = resp.total
+        elif resp.total != total:
+            raise RemoteProtocolError("manifest size changed between pieces")
+        if not resp.data and offset < total:
+            raise RemoteProtocolError("empty manifest piece")
+        parts.append(resp.data)
+        offset += len(resp.data)
+    return b"".join(parts)

@@ -1,0 +1,282 @@
+"""The life of a release on a node: accepted, fetched, complete, applied.
+
+Theory of operation
+-------------------
+Every release takes the same path whatever brought it::
+
+    accepted  verified and persisted (``accept``): from a peer
+              (``accept_from_peer``) or a bundle (``import_dir``)
+    fetching  its missing blobs come from peers (``fetch``)
+    complete  every blob is here: gossip announces it (``release_complete``)
+    applied   by the CLI's ``Applier`` in a worker thread: automatically for an
+              ``auto_apply`` component, or on ``p2pupd apply``
+
+All steps that write the state directory (accept, import, apply, rollback,
+root rotation) take ``NodeService.mutex``: they read-modify-write
+``state.msgpack`` from worker threads and must not interleave.
+
+At start ``scan`` recovers interrupted applies, finds what the node holds (the
+newest complete release per component), resumes the fetch of a newer
+incomplete one, and applies a complete release never applied here. A release
+the operator rolled back from (it has an ``applied`` history entry) is not
+re-applied automatically, at start or later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pupd.daemon.apply.engine import Applier, ApplyResult
+from p2pupd.daemon.bundles.importer import ImportReport, import_bundle
+from p2pupd.daemon.errors import DaemonError, NotFoundError
+from p2pupd.daemon.events import log, short
+from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
+from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, now_seconds
+from p2pupd.protocol.errors import MixAndMatchError, P2pupdError
+from p2pupd.protocol.gossip import RequestManifest
+from p2pupd.protocol.manifest import Manifest
+
+if TYPE_CHECKING:
+    from p2pupd.daemon.service.nodeservice import NodeService
+
+
+@dataclass
+class Scan:
+    holdings: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    resume: list[tuple[Manifest, bytes]] = field(default_factory=list)
+    apply: list[tuple[str, int]] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+
+
+def should_auto_apply(cfg: ComponentConfig, st: ComponentState, serial: int) -> bool:
+    """Apply ``serial`` on arrival? Only newer releases never applied (or failed) here."""
+    if not cfg.auto_apply or serial in st.bad:
+        return False
+    if st.installed is not None and serial <= st.installed:
+        return False
+    return not any(h.event == "applied" and h.serial == serial for h in st.history)
+
+
+class Lifecycle:
+    """See the module docstring; one per ``NodeService``."""
+
+    def __init__(self, core: NodeService) -> None:
+        self.core = core
+        self.origin: dict[str, tuple[int, str]] = {}  # component -> (serial, where from)
+        self._high: dict[str, int] = {}  # high-water marks, cached for gossip
+
+    def scan(self) -> Scan:
+        """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
+        node, out = self.core.node, Scan()
+        out.recovered = Applier(node).recover()
+        self.core.content.refresh()
+        root = node.trusted_root()
+        for name, cfg in node.config.components.items():
+            st = node.state.read_state(name)
+            self._high[name] = st.high_water
+            serials = node.releases.serials(name)
+            for serial in reversed(serials):
+                try:
+                    man, env = node.releases.get(root, name, serial)
+                except DaemonError as exc:
+                    log(
+                        "release-unreadable",
+                        level=logging.WARNING,
+                        component=name,
+                        serial=serial,
+                        reason=str(exc),
+                    )
+                    continue
+                digest = env.payload_digest()
+                if not needed_for(node, man):
+                    out.holdings[name] = (serial, digest)
+                    if serial == serials[-1] and should_auto_apply(cfg, st, serial):
+                        out.apply.append((name, serial))
+                    break
+                if serial == serials[-1] and serial not in st.bad:
+                    out.resume.append((man, digest))
+        return out
+
+    def high_water(self, component: str) -> int:
+        """The component's rollback high-water mark as last accepted here."""
+        return self._high.get(component, 0)
+
+    async def accept_from_peer(self, data: bytes, action: RequestManifest[bytes]) -> None:
+        """Verify and persist a manifest a peer sent, then fetch its blobs.
+
+        Raises what ``accept.verify_offer`` raises, and ``MixAndMatchError`` if
+        it is not the release the peer announced.
+        """
+        c, s, peer = action.component, action.serial, action.peer
+        async with self.core.mutex:
+            if s < self.high_water(c):
+                # Overtaken while it travelled (a newer serial was accepted from
+                # another peer meanwhile): stale, and not the sender's fault.
+                return
+            man, env, new = await self.core.offload(
+                lambda: verify_offer(self.core.node, data, c, s, now_seconds())
+            )
+            digest = env.payload_digest()
+            if digest != action.manifest_digest:
+                raise MixAndMatchError(f"{c} serial {s} differs from the manifest announced")
+            if new:
+                detail = f"from peer {peer.hex()}"
+                await self.core.offload(
+                    lambda: persist_release(self.core.node, man, env, digest, "received", detail)
+                )
+            self._high[c] = max(self._high.get(c, 0), s)
+        if new:
+            self.origin[c] = (s, short(peer))
+            log("manifest-accepted", component=c, version=man.version, serial=s, from_=short(peer))
+            self.core.fetch.start(man, digest)
+
+    async def advance_root(self, version: int, data: bytes) -> None:
+        """Accept root ``version`` (rotation rules of ``TrustStore.advance``)."""
+        async with self.core.mutex:
+            await self.core.offload(
+                lambda: self.core.node.trust_store.advance({version: data}, now_seconds())
+            )
+        self.core.forget_servable()
+        log("root-advanced", version=version)
+
+    async def release_complete(self, man: Manifest, digest: bytes) -> None:
+        """Every blob of ``man`` is here: announce it, apply it if the policy says so."""
+        c, s = man.component, man.serial
+        self.core.forget_servable()
+        self.core.gossip.complete(c, s, digest)
+        self.core.fetch.release_done(c, s)
+        for callback in self.core.on_holdings:
+            callback()
+        rec = self.core.fetch.received.get(c)
+        log(
+            "release-complete",
+            component=c,
+            version=man.version,
+            serial=s,
+            bytes=rec.bytes if rec and rec.serial == s else 0,
+            from_=self.sources(c, s),
+        )
+        st = await self.core.offload(lambda: self.core.node.state.read_state(c))
+        if should_auto_apply(self.core.node.config.components[c], st, s):
+            self.core.spawn(self.auto_apply, c, s)
+
+    def sources(self, component: str, serial: int) -> str:
+        """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""
+        rec = self.core.fetch.received.get(component)
+        if rec is not None and rec.serial == serial and rec.by_peer:
+            ranked = sorted(rec.by_peer, key=lambda p: -rec.by_peer[p])
+            return ",".join(p[:12] for p in ranked)
+        origin = self.origin.get(component)
+        return origin[1] if origin is not None and origin[0] == serial else "local"
+
+    async def auto_apply(self, component: str, serial: int) -> None:
+        """Apply per policy; failures are logged (the Applier already rolled back)."""
+        try:
+            await self.apply_release(component, serial)
+        except P2pupdError as exc:
+            log(
+                "apply-failed",
+                level=logging.WARNING,
+                component=component,
+                serial=serial,
+                reason=str(exc),
+            )
+
+    async def apply_release(
+        self,
+        component: str,
+        serial: int | None = None,
+        *,
+        version: str | None = None,
+        force: bool = False,
+    ) -> ApplyResult:
+        """Apply a stored release with the CLI's ``Applier``, in a worker thread."""
+        async with self.core.mutex:
+            if version is not None:
+                serial = await self.core.offload(lambda: self._serial_of(component, version))
+            started = trio.current_time()
+            result = await self.core.offload(
+                lambda: Applier(self.core.node).apply(component, serial, force)
+            )
+            await self.core.offload(self.core.content.refresh)
+        self.core.forget_servable()
+        if result.changed:
+            log(
+                "applied",
+                component=component,
+                version=result.version,
+                serial=result.serial,
+                from_=self.sources(component, result.serial),
+                seconds=trio.current_time() - started,
+            )
+        return result
+
+    async def rollback(self, component: str) -> ApplyResult:
+        """Make the previous version live again (an operator act)."""
+        async with self.core.mutex:
+            result = await self.core.offload(lambda: Applier(self.core.node).rollback(component))
+            await self.core.offload(self.core.content.refresh)
+        self.core.forget_servable()
+        log("rolled-back", component=component, version=result.version, serial=result.serial)
+        return result
+
+    async def import_dir(
+        self, src: Path, apply_after: bool, allow_other_node: bool = False
+    ) -> tuple[ImportReport, list[ApplyResult]]:
+        """``p2pupd import`` routed to the daemon: import, then spread (and apply)."""
+        async with self.core.mutex:
+            report = await self.core.offload(
+                lambda: import_bundle(
+                    self.core.node, src, now_seconds(), allow_other_node=allow_other_node
+                )
+            )
+            for r in report.releases:
+                self._high[r.component] = max(self._high.get(r.component, 0), r.serial)
+        root = await self.core.offload(self.core.node.trusted_root)
+        for r in sorted(report.releases, key=lambda r: r.serial):
+            if r.new:
+                man, env = await self.core.offload(
+                    lambda r=r: self.core.node.releases.get(root, r.component, r.serial)  # type: ignore[misc]
+                )
+                self.origin[r.component] = (r.serial, "import")
+                log(
+                    "manifest-accepted",
+                    component=r.component,
+                    version=r.version,
+                    serial=r.serial,
+                    from_="import",
+                )
+                self.core.fetch.start(man, env.payload_digest())
+            elif self.core.fetch.restart(r.component, r.serial):
+                # Accepted earlier from a peer and still being fetched: the bundle
+                # brought the blobs, so that fetch finds them and completes.
+                self.origin[r.component] = (r.serial, "import")
+        results = []
+        if apply_after:
+            for comp in sorted({r.component for r in report.releases}):
+                results.append(await self.apply_release(comp))
+        return report, results
+
+    def _serial_of(self, component: str, version: str) -> int:
+        root = self.core.node.trusted_root()
+        for s in reversed(self.core.node.releases.serials(component)):
+            if self.core.node.releases.get(root, component, s)[0].version == version:
+                return s
+        raise NotFoundError(f"no stored release of {component} has version {version!r}")
+
+    def component_doc(self, component: str) -> dict[str, Any]:
+        """The daemon's additions to one component of ``status --json``."""
+        rec = self.core.fetch.received.get(component)
+        held = self.core.gossip.holdings.get(component)
+        origin = self.origin.get(component)
+        return {
+            "received": rec.to_doc() if rec is not None else None,
+            "fetch": self.core.fetch.status(component),
+            "holding": {"serial": held[0], "digest": held[1].hex()} if held else None,
+            "origin": {"serial": origin[0], "from": origin[1]} if origin else None,
+        }

@@ -1,0 +1,307 @@
+"""The node's state directory: configuration and per-component state.
+
+Layout (all under STATE, one filesystem):
+
+    config.msgpack            node id, platform, components and their targets
+    state.msgpack             per component: installed serial, kept versions,
+                              rollback high-water mark, bad releases, history
+    trust/root.msgpack        the pinned root envelope (latest accepted)
+    trust/root.<N>.msgpack    every root accepted, for export and audit
+    releases/<c>/<serial>.msgpack   verified release envelopes
+    blobs/sha256/<hex>        the content-addressed store (see store.py)
+    journal/<c>.log           the apply journal (see journal.py)
+    lock                      flock held by whoever mutates the state
+
+Both documents are canonical msgpack written with temp + fsync + rename, so a
+crash leaves either the old or the new document, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from p2pupd.daemon.errors import ConfigError, NotFoundError, StorageError
+from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.protocol import encoding, ids
+from p2pupd.protocol.errors import CodecError
+from p2pupd.protocol.limits import (
+    HOOK_DEFAULT_FUEL,
+    HOOK_DEFAULT_MEMORY_BYTES,
+    HOOK_DEFAULT_SECONDS,
+)
+
+TARGET_KINDS = ("dir", "symlink", "file")
+DEFAULT_RETAIN = 2
+HISTORY_LIMIT = 200
+
+
+def default_platform() -> str:
+    """Return this machine's platform name, e.g. ``linux-x86_64``."""
+    machine = platform.machine().lower() or "unknown"
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return f"{platform.system().lower()}-{machine}"
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    name: str
+    target: Path
+    kind: str = "dir"
+    retain: int = DEFAULT_RETAIN
+    immutable: bool = False
+    health_cmd: tuple[str, ...] = ()
+    health_seconds: float = 30.0
+    auto_apply: bool = True
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "target": str(self.target),
+            "kind": self.kind,
+            "retain": self.retain,
+            "immutable": self.immutable,
+            "health_cmd": list(self.health_cmd),
+            "health_ms": int(self.health_seconds * 1000),
+            "auto_apply": self.auto_apply,
+        }
+
+    @classmethod
+    def from_value(cls, name: str, v: dict[str, Any]) -> ComponentConfig:
+        kind = v.get("kind", "dir")
+        if kind not in TARGET_KINDS:
+            raise ConfigError(f"component {name}: unknown target kind {kind!r}")
+        return cls(
+            name=name,
+            target=Path(v["target"]),
+            kind=kind,
+            retain=int(v.get("retain", DEFAULT_RETAIN)),
+            immutable=bool(v.get("immutable", False)),
+            health_cmd=tuple(v.get("health_cmd", [])),
+            health_seconds=int(v.get("health_ms", 30000)) / 1000,
+            auto_apply=bool(v.get("auto_apply", True)),
+        )
+
+
+@dataclass(frozen=True)
+class HookLimits:
+    """What one WebAssembly hook may use on this node (``p2pupd init --hook-*``).
+
+    A node's operator, not the publisher, sets these: the limits protect the
+    node, so a release cannot raise them for itself.
+    """
+
+    fuel: int = HOOK_DEFAULT_FUEL  # instructions, roughly
+    memory_bytes: int = HOOK_DEFAULT_MEMORY_BYTES  # linear memory
+    seconds: float = HOOK_DEFAULT_SECONDS  # wall clock, epoch deadline
+
+    def __post_init__(self) -> None:
+        if self.fuel <= 0 or self.memory_bytes <= 0 or self.seconds <= 0:
+            raise ConfigError("hook limits must be positive")
+
+    def to_value(self) -> dict[str, Any]:
+        return {"fuel": self.fuel, "memory": self.memory_bytes, "ms": int(self.seconds * 1000)}
+
+    @classmethod
+    def from_value(cls, v: Any) -> HookLimits:
+        """Read limits written by ``to_value``; absent fields (older configs) default."""
+        if v is None:
+            return cls()
+        return cls(
+            int(v.get("fuel", HOOK_DEFAULT_FUEL)),
+            int(v.get("memory", HOOK_DEFAULT_MEMORY_BYTES)),
+            int(v.get("ms", HOOK_DEFAULT_SECONDS * 1000)) / 1000,
+        )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: bytes
+    platform: str
+    components: dict[str, ComponentConfig]
+    cluster: str = "default"
+    hooks: HookLimits = field(default_factory=HookLimits)
+
+    def component(self, name: str) -> ComponentConfig:
+        try:
+            return self.components[name]
+        except KeyError:
+            raise NotFoundError(f"component {name!r} is not configured on this node") from None
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "platform": self.platform,
+            "cluster": self.cluster,
+            "components": {n: c.to_value() for n, c in self.components.items()},
+            "hooks": self.hooks.to_value(),
+        }
+
+    @classmethod
+    def from_value(cls, v: Any) -> NodeConfig:
+        try:
+            comps = {
+                ids.check_component(n): ComponentConfig.from_value(n, c)
+                for n, c in v["components"].items()
+            }
+            return cls(
+                bytes(v["node_id"]),
+                str(v["platform"]),
+                comps,
+                str(v.get("cluster", "default")),
+                HookLimits.from_value(v.get("hooks")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, CodecError) as exc:
+            raise ConfigError(f"node configuration is invalid: {exc}") from None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    time: int
+    event: str  # "applied", "rolled-back", "health-failed", "refused", "imported", "recovered"
+    serial: int | None
+    version: str | None
+    detail: str = ""
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "event": self.event,
+            "serial": self.serial,
+            "version": self.version,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class ComponentState:
+    installed: int | None = None  # serial live at the target
+    kept: tuple[int, ...] = ()  # previous serials still on disk, newest first
+    high_water: int = 0  # highest serial ever accepted (rollback protection)
+    high_digest: bytes | None = None  # payload digest of that release
+    bad: dict[int, str] = field(default_factory=dict)  # serial -> why it failed here
+    last_error: str | None = None
+    history: tuple[HistoryEntry, ...] = ()
+
+    def with_event(self, entry: HistoryEntry) -> ComponentState:
+        return replace(self, history=(*self.history, entry)[-HISTORY_LIMIT:])
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "installed": self.installed,
+            "kept": list(self.kept),
+            "high_water": self.high_water,
+            "high_digest": self.high_digest,
+            "bad": [[s, r] for s, r in sorted(self.bad.items())],
+            "last_error": self.last_error,
+            "history": [h.to_value() for h in self.history],
+        }
+
+    @classmethod
+    def from_value(cls, v: Any) -> ComponentState:
+        return cls(
+            installed=v["installed"],
+            kept=tuple(v["kept"]),
+            high_water=v["high_water"],
+            high_digest=v["high_digest"],
+            bad={int(s): str(r) for s, r in v["bad"]},
+            last_error=v["last_error"],
+            history=tuple(HistoryEntry(**h) for h in v["history"]),
+        )
+
+
+class StateDir:
+    """Paths and documents of one node's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config_path = root / "config.msgpack"
+        self.state_path = root / "state.msgpack"
+        self.trust_dir = root / "trust"
+        self.releases_dir = root / "releases"
+        self.journal_dir = root / "journal"
+        self.lock_path = root / "lock"
+        self.cache_dir = root / "cache"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def create(self, config: NodeConfig) -> None:
+        """Create the directory skeleton and write the configuration."""
+        try:
+            for d in (
+                self.root,
+                self.trust_dir,
+                self.releases_dir,
+                self.journal_dir,
+                self.cache_dir,
+            ):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create state directory {self.root}: {exc.strerror}"
+            ) from None
+        self.write_config(config)
+        if not self.state_path.exists():
+            self.write_states({})
+
+    def read_config(self) -> NodeConfig:
+        if not self.config_path.exists():
+            raise ConfigError(
+                f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
+            )
+        return NodeConfig.from_value(self._read(self.config_path))
+
+    def write_config(self, config: NodeConfig) -> None:
+        atomic_write(self.config_path, encoding.encode(config.to_value()), mode=0o600)
+
+    def read_states(self) -> dict[str, ComponentState]:
+        if not self.state_path.exists():
+            return {}
+        v = self._read(self.state_path)
+        try:
+            return {n: ComponentState.from_value(s) for n, s in v.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StorageError(f"{self.state_path} is damaged: {exc}") from None
+
+    def read_state(self, name: str) -> ComponentState:
+        return self.read_states().get(name, ComponentState())
+
+    def write_states(self, states: dict[str, ComponentState]) -> None:
+        atomic_write(
+            self.state_path,
+            encoding.encode({n: s.to_value() for n, s in sorted(states.items())}),
+            mode=0o600,
+        )
+
+    def update_state(self, name: str, state: ComponentState) -> None:
+        states = self.read_states()
+        states[name] = state
+        self.write_states(states)
+
+    def _read(self, path: Path) -> Any:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            return encoding.decode(data)
+        except CodecError as exc:
+            raise StorageError(f"{path} is damaged: {exc}") from None
+
+
+def new_node_id() -> bytes:
+    return secrets.token_bytes(16)
+
+
+def now_seconds() -> int:
+    """Wall-clock seconds for history entries and expiry checks."""
+    override = os.environ.get("P2PUPD_NOW")
+    if override:
+        return int(override)
+    import time
+
+    return int(time.time())

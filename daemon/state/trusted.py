@@ -1,0 +1,144 @@
+"""The node's trusted metadata: pinned root and verified release envelopes.
+
+Theory of operation: this module is the only writer of ``trust/`` and
+``releases/``. Every document is verified *before* it is written, with the same
+``TrustedRoot`` rules whatever its source (bundle, peer, publisher), so what is
+on disk here is always something the node decided to trust. Reads re-verify
+signatures (cheap) so a document altered on disk is caught, not acted on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from p2pupd.daemon.errors import CorruptStoreError, NotFoundError, StorageError
+from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.state.statedir import StateDir
+from p2pupd.protocol import ids
+from p2pupd.protocol.errors import CodecError, VerificationError
+from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.trust import Envelope, TrustedRoot
+
+
+class TrustStore:
+    """The pinned root and its rotation history."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.dir = state.trust_dir
+        self.current_path = self.dir / "root.msgpack"
+
+    def install(self, data: bytes, now: int | None) -> TrustedRoot:
+        """Pin the root in ``data`` (operator's choice, self-signature checked)."""
+        trusted = TrustedRoot.load(data, now)
+        self._write(trusted)
+        return trusted
+
+    def load(self) -> TrustedRoot:
+        try:
+            data = self.current_path.read_bytes()
+        except FileNotFoundError:
+            raise StorageError(
+                "no trusted root is installed (run `p2pupd init --trust ROOTFILE`)"
+            ) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.current_path}: {exc.strerror}") from None
+        try:
+            return TrustedRoot.load(data, None)
+        except (CodecError, VerificationError) as exc:
+            raise CorruptStoreError(f"pinned root on disk is damaged: {exc}") from None
+
+    def advance(self, candidates: dict[int, bytes], now: int | None) -> TrustedRoot:
+        """Rotate through root versions N+1, N+2, ... found in ``candidates``.
+
+        Stops at the first version missing. Raises the verification error of
+        the first candidate that fails, leaving the pinned root as it was.
+        """
+        trusted = self.load()
+        changed = False
+        while trusted.version + 1 in candidates:
+            trusted = trusted.rotate(candidates[trusted.version + 1], now)
+            changed = True
+        if changed:
+            self._write(trusted)
+        return trusted
+
+    def history(self) -> dict[int, bytes]:
+        """Return {version: envelope bytes} of every root accepted."""
+        out: dict[int, bytes] = {}
+        for p in self.dir.glob("root.*.msgpack"):
+            try:
+                out[int(p.name.split(".")[1])] = p.read_bytes()
+            except (ValueError, OSError):
+                continue
+        return out
+
+    def _write(self, trusted: TrustedRoot) -> None:
+        data = trusted.encode()
+        atomic_write(self.dir / f"root.{trusted.version}.msgpack", data, mode=0o644)
+        atomic_write(self.current_path, data, mode=0o644)
+
+
+class ReleaseStore:
+    """Verified release envelopes, by component and serial."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.dir = state.releases_dir
+
+    def path(self, component: str, serial: int) -> Path:
+        return self.dir / ids.check_component(component) / f"{serial}.msgpack"
+
+    def put(self, component: str, serial: int, envelope: Envelope) -> None:
+        """Store an envelope the caller has verified."""
+        d = self.dir / component
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {d}: {exc.strerror}") from None
+        atomic_write(self.path(component, serial), envelope.encode(), mode=0o644)
+
+    def has(self, component: str, serial: int) -> bool:
+        return self.path(component, serial).exists()
+
+    def get_bytes(self, component: str, serial: int) -> bytes:
+        try:
+            return self.path(component, serial).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"release {component} serial {serial} is not stored here") from None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read release {component}/{serial}: {exc.strerror}"
+            ) from None
+
+    def get(self, root: TrustedRoot, component: str, serial: int) -> tuple[Manifest, Envelope]:
+        """Load and re-verify a stored release (expiry is not re-judged)."""
+        data = self.get_bytes(component, serial)
+        try:
+            return root.verify_release(data, None, component)
+        except (CodecError, VerificationError) as exc:
+            raise CorruptStoreError(
+                f"stored release {component}/{serial} is damaged: {exc}"
+            ) from None
+
+    def serials(self, component: str) -> list[int]:
+        d = self.dir / component
+        out = []
+        if d.is_dir():
+            for p in d.glob("*.msgpack"):
+                try:
+                    out.append(int(p.stem))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def components(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if p.is_dir())
+
+    def remove(self, component: str, serial: int) -> None:
+        try:
+            self.path(component, serial).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot remove release {component}/{serial}: {exc.strerror}"
+            ) from None

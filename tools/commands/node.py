@@ -1,0 +1,199 @@
+"""Node commands: init, import, apply, rollback, status, history."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from p2pupd.daemon import api
+from p2pupd.protocol.limits import (
+    HOOK_DEFAULT_FUEL,
+    HOOK_DEFAULT_MEMORY_BYTES,
+    HOOK_DEFAULT_SECONDS,
+    MiB,
+)
+from p2pupd.tools.commands import bundle as cmd_bundle
+from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, out, state_dir
+
+
+def _state(args: argparse.Namespace) -> Path:
+    return state_dir(args)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    comps: dict[str, Path] = {}
+    for c in args.component:
+        name, _, target = c.partition("=")
+        if not target:
+            raise UsageError(f"--component wants NAME=TARGET, got {c!r}")
+        comps[name] = Path(target)
+    cfg = api.init_node(
+        _state(args),
+        Path(args.trust),
+        comps,
+        kind=args.kind,
+        platform=args.platform,
+        health_cmd=tuple(args.health_cmd.split()) if args.health_cmd else (),
+        health_seconds=args.health_timeout,
+        retain=args.retain,
+        immutable=args.immutable,
+        hook_limits=_hook_limits(args),
+    )
+    print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
+    return EXIT_OK
+
+
+def _hook_limits(args: argparse.Namespace) -> api.HookLimits | None:
+    """The ``--hook-*`` options as limits (unset ones default), or ``None`` if none given."""
+    given = (args.hook_fuel, args.hook_memory_mib, args.hook_seconds)
+    if all(v is None for v in given):
+        return None
+    d = api.HookLimits()
+    try:
+        return api.HookLimits(
+            d.fuel if args.hook_fuel is None else args.hook_fuel,
+            d.memory_bytes if args.hook_memory_mib is None else args.hook_memory_mib * MiB,
+            d.seconds if args.hook_seconds is None else args.hook_seconds,
+        )
+    except api.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``import`` lives with the other sneakernet commands in cmd_bundle."""
+    return cmd_bundle.cmd_import(args)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    r = api.apply(_state(args), args.component, version=args.version, force=args.force)
+    doc = {
+        "component": r.component,
+        "version": r.version,
+        "serial": r.serial,
+        "changed": r.changed,
+        "previous": r.previous,
+    }
+    out(
+        args,
+        doc,
+        lambda: print(f"{r.component} {r.version} is live" + ("" if r.changed else " (no change)")),
+    )
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    r = api.rollback(_state(args), args.component)
+    doc = {"component": r.component, "version": r.version, "serial": r.serial}
+    out(args, doc, lambda: print(f"rolled {r.component} back to {r.version}"))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = api.status(_state(args))
+
+    def human() -> None:
+        print(
+            f"node {doc['node_id'][:12]}  platform {doc['platform']}  root v{doc['root_version']}"
+        )
+        print(
+            f"{'COMPONENT':<16} {'VERSION':<14} {'SERIAL':>6}  {'AVAILABLE':<14} {'KEPT':<14} NOTE"
+        )
+        for name, c in doc["components"].items():
+            avail = c["available"]["version"] if c["available"] else "-"
+            kept = ",".join(k["version"] or "?" for k in c["kept"]) or "-"
+            note = c["last_error"] or ""
+            print(
+                f"{name:<16} {c['version'] or '-':<14} {c['serial'] or '-':>6}  {avail:<14} {kept:<14} {note}"
+            )
+
+    out(args, doc, human)
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    entries = api.history(_state(args), args.component)
+
+    def human() -> None:
+        for e in entries:
+            t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["time"]))
+            line = f"{t}  {e['event']:<13} {e['version'] or '-':<14} "
+            # A hook's output spans lines: keep them under the detail column.
+            print(line + str(e["detail"]).replace("\n", "\n" + " " * len(line)))
+
+    out(args, {"component": args.component, "history": entries}, human)
+    return EXIT_OK
+
+
+def register(add: Adder) -> None:
+    sp = add(
+        "init",
+        cmd_init,
+        "initialise a node: pin its trust root and configure components",
+        state=True,
+    )
+    sp.add_argument("--trust", required=True, help="root.msgpack from the publisher")
+    sp.add_argument(
+        "--component", action="append", required=True, help="NAME=TARGET_DIR (repeatable)"
+    )
+    sp.add_argument("--kind", choices=["dir", "symlink", "file"], default="dir", help="target kind")
+    sp.add_argument("--platform", help="this node's platform (default: detected)")
+    sp.add_argument("--health-cmd", help="command run after a swap; non-zero exit rolls back")
+    sp.add_argument("--health-timeout", type=float, default=30.0, help="seconds (default 30)")
+    sp.add_argument("--retain", type=int, default=2, help="previous versions kept (default 2)")
+    sp.add_argument(
+        "--immutable",
+        action="store_true",
+        help="targets are never modified in place: hard-link unchanged files",
+    )
+    sp.add_argument(
+        "--hook-fuel", type=int, help=f"fuel per WebAssembly hook (default {HOOK_DEFAULT_FUEL:,})"
+    )
+    sp.add_argument(
+        "--hook-memory-mib",
+        type=int,
+        help=f"hook memory limit in MiB (default {HOOK_DEFAULT_MEMORY_BYTES // MiB})",
+    )
+    sp.add_argument(
+        "--hook-seconds",
+        type=float,
+        help=f"hook wall-clock deadline (default {HOOK_DEFAULT_SECONDS:g})",
+    )
+
+    cmd_bundle.register_import(add)
+
+    sp = add(
+        "apply",
+        cmd_apply,
+        "make a stored release of COMPONENT live (default: the newest)",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("component")
+    sp.add_argument("--version", help="version label to apply")
+    sp.add_argument("--force", action="store_true", help="retry a release that failed here before")
+
+    sp = add(
+        "rollback",
+        cmd_rollback,
+        "make the previous kept version of COMPONENT live again",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("component")
+
+    add(
+        "status",
+        cmd_status,
+        "show installed, available and kept versions",
+        json_opt=True,
+        state=True,
+    )
+    sp = add(
+        "history",
+        cmd_history,
+        "show what happened to COMPONENT on this node",
+        json_opt=True,
+        state=True,
+    )
+    sp.add_argument("component")

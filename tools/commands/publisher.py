@@ -1,0 +1,235 @@
+"""Publisher commands: keygen, repo init / rotate-root, publish, export."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from p2pupd.protocol import ids
+from p2pupd.protocol.errors import CodecError
+from p2pupd.tools.commands import bundle as cmd_bundle
+from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, now, out
+from p2pupd.tools.commands.progress import Progress
+from p2pupd.tools.publisher import keys
+from p2pupd.tools.publisher.deltas import source_for_node_at
+from p2pupd.tools.publisher.export import ReleaseSource, write_bundle
+from p2pupd.tools.publisher.publish import build_manifest, sign_and_write
+from p2pupd.tools.publisher.repo import Repo, RepoError
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    kid = keys.generate(Path(args.keyfile), force=args.force)
+    print(kid)
+    return EXIT_OK
+
+
+def cmd_repo_init(args: argparse.Namespace) -> int:
+    repo = Repo(Path(args.repo))
+    root = repo.init(
+        [Path(k) for k in args.root_key],
+        args.threshold,
+        [Path(k) for k in args.release_key],
+        args.release_threshold,
+        name=args.name,
+        expires=_expiry(args.expires_days),
+    )
+    print(
+        f"created repository {args.repo}: root v{root.version}; install {repo.root_path} on nodes"
+    )
+    return EXIT_OK
+
+
+def cmd_repo_rotate(args: argparse.Namespace) -> int:
+    repo = Repo(Path(args.repo))
+    root = repo.rotate_root(
+        [Path(k) for k in args.old_key],
+        [Path(k) for k in args.root_key],
+        args.threshold,
+        [Path(k) for k in args.release_key] if args.release_key else None,
+        args.release_threshold,
+        _expiry(args.expires_days),
+    )
+    print(f"rotated root to v{root.version}")
+    return EXIT_OK
+
+
+def _expiry(days: float | None) -> int | None:
+    return None if days is None else now() + int(days * 86400)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    try:  # bad names on the command line are usage errors, not refusals
+        ids.check_component(args.component)
+        ids.check_version_label(args.version)
+        if args.platform is not None:
+            ids.check_platform(args.platform)
+    except CodecError as exc:
+        raise UsageError(str(exc)) from None
+    repo = Repo(Path(args.repo))
+    repo.require()
+    hooks = {}
+    for h in args.hook or []:
+        point, _, path = h.partition("=")
+        if not path:
+            raise UsageError(f"--hook wants POINT=FILE, got {h!r}")
+        hooks[point] = Path(path)
+    man = build_manifest(
+        repo,
+        args.component,
+        args.version,
+        Path(args.src_dir),
+        now(),
+        expires=_expiry(args.expires_days),
+        platform=args.platform,
+        hooks=hooks,
+        delta_depth=args.delta_depth,
+    )
+    sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
+    doc = {
+        "component": man.component,
+        "version": man.version,
+        "serial": man.serial,
+        "files": len(man.files),
+        "bytes": man.total_size(),
+        "chunks": len(man.chunk_digests()),
+        "deltas": len(man.deltas),
+    }
+    out(
+        args,
+        doc,
+        lambda: print(
+            f"published {man.component} {man.version} (serial {man.serial}): "
+            f"{len(man.files)} files, {man.total_size()} bytes, {len(man.chunk_digests())} chunks"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    special = cmd_bundle.export_special(args)  # --request, --for, --state-dir
+    if special is not None:
+        return special
+    repo = Repo(Path(args.repo))
+    trusted = repo.trusted()
+    comps = args.component or repo.components()
+    sources = []
+    for c in comps:
+        serials = repo.serials(c)
+        if not serials:
+            raise RepoError(f"component {c!r} has no releases in {args.repo}")
+        if args.from_version is not None:  # only what a node at that version needs
+            sources.append(source_for_node_at(repo, c, args.from_version))
+            continue
+        for serial in serials[-max(1, args.history) :]:
+            # Every variant: one bundle serves a fleet of mixed platforms.
+            for platform in repo.platforms(c, serial):
+                data = repo.release_bytes(c, serial, platform)
+                man, env = trusted.verify_release(data, None, c)
+                sources.append(ReleaseSource(man, env, man.blob_sizes()))
+    total = sum(sum(s.blobs.values()) for s in sources)
+    with Progress("export", total, enabled=not args.json) as bar:
+        report = write_bundle(Path(args.dest), repo.roots(), sources, repo.store, bar.advance)
+    doc = {
+        "releases": [{"component": c, "version": v, "serial": s} for c, v, s in report.releases],
+        "blobs_written": report.blobs,
+        "bytes_written": report.bytes,
+    }
+    out(
+        args,
+        doc,
+        lambda: print(
+            f"exported {', '.join(f'{c} {v}' for c, v, _ in report.releases)} to {args.dest}: "
+            f"{report.blobs} blobs, {report.bytes} bytes written"
+        ),
+    )
+    return EXIT_OK
+
+
+def register(add: Adder) -> None:
+    sub = add.sub
+    sp = add(
+        "keygen",
+        cmd_keygen,
+        "create an Ed25519 key (KEYFILE, mode 0600) and KEYFILE.pub; print its key id",
+    )
+    sp.add_argument("keyfile")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing key file")
+
+    rp = sub.add_parser("repo", help="create a repository or rotate its root keys")
+    rsub = rp.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
+    sp = rsub.add_parser(
+        "init", help="create REPO with root v1 (writes REPO/root.msgpack for nodes)"
+    )
+    sp.set_defaults(fn=cmd_repo_init)
+    sp.add_argument("repo")
+    sp.add_argument(
+        "--root-key", action="append", required=True, help="root key file (repeat for k-of-n)"
+    )
+    sp.add_argument("--threshold", type=int, default=1, help="root signatures required (default 1)")
+    sp.add_argument(
+        "--release-key", action="append", required=True, help="release signing key file"
+    )
+    sp.add_argument("--release-threshold", type=int, default=1)
+    sp.add_argument("--name", default="p2pupd", help="repository name, bound into the root")
+    sp.add_argument("--expires-days", type=float, help="root expiry in days (default: none)")
+    sp = rsub.add_parser(
+        "rotate-root", help="write root N+1, signed by a threshold of root N and of the new keys"
+    )
+    sp.set_defaults(fn=cmd_repo_rotate)
+    sp.add_argument("repo")
+    sp.add_argument("--old-key", action="append", required=True, help="current root key file(s)")
+    sp.add_argument("--root-key", action="append", required=True, help="new root key file(s)")
+    sp.add_argument("--threshold", type=int, default=1)
+    sp.add_argument("--release-key", action="append", help="new release key(s) (default: keep)")
+    sp.add_argument("--release-threshold", type=int)
+    sp.add_argument("--expires-days", type=float)
+
+    sp = add(
+        "publish",
+        cmd_publish,
+        "publish SRC_DIR as the next signed release of COMPONENT",
+        json_opt=True,
+    )
+    sp.add_argument("repo")
+    sp.add_argument("component")
+    sp.add_argument("version", help="a label shown to operators, e.g. 2.1.0")
+    sp.add_argument("src_dir")
+    sp.add_argument(
+        "--key", action="append", help="release key file(s) (default: those of repo init)"
+    )
+    sp.add_argument("--expires-days", type=float, help="release expiry in days (default: none)")
+    sp.add_argument("--platform", help="platform this release is for, e.g. linux-aarch64")
+    sp.add_argument(
+        "--hook", action="append", help="POINT=FILE.wasm (pre-apply, post-apply, health)"
+    )
+    sp.add_argument(
+        "--delta-depth",
+        type=int,
+        metavar="N",
+        help="compute deltas from the previous N releases (default: the repo's setting, 2)",
+    )
+
+    sp = add(
+        "export",
+        cmd_export,
+        "write a bundle (an OCI image layout) of REPO's newest releases into DEST; "
+        "with --state-dir from a node's own store; --request writes a node's request file, "
+        "--for cuts the smallest bundle for one",
+        json_opt=True,
+    )
+    sp.add_argument("repo", nargs="?", metavar="REPO", help="repository (omit with --state-dir)")
+    sp.add_argument("dest", nargs="?", metavar="DEST", help="bundle directory (e.g. /media/usb)")
+    cmd_bundle.add_export_options(sp)
+    sp.add_argument("--component", action="append", help="only these components (default: all)")
+    sp.add_argument(
+        "--history",
+        type=int,
+        default=1,
+        metavar="N",
+        help="carry the newest N releases of each component (default 1)",
+    )
+    sp.add_argument(
+        "--from-version",
+        metavar="V",
+        help="carry only what a node at version V needs for the newest release (deltas)",
+    )

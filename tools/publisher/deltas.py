@@ -1,0 +1,286 @@
+"""Publisher-side delta computation: the only place p2pupd computes deltas.
+
+Theory of operation
+-------------------
+``publish`` first cuts every file of the new release into chunks in the
+repository store; then ``DeltaMaker`` adds, against each of the previous N
+releases (``--delta-depth``), recipes a node at that release can use instead
+of chunks (formats in ``protocol.deltaplan``):
+
+* **file** -- whole-file bsdiff4, when old and new are both at most
+  ``WHOLE_FILE_DELTA_MAX_BYTES``. bsdiff holds old, new and a suffix array
+  (~17x the input), so this is only done where that is cheap.
+* **chunk** -- for larger files, the new chunks the old version lacks are
+  cut into segments (runs of consecutive chunks, <= 1 MiB) and each segment
+  is diffed against a base of <= 2 MiB of old chunks, found by anchors,
+  a sampled similarity index, or position (segments.py). Chunks present in
+  the old version are simply reused by the node.
+* **zchunk** -- every chunk no previous release has, zstd-compressed: the
+  literal a node pays when no delta fits (new content, nodes older than N).
+
+A recipe is kept only if its patch is meaningfully smaller than what it
+replaces (``KEEP_RATIO``). Patches are blobs in the repository store, named by
+hash, and signed through the manifest's ``deltas`` list.
+
+Memory and time stay bounded by the segment, not the file: jobs read their own
+inputs from the store, run on a small thread pool (bsdiff4 and zstd release
+the GIL for part of their work), and at most a few jobs are queued per worker.
+Whole-file jobs over 4 MiB run one at a time so two big suffix arrays never
+coexist (peak ~ 17 x 32 MiB).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zstandard
+
+from p2pupd.daemon.api import BlobStore
+from p2pupd.protocol import limits
+from p2pupd.protocol.deltaplan import (
+    KIND_CHUNK,
+    KIND_FILE,
+    KIND_ZCHUNK,
+    needed_blobs,
+)
+from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
+from p2pupd.protocol.patchcodec import encode_patch
+from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource
+from p2pupd.tools.publisher.repo import Repo, RepoError
+from p2pupd.tools.publisher.segments import SimilarityIndex, plan_segments
+
+KEEP_RATIO = 0.8  # a patch must save at least 20 % of the bytes it replaces
+ZCHUNK_KEEP_RATIO = 0.9
+ZCHUNK_LEVEL = 9  # ~350 MB/s on binaries, within 1 % of level 19's size
+BIG_FILE_JOB_BYTES = 4 * limits.MiB
+QUEUED_JOBS_PER_WORKER = 4
+
+
+def compress_chunk(data: bytes, level: int = ZCHUNK_LEVEL) -> bytes:
+    """Return ``data`` as one zstd frame (with its content size), a zchunk patch."""
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+class Pairing:
+    """Pairs each file of a new release with the file of one old release it most
+    likely evolved from.
+
+    The same path first; else a file removed in the new release whose name
+    matches once digits and hex hashes are masked (``libfoo-1a2b3c.so.2`` ->
+    ``libfoo-1d4e5f.so.3``), closest in size.
+    """
+
+    def __init__(self, old: Manifest, new_paths: set[str]) -> None:
+        self.by_path = old.file_map()
+        self.removed: dict[str, list[FileEntry]] = {}
+        for o in old.files:
+            if o.path not in new_paths:
+                self.removed.setdefault(_name_key(o.path), []).append(o)
+
+    def pair(self, f: FileEntry) -> FileEntry | None:
+        same = self.by_path.get(f.path)
+        if same is not None:
+            return same
+        cands = self.removed.get(_name_key(f.path), [])
+        return min(cands, key=lambda o: abs(o.size - f.size), default=None)
+
+
+def _name_key(path: str) -> str:
+    head, _, base = path.rpartition("/")
+    return head + "/" + re.sub(r"[0-9a-f]{6,}|\d+", "#", base)
+
+
+@dataclass
+class DeltaStats:
+    """What ``DeltaMaker.compute`` did: jobs tried, recipes kept by kind, patch bytes."""
+
+    tried: int = 0
+    patch_bytes: int = 0
+    seconds: float = 0.0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+class DeltaMaker:
+    """Computes the deltas of a new release against ``previous`` releases.
+
+    ``store`` must hold every chunk of ``previous`` and of the new files (the
+    repository store does). Patches are written into it. ``whole_file_max``
+    (default ``WHOLE_FILE_DELTA_MAX_BYTES``) is the largest file diffed whole.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        previous: Sequence[Manifest],
+        workers: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        whole_file_max: int | None = None,
+    ) -> None:
+        self.store = store
+        self.whole_file_max = (
+            limits.WHOLE_FILE_DELTA_MAX_BYTES if whole_file_max is None else whole_file_max
+        )
+        self.previous = list(previous)
+        self.workers = max(1, workers or min(4, os.cpu_count() or 1))
+        self.progress = progress
+        self.stats = DeltaStats()
+        self._big = threading.Semaphore(1)
+        self._seen: set[tuple[bytes, ...]] = set()
+
+    def compute(self, files: Sequence[FileEntry]) -> tuple[Delta, ...]:
+        """Return the deltas for ``files`` (sorted, so equal inputs sign equal bytes)."""
+        t0 = time.monotonic()
+        if not self.previous:
+            return ()
+        new_paths = {f.path for f in files}
+        count = Counter(c.digest for f in files for c in f.chunks)
+        prev_chunks = [m.chunk_digests() for m in self.previous]
+        pairings = [Pairing(m, new_paths) for m in self.previous]
+        any_prev = set().union(*prev_chunks)
+        results: list[Delta] = []
+        pending: deque[Future[Delta | None]] = deque()
+
+        def submit(fn: Callable[..., Delta | None], *args: object) -> None:
+            self.stats.tried += 1
+            pending.append(pool.submit(fn, *args))
+            while len(pending) > QUEUED_JOBS_PER_WORKER * self.workers:
+                _collect(pending.popleft())
+
+        def _collect(fut: Future[Delta | None]) -> None:
+            d = fut.result()
+            if d is not None:
+                results.append(d)
+                self.stats.patch_bytes += d.patch_size
+                self.stats.kinds[d.kind] = self.stats.kinds.get(d.kind, 0) + 1
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="delta") as pool:
+            try:
+                for f in files:
+                    if self.progress:
+                        self.progress(f.path)
+                    for pairing, have in zip(pairings, prev_chunks, strict=True):
+                        o = pairing.pair(f)
+                        if o is None or o.sha256 == f.sha256:
+                            continue
+                        literal = sum(c.size for c in f.chunks if c.digest not in have)
+                        if not literal:
+                            continue  # a node at that release has all of f's chunks
+                        if max(f.size, o.size) <= self.whole_file_max:
+                            if self._first(b"f", f.sha256, o.sha256):
+                                submit(self._file_job, o, f, literal)
+                            continue
+                        for targets, bases in self._segments(f, o, count):
+                            if all(c.digest in have for c in targets):
+                                continue
+                            size = sum(c.size for c in targets)
+                            key = (targets[0].digest, b"%d" % size, *(b.digest for b in bases))
+                            if self._first(b"c", *key):
+                                submit(self._chunk_job, bases, targets)
+                    for c in f.chunks:
+                        if c.digest not in any_prev and self._first(b"z", c.digest):
+                            submit(self._zchunk_job, c)
+                while pending:
+                    _collect(pending.popleft())
+            finally:
+                for fut in pending:
+                    fut.cancel()
+        self.stats.seconds = time.monotonic() - t0
+        return tuple(sorted(results, key=lambda d: (d.kind, d.target, d.bases, d.patch)))
+
+    def _first(self, *key: bytes) -> bool:
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    # -- jobs (run on the pool; each reads its own inputs) ---------------------
+
+    def _read(self, chunks: Sequence[ChunkRef]) -> bytes:
+        return b"".join(self.store.get_bytes(c.digest, verify=False) for c in chunks)
+
+    def _keep(
+        self, kind: str, target: bytes, size: int, bases: tuple[bytes, ...], patch: bytes
+    ) -> Delta:
+        return Delta(kind, target, size, bases, self.store.put_bytes(patch), len(patch))
+
+    def _file_job(self, old: FileEntry, new: FileEntry, literal: int) -> Delta | None:
+        big = max(old.size, new.size) > BIG_FILE_JOB_BYTES
+        if big:
+            self._big.acquire()
+        try:
+            patch = encode_patch(self._read(old.chunks), self._read(new.chunks))
+        finally:
+            if big:
+                self._big.release()
+        if len(patch) > KEEP_RATIO * literal:
+            return None
+        return self._keep(KIND_FILE, new.sha256, new.size, (old.sha256,), patch)
+
+    def _segments(
+        self, f: FileEntry, o: FileEntry, count: Counter[bytes]
+    ) -> Iterator[tuple[tuple[ChunkRef, ...], tuple[ChunkRef, ...]]]:
+        """Yield (new chunks, old base chunks) per segment of ``f`` against ``o``."""
+        index: SimilarityIndex | None = None
+
+        def locate(s: int, e: int) -> int | None:
+            nonlocal index
+            if index is None:  # built only for files that need it
+                index = SimilarityIndex(o.chunks, lambda c: self._read((c,)))
+            return index.locate(self._read(f.chunks[s:e]))
+
+        for seg in plan_segments(
+            o.chunks, f.chunks, may_start_run=lambda d: count[d] == 1, locate=locate
+        ):
+            yield f.chunks[seg.start : seg.end], tuple(o.chunks[k] for k in seg.bases)
+
+    def _chunk_job(
+        self, bases: tuple[ChunkRef, ...], targets: tuple[ChunkRef, ...]
+    ) -> Delta | None:
+        size = sum(c.size for c in targets)
+        patch = encode_patch(self._read(bases), self._read(targets))
+        if len(patch) > KEEP_RATIO * size:
+            return None
+        return self._keep(
+            KIND_CHUNK, targets[0].digest, size, tuple(b.digest for b in bases), patch
+        )
+
+    def _zchunk_job(self, target: ChunkRef) -> Delta | None:
+        z = compress_chunk(self._read((target,)))
+        if len(z) > ZCHUNK_KEEP_RATIO * target.size:
+            return None
+        return self._keep(KIND_ZCHUNK, target.digest, target.size, (), z)
+
+
+# -- export for a node at a known version ---------------------------------------
+
+
+def source_for_node_at(repo: Repo, component: str, version: str) -> ReleaseSource:
+    """Return the newest release of ``component`` with only the blobs a node at ``version`` needs.
+
+    The node is assumed to hold that version's files on disk and nothing else
+    (its store may have been collected), so this is what ``needed_blobs``
+    picks for it: deltas from that version where they pay, zstd literals or
+    chunks otherwise, and hooks. The node also holds that version's signed
+    envelope, so the new envelope travels as a patch against it where that is
+    smaller, and the roots up to the one it was signed under stay home
+    (``write_bundle``). Raises ``RepoError`` if no release of ``component``
+    has that version label.
+    """
+    serials = repo.serials(component)
+    if not serials:
+        raise RepoError(f"component {component!r} has no releases in {repo.path}")
+    new, env = repo.release(component, serials[-1])
+    for serial in reversed(serials):
+        held, held_env = repo.release(component, serial)
+        if held.version == version:
+            blobs = needed_blobs(new, [held], lambda _d: False)
+            base = None if serial == new.serial else HeldEnvelope(serial, version, held_env)
+            return ReleaseSource(new, env, blobs, base)
+    raise RepoError(f"no release of {component} has version {version!r} in {repo.path}")

@@ -1,0 +1,224 @@
+"""Publishing: a source tree becomes a signed release in the repository.
+
+tree -> walk (lstat only, hostile names refused) -> chunks into the repo's blob
+store -> deltas against the previous N releases of the same component and
+platform (N = ``--delta-depth``, default the repository's setting, 2; see
+delta.py) -> manifest with serial = previous + 1 -> signed by the release keys
+-> written atomically.
+
+Variants: publishing the newest release's version again with another
+``--platform`` adds a variant to that release (same serial, its own signed
+manifest); see ``next_serial`` for what is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pupd.daemon.api import BlobStore
+from p2pupd.protocol import chunking, ids
+from p2pupd.protocol.errors import UnsafePathError
+from p2pupd.protocol.manifest import (
+    ChunkRef,
+    DirEntry,
+    FileEntry,
+    HookRef,
+    Manifest,
+    SymlinkEntry,
+    sort_entries,
+)
+from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
+from p2pupd.tools.publisher.deltas import DeltaMaker
+from p2pupd.tools.publisher.repo import Repo, RepoError
+
+
+@dataclass(frozen=True)
+class Tree:
+    files: list[tuple[str, Path, os.stat_result]]
+    symlinks: list[SymlinkEntry]
+    dirs: list[DirEntry]
+
+
+def walk_tree(src: Path) -> Tree:
+    """Return the entries of ``src`` without following symlinks.
+
+    Raises ``UnsafePathError`` for a name that is not safe (control characters,
+    backslash, undecodable bytes) and ``RepoError`` for special files.
+    """
+    try:
+        if not stat.S_ISDIR(os.lstat(src).st_mode):
+            raise RepoError(f"{src} is not a directory")
+    except OSError as exc:
+        raise RepoError(f"cannot read {src}: {exc.strerror}") from None
+    files: list[tuple[str, Path, os.stat_result]] = []
+    symlinks: list[SymlinkEntry] = []
+    dirs: list[DirEntry] = []
+
+    def visit(d: Path, rel: str) -> None:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError as exc:
+            raise RepoError(f"cannot list {d}: {exc.strerror}") from None
+        for name in names:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UnsafePathError(
+                    f"name under {rel or '.'} is not valid UTF-8: {name!r:.80}"
+                ) from None
+            r = ids.check_relpath(f"{rel}/{name}" if rel else name)
+            p = d / name
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                symlinks.append(SymlinkEntry(r, ids.check_symlink_target(os.readlink(p))))
+            elif stat.S_ISDIR(st.st_mode):
+                dirs.append(DirEntry(r, stat.S_IMODE(st.st_mode), int(st.st_mtime)))
+                visit(p, r)
+            elif stat.S_ISREG(st.st_mode):
+                files.append((r, p, st))
+            else:
+                raise RepoError(f"{p}: special files (devices, fifos, sockets) cannot be published")
+
+    visit(src, "")
+    return Tree(files, symlinks, dirs)
+
+
+def chunk_file(path: Path, store: BlobStore) -> tuple[bytes, int, tuple[ChunkRef, ...]]:
+    """Cut ``path`` into chunks stored in ``store``; return (sha256, size, chunks)."""
+    h = hashlib.sha256()
+    refs: list[ChunkRef] = []
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            for _off, data in chunking.cut_stream(f):
+                b = bytes(data)
+                h.update(b)
+                size += len(b)
+                refs.append(ChunkRef(store.put_bytes(b), len(b)))
+    except OSError as exc:
+        raise RepoError(f"cannot read {path}: {exc.strerror}") from None
+    return h.digest(), size, tuple(refs)
+
+
+def build_manifest(
+    repo: Repo,
+    component: str,
+    version: str,
+    src: Path,
+    now: int,
+    *,
+    expires: int | None = None,
+    platform: str | None = None,
+    hooks: dict[str, Path] | None = None,
+    progress: Callable[[str], None] | None = None,
+    delta_depth: int | None = None,
+    delta_workers: int | None = None,
+) -> Manifest:
+    """Return the (unsigned) manifest for ``src`` as the next serial of ``component``.
+
+    ``delta_depth`` (default: the repository's setting) is how many previous
+    releases get deltas; 0 publishes chunks only. Raises ``RepoError``,
+    ``UnsafePathError``.
+    """
+    ids.check_component(component)
+    ids.check_version_label(version)
+    if platform is not None:
+        ids.check_platform(platform)
+    tree = walk_tree(src)
+    store = repo.store
+    files = []
+    for rel, path, st in tree.files:
+        if progress:
+            progress(rel)
+        digest, size, refs = chunk_file(path, store)
+        files.append(FileEntry(rel, stat.S_IMODE(st.st_mode), size, digest, int(st.st_mtime), refs))
+    hook_refs: dict[str, HookRef] = {}
+    for point, hp in (hooks or {}).items():
+        try:
+            data = hp.read_bytes()
+        except OSError as exc:
+            raise RepoError(f"cannot read hook {hp}: {exc.strerror}") from None
+        hook_refs[point] = HookRef(store.put_bytes(data), len(data))
+    serial = next_serial(repo, component, version, platform)
+    f, s, d = sort_entries(files, tree.symlinks, tree.dirs)
+    depth = repo.settings().delta_depth if delta_depth is None else delta_depth
+    if depth < 0:
+        raise RepoError(f"delta depth must be 0 or more, got {depth}")
+    previous = previous_releases(repo, component, platform, depth)
+    deltas = DeltaMaker(store, previous, delta_workers, progress).compute(f)
+    return Manifest(
+        component=component,
+        version=version,
+        serial=serial,
+        created=now,
+        files=f,
+        symlinks=s,
+        dirs=d,
+        expires=expires,
+        platform=platform,
+        hooks=hook_refs,
+        deltas=deltas,
+    )
+
+
+def previous_releases(
+    repo: Repo, component: str, platform: str | None, depth: int
+) -> list[Manifest]:
+    """Return up to ``depth`` newest releases of ``component`` for ``platform``, newest first.
+
+    Each is verified with the repository's root, like any release a node reads.
+    """
+    out: list[Manifest] = []
+    for serial in reversed(repo.serials(component)):
+        if len(out) >= depth:
+            break
+        if platform in repo.platforms(component, serial):
+            out.append(repo.release(component, serial, platform)[0])
+    return out
+
+
+def next_serial(
+    repo: Repo, component: str, version: str | None = None, platform: str | None = None
+) -> int:
+    """Serial for a new release of ``version`` for ``platform`` (``None``: universal).
+
+    The newest serial plus one, except that a platform variant of the newest
+    release's version joins that release (same serial). Raises ``RepoError``
+    when that would mix a universal release and variants under one serial, or
+    when the newest release already has a variant for ``platform``.
+    """
+    serials = repo.serials(component)
+    if not serials:
+        return 1
+    newest = serials[-1]
+    held = repo.platforms(component, newest)
+    man = repo.release(component, newest, held[0])[0]
+    if version is None or man.version != version or (platform is None and None in held):
+        return newest + 1  # (a universal tree re-published under its label: a new release)
+    if platform is None or None in held:
+        kind = "universal" if None in held else "variants for " + ", ".join(map(str, held))
+        raise RepoError(
+            f"{component} {version} (serial {newest}) is already published ({kind}); "
+            "a serial is either universal or per-platform: publish it with --platform for "
+            "every variant, or as a new version"
+        )
+    if platform in held:
+        raise RepoError(f"{component} {version} already has a variant for {platform}")
+    return newest
+
+
+def sign_and_write(repo: Repo, man: Manifest, key_paths: list[Path] | None = None) -> Envelope:
+    """Sign ``man`` with the release keys and write it; return the envelope.
+
+    The envelope is verified with the node's own rules before it is written,
+    so the repository never holds a release nodes would refuse.
+    """
+    env = sign(RELEASE_TYPE, man.encode(), repo.release_signers(key_paths))
+    repo.trusted().verify_release(env.encode(), None, man.component)
+    repo.write_release(man, env)
+    return env
