@@ -42,7 +42,7 @@ from p2pupd.daemon.state.statedir import (
     new_node_id,
     now_seconds,
 )
-from p2pupd.protocol.errors import CodecError
+from p2pupd.protocol.errors import CodecError, VerificationError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import TrustedRoot
 
@@ -187,15 +187,15 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
     """One component of the ``status --json`` document."""
     cfg = node.config.components[name]
     st = node.state.read_state(name)
-    root = node.trusted_root()
+    chain = node.trust_chain()
 
     def label(serial: int | None) -> str | None:
         if serial is None:
             return None
         try:
-            man: Manifest = node.releases.get(root, name, serial)[0]
-        except (NotFoundError, StorageError):
-            return None
+            man: Manifest = node.releases.get(chain, name, serial)[0]
+        except (NotFoundError, StorageError, VerificationError):
+            return None  # absent, unreadable or revoked: shown without a label
         return man.version
 
     stored = node.releases.serials(name)

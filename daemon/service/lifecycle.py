@@ -103,14 +103,14 @@ class Lifecycle:
         node, out = self.node, Scan()
         out.recovered = Applier(node).recover()
         self.content.refresh()
-        root = node.trusted_root()
+        chain = node.trust_chain()
         for name, cfg in node.config.components.items():
             st = node.state.read_state(name)
             self._high[name] = st.high_water
             serials = node.releases.serials(name)
             for serial in reversed(serials):
                 try:
-                    man, env = node.releases.get(root, name, serial)
+                    man, env = node.releases.get(chain, name, serial)
                 except DaemonError as exc:
                     log(
                         "release-unreadable",
@@ -262,11 +262,11 @@ class Lifecycle:
             )
             for r in report.releases:
                 self._high[r.component] = max(self._high.get(r.component, 0), r.serial)
-        root = await self.offload(self.node.trusted_root)
+        chain = await self.offload(self.node.trust_chain)
         for r in sorted(report.releases, key=lambda r: r.serial):
             if r.new:
                 man, env = await self.offload(
-                    lambda r=r: self.node.releases.get(root, r.component, r.serial)  # type: ignore[misc]
+                    lambda r=r: self.node.releases.get(chain, r.component, r.serial)  # type: ignore[misc]
                 )
                 self.origin[r.component] = (r.serial, "import")
                 log(
