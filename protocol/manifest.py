@@ -19,6 +19,7 @@ from typing import Any
 
 from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import CodecError, SchemaError, UnsafePathError
+from p2pupd.protocol.rollout.policy import RolloutPolicy
 
 SPEC_VERSION = 1
 HOOK_POINTS = ("pre-apply", "post-apply", "health")
@@ -103,6 +104,10 @@ class Manifest:
     platform: str | None = None
     hooks: dict[str, HookRef] = field(default_factory=dict)
     deltas: tuple[Delta, ...] = ()
+    # How the release spreads through a site (protocol/rollout). Encoded only
+    # when set, so a manifest without one keeps its exact bytes (and older
+    # nodes, which ignore unknown fields, apply it on arrival as before).
+    rollout: RolloutPolicy | None = None
 
     # -- derived views -------------------------------------------------------
 
@@ -131,7 +136,7 @@ class Manifest:
     # -- encoding ------------------------------------------------------------
 
     def to_value(self) -> dict[str, Any]:
-        return {
+        v: dict[str, Any] = {
             "_type": "release",
             "spec": SPEC_VERSION,
             "component": self.component,
@@ -152,6 +157,9 @@ class Manifest:
                 for d in self.deltas
             ],
         }
+        if self.rollout is not None:
+            v["rollout"] = self.rollout.to_value()
+        return v
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_value())
@@ -196,6 +204,7 @@ class Manifest:
         )
         expires = m.get("expires")
         platform = m.get("platform")
+        rollout = m.get("rollout")
         man = cls(
             component=ids.check_component(m.get("component")),
             version=ids.check_version_label(m.get("version")),
@@ -208,6 +217,7 @@ class Manifest:
             dirs=dirs,
             hooks=hooks,
             deltas=deltas,
+            rollout=None if rollout is None else RolloutPolicy.from_value(rollout),
         )
         check_tree(man)
         return man
