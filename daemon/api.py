@@ -29,8 +29,10 @@ from p2pupd.daemon.config import (
     DEFAULT_CONFIG_PATH,
     DaemonOptions,
     FileConfig,
+    RolloutConfig,
     load_config,
     parse_endpoint,
+    parse_node_key,
     parse_rate,
 )
 from p2pupd.daemon.errors import (
@@ -71,12 +73,14 @@ __all__ = [
     "LockedError",
     "MadeRequest",
     "NotFoundError",
+    "RolloutConfig",
     "StateSource",
     "StorageError",
     "WatchEvent",
     "apply",
     "atomic_write",
     "component_status",
+    "fleet",
     "fsck",
     "gc",
     "history",
@@ -87,10 +91,12 @@ __all__ = [
     "open_node",
     "open_state_source",
     "parse_endpoint",
+    "parse_node_key",
     "parse_rate",
     "peers",
     "recover",
     "rollback",
+    "rollout_action",
     "run_daemon",
     "status",
     "watch_imports",
@@ -322,6 +328,48 @@ def peers(state_dir: Path) -> dict[str, Any]:
     running, doc = _daemon(state_dir, "peers")
     if not running:
         raise DaemonError(f"no p2pupd daemon is running for {state_dir}")
+    return doc  # type: ignore[no-any-return]
+
+
+def fleet(state_dir: Path) -> dict[str, Any]:
+    """The running daemon's view of the site (``p2pupd fleet --json``).
+
+    Raises ``DaemonError`` when no daemon runs on ``state_dir``: the view is
+    the reports the daemon gathered from its peers.
+    """
+    running, doc = _daemon(state_dir, "fleet")
+    if not running:
+        raise DaemonError(
+            f"no p2pupd daemon is running for {state_dir}: the site view is what a running "
+            "daemon gathers from its peers"
+        )
+    return doc  # type: ignore[no-any-return]
+
+
+def rollout_action(
+    state_dir: Path,
+    action: str,
+    component: str,
+    *,
+    serial: int | None = None,
+    version: str | None = None,
+    reason: str = "",
+    wave: int | None = None,
+) -> dict[str, Any]:
+    """Make a signed rollout action (halt, resume, skip-wave) on the running daemon.
+
+    The release defaults to the newest one stored here. Raises ``DaemonError``
+    when no daemon runs (an action is spread by the daemon to its peers).
+    """
+    running, doc = _daemon(
+        state_dir, "rollout", action=action, component=component, serial=serial,
+        version=version, reason=reason, wave=wave,
+    )  # fmt: skip
+    if not running:
+        raise DaemonError(
+            f"no p2pupd daemon is running for {state_dir}: a rollout action is made and "
+            "spread by the daemon"
+        )
     return doc  # type: ignore[no-any-return]
 
 

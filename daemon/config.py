@@ -22,6 +22,13 @@ site on defaults). See docs/config.md for the annotated file.
     [metrics]
     listen = ""                     # e.g. "127.0.0.1:9477"; empty = off
 
+    [rollout]
+    operators = []                  # node keys (hex) that may resume or skip waves
+    report_interval = 600           # seconds between this node's report refreshes
+    settle = 60                     # seconds a daemon listens before taking a wave
+    live = 0                        # a report is evidence this long; 0 = 3 x interval
+    gone = 21600                    # a silent node leaves the site view after this
+
     [log]
     level = "info"
 """
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,17 @@ DEFAULT_PORT = 7707
 DEFAULT_LISTEN = ("0.0.0.0", DEFAULT_PORT)
 _RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The ``[rollout]`` section (see docs/rollouts.md)."""
+
+    operators: tuple[bytes, ...] = ()  # public node keys that may resume / skip waves
+    report_interval: float = 600.0
+    settle: float = 60.0
+    live: float | None = None  # None: 3 x report_interval
+    gone: float = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class DaemonOptions:
     gossip_interval: float = 30.0
     metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint; None = off
     watch: tuple[Path, ...] = ()  # directories watched for bundles to import
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def parse_endpoint(text: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:
@@ -104,6 +123,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "import": {"watch": list},
     "metrics": {"listen": str},
     "log": {"level": str},
+    "rollout": {
+        "operators": list,
+        "report_interval": (int, float),
+        "settle": (int, float),
+        "live": (int, float),
+        "gone": (int, float),
+    },
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -122,6 +148,7 @@ class FileConfig:
     watch: tuple[Path, ...] | None = None
     metrics_listen: str | None = None
     log_level: str | None = None
+    rollout: RolloutConfig | None = None
 
 
 def load_config(path: Path, required: bool = False) -> FileConfig:
@@ -163,7 +190,40 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
         else None,
         metrics_listen=get("metrics", "listen") or None,
         log_level=level,
+        rollout=_rollout(doc.get("rollout"), path),
     )
+
+
+def _rollout(body: dict[str, Any] | None, path: Path) -> RolloutConfig | None:
+    if body is None:
+        return None
+    keys = []
+    for text in _strs(body.get("operators"), path, "rollout.operators") or ():
+        keys.append(parse_node_key(text, f"{path}: rollout.operators"))
+    for name in ("report_interval", "settle", "gone"):
+        if name in body and body[name] <= 0:
+            raise ConfigError(f"{path}: rollout.{name} must be positive")
+    if body.get("live", 0) < 0:
+        raise ConfigError(f"{path}: rollout.live must be 0 (automatic) or positive")
+    base = RolloutConfig()
+    return RolloutConfig(
+        operators=tuple(keys),
+        report_interval=float(body.get("report_interval", base.report_interval)),
+        settle=float(body.get("settle", base.settle)),
+        live=float(body["live"]) if body.get("live") else None,
+        gone=float(body.get("gone", base.gone)),
+    )
+
+
+def parse_node_key(text: str, what: str = "node key") -> bytes:
+    """A public node key as 64 hex characters (``p2pupd status`` shows it); ``ConfigError`` else."""
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{what}: {text!r:.80} is not a node key (64 hex characters)")
+    return raw
 
 
 def _check(doc: dict[str, Any], path: Path) -> None:

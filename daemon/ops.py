@@ -173,6 +173,15 @@ def serial_of(node: Node, component: str, version: str, applier: Applier | None 
         raise exc from None
 
 
+def newest_serial(node: Node, component: str) -> int:
+    """The newest release of ``component`` stored here; ``NotFoundError`` if none is."""
+    node.config.component(component)
+    serials = node.releases.serials(component)
+    if not serials:
+        raise NotFoundError(f"no release of {component} is stored on this node")
+    return serials[-1]
+
+
 def rollback(node: Node, component: str) -> ApplyResult:
     """Make the previous kept version of ``component`` live again."""
     return Applier(node).rollback(component)

@@ -50,6 +50,7 @@ from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,
     FEATURE_RANGE,
+    FEATURE_REPORT,
     FEATURE_REQUEST,
     MAGIC,
     MAX_RANGE_BYTES,
@@ -79,6 +80,8 @@ from p2pupd.protocol.wire import (
     RootData,
     RootMissing,
     RootRequest,
+    SiteDigest,
+    SiteNews,
     encode_parts,
 )
 
@@ -114,7 +117,7 @@ _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
     ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
     ManifestRangeRequest, ManifestRangeData, Have, NodeRequestQuery, NodeRequestData,
-    ChunkBatchRequest,
+    ChunkBatchRequest, SiteNews, SiteDigest,
 )  # fmt: skip
 _LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
 
@@ -163,6 +166,8 @@ _FEATURE_OF: dict[type[Message], str] = {
     NodeRequestQuery: FEATURE_REQUEST,
     NodeRequestData: FEATURE_REQUEST,
     ChunkBatchRequest: FEATURE_BATCH,
+    SiteNews: FEATURE_REPORT,
+    SiteDigest: FEATURE_REPORT,
 }
 
 

@@ -31,6 +31,12 @@ kinds are only sent to peers that advertised the matching Hello feature:
   ``NodeRequestData``; a daemon collects these into a site request for the
   publisher (protocol/request.py). The collector checks each one's signature
   and that it names the node id the peer proved in its Hello.
+* ``"report"`` (``FEATURE_REPORT``): ``SiteNews`` pushes signed node reports
+  and rollout actions (protocol/rollout), ``SiteDigest`` says which reports
+  (node id, seq) and actions (digests) the sender holds, so the peer can send
+  what it lacks. Both are hints like Announce: every document is verified by
+  the receiver (signature, site, membership, replay) before it counts. An
+  older peer simply never sees them.
 
 Why the receive side stays O(n) under hostile input
 ---------------------------------------------------
@@ -97,6 +103,16 @@ FEATURE_BATCH = "batch"
 # link busy; the answers are paced by the reader, never buffered at once.
 MAX_BATCH_DIGESTS = 64
 FEATURE_REQUEST = "request"
+FEATURE_REPORT = "report"
+# Signed documents per SiteNews, and their sizes (protocol/rollout bounds them
+# again when it decodes them): 32 x 6 KiB + 32 x 4 KiB stays far below a frame.
+MAX_NEWS_DOCS = 32
+MAX_NEWS_REPORT_BYTES = 6 * limits.KiB
+MAX_NEWS_ACTION_BYTES = 4 * limits.KiB
+# A digest lists every report a node holds (a site is bounded at 10,000 nodes):
+# 10,000 x ~28 encoded bytes ~ 280 KiB.
+MAX_DIGEST_REPORTS = 10_000
+MAX_DIGEST_ACTIONS = 1024
 _CLUSTER_RE = re.compile(r"\S(.*\S)?")  # no leading/trailing blanks, not empty
 _FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 
@@ -150,6 +166,38 @@ def _batch(value: Any) -> Any:
     return value
 
 
+def _docs(value: Any, name: str, most: int) -> Any:
+    if not isinstance(value, tuple) or len(value) > MAX_NEWS_DOCS:
+        raise LocalProtocolError(f"{name} must be a tuple of at most {MAX_NEWS_DOCS} documents")
+    for doc in value:
+        _blob(doc, name, most=most)
+    return value
+
+
+def _summary(value: Any) -> Any:
+    if not isinstance(value, tuple) or len(value) > MAX_DIGEST_REPORTS:
+        raise LocalProtocolError(f"summary must be a tuple of at most {MAX_DIGEST_REPORTS}")
+    for entry in value:
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise LocalProtocolError("summary entry must be (node_id, seq)")
+        _blob(entry[0], "node_id", exact=NODE_ID_BYTES)
+        _uint(entry[1], "seq", 1, MAX_SERIAL)
+    # Sorted and unique, so a summary has exactly one encoding.
+    if any(a[0] >= b[0] for a, b in itertools.pairwise(value)):
+        raise LocalProtocolError("summary entries must be sorted by node id, unique")
+    return value
+
+
+def _known(value: Any) -> Any:
+    if not isinstance(value, tuple) or len(value) > MAX_DIGEST_ACTIONS:
+        raise LocalProtocolError(f"known must be a tuple of at most {MAX_DIGEST_ACTIONS}")
+    for digest in value:
+        _blob(digest, "digest", exact=DIGEST_BYTES)
+    if any(a >= b for a, b in itertools.pairwise(value)):
+        raise LocalProtocolError("known digests must be sorted and unique")
+    return value
+
+
 def _features(value: Any) -> Any:
     if not isinstance(value, frozenset) or len(value) > MAX_FEATURES:
         raise LocalProtocolError(f"features must be a frozenset of at most {MAX_FEATURES}")
@@ -198,6 +246,10 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "complete": lambda v, n, _: _bool(v, n),
     "digests": lambda v, n, _: _digests(v),
     "batch": lambda v, n, _: _batch(v),
+    "reports": lambda v, n, _: _docs(v, n, MAX_NEWS_REPORT_BYTES),
+    "actions": lambda v, n, _: _docs(v, n, MAX_NEWS_ACTION_BYTES),
+    "summary": lambda v, n, _: _summary(v),
+    "known": lambda v, n, _: _known(v),
 }
 
 
@@ -475,12 +527,31 @@ class NodeRequestData(_Wire):
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class SiteNews(_Wire):
+    """Signed node reports and rollout actions (feature "report"); the receiver verifies each."""
+
+    TYPE: ClassVar[int] = 50
+    reports: tuple[bytes, ...] = ()
+    actions: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SiteDigest(_Wire):
+    """What the sender holds (feature "report"): (node id, seq) of each report, sorted,
+    and the digests of the rollout actions; the peer answers with ``SiteNews``."""
+
+    TYPE: ClassVar[int] = 51
+    summary: tuple[tuple[bytes, int], ...] = ()
+    known: tuple[bytes, ...] = ()
+
+
 # fmt: off
 Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
-    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest
+    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | SiteNews | SiteDigest
 )
 Request = (
     ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
@@ -496,7 +567,7 @@ _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
-    NodeRequestQuery, NodeRequestData, ChunkBatchRequest,
+    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, SiteNews, SiteDigest,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 
@@ -511,6 +582,10 @@ def _to_wire(msg: Message) -> list[Any]:
         return [msg.component, msg.serial, msg.complete, list(msg.digests)]
     if isinstance(msg, ChunkBatchRequest):
         return [msg.request_id, list(msg.batch)]
+    if isinstance(msg, SiteNews):
+        return [list(msg.reports), list(msg.actions)]
+    if isinstance(msg, SiteDigest):
+        return [[list(e) for e in msg.summary], list(msg.known)]
     return [getattr(msg, f.name) for f in dataclasses.fields(msg)]
 
 
@@ -540,6 +615,20 @@ def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
         if not isinstance(batch, list):
             raise SchemaError("ChunkBatchRequest batch must be a list")
         return ChunkBatchRequest(request_id, tuple(batch))
+    if cls is SiteNews:
+        reports, actions = fields
+        if not isinstance(reports, list) or not isinstance(actions, list):
+            raise SchemaError("SiteNews reports and actions must be lists")
+        return SiteNews(tuple(reports), tuple(actions))
+    if cls is SiteDigest:
+        summary, known = fields
+        if not isinstance(summary, list) or not all(
+            isinstance(e, list) and len(e) == 2 for e in summary
+        ):
+            raise SchemaError("SiteDigest summary must be a list of [node_id, seq]")
+        if not isinstance(known, list):
+            raise SchemaError("SiteDigest known must be a list")
+        return SiteDigest(tuple(tuple(e) for e in summary), tuple(known))
     factory: Callable[..., Message] = cls  # every other message maps fields 1:1
     return factory(*fields)
 

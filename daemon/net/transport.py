@@ -6,7 +6,8 @@ A connection runs three tasks around one ``protocol.session.Session``:
 
 * the **reader** receives bytes, feeds the session and dispatches each event
   without ever waiting on the network: requests go to a queue, responses wake
-  the task that asked, Announce/Have go to the handler (which must not block);
+  the task that asked, Announce/Have/SiteNews/SiteDigest go to the handler
+  (which must not block);
 * the **writer** is the only task that sends: everything else *posts* a
   message, which runs ``session.send`` at once (so bytes leave in the order
   the session saw them) and queues the frame. It writes whatever is queued
@@ -70,6 +71,8 @@ from p2pupd.protocol.wire import (
     Message,
     Request,
     Response,
+    SiteDigest,
+    SiteNews,
 )
 
 RECV_BYTES = 1 * limits.MiB  # one read takes many chunk frames; bounded by what was fed
@@ -103,8 +106,8 @@ class Handler(Protocol):
 
     def joined(self, conn: PeerConnection) -> None: ...
 
-    def message(self, conn: PeerConnection, msg: Announce | Have) -> None:
-        """An Announce or Have arrived; must not block."""
+    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews | SiteDigest) -> None:
+        """An Announce, Have, SiteNews or SiteDigest arrived; must not block."""
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """The response to one of the peer's requests."""
@@ -439,7 +442,7 @@ class PeerConnection:
                 self._deadlines.pop(rid, None)
             if on_answer is not None:
                 on_answer(msg)
-        elif isinstance(msg, Announce | Have):
+        elif isinstance(msg, Announce | Have | SiteNews | SiteDigest):
             handler.message(self, msg)
         elif isinstance(msg, Bye):
             self.reason = f"peer said bye: {msg.reason}" if msg.reason else "peer said bye"

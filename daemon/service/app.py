@@ -51,6 +51,7 @@ from p2pupd.daemon.net.transport import serve_listener
 from p2pupd.daemon.service.autoimport import serve_watch
 from p2pupd.daemon.service.metrics import MetricsFeed, serve_metrics
 from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
+from p2pupd.daemon.service.rollout import RolloutOptions
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.errors import P2pupdError
 
@@ -152,10 +153,19 @@ async def run(
     try:
         await trio.to_thread.run_sync(node.store.clean_tmp)
         host, port = options.listen
+        ro = options.rollout
         core = NodeService(
             node,
             ServiceOptions(
-                bandwidth_limit=options.bandwidth_limit, gossip_interval=options.gossip_interval
+                bandwidth_limit=options.bandwidth_limit,
+                gossip_interval=options.gossip_interval,
+                rollout=RolloutOptions(
+                    operators=ro.operators,
+                    report_interval=ro.report_interval,
+                    settle=ro.settle,
+                    live=ro.live,
+                    gone=ro.gone,
+                ),
             ),
         )
         async with trio.open_nursery() as nursery:

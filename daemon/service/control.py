@@ -1,6 +1,8 @@
 """The daemon's control socket: how ``p2pupd status/import/apply/rollback/peers`` reach it.
 
-(And ``export --request``, which the daemon answers for the whole site.)
+(And ``export --request``, which the daemon answers for the whole site, and
+``fleet`` and ``rollout``, which only a running daemon can answer: they are
+its view of the site.)
 
 Theory of operation. While a daemon runs it holds the node lock, so the CLI
 cannot act on the state directory itself; ``api`` finds ``STATE/control.sock``
@@ -42,6 +44,8 @@ from p2pupd.daemon.ctl import (
 from p2pupd.daemon.events import log
 from p2pupd.daemon.service.nodeservice import NodeService
 from p2pupd.protocol.errors import P2pupdError
+from p2pupd.protocol.rollout.actions import ActionKind
+from p2pupd.protocol.rollout.report import one_line
 
 READ_TIMEOUT = 10.0
 
@@ -112,6 +116,7 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
     if op == "ping":
         return {"node_id": core.node.config.node_id.hex(), "pid": os.getpid()}
     if op == "status":
+
         def read_status() -> dict[str, Any]:
             recovered, pending = ops.recover_if_free(core.node)
             return ops.status(core.node, recovered=recovered, pending=pending)
@@ -120,6 +125,7 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
         for name, comp in doc["components"].items():
             comp.update(core.lifecycle.component_doc(name))
         doc["daemon"] = core.daemon_doc()
+        doc["node_key"] = core.rollout.node_key_public().hex()
         return doc
     if op == "peers":
         return core.peers_doc()
@@ -143,4 +149,33 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
         return await core.site_requests.collect(bool(args.get("site", True)))
     if op == "rollback":
         return result_to_doc(await core.lifecycle.rollback(_str(args, "component")))
+    if op == "fleet":
+        return core.rollout.fleet_doc()
+    if op == "rollout":
+        return await _rollout(core, args)
     raise ControlError(f"unknown control operation {op!r}")
+
+
+async def _rollout(core: NodeService, args: dict[str, Any]) -> dict[str, Any]:
+    """``p2pupd rollout halt|resume|skip-wave``: sign the action here and spread it."""
+    try:
+        kind = ActionKind(_str(args, "action"))
+    except ValueError:
+        raise ControlError(f"unknown rollout action {args.get('action')!r}") from None
+    component = _str(args, "component")
+    given, version = args.get("serial"), args.get("version")
+    if isinstance(version, str):
+        serial = await core.offload(lambda: ops.serial_of(core.node, component, version))
+    elif isinstance(given, int) and given > 0:
+        serial = given
+    else:
+        serial = await core.offload(lambda: ops.newest_serial(core.node, component))
+    wave = args.get("wave")
+    reason = args.get("reason")
+    return await core.rollout.act(
+        kind,
+        component,
+        serial,
+        one_line(reason) if isinstance(reason, str) else "",
+        wave if isinstance(wave, int) else None,
+    )

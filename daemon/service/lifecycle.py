@@ -8,8 +8,12 @@ Every release takes the same path whatever brought it::
               (``accept_from_peer``) or a bundle (``import_dir``)
     fetching  its missing blobs come from peers (``fetch``)
     complete  every blob is here: gossip announces it (``release_complete``)
-    applied   by the CLI's ``Applier`` in a worker thread: automatically for an
-              ``auto_apply`` component, or on ``p2pupd apply``
+    gated     an ``auto_apply`` release waits at the site's rollout gate
+              (``rollout.RolloutService``) until its wave may go: at once when
+              the release has no rollout policy
+    applied   by the CLI's ``Applier`` in a worker thread: automatically once
+              the gate allows, or on ``p2pupd apply`` (refused while the
+              site's brake or a halt holds the release, unless forced)
 
 All steps that write the state directory (accept, import, apply, rollback,
 root rotation) take the state ``mutex``: they read-modify-write
@@ -17,7 +21,7 @@ root rotation) take the state ``mutex``: they read-modify-write
 
 At start ``scan`` recovers interrupted applies, finds what the node holds (the
 newest complete release per component), resumes the fetch of a newer
-incomplete one, and applies a complete release never applied here. A release
+incomplete one, and offers the gate a complete release never applied here. A release
 the operator rolled back from (it has an ``applied`` history entry) is not
 re-applied automatically, at start or later.
 """
@@ -40,6 +44,7 @@ from p2pupd.daemon.events import log, short
 from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.service.fetch import FetchManager
 from p2pupd.daemon.service.gossip import GossipService
+from p2pupd.daemon.service.rollout import RolloutService
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node
@@ -53,7 +58,8 @@ from p2pupd.protocol.manifest import Manifest
 class Scan:
     holdings: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     resume: list[tuple[Manifest, bytes]] = field(default_factory=list)
-    apply: list[tuple[str, int]] = field(default_factory=list)
+    apply: list[Manifest] = field(default_factory=list)
+    held: list[Manifest] = field(default_factory=list)  # newest complete per component
     recovered: list[str] = field(default_factory=list)
 
 
@@ -79,6 +85,7 @@ class Lifecycle:
         content: Content,
         fetch: FetchManager,
         gossip: GossipService,
+        rollout: RolloutService,
         spawn: Callable[..., None],
         forget_servable: Callable[[], None],
         holdings_changed: Callable[[], None],
@@ -92,6 +99,7 @@ class Lifecycle:
         self.content = content
         self.fetch = fetch
         self.gossip = gossip
+        self.rollout = rollout
         self.spawn = spawn
         self.forget_servable = forget_servable
         self.holdings_changed = holdings_changed
@@ -123,8 +131,9 @@ class Lifecycle:
                 digest = env.payload_digest()
                 if not needed_for(node, man):
                     out.holdings[name] = (serial, digest)
+                    out.held.append(man)
                     if serial == serials[-1] and should_auto_apply(cfg, st, serial):
-                        out.apply.append((name, serial))
+                        out.apply.append(man)
                     break
                 if serial == serials[-1] and serial not in st.bad:
                     out.resume.append((man, digest))
@@ -189,8 +198,9 @@ class Lifecycle:
             from_=self.sources(c, s),
         )
         st = await self.offload(lambda: self.node.state.read_state(c))
+        self.rollout.know(man)
         if should_auto_apply(self.node.config.components[c], st, s):
-            self.spawn(self.auto_apply, c, s)
+            self.rollout.offer(man)
 
     def sources(self, component: str, serial: int) -> str:
         """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""
@@ -222,14 +232,26 @@ class Lifecycle:
         version: str | None = None,
         force: bool = False,
     ) -> ApplyResult:
-        """Apply a stored release with the CLI's ``Applier``, in a worker thread."""
+        """Apply a stored release with the CLI's ``Applier``, in a worker thread.
+
+        Unless ``force``, raises ``RolloutHeldError`` when the site's brake or a
+        halt holds the release.
+        """
         async with self.mutex:
             if version is not None:
                 serial = await self.offload(lambda: ops.serial_of(self.node, component, version))
+            man = await self.offload(lambda: self._target(component, serial))
+            if man is not None:
+                if not force:
+                    self.rollout.check_manual(man)
+                self.rollout.apply_started(component, man.serial)
             started = trio.current_time()
-            result = await self.offload(
-                lambda: Applier(self.node).apply(component, serial, force)
-            )
+            try:
+                result = await self.offload(
+                    lambda: Applier(self.node).apply(component, serial, force)
+                )
+            finally:
+                self.rollout.apply_ended(component)
             await self.offload(self.content.refresh)
         self.forget_servable()
         if result.changed:
@@ -243,10 +265,26 @@ class Lifecycle:
             )
         return result
 
+    def _target(self, component: str, serial: int | None) -> Manifest | None:
+        """The release ``apply`` would make live (blocking), or None when there is none."""
+        if serial is None:
+            st = self.node.state.read_state(component)
+            serials = [s for s in self.node.releases.serials(component) if s not in st.bad]
+            if not serials:
+                return None
+            serial = serials[-1]
+        try:
+            return self.node.manifest(component, serial)
+        except DaemonError:
+            return None
+
     async def rollback(self, component: str) -> ApplyResult:
         """Make the previous version live again (an operator act)."""
         async with self.mutex:
-            result = await self.offload(lambda: Applier(self.node).rollback(component))
+            try:
+                result = await self.offload(lambda: Applier(self.node).rollback(component))
+            finally:
+                self.rollout.apply_ended(component)
             await self.offload(self.content.refresh)
         self.forget_servable()
         log("rolled-back", component=component, version=result.version, serial=result.serial)
@@ -297,4 +335,5 @@ class Lifecycle:
             "fetch": self.fetch.status(component),
             "holding": {"serial": held[0], "digest": held[1].hex()} if held else None,
             "origin": {"serial": origin[0], "from": origin[1]} if origin else None,
+            "rollout": self.rollout.component_doc(component),
         }

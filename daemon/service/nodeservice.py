@@ -26,7 +26,7 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -40,8 +40,10 @@ from p2pupd.daemon.offload import Offload, in_thread
 from p2pupd.daemon.service.fetch import SINGLE_FRAME_BYTES, FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
+from p2pupd.daemon.service.rollout import RolloutOptions, RolloutService
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
+from p2pupd.daemon.service.sitenews import SiteNewsService
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import RemoteProtocolError
@@ -52,6 +54,7 @@ from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,
     FEATURE_RANGE,
+    FEATURE_REPORT,
     FEATURE_REQUEST,
     Announce,
     BlobRangeData,
@@ -71,9 +74,13 @@ from p2pupd.protocol.wire import (
     RootData,
     RootMissing,
     RootRequest,
+    SiteDigest,
+    SiteNews,
 )
 
-FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH})
+FEATURES = frozenset(
+    {FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_REPORT}
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class ServiceOptions:
     ban_seconds: float = 600.0
     max_peers: int = 64
     seed: int | None = None
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
 
 
 class NodeService:
@@ -135,6 +143,14 @@ class NodeService:
             ban_seconds=opts.ban_seconds,
         )
         self.on_holdings: list[Callable[[], None]] = []
+        self.rollout = RolloutService(
+            node,
+            offload=offload,
+            options=opts.rollout,
+            auto_apply=self._rollout_go,
+            spread=self._rollout_spread,
+        )
+        self.news = SiteNewsService(self, self.rollout, self._rng)
         self.lifecycle = Lifecycle(
             node,
             offload=offload,
@@ -142,6 +158,7 @@ class NodeService:
             content=self.content,
             fetch=self.fetch,
             gossip=self.gossip,
+            rollout=self.rollout,
             spawn=self.spawn,
             forget_servable=self.forget_servable,
             holdings_changed=self._holdings_changed,
@@ -164,12 +181,16 @@ class NodeService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.gossip.load(scan.holdings)
+            await nursery.start(self.rollout.serve)
+            await nursery.start(self.news.serve)
             await nursery.start(self.gossip.serve)
             await nursery.start(self.fetch.serve)
             for man, digest in scan.resume:
                 self.fetch.start(man, digest)
-            for component, serial in scan.apply:
-                nursery.start_soon(self.lifecycle.auto_apply, component, serial)
+            for man in scan.held:
+                self.rollout.know(man)
+            for man in scan.apply:
+                self.rollout.offer(man)
             task_status.started()
 
     async def run_stream(
@@ -266,10 +287,13 @@ class NodeService:
         )
         self.gossip.peer_joined(conn.node_id)
         self.fetch.peer_joined(conn)
+        self.news.peer_joined(conn)
 
-    def message(self, conn: PeerConnection, msg: Announce | Have) -> None:
-        """Route an Announce to gossip (and fetch), a Have to fetch."""
-        if isinstance(msg, Announce):
+    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews | SiteDigest) -> None:
+        """Route an Announce to gossip (and fetch), a Have to fetch, site news to rollout."""
+        if isinstance(msg, SiteNews | SiteDigest):
+            self.news.message(conn, msg)
+        elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
             if info is not None:
                 info.announced = {e.component: (e.serial, e.manifest_digest) for e in msg.entries}
@@ -297,6 +321,7 @@ class NodeService:
         info = self.peers.remove(peer)
         self.gossip.peer_left(peer)
         self.fetch.peer_left(peer)
+        self.news.peer_left(peer)
         log(
             "peer-closed",
             peer=short(peer),
@@ -358,6 +383,12 @@ class NodeService:
 
     async def _to_lifecycle_complete(self, man: Manifest, digest: bytes) -> None:
         await self.lifecycle.release_complete(man, digest)
+
+    def _rollout_go(self, component: str, serial: int) -> None:
+        self.spawn(self.lifecycle.auto_apply, component, serial)
+
+    def _rollout_spread(self, reports: list[bytes], actions: list[bytes]) -> None:
+        self.news.send_own(reports, actions)
 
     def _holding(self, component: str) -> int:
         return self.gossip.holdings.get(component, (0, b""))[0]

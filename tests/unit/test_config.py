@@ -88,3 +88,20 @@ def test_shipped_example_config_is_valid_and_documents_every_option() -> None:
         assert f"[{section}]" in text
         for key in keys:
             assert f"\n{key} = " in text, f"{section}.{key} is not documented in the example"
+
+
+def test_rollout_section(tmp_path: Path) -> None:
+    key = "ab" * 32
+    p = tmp_path / "c.toml"
+    p.write_text(f'[rollout]\noperators = ["{key}"]\nreport_interval = 5\nsettle = 2\n')
+    cfg = load_config(p).rollout
+    assert cfg is not None and cfg.operators == (bytes.fromhex(key),)
+    assert cfg.report_interval == 5.0 and cfg.settle == 2.0 and cfg.live is None
+    for bad, words in (
+        ('operators = ["abc"]', "not a node key"),
+        ("settle = 0", "must be positive"),
+        ("live = -1", "automatic"),
+    ):
+        p.write_text(f"[rollout]\n{bad}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_config(p)

@@ -29,6 +29,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {r['component']:<14} {r['version']:<12} {r['serial']:>6} "
                   f"{r['platform'] or 'any':<14} {r['files']:>6} {r['bytes']:>12} "
                   f"{r['deltas']:>6}  {exp}")  # fmt: skip
+            if r.get("rollout"):
+                print(f"  {'':<14} rollout: {r['rollout']}")
 
     out(args, doc, human)
     return EXIT_OK

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from p2pupd.protocol import ids
-from p2pupd.protocol.errors import CodecError
+from p2pupd.protocol.errors import CodecError, SchemaError
+from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.tools.commands import bundle as cmd_bundle
 from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, now, out
 from p2pupd.tools.commands.progress import Progress
@@ -67,6 +68,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
             ids.check_platform(args.platform)
     except CodecError as exc:
         raise UsageError(str(exc)) from None
+    try:
+        rollout = RolloutPolicy.parse(args.rollout) if args.rollout else None
+    except SchemaError as exc:
+        raise UsageError(str(exc)) from None
     repo = Repo(Path(args.repo))
     repo.require()
     hooks = {}
@@ -85,6 +90,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         platform=args.platform,
         hooks=hooks,
         delta_depth=args.delta_depth,
+        rollout=rollout,
     )
     sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
     doc = {
@@ -95,6 +101,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         "bytes": man.total_size(),
         "chunks": len(man.chunk_digests()),
         "deltas": len(man.deltas),
+        "rollout": man.rollout.text() if man.rollout else None,
     }
     out(
         args,
@@ -102,6 +109,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         lambda: print(
             f"published {man.component} {man.version} (serial {man.serial}): "
             f"{len(man.files)} files, {man.total_size()} bytes, {len(man.chunk_digests())} chunks"
+            + (f"; rollout {man.rollout.text()}" if man.rollout else "")
         ),
     )
     return EXIT_OK
@@ -234,6 +242,12 @@ def register(add: Adder) -> None:
         type=int,
         metavar="N",
         help="compute deltas from the previous N releases (default: the repo's setting, 2)",
+    )
+    sp.add_argument(
+        "--rollout",
+        metavar="POLICY",
+        help="spread in waves, e.g. 'waves=1,10%%,50%% soak=30m halt-after=1' "
+        "(default: every node applies on arrival; see docs/rollouts.md)",
     )
 
     sp = add(

@@ -151,6 +151,7 @@ def describe(c: Contents) -> dict[str, Any]:
             "chunks": len(man.chunk_digests()),
             "deltas": len(man.deltas),
             "hooks": sorted(man.hooks),
+            "rollout": man.rollout.text() if man.rollout else None,
             "signatures": [k for k, _ in env.signatures],
             "digest": env.payload_digest().hex(),
         })  # fmt: skip

@@ -32,6 +32,7 @@ from p2pupd.protocol.manifest import (
     SymlinkEntry,
     sort_entries,
 )
+from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.tools.publisher.deltas import DeltaMaker
 from p2pupd.tools.publisher.repo import Repo, RepoError
@@ -118,12 +119,14 @@ def build_manifest(
     progress: Callable[[str], None] | None = None,
     delta_depth: int | None = None,
     delta_workers: int | None = None,
+    rollout: RolloutPolicy | None = None,
 ) -> Manifest:
     """Return the (unsigned) manifest for ``src`` as the next serial of ``component``.
 
     ``delta_depth`` (default: the repository's setting) is how many previous
-    releases get deltas; 0 publishes chunks only. Raises ``RepoError``,
-    ``UnsafePathError``.
+    releases get deltas; 0 publishes chunks only. ``rollout`` is how the
+    release spreads through a site (protocol/rollout; None: everywhere at
+    once). Raises ``RepoError``, ``UnsafePathError``.
     """
     ids.check_component(component)
     ids.check_version_label(version)
@@ -163,6 +166,7 @@ def build_manifest(
         platform=platform,
         hooks=hook_refs,
         deltas=deltas,
+        rollout=rollout,
     )
 
 

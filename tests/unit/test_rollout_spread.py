@@ -1,0 +1,149 @@
+"""Reports on the wire: SiteNews/SiteDigest encoding, feature negotiation, and the
+pure spreading rules (push fan-out, pull on digest, rate limit)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from p2pupd.protocol.errors import LocalProtocolError, RemoteProtocolError, SchemaError
+from p2pupd.protocol.rollout.spread import MAX_DOCS_PER_NEWS, SendDigest, SendNews, Spread
+from p2pupd.protocol.session import Session
+from p2pupd.protocol.wire import (
+    FEATURE_REPORT,
+    MAX_NEWS_DOCS,
+    MAX_NEWS_REPORT_BYTES,
+    SiteDigest,
+    SiteNews,
+    decode_body,
+    encode_message,
+)
+
+
+def roundtrip(msg: SiteNews | SiteDigest) -> object:
+    return decode_body(encode_message(msg)[4:])
+
+
+def test_site_messages_round_trip() -> None:
+    news = SiteNews((b"r" * 100, b"s" * 7), (b"a" * 3,))
+    assert roundtrip(news) == news
+    digest = SiteDigest(((b"\x01" * 16, 5), (b"\x02" * 16, 1 << 40)), (b"\x03" * 32,))
+    assert roundtrip(digest) == digest
+    assert roundtrip(SiteDigest()) == SiteDigest()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: SiteNews(tuple(b"x" for _ in range(MAX_NEWS_DOCS + 1))),
+        lambda: SiteNews((b"x" * (MAX_NEWS_REPORT_BYTES + 1),)),
+        lambda: SiteNews(("text",)),  # type: ignore[arg-type]
+        lambda: SiteDigest(((b"\x02" * 16, 1), (b"\x01" * 16, 1))),  # not sorted
+        lambda: SiteDigest(((b"\x01" * 15, 1),)),
+        lambda: SiteDigest(((b"\x01" * 16, 0),)),
+        lambda: SiteDigest((), (b"\x02" * 32, b"\x01" * 32)),
+    ],
+)
+def test_out_of_bounds_site_messages_cannot_be_built(build: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        build()  # type: ignore[operator]
+
+
+def test_a_malformed_site_message_is_a_schema_error() -> None:
+    from p2pupd.protocol import encoding
+
+    for body in ([50, "x", []], [51, [[b"\x01" * 16]], []], [51, [], "x"], [50, [], [], []]):
+        with pytest.raises(SchemaError):
+            decode_body(encoding.encode(body))
+
+
+def session_pair(a_feats: frozenset[str], b_feats: frozenset[str]) -> tuple[Session, Session]:
+    a = Session(b"\x01" * 16, "c", 0, a_feats)
+    b = Session(b"\x02" * 16, "c", 0, b_feats)
+    b.receive_data(a.send(a.hello))
+    a.receive_data(b.send(b.hello))
+    assert b.next_event() == a.hello and a.next_event() == b.hello
+    return a, b
+
+
+def test_only_peers_that_offered_report_get_site_news() -> None:
+    a, b = session_pair(frozenset({FEATURE_REPORT}), frozenset({FEATURE_REPORT}))
+    assert a.supports(FEATURE_REPORT)
+    b.receive_data(a.send(SiteNews((b"r",))))
+    assert b.next_event() == SiteNews((b"r",))
+    old_a, old_b = session_pair(frozenset({FEATURE_REPORT}), frozenset())  # an older peer
+    assert not old_a.supports(FEATURE_REPORT)
+    with pytest.raises(LocalProtocolError):
+        old_a.send(SiteDigest())
+    with pytest.raises(RemoteProtocolError):  # and it may not push news at us unasked
+        old_b.receive_data(encode_message(SiteNews()))
+        old_b.next_event()
+
+
+# ----- the spreading rules -------------------------------------------------------------
+
+
+def spread(**kw: float) -> Spread[str]:
+    return Spread(random.Random(1), **kw)  # type: ignore[arg-type]
+
+
+def test_a_peer_that_joins_gets_our_digest() -> None:
+    s = spread()
+    assert s.peer_joined("p", 0) == [SendDigest("p")]
+
+
+def test_own_documents_go_to_every_peer_others_to_a_fanout() -> None:
+    s = spread(fanout=2)
+    for p in "abcdef":
+        s.peer_joined(p, 0)
+    own = s.learned([b"mine"], [], None)
+    assert sorted(a.peer for a in own) == list("abcdef")
+    forwarded = s.learned([b"theirs"], [], "a")
+    targets = [a.peer for a in forwarded]
+    assert len(targets) == 2 and "a" not in targets
+    assert s.learned([], [], "a") == []
+
+
+def test_news_is_batched_within_a_frame() -> None:
+    s = spread()
+    s.peer_joined("p", 0)
+    docs = [bytes([i]) for i in range(70)]
+    sent = s.learned(docs, [b"act"], None)
+    assert [len(a.reports) for a in sent if isinstance(a, SendNews)] == [32, 32, 6]
+    assert all(len(a.reports) <= MAX_DOCS_PER_NEWS for a in sent if isinstance(a, SendNews))
+    assert sum(len(a.actions) for a in sent if isinstance(a, SendNews)) == 1
+
+
+def test_a_digest_is_answered_with_what_the_peer_lacks() -> None:
+    s = spread(max_answer=3)
+    s.peer_joined("p", 0)
+    sent = s.on_digest("p", {}, [b"d1"], [b"r1", b"r2", b"r3", b"r4"],
+                       {b"d1": b"act1", b"d2": b"act2"})  # fmt: skip
+    assert len(sent) == 1 and isinstance(sent[0], SendNews)
+    assert sent[0].reports == (b"r1", b"r2", b"r3")  # bounded per digest
+    assert sent[0].actions == (b"act2",)  # the one the peer does not know
+    assert s.on_digest("stranger", {}, [], [b"r1"], {}) == []
+
+
+def test_each_peer_is_rate_limited() -> None:
+    s = spread(rate=10, burst=20)
+    s.peer_joined("p", 0)
+    assert s.admit("p", 50, 0) == 20  # the burst
+    assert s.admit("p", 50, 1) == 10  # then the rate
+    assert s.admit("p", 5, 1) == 0
+    assert s.dropped == 30 + 40 + 5
+    assert s.admit("unknown", 5, 1) == 0
+
+
+def test_periodic_pull_stretches_with_the_site() -> None:
+    s = spread(sync_interval=10, seconds_per_node=1)
+    s.peer_joined("p", 0)
+    assert s.tick(0, 5) == []
+    first = s.next_deadline()
+    assert first is not None and 5 <= first <= 10
+    assert s.tick(first, 5) == [SendDigest("p")]
+    big = spread(sync_interval=10, seconds_per_node=1)
+    big.peer_joined("p", 0)
+    big.tick(0, 1000)
+    assert (big.next_deadline() or 0) >= 500  # 1,000 nodes: every ~1,000 s, not every 10 s
