@@ -105,10 +105,10 @@ MAX_BATCH_DIGESTS = 64
 FEATURE_REQUEST = "request"
 FEATURE_REPORT = "report"
 # Signed documents per SiteNews, and their sizes (protocol/rollout bounds them
-# again when it decodes them): 32 x 6 KiB + 32 x 4 KiB stays far below a frame.
+# again when it decodes them): 32 x 8 KiB + 32 x 6 KiB stays far below a frame.
 MAX_NEWS_DOCS = 32
-MAX_NEWS_REPORT_BYTES = 6 * limits.KiB
-MAX_NEWS_ACTION_BYTES = 4 * limits.KiB
+MAX_NEWS_REPORT_BYTES = 8 * limits.KiB
+MAX_NEWS_ACTION_BYTES = 6 * limits.KiB
 # A digest lists every report a node holds (a site is bounded at 10,000 nodes):
 # 10,000 x ~28 encoded bytes ~ 280 KiB.
 MAX_DIGEST_REPORTS = 10_000

@@ -12,7 +12,9 @@ follow the event stream (``events.observe``): bans, applies, apply durations,
 failed applies and operator rollbacks, refused manifests, bytes of peers whose
 connection closed. At scrape time the live peer table and the node's state add
 what is current (bytes of connected peers, live serials), so a scrape never
-waits for an event and the numbers stay monotonic.
+waits for an event and the numbers stay monotonic; so does the site view
+(nodes per component, version and state from their reports; per release how
+many are on it, applying, failed, waiting; whether the brake or a halt holds it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
+
+from p2pupd.protocol.rollout import fleet
 
 if TYPE_CHECKING:
     from p2pupd.daemon.service.nodeservice import NodeService
@@ -150,6 +154,25 @@ class DaemonMetrics:
         )
         self.peers = r.gauge("p2pupd_peers", "Connected peers")
         self.imports = r.counter("p2pupd_imports", "Bundles imported", ("result",))
+        self.site_nodes = r.gauge(
+            "p2pupd_site_nodes",
+            "Nodes of the site by component, installed version and state, from their reports",
+            ("component", "version", "state"),
+        )
+        self.rollout_nodes = r.gauge(
+            "p2pupd_rollout_nodes",
+            "Nodes per release and rollout state (on_it, applying, failed, waiting, lacking)",
+            ("component", "serial", "state"),
+        )
+        self.rollout_held = r.gauge(
+            "p2pupd_rollout_held",
+            "1 while the brake (reason=brake) or an operator halt (reason=halt) holds a release",
+            ("component", "serial", "reason"),
+        )
+        self.reports_refused = r.counter(
+            "p2pupd_site_reports_refused",
+            "Node reports refused (forged, another site, not a member)",
+        )
 
 
 async def serve_metrics(
@@ -244,6 +267,7 @@ class MetricsFeed:
             m.bytes_received.values[(peer,)] = v
         for peer, v in tx.items():
             m.bytes_sent.values[(peer,)] = v
+        self._collect_site()
         m.release_serial.values.clear()
         with contextlib.suppress(Exception):  # a scrape must not fail on a busy state file
             node = self.core.node
@@ -259,6 +283,27 @@ class MetricsFeed:
                     str(st.installed),
                 )
                 m.release_serial.set(st.installed, component=name, version=version or "")
+
+    def _collect_site(self) -> None:
+        """The site view (``p2pupd fleet``) as gauges: per version and state, per release."""
+        m, rollout = self.metrics, self.core.rollout
+        table, ledger = rollout.table, rollout.ledger
+        for metric in (m.site_nodes, m.rollout_nodes, m.rollout_held):
+            metric.values.clear()
+        if table is None or ledger is None:
+            return
+        rollout.evaluate()
+        for (comp, version, state), n in fleet.state_counts(table).items():
+            m.site_nodes.set(n, component=comp, version=version, state=state)
+        for comp, serial in fleet.releases_seen(table, ledger):
+            doc = fleet.progress(table, ledger, comp, serial)
+            for state in ("on_it", "applying", "failed", "waiting", "lacking"):
+                m.rollout_nodes.set(doc[state], component=comp, serial=str(serial), state=state)
+            m.rollout_held.set(int(doc["braked"]), component=comp, serial=str(serial),
+                               reason="brake")  # fmt: skip
+            m.rollout_held.set(int(doc["halted"]), component=comp, serial=str(serial),
+                               reason="halt")  # fmt: skip
+        m.reports_refused.values[()] = float(table.refused)
 
 
 def _short_reason(reason: object) -> str:

@@ -37,6 +37,7 @@ from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import SchemaError
 from p2pupd.protocol.rollout.policy import MAX_WAVES
 from p2pupd.protocol.rollout.report import (
+    MAX_CREDENTIAL_BYTES,
     MAX_INT,
     MAX_REASON_BYTES,
     MAX_SITE_BYTES,
@@ -46,7 +47,7 @@ from p2pupd.protocol.trust import Envelope, Role, check_signatures, key_id, sign
 
 ACTION_TYPE = "rollout-action"
 SPEC_VERSION = 1
-MAX_ACTION_BYTES = 4 * limits.KiB
+MAX_ACTION_BYTES = 6 * limits.KiB
 MAX_ACK_HALTS = 64
 
 
@@ -70,6 +71,7 @@ class OperatorAction:
     wave: int | None = None  # skip-wave: the last wave waived
     ack_failures: int = 0  # resume: failures it accepts
     ack_halts: tuple[bytes, ...] = ()  # resume: digests of the halts it lifts
+    credential: bytes | None = None  # the issuer's site credential (encoded only when set)
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -87,15 +89,20 @@ class OperatorAction:
             "wave": self.wave,
             "ack_failures": self.ack_failures,
             "ack_halts": sorted(self.ack_halts),
-        }
+        } | ({"credential": self.credential} if self.credential is not None else {})
 
     @classmethod
     def from_value(cls, v: Any) -> OperatorAction:
         """Build an action from a decoded value; ``SchemaError`` on a bad shape or bound."""
         if not isinstance(v, dict) or v.get("_type") != ACTION_TYPE:
             raise SchemaError("document is not a rollout action")
-        if v.get("spec") != SPEC_VERSION or set(v) != set(_FIELDS):
+        if v.get("spec") != SPEC_VERSION or set(v) - {"credential"} != set(_FIELDS):
             raise SchemaError("unsupported rollout action")
+        credential = v.get("credential")
+        if credential is not None and (
+            not isinstance(credential, bytes) or not 0 < len(credential) <= MAX_CREDENTIAL_BYTES
+        ):
+            raise SchemaError(f"action credential must be 1 to {MAX_CREDENTIAL_BYTES} bytes")
         try:
             kind = ActionKind(v["kind"])
         except ValueError:
@@ -122,6 +129,7 @@ class OperatorAction:
             wave=None if wave is None else _int(wave, "wave", 0, MAX_WAVES - 1),
             ack_failures=_int(v["ack_failures"], "ack_failures", 0),
             ack_halts=tuple(ids.check_digest(h) for h in halts),
+            credential=credential,
         )
         if sorted(action.ack_halts) != halts or len(set(halts)) != len(halts):
             raise SchemaError("action ack_halts must be sorted and unique")

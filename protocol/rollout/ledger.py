@@ -156,9 +156,9 @@ class Ledger:
         if not rules.same_site(action.repository, action.site):
             return ActionVerdict.REFUSED, "rollout action for another site", action
         if action.kind is ActionKind.HALT:
-            if not rules.admits(action.issuer, action.issuer_key, wall):
+            if not rules.admits(action.issuer, action.issuer_key, action.credential, wall):
                 return ActionVerdict.REFUSED, "halt from a node that is not a member", action
-        elif not rules.may_steer(action.issuer, action.issuer_key, wall):
+        elif not rules.may_steer(action.issuer, action.issuer_key, action.credential, wall):
             return (
                 ActionVerdict.REFUSED,
                 f"{action.kind.value} signed by node {action.issuer.hex()[:12]}, "

@@ -43,7 +43,8 @@ from p2pupd.protocol.trust import Envelope, Role, check_signatures, key_id, sign
 REPORT_TYPE = "node-report"
 SPEC_VERSION = 1
 NODE_ID_BYTES = 16
-MAX_REPORT_BYTES = 6 * limits.KiB
+MAX_REPORT_BYTES = 8 * limits.KiB
+MAX_CREDENTIAL_BYTES = 2 * limits.KiB  # a site membership credential (an X.509 certificate)
 MAX_REPORT_COMPONENTS = 16
 MAX_REASON_BYTES = 120
 MAX_REPORT_VERSION_BYTES = 64
@@ -142,6 +143,10 @@ class NodeReport:
     seq: int
     created: int  # wall seconds on the reporting node
     components: tuple[ComponentReport, ...] = ()
+    # The node's site membership credential, where a site exists, so a node
+    # that never met it can check it is a member (``site``). Encoded only
+    # when set.
+    credential: bytes | None = None
 
     @property
     def key_id(self) -> str:
@@ -162,7 +167,7 @@ class NodeReport:
             "seq": self.seq,
             "created": self.created,
             "components": [c.to_value() for c in self.components],
-        }
+        } | ({"credential": self.credential} if self.credential is not None else {})
 
     @classmethod
     def from_value(cls, v: Any) -> NodeReport:
@@ -171,8 +176,13 @@ class NodeReport:
             raise SchemaError("document is not a node report")
         if v.get("spec") != SPEC_VERSION:
             raise SchemaError(f"unsupported node report spec {v.get('spec')!r:.20}")
-        if set(v) != set(_FIELDS):
+        if set(v) - {"credential"} != set(_FIELDS):
             raise SchemaError("node report has missing or unknown fields")
+        credential = v.get("credential")
+        if credential is not None and (
+            not isinstance(credential, bytes) or not 0 < len(credential) <= MAX_CREDENTIAL_BYTES
+        ):
+            raise SchemaError(f"report credential must be 1 to {MAX_CREDENTIAL_BYTES} bytes")
         node_id, node_key = v["node_id"], v["node_key"]
         if not isinstance(node_id, bytes) or len(node_id) != NODE_ID_BYTES:
             raise SchemaError("report node_id must be 16 bytes")
@@ -194,6 +204,7 @@ class NodeReport:
             seq=_int(v["seq"], "seq", 1),
             created=_int(v["created"], "created"),
             components=comps,
+            credential=credential,
         )
 
 

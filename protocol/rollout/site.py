@@ -11,7 +11,8 @@ this site. ``SiteRules`` decides that, in three rules:
    exists); another repository's or site's document moves nothing.
 2. **Members only.** Where a site membership is configured (``membership``),
    a document counts only if its node id and key hold a valid, unrevoked
-   membership credential at the node's clock. Without one, the site is
+   membership credential at the node's clock (documents carry their
+   author's credential, so a node can check authors it never met). Without one, the site is
    *open*: any node key counts, and the report table pins the first key seen
    per node id (trust on first use) so one node's id cannot be taken over.
 3. **Steering needs an operator key.** ``halt`` may come from any member: a
@@ -40,8 +41,12 @@ from typing import Protocol
 class Membership(Protocol):
     """A site membership (credentials signed by the site key)."""
 
-    def admits(self, node_id: bytes, node_key: bytes, wall: int) -> bool:
-        """True if ``node_key`` holds a valid, unrevoked credential for ``node_id`` now."""
+    def admits(self, node_id: bytes, node_key: bytes, credential: bytes | None, wall: int) -> bool:
+        """True if ``node_key`` holds a valid, unrevoked credential for ``node_id`` now.
+
+        ``credential`` is the one the document carried; a membership may also
+        know the node's credential from elsewhere (its TLS handshake).
+        """
         ...
 
 
@@ -64,14 +69,16 @@ class SiteRules:
         """Rule 1."""
         return repository == self.repository and site == self.site
 
-    def admits(self, node_id: bytes, node_key: bytes, wall: int) -> bool:
+    def admits(self, node_id: bytes, node_key: bytes, credential: bytes | None, wall: int) -> bool:
         """Rule 2: may this node's report or halt count?"""
         if self.membership is None or node_key == self.own_key:
             return True
-        return self.membership.admits(node_id, node_key, wall)
+        return self.membership.admits(node_id, node_key, credential, wall)
 
-    def may_steer(self, node_id: bytes, node_key: bytes, wall: int) -> bool:
+    def may_steer(
+        self, node_id: bytes, node_key: bytes, credential: bytes | None, wall: int
+    ) -> bool:
         """Rule 3: may this key resume a release or skip a wave?"""
         if node_key == self.own_key:
             return True
-        return node_key in self.operators and self.admits(node_id, node_key, wall)
+        return node_key in self.operators and self.admits(node_id, node_key, credential, wall)

@@ -156,7 +156,7 @@ class ReportTable:
                 f"report of node {report.node_id.hex()[:12]} is for site "
                 f"{report.site!r:.40} of {report.repository!r:.40}"
             )
-        if not rules.admits(report.node_id, report.node_key, wall):
+        if not rules.admits(report.node_id, report.node_key, report.credential, wall):
             return self._refuse(f"node {report.node_id.hex()[:12]} is not a member of this site")
         if mark is not None and rules.open and mark.key != report.node_key:
             return self._refuse(

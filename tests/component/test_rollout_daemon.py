@@ -11,10 +11,12 @@ import trio
 import trio.testing
 from _daemonkit import Site, installed, link, make_service, random_tree, wait_until
 from _kit import cli, make_tree
+from prometheus_client.parser import text_string_to_metric_families
 
 from p2pupd.daemon import api
 from p2pupd.daemon.bundles.siterequest import node_key
 from p2pupd.daemon.errors import ApplyError
+from p2pupd.daemon.service.metrics import MetricsFeed
 from p2pupd.daemon.service.nodeservice import NodeService
 from p2pupd.daemon.service.rollout import RolloutOptions
 from p2pupd.daemon.state.node import Node
@@ -127,6 +129,20 @@ async def test_a_failing_canary_brakes_the_site_and_the_next_release_goes_in_wav
             comp = s.lifecycle.component_doc("app")["rollout"]
             if s is not canary:
                 assert comp["go"] == "brake" and "health check" in comp["reason"]
+        # The same view as Prometheus metrics, on any node.
+        feed = MetricsFeed(svcs[0])
+        fams = {f.name: f for f in text_string_to_metric_families(feed.metrics.registry.render())}
+        held = {
+            (x.labels["serial"], x.labels["reason"]): x.value
+            for x in fams["p2pupd_rollout_held"].samples
+        }
+        assert held[("2", "brake")] == 1 and held[("1", "brake")] == 0
+        by_state = {
+            (x.labels["version"], x.labels["state"]): x.value
+            for x in fams["p2pupd_site_nodes"].samples
+        }
+        assert by_state[("1.0", "failed")] == 1  # the canary, back on 1.0
+        assert by_state[("1.0", "waiting")] == N - 1  # the others, held at the gate
         # An operator's apply by hand is refused while the brake holds.
         other = ranked(svcs, 2, policy)[1]
         with pytest.raises(ApplyError, match="held by the site's rollout"):

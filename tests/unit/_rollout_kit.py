@@ -42,7 +42,13 @@ class SimNode:
     def public(self) -> bytes:
         return self.key.public_key().public_bytes_raw()
 
-    def report(self, *comps: ComponentReport, created: int = 1000, seq: int | None = None) -> bytes:
+    def report(
+        self,
+        *comps: ComponentReport,
+        created: int = 1000,
+        seq: int | None = None,
+        credential: bytes | None = None,
+    ) -> bytes:
         """A signed report; ``seq`` defaults to one more than the last."""
         self.seq = self.seq + 1 if seq is None else seq
         rep = NodeReport(
@@ -54,6 +60,7 @@ class SimNode:
             self.seq,
             created,
             tuple(sorted(comps, key=lambda c: c.name)) or (ComponentReport(COMP),),
+            credential,
         )
         return sign_report(rep, self.key)
 
@@ -103,5 +110,7 @@ class Members:
     def __init__(self, *nodes: SimNode) -> None:
         self.keys = {n.node_id: n.public for n in nodes}
 
-    def admits(self, node_id: bytes, node_key: bytes, wall: int) -> bool:
-        return self.keys.get(node_id) == node_key
+    def admits(self, node_id: bytes, node_key: bytes, credential: bytes | None, wall: int) -> bool:
+        # A credential, here, is the member's node id (the real one is an X.509
+        # certificate the membership checks); the key must be the enrolled one.
+        return self.keys.get(node_id) == node_key and credential in (None, node_id)

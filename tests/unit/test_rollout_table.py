@@ -124,6 +124,18 @@ def test_only_members_count_where_a_membership_exists() -> None:
     assert t.offer(sign_report(impostor_report, impostor.key), 0, 0).verdict is Verdict.REFUSED
 
 
+def test_a_report_carries_its_authors_credential_to_nodes_that_never_met_it() -> None:
+    a = SimNode(1)
+    t = ReportTable(rules(ME, members=Members(ME, a)))
+    raw = a.report(credential=a.node_id)  # the kit's stand-in for a certificate
+    assert verify_report(raw).credential == a.node_id
+    assert t.offer(raw, 0, 0).accepted
+    offer = t.offer(a.report(credential=b"someone else's"), 1, 0)
+    assert offer.verdict is Verdict.REFUSED and "not a member" in offer.reason
+    plain = verify_report(a.report())
+    assert "credential" not in plain.to_value()  # encoded only when there is one
+
+
 def test_an_open_site_pins_the_first_key_of_a_node_id() -> None:
     t, a, b = table(), SimNode(1), SimNode(2)
     assert t.offer(a.report(), 0, 0).accepted
