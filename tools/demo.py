@@ -6,9 +6,12 @@ publish computes binary deltas). Three nodes, each with its own state dir and
 target, get v1. Then three real ``p2pupd daemon`` processes start on
 127.0.0.1 and find each other by mDNS (static peers if this host cannot loop
 multicast back); a delta-only bundle of v2 — the USB stick — is imported into
-node 1, and the others discover, fetch and apply it. A table shows who ended
-on which version, how many bytes each received and from whom. Every process
-and temp dir is removed at the end (``--keep`` keeps the dir).
+node 1, and the others discover, fetch and apply it -- in waves: v2 carries a
+rollout policy (a canary first, then the rest once it committed), so the
+daemons also gossip signed reports of what they run. A table shows who ended
+on which version, how many bytes each received and from whom, then the site
+as one node sees it (``p2pupd fleet``). Every process and temp dir is removed
+at the end (``--keep`` keeps the dir).
 
 ``--offline`` shows the sneakernet path alone, with no daemon.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pupd.daemon import api
+from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.tools.commands.base import EXIT_ERROR, EXIT_OK, Adder
 from p2pupd.tools.publisher.deltas import source_for_node_at
 from p2pupd.tools.publisher.export import ReleaseSource, write_bundle
@@ -44,6 +48,9 @@ from p2pupd.tools.publisher.repo import Repo
 
 NODES = ("node1", "node2", "node3")
 CONVERGE_SECONDS = 60.0
+ROLLOUT = "waves=1,100% soak=0 halt-after=1"  # a canary, then everyone
+# Rollout timings for three daemons on one machine (a site uses the defaults).
+DEMO_CONFIG = "[rollout]\nsettle = 2\nreport_interval = 30\n"
 LISTEN_RE = re.compile(r"event=listening addr=127\.0\.0\.1:(\d+)")
 
 
@@ -83,10 +90,14 @@ class Publisher:
         repo.init([keys / "root.key"], 1, [keys / "release.key"], name="demo")
         return cls(base, repo)
 
-    def publish(self, version: int, image_mib: int) -> tuple[str, int]:
+    def publish(
+        self, version: int, image_mib: int, rollout: RolloutPolicy | None = None
+    ) -> tuple[str, int]:
         src = self.base / f"src-v{version}"
         sample_tree(src, version, image_mib)
-        man = build_manifest(self.repo, "appliance", f"{version}.0", src, int(time.time()))
+        man = build_manifest(
+            self.repo, "appliance", f"{version}.0", src, int(time.time()), rollout=rollout
+        )
         sign_and_write(self.repo, man)
         return man.version, man.total_size()
 
@@ -178,8 +189,11 @@ def run_cluster(base: Path, image_mib: int, quiet: bool) -> dict[str, Any]:
     pub = Publisher.create(base)
     v1, _ = pub.publish(1, image_mib)
     stick1, _ = pub.bundle("usb-v1", [pub.full_source()])
-    v2, size2 = pub.publish(2, image_mib)
+    v2, size2 = pub.publish(2, image_mib, RolloutPolicy.parse(ROLLOUT))
     say(f"publisher: signed appliance {v1} and {v2} ({size2 / 1e6:.1f} MB each; v2 with deltas)")
+    say(f"           {v2} rolls out as: {ROLLOUT}")
+    config = base / "daemon.toml"
+    config.write_text(DEMO_CONFIG)
     cluster = f"demo-{secrets.token_hex(4)}"
     targets: dict[str, Path] = {}
     states: dict[str, Path] = {}
@@ -206,6 +220,7 @@ def run_cluster(base: Path, image_mib: int, quiet: bool) -> dict[str, Any]:
                 extra = ["--mdns-interface", "127.0.0.1"]
             else:
                 extra = ["--no-mdns", *[f"--peer=127.0.0.1:{d.port}" for d in daemons[:i]]]
+            extra += ["--config", str(config)]
             daemons.append(Daemon(name, states[name], extra))
         how = "mDNS on 127.0.0.1" if mdns else "static peers (multicast does not loop back here)"
         say(f"daemons:   3 started, discovering each other by {how}")
@@ -233,6 +248,7 @@ def run_cluster(base: Path, image_mib: int, quiet: bool) -> dict[str, Any]:
                     done[n] = time.monotonic() - t_import
             time.sleep(0.1)
         docs = {n: api.status(states[n]) for n in NODES}
+        site = site_view(states["node3"], len(NODES))
     ids = {docs[n]["node_id"]: n for n in NODES}
     rows = []
     for n in NODES:
@@ -249,8 +265,32 @@ def run_cluster(base: Path, image_mib: int, quiet: bool) -> dict[str, Any]:
             "seconds": round(done[n], 2) if n in done else None,
             "identical": _same_tree(targets[n], base / "src-v2"),
         })  # fmt: skip
+    site_rows = [
+        {"node": ids.get(r["node_id"], r["node_id"][:12]), "platform": r["platform"],
+         "version": r["components"]["appliance"]["version"],
+         "state": r["components"]["appliance"]["state"],
+         "heard_seconds_ago": r["heard_seconds_ago"]}
+        for r in site["nodes"]
+    ]  # fmt: skip
+    release: dict[str, Any] = next((r for r in site["releases"] if r["serial"] == 2), {})
     return {"mdns": mdns, "stick_bytes": stick_bytes, "release_bytes": size2, "nodes": rows,
+            "site": {"seen_from": "node3", "policy": ROLLOUT, "nodes": site_rows,
+                     "release": release},
             "seconds_total": round(time.monotonic() - t0, 1)}  # fmt: skip
+
+
+def site_view(state: Path, nodes: int, timeout: float = 15.0) -> dict[str, Any]:
+    """``p2pupd fleet`` on one node, once its reports show every node on v2."""
+    deadline = time.monotonic() + timeout
+    doc: dict[str, Any] = api.fleet(state)
+    while time.monotonic() < deadline:
+        on_v2 = [r for r in doc["nodes"]
+                 if r["components"].get("appliance", {}).get("installed") == 2]  # fmt: skip
+        if len(on_v2) == nodes:
+            break
+        time.sleep(0.2)
+        doc = api.fleet(state)
+    return doc
 
 
 def _same_tree(a: Path, b: Path) -> bool:
@@ -279,6 +319,18 @@ def print_table(doc: dict[str, Any]) -> None:
         got = f"{r['bytes_received'] / 1e3:.1f} kB" if r["bytes_received"] else "-"
         tree = "= v2 source" if r["identical"] else "DIFFERS"
         print(f"{r['node']:<7} {r['version']:<8} {got:>10}  {r['from']:<34} {secs:>13}  {tree}")
+    print()
+    site = doc["site"]
+    print()
+    print(f"the site as {site['seen_from']} sees it (p2pupd fleet), rollout: {site['policy']}")
+    print(f"{'NODE':<7} {'VERSION':<8} {'STATE':<10} {'PLATFORM':<16} HEARD")
+    for r in site["nodes"]:
+        print(f"{r['node']:<7} {r['version'] or '-':<8} {r['state']:<10} {r['platform']:<16} "
+              f"{r['heard_seconds_ago']:.1f}s ago")  # fmt: skip
+    rel = site["release"]
+    if rel:
+        print(f"release #2: {rel['on_it']}/{rel['nodes']} on it, {rel['failed']} failed, "
+              f"{rel['waiting']} waiting{', braked' if rel['braked'] else ''}")  # fmt: skip
     print()
     print(f"every node on v2: {'yes' if all(r['serial'] == 2 for r in doc['nodes']) else 'NO'}; "
           f"stick {doc['stick_bytes'] / 1e3:.1f} kB for a {doc['release_bytes'] / 1e6:.1f} MB release; "

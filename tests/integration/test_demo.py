@@ -39,6 +39,11 @@ def test_cluster_demo_converges_on_v2() -> None:
     for name in ("node2", "node3"):
         assert 0 < nodes[name]["bytes_received"] < doc["release_bytes"] / 5
         assert nodes[name]["from"]
+    # The site view one node holds: every node's signed report, all on v2.
+    site = doc["site"]
+    assert sorted(r["node"] for r in site["nodes"]) == ["node1", "node2", "node3"]
+    assert all(r["version"] == "2.0" and r["state"] == "committed" for r in site["nodes"])
+    assert site["release"]["on_it"] == 3 and site["release"]["failed"] == 0
     assert demo_dirs() == before_dirs
     assert daemon_pids() <= before_pids
 
