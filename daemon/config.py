@@ -26,7 +26,7 @@ site on defaults). See docs/config.md for the annotated file.
     operators = []                  # node keys (hex) that may resume or skip waves
     report_interval = 600           # seconds between this node's report refreshes
     settle = 60                     # seconds a daemon listens before taking a wave
-    live = 0                        # a report is evidence this long; 0 = 3 x interval
+    live = 0                        # a report is evidence this long; 0 = 3 refreshes
     gone = 21600                    # a silent node leaves the site view after this
 
     [log]

@@ -141,9 +141,11 @@ def decide(
         return Decision(
             Go.SETTLING, "gathering the site's reports before taking a wave", None, waves
         )
+    if len(led.positions) > 2 * table.capacity:
+        led.positions.clear()
     placement = place(
         policy, release.component, release.serial,
-        participants(table, release.component, platform, me),
+        participants(table, release.component, platform, me), led.positions,
     )  # fmt: skip
     wave = placement.wave(me)
     if wave <= led.skip + 1:

@@ -62,6 +62,8 @@ class ReleaseLedger:
     acked_halts: set[bytes] = field(default_factory=set)
     skip: int = -1
     docs: dict[bytes, bytes] = field(default_factory=dict)  # action digest -> signed doc
+    # Wave positions of this release by node id (``waves.place``'s cache).
+    positions: dict[bytes, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def halted(self) -> bool:

@@ -92,9 +92,25 @@ class Placement:
 
 
 def place(
-    policy: RolloutPolicy, component: str, serial: int, node_ids: Iterable[bytes]
+    policy: RolloutPolicy,
+    component: str,
+    serial: int,
+    node_ids: Iterable[bytes],
+    cache: dict[bytes, bytes] | None = None,
 ) -> Placement:
-    """Rank ``node_ids`` (one platform's, duplicates ignored) for this release."""
+    """Rank ``node_ids`` (one platform's, duplicates ignored) for this release.
+
+    ``cache`` (node id -> position, for this one release) saves the hashing
+    when the same release is placed again and again.
+    """
     unique = set(node_ids)
-    order = tuple(sorted(unique, key=lambda n: position(component, serial, n)))
+    known = cache if cache is not None else {}
+
+    def key(n: bytes) -> bytes:
+        pos = known.get(n)
+        if pos is None:
+            pos = known[n] = position(component, serial, n)
+        return pos
+
+    order = tuple(sorted(unique, key=key))
     return Placement(order, sizes(policy, len(order)), {n: i for i, n in enumerate(order)})

@@ -200,3 +200,38 @@ async def test_halt_and_resume(tmp_path: Path, autojump_clock: trio.testing.Mock
         await wait_until(lambda: all(installed(s) == 2 for s in states), timeout=900)
         assert not any(fleet_release(s, 2).get("halted") for s in svcs)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_node_still_holds_the_brake_and_refuses_replays(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    site, states = make_site(tmp_path, health=FAIL_ON_2)
+    policy = "waves=1,50% soak=0 halt-after=1"
+    bad = publish(site, "2.0", policy, seed=2)
+    svcs = services(states)
+    async with trio.open_nursery() as nursery:
+        await mesh(nursery, svcs)
+        await wait_until(lambda: all(len(s.rollout.table or ()) == N for s in svcs), 120)
+        await svcs[0].lifecycle.import_dir(bad, apply_after=False)
+        await wait_until(lambda: all(fleet_release(s, 2).get("braked") for s in svcs), 600)
+        canary = ranked(svcs, 2, policy)[0]
+        watcher = next(s for s in svcs if s is not canary)
+        entry = watcher.rollout.table.get(canary.node_id)  # type: ignore[union-attr]
+        assert entry is not None
+        old_seq = entry.report.seq
+        nursery.cancel_scope.cancel()  # every daemon stops (and saves its view)
+    # The watcher comes back alone: no peer has told it anything yet.
+    again = make_service(watcher.node.root, 99, rollout=RolloutOptions(settle=5.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(again.serve)
+        await trio.sleep(10)
+        assert again.rollout.table is not None and again.rollout.ledger is not None
+        assert fleet_release(again, 2)["braked"]  # from the view it saved
+        assert again.lifecycle.component_doc("app")["rollout"]["go"] == "brake"
+        assert installed(again.node.root) == 1
+        assert again.rollout.table.seq_of(canary.node_id) >= old_seq  # the replay marks too
+        restored = again.rollout.table.get(canary.node_id)
+        assert restored is not None and not again.rollout.table.is_live(
+            restored, trio.current_time()
+        )
+        nursery.cancel_scope.cancel()
