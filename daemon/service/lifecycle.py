@@ -44,7 +44,7 @@ from p2pupd.daemon.events import log, short
 from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.service.fetch import FetchManager
 from p2pupd.daemon.service.gossip import GossipService
-from p2pupd.daemon.service.rollout import RolloutService
+from p2pupd.daemon.service.rollout import RolloutHeldError, RolloutService
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node
@@ -215,6 +215,9 @@ class Lifecycle:
         """Apply per policy; failures are logged (the Applier already rolled back)."""
         try:
             await self.apply_release(component, serial)
+        except RolloutHeldError as exc:  # a halt or the brake came in meanwhile
+            log("rollout-wait", component=component, serial=serial, reason=str(exc))
+            self.rollout.held_back(component, serial)
         except P2pupdError as exc:
             log(
                 "apply-failed",

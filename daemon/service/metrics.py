@@ -292,7 +292,7 @@ class MetricsFeed:
             metric.values.clear()
         if table is None or ledger is None:
             return
-        rollout.evaluate()
+        rollout.judge_brakes()
         for (comp, version, state), n in fleet.state_counts(table).items():
             m.site_nodes.set(n, component=comp, version=version, state=state)
         for comp, serial in fleet.releases_seen(table, ledger):

@@ -109,6 +109,7 @@ class RolloutService:
         # Policies of the releases held here, so the brake is judged (and
         # latched) for each of them, also where this node will not apply it.
         self.known: dict[tuple[str, int], RolloutPolicy | None] = {}
+        self._going: dict[str, Manifest] = {}  # let go by the gate, apply not started yet
         self.applying: dict[str, int] = {}
         self._soak_due: dict[str, tuple[int, int]] = {}  # component -> (serial, wall due)
         self._waves: dict[tuple[str, int], int] = {}  # wave we applied a release in
@@ -230,16 +231,23 @@ class RolloutService:
                 "use --force to apply it here anyway"
             )
 
-    def evaluate(self) -> None:
-        """Look at every waiting release again; start the applies the gate allows."""
+    def judge_brakes(self) -> None:
+        """Fold the reports' failures into the ledger of every release held; trip latches."""
         if self.table is None or self.ledger is None:
             return
         for (comp, serial), policy in self.known.items():
             brake_state(Release(comp, serial, policy), self.table, self.ledger)
+
+    def evaluate(self) -> None:
+        """Look at every waiting release again; start the applies the gate allows."""
+        if self.table is None or self.ledger is None:
+            return
+        self.judge_brakes()
         for comp, (man, before) in list(self.pending.items()):
             d = self.decision(man)
             if d.allowed:
                 del self.pending[comp]
+                self._going[comp] = man
                 if d.wave is not None:
                     self._waves[(comp, man.serial)] = d.wave
                 log("rollout-go", component=comp, serial=man.serial, reason=d.reason)
@@ -250,6 +258,13 @@ class RolloutService:
                 log("rollout-wait", component=comp, serial=man.serial, reason=d.reason)
                 self._last_report = -1e18  # our wait changed: report it now
 
+    def held_back(self, component: str, serial: int) -> None:
+        """An apply the gate let go met a halt or the brake just before it started:
+        the release waits at the gate again (instead of being forgotten)."""
+        man = self._going.pop(component, None)
+        if man is not None and man.serial == serial:
+            self.offer(man)
+
     def apply_started(self, component: str, serial: int) -> None:
         self.applying[component] = serial
         self._last_report = -1e18
@@ -257,6 +272,7 @@ class RolloutService:
 
     def apply_ended(self, component: str) -> None:
         """An apply (or rollback) finished, either way: report the new state."""
+        self._going.pop(component, None)
         serial = self.applying.pop(component, None)
         if serial is not None:
             wave = self._waves.get((component, serial))
@@ -373,7 +389,7 @@ class RolloutService:
         now = trio.current_time()
         cfg = self.node.config
         releases = []
-        self.evaluate()  # judge the brake of every release held before showing it
+        self.judge_brakes()  # of every release held, before showing them
         for comp, serial in fleet.releases_seen(self.table, self.ledger):
             doc = fleet.progress(self.table, self.ledger, comp, serial)
             held = self.pending.get(comp)

@@ -235,3 +235,24 @@ async def test_a_restarted_node_still_holds_the_brake_and_refuses_replays(
             restored, trio.current_time()
         )
         nursery.cancel_scope.cancel()
+
+
+async def test_a_halt_between_go_and_apply_puts_the_release_back_at_the_gate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    site, states = make_site(tmp_path)
+    v2 = publish(site, "2.0", "waves=1 soak=0", seed=2)
+    svc = services(states[:1])[0]
+    let_go: list[int] = []
+    svc.rollout._auto_apply = lambda c, s: let_go.append(s)  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(svc.serve)
+        await svc.lifecycle.import_dir(v2, apply_after=False)
+        await wait_until(lambda: let_go == [2], 60)  # a site of one: its own canary
+        await svc.rollout.act(ActionKind.HALT, "app", 2, "wait", None)
+        await svc.lifecycle.auto_apply("app", 2)  # the apply the gate let go, too late
+        assert installed(states[0]) == 1
+        assert svc.lifecycle.component_doc("app")["rollout"]["go"] == "halted"
+        await svc.rollout.act(ActionKind.RESUME, "app", 2, "", None)
+        await wait_until(lambda: let_go == [2, 2], 60)  # let go again, not forgotten
+        nursery.cancel_scope.cancel()
