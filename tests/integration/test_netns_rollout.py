@@ -4,7 +4,7 @@
   other node applies it, ``fleet`` on every node shows the failure and the
   brake; the publisher's next (good) release then rolls out wave by wave, each
   wave starting only after the one before it committed and soaked;
-* ``rollout halt`` on one node holds a release on every node, a resume from a
+* (four daemons) ``rollout halt`` on one node holds a release on every node, a resume from a
   key that is not an operator's moves nothing elsewhere, the operator's
   resume lets it run to the end.
 
@@ -39,13 +39,14 @@ WAIT = 90.0
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """``N`` nodes on v1 (fewer with ``@pytest.mark.parametrize("cluster", [n], indirect=True)``)."""
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
     pub = Publisher(tmp_path / "site")
     pub.publish("1.0", random_files(1, 200_000))
     pub.bundle("v1")
-    c = Cluster(tmp_path / "lan", pub, N)
+    c = Cluster(tmp_path / "lan", pub, getattr(request, "param", N))
     failed_before = request.session.testsfailed
     try:
         c.install(pub.bundles["v1"])
@@ -91,8 +92,9 @@ def release(doc: dict[str, Any], serial: int) -> dict[str, Any]:
 
 
 def wait_site_view(c: Cluster) -> None:
+    n = len(c.nodes)
     wait_until(
-        lambda: all(len(fleet(n)["nodes"]) == N for n in c.nodes), WAIT, "every node to see all"
+        lambda: all(len(fleet(x)["nodes"]) == n for x in c.nodes), WAIT, "every node to see all"
     )
 
 
@@ -146,9 +148,10 @@ def test_a_failing_canary_stops_the_release_and_the_next_one_goes_wave_by_wave(
         assert release(fleet(node), 3)["on_it"] == N
 
 
+@pytest.mark.parametrize("cluster", [4], indirect=True)
 def test_rollout_halt_and_resume(cluster: Cluster) -> None:
     c = cluster
-    operator = c.nodes[5]
+    operator = c.nodes[3]
     key = Ed25519PrivateKey.generate()  # the operator node's key, made before its first start
     (operator.state / "node.key").write_bytes(key.private_bytes_raw())
     (operator.state / "node.key").chmod(0o600)
@@ -168,13 +171,13 @@ def test_rollout_halt_and_resume(cluster: Cluster) -> None:
     assert all(app(n)["serial"] == 1 for n in c.nodes)
     assert "disks on order" in app(c.nodes[3])["rollout"]["reason"]
 
-    out = c.nodes[4].check("rollout", "resume", "app", "--serial", "2")
+    out = c.nodes[2].check("rollout", "resume", "app", "--serial", "2")
     assert "not a rollout operator key" in out  # it says so, and the others refuse it
     wait_until(lambda: bool(c.nodes[0].events("rollout-action-refused")), 30, "the refusal")
-    assert all(app(n)["serial"] == 1 for n in c.nodes if n is not c.nodes[4])
+    assert all(app(n)["serial"] == 1 for n in c.nodes if n is not c.nodes[2])
 
     operator.check("rollout", "resume", "app", "--serial", "2", "--reason", "disks replaced")
     c.wait_serial(2, WAIT)
     for node in c.nodes:
         rel = release(fleet(node), 2)
-        assert not rel["halted"] and rel["on_it"] == N
+        assert not rel["halted"] and rel["on_it"] == len(c.nodes)

@@ -8,6 +8,7 @@ spread by it (docs/rollouts.md says who may do what).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ STATE_STYLE = {
     "idle": "dim",
 }
 MAX_WATCH_SECONDS = 7 * 24 * 3600
+PIPE_WIDTH = 200
 
 
 def _ago(seconds: float) -> str:
@@ -88,15 +90,21 @@ def render(doc: dict[str, Any]) -> Group:
     return Group(node_table(doc), release_table(doc))
 
 
+def console() -> Console:
+    """A console for the table: the terminal's width, or wide when piped (a script or
+    a log reads whole node ids and reasons, not an 80-column cut)."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     state = state_dir(args)
     if not args.watch:
         doc = api.fleet(state)
-        out(args, doc, lambda: Console().print(render(doc)))
+        out(args, doc, lambda: console().print(render(doc)))
         return EXIT_OK
     if args.json:
         raise UsageError("--watch shows a live table; use --json without it")
-    with Live(render(api.fleet(state)), refresh_per_second=4, screen=False) as live:
+    with Live(render(api.fleet(state)), console=console(), refresh_per_second=4) as live:
         deadline = time.monotonic() + MAX_WATCH_SECONDS
         while time.monotonic() < deadline:
             time.sleep(args.interval)
