@@ -159,7 +159,7 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         """Decode and validate canonical manifest bytes (see ``from_value``)."""
-        return cls.from_value(encoding.decode(data, limits.MAX_MANIFEST_BYTES))
+        return cls.from_value(encoding.decode(data, budget=limits.MANIFEST_BUDGET))
 
     @classmethod
     def from_value(cls, v: Any) -> Manifest:
