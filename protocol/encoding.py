@@ -152,7 +152,7 @@ class _Decoder:
     def _over(self, what: str) -> FrameTooLargeError:
         return FrameTooLargeError(f"{self.budget.name} exceeds its decode budget: {what}")
 
-    def value(self, depth: int) -> Value:  # noqa: PLR0911 - one return per msgpack form
+    def value(self, depth: int) -> Value:
         """Read one value at ``pos`` (``depth`` containers deep) and return it."""
         self.left -= 1
         if self.left < 0:
@@ -194,7 +194,7 @@ class _Decoder:
         if b == 0xC0:
             self.pos = pos
             return None
-        if b == 0xC2 or b == 0xC3:
+        if b in (0xC2, 0xC3):
             self.pos = pos
             return b == 0xC3
         if b == 0xD9:
@@ -207,11 +207,11 @@ class _Decoder:
             return self._bin(pos + 2, _U16(data, pos)[0], 1 << 8)
         if b == 0xC6:
             return self._bin(pos + 4, _U32(data, pos)[0], 1 << 16)
-        if b == 0xDC or b == 0xDE:
+        if b in (0xDC, 0xDE):
             n = _U16(data, pos)[0]
             self.pos = pos + 2
             least = 16
-        elif b == 0xDD or b == 0xDF:
+        elif b in (0xDD, 0xDF):
             n = _U32(data, pos)[0]
             self.pos = pos + 4
             least = 1 << 16

@@ -181,3 +181,37 @@ HOOK_DEFAULT_FUEL = 2_000_000_000
 HOOK_DEFAULT_MEMORY_BYTES = 64 * MiB
 HOOK_DEFAULT_SECONDS = 30.0
 HOOK_MAX_OUTPUT_BYTES = 64 * KiB
+
+
+@dataclass(frozen=True)
+class JsonBudget:
+    """What parsing one JSON document of a bundle (OCI metadata, unsigned) may spend.
+
+    ``max_values`` bounds the values *and* object keys the document can hold.
+    It is checked before ``json.loads`` from a count of the bytes that must
+    precede every value but the first (``[``, ``{``, ``,``, ``:``) -- an upper
+    bound, cheap to take at C speed while the bytes are read -- so a document
+    of many tiny values (``[{},{},...]``) is refused before a single object is
+    built. A parsed value costs at most ``JSON_VALUE_BYTES`` beyond its
+    content; the parser holds the bytes and one str copy of them.
+    """
+
+    max_bytes: int
+    max_values: int
+    name: str
+
+    @property
+    def memory_bytes(self) -> int:
+        """The most memory one parse under this budget may hold (input included)."""
+        return 3 * self.max_bytes + self.max_values * JSON_VALUE_BYTES
+
+
+JSON_VALUE_BYTES = 128  # bytes; upper bound of one parsed JSON value (measured ~72)
+
+# The bundle's OCI metadata. An index entry is ~20 values (a descriptor with
+# its annotations); a plain layer descriptor 7, one with release-patch
+# annotations ~20. An artifact of 64 MiB lists ~500,000 layers (~30 GiB of
+# full-size chunks outside packs).
+OCI_LAYOUT_JSON_BUDGET = JsonBudget(4 * KiB, 16, "oci-layout")
+INDEX_JSON_BUDGET = JsonBudget(MAX_INDEX_BYTES, 32 * 4096 + 64, "index.json")
+ARTIFACT_JSON_BUDGET = JsonBudget(64 * MiB, 4 * 1024 * 1024, "artifact manifest")
