@@ -359,11 +359,7 @@ def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
         value, pos = _read_uvarint(data, pos)
         fields.append(value)
     target, control, diff = fields
-    if (
-        control % _CONTROL_RECORD_BYTES
-        or diff > target
-        or control > max_control_bytes(target)
-    ):
+    if control % _CONTROL_RECORD_BYTES or diff > target or control > max_control_bytes(target):
         raise SchemaError("patch header sizes are inconsistent")
     return PatchHeader(target, control, diff, pos)
 
