@@ -112,12 +112,16 @@ def init_node(
     immutable: bool = False,
     cluster: str = "default",
     hook_limits: HookLimits | None = None,
+    allow_hazardous_modes: bool = False,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root.
 
     Re-running adds components; the pinned root is only replaced by ``init``
     when none is installed yet (rotation happens through signed imports).
     ``hook_limits`` ``None`` keeps the node's limits (defaults on a new node).
+    ``allow_hazardous_modes`` lets these components install set-id files
+    others can write and world-writable directories without the sticky bit
+    (``protocol.modes``), which are refused otherwise.
     """
     sd = StateDir(state_dir)
     old = sd.read_config() if sd.exists() else None
@@ -131,6 +135,7 @@ def init_node(
             immutable=immutable,
             health_cmd=health_cmd,
             health_seconds=health_seconds,
+            allow_hazardous_modes=allow_hazardous_modes,
         )
     cfg = NodeConfig(
         node_id=old.node_id if old else new_node_id(),

@@ -87,6 +87,9 @@ class ComponentConfig:
     health_cmd: tuple[str, ...] = ()
     health_seconds: float = 30.0
     auto_apply: bool = True
+    # Install set-id files others can write and world-writable directories
+    # without the sticky bit (protocol/modes.py); refused unless set at init.
+    allow_hazardous_modes: bool = False
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -97,6 +100,7 @@ class ComponentConfig:
             "health_cmd": list(self.health_cmd),
             "health_ms": int(self.health_seconds * 1000),
             "auto_apply": self.auto_apply,
+            "allow_hazardous_modes": self.allow_hazardous_modes,
         }
 
     @classmethod
@@ -113,6 +117,7 @@ class ComponentConfig:
             health_cmd=tuple(v.get("health_cmd", [])),
             health_seconds=int(v.get("health_ms", 30000)) / 1000,
             auto_apply=bool(v.get("auto_apply", True)),
+            allow_hazardous_modes=bool(v.get("allow_hazardous_modes", False)),
         )
 
 
