@@ -232,9 +232,10 @@ def check_json_budget(data: bytes, budget: limits.JsonBudget) -> None:
         raise FrameTooLargeError(
             f"{budget.name} of {len(data)} bytes exceeds limit {budget.max_bytes}"
         )
-    if json_values_bound(data) > budget.max_values:
+    allowed = budget.values_allowed(len(data))
+    if json_values_bound(data) > allowed:
         raise FrameTooLargeError(
-            f"{budget.name} holds more than {budget.max_values} JSON values (its limit)"
+            f"{budget.name} of {len(data)} bytes holds more than {allowed} JSON values (its limit)"
         )
 
 

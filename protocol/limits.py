@@ -187,23 +187,34 @@ HOOK_MAX_OUTPUT_BYTES = 64 * KiB
 class JsonBudget:
     """What parsing one JSON document of a bundle (OCI metadata, unsigned) may spend.
 
-    ``max_values`` bounds the values *and* object keys the document can hold.
-    It is checked before ``json.loads`` from a count of the bytes that must
-    precede every value but the first (``[``, ``{``, ``,``, ``:``) -- an upper
-    bound, cheap to take at C speed while the bytes are read -- so a document
-    of many tiny values (``[{},{},...]``) is refused before a single object is
-    built. A parsed value costs at most ``JSON_VALUE_BYTES`` beyond its
-    content; the parser holds the bytes and one str copy of them.
+    ``values_allowed`` bounds the values *and* object keys the document can
+    hold: at most ``max_values``, and at most one per ``bytes_per_value`` bytes
+    of it. It is checked before ``json.loads`` from a count of the bytes that
+    must precede every value but the first (``[``, ``{``, ``,``, ``:``) -- an
+    upper bound, cheap to take at C speed while the bytes are read -- so a
+    document of many tiny values (``[{},{},...]``) is refused before a single
+    object is built, and no document costs more than an honest one of its size
+    (a parsed value costs at most ``JSON_VALUE_BYTES``, measured ~72, beyond
+    its content; the parser holds the bytes and one str copy of them).
     """
 
     max_bytes: int
     max_values: int
     name: str
+    # Honest OCI metadata spends at least ~12 bytes of text per value (a layer
+    # descriptor ~16, an annotation ~13): a document denser than this (plus a
+    # small allowance) is made of tiny values to cost memory, and is refused.
+    bytes_per_value: int = 12
+    slack_values: int = 1024
+
+    def values_allowed(self, size: int) -> int:
+        """The most values a document of ``size`` bytes may hold."""
+        return min(self.max_values, size // self.bytes_per_value + self.slack_values)
 
     @property
     def memory_bytes(self) -> int:
         """The most memory one parse under this budget may hold (input included)."""
-        return 3 * self.max_bytes + self.max_values * JSON_VALUE_BYTES
+        return 3 * self.max_bytes + self.values_allowed(self.max_bytes) * JSON_VALUE_BYTES
 
 
 JSON_VALUE_BYTES = 128  # bytes; upper bound of one parsed JSON value (measured ~72)

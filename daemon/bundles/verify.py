@@ -159,13 +159,13 @@ class _Reads:
                 f"bundle {budget.name} of {d.size} bytes exceeds limit {budget.max_bytes}"
             )
         if d.size > SCAN_FIRST_BYTES:
-            bound = 1
+            bound, allowed = 1, budget.values_allowed(d.size)
             for block in self.reader.scan_blob(d.digest, d.size):
                 bound += oci.json_values_bound(block) - 1
-                if bound > budget.max_values:
+                if bound > allowed:
                     raise FrameTooLargeError(
-                        f"bundle {budget.name} {d.digest.hex()[:16]} holds more than "
-                        f"{budget.max_values} JSON values (its limit)"
+                        f"bundle {budget.name} {d.digest.hex()[:16]} of {d.size} bytes holds "
+                        f"more than {allowed} JSON values (its limit)"
                     )
         return oci.parse_artifact(self.read(d, budget.max_bytes, "artifact"))
 
