@@ -31,7 +31,6 @@ from p2pupd.protocol.wire import (
     FEATURE_RANGE,
     Announce,
     AnnounceEntry,
-    ManifestData,
     ManifestMissing,
     ManifestRangeData,
     ManifestRangeRequest,
@@ -125,7 +124,9 @@ def test_hostile_peer_serving_huge_msgpack_costs_only_the_bytes_it_sent(tmp_path
     finally:
         assert daemon.stop() == 0
     for mib, peak, pieces in figures:
-        print(f"  hostile peer, {mib} MiB of nested maps: daemon peak +{peak:.1f} MiB, {pieces} pieces")
+        print(
+            f"  hostile peer, {mib} MiB of nested maps: daemon peak +{peak:.1f} MiB, {pieces} pieces"
+        )
         assert pieces >= mib * MiB // limits.MAX_FRAME_BYTES  # it was really sent
         assert peak <= 4 * mib + 32, figures
     assert "does not verify" in log
