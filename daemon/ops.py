@@ -77,7 +77,7 @@ def init_node(
     ``hook_limits`` ``None`` keeps the node's limits (defaults on a new node).
     ``allow_hazardous_modes`` lets these components install set-id files
     others can write and world-writable directories without the sticky bit
-    (``protocol.modes``), which are refused otherwise.
+    (``protocol.manifest.check_modes``), which are refused otherwise.
     """
     sd = StateDir(state_dir)
     old = sd.read_config() if sd.exists() else None

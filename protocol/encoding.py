@@ -108,12 +108,14 @@ def decode(
     dec = _Decoder(buf, budget)
     try:
         value = dec.value(0)
+        if dec.pos != len(buf):
+            raise CodecError(f"{len(buf) - dec.pos} bytes after its value")
     except (IndexError, struct.error):
-        raise CodecError(f"{budget.name} is truncated msgpack") from None
+        raise CodecError(f"malformed msgpack in {budget.name}: truncated") from None
     except UnicodeDecodeError:
-        raise CodecError(f"{budget.name} holds a string that is not UTF-8") from None
-    if dec.pos != len(buf):
-        raise CodecError(f"{budget.name} has {len(buf) - dec.pos} bytes after its value")
+        raise CodecError(f"malformed msgpack in {budget.name}: a str is not UTF-8") from None
+    except CodecError as exc:
+        raise CodecError(f"malformed msgpack in {budget.name}: {exc}") from None
     return value
 
 
@@ -248,7 +250,7 @@ class _Decoder:
     def _open(self, n: int, depth: int, per_entry: int) -> None:
         """Check a container header of ``n`` entries before reading any of them."""
         if depth >= self.max_depth:
-            raise CodecError(f"{self.budget.name} nests deeper than {self.max_depth}")
+            raise CodecError(f"it nests deeper than {self.max_depth}")
         if n > self.max_len:
             raise self._over(f"a container of {n} entries (limit {self.max_len})")
         if n * per_entry > len(self.data) - self.pos:

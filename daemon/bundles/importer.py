@@ -18,7 +18,7 @@ for how it is read), and nothing on the node changes until all of it checks out:
    artifact's layers and pack entries are blobs its signed manifest names,
    and -- for a minimal bundle -- that the request it was cut for is this
    node's own; no release for a configured component may install a
-   hazardous mode the component does not allow (``protocol.modes``).
+   hazardous mode the component does not allow (``protocol.manifest.check_modes``).
 3. *Rollback rule*, per component: the newest release offered must be newer
    than the high-water mark (or be exactly the release held); older ones are
    imported only if already held, else skipped as history.
@@ -69,8 +69,7 @@ from p2pupd.protocol.errors import (
     RollbackError,
     VerificationError,
 )
-from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.modes import check_modes
+from p2pupd.protocol.manifest import Manifest, check_modes
 from p2pupd.protocol.trust import Envelope, check_serial
 
 FREE_MARGIN_BYTES = 16 * limits.MiB

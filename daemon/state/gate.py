@@ -6,7 +6,7 @@ a peer (``gossip_service``) -- it becomes part of the node in two steps:
 1. ``verify_offer`` (network) or the importer's own bundle checks decide it is
    trustworthy: signatures against the pinned root, expiry on the node clock,
    the component it was offered as, the modes it would install
-   (``modes.check_modes`` against the component's configuration), and the
+   (``manifest.check_modes`` against the component's configuration), and the
    rollback rule (``check_serial`` against the component's high-water
    mark). Nothing is written.
 2. ``persist_release`` stores the envelope (atomic write) and only then raises
@@ -27,8 +27,7 @@ from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.protocol.deltaplan import needed_blobs
 from p2pupd.protocol.errors import HazardousModeError, MixAndMatchError, RevokedKeyError
-from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.modes import check_modes
+from p2pupd.protocol.manifest import Manifest, check_modes
 from p2pupd.protocol.trust import Envelope, check_serial
 
 

@@ -88,7 +88,7 @@ class ComponentConfig:
     health_seconds: float = 30.0
     auto_apply: bool = True
     # Install set-id files others can write and world-writable directories
-    # without the sticky bit (protocol/modes.py); refused unless set at init.
+    # without the sticky bit (protocol.manifest.check_modes); refused unless set at init.
     allow_hazardous_modes: bool = False
 
     def to_value(self) -> dict[str, Any]:

@@ -21,8 +21,7 @@ from _kit import Site, cli, tree_snapshot
 from p2pupd.daemon.state.gate import NotForThisNodeError, verify_offer
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.errors import HazardousModeError
-from p2pupd.protocol.manifest import DirEntry, FileEntry, Manifest
-from p2pupd.protocol.modes import check_modes, hazards
+from p2pupd.protocol.manifest import DirEntry, FileEntry, Manifest, check_modes, hazards
 from p2pupd.tools.cli import main
 
 
