@@ -3,6 +3,7 @@
 Layout (all under STATE, one filesystem):
 
     config.msgpack            node id, platform, components and their targets
+    config.backup.msgpack     a second copy of it, for ``p2pupd config repair``
     state.msgpack             per component: installed serial, kept versions,
                               rollback high-water mark, bad releases, history
     trust/root.msgpack        the pinned root envelope (latest accepted)
@@ -219,6 +220,7 @@ class StateDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.config_path = root / "config.msgpack"
+        self.config_backup_path = root / "config.backup.msgpack"
         self.state_path = root / "state.msgpack"
         self.trust_dir = root / "trust"
         self.releases_dir = root / "releases"
@@ -253,10 +255,28 @@ class StateDir:
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
             )
-        return NodeConfig.from_value(self._read(self.config_path))
+        try:
+            data = self.config_path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.config_path}: {exc.strerror}") from None
+        try:
+            return NodeConfig.from_value(encoding.decode(data))
+        except (CodecError, ConfigError) as exc:
+            raise ConfigError(
+                f"{self.config_path} is damaged ({exc}); `p2pupd config repair` rebuilds it, "
+                "keeping the node id"
+            ) from None
 
     def write_config(self, config: NodeConfig) -> None:
-        atomic_write(self.config_path, encoding.encode(config.to_value()), mode=0o600)
+        """Write the configuration, then its backup copy (each atomically).
+
+        The copy is what ``p2pupd config repair`` restores when the first one
+        is damaged (a bad sector, a stray edit); a crash between the two
+        writes leaves one old and one new valid document, never a torn one.
+        """
+        data = encoding.encode(config.to_value())
+        atomic_write(self.config_path, data, mode=0o600)
+        atomic_write(self.config_backup_path, data, mode=0o600)
 
     def read_states(self) -> dict[str, ComponentState]:
         if not self.state_path.exists():
