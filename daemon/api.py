@@ -24,6 +24,7 @@ from p2pupd.daemon.bundles.importer import (
     ImportReport,
 )
 from p2pupd.daemon.bundles.sitesource import StateSource
+from p2pupd.daemon.bundles.verify import rebuild_envelope
 from p2pupd.daemon.bundles.watch import WatchEvent, watch
 from p2pupd.daemon.config import (
     DEFAULT_CONFIG_PATH,
@@ -95,6 +96,7 @@ __all__ = [
     "parse_endpoint",
     "parse_rate",
     "peers",
+    "rebuild_envelope",
     "recover",
     "rollback",
     "run_daemon",
