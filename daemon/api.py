@@ -50,6 +50,7 @@ from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import (
     HookLimits,
     NodeConfig,
+    now_seconds,
 )
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
@@ -91,6 +92,7 @@ __all__ = [
     "load_config",
     "make_request",
     "mark_good",
+    "now_seconds",
     "open_node",
     "open_state_source",
     "parse_endpoint",

@@ -317,11 +317,38 @@ def new_node_id() -> bytes:
     return secrets.token_bytes(16)
 
 
+NOW_ENV = "P2PUPD_NOW"
+
+
 def now_seconds() -> int:
-    """Wall-clock seconds for history entries and expiry checks."""
-    override = os.environ.get("P2PUPD_NOW")
+    """Wall-clock seconds for history entries and expiry checks.
+
+    ``P2PUPD_NOW`` overrides the clock (a site whose clock is known to be
+    wrong; tests): whole seconds since 1970-01-01 UTC (``1803902400``), or an
+    ISO-8601 time (``2027-03-01T12:00:00Z``; UTC unless it names an offset; a
+    date alone is its midnight UTC). Raises ``ConfigError`` for anything else.
+    """
+    override = os.environ.get(NOW_ENV)
     if override:
-        return int(override)
+        return parse_instant(override.strip())
     import time
 
     return int(time.time())
+
+
+def parse_instant(text: str) -> int:
+    """Seconds since the epoch of ``text`` (see ``now_seconds``); ``ConfigError`` if odd."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{NOW_ENV}={text!r} is not a time: give seconds since 1970-01-01 UTC "
+            "(e.g. 1803902400) or ISO-8601 UTC (e.g. 2027-03-01T12:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())

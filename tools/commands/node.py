@@ -80,19 +80,38 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     r = api.apply(_state(args), args.component, version=args.version, force=args.force)
+    skipped = None if r.changed or args.version else _newest_marked_bad(args, r.serial)
     doc = {
         "component": r.component,
         "version": r.version,
         "serial": r.serial,
         "changed": r.changed,
         "previous": r.previous,
+        "newest_marked_bad": skipped,
     }
-    out(
-        args,
-        doc,
-        lambda: print(f"{r.component} {r.version} is live" + ("" if r.changed else " (no change)")),
-    )
+
+    def human() -> None:
+        print(f"{r.component} {r.version} is live" + ("" if r.changed else " (no change)"))
+        if skipped is not None:
+            c, v, s = r.component, skipped["version"] or "?", skipped["serial"]
+            print(
+                f"note: the newest release, {c} {v} (serial {s}), is marked bad here: "
+                f"{skipped['reason']}; retry it with `p2pupd apply {c} --version {shlex.quote(v)} "
+                f"--force`, "
+                f"or clear the mark with `p2pupd mark-good {c} {s}`"
+            )
+
+    out(args, doc, human)
     return EXIT_OK
+
+
+def _newest_marked_bad(args: argparse.Namespace, live: int) -> dict[str, object] | None:
+    """The newest stored release, if it is newer than ``live`` and marked bad here."""
+    comp = api.status(_state(args))["components"].get(args.component) or {}
+    newest = comp.get("available")
+    if not newest or newest["serial"] <= live or str(newest["serial"]) not in comp["bad"]:
+        return None
+    return {**newest, "reason": comp["bad"][str(newest["serial"])]}
 
 
 def cmd_mark_good(args: argparse.Namespace) -> int:

@@ -216,27 +216,34 @@ def next_serial(
         man = repo.release(component, newest, held[0])[0]
     except RevokedKeyError:
         return newest + 1  # signed by a revoked key: a new serial replaces it
-    joins = version == man.version and platform is not None and None not in held
-    if version is not None and not joins and not force:
-        used = [s for s in reversed(serials) if repo.label(component, s) == version]
-        if used:
+    if version is not None and version == man.version:
+        if platform is None and None in held:  # a universal tree again under its label
+            if not force:
+                raise _label_used(component, version, newest)
+            return newest + 1
+        if platform is None or None in held:
+            kind = "universal" if None in held else "variants for " + ", ".join(map(str, held))
             raise RepoError(
-                f"{component} {version} is already published (serial {used[0]}); publish the "
-                "new build under a new version, or use --force for a second release with "
-                "the same label (a new serial)"
+                f"{component} {version} (serial {newest}) is already published ({kind}); "
+                "a serial is either universal or per-platform: publish it with --platform for "
+                "every variant, or as a new version"
             )
-    if version is None or man.version != version or (platform is None and None in held):
-        return newest + 1  # (a universal tree re-published under its label: a new release)
-    if platform is None or None in held:
-        kind = "universal" if None in held else "variants for " + ", ".join(map(str, held))
-        raise RepoError(
-            f"{component} {version} (serial {newest}) is already published ({kind}); "
-            "a serial is either universal or per-platform: publish it with --platform for "
-            "every variant, or as a new version"
-        )
-    if platform in held:
-        raise RepoError(f"{component} {version} already has a variant for {platform}")
-    return newest
+        if platform in held:
+            raise RepoError(f"{component} {version} already has a variant for {platform}")
+        return newest  # a variant joins the newest release
+    if version is not None and not force:
+        used = next((s for s in reversed(serials) if repo.label(component, s) == version), None)
+        if used is not None:
+            raise _label_used(component, version, used)
+    return newest + 1
+
+
+def _label_used(component: str, version: str, serial: int) -> RepoError:
+    return RepoError(
+        f"{component} {version} is already published (serial {serial}); publish the new build "
+        "under a new version, or use --force for a second release with the same label "
+        "(a new serial)"
+    )
 
 
 def sign_and_write(repo: Repo, man: Manifest, key_paths: list[Path] | None = None) -> Envelope:
