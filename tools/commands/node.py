@@ -93,12 +93,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     def human() -> None:
         print(f"{r.component} {r.version} is live" + ("" if r.changed else " (no change)"))
         if skipped is not None:
-            c, v, s = r.component, skipped["version"] or "?", skipped["serial"]
+            c, v, s = r.component, str(skipped["version"] or "?"), skipped["serial"]
             print(
                 f"note: the newest release, {c} {v} (serial {s}), is marked bad here: "
                 f"{skipped['reason']}; retry it with `p2pupd apply {c} --version {shlex.quote(v)} "
-                f"--force`, "
-                f"or clear the mark with `p2pupd mark-good {c} {s}`"
+                f"--force`, or clear the mark with `p2pupd mark-good {c} {s}`"
             )
 
     out(args, doc, human)
