@@ -50,6 +50,7 @@ from p2pupd.daemon.state.statedir import (
     now_seconds,
 )
 from p2pupd.daemon.state.trusted import TrustStore
+from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import CodecError, VerificationError
 from p2pupd.protocol.manifest import Manifest
@@ -152,6 +153,7 @@ def init_node(
             hooks=hook_limits or (old.hooks if old else HookLimits()),
         )
         sd.create(cfg)
+        BlobStore(sd.root)  # the store's directories, so the skeleton is whole from the start
         trust = TrustStore(sd)
         if not trust.current_path.exists():
             trust.install(data, now_seconds())

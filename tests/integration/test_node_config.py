@@ -106,7 +106,6 @@ def test_set_changes_each_setting_and_what_the_node_does(world: World, tmp_path:
 def test_set_refuses_a_bad_value_in_one_line_and_changes_nothing(
     world: World, key: str, value: str, words: list[str]
 ) -> None:
-    config(world)  # opening the node makes its store directories: not a change
     before = state_snapshot(world.state)
     r = world.run("config", "set", key, value, "--state-dir", world.state)
     one_line_error(r, 2, *words)
