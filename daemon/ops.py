@@ -122,6 +122,11 @@ def init_node(
         raise CodecError(f"{trust_file} is not a p2pupd root file ({exc})") from None
     sd = StateDir(state_dir)
     names = [_component_name(n) for n in components]
+    if platform is not None:
+        try:
+            ids.check_platform(platform)
+        except CodecError as exc:
+            raise ConfigError(str(exc)) from None
     if options.health_cmd:  # before anything exists, even the state directory
         known = sd.read_config().components.values() if sd.exists() else []
         targets = [t.resolve() for t in components.values()] + [c.target for c in known]
@@ -138,8 +143,7 @@ def init_node(
             f"{exc} (the daemon, or another command): init changed nothing; stop the daemon "
             "to re-run init, or change settings live with `p2pupd config set`"
         ) from None
-    with contextlib.ExitStack() as stack:
-        stack.callback(lock.release)
+    try:
         old = sd.read_config() if sd.exists() else None  # damaged: `p2pupd config repair`
         comps = dict(old.components) if old else {}
         for name, target in zip(names, components.values(), strict=True):
@@ -157,6 +161,8 @@ def init_node(
         trust = TrustStore(sd)
         if not trust.current_path.exists():
             trust.install(data, now_seconds())
+    finally:
+        lock.release()
     return cfg
 
 

@@ -145,6 +145,7 @@ def test_reinit_keeps_components_and_settings_it_is_not_given(world: World, run:
         (["--health-cmd", "/nonexistent/selftest"], 2, ["is not an executable file"]),
         (["--retain", "-1"], 2, ["retain wants 0..100"]),
         (["--component", "Bad Name=/tmp/x"], 2, ["invalid component name"]),
+        (["--platform", "Linux X86"], 2, ["invalid platform name"]),
     ],
 )
 def test_refused_init_changes_nothing(
