@@ -49,6 +49,17 @@ ACTION_TYPE = "rollout-action"
 SPEC_VERSION = 1
 MAX_ACTION_BYTES = 6 * limits.KiB
 MAX_ACK_HALTS = 64
+# An action's payload is decoded before its signature can be checked (the
+# issuer's key is inside): ~15 fields and up to 64 acknowledged halts.
+ACTION_BUDGET = limits.DecodeBudget(
+    max_bytes=MAX_ACTION_BYTES,
+    max_objects=128,
+    max_depth=2,
+    max_len=MAX_ACK_HALTS,
+    max_str=MAX_SITE_BYTES,
+    max_bin=MAX_CREDENTIAL_BYTES,
+    name="rollout action",
+)
 
 
 class ActionKind(enum.Enum):
@@ -159,7 +170,7 @@ def verify_action(data: bytes) -> tuple[OperatorAction, bytes]:
     bytes and a ``VerificationError`` when the issuer's key did not sign it.
     """
     env = Envelope.decode(data, MAX_ACTION_BYTES)
-    action = OperatorAction.from_value(encoding.decode(env.payload, MAX_ACTION_BYTES))
+    action = OperatorAction.from_value(encoding.decode(env.payload, budget=ACTION_BUDGET))
     kid = key_id(action.issuer_key)
     check_signatures(ACTION_TYPE, env, {kid: action.issuer_key}, Role((kid,), 1), "rollout action")
     return action, env.payload_digest()

@@ -39,6 +39,21 @@ from p2pupd.protocol.request import (
     sign_site_request,
     verify_any_request,
 )
+from p2pupd.protocol.rollout.actions import (
+    ACTION_BUDGET,
+    ActionKind,
+    OperatorAction,
+    sign_action,
+    verify_action,
+)
+from p2pupd.protocol.rollout.report import (
+    REPORT_BUDGET,
+    ComponentReport,
+    CompState,
+    NodeReport,
+    sign_report,
+    verify_report,
+)
 from p2pupd.protocol.trust import (
     RELEASE_TYPE,
     ROOT_TYPE,
@@ -257,6 +272,39 @@ def test_request_files(data: bytes) -> None:
     within_budget(
         lambda: verify_any_request(data),
         3 * len(data) + decode_cost(limits.REQUEST_BUDGET, len(data)),
+    )
+
+
+_REPORTER = _key(20)
+REPORT = sign_report(
+    NodeReport(
+        bytes(16), _pub(20), "p2pupd", "default", "linux-x86_64", 7, 100,
+        (ComponentReport("app", 1, "1.0", 5, CompState.FAILED, 2, 9, "health check exited with 1",
+                         ids.sha256(b"out"), True, (2,), 2, "brake"),),
+        b"credential",
+    ),
+    _REPORTER,
+)  # fmt: skip
+ACTION = sign_action(
+    OperatorAction(ActionKind.RESUME, "app", 2, bytes(16), _pub(20), "p2pupd", "default", 1,
+                   "fixed", None, 1, (ids.sha256(b"h1"), ids.sha256(b"h2"))),
+    _REPORTER,
+)  # fmt: skip
+
+
+@fuzz(30)
+@given(inputs(REPORT))
+def test_node_reports(data: bytes) -> None:
+    within_budget(
+        lambda: verify_report(data), 3 * len(data) + decode_cost(REPORT_BUDGET, len(data))
+    )
+
+
+@fuzz(30)
+@given(inputs(ACTION))
+def test_rollout_actions(data: bytes) -> None:
+    within_budget(
+        lambda: verify_action(data), 3 * len(data) + decode_cost(ACTION_BUDGET, len(data))
     )
 
 
