@@ -75,13 +75,13 @@ from p2pupd.protocol.wire import (
     Message,
     NodeRequestData,
     NodeRequestQuery,
+    ReportDigest,
+    ReportNews,
     Request,
     Response,
     RootData,
     RootMissing,
     RootRequest,
-    SiteDigest,
-    SiteNews,
     encode_parts,
 )
 
@@ -117,7 +117,7 @@ _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
     ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
     ManifestRangeRequest, ManifestRangeData, Have, NodeRequestQuery, NodeRequestData,
-    ChunkBatchRequest, SiteNews, SiteDigest,
+    ChunkBatchRequest, ReportNews, ReportDigest,
 )  # fmt: skip
 _LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
 
@@ -166,8 +166,8 @@ _FEATURE_OF: dict[type[Message], str] = {
     NodeRequestQuery: FEATURE_REQUEST,
     NodeRequestData: FEATURE_REQUEST,
     ChunkBatchRequest: FEATURE_BATCH,
-    SiteNews: FEATURE_REPORT,
-    SiteDigest: FEATURE_REPORT,
+    ReportNews: FEATURE_REPORT,
+    ReportDigest: FEATURE_REPORT,
 }
 
 

@@ -31,8 +31,8 @@ kinds are only sent to peers that advertised the matching Hello feature:
   ``NodeRequestData``; a daemon collects these into a site request for the
   publisher (protocol/request.py). The collector checks each one's signature
   and that it names the node id the peer proved in its Hello.
-* ``"report"`` (``FEATURE_REPORT``): ``SiteNews`` pushes signed node reports
-  and rollout actions (protocol/rollout), ``SiteDigest`` says which reports
+* ``"report"`` (``FEATURE_REPORT``): ``ReportNews`` pushes signed node reports
+  and rollout actions (protocol/rollout), ``ReportDigest`` says which reports
   (node id, seq) and actions (digests) the sender holds, so the peer can send
   what it lacks. Both are hints like Announce: every document is verified by
   the receiver (signature, site, membership, replay) before it counts. An
@@ -105,7 +105,7 @@ FEATURE_BATCH = "batch"
 MAX_BATCH_DIGESTS = 64
 FEATURE_REQUEST = "request"
 FEATURE_REPORT = "report"
-# Signed documents per SiteNews, and their sizes (protocol/rollout bounds them
+# Signed documents per ReportNews, and their sizes (protocol/rollout bounds them
 # again when it decodes them): 32 x 8 KiB + 32 x 6 KiB stays far below a frame.
 MAX_NEWS_DOCS = 32
 MAX_NEWS_REPORT_BYTES = 8 * limits.KiB
@@ -529,7 +529,7 @@ class NodeRequestData(_Wire):
 
 
 @dataclass(frozen=True, slots=True)
-class SiteNews(_Wire):
+class ReportNews(_Wire):
     """Signed node reports and rollout actions (feature "report"); the receiver verifies each."""
 
     TYPE: ClassVar[int] = 50
@@ -538,9 +538,9 @@ class SiteNews(_Wire):
 
 
 @dataclass(frozen=True, slots=True)
-class SiteDigest(_Wire):
+class ReportDigest(_Wire):
     """What the sender holds (feature "report"): (node id, seq) of each report, sorted,
-    and the digests of the rollout actions; the peer answers with ``SiteNews``."""
+    and the digests of the rollout actions; the peer answers with ``ReportNews``."""
 
     TYPE: ClassVar[int] = 51
     summary: tuple[tuple[bytes, int], ...] = ()
@@ -552,7 +552,7 @@ Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
-    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | SiteNews | SiteDigest
+    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | ReportNews | ReportDigest
 )
 Request = (
     ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
@@ -568,7 +568,7 @@ _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
-    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, SiteNews, SiteDigest,
+    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, ReportNews, ReportDigest,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 
@@ -583,9 +583,9 @@ def _to_wire(msg: Message) -> list[Any]:
         return [msg.component, msg.serial, msg.complete, list(msg.digests)]
     if isinstance(msg, ChunkBatchRequest):
         return [msg.request_id, list(msg.batch)]
-    if isinstance(msg, SiteNews):
+    if isinstance(msg, ReportNews):
         return [list(msg.reports), list(msg.actions)]
-    if isinstance(msg, SiteDigest):
+    if isinstance(msg, ReportDigest):
         return [[list(e) for e in msg.summary], list(msg.known)]
     return [getattr(msg, f.name) for f in dataclasses.fields(msg)]
 
@@ -616,20 +616,20 @@ def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
         if not isinstance(batch, list):
             raise SchemaError("ChunkBatchRequest batch must be a list")
         return ChunkBatchRequest(request_id, tuple(batch))
-    if cls is SiteNews:
+    if cls is ReportNews:
         reports, actions = fields
         if not isinstance(reports, list) or not isinstance(actions, list):
-            raise SchemaError("SiteNews reports and actions must be lists")
-        return SiteNews(tuple(reports), tuple(actions))
-    if cls is SiteDigest:
+            raise SchemaError("ReportNews reports and actions must be lists")
+        return ReportNews(tuple(reports), tuple(actions))
+    if cls is ReportDigest:
         summary, known = fields
         if not isinstance(summary, list) or not all(
             isinstance(e, list) and len(e) == 2 for e in summary
         ):
-            raise SchemaError("SiteDigest summary must be a list of [node_id, seq]")
+            raise SchemaError("ReportDigest summary must be a list of [node_id, seq]")
         if not isinstance(known, list):
-            raise SchemaError("SiteDigest known must be a list")
-        return SiteDigest(tuple(tuple(e) for e in summary), tuple(known))
+            raise SchemaError("ReportDigest known must be a list")
+        return ReportDigest(tuple(tuple(e) for e in summary), tuple(known))
     factory: Callable[..., Message] = cls  # every other message maps fields 1:1
     return factory(*fields)
 

@@ -6,7 +6,7 @@ A connection runs three tasks around one ``protocol.session.Session``:
 
 * the **reader** receives bytes, feeds the session and dispatches each event
   without ever waiting on the network: requests go to a queue, responses wake
-  the task that asked, Announce/Have/SiteNews/SiteDigest go to the handler
+  the task that asked, Announce/Have/ReportNews/ReportDigest go to the handler
   (which must not block);
 * the **writer** is the only task that sends: everything else *posts* a
   message, which runs ``session.send`` at once (so bytes leave in the order
@@ -69,10 +69,10 @@ from p2pupd.protocol.wire import (
     Have,
     Hello,
     Message,
+    ReportDigest,
+    ReportNews,
     Request,
     Response,
-    SiteDigest,
-    SiteNews,
 )
 
 RECV_BYTES = 1 * limits.MiB  # one read takes many chunk frames; bounded by what was fed
@@ -106,8 +106,10 @@ class Handler(Protocol):
 
     def joined(self, conn: PeerConnection) -> None: ...
 
-    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews | SiteDigest) -> None:
-        """An Announce, Have, SiteNews or SiteDigest arrived; must not block."""
+    def message(
+        self, conn: PeerConnection, msg: Announce | Have | ReportNews | ReportDigest
+    ) -> None:
+        """An Announce, Have, ReportNews or ReportDigest arrived; must not block."""
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """The response to one of the peer's requests."""
@@ -442,7 +444,7 @@ class PeerConnection:
                 self._deadlines.pop(rid, None)
             if on_answer is not None:
                 on_answer(msg)
-        elif isinstance(msg, Announce | Have | SiteNews | SiteDigest):
+        elif isinstance(msg, Announce | Have | ReportNews | ReportDigest):
             handler.message(self, msg)
         elif isinstance(msg, Bye):
             self.reason = f"peer said bye: {msg.reason}" if msg.reason else "peer said bye"

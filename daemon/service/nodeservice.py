@@ -40,10 +40,10 @@ from p2pupd.daemon.offload import Offload, in_thread
 from p2pupd.daemon.service.fetch import SINGLE_FRAME_BYTES, FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
+from p2pupd.daemon.service.reportgossip import ReportGossip
 from p2pupd.daemon.service.rollout import RolloutOptions, RolloutService
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
-from p2pupd.daemon.service.sitenews import SiteNewsService
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import RemoteProtocolError
@@ -69,18 +69,16 @@ from p2pupd.protocol.wire import (
     ManifestRangeRequest,
     ManifestRequest,
     NodeRequestQuery,
+    ReportDigest,
+    ReportNews,
     Request,
     Response,
     RootData,
     RootMissing,
     RootRequest,
-    SiteDigest,
-    SiteNews,
 )
 
-FEATURES = frozenset(
-    {FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_REPORT}
-)
+FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_REPORT})
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ class NodeService:
             auto_apply=self._rollout_go,
             spread=self._rollout_spread,
         )
-        self.news = SiteNewsService(self, self.rollout, self._rng)
+        self.report_gossip = ReportGossip(self, self.rollout, self._rng)
         self.lifecycle = Lifecycle(
             node,
             offload=offload,
@@ -182,7 +180,7 @@ class NodeService:
             self._nursery = nursery
             self.gossip.load(scan.holdings)
             await nursery.start(self.rollout.serve)
-            await nursery.start(self.news.serve)
+            await nursery.start(self.report_gossip.serve)
             await nursery.start(self.gossip.serve)
             await nursery.start(self.fetch.serve)
             for man, digest in scan.resume:
@@ -287,12 +285,14 @@ class NodeService:
         )
         self.gossip.peer_joined(conn.node_id)
         self.fetch.peer_joined(conn)
-        self.news.peer_joined(conn)
+        self.report_gossip.peer_joined(conn)
 
-    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews | SiteDigest) -> None:
-        """Route an Announce to gossip (and fetch), a Have to fetch, site news to rollout."""
-        if isinstance(msg, SiteNews | SiteDigest):
-            self.news.message(conn, msg)
+    def message(
+        self, conn: PeerConnection, msg: Announce | Have | ReportNews | ReportDigest
+    ) -> None:
+        """Route an Announce to gossip (and fetch), a Have to fetch, reports to rollout."""
+        if isinstance(msg, ReportNews | ReportDigest):
+            self.report_gossip.message(conn, msg)
         elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
             if info is not None:
@@ -321,7 +321,7 @@ class NodeService:
         info = self.peers.remove(peer)
         self.gossip.peer_left(peer)
         self.fetch.peer_left(peer)
-        self.news.peer_left(peer)
+        self.report_gossip.peer_left(peer)
         log(
             "peer-closed",
             peer=short(peer),
@@ -388,7 +388,7 @@ class NodeService:
         self.spawn(self.lifecycle.auto_apply, component, serial)
 
     def _rollout_spread(self, reports: list[bytes], actions: list[bytes]) -> None:
-        self.news.send_own(reports, actions)
+        self.report_gossip.send_own(reports, actions)
 
     def _holding(self, component: str) -> int:
         return self.gossip.holdings.get(component, (0, b""))[0]

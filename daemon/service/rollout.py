@@ -10,7 +10,7 @@ The pure objects decide; this service keeps them fed and acts on them:
   waiting), when the soak of a just-committed release ends (so the next wave
   sees it at once), and every ``report_interval`` seconds, stretched with the
   site's size so each node's share of the traffic stays constant.
-* **site view**: reports and operator actions from peers (``sitenews``) go
+* **site view**: reports and operator actions from peers (``reportgossip``) go
   through the ``ReportTable`` and the ``Ledger``; ``p2pupd rollout`` makes a
   signed action here and spreads it the same way.
 * **the gate**: the lifecycle hands every release it would auto-apply to
@@ -170,7 +170,7 @@ class RolloutService:
         return self.table.rules
 
     def offer_report(self, raw: bytes, now: float) -> Offer:
-        """A peer's report (through ``sitenews``); folds accepted failures into the ledger."""
+        """A peer's report (through ``reportgossip``); folds accepted failures into the ledger."""
         assert self.table is not None and self.ledger is not None
         offer = self.table.offer(raw, now, now_seconds())
         if offer.accepted and offer.report is not None:

@@ -12,7 +12,7 @@ Reports and actions ride the existing peer connections (wire feature
   each crosses each node about ``fanout`` times, whatever the site size;
 * **pull**: when a connection opens, and every ``sync_interval`` seconds
   (stretched with the site's size, so a node's share stays constant) to one
-  random peer, a ``SiteDigest`` says what this node holds; the peer answers
+  random peer, a ``ReportDigest`` says what this node holds; the peer answers
   with what it holds that is newer or missing there, at most
   ``max_answer`` documents per digest (the rest follows with the next one).
   This heals whatever push missed (a node that was away, a lost connection).
@@ -38,7 +38,7 @@ MAX_DOCS_PER_NEWS = 32  # wire.MAX_NEWS_DOCS, per kind
 
 @dataclass(frozen=True)
 class SendNews(Generic[P]):
-    """Send these signed reports and actions to ``peer`` (one ``SiteNews`` each batch)."""
+    """Send these signed reports and actions to ``peer`` (one ``ReportNews`` each batch)."""
 
     peer: P
     reports: tuple[bytes, ...] = ()
@@ -47,7 +47,7 @@ class SendNews(Generic[P]):
 
 @dataclass(frozen=True)
 class SendDigest(Generic[P]):
-    """Send our ``SiteDigest`` to ``peer``."""
+    """Send our ``ReportDigest`` to ``peer``."""
 
     peer: P
 

@@ -42,11 +42,11 @@ from p2pupd.protocol.wire import (
     ManifestRangeRequest,
     ManifestRequest,
     Message,
+    ReportDigest,
+    ReportNews,
     RootData,
     RootMissing,
     RootRequest,
-    SiteDigest,
-    SiteNews,
     decode_body,
     encode_message,
 )
@@ -102,10 +102,10 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Have, component, serial, st.booleans(), st.lists(digest, max_size=4).map(tuple)),
     st.builds(ChunkBatchRequest, request_id, st.lists(digest, min_size=1, max_size=4).map(tuple)),
     st.builds(
-        SiteNews, st.lists(blob, max_size=3).map(tuple), st.lists(blob, max_size=3).map(tuple)
+        ReportNews, st.lists(blob, max_size=3).map(tuple), st.lists(blob, max_size=3).map(tuple)
     ),
     st.builds(
-        SiteDigest,
+        ReportDigest,
         st.dictionaries(st.binary(min_size=16, max_size=16), serial, max_size=4).map(
             lambda d: tuple(sorted(d.items()))
         ),

@@ -1,4 +1,4 @@
-"""Reports on the wire: SiteNews/SiteDigest encoding, feature negotiation, and the
+"""Reports on the wire: ReportNews/ReportDigest encoding, feature negotiation, and the
 pure spreading rules (push fan-out, pull on digest, rate limit)."""
 
 from __future__ import annotations
@@ -14,35 +14,35 @@ from p2pupd.protocol.wire import (
     FEATURE_REPORT,
     MAX_NEWS_DOCS,
     MAX_NEWS_REPORT_BYTES,
-    SiteDigest,
-    SiteNews,
+    ReportDigest,
+    ReportNews,
     decode_body,
     encode_message,
 )
 
 
-def roundtrip(msg: SiteNews | SiteDigest) -> object:
+def roundtrip(msg: ReportNews | ReportDigest) -> object:
     return decode_body(encode_message(msg)[4:])
 
 
 def test_site_messages_round_trip() -> None:
-    news = SiteNews((b"r" * 100, b"s" * 7), (b"a" * 3,))
+    news = ReportNews((b"r" * 100, b"s" * 7), (b"a" * 3,))
     assert roundtrip(news) == news
-    digest = SiteDigest(((b"\x01" * 16, 5), (b"\x02" * 16, 1 << 40)), (b"\x03" * 32,))
+    digest = ReportDigest(((b"\x01" * 16, 5), (b"\x02" * 16, 1 << 40)), (b"\x03" * 32,))
     assert roundtrip(digest) == digest
-    assert roundtrip(SiteDigest()) == SiteDigest()
+    assert roundtrip(ReportDigest()) == ReportDigest()
 
 
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: SiteNews(tuple(b"x" for _ in range(MAX_NEWS_DOCS + 1))),
-        lambda: SiteNews((b"x" * (MAX_NEWS_REPORT_BYTES + 1),)),
-        lambda: SiteNews(("text",)),  # type: ignore[arg-type]
-        lambda: SiteDigest(((b"\x02" * 16, 1), (b"\x01" * 16, 1))),  # not sorted
-        lambda: SiteDigest(((b"\x01" * 15, 1),)),
-        lambda: SiteDigest(((b"\x01" * 16, 0),)),
-        lambda: SiteDigest((), (b"\x02" * 32, b"\x01" * 32)),
+        lambda: ReportNews(tuple(b"x" for _ in range(MAX_NEWS_DOCS + 1))),
+        lambda: ReportNews((b"x" * (MAX_NEWS_REPORT_BYTES + 1),)),
+        lambda: ReportNews(("text",)),  # type: ignore[arg-type]
+        lambda: ReportDigest(((b"\x02" * 16, 1), (b"\x01" * 16, 1))),  # not sorted
+        lambda: ReportDigest(((b"\x01" * 15, 1),)),
+        lambda: ReportDigest(((b"\x01" * 16, 0),)),
+        lambda: ReportDigest((), (b"\x02" * 32, b"\x01" * 32)),
     ],
 )
 def test_out_of_bounds_site_messages_cannot_be_built(build: object) -> None:
@@ -70,14 +70,14 @@ def session_pair(a_feats: frozenset[str], b_feats: frozenset[str]) -> tuple[Sess
 def test_only_peers_that_offered_report_get_site_news() -> None:
     a, b = session_pair(frozenset({FEATURE_REPORT}), frozenset({FEATURE_REPORT}))
     assert a.supports(FEATURE_REPORT)
-    b.receive_data(a.send(SiteNews((b"r",))))
-    assert b.next_event() == SiteNews((b"r",))
+    b.receive_data(a.send(ReportNews((b"r",))))
+    assert b.next_event() == ReportNews((b"r",))
     old_a, old_b = session_pair(frozenset({FEATURE_REPORT}), frozenset())  # an older peer
     assert not old_a.supports(FEATURE_REPORT)
     with pytest.raises(LocalProtocolError):
-        old_a.send(SiteDigest())
+        old_a.send(ReportDigest())
     with pytest.raises(RemoteProtocolError):  # and it may not push news at us unasked
-        old_b.receive_data(encode_message(SiteNews()))
+        old_b.receive_data(encode_message(ReportNews()))
         old_b.next_event()
 
 

@@ -9,7 +9,7 @@ rolled out in waves ``1,10%,50%``) and prints, on one node:
   included), and replays/s: older reports refused (no signature check);
 * decide: one ``decide`` of the apply gate over the whole view (ms), the
   first time and again (wave positions are cached per release);
-* digest: the ``SiteDigest`` a node sends a peer on connect (bytes);
+* digest: the ``ReportDigest`` a node sends a peer on connect (bytes);
 * idle: the report traffic one node receives per second with the daemon's
   refresh period stretched with the site (16 s per node), each report arriving
   about ``fanout`` = 4 times.
@@ -31,7 +31,7 @@ from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.protocol.rollout.report import ComponentReport, CompState, NodeReport, sign_report
 from p2pupd.protocol.rollout.site import SiteRules
 from p2pupd.protocol.rollout.table import ReportTable
-from p2pupd.protocol.wire import SiteDigest, encode_message
+from p2pupd.protocol.wire import ReportDigest, encode_message
 
 POLICY = RolloutPolicy.parse("waves=1,10%,50% soak=10m halt-after=1")
 SECONDS_PER_NODE = 16.0  # daemon/service/rollout.py
@@ -80,7 +80,7 @@ def measure(n: int) -> dict[str, float]:
     t0 = time.perf_counter()
     decide(Release("app", 5, POLICY), me_id, "linux-x86_64", table, ledger, 1.0, settled=True)
     t_again = time.perf_counter() - t0
-    digest = SiteDigest(tuple(sorted(table.summary().items())))
+    digest = ReportDigest(tuple(sorted(table.summary().items())))
     size = sum(len(x) for x in docs) / n
     refresh = max(600.0, SECONDS_PER_NODE * n)
     return {

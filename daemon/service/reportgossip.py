@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``protocol.rollout.spread.Spread`` decides who hears what; this service
-carries its sends out (``SiteNews``, ``SiteDigest`` on the peer's
+carries its sends out (``ReportNews``, ``ReportDigest`` on the peer's
 connection, only to peers that advertised "report": older peers never see
 them) and feeds what peers send into the ``RolloutService``.
 
@@ -33,8 +33,8 @@ from p2pupd.protocol.wire import (
     FEATURE_REPORT,
     MAX_DIGEST_ACTIONS,
     MAX_DIGEST_REPORTS,
-    SiteDigest,
-    SiteNews,
+    ReportDigest,
+    ReportNews,
 )
 
 MAX_QUEUED = 4096
@@ -42,7 +42,7 @@ BATCH = 16
 TICK_SECONDS = 30.0
 
 
-class SiteNewsService:
+class ReportGossip:
     """See the module docstring."""
 
     def __init__(self, links: Links, rollout: RolloutService, rng: random.Random) -> None:
@@ -76,10 +76,10 @@ class SiteNewsService:
     def peer_left(self, peer: bytes) -> None:
         self.spread.peer_left(peer)
 
-    def message(self, conn: PeerConnection, msg: SiteNews | SiteDigest) -> None:
+    def message(self, conn: PeerConnection, msg: ReportNews | ReportDigest) -> None:
         """A peer's news (queued for checking) or digest (answered at once); must not block."""
         peer = conn.node_id
-        if isinstance(msg, SiteDigest):
+        if isinstance(msg, ReportDigest):
             self._answer(peer, msg)
             return
         docs = [(True, d) for d in msg.reports] + [(False, d) for d in msg.actions]
@@ -117,7 +117,7 @@ class SiteNewsService:
         for origin, (reports, actions) in by_origin.items():
             self._run(self.spread.learned(reports, actions, origin))
 
-    def _answer(self, peer: bytes, msg: SiteDigest) -> None:
+    def _answer(self, peer: bytes, msg: ReportDigest) -> None:
         table, ledger = self._rollout.table, self._rollout.ledger
         if table is None or ledger is None:
             return
@@ -125,13 +125,13 @@ class SiteNewsService:
         actions = {d: doc for led in ledger.releases() for d, doc in led.docs.items()}
         self._run(self.spread.on_digest(peer, theirs, msg.known, table.newer_than(theirs), actions))
 
-    def digest(self) -> SiteDigest:
-        """Our ``SiteDigest``: every report held (node id, seq) and every action digest."""
+    def digest(self) -> ReportDigest:
+        """Our ``ReportDigest``: every report held (node id, seq) and every action digest."""
         table, ledger = self._rollout.table, self._rollout.ledger
         assert table is not None and ledger is not None
         summary = tuple(sorted(table.summary().items()))[:MAX_DIGEST_REPORTS]
         known = sorted({d for led in ledger.releases() for d in led.docs})[:MAX_DIGEST_ACTIONS]
-        return SiteDigest(summary, tuple(known))
+        return ReportDigest(summary, tuple(known))
 
     def _run(self, actions: list[SpreadAction[bytes]]) -> None:
         for action in actions:
@@ -139,6 +139,6 @@ class SiteNewsService:
             if conn is None or not conn.session.supports(FEATURE_REPORT):
                 continue
             if isinstance(action, SendNews):
-                conn.post(SiteNews(action.reports, action.actions))
+                conn.post(ReportNews(action.reports, action.actions))
             else:
                 conn.post(self.digest())
