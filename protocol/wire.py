@@ -251,6 +251,7 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "actions": lambda v, n, _: _docs(v, n, MAX_NEWS_ACTION_BYTES),
     "summary": lambda v, n, _: _summary(v),
     "known": lambda v, n, _: _known(v),
+    "relay": lambda v, n, _: _bool(v, n),
 }
 
 
@@ -535,6 +536,9 @@ class ReportNews(_Wire):
     TYPE: ClassVar[int] = 50
     reports: tuple[bytes, ...] = ()
     actions: tuple[bytes, ...] = ()
+    # True for news (pass on what is new to you), False for an answer to a
+    # digest: a catch-up, mostly old news to the rest of the site.
+    relay: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,7 +588,7 @@ def _to_wire(msg: Message) -> list[Any]:
     if isinstance(msg, ChunkBatchRequest):
         return [msg.request_id, list(msg.batch)]
     if isinstance(msg, ReportNews):
-        return [list(msg.reports), list(msg.actions)]
+        return [list(msg.reports), list(msg.actions), msg.relay]
     if isinstance(msg, ReportDigest):
         return [[list(e) for e in msg.summary], list(msg.known)]
     return [getattr(msg, f.name) for f in dataclasses.fields(msg)]
@@ -617,10 +621,10 @@ def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
             raise SchemaError("ChunkBatchRequest batch must be a list")
         return ChunkBatchRequest(request_id, tuple(batch))
     if cls is ReportNews:
-        reports, actions = fields
+        reports, actions, relay = fields
         if not isinstance(reports, list) or not isinstance(actions, list):
             raise SchemaError("ReportNews reports and actions must be lists")
-        return ReportNews(tuple(reports), tuple(actions))
+        return ReportNews(tuple(reports), tuple(actions), relay)
     if cls is ReportDigest:
         summary, known = fields
         if not isinstance(summary, list) or not all(

@@ -12,9 +12,11 @@ Incoming news is rate-limited per peer before anything is decoded
 dropped and counted), and checked by a task of its own that yields to the
 other tasks every ``BATCH`` documents: a signature check is ~0.1 ms, and a
 burst of news must not stall the connections. Documents accepted for the
-first time are pushed on (``Spread.learned``); the rest were echoes, replays
-or forgeries and go no further. A digest from a peer is answered with what
-it lacks.
+first time are pushed on (``Spread.learned``): actions always, reports when
+they came as news or in a small digest answer (a healed partition), not when
+a digest answer brought hundreds (this node catching up on joining: old news
+to everyone else). The rest were echoes, replays or forgeries and go no
+further. A digest from a peer is answered with what it lacks.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from p2pupd.protocol.wire import (
 )
 
 MAX_QUEUED = 4096
+CATCH_UP_RELAY = 32  # new reports from one digest answer still passed on
 BATCH = 16
 TICK_SECONDS = 30.0
 
@@ -49,7 +52,8 @@ class ReportGossip:
         self._links = links
         self._rollout = rollout
         self.spread: Spread[bytes] = Spread(rng)
-        self._queue: deque[tuple[bytes, bool, bytes]] = deque()  # (peer, is_report, doc)
+        # (peer, is_report, doc, relay): relay False for answers to our digest
+        self._queue: deque[tuple[bytes, bool, bytes, bool]] = deque()
         self._wake = trio.Event()
         self.queue_dropped = 0
 
@@ -83,13 +87,14 @@ class ReportGossip:
             self._answer(peer, msg)
             return
         docs = [(True, d) for d in msg.reports] + [(False, d) for d in msg.actions]
+        relay = msg.relay
         take = self.spread.admit(peer, len(docs), trio.current_time())
         room = MAX_QUEUED - len(self._queue)
         if take > room:
             self.queue_dropped += take - room
             take = max(room, 0)
         for is_report, doc in docs[:take]:
-            self._queue.append((peer, is_report, doc))
+            self._queue.append((peer, is_report, doc, relay))
         if take:
             self._wake.set()
 
@@ -100,22 +105,27 @@ class ReportGossip:
     # ----- internals ---------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        by_origin: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
+        # per origin: (reports pushed as news, reports from a digest answer, actions)
+        by_origin: dict[bytes, tuple[list[bytes], list[bytes], list[bytes]]] = {}
         done = 0
         while self._queue:
-            peer, is_report, doc = self._queue.popleft()
-            fresh = by_origin.setdefault(peer, ([], []))
+            peer, is_report, doc, relay = self._queue.popleft()
+            fresh = by_origin.setdefault(peer, ([], [], []))
             if is_report:
-                offer = self._rollout.offer_report(doc, trio.current_time())
-                if offer.accepted:
-                    fresh[0].append(doc)
+                if self._rollout.offer_report(doc, trio.current_time()).accepted:
+                    fresh[0 if relay else 1].append(doc)
             elif self._rollout.offer_action(doc) is ActionVerdict.ACCEPTED:
-                fresh[1].append(doc)
+                fresh[2].append(doc)  # few and weighty: always passed on
             done += 1
             if done % BATCH == 0:
                 await trio.sleep(0)
-        for origin, (reports, actions) in by_origin.items():
-            self._run(self.spread.learned(reports, actions, origin))
+        for origin, (news, caught_up, actions) in by_origin.items():
+            # A digest answer with a handful of new reports is news this node
+            # missed (a healed partition): pass it on. Hundreds are a catch-up
+            # (this node just joined): old news to everyone else.
+            if len(caught_up) <= CATCH_UP_RELAY:
+                news += caught_up
+            self._run(self.spread.learned(news, actions, origin))
 
     def _answer(self, peer: bytes, msg: ReportDigest) -> None:
         table, ledger = self._rollout.table, self._rollout.ledger
@@ -139,6 +149,6 @@ class ReportGossip:
             if conn is None or not conn.session.supports(FEATURE_REPORT):
                 continue
             if isinstance(action, SendNews):
-                conn.post(ReportNews(action.reports, action.actions))
+                conn.post(ReportNews(action.reports, action.actions, action.relay))
             else:
                 conn.post(self.digest())

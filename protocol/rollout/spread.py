@@ -6,7 +6,7 @@ Reports and actions ride the existing peer connections (wire feature
 "report"), epidemic style, like memberlist's gossip:
 
 * **push**: a document this node accepted for the first time (its own, or a
-  peer's that was newer than what it held) is sent on to ``fanout`` random
+  peer's pushed news that was newer than what it held) is sent on to ``fanout`` random
   connected peers, other than the one it came from; this node's own report
   goes to every connected peer. A document already held is not sent on, so
   each crosses each node about ``fanout`` times, whatever the site size;
@@ -14,8 +14,11 @@ Reports and actions ride the existing peer connections (wire feature
   (stretched with the site's size, so a node's share stays constant) to one
   random peer, a ``ReportDigest`` says what this node holds; the peer answers
   with what it holds that is newer or missing there, at most
-  ``max_answer`` documents per digest (the rest follows with the next one).
-  This heals whatever push missed (a node that was away, a lost connection).
+  ``max_answer`` documents per digest (the rest follows with the next one),
+  marked as a catch-up (``relay`` false: mostly old news to everyone else;
+  a node joining a site of 1,000 must not push 1,000 reports back out, while
+  the few reports a healed partition brings are passed on). This heals
+  whatever push missed (a node that was away, a lost connection).
 
 Bounds: each peer may push at most ``rate`` documents per second (burst
 ``burst``); beyond, its documents are dropped before any decoding (an honest
@@ -43,6 +46,7 @@ class SendNews(Generic[P]):
     peer: P
     reports: tuple[bytes, ...] = ()
     actions: tuple[bytes, ...] = ()
+    relay: bool = True  # False: an answer to a digest (a catch-up)
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ class Spread(Generic[P]):
         have = set(known)
         reports = list(newer)[: self._max_answer]
         docs = [doc for d, doc in sorted(actions.items()) if d not in have]
-        return self._batches(peer, reports, docs[: self._max_answer])
+        return self._batches(peer, reports, docs[: self._max_answer], relay=False)
 
     def learned(
         self, reports: list[bytes], actions: list[bytes], origin: P | None
@@ -158,10 +162,11 @@ class Spread(Generic[P]):
         return self._next_sync
 
     def _batches(
-        self, peer: P, reports: list[bytes], actions: list[bytes]
+        self, peer: P, reports: list[bytes], actions: list[bytes], *, relay: bool = True
     ) -> list[SpreadAction[P]]:
         out: list[SpreadAction[P]] = []
         n = MAX_DOCS_PER_NEWS
         for i in range(0, max(len(reports), len(actions)), n):
-            out.append(SendNews(peer, tuple(reports[i : i + n]), tuple(actions[i : i + n])))
+            batch = SendNews(peer, tuple(reports[i : i + n]), tuple(actions[i : i + n]), relay)
+            out.append(batch)
         return out

@@ -102,7 +102,10 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Have, component, serial, st.booleans(), st.lists(digest, max_size=4).map(tuple)),
     st.builds(ChunkBatchRequest, request_id, st.lists(digest, min_size=1, max_size=4).map(tuple)),
     st.builds(
-        ReportNews, st.lists(blob, max_size=3).map(tuple), st.lists(blob, max_size=3).map(tuple)
+        ReportNews,
+        st.lists(blob, max_size=3).map(tuple),
+        st.lists(blob, max_size=3).map(tuple),
+        st.booleans(),
     ),
     st.builds(
         ReportDigest,

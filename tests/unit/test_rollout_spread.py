@@ -28,6 +28,8 @@ def roundtrip(msg: ReportNews | ReportDigest) -> object:
 def test_site_messages_round_trip() -> None:
     news = ReportNews((b"r" * 100, b"s" * 7), (b"a" * 3,))
     assert roundtrip(news) == news
+    answer = ReportNews((b"r",), (), relay=False)
+    assert roundtrip(answer) == answer
     digest = ReportDigest(((b"\x01" * 16, 5), (b"\x02" * 16, 1 << 40)), (b"\x03" * 32,))
     assert roundtrip(digest) == digest
     assert roundtrip(ReportDigest()) == ReportDigest()
@@ -53,7 +55,8 @@ def test_out_of_bounds_site_messages_cannot_be_built(build: object) -> None:
 def test_a_malformed_site_message_is_a_schema_error() -> None:
     from p2pupd.protocol import encoding
 
-    for body in ([50, "x", []], [51, [[b"\x01" * 16]], []], [51, [], "x"], [50, [], [], []]):
+    for body in ([50, "x", [], True], [51, [[b"\x01" * 16]], []], [51, [], "x"],
+                 [50, [], [], 1], [50, [], []]):  # fmt: skip
         with pytest.raises(SchemaError):
             decode_body(encoding.encode(body))
 
@@ -123,6 +126,8 @@ def test_a_digest_is_answered_with_what_the_peer_lacks() -> None:
     assert len(sent) == 1 and isinstance(sent[0], SendNews)
     assert sent[0].reports == (b"r1", b"r2", b"r3")  # bounded per digest
     assert sent[0].actions == (b"act2",)  # the one the peer does not know
+    assert not sent[0].relay  # a catch-up, mostly old news to everyone else
+    assert all(a.relay for a in s.learned([b"x"], [], None) if isinstance(a, SendNews))
     assert s.on_digest("stranger", {}, [], [b"r1"], {}) == []
 
 
