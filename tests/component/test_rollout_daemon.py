@@ -256,3 +256,39 @@ async def test_a_halt_between_go_and_apply_puts_the_release_back_at_the_gate(
         await svc.rollout.act(ActionKind.RESUME, "app", 2, "", None)
         await wait_until(lambda: let_go == [2, 2], 60)  # let go again, not forgotten
         nursery.cancel_scope.cancel()
+
+
+async def test_a_partitioned_node_applies_nothing_it_cannot_justify(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock is stepped by hand (P2PUPD_NOW): soak is measured on it."""
+    wall = 1_900_000_000
+    monkeypatch.setenv("P2PUPD_NOW", str(wall))
+    site, states = make_site(tmp_path)
+    policy = "waves=1,50% soak=60s"
+    v2 = publish(site, "2.0", policy, seed=2)
+    svcs = services(states)
+    order = ranked(svcs, 2, policy)  # waves of 6: (1, 3, 6)
+    cut = order[-1]  # a node of the last wave
+    async with trio.open_nursery() as nursery:
+        await mesh(nursery, svcs)
+        await wait_until(lambda: all(len(s.rollout.table or ()) == N for s in svcs), 120)
+        await order[0].lifecycle.import_dir(v2, apply_after=False)
+        await wait_until(lambda: "app" in cut.rollout.pending, 120)  # it holds the release
+        await wait_until(lambda: installed(order[0].node.root) == 2, 60)  # the canary went
+        for conn in list(cut.conns.values()):  # the partition
+            conn.close("cable pulled")
+        await wait_until(lambda: not cut.conns, 30, 0.1)
+        for step in (1, 2):  # the rest of the site soaks and moves on, wave by wave
+            monkeypatch.setenv("P2PUPD_NOW", str(wall + 62 * step))
+            await trio.sleep(30)
+        others = [s for s in svcs if s is not cut]
+        await wait_until(lambda: all(installed(s.node.root) == 2 for s in others), 300)
+        await trio.sleep(300)
+        assert installed(cut.node.root) == 1  # it never saw the canary soak: it waits
+        doc = cut.lifecycle.component_doc("app")["rollout"]
+        assert doc["go"] == "wait" and ("soaking" in doc["reason"] or "silent" in doc["reason"])
+        for other in others:  # the partition heals
+            link(nursery, cut, other)
+        await wait_until(lambda: installed(cut.node.root) == 2, 300)
+        nursery.cancel_scope.cancel()
