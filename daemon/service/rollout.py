@@ -119,7 +119,6 @@ class RolloutService:
         self._last_report = -1e18
         self._changed = trio.Event()
         self._dirty = False
-        self.own: NodeReport | None = None
 
     # ----- running ---------------------------------------------------------------
 
@@ -275,7 +274,7 @@ class RolloutService:
         self._going.pop(component, None)
         serial = self.applying.pop(component, None)
         if serial is not None:
-            wave = self._waves.get((component, serial))
+            wave = self._waves.pop((component, serial), None)
             with contextlib.suppress(DaemonError):
                 man = self.node.manifest(component, serial)
                 if man.rollout is not None and wave is not None:
@@ -377,7 +376,6 @@ class RolloutService:
             cfg.node_id, rules.own_key, rules.repository, rules.site, cfg.platform,
             self._seq, wall, comps,
         )  # fmt: skip
-        self.own = report
         self._dirty = True
         return sign_report(report, key)
 
