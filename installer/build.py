@@ -187,7 +187,7 @@ def write_tar(src: Path, dest: Path, epoch: int) -> None:
     tmp = dest.with_name(f".{dest.name}.partial")
     with (
         open(tmp, "wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz,
+        gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz,  # no name, no time in the header
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         for path in [src, *sorted(src.rglob("*"))]:
