@@ -121,11 +121,17 @@ def cached(cache: Path, name: str, fill: Callable[[Path], None], offline: bool) 
         return dest
     if offline:
         raise BuildError(f"--offline and {dest} is not cached: build once with the index")
-    tmp = cache / f".{name}.partial"
+    tmp = cache / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
-    os.rename(tmp, dest)
+    try:
+        fill(tmp)
+        os.rename(tmp, dest)
+    except OSError:
+        if not dest.is_dir():  # else another build filled it first: use theirs
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
