@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from p2pupd.daemon import api
 from p2pupd.protocol.errors import (
@@ -56,11 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"p2pupd {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add = Adder(sub)
     for mod in COMMAND_MODULES:
         mod.register(add)
     return p
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "unknown"
+    when run from a source tree that was never installed."""
+    try:
+        return metadata.version("p2pupd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -48,7 +48,7 @@ def test_show_prints_toml_that_reads_back_as_the_json_document(world: World) -> 
     app = doc["components"]["app"]
     assert app == {
         "target": str(world.target.resolve()), "kind": "dir", "auto_apply": True, "retain": 2,
-        "immutable": False, "health_cmd": [], "health_timeout": 30.0,
+        "immutable": False, "health_cmd": [], "health_timeout": 30.0, "allow_hazardous_modes": False,
     }  # fmt: skip
     assert doc["hooks"]["memory_mib"] == 64 and len(bytes.fromhex(doc["node_id"])) == 16
 
@@ -64,6 +64,7 @@ def test_set_changes_each_setting_and_what_the_node_does(world: World, tmp_path:
         ("hooks.memory_mib", "32", 32),
         ("hooks.seconds", "5", 5.0),
         ("platform", "linux-aarch64", "linux-aarch64"),
+        ("components.app.allow_hazardous_modes", "true", True),
     ]
     for key, text, want in cases:
         r = world.run("config", "set", key, text, "--state-dir", world.state)
