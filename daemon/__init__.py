@@ -7,7 +7,8 @@ is enforced by tests/unit/test_layering.py, with no import cycle anywhere):
     api.py      the one door for tools/: routes a command to a running daemon
                 (ctl.py, the control socket's client) or calls ops
     service/    the trio daemon: node service, gossip, fetch, lifecycle (the
-                one coordinator above gossip and fetch), serving, site
+                one coordinator above gossip and fetch), rollout (the site
+                view and the apply gate) and report gossip, serving, site
                 collection, control socket, auto-import, metrics, app wiring
     ops.py      node operations on an open, locked node (init, import, apply,
                 rollback, recover, status, history, gc, fsck, config, request)
@@ -20,7 +21,8 @@ is enforced by tests/unit/test_layering.py, with no import cycle anywhere):
                 builder, in-place rewrite of large files, binary deltas,
                 recycling, stat cache, cheap staging file ops
     state/      the state dir and node config, the open node, trusted roots and
-                releases, the gate every release enters a node through
+                releases, the gate every release enters a node through, the
+                node's own rollout report
     store/      bytes named by sha256: the blob store, spools of incoming blobs,
                 state-dir members opened without following links
     ground      errors.py, events.py (log lines), offload.py (blocking work off
