@@ -2,7 +2,7 @@
 
 Theory of operation. Every change of the live version, whatever caused it (a
 new release, an operator's rollback), is one transaction in the component's
-journal (journal.py). It makes version ``to`` live at the target, taking it
+journal (``Journal``, below). It makes version ``to`` live at the target, taking it
 from ``src`` (a fresh stage, or a kept version: op ``apply`` or ``switch``)::
 
     begin ─► [stage] ─► [pre-apply] ─► staged ─► swap ─► swapped ─► [health] ─┬─► commit ─► done
@@ -28,6 +28,13 @@ cleanup after a commit (dropping versions beyond ``retain``, scratch names,
 stale cache records) is idempotent and runs before ``done``, so recovery
 finishes it too.
 
+The journal is an append-only, fsynced log of intent, one per component.
+Records are framed as ``len:u32 | crc32:u32 | canonical msgpack``; a torn
+tail (a crash mid-append) fails its length or CRC and is ignored, so the log
+always reads as a prefix of what was written. A transaction ends with
+``done``; the log is truncated once it grows past a bound while no
+transaction is open.
+
 ``P2PUPD_CRASH_AT=<point>`` makes the process SIGKILL itself at that point
 (``CRASH_POINTS``), for the crash tests.
 """
@@ -38,19 +45,105 @@ import contextlib
 import os
 import secrets
 import signal
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from p2pupd.daemon.apply.journal import Journal
 from p2pupd.daemon.apply.targets import Identity, Target, lstat_or_none, target_for
 from p2pupd.daemon.errors import NotFoundError, StorageError
+from p2pupd.daemon.fsutil import fsync_dir
 from p2pupd.daemon.stage.statcache import Entry, StatCache, stat_key
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, HistoryEntry, now_seconds
+from p2pupd.protocol import encoding
+from p2pupd.protocol.errors import CodecError
 from p2pupd.protocol.manifest import Manifest
+
+_HEADER = struct.Struct(">II")
+_MAX_RECORD = 1 << 20
+_COMPACT_BYTES = 1 << 20
+
+
+class Journal:
+    """Append-only step log of one component's applies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append ``record`` and fsync before returning (the step may then act)."""
+        body = encoding.encode(record)
+        frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
+        new = not self.path.exists()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, frame)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if new:
+                fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write journal {self.path}: {exc.strerror}") from None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Return every intact record, stopping at the first torn or corrupt one."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot read journal {self.path}: {exc.strerror}") from None
+        out: list[dict[str, Any]] = []
+        pos = 0
+        while pos + _HEADER.size <= len(data):
+            length, crc = _HEADER.unpack_from(data, pos)
+            body = data[pos + _HEADER.size : pos + _HEADER.size + length]
+            if length > _MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
+                break
+            try:
+                rec = encoding.decode(body)
+            except CodecError:
+                break
+            if isinstance(rec, dict):
+                out.append(rec)
+            pos += _HEADER.size + length
+        return out
+
+    def last_transaction(self) -> list[dict[str, Any]]:
+        """Return the records of the newest transaction (from its ``begin``)."""
+        recs = self.records()
+        for i in range(len(recs) - 1, -1, -1):
+            if recs[i].get("step") == "begin":
+                return recs[i:]
+        return []
+
+    def open_transaction(self) -> list[dict[str, Any]] | None:
+        """Return the newest transaction if it has not reached ``done``."""
+        tx = self.last_transaction()
+        if tx and tx[-1].get("step") != "done":
+            return tx
+        return None
+
+    def compact(self) -> None:
+        """Drop finished transactions once the log is large (never an open one)."""
+        try:
+            if self.path.stat().st_size < _COMPACT_BYTES or self.open_transaction():
+                return
+            self.path.unlink()
+            fsync_dir(self.path.parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot compact journal {self.path}: {exc.strerror}") from None
+
+
+# -- the transaction ------------------------------------------------------------
 
 CRASH_POINTS = (
     "begin",  # begin record durable, nothing staged

@@ -9,7 +9,7 @@ Layout (all under STATE, one filesystem):
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
     blobs/sha256/<hex>        the content-addressed store (see store.py)
-    journal/<c>.log           the apply journal (see journal.py)
+    journal/<c>.log           the apply journal (see apply/transaction.py)
     lock                      flock held by whoever mutates the state
 
 Both documents are canonical msgpack written with temp + fsync + rename, so a

@@ -32,8 +32,7 @@ from typing import Any
 import pytest
 from _apply_driver import serve
 
-from p2pupd.daemon.apply.journal import Journal
-from p2pupd.daemon.apply.transaction import CRASH_POINTS
+from p2pupd.daemon.apply.transaction import CRASH_POINTS, Journal
 from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.tools.cli import main

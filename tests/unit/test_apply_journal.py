@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pupd.daemon.apply import journal as journal_module
-from p2pupd.daemon.apply.journal import Journal
+from p2pupd.daemon.apply import transaction as journal_module
+from p2pupd.daemon.apply.transaction import Journal
 
 
 def tx(j: Journal, name: str, *steps: str) -> None:
