@@ -14,14 +14,9 @@ the identity of the new version and of the live one (targets.py), and the swap
 is one system call, so afterwards the question "did the swap happen?" is
 answered by looking at the target, not by trusting a record that a crash may
 have cut off. Recovery (``recover``, run at the start of every command and of
-the daemon) reads the open transaction and:
-
-* reached ``commit``: finishes it (commit is idempotent);
-* never reached ``staged``, or the new version is not live and no ``undo`` was
-  recorded: the swap never happened; discards the stage (abort);
-* otherwise the new version is or was live without a commit: undoes it. A
-  crash between swap and commit counts as a failed health check (as boot
-  counting does in A/B updaters): the release is marked bad on this node.
+the daemon) reads the open transaction and the target's identity and does what
+the recovery table says (recovery.py: one entry per pair of what the journal
+reached and what the target holds).
 
 So after any crash the target is exactly the old or the new version. The
 cleanup after a commit (dropping versions beyond ``retain``, scratch names,
@@ -53,6 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from p2pupd.daemon.apply.recovery import Action, Phase, decide, phase_of
 from p2pupd.daemon.apply.targets import Identity, Target, lstat_or_none, target_for
 from p2pupd.daemon.errors import NotFoundError, StorageError
 from p2pupd.daemon.fsutil import fsync_dir
@@ -438,16 +434,17 @@ class Transactions:
         return out
 
     def _recover_one(self, cfg: ComponentConfig, recs: list[dict[str, Any]]) -> str:
+        """Carry out what the recovery table (recovery.py) says for this transaction."""
         tx = Tx.from_records(recs)
-        steps = {r.get("step") for r in recs}
         target = target_for(cfg)
-        if "commit" in steps:
+        live = target.identity() if phase_of(recs) is not Phase.BEGUN else None
+        action = decide(recs, live, tx.new_id, tx.old_id)
+        if action is Action.FINISH_COMMIT:
             self._commit(cfg, target, tx, "completed after an interruption")
             self.cleanup(cfg)
             self.step(tx, "done", outcome="committed")
             return f"{cfg.name}: finished the interrupted commit of serial {tx.to}"
-        live_is_new = "staged" in steps and target.identity() == tx.new_id
-        if not live_is_new and "undo" not in steps:
+        if action is Action.ABORT:
             self.abort(cfg, tx)
             return (
                 f"{cfg.name}: discarded an interrupted {tx.op} of serial {tx.to}; old version kept"
@@ -456,6 +453,7 @@ class Transactions:
             (r["reason"] for r in recs if r.get("step") == "undo"),
             "interrupted between swap and commit",
         )
-        self._undo(cfg, target, tx, reason, recorded="recorded" in steps)
+        recorded = any(r.get("step") == "recorded" for r in recs)
+        self._undo(cfg, target, tx, reason, recorded=recorded)
         self.cleanup(cfg)
         return f"{cfg.name}: rolled back serial {tx.to} ({reason})"
