@@ -18,6 +18,7 @@ from typing import Any
 
 from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon.apply.engine import Applier, ApplyResult
+from p2pupd.daemon.apply.transaction import UnfinishedTransactionError
 from p2pupd.daemon.bundles.importer import (
     ImportedRelease,
     ImportInterruptedError,
@@ -75,6 +76,7 @@ __all__ = [
     "NotFoundError",
     "StateSource",
     "StorageError",
+    "UnfinishedTransactionError",
     "WatchEvent",
     "apply",
     "atomic_write",
@@ -123,9 +125,12 @@ def init_node(
     old = sd.read_config() if sd.exists() else None
     comps = dict(old.components) if old else {}
     for name, target in components.items():
+        # A symlink-kind target is the link itself (re-running init must not
+        # follow it to the version it points at): resolve only its directory.
+        path = target.parent.resolve() / target.name if kind == "symlink" else target.resolve()
         comps[name] = ComponentConfig(
             name=name,
-            target=target.resolve(),
+            target=path,
             kind=kind,
             retain=retain,
             immutable=immutable,
@@ -295,6 +300,7 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
         "available": {"serial": newest, "version": label(newest)} if newest else None,
         "high_water": st.high_water,
         "bad": {str(s): r for s, r in st.bad.items()},
+        "interrupted": {str(s): n for s, n in st.interrupted.items()},
         "last_error": st.last_error,
     }
 
@@ -312,6 +318,10 @@ def _recover_if_free(node: Node) -> tuple[list[str], dict[str, dict[str, Any]]]:
         return [], applier.pending()
     try:
         return applier.recover(), applier.pending()
+    except StorageError:
+        # Recovery must write (a full disk, a read-only target): it runs
+        # again with the next command that can; report what is open.
+        return [], applier.pending()
     finally:
         node.lock.release()
 

@@ -35,6 +35,7 @@ from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.apply.targets import Target, target_for
 from p2pupd.daemon.errors import NotFoundError, StorageError
 from p2pupd.daemon.fsutil import hash_file
+from p2pupd.daemon.stage.stagefs import walk_tree
 from p2pupd.daemon.stage.statcache import StatCache
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.manifest import Manifest
@@ -138,7 +139,9 @@ def fsck(node: Node, repair: bool = False, full: bool = False) -> dict[str, Any]
         cache = applier.tx.cache(name)
         man = applier.manifest(name, st.installed)
         root = target.version_root(st.installed, st.installed)
-        problems = verify_version(target, man, root, cache, full)
+        problems = target.live_problems(st.installed)
+        if not problems:
+            problems = verify_version(target, man, root, cache, full)
         comps[name] = {"serial": st.installed, "version": man.version, "problems": problems}
         ok = ok and not problems
     doc["components"] = comps
@@ -160,19 +163,20 @@ def verify_version(
         want[d.path] = ("dir", d.mode)
     for f in man.files:
         want[f.path] = ("file", f)
-        parts = f.path.split("/")
-        for i in range(1, len(parts)):
-            want.setdefault("/".join(parts[:i]), ("dir", None))
     for s in man.symlinks:
         want[s.path] = ("symlink", s.target)
+    implied: set[str] = set()
+    for rel in list(want):
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in implied:  # each directory once, however deep
+            implied.add(parent)
+            want.setdefault(parent, ("dir", None))
+            parent = parent.rpartition("/")[0]
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            rel = str(p.relative_to(root))
-            seen.add(rel)
-            if rel not in want:
-                problems.append(f"{rel}: not in the release")
+    for rel in walk_tree(root):
+        seen.add(rel)
+        if rel not in want:
+            problems.append(f"{rel}: not in the release")
     for rel, (kind, what) in want.items():
         p = root / rel
         if rel not in seen:

@@ -16,8 +16,12 @@ recovery needs two facts, and this table is the whole rule:
 
 ``commit`` is the point of no return: once it is durable the new version
 stays. Before it, a new version found live without a recorded verdict was cut
-off mid-transaction: it is put back, and (as boot counting does in A/B
-updaters) the release is marked bad on this node. docs/apply.md shows this table; a test checks that the two agree.
+off mid-transaction (a crash, a power cut): it is put back, and the
+interruption is counted against the release. That is not a verdict on the
+release, so it is retried; only the ``INTERRUPTIONS_BEFORE_BAD``-th
+interruption marks it bad (as boot counting does in A/B updaters: a release
+that takes the machine down with it must not be retried for ever). A failed
+health check is a verdict: a recorded ``undo`` marks the release bad at once. docs/apply.md shows this table; a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from typing import Any
+
+# An apply cut off between swap and commit this many times is marked bad.
+INTERRUPTIONS_BEFORE_BAD = 3
 
 
 class Phase(enum.Enum):
@@ -52,8 +59,8 @@ class Action(enum.Enum):
         "abort: the swap never happened (or was not ours); discard the stage, what is live stays"
     )
     UNDO_INTERRUPTED = (
-        "undo: put the old version back, mark the release bad "
-        '("interrupted between swap and commit")'
+        "put the old version back; count the interruption (history: `interrupted`); "
+        "the release is retried, and marked bad at the third interruption"
     )
     FINISH_UNDO = "finish the undo: old version back, the recorded failure marks the release bad"
     FINISH_COMMIT = "finish the commit (state, kept version, cleanup); the new version stays"

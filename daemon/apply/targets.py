@@ -165,6 +165,21 @@ class Target(abc.ABC):
         st = lstat_or_none(path)
         return None if st is None else st.st_ino
 
+    def live_problems(self, installed: int) -> list[str]:
+        """What is wrong with TARGET itself for serial ``installed`` to be live (fsck)."""
+        st = lstat_or_none(self.path)
+        if st is None:
+            return [f"{self.path}: missing"]
+        if not self._live_kind(st.st_mode):
+            return [f"{self.path}: not a {self.kind_noun} (component kind is {self.kind})"]
+        return []
+
+    kind_noun = "directory"
+
+    @staticmethod
+    def _live_kind(mode: int) -> bool:
+        return stat.S_ISDIR(mode)
+
     def identity(self) -> Identity:
         """What is live at TARGET now (``None``: nothing)."""
         return self.identity_of(self.path)
@@ -350,6 +365,15 @@ class SymlinkTarget(Target):
     def version_root(self, serial: int, installed: int | None) -> Path:
         return self.version_path(serial)
 
+    def live_problems(self, installed: int) -> list[str]:
+        """The link must point at the installed version: the state's word is not enough."""
+        live, want = self.identity(), self.version_path(installed).name
+        if live == want:
+            return []
+        if live is None:
+            return [f"{self.path}: not a symlink to {want} (state says serial {installed})"]
+        return [f"{self.path}: points to {live}, but the state says serial {installed} ({want})"]
+
     def check(self, man: Manifest) -> None:
         super().check(man)
         st = lstat_or_none(self.path)
@@ -399,6 +423,11 @@ class FileTarget(Target):
     """A single file (an image) replaced with ``rename``; the old one kept by hard link."""
 
     kind = "file"
+    kind_noun = "regular file"
+
+    @staticmethod
+    def _live_kind(mode: int) -> bool:
+        return stat.S_ISREG(mode)
 
     def __init__(self, cfg: ComponentConfig) -> None:
         super().__init__(cfg)

@@ -44,14 +44,14 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from p2pupd.daemon.apply.recovery import Action, Phase, decide, phase_of
+from p2pupd.daemon.apply.recovery import INTERRUPTIONS_BEFORE_BAD, Action, Phase, decide, phase_of
 from p2pupd.daemon.apply.targets import Identity, Target, lstat_or_none, target_for
-from p2pupd.daemon.errors import NotFoundError, StorageError
-from p2pupd.daemon.fsutil import fsync_dir
+from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
+from p2pupd.daemon.fsutil import fsync_dir, storage_error
 from p2pupd.daemon.stage.statcache import Entry, StatCache, stat_key
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, HistoryEntry, now_seconds
@@ -64,11 +64,44 @@ _MAX_RECORD = 1 << 20
 _COMPACT_BYTES = 1 << 20
 
 
+def _scan(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The intact records at the start of ``data`` and the offset where they end."""
+    out: list[dict[str, Any]] = []
+    pos = 0
+    while pos + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, pos)
+        body = data[pos + _HEADER.size : pos + _HEADER.size + length]
+        if length > _MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
+            break
+        try:
+            rec = encoding.decode(body)
+        except CodecError:
+            break
+        if isinstance(rec, dict):
+            out.append(rec)
+        pos += _HEADER.size + length
+    return out, pos
+
+
+class JournalUncertainError(StorageError):
+    """Appending failed and the journal could not be cut back: the record may be durable."""
+
+
 class Journal:
-    """Append-only step log of one component's applies."""
+    """Append-only step log of one component's applies.
+
+    An append writes its frame at the end of the last intact record (not
+    blindly at the end of the file: a torn tail left by a crash, or by a write
+    the disk could not hold, is cut off first, or every later record would sit
+    behind it, unseen by ``records``), loops over short writes, and fsyncs. If
+    the write or the fsync fails, the file is cut back to where it was and
+    synced, so a failed append leaves no trace (``StorageError``); only if
+    that too fails is the outcome unknown (``JournalUncertainError``).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._end: int | None = None  # where the intact records end, if known
 
     def append(self, record: dict[str, Any]) -> None:
         """Append ``record`` and fsync before returning (the step may then act)."""
@@ -76,16 +109,53 @@ class Journal:
         frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
         new = not self.path.exists()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, frame)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if new:
-                fsync_dir(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StorageError(f"cannot write journal {self.path}: {exc.strerror}") from None
+            raise storage_error(exc, "write journal", self.path) from None
+        try:
+            try:
+                end = self._intact_end(fd)
+            except OSError as exc:
+                raise storage_error(exc, "repair journal", self.path) from None
+            try:
+                view = memoryview(frame)
+                pos = end
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
+                os.fsync(fd)
+            except OSError as exc:
+                self._end = None
+                try:
+                    os.ftruncate(fd, end)
+                    os.fsync(fd)
+                except OSError:
+                    raise JournalUncertainError(
+                        f"cannot write journal {self.path}: {exc.strerror}; "
+                        "nor cut it back (the record may or may not be durable)"
+                    ) from None
+                raise storage_error(exc, "write journal", self.path) from None
+            self._end = end + len(frame)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(self.path.parent)
+
+    def _intact_end(self, fd: int) -> int:
+        """Where the intact records end in the open journal ``fd``; cut off anything after.
+
+        Raises ``OSError``.
+        """
+        size = os.fstat(fd).st_size
+        if self._end is not None and self._end == size:
+            return size
+        data = os.pread(fd, size, 0) if size else b""
+        end = _scan(data)[1]
+        if end != size:
+            os.ftruncate(fd, end)  # a torn or corrupt tail: nothing after it is readable
+            os.fsync(fd)
+        self._end = end
+        return end
 
     def records(self) -> list[dict[str, Any]]:
         """Return every intact record, stopping at the first torn or corrupt one."""
@@ -95,21 +165,7 @@ class Journal:
             return []
         except OSError as exc:
             raise StorageError(f"cannot read journal {self.path}: {exc.strerror}") from None
-        out: list[dict[str, Any]] = []
-        pos = 0
-        while pos + _HEADER.size <= len(data):
-            length, crc = _HEADER.unpack_from(data, pos)
-            body = data[pos + _HEADER.size : pos + _HEADER.size + length]
-            if length > _MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
-                break
-            try:
-                rec = encoding.decode(body)
-            except CodecError:
-                break
-            if isinstance(rec, dict):
-                out.append(rec)
-            pos += _HEADER.size + length
-        return out
+        return _scan(data)[0]
 
     def last_transaction(self) -> list[dict[str, Any]]:
         """Return the records of the newest transaction (from its ``begin``)."""
@@ -155,14 +211,27 @@ CRASH_POINTS = (
     "done",
 )
 _CRASH_AT = os.environ.get("P2PUPD_CRASH_AT")
+# A test's fault injector, called at every point (fill the disk, remount, cut the power).
+FAULT: Callable[[str], None] | None = None
 
 Checks = Callable[[ComponentConfig, Target, Manifest, "Tx"], None]
 
 
 def crash_point(point: str) -> None:
     """SIGKILL this process if ``P2PUPD_CRASH_AT`` names ``point`` (crash tests)."""
+    if FAULT is not None:
+        FAULT(point)
     if point == _CRASH_AT:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class UnfinishedTransactionError(DaemonError):
+    """A transaction failed after its swap and the new version is (or may be) live.
+
+    Its journal stays open: the next command (or ``p2pupd recover``) settles it
+    as the recovery table says. The CLI's exit code 4, never 1: exit 1 means
+    the old version is live.
+    """
 
 
 @dataclass
@@ -181,6 +250,8 @@ class Tx:
     old_id: Identity = None
     swap_ns: int = 0
     live_at: float = 0.0  # time.monotonic() when the swap returned
+    steps: list[str] = field(default_factory=list)  # steps this process made durable
+    reason: str = ""  # why the checks failed (the ``undo`` record's reason)
 
     def begin_record(self) -> dict[str, Any]:
         return {
@@ -215,9 +286,12 @@ class Transactions:
         self.node = node
         self.manifest = manifest
         self._caches: dict[str, StatCache] = {}
+        self._journals: dict[str, Journal] = {}
 
     def journal(self, component: str) -> Journal:
-        return Journal(self.node.state.journal_dir / f"{component}.log")
+        if component not in self._journals:
+            self._journals[component] = Journal(self.node.state.journal_dir / f"{component}.log")
+        return self._journals[component]
 
     def cache(self, component: str) -> StatCache:
         if component not in self._caches:
@@ -237,6 +311,7 @@ class Transactions:
     def step(self, tx: Tx, step: str, **fields: Any) -> None:
         """Journal ``step`` of ``tx`` (durable on return); ``StorageError`` if it cannot."""
         self.journal(tx.component).append({"step": step, "tx": tx.tx, **fields})
+        tx.steps.append(step)
 
     def abort(self, cfg: ComponentConfig, tx: Tx) -> None:
         """End ``tx`` before its swap: discard the stage, journal ``done``, tidy up.
@@ -251,30 +326,47 @@ class Transactions:
         with contextlib.suppress(StorageError):
             self.cleanup(cfg)
 
+    def abort_quietly(self, cfg: ComponentConfig, tx: Tx) -> None:
+        """``abort`` as far as it can go: the error that caused it matters more, and
+        recovery aborts again (the recovery table) whatever this left undone."""
+        with contextlib.suppress(StorageError):
+            self.abort(cfg, tx)
+
     def swap_and_commit(self, cfg: ComponentConfig, man: Manifest, tx: Tx, checks: Checks) -> None:
         """Swap ``tx.src`` in, run ``checks`` (if ``tx.checked``), then commit or undo.
 
         Raises whatever ``checks`` raised after the old version is back and
-        the release is marked bad; ``StorageError``/``ApplyError`` if the swap
-        itself fails (then nothing changed and the transaction is aborted).
+        the release is marked bad; ``StorageError``/``ApplyError`` when the
+        transaction failed with the old version live (never replaced, or put
+        back); ``UnfinishedTransactionError`` when it failed with the new
+        version live (``_settle``).
         """
         target = target_for(cfg)
         try:
             target.prepare(tx.frm)
+            self.follow(cfg, target)
+            crash_point("prepare")
+            tx.new_id, tx.old_id = target.new_identity(tx.src), target.identity()
+            self.step(tx, "staged", new_id=tx.new_id, old_id=tx.old_id)
         except BaseException:
-            self.abort(cfg, tx)
+            # Nothing was swapped: whether ``staged`` is durable or not,
+            # recovery would abort (the recovery table), so abort now.
+            self.abort_quietly(cfg, tx)
             raise
-        self.follow(cfg, target)
-        crash_point("prepare")
-        tx.new_id, tx.old_id = target.new_identity(tx.src), target.identity()
-        self.step(tx, "staged", new_id=tx.new_id, old_id=tx.old_id)
         crash_point("staged")
         try:
-            target.swap(tx.src)
-        except BaseException:
-            if target.identity() != tx.new_id:
-                self.abort(cfg, tx)
+            self._swap_check_commit(cfg, man, tx, target, checks)
+        except Exception as exc:
+            self._settle(cfg, target, tx, exc)
             raise
+        crash_point("done")
+        with contextlib.suppress(StorageError):  # done: a large log is compacted next time
+            self.journal(cfg.name).compact()
+
+    def _swap_check_commit(
+        self, cfg: ComponentConfig, man: Manifest, tx: Tx, target: Target, checks: Checks
+    ) -> None:
+        target.swap(tx.src)
         tx.swap_ns, tx.live_at = target.swap_ns, time.monotonic()
         self.follow(cfg, target)
         crash_point("swap")
@@ -286,10 +378,10 @@ class Transactions:
             try:
                 checks(cfg, target, man, tx)
             except Exception as exc:
-                reason = str(exc)
+                reason = tx.reason = str(exc)
                 self.step(tx, "undo", reason=reason)
                 crash_point("undo")
-                self._undo(cfg, target, tx, reason, recorded=False)
+                self._undo(cfg, target, tx, reason, verdict=True, recorded=False)
                 self.cleanup(cfg)
                 raise
         self.step(tx, "commit")
@@ -297,8 +389,40 @@ class Transactions:
         self._commit(cfg, target, tx, "")
         self.cleanup(cfg)
         self.step(tx, "done", outcome="committed")
-        crash_point("done")
-        self.journal(cfg.name).compact()
+
+    def _settle(self, cfg: ComponentConfig, target: Target, tx: Tx, exc: Exception) -> None:
+        """After a failure past ``staged`` (a full or read-only disk, a failing
+        check): leave the target whole, and raise ``UnfinishedTransactionError``
+        if that is the new version, so that an error always tells which is live.
+
+        Until ``commit`` is durable the old version may go back at once, as
+        recovery would put it (the recovery table), with no record needed:
+        found live, it makes recovery abort. Not after ``commit``, nor when
+        the journal cannot say whether a record is durable.
+        """
+        if "done" in tx.steps:
+            return  # the transaction finished before the failure
+        if not isinstance(exc, JournalUncertainError) and "commit" not in tx.steps:
+            with contextlib.suppress(StorageError):
+                if "undo" in tx.steps:  # a failed check: its verdict is durable, finish it
+                    recorded = "recorded" in tx.steps
+                    self._undo(cfg, target, tx, tx.reason, verdict=True, recorded=recorded)
+                else:
+                    target.undo(tx.src, tx.new_id, tx.old_id, tx.frm, tx.op)
+                    self.follow(cfg, target)
+                    self.step(tx, "done", outcome="aborted")
+                self.cleanup(cfg)
+        try:
+            live: Identity | object = target.identity()
+        except StorageError:
+            live = object()  # cannot tell
+        if live == tx.old_id and tx.old_id != tx.new_id:
+            return
+        what = "is live" if live == tx.new_id else "may be live"
+        raise UnfinishedTransactionError(
+            f"{cfg.name}: serial {tx.to} {what} but its transaction could not finish ({exc}); "
+            "`p2pupd recover` (or any command) settles it"
+        ) from None
 
     def follow(self, cfg: ComponentConfig, target: Target) -> None:
         """Let the stat cache follow files whose ctime the target's renames changed."""
@@ -323,23 +447,30 @@ class Transactions:
             if tx.frm is not None:
                 kept.insert(0, tx.frm)
             bad = {s: r for s, r in st.bad.items() if s != tx.to}
+            interrupted = {s: n for s, n in st.interrupted.items() if s != tx.to}
             entry = HistoryEntry(
                 now_seconds(), tx.event, tx.to, self._label(cfg.name, tx.to), detail
             )
             st = replace(
-                st, installed=tx.to, kept=tuple(kept[: cfg.retain]), bad=bad, last_error=None
-            ).with_event(entry)
+                st, installed=tx.to, kept=tuple(kept[: cfg.retain]), bad=bad, last_error=None,
+                interrupted=interrupted,
+            ).with_event(entry)  # fmt: skip
             self.node.state.update_state(cfg.name, st)
         crash_point("commit-state")
         target.finish(tx.src, tx.frm)
         self.follow(cfg, target)
 
     def _undo(
-        self, cfg: ComponentConfig, target: Target, tx: Tx, reason: str, recorded: bool
-    ) -> None:
+        self, cfg: ComponentConfig, target: Target, tx: Tx, reason: str, verdict: bool,
+        recorded: bool,
+    ) -> None:  # fmt: skip
         """Put the old version back if the new one is live; record why; journal ``done``.
 
-        ``recorded``: the journal says the state already holds the failure.
+        ``verdict``: a check failed (the release is marked bad); otherwise the
+        transaction was cut off between swap and commit, which is counted, and
+        marks an applied release bad only the ``INTERRUPTIONS_BEFORE_BAD``-th
+        time (recovery.py). ``recorded``: the journal says the state already
+        holds it.
         """
         target.undo(tx.src, tx.new_id, tx.old_id, tx.frm, tx.op)
         self.follow(cfg, target)
@@ -347,13 +478,23 @@ class Transactions:
         if not recorded:
             st = self.node.state.read_state(cfg.name)
             version = self._label(cfg.name, tx.to)
-            event = "health-failed" if tx.checked else "interrupted"
-            bad = dict(st.bad)
-            if tx.checked:
-                bad[tx.to] = reason
-            what = "rolled back" if tx.checked else "not applied"
-            st = replace(st, bad=bad, last_error=f"{version or tx.to} {what}: {reason}")
-            st = st.with_event(HistoryEntry(now_seconds(), event, tx.to, version, reason))
+            bad, interrupted = dict(st.bad), dict(st.interrupted)
+            detail = reason
+            if verdict:
+                event, bad[tx.to] = "health-failed", reason
+                last = f"{version or tx.to} rolled back: {reason}"
+            else:
+                event, last = "interrupted", f"{version or tx.to} not applied: {reason}"
+                if tx.checked:
+                    n = interrupted[tx.to] = interrupted.get(tx.to, 0) + 1
+                    detail = f"{reason} ({n} of {INTERRUPTIONS_BEFORE_BAD})"
+                    if n >= INTERRUPTIONS_BEFORE_BAD:
+                        bad[tx.to] = f"{reason}, {n} times"
+                        last += f"; {n} times, no longer retried automatically"
+                    else:
+                        last += "; it will be retried"
+            st = replace(st, bad=bad, interrupted=interrupted, last_error=last)
+            st = st.with_event(HistoryEntry(now_seconds(), event, tx.to, version, detail))
             self.node.state.update_state(cfg.name, st)
             self.step(tx, "recorded")
         self.step(tx, "done", outcome="undone")
@@ -449,11 +590,12 @@ class Transactions:
             return (
                 f"{cfg.name}: discarded an interrupted {tx.op} of serial {tx.to}; old version kept"
             )
+        verdict = action is Action.FINISH_UNDO
         reason = next(
             (r["reason"] for r in recs if r.get("step") == "undo"),
             "interrupted between swap and commit",
         )
         recorded = any(r.get("step") == "recorded" for r in recs)
-        self._undo(cfg, target, tx, reason, recorded=recorded)
+        self._undo(cfg, target, tx, reason, verdict=verdict, recorded=recorded)
         self.cleanup(cfg)
         return f"{cfg.name}: rolled back serial {tx.to} ({reason})"
