@@ -278,10 +278,16 @@ class Applier:
         """Begin a transaction and build its stage (recycling a dropped version if any)."""
         serial = man.serial
         src = target.stage_path(serial)
+        # A kept version reshaped where it is (op ``reshape``) stays a kept
+        # version: if the transaction ends before the swap it is left as far as
+        # the reshape got, a kept version no longer intact, reshaped again by
+        # the next attempt (its stat cache records trust only what is intact).
         in_place = rec is not None and target.version_path(rec.serial) == src
-        drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
-        if rec is not None:
-            drop.add(rec.serial)
+        drop = set()
+        if not in_place:
+            drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
+            if rec is not None:
+                drop.add(rec.serial)
         if drop:
             # A kept version re-staged in its own place, or recycled as the
             # stage, stops being a kept version first (so a crash cannot leave
@@ -290,7 +296,8 @@ class Applier:
             self.node.state.update_state(cfg.name, st)
         if not in_place:
             target.discard(src, "apply", st.installed)  # debris of an earlier crash
-        tx = self.tx.begin(cfg, serial, st.installed, src, "apply", checked, event)
+        op = "reshape" if in_place else "apply"
+        tx = self.tx.begin(cfg, serial, st.installed, src, op, checked, event)
         try:
             if rec is not None and not in_place:
                 target.take(target.version_path(rec.serial), src)

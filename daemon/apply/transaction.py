@@ -243,7 +243,9 @@ class Tx:
     to: int
     frm: int | None
     src: Path
-    op: str  # "apply" (src is a fresh stage) or "switch" (src is a kept version)
+    # "apply" (src is a fresh stage), "switch" (src is a kept version) or "reshape"
+    # (src is a kept version being rebuilt in place: never removed, stays kept)
+    op: str
     checked: bool  # whether health checks decide (False for an operator's rollback)
     event: str  # history event on commit
     new_id: Identity = None

@@ -1,4 +1,5 @@
-"""Throw-away mounts for filesystem tests: a small tmpfs, a loop-mounted btrfs/xfs.
+"""Throw-away mounts for filesystem tests: a small tmpfs, a loop-mounted btrfs/xfs, and a
+loop-mounted ext4 to fill, make read-only or cut the power of (crash tests).
 
 Each context manager skips the calling test (with the reason) when the machine
 cannot provide the mount — not root, no mkfs tool, no loop device — and always
@@ -85,3 +86,105 @@ def reflink_fs(workdir: Path) -> Iterator[tuple[str, Path]]:
             image.unlink(missing_ok=True)
         return
     pytest.skip("no reflink-capable filesystem to test on: " + "; ".join(tried))
+
+
+# ioctl(fd, EXT4_IOC_SHUTDOWN, &flags) = _IOR('X', 125, __u32); NOLOGFLUSH cuts the
+# filesystem off without flushing its journal: what a power cut leaves.
+EXT4_IOC_SHUTDOWN = 0x8004587D
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+class Ext4:
+    """A loop-mounted ext4 a test can fill, make read-only and cut the power of.
+
+    ``fill``, ``set_readonly`` and ``shutdown`` may be called from a forked child
+    (the process under test); ``free``, ``remount`` and ``set_readonly(False)``
+    from the test.
+    """
+
+    def __init__(self, image: Path, where: Path) -> None:
+        self.image = image
+        self.where = where
+        self.filler = where / ".filler"
+
+    def mount(self) -> None:
+        r = _run("mount", "-o", "loop", "-t", "ext4", str(self.image), str(self.where))
+        if r.returncode != 0:
+            raise AssertionError(f"mount {self.image}: {r.stderr.strip()}")
+
+    def remount(self) -> None:
+        """Unmount and mount again: after a shutdown, ext4 replays its journal."""
+        _unmount(self.where)
+        self.mount()
+
+    def set_readonly(self, readonly: bool) -> bool:
+        """Remount read-only (or back); whether it worked (busy: a file open for writing)."""
+        r = _run("mount", "-o", f"remount,{'ro' if readonly else 'rw'}", str(self.where))
+        return r.returncode == 0
+
+    def fill(self) -> None:
+        """Use every free block: one preallocated file, then small writes until ENOSPC."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            st = os.statvfs(self.where)
+            size = st.f_bavail * st.f_frsize
+            while size > 1 << 16:
+                try:
+                    os.posix_fallocate(fd, os.fstat(fd).st_size, size)
+                except OSError:
+                    size //= 2
+                    continue
+                break
+            block = b"\0" * 4096
+            while True:
+                try:
+                    os.write(fd, block)
+                except OSError:
+                    break
+            for n in (1024, 256, 64, 16, 1):  # the last bytes of a partly used block
+                while True:
+                    try:
+                        os.write(fd, block[:n])
+                    except OSError:
+                        break
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def shutdown(self) -> None:
+        """Cut the filesystem off as a power cut would (nothing more reaches the disk)."""
+        import fcntl
+        import struct
+
+        fd = os.open(self.where, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def ext4(workdir: Path, size: int = 96 << 20) -> Iterator[Ext4]:
+    """A fresh loop-mounted ext4 (no blocks reserved for root) under ``workdir``."""
+    _need_root()
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 not installed")
+    image = workdir / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    r = _run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
+    if r.returncode != 0:
+        pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
+    fs = Ext4(image, workdir / "ext4-mnt")
+    fs.where.mkdir()
+    r = _run("mount", "-o", "loop", "-t", "ext4", str(image), str(fs.where))
+    if r.returncode != 0:
+        pytest.skip(f"mount -t ext4 -o loop failed: {r.stderr.strip()}")
+    try:
+        yield fs
+    finally:
+        fs.set_readonly(False)
+        _unmount(fs.where)
+        image.unlink(missing_ok=True)
