@@ -15,7 +15,9 @@ no longer trusted), gc refuses to delete anything: guessing would risk a
 blob a kept version needs. gc runs under the node lock
 after recovery, so no transaction is open and no stage is half-built; it also
 removes versions beside the targets that the state no longer keeps and the
-store's crash debris.
+store's crash debris. On a full disk, where recovery cannot write, gc still
+runs (it is how room is made): the releases of open transactions are kept and
+their targets left for the recovery that follows.
 
 ``fsck`` re-hashes the store and compares every live target with its
 manifest: types, modes, symlink targets, empty directories, no extra entries,
@@ -33,7 +35,7 @@ from typing import Any
 
 from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.apply.targets import Target, target_for
-from p2pupd.daemon.errors import NotFoundError, StorageError
+from p2pupd.daemon.errors import NoSpaceError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import hash_file
 from p2pupd.daemon.stage.stagefs import walk_tree
 from p2pupd.daemon.stage.statcache import StatCache
@@ -93,8 +95,18 @@ def collect(node: Node, dry_run: bool = False) -> GcResult:
     Raises ``StorageError`` (nothing deleted if the keep set cannot be built).
     """
     applier = Applier(node)
-    res = GcResult(recovered=applier.recover(), dry_run=dry_run)
+    try:
+        res = GcResult(recovered=applier.recover(), dry_run=dry_run)
+    except NoSpaceError as exc:
+        # Recovery must write; gc is what frees the room for it. The open
+        # transactions' releases are kept, their targets left to recovery.
+        res = GcResult(recovered=[f"recovery deferred: {exc}"], dry_run=dry_run)
+    pending = applier.pending()
     keep = keep_set(node, applier)
+    for name, tx in pending.items():
+        for serial in (tx.get("to"), tx.get("from")):
+            if isinstance(serial, int) and node.releases.has(name, serial):
+                keep.update(applier.manifest(name, serial).blob_sizes())
     res.blobs_kept = sum(1 for d in node.store.iter_digests() if d in keep)
     if dry_run:
         for digest in node.store.iter_digests():
@@ -108,7 +120,8 @@ def collect(node: Node, dry_run: bool = False) -> GcResult:
     # Decoded manifests of releases whose blobs are gone: rebuilt on demand.
     shutil.rmtree(node.state.cache_dir / "manifests", ignore_errors=True)
     for cfg in node.config.components.values():
-        applier.tx.cleanup(cfg)
+        if cfg.name not in pending:
+            applier.tx.cleanup(cfg)
     return res
 
 

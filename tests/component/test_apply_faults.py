@@ -294,3 +294,26 @@ def test_fsck_catches_a_link_the_state_disagrees_with(world: World) -> None:
     r = world.run("fsck", "--state-dir", world.state)
     assert r.code == 1
     assert "points to .app.p2pupd-v1, but the state says serial 2" in r.out
+
+
+def test_gc_runs_when_recovery_cannot_write(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc is how room is made on a full disk: it runs with a transaction left open
+    that recovery cannot close, and keeps that transaction's releases."""
+    trees = publish_all(world, V1, V2, V3)
+    api.apply(world.state, "app", version="1.0")
+    with monkeypatch.context() as m:
+        kill_at(m, "swapped")
+        with pytest.raises(Killed):
+            api.apply(world.state, "app", version="2.0")
+    with monkeypatch.context() as m:
+        fail_when(m, transaction.Journal, "append", lambda rec: True)
+        r = world.run("gc", "--state-dir", world.state, "--json")
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["recovered"][0].startswith("recovery deferred: no space")
+    # Recovery got as far as it could without the journal: the old version is back.
+    assert live(world, trees) == 1
+    assert len(api.status(world.state)["recovered"]) == 1  # and finishes now
+    assert state(world).installed == 1
+    r = world.run("apply", "app", "--state-dir", world.state, "--version", "2.0")
+    assert r.code == 0, r.err  # its blobs were kept
+    assert live(world, trees) == 2
