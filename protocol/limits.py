@@ -22,6 +22,7 @@ MAX_MANIFEST_BYTES = 64 * MiB
 MAX_INDEX_BYTES = 4 * MiB
 MAX_REQUEST_BYTES = 64 * MiB
 MAX_KEYS_PER_ROLE = 64
+MAX_REVOKED_KEYS = 256  # key ids a root may declare compromised
 MAX_SIGNATURES = 64
 MAX_FILES_PER_MANIFEST = 1_000_000
 # Files, symlinks and directories of one release together.

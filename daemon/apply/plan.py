@@ -42,6 +42,7 @@ from p2pupd.daemon.stage.statcache import (
 )
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState
+from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import FileEntry, Manifest
 
 
@@ -62,7 +63,7 @@ def reusable_files(node: Node, cfg: ComponentConfig, st: ComponentState) -> dict
     for s in serials:
         try:
             man = node.manifest(cfg.name, s)
-        except (NotFoundError, StorageError):
+        except (NotFoundError, StorageError, RevokedKeyError):  # revoked: never a source
             continue
         root = target.version_root(s, st.installed)
         for f in man.files:

@@ -649,7 +649,7 @@ def test_fault_at_every_journal_step(
                 else:
                     assert reply["exit"] == 4 and live == to, (where, reply)
                     outcome = "exit 4"
-                doc = api.status(node.state, route=False)  # never needs to write
+                doc = api.status(node.state)  # never needs to write
                 app = doc["components"][node.component]
                 if app["serial"] != live:
                     assert app["transaction"] is not None, (where, app)
