@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,9 +114,38 @@ class Ext4:
             raise AssertionError(f"mount {self.image}: {r.stderr.strip()}")
 
     def remount(self) -> None:
-        """Unmount and mount again: after a shutdown, ext4 replays its journal."""
-        _unmount(self.where)
+        """Unmount and mount again: after a shutdown, ext4 replays its journal.
+
+        Never a lazy unmount here: the image must be closed before it is
+        mounted again, or the new mount could meet the old, shut-down one.
+        """
+        for _ in range(50):
+            r = _run("umount", str(self.where))
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)  # a process that had it open is still being torn down
+        else:
+            raise AssertionError(
+                f"cannot unmount {self.where}: {r.stderr.strip()}; open there: {self.holders()}"
+            )
         self.mount()
+
+    def holders(self) -> list[str]:
+        """``pid: path`` of every open file under the mount point (what keeps it busy)."""
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith(f"{self.where}/") or link == str(self.where):
+                    out.append(f"{pid}: {link}")
+        return out
 
     def set_readonly(self, readonly: bool) -> bool:
         """Remount read-only (or back); whether it worked (busy: a file open for writing)."""
