@@ -107,11 +107,29 @@ class Ext4:
         self.image = image
         self.where = where
         self.filler = where / ".filler"
+        self.device: str | None = None
 
     def mount(self) -> None:
-        r = _run("mount", "-o", "loop", "-t", "ext4", str(self.image), str(self.where))
+        """Mount the image through a loop device of its own.
+
+        Not ``mount -o loop``: that reuses a loop device already bound to the
+        image, and if the old filesystem lives on there (a mount namespace
+        another process made holds it), the kernel hands back that shut-down
+        filesystem instead of replaying the journal into a new one.
+        """
+        r = _run("losetup", "--find", "--show", str(self.image))
         if r.returncode != 0:
+            raise AssertionError(f"losetup {self.image}: {r.stderr.strip()}")
+        self.device = r.stdout.strip()
+        r = _run("mount", "-t", "ext4", self.device, str(self.where))
+        if r.returncode != 0:
+            self.detach()
             raise AssertionError(f"mount {self.image}: {r.stderr.strip()}")
+
+    def detach(self) -> None:
+        if self.device is not None:
+            _run("losetup", "-d", self.device)  # deferred by the kernel while still in use
+            self.device = None
 
     def remount(self) -> None:
         """Unmount and mount again: after a shutdown, ext4 replays its journal.
@@ -128,6 +146,7 @@ class Ext4:
             raise AssertionError(
                 f"cannot unmount {self.where}: {r.stderr.strip()}; open there: {self.holders()}"
             )
+        self.detach()
         self.mount()
 
     def holders(self) -> list[str]:
@@ -209,12 +228,14 @@ def ext4(workdir: Path, size: int = 96 << 20) -> Iterator[Ext4]:
         pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
     fs = Ext4(image, workdir / "ext4-mnt")
     fs.where.mkdir()
-    r = _run("mount", "-o", "loop", "-t", "ext4", str(image), str(fs.where))
-    if r.returncode != 0:
-        pytest.skip(f"mount -t ext4 -o loop failed: {r.stderr.strip()}")
+    try:
+        fs.mount()
+    except AssertionError as exc:
+        pytest.skip(f"cannot loop-mount an ext4 image: {exc}")
     try:
         yield fs
     finally:
         fs.set_readonly(False)
         _unmount(fs.where)
+        fs.detach()
         image.unlink(missing_ok=True)

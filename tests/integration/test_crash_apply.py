@@ -656,13 +656,18 @@ def test_fault_at_every_journal_step(
                 d.kill()
             clear_fault(fs, fault)
             assert node.live() in (start, to), where  # before recovery too: never a mix
+            before = (node.installed(), node.journal().last_transaction())
             d = Driver(node)
             drivers.append(d)
-            assert d.call("recover")["ok"], where
+            recovered = d.call("recover")
+            assert recovered["ok"], where
             try:
                 serial = node.check_consistent()
             except AssertionError as exc:
-                raise AssertionError(f"{where}: after recovery: {exc}") from None
+                raise AssertionError(
+                    f"{where}: after recovery: {exc}; before it: state {before[0]}, "
+                    f"journal {before[1]}; it did {recovered}"
+                ) from None
             assert serial in (start, to), where
             outcome += ", recovered to " + ("new" if serial == to else "old")
             outcomes.setdefault(outcome, []).append(step)
