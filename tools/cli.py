@@ -30,6 +30,7 @@ from p2pupd.protocol.errors import (
     VerificationError,
 )
 from p2pupd.tools import demo
+from p2pupd.tools.commands import config as cmd_config
 from p2pupd.tools.commands import daemon as cmd_daemon
 from p2pupd.tools.commands import inspect as cmd_inspect
 from p2pupd.tools.commands import maint as cmd_maint
@@ -46,7 +47,7 @@ from p2pupd.tools.commands.base import (
 )
 from p2pupd.tools.publisher import keys
 
-COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_maint, cmd_daemon, demo]
+COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_config, cmd_maint, cmd_daemon, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
