@@ -57,9 +57,9 @@ from p2pupd.daemon.bundles.verify import (
 )
 from p2pupd.daemon.errors import BundleError, MissingBaseError, StorageError
 from p2pupd.daemon.fsutil import ensure_free, write_all
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.gate import needed_for, persist_release
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.daemon.store.incoming import Incoming
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
@@ -426,10 +426,7 @@ def _persist(
         node.trust_store.advance(meta.roots, now)
     for comp, serial, version, msg in report.no_variant:
         # Recorded once, so `apply` can say why a release the site expects is absent.
-        st = node.state.read_state(comp)
-        if not any(h.event == "no-variant" and h.serial == serial for h in st.history):
-            entry = HistoryEntry(now_seconds(), "no-variant", serial, version, msg)
-            node.state.update_state(comp, st.with_event(entry))
+        components.no_variant(node, comp, serial, version, msg)
     for c in todo:
         man = c.rel.manifest
         if c.new:
