@@ -10,7 +10,7 @@ docstring for the state machine and recovery). One apply is:
    content that is neither on disk nor in the store (a clear error naming
    locally modified files), too little free space (stage.py);
 4. if that version is still kept on disk and intact, switch to it (no staging);
-   otherwise stage it beside the target (planning.py decides how): in the
+   otherwise stage it beside the target (plan.py decides how): in the
    kept version this commit would drop, reshaped in place (recycle.py), or
    fresh, from the cheapest proven sources — files the stat cache trusts,
    patches of big files, deltas, chunks;

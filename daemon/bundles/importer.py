@@ -1,6 +1,6 @@
 """Import a bundle (a USB stick, a directory) into a node.
 
-Theory of operation -- the medium is read-only and untrusted (see bundleio.py
+Theory of operation -- the medium is read-only and untrusted (see reader.py
 for how it is read), and nothing on the node changes until all of it checks out:
 
 1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
@@ -420,7 +420,7 @@ def _persist(
     """Record the new root, the releases and the high-water marks (step 6).
 
     Releases take the one path every verified release takes into a node
-    (``accept.persist_release``).
+    (``gate.persist_release``).
     """
     if meta.trusted.version != node.trusted_root().version:
         node.trust_store.advance(meta.roots, now)
