@@ -100,6 +100,19 @@ async def _read(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
+async def _site_op(core: NodeService, op: str, args: dict[str, Any]) -> Any:
+    """Membership operations: run under the state mutex like every other writer."""
+    async with core.mutex:
+        if op == "enrol-request":
+            return {"data": await core.offload(partial(ops.enrol_request, core.node))}
+        data = args.get("data")
+        if not isinstance(data, bytes):
+            raise ControlError(f"control request {op!r} needs bytes 'data'")
+        if op == "site-join":
+            return await core.offload(partial(ops.site_join, core.node, data))
+        return await core.offload(partial(ops.site_update, core.node, data))
+
+
 def _str(args: dict[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
@@ -141,6 +154,8 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
         return result_to_doc(result)
     if op == "request":
         return await core.site_requests.collect(bool(args.get("site", True)))
+    if op in ("enrol-request", "site-join", "site-update"):
+        return await _site_op(core, op, args)
     if op == "rollback":
         return result_to_doc(await core.lifecycle.rollback(_str(args, "component")))
     raise ControlError(f"unknown control operation {op!r}")

@@ -39,6 +39,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         retain=args.retain,
         immutable=args.immutable,
         hook_limits=_hook_limits(args),
+        site_file=Path(args.site) if args.site else None,
     )
     print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
     return EXIT_OK
@@ -133,6 +134,9 @@ def register(add: Adder) -> None:
         state=True,
     )
     sp.add_argument("--trust", required=True, help="root.msgpack from the publisher")
+    sp.add_argument(
+        "--site", metavar="SITE.pub", help="the site this node belongs to (from `site init`)"
+    )
     sp.add_argument(
         "--component", action="append", required=True, help="NAME=TARGET_DIR (repeatable)"
     )
