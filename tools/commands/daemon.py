@@ -36,6 +36,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         gossip_interval=cfg.gossip_interval or 30.0,
         metrics_listen=api.parse_endpoint(metrics, default_port=None) if metrics else None,
         watch=tuple(watch),
+        site_file=cfg.site_file,
     )
     return api.run_daemon(options)
 

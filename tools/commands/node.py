@@ -97,6 +97,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"node {doc['node_id'][:12]}  platform {doc['platform']}  root v{doc['root_version']}"
         )
+        site = doc.get("site") or {}
+        if not site.get("configured"):
+            print(f"warning: {site.get('problem', 'no site configured')}")
+        elif site.get("member"):
+            print(f"site {site['name']}: member")
+        else:
+            print(f"site {site.get('name', '?')}: NOT a member: {site.get('problem')}")
         print(
             f"{'COMPONENT':<16} {'VERSION':<14} {'SERIAL':>6}  {'AVAILABLE':<14} {'KEPT':<14} NOTE"
         )
