@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from p2pupd.daemon.bundles.reader import BundleReader
+from p2pupd.daemon.bundles.reader import Medium
 from p2pupd.daemon.stage.delta import apply_patch
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
@@ -111,7 +111,7 @@ class BundleMetadata:
 class _Reads:
     """Reads metadata blobs, recording references and the bytes spent (rules 2, 3)."""
 
-    def __init__(self, reader: BundleReader) -> None:
+    def __init__(self, reader: Medium) -> None:
         self.reader = reader
         self.referenced: dict[bytes, int] = {}
         self.spent = 0
@@ -159,7 +159,7 @@ class _Reads:
 
 
 def read_metadata(
-    reader: BundleReader,
+    reader: Medium,
     trusted: TrustedRoot,
     history: dict[int, bytes],
     now: int | None,

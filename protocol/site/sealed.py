@@ -40,6 +40,7 @@ in memory at a time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import HashMismatchError, NotMemberError, SchemaError
 from p2pupd.protocol.site.membership import seal_key_id
@@ -343,3 +345,61 @@ def header_value(header: Header) -> dict[str, Any]:
         "recipients": [s.recipient for s in header.recipients],
         "table_bytes": header.table_size,
     }
+
+
+# -- the OCI side: one artifact holding header, table and blobs --------------------------
+
+
+def sealed_layers(
+    header: oci.Descriptor, table: oci.Descriptor, blobs: list[oci.Descriptor]
+) -> oci.Artifact:
+    """The artifact of a sealed bundle (``oci.build_artifact`` writes it)."""
+    return oci.Artifact(SEALED_ARTIFACT, (header, table, *blobs), {})
+
+
+def is_sealed(index: list[oci.Descriptor]) -> bool:
+    """True if ``index.json``'s descriptors are those of a sealed bundle."""
+    return len(index) == 1 and index[0].annotations.get(oci.ANNOTATION_REF_NAME) == SEALED_REF
+
+
+SEALED_REF = "sealed"
+
+
+def parse_sealed_artifact(
+    data: bytes,
+) -> tuple[oci.Descriptor, oci.Descriptor, dict[bytes, oci.Descriptor]]:
+    """Return (header, table, sealed blobs by digest) of a sealed bundle's artifact.
+
+    Raises ``SchemaError``/``CodecError`` for anything but a bounded OCI
+    manifest of type ``SEALED_ARTIFACT`` with the empty config, a header, a
+    table and sealed blobs, each listed once.
+    """
+    if len(data) > oci.MAX_ARTIFACT_BYTES:
+        raise SchemaError("sealed bundle artifact is too large")
+    try:
+        v = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SchemaError(f"sealed bundle artifact is not valid JSON: {exc}") from None
+    if not isinstance(v, dict) or v.get("schemaVersion") != 2:
+        raise SchemaError("sealed bundle artifact is not an OCI image manifest")
+    if v.get("artifactType") != SEALED_ARTIFACT:
+        raise SchemaError("bundle index names one artifact that is not a sealed bundle")
+    if oci.parse_descriptor(v.get("config"), "artifact config") != oci.empty_descriptor():
+        raise SchemaError("artifact config must be the OCI empty descriptor")
+    raw = v.get("layers")
+    if not isinstance(raw, list) or not 2 <= len(raw) <= limits.MAX_BUNDLE_MEMBERS:
+        raise SchemaError("sealed bundle artifact must list a header, a table and blobs")
+    layers = [oci.parse_descriptor(x, "sealed layer") for x in raw]
+    header, table, rest = layers[0], layers[1], layers[2:]
+    if header.media_type != HEADER_MEDIA_TYPE or not 0 < header.size <= MAX_HEADER_BYTES:
+        raise SchemaError("sealed bundle: first layer must be its header")
+    if table.media_type != TABLE_MEDIA_TYPE:
+        raise SchemaError("sealed bundle: second layer must be its table")
+    blobs: dict[bytes, oci.Descriptor] = {}
+    for d in rest:
+        if d.media_type != BLOB_MEDIA_TYPE:
+            raise SchemaError("sealed bundle holds a layer of unknown media type")
+        if d.digest in blobs or d.digest in (header.digest, table.digest):
+            raise SchemaError(f"sealed bundle lists layer {d.digest.hex()[:16]} twice")
+        blobs[d.digest] = d
+    return header, table, blobs

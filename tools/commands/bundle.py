@@ -43,6 +43,7 @@ from p2pupd.tools.publisher.export import (
     write_bundle,
 )
 from p2pupd.tools.publisher.repo import Repo
+from p2pupd.tools.publisher.sealexport import seal_recipients
 from p2pupd.tools.publisher.siteexport import releases_for_site
 
 REQUEST_PREFIX = "p2pupd-request-"
@@ -339,7 +340,22 @@ def _write(
 ) -> ExportReport:
     total = sum(sum(s.blobs.values()) for s in sources)
     with Progress("export", total, enabled=not args.json) as bar:
-        return write_bundle(Path(args.dest), roots, sources, src, bar.advance, request=request)
+        return write_bundle(
+            Path(args.dest), roots, sources, src, bar.advance, request=request,
+            seal_to=seal_keys(args),
+        )  # fmt: skip
+
+
+def seal_keys(args: argparse.Namespace) -> list[bytes] | None:
+    """The seal keys of the ``--encrypt-to`` site files (None: a plain bundle)."""
+    files = getattr(args, "encrypt_to", None) or []
+    data = []
+    for f in files:
+        try:
+            data.append(Path(f).read_bytes())
+        except OSError as exc:
+            raise UsageError(f"cannot read site file {f}: {exc.strerror}") from None
+    return seal_recipients(data) or None
 
 
 def _report(args: argparse.Namespace, report: ExportReport) -> int:
