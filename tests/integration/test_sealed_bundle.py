@@ -75,6 +75,8 @@ def test_member_imports_and_applies_a_sealed_bundle(world: World, site: Path) ->
     small = b"".join(p.read_bytes() for p in (usb / "blobs" / "sha256").iterdir()
                      if p.stat().st_size < 20000)  # fmt: skip
     assert b"org.p2pupd.component" not in small and b"big/one.bin" not in small
+    r = world.run("show", usb)  # no seal key here: it says what the stick is, in one line
+    assert r.code == 3 and "sealed bundle for site(s)" in r.err and len(r.err.splitlines()) == 1
     r = world.import_(usb, "--apply", "--json")
     assert r.code == 0, r.err
     doc = json.loads(r.out)
