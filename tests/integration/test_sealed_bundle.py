@@ -206,3 +206,22 @@ def test_large_blobs_stream_through_disk_not_memory(
     assert r.code == 0, r.err
     assert streamed, "no blob took the streaming path"
     assert tree_snapshot(world.target) == tree_snapshot(world.base / "src" / "1.0")
+
+
+def test_bundle_cut_for_a_members_request_comes_back_sealed(
+    world: World, site: Path, run: Run
+) -> None:
+    """The round trip: a member's request names its site; the bundle cut for it is sealed."""
+    r = run("export", "--request", world.base / "req.msgpack", "--state-dir", world.state)
+    assert r.code == 0, r.err
+    r = run("export", world.repo, world.base / "back", "--for", world.base / "req.msgpack",
+            "--json")  # fmt: skip
+    assert r.code == 0, r.err
+    assert any("sealed to the site" in n for n in json.loads(r.out)["notes"])
+    idx = json.loads((world.base / "back" / "index.json").read_text())
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in idx["manifests"]] == [
+        sealed.SEALED_REF
+    ]
+    r = world.import_(world.base / "back", "--apply")
+    assert r.code == 0, r.err
+    assert tree_snapshot(world.target) == tree_snapshot(world.base / "src" / "1.0")

@@ -347,7 +347,8 @@ def _write(
 
 
 def seal_keys(args: argparse.Namespace) -> list[bytes] | None:
-    """The seal keys of the ``--encrypt-to`` site files (None: a plain bundle)."""
+    """The seal keys of the ``--encrypt-to`` site files and of the sites a request
+    named (None: a plain bundle)."""
     files = getattr(args, "encrypt_to", None) or []
     data = []
     for f in files:
@@ -355,7 +356,11 @@ def seal_keys(args: argparse.Namespace) -> list[bytes] | None:
             data.append(Path(f).read_bytes())
         except OSError as exc:
             raise UsageError(f"cannot read site file {f}: {exc.strerror}") from None
-    return seal_recipients(data) or None
+    keys = seal_recipients(data)
+    for k in getattr(args, "site_seals", None) or []:
+        if k not in keys:
+            keys.append(k)
+    return keys or None
 
 
 def _report(args: argparse.Namespace, report: ExportReport) -> int:
@@ -391,10 +396,22 @@ def _export_for_repo(args: argparse.Namespace) -> int:
         check_node_key(repo.path / "nodes", member)
     # Each member is planned from its own platform's variant of each release.
     sources, roots, notes = releases_for_site(lambda p: RepoSource(repo, p), site)
+    _seal_for(args, site, notes)
     report = _write(args, sources, roots, RepoSource(repo, site.collector.platform), data)
     report.for_node = _for_whom(site, notes)
     report.notes = notes
     return _report(args, report)
+
+
+def _seal_for(args: argparse.Namespace, site: SiteRequest, notes: list[str]) -> None:
+    """A request from members of a site: seal the bundle to that site (and any --encrypt-to)."""
+    seals = sorted({m.site_seal for m in site.members if m.site_seal is not None})
+    if not seals:
+        return
+    args.site_seals = seals
+    notes.append(
+        f"sealed to the site(s) of the request ({len(seals)}): only their members can read it"
+    )
 
 
 def _for_whom(site: SiteRequest, notes: list[str]) -> str:
@@ -412,6 +429,7 @@ def _export_state(args: argparse.Namespace) -> int:
         assert data is not None
         site = verify_any_request(data)
         sources, roots, notes = releases_for_site(lambda _: source, site, use_deltas=False)
+        _seal_for(args, site, notes)
         for_node: str | None = _for_whom(site, notes)
     else:
         data, for_node = None, None
