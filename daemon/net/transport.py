@@ -59,6 +59,7 @@ from p2pupd.daemon.net.ratelimit import Limits
 from p2pupd.protocol import limits
 from p2pupd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from p2pupd.protocol.session import CLOSED, HandshakeError, Session, Signal, State
+from p2pupd.protocol.site.membership import Credential
 from p2pupd.protocol.wire import (
     Announce,
     Bye,
@@ -138,6 +139,9 @@ class PeerConnection:
         self.limits = limits_ or Limits()
         self.joined = False
         self.closed = False
+        # The peer's site credential when the link is TLS (daemon/service/sitegate.py);
+        # its node id is the only one the peer may claim in its Hello.
+        self.credential: Credential | None = None
         self.reason = ""
         self.bytes_in = 0
         self.bytes_out = 0

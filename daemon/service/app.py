@@ -180,6 +180,7 @@ async def run(
             await nursery.start(supervise, "node", core.serve)
             await nursery.start(supervise, "control", _control(core))
             dialer = Dialer(core)
+            core.on_membership.append(dialer.wake)
             for peer_host, peer_port in options.peers:
                 dialer.add_static(peer_host, peer_port)
             await nursery.start(supervise, "dialer", dialer.serve)
@@ -222,9 +223,7 @@ def _announce_membership(node: Node, options: DaemonOptions) -> None:
     )
     if not doc["configured"]:
         log("no-site", level=logging.WARNING, detail=doc["problem"])
-    elif not doc["member"]:
-        log("not-a-member", level=logging.WARNING, site=doc.get("name"), detail=doc["problem"])
-    else:
+    elif doc["member"]:  # a node that is not (the site gate says why, and refuses every link)
         log("site-member", site=doc["name"], expires=(doc["credential"] or {}).get("expires"))
 
 

@@ -109,8 +109,13 @@ async def _site_op(core: NodeService, op: str, args: dict[str, Any]) -> Any:
         if not isinstance(data, bytes):
             raise ControlError(f"control request {op!r} needs bytes 'data'")
         if op == "site-join":
-            return await core.offload(partial(ops.site_join, core.node, data))
-        return await core.offload(partial(ops.site_update, core.node, data))
+            doc = await core.offload(partial(ops.site_join, core.node, data))
+        else:
+            doc = await core.offload(partial(ops.site_update, core.node, data))
+    # A new credential, site key or revocation list: rebuild TLS, cut off who it ends.
+    await core.offload(core.gate.reload)
+    core.membership_changed()
+    return doc
 
 
 def _str(args: dict[str, Any], key: str) -> str:

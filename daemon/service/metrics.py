@@ -150,6 +150,11 @@ class DaemonMetrics:
         )
         self.peers = r.gauge("p2pupd_peers", "Connected peers")
         self.imports = r.counter("p2pupd_imports", "Bundles imported", ("result",))
+        self.refused = r.counter(
+            "p2pupd_peers_refused",
+            "Peer links refused for want of a valid site credential (TLS, expiry, revocation)",
+            ("reason",),
+        )
 
 
 async def serve_metrics(
@@ -205,6 +210,8 @@ class MetricsFeed:
         m = self.metrics
         if event == "peer-banned":
             m.bans.inc(reason=_short_reason(fields.get("reason")))
+        elif event == "peer-refused":
+            m.refused.inc(reason=_short_reason(fields.get("reason")))
         elif event == "applied":
             comp = str(fields.get("component"))
             m.applies.inc(component=comp)
@@ -263,7 +270,10 @@ class MetricsFeed:
 
 def _short_reason(reason: object) -> str:
     text = str(reason or "unknown")
-    for key in ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout"):
+    for key in (
+        "signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout",
+        "handshake", "expired", "revoked", "member", "credential",
+    ):  # fmt: skip
         if key in text.lower():
             return key
     return "other"

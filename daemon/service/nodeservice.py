@@ -23,6 +23,7 @@ a trio worker thread in production, or ``inline`` in tests under
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,7 @@ from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
+from p2pupd.daemon.service.sitegate import SiteGate
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import RemoteProtocolError
@@ -74,6 +76,7 @@ from p2pupd.protocol.wire import (
 )
 
 FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH})
+MEMBERSHIP_RECHECK_SECONDS = 60.0  # how late an expired credential may still be connected
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ class NodeService:
             holdings_changed=self._holdings_changed,
         )
         self.site_requests = SiteRequests(self)
+        self.gate = SiteGate(node)
+        self.on_membership: list[Callable[[], None]] = []  # after a credential or list changed
         self.listen_endpoint: str | None = None
         self.stopping = False  # set by close_all: refuse new connections
         self.started_at = 0.0
@@ -166,6 +171,7 @@ class NodeService:
             self.gossip.load(scan.holdings)
             await nursery.start(self.gossip.serve)
             await nursery.start(self.fetch.serve)
+            nursery.start_soon(self._recheck_loop)
             for man, digest in scan.resume:
                 self.fetch.start(man, digest)
             for component, serial in scan.apply:
@@ -177,13 +183,20 @@ class NodeService:
     ) -> bytes | None:
         """Run one peer connection to its end; never raises for anything the peer did.
 
-        Returns the peer's node id once known (after its Hello), else None.
+        Returns the peer's node id once known (after its Hello), else None. On
+        a site member's node the stream is first secured (TLS 1.3, both site
+        credentials checked: ``SiteGate``); a peer that fails gets nothing.
         """
+        secured = await self.gate.secure(stream, inbound=not outbound, address=address)
+        if secured is None:
+            return None
+        stream, credential = secured
         cfg = self.node.config
         session = Session(cfg.node_id, cfg.cluster, self.options.listen_port, FEATURES)
         conn = PeerConnection(
             stream, session, address=address, outbound=outbound, source=source, limits_=self.limits
         )
+        conn.credential = credential
         reason = "cancelled"
         try:
             reason = await conn.run(self)
@@ -217,6 +230,10 @@ class NodeService:
         peer, now = conn.node_id, _now()
         if self.stopping:
             return "shutting down"
+        if self.gate.enabled and (conn.credential is None or conn.credential.node_id != peer):
+            # The Hello must name the node the TLS credential proved, nothing else.
+            self.gate.refuse(conn.address, "Hello names another node than its credential")
+            return "node id is not the one its credential names"
         ban = self.peers.banned(now, peer, self._endpoint_of(conn))
         if ban is not None:
             return f"banned: {ban.reason}"
@@ -403,6 +420,36 @@ class NodeService:
 
     # ----- reporting -------------------------------------------------------------
 
+    def recheck_members(self) -> int:
+        """Cut off every connected peer whose credential no longer admits it (revoked,
+        expired, or this node's own membership lapsed); returns how many."""
+        cut = 0
+        for conn in list(self.conns.values()):
+            why = self.gate.still_valid(conn.credential)
+            if why is not None:
+                self.gate.refuse(conn.address, f"membership ended: {why}")
+                conn.close(f"membership: {why}", ERR_REFUSED)
+                cut += 1
+        return cut
+
+    def membership_changed(self) -> None:
+        """A credential, site key or revocation list changed: cut off who it ends, and
+        dial everyone again at once (a rejoined node should not wait out old backoffs)."""
+        self.recheck_members()
+        for cand in self.peers.candidates.values():
+            cand.failures = 0
+            cand.next_try = -math.inf
+        for callback in self.on_membership:
+            callback()
+
+    async def _recheck_loop(self) -> None:
+        """Expiry has no event: look at every credential once a ``MEMBERSHIP_RECHECK`` interval."""
+        while True:
+            await trio.sleep(MEMBERSHIP_RECHECK_SECONDS)
+            if self.gate.enabled:
+                await self.offload(self.gate.reload)
+                self.recheck_members()
+
     def ban(
         self, peer: bytes, reason: str, until: float | None = None, code: int = ERR_REFUSED
     ) -> None:
@@ -445,6 +492,7 @@ class NodeService:
                     conn.last_seen,
                 )
         doc = self.peers.snapshot(now)
+        doc["site"] = self.gate.doc(now)
         doc["node_id"] = self.node.config.node_id.hex()
         doc["listen"] = self.listen_endpoint
         return doc
