@@ -116,6 +116,8 @@ class TLSStream(trio.abc.Stream):
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
         self._send_lock = trio.Lock()
         self._eof = False
+        self._buf = bytearray(self.RECV_BYTES)
+        self._view = memoryview(self._buf)
 
     def peer_certificate(self) -> bytes | None:
         """The DER certificate the peer presented (after the handshake)."""
@@ -132,8 +134,19 @@ class TLSStream(trio.abc.Stream):
                 await self.transport.send_all(data)
 
     async def _feed(self) -> bool:
-        """Read from the socket into OpenSSL; False at end of stream."""
-        data = await self.transport.receive_some(self.RECV_BYTES)
+        """Read from the socket into OpenSSL; False at end of stream.
+
+        On a socket, into one reused buffer: a fresh 1 MiB ``bytes`` per read
+        would be mapped, faulted in and unmapped again each time.
+        """
+        if isinstance(self.transport, trio.SocketStream):
+            try:
+                n = await self.transport.socket.recv_into(self._buf)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+            data: bytes | memoryview = self._view[:n]
+        else:
+            data = await self.transport.receive_some(self.RECV_BYTES)
         if not data:
             self._in.write_eof()
             return False
