@@ -144,7 +144,7 @@ class TLSStream(trio.abc.Stream):
                 n = await self.transport.socket.recv_into(self._buf)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-            data: bytes | memoryview = self._view[:n]
+            data: bytes | bytearray | memoryview = self._view[:n]
         else:
             data = await self.transport.receive_some(self.RECV_BYTES)
         if not data:
