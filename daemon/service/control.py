@@ -112,9 +112,12 @@ async def _site_op(core: NodeService, op: str, args: dict[str, Any]) -> Any:
             doc = await core.offload(partial(ops.site_join, core.node, data))
         else:
             doc = await core.offload(partial(ops.site_update, core.node, data))
-    # A new credential, site key or revocation list: rebuild TLS, cut off who it ends.
+    # A new credential, site key or revocation list: rebuild TLS, cut off who it ends,
+    # and pass a new list or site document on to the other members.
     await core.offload(core.gate.reload)
     core.membership_changed()
+    if op == "site-update" and doc.get("changed"):
+        core.spread_site_news(data)
     return doc
 
 

@@ -28,11 +28,13 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
-from p2pupd.daemon.errors import DaemonError
+from p2pupd.daemon import ops
+from p2pupd.daemon.errors import ConfigError, DaemonError
 from p2pupd.daemon.events import LOGGER, log, short
 from p2pupd.daemon.net.peers import PeerInfo, PeerTable
 from p2pupd.daemon.net.ratelimit import Limits
@@ -46,7 +48,7 @@ from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.service.sitegate import SiteGate
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import encoding, ids
-from p2pupd.protocol.errors import RemoteProtocolError
+from p2pupd.protocol.errors import CodecError, RemoteProtocolError, RollbackError, VerificationError
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import Session
@@ -55,6 +57,7 @@ from p2pupd.protocol.wire import (
     FEATURE_HAVE,
     FEATURE_RANGE,
     FEATURE_REQUEST,
+    FEATURE_SITE,
     Announce,
     BlobRangeData,
     BlobRangeRequest,
@@ -73,9 +76,10 @@ from p2pupd.protocol.wire import (
     RootData,
     RootMissing,
     RootRequest,
+    SiteNews,
 )
 
-FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH})
+FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_SITE})
 MEMBERSHIP_RECHECK_SECONDS = 60.0  # how late an expired credential may still be connected
 
 
@@ -283,10 +287,16 @@ class NodeService:
         )
         self.gossip.peer_joined(conn.node_id)
         self.fetch.peer_joined(conn)
+        if conn.credential is not None and conn.session.supports(FEATURE_SITE):
+            for doc in self.gate.news():  # a peer that missed a revocation learns it here
+                conn.post(SiteNews(doc))
 
-    def message(self, conn: PeerConnection, msg: Announce | Have) -> None:
-        """Route an Announce to gossip (and fetch), a Have to fetch."""
-        if isinstance(msg, Announce):
+    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews) -> None:
+        """Route an Announce to gossip (and fetch), a Have to fetch, site news to the gate."""
+        if isinstance(msg, SiteNews):
+            if self.gate.enabled:
+                self.spawn(self._site_news, conn.node_id, msg.data)
+        elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
             if info is not None:
                 info.announced = {e.component: (e.serial, e.manifest_digest) for e in msg.entries}
@@ -431,6 +441,38 @@ class NodeService:
                 conn.close(f"membership: {why}", ERR_REFUSED)
                 cut += 1
         return cut
+
+    async def _site_news(self, peer: bytes, data: bytes) -> None:
+        """Take a revocation list or site document a peer pushed, if it is news; pass it on.
+
+        Verified like ``site update`` (protocol/site/membership.py, rule 9):
+        an older or the same list moves nothing -- peers that have not heard
+        of the newest list yet keep offering theirs -- and is dropped quietly.
+        News is forwarded to every other member once, when it first arrives,
+        so a revocation floods the connected site within a few hops.
+        """
+        async with self.mutex:
+            try:
+                doc = await self.offload(partial(ops.site_update, self.node, data))
+            except RollbackError:
+                return  # not newer than what we hold
+            except (VerificationError, CodecError, ConfigError) as exc:
+                log("site-news-refused", level=logging.WARNING, peer=short(peer), reason=str(exc))
+                return
+            if not doc.get("changed"):
+                return
+            await self.offload(self.gate.reload)
+        log("site-news", peer=short(peer), **{k: v for k, v in doc.items() if k != "changed"})
+        self.membership_changed()
+        self.spread_site_news(data, exclude=peer)
+
+    def spread_site_news(self, data: bytes, exclude: bytes | None = None) -> None:
+        """Push a site document this node just accepted to every other member connected."""
+        for other, conn in list(self.conns.items()):
+            if other != exclude and conn.credential is not None and conn.session.supports(
+                FEATURE_SITE
+            ):
+                conn.post(SiteNews(data))
 
     def membership_changed(self) -> None:
         """A credential, site key or revocation list changed: cut off who it ends, and

@@ -65,6 +65,7 @@ class SiteGate:
         self.problem: str | None = None  # why this node cannot take part, if it cannot
         self._server: ssl.SSLContext | None = None
         self._client: ssl.SSLContext | None = None
+        self._news: list[bytes] = []
         self.refused = 0
         self.recent: deque[Refusal] = deque(maxlen=RECENT_REFUSALS)
         self.reload()
@@ -84,6 +85,8 @@ class SiteGate:
                 return
             held = ms.revocations(self.site)
             self.revocations = held[0] if held else None
+            self._news = [self.site.envelopes[v] for v in sorted(self.site.envelopes)]
+            self._news += [held[1]] if held else []
             der = ms.credential_bytes()
             if der is None:
                 raise NotMemberError("this node is not enrolled (no credential)")
@@ -125,6 +128,10 @@ class SiteGate:
             await _close(stream)
             return None
         return tls, cred
+
+    def news(self) -> list[bytes]:
+        """What this node tells a member that joins: its site documents and revocation list."""
+        return list(self._news)
 
     def refuse(self, address: str, reason: str) -> None:
         self.refused += 1
