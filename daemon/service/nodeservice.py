@@ -80,7 +80,8 @@ from p2pupd.protocol.wire import (
 )
 
 FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_SITE})
-MEMBERSHIP_RECHECK_SECONDS = 60.0  # how late an expired credential may still be connected
+MEMBERSHIP_RECHECK_SECONDS = 60.0
+MAX_QUEUED_SITE_NEWS = 66  # a whole site chain (64 documents) and a revocation list  # how late an expired credential may still be connected
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class NodeService:
         self.site_requests = SiteRequests(self)
         self.gate = SiteGate(node)
         self.on_membership: list[Callable[[], None]] = []  # after a credential or list changed
+        self._news: dict[bytes, list[bytes]] = {}  # SiteNews waiting per peer
         self.listen_endpoint: str | None = None
         self.stopping = False  # set by close_all: refuse new connections
         self.started_at = 0.0
@@ -294,8 +296,16 @@ class NodeService:
     def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews) -> None:
         """Route an Announce to gossip (and fetch), a Have to fetch, site news to the gate."""
         if isinstance(msg, SiteNews):
-            if self.gate.enabled:
-                self.spawn(self._site_news, conn.node_id, msg.data)
+            # One worker per peer, a bounded queue: a member pushing a stream of
+            # documents costs one verification at a time, never a task per frame.
+            if not self.gate.enabled:
+                return
+            queue = self._news.get(conn.node_id)
+            if queue is None:
+                self._news[conn.node_id] = [msg.data]
+                self.spawn(self._site_news, conn.node_id)
+            elif len(queue) < MAX_QUEUED_SITE_NEWS:
+                queue.append(msg.data)
         elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
             if info is not None:
@@ -442,8 +452,8 @@ class NodeService:
                 cut += 1
         return cut
 
-    async def _site_news(self, peer: bytes, data: bytes) -> None:
-        """Take a revocation list or site document a peer pushed, if it is news; pass it on.
+    async def _site_news(self, peer: bytes) -> None:
+        """Take the revocation lists or site documents a peer pushed, if news; pass them on.
 
         Verified like ``site update`` (protocol/site/membership.py, rule 9):
         an older or the same list moves nothing -- peers that have not heard
@@ -451,26 +461,34 @@ class NodeService:
         News is forwarded to every other member once, when it first arrives,
         so a revocation floods the connected site within a few hops.
         """
-        async with self.mutex:
-            try:
-                doc = await self.offload(partial(ops.site_update, self.node, data))
-            except RollbackError:
-                return  # not newer than what we hold
-            except (VerificationError, CodecError, ConfigError) as exc:
-                log("site-news-refused", level=logging.WARNING, peer=short(peer), reason=str(exc))
-                return
-            if not doc.get("changed"):
-                return
-            await self.offload(self.gate.reload)
-        log("site-news", peer=short(peer), **{k: v for k, v in doc.items() if k != "changed"})
-        self.membership_changed()
-        self.spread_site_news(data, exclude=peer)
+        try:
+            while queue := self._news.get(peer):
+                data = queue.pop(0)
+                async with self.mutex:
+                    try:
+                        doc = await self.offload(partial(ops.site_update, self.node, data))
+                    except RollbackError:
+                        continue  # not newer than what we hold
+                    except (VerificationError, CodecError, ConfigError) as exc:
+                        log("site-news-refused", level=logging.WARNING, peer=short(peer),
+                            reason=str(exc))  # fmt: skip
+                        continue
+                    if not doc.get("changed"):
+                        continue
+                    await self.offload(self.gate.reload)
+                log("site-news", peer=short(peer), **{k: v for k, v in doc.items() if k != "changed"})
+                self.membership_changed()
+                self.spread_site_news(data, exclude=peer)
+        finally:
+            self._news.pop(peer, None)
 
     def spread_site_news(self, data: bytes, exclude: bytes | None = None) -> None:
         """Push a site document this node just accepted to every other member connected."""
         for other, conn in list(self.conns.items()):
-            if other != exclude and conn.credential is not None and conn.session.supports(
-                FEATURE_SITE
+            if (
+                other != exclude
+                and conn.credential is not None
+                and conn.session.supports(FEATURE_SITE)
             ):
                 conn.post(SiteNews(data))
 
