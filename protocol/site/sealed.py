@@ -62,7 +62,6 @@ HEADER_MEDIA_TYPE = "application/vnd.p2pupd.sealed-header.v1+msgpack"
 TABLE_MEDIA_TYPE = "application/vnd.p2pupd.sealed-table.v1"
 BLOB_MEDIA_TYPE = "application/vnd.p2pupd.sealed-blob.v1"
 HEADER_TYPE = "sealed-header"
-TABLE_TYPE = "sealed-table"
 SPEC_VERSION = 1
 
 SEGMENT_BYTES = 64 * limits.KiB
@@ -286,48 +285,51 @@ class SealedBlob:
     sealed: bytes  # sha256 of the ciphertext: its name in the layout
 
 
+TABLE_MAGIC = b"P2ST"
+_TABLE_ENTRY = 32 + 8 + 32  # plaintext digest, plaintext size, sealed digest
+
+
 @dataclass(frozen=True)
 class Table:
+    """The sealed table, in a fixed binary layout (not msgpack: it is decoded before
+    anything in the bundle is verified, so its cost must be linear and flat):
+
+        "P2ST" | u32 len | index.json | u32 n | n x (digest | u64 size | sealed digest)
+    """
+
     index: bytes  # the plaintext bundle's index.json
     blobs: dict[bytes, SealedBlob]  # by plaintext digest
 
     def encode(self) -> bytes:
-        return encoding.encode(
-            {
-                "_type": TABLE_TYPE,
-                "spec": SPEC_VERSION,
-                "index": self.index,
-                "blobs": [[d, b.size, b.sealed] for d, b in sorted(self.blobs.items())],
-            }
-        )
+        parts = [TABLE_MAGIC, len(self.index).to_bytes(4, "big"), self.index]
+        parts.append(len(self.blobs).to_bytes(4, "big"))
+        for d, b in sorted(self.blobs.items()):
+            parts += [d, b.size.to_bytes(8, "big"), b.sealed]
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes) -> Table:
-        v = encoding.decode(data, MAX_TABLE_BYTES)
-        if not isinstance(v, dict) or v.get("_type") != TABLE_TYPE or v.get("spec") != SPEC_VERSION:
+        """Parse a table; ``SchemaError`` for anything out of shape or bounds."""
+        if len(data) > MAX_TABLE_BYTES or data[:4] != TABLE_MAGIC or len(data) < 12:
             raise SchemaError("sealed bundle table is not a p2pupd sealed table")
-        index, raw = v.get("index"), v.get("blobs")
-        if not isinstance(index, bytes) or len(index) > limits.MAX_INDEX_BYTES:
+        n_index = int.from_bytes(data[4:8], "big")
+        if n_index > limits.MAX_INDEX_BYTES or 8 + n_index + 4 > len(data):
             raise SchemaError("sealed bundle table: bad index")
-        if not isinstance(raw, list) or len(raw) > limits.MAX_BUNDLE_MEMBERS:
-            raise SchemaError("sealed bundle table: bad blob list")
+        index = data[8 : 8 + n_index]
+        pos = 8 + n_index
+        count = int.from_bytes(data[pos : pos + 4], "big")
+        pos += 4
+        if count > limits.MAX_BUNDLE_MEMBERS or len(data) - pos != count * _TABLE_ENTRY:
+            raise SchemaError("sealed bundle table: blob list does not fill the table")
         blobs: dict[bytes, SealedBlob] = {}
-        for e in raw:
-            if (
-                not isinstance(e, list)
-                or len(e) != 3
-                or not isinstance(e[0], bytes)
-                or len(e[0]) != 32
-                or not isinstance(e[1], int)
-                or isinstance(e[1], bool)
-                or not 0 <= e[1] <= limits.MAX_BLOB_BYTES
-                or not isinstance(e[2], bytes)
-                or len(e[2]) != 32
-            ):
-                raise SchemaError("sealed bundle table: malformed blob entry")
-            if e[0] in blobs:
-                raise SchemaError(f"sealed bundle table lists blob {e[0].hex()[:16]} twice")
-            blobs[e[0]] = SealedBlob(e[1], e[2])
+        for i in range(pos, len(data), _TABLE_ENTRY):
+            digest = data[i : i + 32]
+            size = int.from_bytes(data[i + 32 : i + 40], "big")
+            if size > limits.MAX_BLOB_BYTES:
+                raise SchemaError("sealed bundle table: blob size out of bounds")
+            if digest in blobs:
+                raise SchemaError(f"sealed bundle table lists blob {digest.hex()[:16]} twice")
+            blobs[digest] = SealedBlob(size, data[i + 40 : i + 72])
         return cls(index, blobs)
 
 
