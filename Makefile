@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test fuzz lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Every decoder that sees unverified bytes, fuzzed FUZZ_SCALE times longer than
+# in `make test` (tests/property/_fuzz.py: typed errors only, memory and time
+# within each input's budget). FUZZ_SCALE=200 runs for roughly half an hour.
+FUZZ_SCALE ?= 200
+fuzz: $(STAMP)
+	P2PUPD_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/property/test_decoder_fuzz.py tests/property/test_wire_fuzz.py \
+		tests/property/test_site_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check protocol daemon tools tests

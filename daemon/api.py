@@ -114,12 +114,14 @@ def init_node(
     cluster: str = "default",
     hook_limits: HookLimits | None = None,
     site_file: Path | None = None,
+    allow_hazardous_modes: bool = False,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root (see ``ops``)."""
     return ops.init_node(
         state_dir, trust_file, components, kind=kind, platform=platform,
         health_cmd=health_cmd, health_seconds=health_seconds, retain=retain,
         immutable=immutable, cluster=cluster, hook_limits=hook_limits, site_file=site_file,
+        allow_hazardous_modes=allow_hazardous_modes,
     )  # fmt: skip
 
 

@@ -48,7 +48,6 @@ from p2pupd.protocol.site.membership import (
     SITE_TYPE,
     EnrolRequest,
     TrustedSite,
-    document_type,
     membership_context,
 )
 from p2pupd.protocol.site.sealed import open_sealed, x25519_public
@@ -77,6 +76,7 @@ def init_node(
     cluster: str = "default",
     hook_limits: HookLimits | None = None,
     site_file: Path | None = None,
+    allow_hazardous_modes: bool = False,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root.
 
@@ -85,6 +85,9 @@ def init_node(
     ``hook_limits`` ``None`` keeps the node's limits (defaults on a new node).
     ``site_file`` pins the site document the node belongs to (see
     daemon/state/membership.py); it is checked before anything is created.
+    ``allow_hazardous_modes`` lets these components install set-id files
+    others can write and world-writable directories without the sticky bit
+    (``protocol.manifest.check_modes``), which are refused otherwise.
     """
     site_data = None if site_file is None else _read_site_file(site_file)
     sd = StateDir(state_dir)
@@ -99,6 +102,7 @@ def init_node(
             immutable=immutable,
             health_cmd=health_cmd,
             health_seconds=health_seconds,
+            allow_hazardous_modes=allow_hazardous_modes,
         )
     cfg = NodeConfig(
         node_id=old.node_id if old else new_node_id(),
@@ -196,7 +200,7 @@ def site_update(node: Node, data: bytes) -> dict[str, Any]:
     site = node.membership.site()
     if site is None:
         raise ConfigError("this node has no site pinned: it has nothing to update")
-    if document_type(data) == SITE_TYPE:
+    if site.classify(data) == SITE_TYPE:
         new = node.membership.advance(data)
         return {"site_version": new.version, "changed": True}
     rl = site.verify_revocations(data)

@@ -312,6 +312,17 @@ def needed_blobs(new: Manifest, held: Iterable[Manifest], have_blob: HaveBlob) -
 PATCH_MAGIC = b"PZB1"
 BSDIFF40_MAGIC = b"BSDIFF40"
 _CONTROL_RECORD_BYTES = 24  # three int64 per bsdiff control record
+# bsdiff writes one control record per match it extends, each covering far
+# more than its own 24 bytes of output (on real patches the control block is
+# a few thousandths of the target). Bounding it by the target size (plus
+# slack for tiny targets) bounds what a patch may decompress to, before it is
+# decompressed, at 3 x the target: a patch that needs more is refused.
+CONTROL_SLACK_BYTES = 64 * limits.KiB
+
+
+def max_control_bytes(target_size: int) -> int:
+    """The largest control block a patch for ``target_size`` bytes may have."""
+    return min(target_size + CONTROL_SLACK_BYTES, _CONTROL_RECORD_BYTES * (target_size + 1))
 
 
 @dataclass(frozen=True)
@@ -323,7 +334,8 @@ class PatchHeader:
 
     @property
     def max_body_size(self) -> int:
-        """The most bytes the compressed body may expand to (extra <= target)."""
+        """The most bytes the compressed body may expand to (extra <= target):
+        at most 3 x ``target_size`` + ``CONTROL_SLACK_BYTES``."""
         return self.control_size + self.diff_size + self.target_size
 
 
@@ -336,7 +348,8 @@ def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
     """Parse and bound-check a container header.
 
     Raises ``SchemaError`` if the magic is wrong, a field is truncated, or the
-    sizes are impossible for a bsdiff patch of ``target_size`` bytes.
+    sizes are impossible for a bsdiff patch of ``target_size`` bytes (a
+    control block over ``max_control_bytes``: see ``CONTROL_SLACK_BYTES``).
     """
     if bytes(data[:4]) != PATCH_MAGIC:
         raise SchemaError("patch is not a p2pupd bsdiff container")
@@ -346,11 +359,7 @@ def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
         value, pos = _read_uvarint(data, pos)
         fields.append(value)
     target, control, diff = fields
-    if (
-        control % _CONTROL_RECORD_BYTES
-        or diff > target
-        or control > _CONTROL_RECORD_BYTES * (target + 1)
-    ):
+    if control % _CONTROL_RECORD_BYTES or diff > target or control > max_control_bytes(target):
         raise SchemaError("patch header sizes are inconsistent")
     return PatchHeader(target, control, diff, pos)
 
@@ -365,6 +374,7 @@ def _read_uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
 
 __all__ = [
     "BSDIFF40_MAGIC",
+    "CONTROL_SLACK_BYTES",
     "DELTA_KINDS",
     "KIND_CHUNK",
     "KIND_FILE",
@@ -378,6 +388,7 @@ __all__ = [
     "PatchHeader",
     "Source",
     "encode_patch_header",
+    "max_control_bytes",
     "needed_blobs",
     "needed_with",
     "parse_patch_header",

@@ -197,8 +197,14 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes, max_bytes: int) -> Envelope:
-        """Decode an envelope; ``CodecError``/``SchemaError`` on malformed bytes."""
-        v = encoding.decode(data, max_bytes)
+        """Decode an envelope; ``CodecError``/``SchemaError`` on malformed bytes.
+
+        Only the envelope's own fields are built (``limits.ENVELOPE_BUDGET``:
+        ~330 values), never anything inside the payload, so a hostile
+        envelope costs its bytes and one copy of its payload; the payload is
+        decoded by the caller once a signature over its raw bytes verified.
+        """
+        v = encoding.decode(data, budget=limits.ENVELOPE_BUDGET.capped(max_bytes))
         if not isinstance(v, dict) or set(v) != {"signed", "signatures"}:
             raise SchemaError("not a signed envelope")
         payload, sigs = v["signed"], v["signatures"]
@@ -287,7 +293,7 @@ class TrustedRoot:
     def load(cls, data: bytes, now: int | None = None) -> TrustedRoot:
         """Pin a root from bytes the operator chose to trust (self-signed check)."""
         env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-        root = Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
+        root = Root.from_value(encoding.decode(env.payload, budget=limits.ROOT_BUDGET))
         check_signatures(ROOT_TYPE, env, root.keys, root.roles["root"], f"root v{root.version}")
         _check_expiry(root.expires, now, f"root v{root.version}")
         return cls(root, env)
@@ -299,7 +305,7 @@ class TrustedRoot:
         signature error unless both the old and the new root keys sign it.
         """
         env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-        new = Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
+        new = Root.from_value(encoding.decode(env.payload, budget=limits.ROOT_BUDGET))
         cur = self.root.version
         if new.version != cur + 1:
             raise RollbackError(f"root v{new.version} cannot follow trusted root v{cur}")

@@ -17,7 +17,8 @@ for how it is read), and nothing on the node changes until all of it checks out:
    node clock, component named by the artifact), check that each release
    artifact's layers and pack entries are blobs its signed manifest names,
    and -- for a minimal bundle -- that the request it was cut for is this
-   node's own.
+   node's own; no release for a configured component may install a
+   hazardous mode the component does not allow (``protocol.manifest.check_modes``).
 3. *Rollback rule*, per component: the newest release offered must be newer
    than the high-water mark (or be exactly the release held); older ones are
    imported only if already held, else skipped as history.
@@ -70,7 +71,7 @@ from p2pupd.protocol.errors import (
     RollbackError,
     VerificationError,
 )
-from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.manifest import Manifest, check_modes
 from p2pupd.protocol.trust import Envelope, check_serial
 
 FREE_MARGIN_BYTES = 16 * limits.MiB
@@ -250,6 +251,9 @@ def import_bundle(
                 raise MissingBaseError(u.message)
             report.skipped.append(f"{u.label}: not configured on this node")
         todo = select_releases(node, meta, report)
+        for c in todo:  # before any blob is copied: a refused mode changes nothing
+            man = c.rel.manifest
+            check_modes(man, node.config.components[man.component].allow_hazardous_modes)
         # An honest blob directory holds exactly the referenced blobs (and a
         # little OS debris), which bounds the listing far below MAX_BUNDLE_MEMBERS.
         inodes = reader.check_blobs(meta.referenced, len(meta.referenced) + DEBRIS_ENTRIES)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -155,6 +155,17 @@ class SealedReader:
             return out
         except OSError as exc:
             raise StorageError(f"cannot decrypt a sealed blob: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def scan_blob(self, digest: bytes, size: int, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """Yield a blob's plaintext in blocks (a first look before ``read_blob``)."""
+        fd = self.open_blob(digest, size)
+        try:
+            while block := os.read(fd, block_bytes):
+                yield block
+        except OSError as exc:
+            raise StorageError(f"cannot read a decrypted blob: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
 

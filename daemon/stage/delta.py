@@ -51,6 +51,7 @@ from p2pupd.protocol.deltaplan import (
     Holdings,
     Method,
     Source,
+    max_control_bytes,
     parse_patch_header,
     plan_file,
 )
@@ -58,10 +59,13 @@ from p2pupd.protocol.errors import HashMismatchError, SchemaError
 from p2pupd.protocol.manifest import FileEntry, Manifest
 
 
-def inflate(frame: bytes, max_size: int) -> bytes:
+def inflate(frame: bytes | memoryview, max_size: int) -> bytes:
     """Return the zstd ``frame`` decompressed, refusing more than ``max_size`` bytes.
 
-    Raises ``HashMismatchError`` for a corrupt or oversized frame.
+    The bound holds before anything is allocated: a frame declaring more is
+    refused from its header, and one declaring nothing gets a buffer of
+    ``max_size`` at most. Raises ``HashMismatchError`` for a corrupt or
+    oversized frame.
     """
     try:
         declared = zstandard.frame_content_size(frame)
@@ -74,10 +78,48 @@ def inflate(frame: bytes, max_size: int) -> bytes:
         raise HashMismatchError(f"corrupt zstd data in a patch: {exc}") from None
 
 
+def _inflate_blocks(frame: memoryview, control: int, diff: int, max_extra: int) -> list[bytes]:
+    """Decompress a patch body straight into its three blocks (control, diff,
+    extra <= ``max_extra``), so no joined copy of the body is ever made.
+
+    Raises ``HashMismatchError`` for a corrupt, short or oversized body.
+    """
+    blocks: list[bytes] = []
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(frame) as r:
+            for size in (control, diff):
+                block = _read_exact(r, size)
+                if len(block) != size:
+                    raise HashMismatchError("patch body is truncated")
+                blocks.append(block)
+            extra = _read_exact(r, max_extra + 1)
+    except zstandard.ZstdError as exc:
+        raise HashMismatchError(f"corrupt zstd data in a patch: {exc}") from None
+    if len(extra) > max_extra:
+        raise HashMismatchError("patch body is larger than its header allows")
+    blocks.append(extra)
+    return blocks
+
+
+def _read_exact(reader: zstandard.ZstdDecompressionReader, size: int) -> bytes:
+    """Read ``size`` bytes (fewer only at the end of the frame)."""
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        part = reader.read(min(left, 1 << 22))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
     """Return bspatch(``base``, ``patch``), which must be ``target_size`` bytes long.
 
-    Accepts p2pupd's zstd container and classic BSDIFF40 patches. Raises
+    Accepts p2pupd's zstd container and classic BSDIFF40 patches. What it may
+    decompress is fixed by ``target_size`` before it starts: at most 3 x the
+    target (``deltaplan.max_control_bytes``), held once. Raises
     ``HashMismatchError`` for a malformed patch or one made for another size;
     the caller still checks the result's hash.
     """
@@ -86,11 +128,10 @@ def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
             hdr = parse_patch_header(patch)
             if hdr.target_size != target_size:
                 raise HashMismatchError("patch was made for a different target size")
-            body = inflate(patch[hdr.body_offset :], hdr.max_body_size)
-            c, d = hdr.control_size, hdr.control_size + hdr.diff_size
-            if len(body) < d:
-                raise HashMismatchError("patch body is truncated")
-            out: bytes = bsdiff4.core.patch(base, target_size, body[:c], body[c:d], body[d:])
+            control, diff, extra = _inflate_blocks(
+                memoryview(patch)[hdr.body_offset :], hdr.control_size, hdr.diff_size, target_size
+            )
+            out: bytes = bsdiff4.core.patch(base, target_size, control, diff, extra)
         elif patch[:8] == BSDIFF40_MAGIC and len(patch) >= 32:
             out = _classic(base, patch, target_size)
         else:
@@ -110,7 +151,7 @@ def _classic(base: bytes, patch: bytes, target_size: int) -> bytes:
     if dst != target_size or not 0 <= lc <= len(patch) - 32 or not 0 <= ld <= len(patch) - 32 - lc:
         raise HashMismatchError("classic patch header does not fit its target")
     blocks = (patch[32 : 32 + lc], patch[32 + lc : 32 + lc + ld], patch[32 + lc + ld :])
-    limits_ = (24 * (target_size + 1), target_size, target_size)
+    limits_ = (max_control_bytes(target_size), target_size, target_size)
     control, diff, extra = (_bunzip(b, n) for b, n in zip(blocks, limits_, strict=True))
     out: bytes = bsdiff4.core.patch(base, target_size, control, diff, extra)
     return out

@@ -11,6 +11,13 @@ Layout (all under STATE, one filesystem):
     blobs/sha256/<hex>        the content-addressed store (see store.py)
     journal/<c>.log           the apply journal (see journal.py)
     lock                      flock held by whoever mutates the state
+    tmp/ fetching/ incoming/  blobs on their way into the store
+    cache/                    derived data (manifests, hook modules, stat caches)
+
+Every member must be what p2pupd made it: ``check_layout`` (run whenever the
+node is opened) refuses a state directory in which one is a symlink or of the
+wrong kind, with one line, before anything is read, written or cleaned
+through it (``store.members``).
 
 Both documents are canonical msgpack written with temp + fsync + rename, so a
 crash leaves either the old or the new document, never a torn one.
@@ -21,12 +28,14 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from p2pupd.daemon.errors import ConfigError, NotFoundError, StorageError
-from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.fsutil import atomic_write, storage_error
+from p2pupd.daemon.store import members
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import CodecError
 from p2pupd.protocol.limits import (
@@ -36,6 +45,29 @@ from p2pupd.protocol.limits import (
 )
 
 TARGET_KINDS = ("dir", "symlink", "file")
+
+# What each member of STATE is when present (any may be absent). Parents come
+# before their children. Names not listed are left alone.
+STATE_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("config.msgpack", members.FILE),
+    ("state.msgpack", members.FILE),
+    ("lock", members.FILE),
+    ("node.key", members.FILE),
+    ("node.box", members.FILE),
+    ("site", members.DIR),
+    ("control.sock", members.SOCKET),
+    ("trust", members.DIR),
+    ("releases", members.DIR),
+    ("journal", members.DIR),
+    ("cache", members.DIR),
+    ("cache/manifests", members.DIR),
+    ("cache/hooks", members.DIR),
+    ("blobs", members.DIR),
+    ("blobs/sha256", members.DIR),
+    ("tmp", members.DIR),
+    ("fetching", members.DIR),
+    ("incoming", members.DIR),
+)
 DEFAULT_RETAIN = 2
 HISTORY_LIMIT = 200
 
@@ -57,6 +89,9 @@ class ComponentConfig:
     health_cmd: tuple[str, ...] = ()
     health_seconds: float = 30.0
     auto_apply: bool = True
+    # Install set-id files others can write and world-writable directories
+    # without the sticky bit (protocol.manifest.check_modes); refused unless set at init.
+    allow_hazardous_modes: bool = False
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -67,6 +102,7 @@ class ComponentConfig:
             "health_cmd": list(self.health_cmd),
             "health_ms": int(self.health_seconds * 1000),
             "auto_apply": self.auto_apply,
+            "allow_hazardous_modes": self.allow_hazardous_modes,
         }
 
     @classmethod
@@ -83,6 +119,7 @@ class ComponentConfig:
             health_cmd=tuple(v.get("health_cmd", [])),
             health_seconds=int(v.get("health_ms", 30000)) / 1000,
             auto_apply=bool(v.get("auto_apply", True)),
+            allow_hazardous_modes=bool(v.get("allow_hazardous_modes", False)),
         )
 
 
@@ -229,6 +266,45 @@ class StateDir:
     def exists(self) -> bool:
         return self.config_path.exists()
 
+    def check_layout(self) -> None:
+        """Raise ``StateLayoutError`` (one line, exit code 2) if a member of the
+        state directory is a symlink or not the kind p2pupd made it.
+
+        Called whenever the node is opened, so no command reads, writes or
+        cleans anything through a planted link (``STATE/tmp -> /``). The root
+        itself may be a link: it is the operator's argument.
+        """
+        try:
+            fd = members.open_dir(self.root)
+        except StorageError:
+            return  # no state directory (yet): read_config says so
+        try:
+            for rel, kind in STATE_LAYOUT:
+                parent, _, _ = rel.rpartition("/")
+                if parent and not os.path.isdir(self.root / parent):
+                    continue  # its parent is absent (checked itself, above)
+                members.check(self.root, rel, kind, None if parent else fd)
+            for sub in ("trust", "journal", "releases"):
+                if os.path.isdir(self.root / sub):
+                    self._check_entries(sub, members.DIR if sub == "releases" else None)
+        finally:
+            os.close(fd)
+
+    def _check_entries(self, sub: str, kind: int | None) -> None:
+        """No entry of ``sub`` may be a symlink (and each must be ``kind`` if given)."""
+        fd = members.open_dir(self.root, sub)
+        try:
+            for name in os.listdir(fd):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode) or (
+                    kind is not None and stat.S_IFMT(st.st_mode) != kind
+                ):
+                    raise members.layout_error(self.root, f"{sub}/{name}", st, kind or members.FILE)
+        except OSError as exc:
+            raise storage_error(exc, "inspect", self.root / sub) from None
+        finally:
+            os.close(fd)
+
     def create(self, config: NodeConfig) -> None:
         """Create the directory skeleton and write the configuration."""
         try:
@@ -244,11 +320,13 @@ class StateDir:
             raise StorageError(
                 f"cannot create state directory {self.root}: {exc.strerror}"
             ) from None
+        self.check_layout()
         self.write_config(config)
         if not self.state_path.exists():
             self.write_states({})
 
     def read_config(self) -> NodeConfig:
+        self.check_layout()
         if not self.config_path.exists():
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"

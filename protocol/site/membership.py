@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID
 
-from p2pupd.protocol import encoding
+from p2pupd.protocol import encoding, limits
 from p2pupd.protocol.errors import (
     BadSignatureError,
     CodecError,
@@ -80,10 +80,35 @@ NODE_ID_BYTES = 16
 MAX_SITE_DOC_BYTES = 64 * 1024
 MAX_ENROL_BYTES = 16 * 1024
 MAX_CREDENTIAL_BYTES = 16 * 1024
-MAX_MEMBERSHIP_BYTES = 256 * 1024
-MAX_REVOKED_NODES = 100_000
-MAX_REVOCATIONS_BYTES = 8 * 1024 * 1024
+# A revocation list gossips in one frame (wire.SiteNews), so it fits one:
+# about 95 bytes per revoked node.
+MAX_REVOCATIONS_BYTES = limits.MAX_FRAME_BYTES - 4 * limits.KiB
+MAX_REVOKED_NODES = 40_000
+MAX_MEMBERSHIP_BYTES = MAX_REVOCATIONS_BYTES + 1 * limits.MiB  # carries the newest list
 MAX_SITE_NAME_CHARS = 64
+
+# What decoding each payload may spend (protocol/limits.DecodeBudget). A site
+# document and an enrolment request are self-signed -- the key is inside -- and
+# a membership document names the site chain its signer is found in, so those
+# are decoded before their signature can be checked, under small budgets. A
+# revocation list is decoded only after a live site key's signature over its
+# raw bytes verified.
+SITE_DOC_BUDGET = limits.DecodeBudget(
+    max_bytes=MAX_SITE_DOC_BYTES, max_objects=2 * 1024 + 32, max_depth=2, max_len=1024,
+    max_str=1024, max_bin=MAX_CREDENTIAL_BYTES, name="site document",
+)  # fmt: skip
+ENROL_BUDGET = limits.DecodeBudget(
+    max_bytes=MAX_ENROL_BYTES, max_objects=32, max_depth=1, max_len=16, max_str=128,
+    max_bin=64, name="enrolment request",
+)  # fmt: skip
+MEMBERSHIP_BUDGET = limits.DecodeBudget(
+    max_bytes=MAX_MEMBERSHIP_BYTES, max_objects=128, max_depth=2, max_len=64, max_str=64,
+    max_bin=MAX_REVOCATIONS_BYTES, name="membership document",
+)  # fmt: skip
+REVOCATIONS_BUDGET = limits.DecodeBudget(
+    max_bytes=MAX_REVOCATIONS_BYTES, max_objects=4 * MAX_REVOKED_NODES + 32, max_depth=3,
+    max_len=MAX_REVOKED_NODES, max_str=128, max_bin=64, name="revocation list",
+)  # fmt: skip
 NODE_URI_PREFIX = "urn:p2pupd:node:"
 
 
@@ -120,14 +145,26 @@ def _name(v: Any) -> str:
     return v
 
 
-def _envelope(data: bytes, max_bytes: int, what: str) -> tuple[Envelope, dict[str, Any]]:
+def _env(data: bytes, max_bytes: int, what: str) -> Envelope:
+    """The envelope alone (its payload not decoded: ``limits.ENVELOPE_BUDGET``)."""
     if len(data) > max_bytes:
         raise SchemaError(f"{what} of {len(data)} bytes exceeds limit {max_bytes}")
-    env = Envelope.decode(data, max_bytes)
-    v = encoding.decode(env.payload, max_bytes)
+    return Envelope.decode(data, max_bytes)
+
+
+def _value(env: Envelope, budget: limits.DecodeBudget) -> dict[str, Any]:
+    v = encoding.decode(env.payload, budget=budget)
     if not isinstance(v, dict):
-        raise SchemaError(f"{what} is not a map")
-    return env, v
+        raise SchemaError(f"{budget.name} is not a map")
+    return v
+
+
+def _envelope(
+    data: bytes, budget: limits.DecodeBudget
+) -> tuple[Envelope, dict[str, Any]]:
+    """Envelope and payload of a document decoded before its signature (small budgets)."""
+    env = _env(data, budget.max_bytes, budget.name)
+    return env, _value(env, budget)
 
 
 def _signed_by(doc_type: str, env: Envelope, public: bytes, what: str) -> None:
@@ -223,7 +260,7 @@ class TrustedSite:
     @classmethod
     def load(cls, data: bytes) -> TrustedSite:
         """Pin a site from its document (the operator chose to trust it): self-signed check."""
-        env, v = _envelope(data, MAX_SITE_DOC_BYTES, "site document")
+        env, v = _envelope(data, SITE_DOC_BUDGET)
         doc = SiteDoc.from_value(v)
         _signed_by(SITE_TYPE, env, doc.key, f"site {doc.name} v{doc.version}")
         return cls({doc.version: doc}, {doc.version: data})
@@ -241,14 +278,16 @@ class TrustedSite:
 
     def rotate(self, data: bytes) -> TrustedSite:
         """Return the site after accepting document N+1 (signed by N's key and its own)."""
-        env, v = _envelope(data, MAX_SITE_DOC_BYTES, "site document")
-        doc = SiteDoc.from_value(v)
+        env = _env(data, MAX_SITE_DOC_BYTES, "site document")
         cur = self.current
+        # The old key's signature first, over the raw bytes: a document no key
+        # of ours signed is never decoded.
+        _signed_by(SITE_TYPE, env, cur.key, f"site {cur.name} v{cur.version + 1} (old key)")
+        doc = SiteDoc.from_value(_value(env, SITE_DOC_BUDGET))
         if doc.version != cur.version + 1:
             raise RollbackError(f"site document v{doc.version} cannot follow v{cur.version}")
         if doc.name != cur.name:
             raise MixAndMatchError(f"site document for {doc.name!r} cannot follow {cur.name!r}")
-        _signed_by(SITE_TYPE, env, cur.key, f"site {doc.name} v{doc.version} (old key)")
         _signed_by(SITE_TYPE, env, doc.key, f"site {doc.name} v{doc.version} (new key)")
         return TrustedSite({**self.docs, doc.version: doc}, {**self.envelopes, doc.version: data})
 
@@ -276,19 +315,41 @@ class TrustedSite:
     # -- revocation lists (rule 9) ---------------------------------------------------
 
     def verify_revocations(self, data: bytes) -> RevocationList:
-        """Verify a revocation list: signed by the current site key, for this site."""
-        env, v = _envelope(data, MAX_REVOCATIONS_BYTES, "revocation list")
-        rl = RevocationList.from_value(v)
-        if rl.site != self.name:
-            raise MixAndMatchError(
-                f"revocation list is for site {rl.site!r}, this node is in site {self.name!r}"
-            )
+        """Verify a revocation list: signed by a live site key, for this site.
+
+        The signature over the raw payload is checked before the payload is
+        decoded (``REVOCATIONS_BUDGET``).
+        """
+        env = _env(data, MAX_REVOCATIONS_BYTES, "revocation list")
         live = self.issuers()
         signer = [kid for kid, _ in env.signatures if kid in live]
         if not signer:
             raise UnknownKeyError("revocation list is not signed by a live key of this site")
         _signed_by(REVOCATIONS_TYPE, env, live[signer[0]].key, "revocation list")
+        rl = RevocationList.from_value(_value(env, REVOCATIONS_BUDGET))
+        if rl.site != self.name:
+            raise MixAndMatchError(
+                f"revocation list is for site {rl.site!r}, this node is in site {self.name!r}"
+            )
         return rl
+
+    def classify(self, data: bytes) -> str:
+        """Which document ``data`` is, by the signature that verifies over it (no decoding):
+        ``REVOCATIONS_TYPE`` (a live key), ``SITE_TYPE`` (the current key: a rotation).
+
+        Raises the signature error when neither does.
+        """
+        env = _env(data, MAX_REVOCATIONS_BYTES, "site document")
+        live = self.issuers()
+        signer = [kid for kid, _ in env.signatures if kid in live]
+        if not signer:
+            raise UnknownKeyError("document is not signed by a live key of this site")
+        try:
+            _signed_by(REVOCATIONS_TYPE, env, live[signer[0]].key, "revocation list")
+            return REVOCATIONS_TYPE
+        except BadSignatureError:
+            _signed_by(SITE_TYPE, env, self.current.key, "site document")
+            return SITE_TYPE
 
     # -- credentials (rules 4-8) -----------------------------------------------------
 
@@ -339,7 +400,7 @@ class TrustedSite:
         signed by a live site key, and its credential must admit this very
         node now (rules 4-8: its node id and its key are this node's).
         """
-        env, v = _envelope(data, MAX_MEMBERSHIP_BYTES, "membership document")
+        env, v = _envelope(data, MEMBERSHIP_BUDGET)
         if v.get("_type") != MEMBERSHIP_TYPE or v.get("spec") != SPEC_VERSION:
             raise SchemaError("document is not a p2pupd membership document")
         chain_v, cred, epk, sealed, rl_v = (
@@ -355,7 +416,7 @@ class TrustedSite:
         for d in chain_v:
             if not isinstance(d, bytes):
                 raise SchemaError("membership document: bad site chain")
-            _, dv = _envelope(d, MAX_SITE_DOC_BYTES, "site document")
+            _, dv = _envelope(d, SITE_DOC_BUDGET)
             chain[SiteDoc.from_value(dv).version] = d
         if not isinstance(cred, bytes) or not isinstance(sealed, bytes) or len(sealed) > 256:
             raise SchemaError("membership document: bad credential or sealed key")
@@ -387,15 +448,6 @@ class Membership:
     sealed: bytes
     revocations: RevocationList | None
     revocations_bytes: bytes | None
-
-
-def document_type(data: bytes) -> str:
-    """The ``_type`` of a signed site document (to route it); ``SchemaError`` if none."""
-    _, v = _envelope(data, MAX_REVOCATIONS_BYTES, "site document")
-    t = v.get("_type")
-    if not isinstance(t, str):
-        raise SchemaError("document has no type")
-    return t
 
 
 def _payload(data: bytes) -> bytes:
@@ -455,7 +507,7 @@ class EnrolRequest:
 
 def verify_enrol_request(data: bytes) -> EnrolRequest:
     """Return the request in ``data`` if the node key it names signed it (rule 3)."""
-    env, v = _envelope(data, MAX_ENROL_BYTES, "enrolment request")
+    env, v = _envelope(data, ENROL_BUDGET)
     req = EnrolRequest.from_value(v)
     _signed_by(ENROL_TYPE, env, req.node_key, f"enrolment request of node {req.node_id.hex()[:12]}")
     return req

@@ -69,6 +69,11 @@ TAG_BYTES = 16
 KEY_BYTES = 32
 MAX_RECIPIENTS = 64
 MAX_HEADER_BYTES = 64 * limits.KiB
+# The header is read before anything is verified: a map of 5, recipients of 3.
+HEADER_BUDGET = limits.DecodeBudget(
+    max_bytes=MAX_HEADER_BYTES, max_objects=16 + 4 * MAX_RECIPIENTS, max_depth=3,
+    max_len=MAX_RECIPIENTS, max_str=64, max_bin=64, name="sealed bundle header",
+)  # fmt: skip
 # Per blob the table holds two digests and a size (~75 bytes encoded).
 MAX_TABLE_BYTES = limits.MAX_INDEX_BYTES + 128 * limits.MiB
 _CONTEXT = b"p2pupd sealed v1\x00"
@@ -247,7 +252,7 @@ class Header:
     @classmethod
     def decode(cls, data: bytes) -> Header:
         """Parse a header; ``CodecError``/``SchemaError`` on anything out of shape or bounds."""
-        v = encoding.decode(data, MAX_HEADER_BYTES)
+        v = encoding.decode(data, budget=HEADER_BUDGET)
         if (
             not isinstance(v, dict)
             or v.get("_type") != HEADER_TYPE

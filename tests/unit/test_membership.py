@@ -30,7 +30,7 @@ from p2pupd.protocol.site.membership import (
     verify_enrol_request,
 )
 from p2pupd.protocol.site.sealed import x25519_public
-from p2pupd.tools.site.authority import SiteAuthority, SiteError
+from p2pupd.tools.site.authority import SiteAuthority, SiteError, ca_certificate
 
 NOW = 1_800_000_000
 DAY = 86400
@@ -193,7 +193,7 @@ def test_revocation_list_of_another_site_or_key_is_refused(
     other = SiteAuthority.init(tmp_path / "other", "plant-8", NOW)
     credential(other, node := FakeNode())
     data, _, _ = other.revoke(node.node_id.hex()[:8], NOW)
-    with pytest.raises(MixAndMatchError):
+    with pytest.raises(UnknownKeyError):  # the signature is checked first, before decoding
         pinned(site).verify_revocations(data)
     same_name = SiteAuthority.init(tmp_path / "twin", "plant-7", NOW)
     credential(same_name, node2 := FakeNode())
@@ -220,14 +220,21 @@ def test_credential_signed_by_a_revoked_site_key_is_refused(site: SiteAuthority)
 
 def test_site_rotation_needs_both_keys_and_the_next_version(site: SiteAuthority) -> None:
     v1 = pinned(site)
+    v1_key = site.key
     data = site.rotate(NOW, compromised=False)
     doc = v1.rotate(data).current
     # Signed by the new key alone: refused (a thief of nothing cannot rotate).
     alone = type(doc)(doc.name, doc.version, doc.key, doc.seal, doc.ca).sign([site.key])
     with pytest.raises((BadSignatureError, UnknownKeyError)):
         v1.rotate(alone)
-    with pytest.raises(RollbackError):  # skipping a version
+    with pytest.raises(UnknownKeyError):  # v3 is signed by v2's key, which v1 does not know
         v1.rotate(site.rotate(NOW, compromised=False))
+    # Signed by v1's key and a new one, but numbered v3: skipping a version.
+    new = Ed25519PrivateKey.generate()
+    skip = type(doc)(doc.name, 3, new.public_key().public_bytes_raw(), doc.seal,
+                     ca_certificate(doc.name, new, NOW))  # fmt: skip
+    with pytest.raises(RollbackError):
+        v1.rotate(skip.sign([v1_key, new]))
 
 
 def test_pinned_site_document_must_be_self_signed(site: SiteAuthority) -> None:

@@ -40,6 +40,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         immutable=args.immutable,
         hook_limits=_hook_limits(args),
         site_file=Path(args.site) if args.site else None,
+        allow_hazardous_modes=args.allow_hazardous_modes,
     )
     print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
     return EXIT_OK
@@ -156,6 +157,12 @@ def register(add: Adder) -> None:
         "--immutable",
         action="store_true",
         help="targets are never modified in place: hard-link unchanged files",
+    )
+    sp.add_argument(
+        "--allow-hazardous-modes",
+        action="store_true",
+        help="let releases install set-id files others can write and world-writable "
+        "directories without the sticky bit (refused by default)",
     )
     sp.add_argument(
         "--hook-fuel", type=int, help=f"fuel per WebAssembly hook (default {HOOK_DEFAULT_FUEL:,})"

@@ -1,7 +1,9 @@
 """``p2pupd show`` and ``p2pupd verify``: look into a repository or a bundle.
 
 Both are read-only. A bundle is read as untrusted (no symlink followed, every
-member bounded, names built from parsed digests). ``verify`` checks what a
+member bounded, names built from parsed digests, JSON and msgpack decoded
+within their ``limits`` budgets, a release payload decoded only once it
+verified under the bundle's own roots, when it has them). ``verify`` checks what a
 node would check — the root chain, every release signature, every blob the
 releases name present and hashing to its name, and no unreferenced blob —
 against a root you give (``--trust``), or else the document's own root v1
@@ -102,7 +104,7 @@ def _load_bundle(path: Path) -> Contents:
         )
 
     roots: dict[int, bytes] = {}
-    releases = []
+    envelopes: list[bytes] = []
     patched: list[str] = []
     carried: dict[bytes, int] = {}
     for d in index:
@@ -114,7 +116,7 @@ def _load_bundle(path: Path) -> Contents:
             for layer in art.layers:
                 data = blob(layer.digest, layer.size)
                 env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-                roots[Root.from_value(encoding.decode(env.payload)).version] = data
+                roots[_root(env).version] = data
         elif art.artifact_type == oci.RELEASE_ARTIFACT:
             first = art.layers[0]
             patch = oci.release_patch(art)
@@ -126,20 +128,45 @@ def _load_bundle(path: Path) -> Contents:
                     f"(patch against {base})"
                 )
                 continue
-            data = blob(first.digest, first.size)
-            env = Envelope.decode(data, limits.MAX_MANIFEST_BYTES)
-            releases.append((Manifest.decode(env.payload), env, data))
+            envelopes.append(blob(first.digest, first.size))
+    own = _own_chain(roots)
+    releases = [_release(data, own) for data in envelopes]
     carried[oci.empty_descriptor().digest] = len(oci.EMPTY_JSON)
     return Contents("bundle", roots, releases, blob_dir, carried, patched)
+
+
+def _root(env: Envelope) -> Root:
+    """The root an (unverified) root envelope holds, decoded within ``limits.ROOT_BUDGET``."""
+    return Root.from_value(encoding.decode(env.payload, budget=limits.ROOT_BUDGET))
+
+
+def _own_chain(roots: dict[int, bytes]) -> TrustedRoot | None:
+    """The bundle's own root v1 rotated as far as its roots go, or None without a v1."""
+    if 1 not in roots:
+        return None
+    return TrustedRoot.load(roots[1]).walk(roots, None, {})
+
+
+def _release(data: bytes, own: TrustedRoot | None) -> tuple[Manifest, Envelope, bytes]:
+    """Decode a bundle's release envelope for display.
+
+    With the bundle's own root chain the payload is decoded only once its
+    signatures verify under it (a release no root of the bundle signed is
+    refused before it costs anything); without one -- a bundle carrying no
+    root v1 -- within ``limits.MANIFEST_BUDGET``.
+    """
+    if own is not None:
+        man, env = own.verify_release(data, None)
+        return man, env, data
+    env = Envelope.decode(data, limits.MAX_MANIFEST_BYTES)
+    return Manifest.decode(env.payload), env, data
 
 
 def describe(c: Contents) -> dict[str, Any]:
     """The ``show --json`` document."""
     roots = []
     for v, data in sorted(c.roots.items()):
-        root = Root.from_value(
-            encoding.decode(Envelope.decode(data, limits.MAX_ROOT_BYTES).payload)
-        )
+        root = _root(Envelope.decode(data, limits.MAX_ROOT_BYTES))
         roots.append({
             "version": v,
             "name": root.name,
