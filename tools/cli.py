@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from p2pupd.daemon import api
 from p2pupd.protocol.errors import (
@@ -27,6 +28,7 @@ from p2pupd.protocol.errors import (
     VerificationError,
 )
 from p2pupd.tools import demo
+from p2pupd.tools.commands import config as cmd_config
 from p2pupd.tools.commands import daemon as cmd_daemon
 from p2pupd.tools.commands import inspect as cmd_inspect
 from p2pupd.tools.commands import maint as cmd_maint
@@ -44,7 +46,9 @@ from p2pupd.tools.commands.base import (
 from p2pupd.tools.publisher import keys
 from p2pupd.tools.site.authority import SiteError
 
-COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_site, cmd_maint, cmd_daemon, demo]
+COMMAND_MODULES = [
+    cmd_publisher, cmd_inspect, cmd_node, cmd_site, cmd_config, cmd_maint, cmd_daemon, demo,
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"p2pupd {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add = Adder(sub)
     for mod in COMMAND_MODULES:
         mod.register(add)
     return p
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "unknown"
+    when run from a source tree that was never installed."""
+    try:
+        return metadata.version("p2pupd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -351,6 +351,16 @@ def _rebuild_envelope(
             "(export it again for this node: --from-version its version, or --for its request)"
         )
         return UnresolvedRelease(comp, what, msg)
+    return rebuild_envelope(base, blob, patch, what)
+
+
+def rebuild_envelope(base: bytes, blob: bytes, patch: oci.ReleasePatch, what: str) -> bytes:
+    """Return the envelope release patch ``blob`` makes from envelope ``base`` (rule 2b).
+
+    ``what`` names the release in messages ("app 2.0"). Raises
+    ``HashMismatchError`` when the patch does not apply or does not make the
+    envelope it names. The caller checks ``sha256(base) == patch.base``.
+    """
     try:
         if patch.media_type == oci.RELEASE_ZPATCH_MEDIA_TYPE:
             data = apply_dict_patch(base, blob, patch.result_size)

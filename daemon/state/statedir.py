@@ -3,6 +3,7 @@
 Layout (all under STATE, one filesystem):
 
     config.msgpack            node id, platform, components and their targets
+    config.backup.msgpack     a second copy of it, for ``p2pupd config repair``
     state.msgpack             per component: installed serial, kept versions,
                               rollback high-water mark, bad releases, history
     trust/root.msgpack        the pinned root envelope (latest accepted)
@@ -256,6 +257,7 @@ class StateDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.config_path = root / "config.msgpack"
+        self.config_backup_path = root / "config.backup.msgpack"
         self.state_path = root / "state.msgpack"
         self.trust_dir = root / "trust"
         self.releases_dir = root / "releases"
@@ -331,10 +333,28 @@ class StateDir:
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
             )
-        return NodeConfig.from_value(self._read(self.config_path))
+        try:
+            data = self.config_path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.config_path}: {exc.strerror}") from None
+        try:
+            return NodeConfig.from_value(encoding.decode(data))
+        except (CodecError, ConfigError) as exc:
+            raise ConfigError(
+                f"{self.config_path} is damaged ({exc}); `p2pupd config repair` rebuilds it, "
+                "keeping the node id"
+            ) from None
 
     def write_config(self, config: NodeConfig) -> None:
-        atomic_write(self.config_path, encoding.encode(config.to_value()), mode=0o600)
+        """Write the configuration, then its backup copy (each atomically).
+
+        The copy is what ``p2pupd config repair`` restores when the first one
+        is damaged (a bad sector, a stray edit); a crash between the two
+        writes leaves one old and one new valid document, never a torn one.
+        """
+        data = encoding.encode(config.to_value())
+        atomic_write(self.config_path, data, mode=0o600)
+        atomic_write(self.config_backup_path, data, mode=0o600)
 
     def read_states(self) -> dict[str, ComponentState]:
         if not self.state_path.exists():
@@ -375,11 +395,38 @@ def new_node_id() -> bytes:
     return secrets.token_bytes(16)
 
 
+NOW_ENV = "P2PUPD_NOW"
+
+
 def now_seconds() -> int:
-    """Wall-clock seconds for history entries and expiry checks."""
-    override = os.environ.get("P2PUPD_NOW")
+    """Wall-clock seconds for history entries and expiry checks.
+
+    ``P2PUPD_NOW`` overrides the clock (a site whose clock is known to be
+    wrong; tests): whole seconds since 1970-01-01 UTC (``1803902400``), or an
+    ISO-8601 time (``2027-03-01T12:00:00Z``; UTC unless it names an offset; a
+    date alone is its midnight UTC). Raises ``ConfigError`` for anything else.
+    """
+    override = os.environ.get(NOW_ENV)
     if override:
-        return int(override)
+        return parse_instant(override.strip())
     import time
 
     return int(time.time())
+
+
+def parse_instant(text: str) -> int:
+    """Seconds since the epoch of ``text`` (see ``now_seconds``); ``ConfigError`` if odd."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{NOW_ENV}={text!r} is not a time: give seconds since 1970-01-01 UTC "
+            "(e.g. 1803902400) or ISO-8601 UTC (e.g. 2027-03-01T12:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2pupd.daemon import api
 from p2pupd.protocol.errors import P2pupdError
 
 EXIT_OK = 0
@@ -37,9 +37,9 @@ def state_dir(args: argparse.Namespace) -> Path:
 
 
 def now() -> int:
-    """The clock trusted for expiry; P2PUPD_NOW overrides it (tests, skewed sites)."""
-    override = os.environ.get("P2PUPD_NOW")
-    return int(override) if override else int(time.time())
+    """The clock trusted for expiry; ``P2PUPD_NOW`` overrides it (seconds since the
+    epoch, or ISO-8601 UTC: see ``api.now_seconds``; a bad value is exit 2)."""
+    return api.now_seconds()
 
 
 def out(args: argparse.Namespace, doc: Any, human: Callable[[], None]) -> None:
