@@ -18,6 +18,7 @@ from typing import Any
 from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon import ops
 from p2pupd.daemon.apply.engine import ApplyResult
+from p2pupd.daemon.apply.transaction import UnfinishedTransactionError
 from p2pupd.daemon.bundles.importer import (
     ImportedRelease,
     ImportInterruptedError,
@@ -77,6 +78,7 @@ __all__ = [
     "NotFoundError",
     "StateSource",
     "StorageError",
+    "UnfinishedTransactionError",
     "WatchEvent",
     "apply",
     "atomic_write",

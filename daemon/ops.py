@@ -94,7 +94,9 @@ class ComponentOptions:
         if self.retain is not None and not 0 <= self.retain <= nodeconfig.MAX_RETAIN:
             raise ConfigError(f"retain wants 0..{nodeconfig.MAX_RETAIN}, got {self.retain}")
         if self.health_seconds is not None and not 0 < self.health_seconds <= 86400:
-            raise ConfigError(f"health timeout wants 0 < seconds <= 86400, got {self.health_seconds:g}")
+            raise ConfigError(
+                f"health timeout wants 0 < seconds <= 86400, got {self.health_seconds:g}"
+            )
 
     def applied_to(self, old: ComponentConfig) -> ComponentConfig:
         given = {k: v for k, v in vars(self).items() if v is not None}
@@ -162,7 +164,11 @@ def init_node(
         comps = dict(old.components) if old else {}
         for name, target in zip(names, components.values(), strict=True):
             base = comps.get(name) or ComponentConfig(name=name, target=target)
-            comps[name] = options.applied_to(replace(base, target=target.resolve()))
+            made = options.applied_to(replace(base, target=target))
+            # A symlink-kind target is the link itself (re-running init must not
+            # follow it to the version it points at): resolve only its directory.
+            path = target.parent.resolve() / target.name if made.kind == "symlink" else None
+            comps[name] = replace(made, target=path or target.resolve())
         cfg = NodeConfig(
             node_id=old.node_id if old else new_node_id(),
             platform=platform or (old.platform if old else default_platform()),
@@ -310,9 +316,7 @@ def config_repair(state_dir: Path, platform: str | None = None) -> dict[str, Any
             return {"repaired": False, "notes": ["the configuration is sound"],
                     "config": nodeconfig.as_doc(cfg)}  # fmt: skip
         if not (sd.config_path.exists() or sd.config_backup_path.exists()):
-            raise ConfigError(
-                f"{sd.root} has no configuration to repair (run `p2pupd init`)"
-            )
+            raise ConfigError(f"{sd.root} has no configuration to repair (run `p2pupd init`)")
         found = nodeconfig.salvage(sd, platform)
         sd.create(found.config)
     return {"repaired": True, "notes": found.notes, "config": nodeconfig.as_doc(found.config)}
@@ -416,6 +420,7 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
         "available": {"serial": newest, "version": label(newest)} if newest else None,
         "high_water": st.high_water,
         "bad": {str(s): r for s, r in st.bad.items()},
+        "interrupted": {str(s): n for s, n in st.interrupted.items()},
         "last_error": st.last_error,
     }
 
@@ -434,11 +439,17 @@ def recover_if_free(node: Node) -> tuple[list[str], dict[str, dict[str, Any]]]:
         return [], applier.pending()
     try:
         return applier.recover(), applier.pending()
+    except StorageError:
+        # Recovery must write (a full disk, a read-only target): it runs
+        # again with the next command that can; report what is open.
+        return [], applier.pending()
     finally:
         node.lock.release()
 
 
-def status(node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def status(
+    node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The node's state as plain data (the ``status --json`` document, without a daemon's part).
 
     ``recovered`` and ``pending`` come from ``recover_if_free`` (a command) or

@@ -2,10 +2,13 @@
 
 Exit codes (documented in README and ``p2pupd --help``):
   0  success
-  1  operational error (I/O, missing data, apply failed and rolled back)
+  1  operational error (I/O, missing data, apply failed and rolled back);
+     for apply, import --apply and rollback: the old version is live
   2  usage or configuration error
   3  refused by verification (signature, threshold, hash, rollback, expiry,
      malformed or hostile input)
+  4  an apply or rollback failed after its swap and the new version is live,
+     its transaction still open (the next command or `p2pupd recover` settles it)
 Every error is one line on stderr; a traceback appears only with P2PUPD_DEBUG=1.
 
 Commands live in ``cmd_*`` modules, each with ``register(add)``; a new group of
@@ -39,6 +42,7 @@ from p2pupd.tools.commands.base import (
     EPILOG,
     EXIT_ERROR,
     EXIT_REFUSED,
+    EXIT_UNFINISHED,
     EXIT_USAGE,
     Adder,
     UsageError,
@@ -81,6 +85,8 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_REFUSED
     if isinstance(exc, (UsageError, keys.KeyFileError, api.ConfigError, SiteError)):
         return EXIT_USAGE
+    if isinstance(exc, api.UnfinishedTransactionError):
+        return EXIT_UNFINISHED
     return EXIT_ERROR
 
 

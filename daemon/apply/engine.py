@@ -34,7 +34,7 @@ from typing import Any
 
 from p2pupd.daemon.apply.checks import HealthCheck, Hooks, run_health_command
 from p2pupd.daemon.apply.plan import Planner, StagePlan, kept_path, reusable_files
-from p2pupd.daemon.apply.targets import Target, target_for
+from p2pupd.daemon.apply.targets import Target, lstat_or_none, target_for
 from p2pupd.daemon.apply.transaction import CRASH_POINTS, Transactions, Tx
 from p2pupd.daemon.errors import (
     ApplyError,
@@ -221,8 +221,7 @@ class Applier:
         if serial in st.kept and self.planner.intact(cache, target, man, kept):
             tx = self.tx.begin(cfg, serial, st.installed, kept, "switch", checked, event)
         else:
-            rec = self.planner.recyclable(cfg, target, cache, st, serial, man)
-            plan = self.planner.plan(cfg, target, cache, man, st, rec)
+            rec, plan = self._plan(cfg, target, cache, man, st)
             tx, report = self._stage_tx(cfg, target, cache, man, st, plan, rec, checked, event)
         stage_seconds = time.monotonic() - t0
         try:
@@ -235,6 +234,34 @@ class Applier:
             cfg.name, serial, man.version, st.installed, True, report, note, modified,
             stage_seconds, tx.live_at - t0, tx.swap_ns,
         )  # fmt: skip
+
+    def _plan(
+        self, cfg: ComponentConfig, target: Target, cache: StatCache, man: Manifest,
+        st: ComponentState,
+    ) -> tuple[Recycled | None, StagePlan]:  # fmt: skip
+        """Choose the version to reshape into the stage (if any) and plan the stage.
+
+        Everything is decided before anything is dropped: the version to be
+        reshaped is no source of the plan (its files move and go while the
+        stage is built), only what it keeps in place counts. A kept version
+        staged in its own place (the symlink kind, when it is no longer
+        intact) is reshaped there. If some content is then found nowhere but in
+        the version that would be recycled, it is not recycled: the stage is
+        built fresh and that version is dropped after the commit, as usual.
+        Raises ``NotFoundError`` (nothing has changed).
+        """
+        serial = man.serial
+        src = target.stage_path(serial)
+        if serial in st.kept and src == target.version_path(serial) and lstat_or_none(src):
+            own = self.planner.in_place(cfg, target, cache, serial, man)
+            return own, self.planner.plan(cfg, target, cache, man, st, own)
+        rec = self.planner.recyclable(cfg, target, cache, st, serial, man)
+        try:
+            return rec, self.planner.plan(cfg, target, cache, man, st, rec)
+        except NotFoundError:
+            if rec is None:
+                raise
+        return None, self.planner.plan(cfg, target, cache, man, st, None)
 
     def _stage_tx(
         self,
@@ -251,19 +278,28 @@ class Applier:
         """Begin a transaction and build its stage (recycling a dropped version if any)."""
         serial = man.serial
         src = target.stage_path(serial)
-        drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
-        if rec is not None:
-            drop.add(rec.serial)
+        # A kept version reshaped where it is (op ``reshape``) stays a kept
+        # version: if the transaction ends before the swap it is left as far as
+        # the reshape got, a kept version no longer intact, reshaped again by
+        # the next attempt (its stat cache records trust only what is intact).
+        in_place = rec is not None and target.version_path(rec.serial) == src
+        drop = set()
+        if not in_place:
+            drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
+            if rec is not None:
+                drop.add(rec.serial)
         if drop:
             # A kept version re-staged in its own place, or recycled as the
             # stage, stops being a kept version first (so a crash cannot leave
             # the state pointing at a half-built tree).
             st = replace(st, kept=tuple(s for s in st.kept if s not in drop))
             self.node.state.update_state(cfg.name, st)
-        target.discard(src, "apply", st.installed)  # debris of an earlier crash
-        tx = self.tx.begin(cfg, serial, st.installed, src, "apply", checked, event)
+        if not in_place:
+            target.discard(src, "apply", st.installed)  # debris of an earlier crash
+        op = "reshape" if in_place else "apply"
+        tx = self.tx.begin(cfg, serial, st.installed, src, op, checked, event)
         try:
-            if rec is not None:
+            if rec is not None and not in_place:
                 target.take(target.version_path(rec.serial), src)
                 self.tx.follow(cfg, target)
             report = self._stage(cfg, target, man, src, plan, rec)
@@ -286,7 +322,7 @@ class Applier:
             cache.save()
             self._pre_apply(cfg, target, man, tx, st)
         except BaseException:
-            self.tx.abort(cfg, tx)
+            self.tx.abort_quietly(cfg, tx)
             raise
         return tx, report
 

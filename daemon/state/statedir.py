@@ -10,7 +10,7 @@ Layout (all under STATE, one filesystem):
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
     blobs/sha256/<hex>        the content-addressed store (see store.py)
-    journal/<c>.log           the apply journal (see journal.py)
+    journal/<c>.log           the apply journal (see apply/transaction.py)
     lock                      flock held by whoever mutates the state
     tmp/ fetching/ incoming/  blobs on their way into the store
     cache/                    derived data (manifests, hook modules, stat caches)
@@ -199,7 +199,8 @@ class NodeConfig:
 @dataclass(frozen=True)
 class HistoryEntry:
     time: int
-    event: str  # "applied", "rolled-back", "health-failed", "refused", "imported", "recovered"
+    # "applied", "rolled-back", "health-failed", "interrupted", "refused", "imported", ...
+    event: str
     serial: int | None
     version: str | None
     detail: str = ""
@@ -222,6 +223,9 @@ class ComponentState:
     high_digest: bytes | None = None  # payload digest of that release
     bad: dict[int, str] = field(default_factory=dict)  # serial -> why it failed here
     last_error: str | None = None
+    # serial -> how often an apply of it was cut off between swap and commit (a
+    # crash, a power cut): retried, and marked bad only after a few (recovery.py)
+    interrupted: dict[int, int] = field(default_factory=dict)
     history: tuple[HistoryEntry, ...] = ()
 
     def with_event(self, entry: HistoryEntry) -> ComponentState:
@@ -236,6 +240,7 @@ class ComponentState:
             "bad": [[s, r] for s, r in sorted(self.bad.items())],
             "last_error": self.last_error,
             "history": [h.to_value() for h in self.history],
+            "interrupted": [[s, n] for s, n in sorted(self.interrupted.items())],
         }
 
     @classmethod
@@ -248,6 +253,7 @@ class ComponentState:
             bad={int(s): str(r) for s, r in v["bad"]},
             last_error=v["last_error"],
             history=tuple(HistoryEntry(**h) for h in v["history"]),
+            interrupted={int(s): int(n) for s, n in v.get("interrupted", [])},
         )
 
 

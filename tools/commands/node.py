@@ -157,6 +157,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             avail = (c["available"]["version"] or "?") if c["available"] else "-"
             kept = ",".join(k["version"] or "?" for k in c["kept"]) or "-"
             note = c["last_error"] or ""
+            if c.get("transaction"):
+                t = c["transaction"]
+                note = f"open transaction: {t['op']} of serial {t['to']} at step {t['step']}"
             print(
                 f"{name:<16} {c['version'] or '-':<14} {c['serial'] or '-':>6}  {avail:<14} {kept:<14} {note}"
             )
