@@ -36,7 +36,7 @@ from p2pupd.daemon.errors import (
     StorageError,
 )
 from p2pupd.daemon.fsutil import FileLock
-from p2pupd.daemon.state import nodeconfig
+from p2pupd.daemon.state import components, nodeconfig
 from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.nodeconfig import check_health_cmd
@@ -516,9 +516,7 @@ def mark_good(
         serial = max(st.bad)
     if serial not in st.bad:
         raise NotFoundError(f"{component} serial {serial} is not marked bad on this node")
-    bad = dict(st.bad)
-    bad.pop(serial)
-    node.state.update_state(component, replace(st, bad=bad))
+    components.marked_good(node, component, serial)
     return serial
 
 

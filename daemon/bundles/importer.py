@@ -1,6 +1,6 @@
 """Import a bundle (a USB stick, a directory) into a node.
 
-Theory of operation -- the medium is read-only and untrusted (see bundleio.py
+Theory of operation -- the medium is read-only and untrusted (see reader.py
 for how it is read), and nothing on the node changes until all of it checks out:
 
 1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
@@ -59,9 +59,9 @@ from p2pupd.daemon.bundles.verify import (
 )
 from p2pupd.daemon.errors import BundleError, MissingBaseError, StorageError
 from p2pupd.daemon.fsutil import ensure_free, write_all
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.gate import needed_for, persist_release
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.daemon.store.incoming import Incoming
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
@@ -423,16 +423,13 @@ def _persist(
     """Record the new root, the releases and the high-water marks (step 6).
 
     Releases take the one path every verified release takes into a node
-    (``accept.persist_release``).
+    (``gate.persist_release``).
     """
     if meta.trusted.version != node.trusted_root().version:
         node.trust_store.advance(meta.roots, now)
     for comp, serial, version, msg in report.no_variant:
         # Recorded once, so `apply` can say why a release the site expects is absent.
-        st = node.state.read_state(comp)
-        if not any(h.event == "no-variant" and h.serial == serial for h in st.history):
-            entry = HistoryEntry(now_seconds(), "no-variant", serial, version, msg)
-            node.state.update_state(comp, st.with_event(entry))
+        components.no_variant(node, comp, serial, version, msg)
     for c in todo:
         man = c.rel.manifest
         if c.new:
