@@ -123,10 +123,6 @@ class TLSStream(trio.abc.Stream):
         """The DER certificate the peer presented (after the handshake)."""
         return self._obj.getpeercert(binary_form=True)
 
-    @property
-    def version(self) -> str | None:
-        return self._obj.version()
-
     async def _flush(self) -> None:
         async with self._send_lock:
             data = self._out.read()

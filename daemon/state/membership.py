@@ -24,7 +24,6 @@ dir must not carry another node's membership).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,11 +282,6 @@ class MembershipStore:
             else {"sequence": ms.revocations.sequence, "revoked": len(ms.revocations.entries)},
         }
 
-    def leave(self) -> None:
-        """Forget the credential (not the pinned site): used when re-enrolling from scratch."""
-        for p in (self.cred_path, self.seal_path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
 
 
 def _read(path: Path) -> bytes:
