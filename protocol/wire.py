@@ -31,6 +31,10 @@ kinds are only sent to peers that advertised the matching Hello feature:
   ``NodeRequestData``; a daemon collects these into a site request for the
   publisher (protocol/request.py). The collector checks each one's signature
   and that it names the node id the peer proved in its Hello.
+* ``"site"`` (``FEATURE_SITE``): ``SiteNews`` pushes a signed site document
+  -- a revocation list, or a site document of a key rotation -- so that
+  revocations spread like releases (protocol/site/membership.py). A hint like
+  Announce: the receiver verifies it against its own pinned site.
 * ``"report"`` (``FEATURE_REPORT``): ``ReportNews`` pushes signed node reports
   and rollout actions (protocol/rollout), ``ReportDigest`` says which reports
   (node id, seq) and actions (digests) the sender holds, so the peer can send
@@ -104,6 +108,7 @@ FEATURE_BATCH = "batch"
 # link busy; the answers are paced by the reader, never buffered at once.
 MAX_BATCH_DIGESTS = 64
 FEATURE_REQUEST = "request"
+FEATURE_SITE = "site"
 FEATURE_REPORT = "report"
 # Signed documents per ReportNews, and their sizes (protocol/rollout bounds them
 # again when it decodes them): 32 x 8 KiB + 32 x 6 KiB stays far below a frame.
@@ -530,6 +535,15 @@ class NodeRequestData(_Wire):
 
 
 @dataclass(frozen=True, slots=True)
+class SiteNews(_Wire):
+    """A signed site document the sender holds (feature "site"); verified by the receiver."""
+
+    TYPE: ClassVar[int] = 40
+    DATA_LIMIT: ClassVar[int] = MAX_PAYLOAD_BYTES
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ReportNews(_Wire):
     """Signed node reports and rollout actions (feature "report"); the receiver verifies each."""
 
@@ -556,7 +570,8 @@ Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
-    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | ReportNews | ReportDigest
+    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | SiteNews | ReportNews
+    | ReportDigest
 )
 Request = (
     ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
@@ -572,7 +587,7 @@ _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
-    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, ReportNews, ReportDigest,
+    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, SiteNews, ReportNews, ReportDigest,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 

@@ -45,8 +45,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from p2pupd.daemon.bundles.reader import BundleReader
+from p2pupd.daemon.bundles.reader import Medium
+from p2pupd.daemon.bundles.sealedreader import open_bundle
 from p2pupd.daemon.bundles.siterequest import node_public_key
 from p2pupd.daemon.bundles.verify import (
     BundleMetadata,
@@ -234,7 +236,8 @@ def import_bundle(
     node unchanged but for complete blobs kept in ``STATE/incoming`` to resume.
     """
     t0 = time.monotonic()
-    with BundleReader(src) as reader:
+    keys = partial(node.membership.seal_keys, node.config.node_id)
+    with open_bundle(src, keys, node.root) as reader:
         meta = read_metadata(
             reader, node.trusted_root(), node.trust_store.history(), now, held_envelopes(node)
         )
@@ -282,7 +285,7 @@ class _BlobOpener:
     time: packed blobs are copied in pack order, so each pack is read about once.
     """
 
-    def __init__(self, reader: BundleReader, packed: dict[bytes, PackedBlob]) -> None:
+    def __init__(self, reader: Medium, packed: dict[bytes, PackedBlob]) -> None:
         self.reader = reader
         self.packed = packed
         self._lock = threading.Lock()

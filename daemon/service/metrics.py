@@ -39,6 +39,8 @@ READ_TIMEOUT_S = 5.0
 IMPORT_RESULTS = ("imported", "refused", "failed")
 BAN_REASONS = ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout", "other")
 ROLLBACK_REASONS = ("apply-failed", "operator")
+# Why a site member refused a link (daemon/service/sitegate.py), by the words of its reason.
+REFUSAL_REASONS = ("handshake", "expired", "revoked", "member", "timed out", "other")
 
 
 def _escape(value: str) -> str:
@@ -161,6 +163,11 @@ class DaemonMetrics:
         self.imports = r.counter(
             "p2pupd_imports", "Bundles imported through the daemon, by outcome", ("result",)
         )
+        self.refused = r.counter(
+            "p2pupd_peers_refused",
+            "Peer links refused for want of a valid site credential (TLS, expiry, revocation)",
+            ("reason",),
+        )
         self.site_nodes = r.gauge(
             "p2pupd_site_nodes",
             "Nodes of the site by component, installed version and state, from their reports",
@@ -193,6 +200,8 @@ class DaemonMetrics:
             self.imports.inc(0, result=result)
         for reason in BAN_REASONS:
             self.bans.inc(0, reason=reason)
+        for reason in REFUSAL_REASONS:
+            self.refused.inc(0, reason=reason)
         for comp in components:
             self.applies.inc(0, component=comp)
             for reason in ROLLBACK_REASONS:
@@ -253,6 +262,8 @@ class MetricsFeed:
         m = self.metrics
         if event == "peer-banned":
             m.bans.inc(reason=_short_reason(fields.get("reason")))
+        elif event == "peer-refused":
+            m.refused.inc(reason=_refusal_reason(fields.get("reason")))
         elif event == "applied":
             comp = str(fields.get("component"))
             m.applies.inc(component=comp)
@@ -333,6 +344,11 @@ class MetricsFeed:
             m.rollout_held.set(int(doc["halted"]), component=comp, serial=str(serial),
                                reason="halt")  # fmt: skip
         m.reports_refused.values[()] = float(table.refused)
+
+
+def _refusal_reason(reason: object) -> str:
+    text = str(reason or "").lower()
+    return next((key for key in REFUSAL_REASONS[:-1] if key in text), "other")
 
 
 def _short_reason(reason: object) -> str:

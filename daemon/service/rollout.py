@@ -46,6 +46,8 @@ from p2pupd.daemon.errors import ApplyError, DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.fsutil import atomic_write
 from p2pupd.daemon.offload import Offload
+from p2pupd.daemon.service.sitegate import SiteGate
+from p2pupd.daemon.service.sitemembers import SiteMembers
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.report import component_reports
 from p2pupd.daemon.state.statedir import now_seconds
@@ -95,10 +97,14 @@ class RolloutService:
         options: RolloutOptions,
         auto_apply: Callable[[str, int], None],
         spread: Callable[[list[bytes], list[bytes]], None],
+        gate: SiteGate | None = None,
     ) -> None:
         """``auto_apply(c, s)`` starts an apply the gate allowed; ``spread(reports,
-        actions)`` sends documents this node made to its peers."""
+        actions)`` sends documents this node made to its peers; ``gate`` is the
+        node's site membership (where there is one, only members count)."""
         self.node = node
+        self.gate = gate
+        self.members: SiteMembers | None = None
         self.offload = offload
         self.options = options
         self._auto_apply = auto_apply
@@ -302,10 +308,11 @@ class RolloutService:
             wave = self._current_wave(component, serial)
         cfg = self.node.config
         key = await self.offload(lambda: node_key(self.node.state))
+        credential = await self.offload(self._credential)
         action = OperatorAction(
             kind, component, serial, cfg.node_id, key.public_key().public_bytes_raw(),
             self.rules().repository, self.rules().site, now_seconds(), reason, wave,
-            ack_failures, ack_halts,
+            ack_failures, ack_halts, credential,
         )  # fmt: skip
         raw = sign_action(action, key)
         self.offer_action(raw)
@@ -374,7 +381,7 @@ class RolloutService:
         rules = self.rules()
         report = NodeReport(
             cfg.node_id, rules.own_key, rules.repository, rules.site, cfg.platform,
-            self._seq, wall, comps,
+            self._seq, wall, comps, self._credential(),
         )  # fmt: skip
         self._dirty = True
         return sign_report(report, key)
@@ -418,15 +425,48 @@ class RolloutService:
 
     # ----- persistence --------------------------------------------------------------------
 
+    def _site_rules(self) -> SiteRules:
+        """Whose documents count (``protocol.rollout.site``): members of the node's site
+        where it has one (the site's name is the site), else anyone of its cluster."""
+        node = self.node
+        if self._key is None:
+            self._key = node_key(node.state)
+        self.members = None
+        if self.gate is not None and self.gate.enabled:
+            self.members = SiteMembers(self.gate)
+        site = (self.members.site_name if self.members else None) or node.config.cluster
+        return SiteRules(
+            node.trusted_root().root.name, site, self._key.public_key().public_bytes_raw(),
+            self.members, frozenset(self.options.operators),
+        )  # fmt: skip
+
+    def membership_changed(self) -> None:
+        """The node's site, credential or revocation list changed: judge every report
+        again (a revoked node's report leaves the view) and report anew."""
+        if self.table is None or self.ledger is None:
+            return
+        rules = self._site_rules()
+        self.table.rules = self.ledger.rules = rules
+        gone = self.table.recheck(now_seconds())
+        if gone:
+            log("rollout-reports-dropped", nodes=len(gone), reason="membership changed")
+        self._last_report = -1e18
+        self._dirty = True
+        self.changed()
+
+    def _credential(self) -> bytes | None:
+        """This node's site credential, carried in its reports and actions (blocking)."""
+        if self.members is None:
+            return None
+        try:
+            return self.node.membership.credential_bytes()
+        except DaemonError:
+            return None
+
     def _load(self) -> None:
         """Open the site rules and the saved view (blocking)."""
         node = self.node
-        key = node_key(node.state)
-        self._key = key
-        rules = SiteRules(
-            node.trusted_root().root.name, node.config.cluster,
-            key.public_key().public_bytes_raw(), None, frozenset(self.options.operators),
-        )  # fmt: skip
+        rules = self._site_rules()
         live = self.options.live or 3 * self.options.report_interval
         self.table = ReportTable(
             rules, live_seconds=live, gone_seconds=max(live, self.options.gone)

@@ -174,6 +174,21 @@ class ReportTable:
         verdict = Verdict.NEW if previous is None else Verdict.NEWER
         return Offer(verdict, "", report, previous.report if previous else None)
 
+    def recheck(self, wall: int) -> list[bytes]:
+        """Drop the reports whose authors rules 2-3 no longer admit (the site rules
+        changed: a revocation, a credential expired, the node joined a site);
+        returns their node ids. Their marks stay: their old reports stay refused."""
+        rules = self.rules
+        gone = [
+            n
+            for n, e in self._entries.items()
+            if not rules.same_site(e.report.repository, e.report.site)
+            or not rules.admits(e.report.node_id, e.report.node_key, e.report.credential, wall)
+        ]
+        for n in gone:
+            del self._entries[n]
+        return gone
+
     def expire(self, now: float) -> list[bytes]:
         """Drop reports not refreshed for ``gone_seconds``; returns their node ids."""
         gone = [n for n, e in self._entries.items() if now - e.received > self.gone_seconds]

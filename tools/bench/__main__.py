@@ -15,6 +15,7 @@ BENCHES = {
     "transfer": "daemon-to-daemon loopback throughput vs a plain socket; idle RSS and CPU",
     "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
+    "tls": "peer-link throughput with and without TLS 1.3 (site credentials), same run",
     "rollout": "the site view at 1,000 and 10,000 nodes: report size, table memory, verify, decide",
 }
 
