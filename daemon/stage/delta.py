@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import lzma
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import bsdiff4
+import hdiffpatch
 import zstandard
 
 from p2pupd.daemon.errors import NotFoundError, StorageError
@@ -44,13 +46,19 @@ from p2pupd.protocol import limits
 from p2pupd.protocol.deltaplan import (
     BSDIFF40_MAGIC,
     MAX_FILE_DELTA_TARGET_BYTES,
+    PATCH2_MAGIC,
     PATCH_MAGIC,
     ChunkStep,
+    Codec,
     DeltaIndex,
     FilePlan,
     Holdings,
     Method,
+    Packing,
+    PatchHeader,
     Source,
+    lzma2_dict_size,
+    parse_hdiff_header,
     parse_patch_header,
     plan_file,
 )
@@ -75,22 +83,29 @@ def inflate(frame: bytes, max_size: int) -> bytes:
 
 
 def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
-    """Return bspatch(``base``, ``patch``), which must be ``target_size`` bytes long.
+    """Return ``patch`` applied to ``base``, which must give ``target_size`` bytes.
 
-    Accepts p2pupd's zstd container and classic BSDIFF40 patches. Raises
-    ``HashMismatchError`` for a malformed patch or one made for another size;
-    the caller still checks the result's hash.
+    Dispatches on the container (``protocol.deltaplan``): v1 (bsdiff4, zstd),
+    v2 (bsdiff4 or hdiffpatch; zstd or LZMA2) and classic BSDIFF40. Every
+    size is checked against ``target_size`` and ``base`` before anything is
+    inflated or allocated. Raises ``UnknownPatchCodecError`` for a codec or
+    packing this node does not know, ``HashMismatchError`` for a malformed
+    patch or one made for another size; the caller still checks the result's
+    hash.
     """
     try:
-        if patch[:4] == PATCH_MAGIC:
+        if patch[:4] in (PATCH_MAGIC, PATCH2_MAGIC):
             hdr = parse_patch_header(patch)
             if hdr.target_size != target_size:
                 raise HashMismatchError("patch was made for a different target size")
-            body = inflate(patch[hdr.body_offset :], hdr.max_body_size)
-            c, d = hdr.control_size, hdr.control_size + hdr.diff_size
-            if len(body) < d:
-                raise HashMismatchError("patch body is truncated")
-            out: bytes = bsdiff4.core.patch(base, target_size, body[:c], body[c:d], body[d:])
+            body = _unpack(patch[hdr.body_offset :], hdr)
+            if hdr.codec is Codec.HDIFFPATCH:
+                out = _hpatch(base, body, target_size)
+            else:
+                c, d = hdr.control_size, hdr.control_size + hdr.diff_size
+                if len(body) < d:
+                    raise HashMismatchError("patch body is truncated")
+                out = bsdiff4.core.patch(base, target_size, body[:c], body[c:d], body[d:])
         elif patch[:8] == BSDIFF40_MAGIC and len(patch) >= 32:
             out = _classic(base, patch, target_size)
         else:
@@ -100,6 +115,50 @@ def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
         raise HashMismatchError(f"corrupt patch: {exc}") from None
     if len(out) != target_size:
         raise HashMismatchError("patch produced the wrong number of bytes")
+    return out
+
+
+def _unpack(packed: bytes, hdr: PatchHeader) -> bytes:
+    """Return a container's body, never more than ``hdr.max_body_size`` bytes."""
+    if hdr.packing is Packing.LZMA2:
+        assert hdr.raw_size is not None  # only container v2 has packings
+        return _unlzma2(packed, hdr.raw_size)
+    body = inflate(packed, hdr.max_body_size)
+    if hdr.raw_size is not None and len(body) != hdr.raw_size:
+        raise HashMismatchError("patch body is not the size its header says")
+    return body
+
+
+def _unlzma2(packed: bytes, raw_size: int) -> bytes:
+    """Return the raw LZMA2 stream ``packed`` decoded: exactly ``raw_size`` bytes.
+
+    The dictionary (the decoder's memory) follows from ``raw_size``, which the
+    header check has bounded, never from the stream itself.
+    """
+    flt = {"id": lzma.FILTER_LZMA2, "dict_size": lzma2_dict_size(raw_size)}
+    d = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[flt])
+    try:
+        out = d.decompress(packed, max_length=raw_size + 1)
+    except lzma.LZMAError as exc:
+        raise HashMismatchError(f"corrupt LZMA2 data in a patch: {exc}") from None
+    if len(out) != raw_size or not d.eof:
+        raise HashMismatchError("patch body is not the size its header says")
+    return out
+
+
+def _hpatch(base: bytes, body: bytes, target_size: int) -> bytes:
+    """HDiffPatch's patch over an uncompressed body whose header fits ``base`` and the target.
+
+    HDiffPatch allocates the size its header declares, and would reach for a
+    decompressor the header names: both are checked first (``parse_hdiff_header``).
+    """
+    hdr = parse_hdiff_header(body)
+    if hdr.new_size != target_size or hdr.old_size != len(base):
+        raise HashMismatchError("hdiffpatch patch was made for other sizes")
+    try:
+        out: bytes = hdiffpatch.apply(base, body)
+    except hdiffpatch.HDiffPatchError as exc:
+        raise HashMismatchError(f"corrupt hdiffpatch patch: {exc}") from None
     return out
 
 

@@ -33,7 +33,8 @@ from p2pupd.protocol.deltaplan import (
 )
 from p2pupd.protocol.errors import HashMismatchError, SchemaError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.tools.publisher.deltas import DeltaMaker, encode_patch
+from p2pupd.protocol.patchcodec import encode_patch
+from p2pupd.tools.publisher.deltas import DeltaMaker
 from p2pupd.tools.publisher.segments import plan_segments
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

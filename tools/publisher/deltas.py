@@ -51,7 +51,7 @@ from p2pupd.protocol.deltaplan import (
     needed_blobs,
 )
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.protocol.patchcodec import encode_patch
+from p2pupd.protocol.patchcodec import EncodedPatch, encode_best
 from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource
 from p2pupd.tools.publisher.repo import Repo, RepoError
 from p2pupd.tools.publisher.segments import SimilarityIndex, plan_segments
@@ -105,6 +105,7 @@ class DeltaStats:
     patch_bytes: int = 0
     seconds: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)
+    codecs: dict[str, int] = field(default_factory=dict)  # "hdiffpatch+lzma2" -> recipes kept
 
 
 class DeltaMaker:
@@ -132,6 +133,7 @@ class DeltaMaker:
         self.progress = progress
         self.stats = DeltaStats()
         self._big = threading.Semaphore(1)
+        self._lock = threading.Lock()
         self._seen: set[tuple[bytes, ...]] = set()
 
     def compute(self, files: Sequence[FileEntry]) -> tuple[Delta, ...]:
@@ -206,8 +208,18 @@ class DeltaMaker:
         return b"".join(self.store.get_bytes(c.digest, verify=False) for c in chunks)
 
     def _keep(
-        self, kind: str, target: bytes, size: int, bases: tuple[bytes, ...], patch: bytes
+        self,
+        kind: str,
+        target: bytes,
+        size: int,
+        bases: tuple[bytes, ...],
+        patch: EncodedPatch | bytes,
     ) -> Delta:
+        if isinstance(patch, EncodedPatch):
+            how = f"{patch.codec.name.lower()}+{patch.packing.name.lower()}"
+            with self._lock:
+                self.stats.codecs[how] = self.stats.codecs.get(how, 0) + 1
+            patch = patch.data
         return Delta(kind, target, size, bases, self.store.put_bytes(patch), len(patch))
 
     def _file_job(self, old: FileEntry, new: FileEntry, literal: int) -> Delta | None:
@@ -215,11 +227,11 @@ class DeltaMaker:
         if big:
             self._big.acquire()
         try:
-            patch = encode_patch(self._read(old.chunks), self._read(new.chunks))
+            patch = encode_best(self._read(old.chunks), self._read(new.chunks))
         finally:
             if big:
                 self._big.release()
-        if len(patch) > KEEP_RATIO * literal:
+        if len(patch.data) > KEEP_RATIO * literal:
             return None
         return self._keep(KIND_FILE, new.sha256, new.size, (old.sha256,), patch)
 
@@ -244,8 +256,8 @@ class DeltaMaker:
         self, bases: tuple[ChunkRef, ...], targets: tuple[ChunkRef, ...]
     ) -> Delta | None:
         size = sum(c.size for c in targets)
-        patch = encode_patch(self._read(bases), self._read(targets))
-        if len(patch) > KEEP_RATIO * size:
+        patch = encode_best(self._read(bases), self._read(targets))
+        if len(patch.data) > KEEP_RATIO * size:
             return None
         return self._keep(
             KIND_CHUNK, targets[0].digest, size, tuple(b.digest for b in bases), patch
