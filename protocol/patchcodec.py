@@ -18,7 +18,7 @@ Two diff algorithms, two ways to pack the result, and the smallest wins:
   and on the benchmark's real pairs it won only on inputs of a few hundred
   bytes (by a few bytes), so it is tried only where it costs nothing: inputs
   up to ``BSDIFF_MAX_INPUT_BYTES``, or when hdiffpatch gives no usable patch
-  (``bsdiff=True`` forces it).
+  (up to ``BSDIFF_FALLBACK_MAX_INPUT_BYTES``; ``bsdiff=True`` forces it).
 
 Each algorithm's raw output is packed as a raw LZMA2 stream (bodies of at
 least ``LZMA2_MIN_BODY`` bytes) and as one zstd frame (bodies below
@@ -59,6 +59,7 @@ from p2pupd.protocol.deltaplan import (
 PATCH_LEVEL = 19  # patch bodies are mostly zeros: level 19 is still fast on them
 LZMA2_PRESET = 6  # presets 6-9 give the same size on patch bodies; 6 is the fastest
 BSDIFF_MAX_INPUT_BYTES = 64 * limits.KiB  # old + new: a few ms of bsdiff4
+BSDIFF_FALLBACK_MAX_INPUT_BYTES = 16 * limits.MiB  # ~17x this in memory when hdiffpatch fails
 LZMA2_MIN_BODY = 4 * limits.KiB  # below this LZMA2 never won in the benchmark
 ZSTD_MAX_BODY = 128 * limits.KiB  # above this zstd never won in the benchmark
 BIG_CACHE_MATCH_BYTES = 1 * limits.MiB  # HDiffPatch's match cache pays off above this
@@ -76,30 +77,44 @@ class EncodedPatch:
 def encode_patch(
     old: bytes, new: bytes, level: int = PATCH_LEVEL, *, bsdiff: bool | None = None
 ) -> bytes:
-    """Return the smallest patch from ``old`` to ``new`` (see the module doc)."""
-    return encode_best(old, new, level, bsdiff=bsdiff).data
+    """Return the smallest patch from ``old`` to ``new`` (see the module doc).
+
+    Falls back to bsdiff4 whatever the size if hdiffpatch fails: for callers
+    that need a patch (release envelopes in bundles, tests).
+    """
+    best = encode_best(old, new, level, bsdiff=bsdiff, fallback_max=None)
+    assert best is not None  # bsdiff4 always yields a patch
+    return best.data
 
 
 def encode_best(
-    old: bytes, new: bytes, level: int = PATCH_LEVEL, *, bsdiff: bool | None = None
-) -> EncodedPatch:
+    old: bytes,
+    new: bytes,
+    level: int = PATCH_LEVEL,
+    *,
+    bsdiff: bool | None = None,
+    fallback_max: int | None = BSDIFF_FALLBACK_MAX_INPUT_BYTES,
+) -> EncodedPatch | None:
     """Return the smallest of the candidate patches from ``old`` to ``new``.
 
     ``bsdiff`` forces bsdiff4 on (True) or off (False); by default it is tried
-    for inputs up to ``BSDIFF_MAX_INPUT_BYTES``, and whenever hdiffpatch gives
-    nothing usable.
+    for inputs up to ``BSDIFF_MAX_INPUT_BYTES``, and when hdiffpatch gives
+    nothing usable for inputs up to ``fallback_max`` (None: any size). Returns
+    None only when neither gives a patch.
     """
     best: EncodedPatch | None = None
     for cand in _hdiff_candidates(old, new, level):
         if best is None or len(cand.data) < len(best.data):
             best = cand
+    size = len(old) + len(new)
     if bsdiff is None:
-        bsdiff = best is None or len(old) + len(new) <= BSDIFF_MAX_INPUT_BYTES
-    if bsdiff or best is None:
+        bsdiff = size <= BSDIFF_MAX_INPUT_BYTES or (
+            best is None and (fallback_max is None or size <= fallback_max)
+        )
+    if bsdiff:
         for cand in _bsdiff_candidates(old, new, level):
             if best is None or len(cand.data) < len(best.data):
                 best = cand
-    assert best is not None  # bsdiff4 always yields a patch
     return best
 
 

@@ -35,9 +35,10 @@ import os
 import re
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import zstandard
@@ -59,13 +60,42 @@ from p2pupd.tools.publisher.segments import SimilarityIndex, plan_segments
 KEEP_RATIO = 0.8  # a patch must save at least 20 % of the bytes it replaces
 ZCHUNK_KEEP_RATIO = 0.9
 ZCHUNK_LEVEL = 9  # ~350 MB/s on binaries, within 1 % of level 19's size
-BIG_FILE_JOB_BYTES = 4 * limits.MiB
+# Whole-file jobs run while the sizes of their inputs (old + new) add up to at
+# most this; a diff holds about three times its inputs (the inputs, HDiffPatch's
+# suffix array and match cache), so ~100 MiB of inputs peak near 300 MiB.
+JOB_INPUT_BUDGET_BYTES = 96 * limits.MiB
 QUEUED_JOBS_PER_WORKER = 4
 
 
 def compress_chunk(data: bytes, level: int = ZCHUNK_LEVEL) -> bytes:
     """Return ``data`` as one zstd frame (with its content size), a zchunk patch."""
     return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+class Budget:
+    """A counting semaphore over bytes: ``take(n)`` waits until ``n`` more fit.
+
+    A request larger than the whole budget waits for an empty budget and then
+    runs alone, so no job is refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = min(n, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
 
 
 class Pairing:
@@ -132,7 +162,7 @@ class DeltaMaker:
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self.progress = progress
         self.stats = DeltaStats()
-        self._big = threading.Semaphore(1)
+        self._budget = Budget(JOB_INPUT_BUDGET_BYTES)
         self._lock = threading.Lock()
         self._seen: set[tuple[bytes, ...]] = set()
 
@@ -147,13 +177,19 @@ class DeltaMaker:
         pairings = [Pairing(m, new_paths) for m in self.previous]
         any_prev = set().union(*prev_chunks)
         results: list[Delta] = []
-        pending: deque[Future[Delta | None]] = deque()
+
+        pending: set[Future[Delta | None]] = set()
 
         def submit(fn: Callable[..., Delta | None], *args: object) -> None:
             self.stats.tried += 1
-            pending.append(pool.submit(fn, *args))
+            pending.add(pool.submit(fn, *args))
             while len(pending) > QUEUED_JOBS_PER_WORKER * self.workers:
-                _collect(pending.popleft())
+                # Whichever finishes first: waiting on the oldest would idle
+                # the other workers behind one long diff.
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    pending.discard(fut)
+                    _collect(fut)
 
         def _collect(fut: Future[Delta | None]) -> None:
             d = fut.result()
@@ -164,7 +200,9 @@ class DeltaMaker:
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="delta") as pool:
             try:
-                for f in files:
+                # Largest first, so the longest diffs start at once and the
+                # small jobs fill the other workers around them.
+                for f in sorted(files, key=lambda f: -f.size):
                     if self.progress:
                         self.progress(f.path)
                     for pairing, have in zip(pairings, prev_chunks, strict=True):
@@ -188,8 +226,9 @@ class DeltaMaker:
                     for c in f.chunks:
                         if c.digest not in any_prev and self._first(b"z", c.digest):
                             submit(self._zchunk_job, c)
-                while pending:
-                    _collect(pending.popleft())
+                for fut in as_completed(list(pending)):
+                    pending.discard(fut)
+                    _collect(fut)
             finally:
                 for fut in pending:
                     fut.cancel()
@@ -223,15 +262,9 @@ class DeltaMaker:
         return Delta(kind, target, size, bases, self.store.put_bytes(patch), len(patch))
 
     def _file_job(self, old: FileEntry, new: FileEntry, literal: int) -> Delta | None:
-        big = max(old.size, new.size) > BIG_FILE_JOB_BYTES
-        if big:
-            self._big.acquire()
-        try:
+        with self._budget.take(old.size + new.size):
             patch = encode_best(self._read(old.chunks), self._read(new.chunks))
-        finally:
-            if big:
-                self._big.release()
-        if len(patch.data) > KEEP_RATIO * literal:
+        if patch is None or len(patch.data) > KEEP_RATIO * literal:
             return None
         return self._keep(KIND_FILE, new.sha256, new.size, (old.sha256,), patch)
 
@@ -257,7 +290,7 @@ class DeltaMaker:
     ) -> Delta | None:
         size = sum(c.size for c in targets)
         patch = encode_best(self._read(bases), self._read(targets))
-        if len(patch.data) > KEEP_RATIO * size:
+        if patch is None or len(patch.data) > KEEP_RATIO * size:
             return None
         return self._keep(
             KIND_CHUNK, targets[0].digest, size, tuple(b.digest for b in bases), patch

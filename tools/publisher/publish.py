@@ -17,6 +17,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from p2pupd.protocol.manifest import (
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.tools.publisher.deltas import DeltaMaker
 from p2pupd.tools.publisher.repo import Repo, RepoError
+
+CHUNK_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,15 @@ def build_manifest(
     tree = walk_tree(src)
     store = repo.store
     files = []
-    for rel, path, st in tree.files:
-        if progress:
-            progress(rel)
-        digest, size, refs = chunk_file(path, store)
-        files.append(FileEntry(rel, stat.S_IMODE(st.st_mode), size, digest, int(st.st_mtime), refs))
+    # Two files at a time: storing a new chunk waits on fsync, which releases
+    # the GIL, so a second thread cuts and hashes meanwhile.
+    with ThreadPoolExecutor(CHUNK_WORKERS, thread_name_prefix="chunk") as pool:
+        cut = pool.map(lambda item: chunk_file(item[1], store), tree.files)
+        for (rel, _path, st), (digest, size, refs) in zip(tree.files, cut, strict=True):
+            if progress:
+                progress(rel)
+            mtime = int(st.st_mtime)
+            files.append(FileEntry(rel, stat.S_IMODE(st.st_mode), size, digest, mtime, refs))
     hook_refs: dict[str, HookRef] = {}
     for point, hp in (hooks or {}).items():
         try:
