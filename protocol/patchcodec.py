@@ -118,49 +118,88 @@ def encode_best(
     return best
 
 
+def encode_as(
+    old: bytes, new: bytes, codec: Codec, packing: Packing, level: int = PATCH_LEVEL
+) -> bytes:
+    """Return the patch from ``old`` to ``new`` in one given form (for comparisons and tests).
+
+    Raises ``hdiffpatch.HDiffPatchError`` if hdiffpatch fails, ``ValueError``
+    if its body would exceed ``max_raw_size``.
+    """
+    if codec is Codec.HDIFFPATCH:
+        raw = _hdiff_raw(old, new)
+        if raw is None:
+            raise ValueError("hdiffpatch body exceeds the bound for its target")
+        return _hdiff_frame(len(new), raw, packing, _pack(raw, packing, level))
+    control, diff, extra = bsdiff4.core.diff(old, new)
+    raw = control + diff + extra
+    return _bsdiff_frame(
+        len(new), len(control), len(diff), raw, packing, _pack(raw, packing, level)
+    )
+
+
 def _hdiff_candidates(old: bytes, new: bytes, level: int) -> list[EncodedPatch]:
     try:
-        # validate=True applies the diff and compares: cheap next to the
-        # search, and a wrong patch would fail every node's hash check.
-        raw = hdiffpatch.diff(
-            old, new, None, validate=True, big_cache_match=len(old) > BIG_CACHE_MATCH_BYTES
-        )
+        raw = _hdiff_raw(old, new)
     except hdiffpatch.HDiffPatchError:
         return []
-    if len(raw) > max_raw_size(Codec.HDIFFPATCH, len(new)):
+    if raw is None:
         return []
     return [
-        EncodedPatch(
-            encode_patch2_header(Codec.HDIFFPATCH, packing, len(new), len(raw)) + body,
-            Codec.HDIFFPATCH,
-            packing,
-        )
-        for packing, body in _packings(raw, level)
+        EncodedPatch(_hdiff_frame(len(new), raw, p, _pack(raw, p, level)), Codec.HDIFFPATCH, p)
+        for p in packings_for(len(raw))
     ]
+
+
+def _hdiff_raw(old: bytes, new: bytes) -> bytes | None:
+    """Return HDiffPatch's uncompressed diff, or None if it exceeds ``max_raw_size``."""
+    # validate=True applies the diff and compares: cheap next to the search,
+    # and a wrong patch would fail every node's hash check.
+    raw = hdiffpatch.diff(
+        old, new, None, validate=True, big_cache_match=len(old) > BIG_CACHE_MATCH_BYTES
+    )
+    return raw if len(raw) <= max_raw_size(Codec.HDIFFPATCH, len(new)) else None
+
+
+def _hdiff_frame(target: int, raw: bytes, packing: Packing, body: bytes) -> bytes:
+    return encode_patch2_header(Codec.HDIFFPATCH, packing, target, len(raw)) + body
 
 
 def _bsdiff_candidates(old: bytes, new: bytes, level: int) -> list[EncodedPatch]:
     control, diff, extra = bsdiff4.core.diff(old, new)
     raw = control + diff + extra
+    return [
+        EncodedPatch(
+            _bsdiff_frame(len(new), len(control), len(diff), raw, p, _pack(raw, p, level)),
+            Codec.BSDIFF4,
+            p,
+        )
+        for p in packings_for(len(raw))
+    ]
+
+
+def _bsdiff_frame(
+    target: int, control: int, diff: int, raw: bytes, packing: Packing, body: bytes
+) -> bytes:
+    if packing is Packing.ZSTD:  # container v1: every node applies it
+        return encode_patch_header(target, control, diff) + body
+    return encode_patch2_header(Codec.BSDIFF4, packing, target, len(raw), control, diff) + body
+
+
+def packings_for(raw_size: int) -> list[Packing]:
+    """Return the packings tried for a body of ``raw_size`` bytes (see the module doc)."""
     out = []
-    for packing, body in _packings(raw, level):
-        if packing is Packing.ZSTD:
-            head = encode_patch_header(len(new), len(control), len(diff))
-        else:
-            head = encode_patch2_header(
-                Codec.BSDIFF4, packing, len(new), len(raw), len(control), len(diff)
-            )
-        out.append(EncodedPatch(head + body, Codec.BSDIFF4, packing))
+    if raw_size < ZSTD_MAX_BODY:
+        out.append(Packing.ZSTD)
+    if raw_size >= LZMA2_MIN_BODY:
+        out.append(Packing.LZMA2)
     return out
 
 
-def _packings(raw: bytes, level: int) -> list[tuple[Packing, bytes]]:
-    out = []
-    if len(raw) < ZSTD_MAX_BODY:
-        out.append((Packing.ZSTD, zstandard.ZstdCompressor(level=level).compress(raw)))
-    if len(raw) >= LZMA2_MIN_BODY:
-        out.append((Packing.LZMA2, pack_lzma2(raw)))
-    return out
+def _pack(raw: bytes, packing: Packing, level: int) -> bytes:
+    if packing is Packing.ZSTD:
+        return zstandard.ZstdCompressor(level=level).compress(raw)
+    return pack_lzma2(raw)
 
 
 def pack_lzma2(raw: bytes) -> bytes:

@@ -57,6 +57,7 @@ from p2pupd.protocol.deltaplan import (
     Packing,
     PatchHeader,
     Source,
+    UnknownPatchCodecError,
     lzma2_dict_size,
     parse_hdiff_header,
     parse_patch_header,
@@ -231,29 +232,33 @@ class DeltaBuilder:
         """Write ``f`` into ``fd`` if a delta path applies; return whether it did.
 
         Raises ``HashMismatchError`` (nothing must be staged),
+        ``UnknownPatchCodecError`` for a patch from a codec this node lacks,
         ``StorageError``/``NotFoundError`` on I/O.
         """
         plan = self.plan(f)
         if plan.method is Method.REUSE or not plan.complete or not plan.uses_deltas:
             return False
         h = hashlib.sha256()
-        if plan.method is Method.FILE_DELTA:
-            assert plan.delta is not None
-            data = apply_patch(
-                self._read_file_bases(plan.delta.bases),
-                self.store.get_bytes(plan.delta.patch),
-                f.size,
-            )
-            h.update(data)
-            _write(fd, data)
-            self.report.file_deltas += 1
-        else:
-            reader = _HeldReader()
-            try:
-                for step in plan.steps:
-                    self._step(step, fd, h, reader)
-            finally:
-                reader.close()
+        try:
+            if plan.method is Method.FILE_DELTA:
+                assert plan.delta is not None
+                data = apply_patch(
+                    self._read_file_bases(plan.delta.bases),
+                    self.store.get_bytes(plan.delta.patch),
+                    f.size,
+                )
+                h.update(data)
+                _write(fd, data)
+                self.report.file_deltas += 1
+            else:
+                reader = _HeldReader()
+                try:
+                    for step in plan.steps:
+                        self._step(step, fd, h, reader)
+                finally:
+                    reader.close()
+        except UnknownPatchCodecError as exc:
+            raise UnknownPatchCodecError(f"cannot build {f.path}: {exc}") from None
         if h.digest() != f.sha256:
             raise HashMismatchError(f"rebuilt {f.path} does not match its sha256 in the manifest")
         self.report.files += 1
