@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -166,18 +166,33 @@ class DeltaMaker:
         self._lock = threading.Lock()
         self._seen: set[tuple[bytes, ...]] = set()
 
-    def compute(self, files: Sequence[FileEntry]) -> tuple[Delta, ...]:
-        """Return the deltas for ``files`` (sorted, so equal inputs sign equal bytes)."""
+    def compute(
+        self, files: Iterable[FileEntry], new_paths: Collection[str] | None = None
+    ) -> tuple[Delta, ...]:
+        """Return the deltas for ``files`` (sorted, so equal inputs sign equal bytes).
+
+        ``files`` may be an iterator that yields each file once its chunks are
+        in the store (``publish`` does): whole-file and literal jobs start as
+        files arrive, segment jobs once all have (a segment may start a run
+        only at a chunk that occurs once in the release). The iterator is
+        always consumed. ``new_paths``, the release's paths, is needed up
+        front to pair renamed files; without it ``files`` is read first.
+        A sequence is taken largest file first.
+        """
         t0 = time.monotonic()
+        if new_paths is None or isinstance(files, Sequence):
+            files = sorted(files, key=lambda f: -f.size)
+            new_paths = {f.path for f in files}
         if not self.previous:
+            for _f in files:
+                pass
             return ()
-        new_paths = {f.path for f in files}
-        count = Counter(c.digest for f in files for c in f.chunks)
+        seen: list[FileEntry] = []
+        later: list[tuple[FileEntry, FileEntry, set[bytes]]] = []
         prev_chunks = [m.chunk_digests() for m in self.previous]
-        pairings = [Pairing(m, new_paths) for m in self.previous]
+        pairings = [Pairing(m, set(new_paths)) for m in self.previous]
         any_prev = set().union(*prev_chunks)
         results: list[Delta] = []
-
         pending: set[Future[Delta | None]] = set()
 
         def submit(fn: Callable[..., Delta | None], *args: object) -> None:
@@ -200,11 +215,11 @@ class DeltaMaker:
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="delta") as pool:
             try:
-                # Largest first, so the longest diffs start at once and the
-                # small jobs fill the other workers around them.
-                for f in sorted(files, key=lambda f: -f.size):
-                    if self.progress:
-                        self.progress(f.path)
+                # Largest first (the caller's order for an iterator), so the
+                # longest diffs start at once and small jobs fill the other
+                # workers around them.
+                for f in files:
+                    seen.append(f)
                     for pairing, have in zip(pairings, prev_chunks, strict=True):
                         o = pairing.pair(f)
                         if o is None or o.sha256 == f.sha256:
@@ -212,20 +227,24 @@ class DeltaMaker:
                         literal = sum(c.size for c in f.chunks if c.digest not in have)
                         if not literal:
                             continue  # a node at that release has all of f's chunks
-                        if max(f.size, o.size) <= self.whole_file_max:
-                            if self._first(b"f", f.sha256, o.sha256):
-                                submit(self._file_job, o, f, literal)
-                            continue
-                        for targets, bases in self._segments(f, o, count):
-                            if all(c.digest in have for c in targets):
-                                continue
-                            size = sum(c.size for c in targets)
-                            key = (targets[0].digest, b"%d" % size, *(b.digest for b in bases))
-                            if self._first(b"c", *key):
-                                submit(self._chunk_job, bases, targets)
+                        if max(f.size, o.size) > self.whole_file_max:
+                            later.append((f, o, have))
+                        elif self._first(b"f", f.sha256, o.sha256):
+                            submit(self._file_job, o, f, literal)
                     for c in f.chunks:
                         if c.digest not in any_prev and self._first(b"z", c.digest):
                             submit(self._zchunk_job, c)
+                count = Counter(c.digest for f in seen for c in f.chunks)
+                for f, o, have in later:
+                    if self.progress:
+                        self.progress(f.path)
+                    for targets, bases in self._segments(f, o, count):
+                        if all(c.digest in have for c in targets):
+                            continue
+                        size = sum(c.size for c in targets)
+                        key = (targets[0].digest, b"%d" % size, *(b.digest for b in bases))
+                        if self._first(b"c", *key):
+                            submit(self._chunk_job, bases, targets)
                 for fut in as_completed(list(pending)):
                     pending.discard(fut)
                     _collect(fut)
