@@ -6,12 +6,12 @@ A release names every file by its sha256 and its content-defined chunks, and may
 add *deltas* (``Manifest.deltas``), each a recipe for one target::
 
     kind "file"   target = a file sha256,  bases = whole files (sha256s),
-                  patch = bsdiff4 patch:   target = bspatch(concat(bases), patch)
+                  patch = a patch blob:    target = patch(concat(bases))
     kind "chunk"  target = the first chunk of a *run* of consecutive chunks
                   of a file, target_size = the run's length in bytes (one
                   chunk's size for a single-chunk run), bases = chunks (a
-                  bounded window of old chunks), patch = bsdiff4 patch:
-                  bytes of the run = bspatch(concat(bases), patch)
+                  bounded window of old chunks), patch = a patch blob:
+                  bytes of the run = patch(concat(bases))
     kind "zchunk" target = a chunk digest, bases = (), patch = a zstd frame of
                   the chunk's bytes (a compressed literal)
 
@@ -22,8 +22,10 @@ chunk by chunk against the manifest's chunk digests. A run applies at a place
 in a file where its first chunk is followed by chunks whose sizes add up to
 ``target_size`` exactly; the publisher starts multi-chunk runs only at chunks
 that occur once in the release, so the place is unambiguous. (Runs exist
-because a patch per 64 KiB chunk loses bsdiff's context: on rebuilt binaries
-1 MiB runs come within a few percent of one whole-file patch.)
+because a patch per 64 KiB chunk loses the diff's context: on rebuilt binaries
+1 MiB runs come within ~25 % of one whole-file patch, single chunks far worse.)
+A patch blob is bsdiff4's or hdiffpatch's, in a container that names its
+codec (laid out at the end of this module).
 
 A node holds two kinds of things: *held files* -- whole files of the versions
 on its disk (installed, kept), each of which it can read by sha256, and whose

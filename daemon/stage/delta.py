@@ -12,8 +12,9 @@ needs nothing from us).
 
 Memory is bounded by the plan's limits, never by the file: a chunk plan is
 carried out one chunk at a time -- read the chunk from the store or from a
-held file (pread at its offset), or rebuild it with one small bspatch over a
-window of base chunks, or inflate a zstd literal -- and each chunk is written
+held file (pread at its offset), or rebuild it with one small patch (bsdiff4
+or hdiffpatch, as the patch's container says) over a window of base chunks,
+or inflate a zstd literal -- and each chunk is written
 and hashed before the next is made. Only a whole-file delta, which the
 publisher makes only for files below ``WHOLE_FILE_DELTA_MAX_BYTES``, is built
 in memory.

@@ -2,14 +2,13 @@
 
 Theory of operation
 -------------------
-``publish`` first cuts every file of the new release into chunks in the
-repository store; then ``DeltaMaker`` adds, against each of the previous N
-releases (``--delta-depth``), recipes a node at that release can use instead
+``publish`` cuts every file of the new release into chunks in the repository
+store and hands each file to ``DeltaMaker``, which adds, against each of the
+previous N releases (``--delta-depth``), recipes a node at that release can use instead
 of chunks (formats in ``protocol.deltaplan``):
 
-* **file** -- whole-file bsdiff4, when old and new are both at most
-  ``WHOLE_FILE_DELTA_MAX_BYTES``. bsdiff holds old, new and a suffix array
-  (~17x the input), so this is only done where that is cheap.
+* **file** -- one whole-file patch, when old and new are both at most
+  ``WHOLE_FILE_DELTA_MAX_BYTES`` (a node builds it in memory).
 * **chunk** -- for larger files, the new chunks the old version lacks are
   cut into segments (runs of consecutive chunks, <= 1 MiB) and each segment
   is diffed against a base of <= 2 MiB of old chunks, found by anchors,
@@ -19,14 +18,19 @@ of chunks (formats in ``protocol.deltaplan``):
   literal a node pays when no delta fits (new content, nodes older than N).
 
 A recipe is kept only if its patch is meaningfully smaller than what it
-replaces (``KEEP_RATIO``). Patches are blobs in the repository store, named by
-hash, and signed through the manifest's ``deltas`` list.
+replaces (``KEEP_RATIO``). Each patch is the smallest form
+``patchcodec.encode_best`` finds (hdiffpatch always, bsdiff4 on small inputs;
+zstd or LZMA2). Patches are blobs in the repository store, named by hash, and
+signed through the manifest's ``deltas`` list.
 
-Memory and time stay bounded by the segment, not the file: jobs read their own
-inputs from the store, run on a small thread pool (bsdiff4 and zstd release
-the GIL for part of their work), and at most a few jobs are queued per worker.
-Whole-file jobs over 4 MiB run one at a time so two big suffix arrays never
-coexist (peak ~ 17 x 32 MiB).
+Time: ``publish`` hands files over as they are chunked, largest first, so the
+longest diff starts while the rest of the tree is cut; jobs run on a small
+thread pool (hdiffpatch, LZMA2 and zstd release the GIL) and are collected as
+they finish, so one long diff never idles the other workers. Memory stays
+bounded by the segment and whole-file limits, not the file or the tree: jobs
+read their own inputs from the store, at most a few jobs are queued per
+worker, and whole-file jobs run only while their inputs fit
+``JOB_INPUT_BUDGET_BYTES`` (hdiffpatch holds ~3x its inputs).
 """
 
 from __future__ import annotations
