@@ -334,6 +334,17 @@ PATCH_MAGIC = b"PZB1"
 PATCH2_MAGIC = b"PZP2"
 BSDIFF40_MAGIC = b"BSDIFF40"
 _CONTROL_RECORD_BYTES = 24  # three int64 per bsdiff control record
+# bsdiff writes one control record per match it extends, each covering far
+# more than its own 24 bytes of output (on real patches the control block is
+# a few thousandths of the target). Bounding it by the target size (plus
+# slack for tiny targets) bounds what a patch may decompress to, before it is
+# decompressed, at 3 x the target: a patch that needs more is refused.
+CONTROL_SLACK_BYTES = 64 * limits.KiB
+
+
+def max_control_bytes(target_size: int) -> int:
+    """The largest control block a patch for ``target_size`` bytes may have."""
+    return min(target_size + CONTROL_SLACK_BYTES, _CONTROL_RECORD_BYTES * (target_size + 1))
 
 
 class Codec(enum.IntEnum):
@@ -375,10 +386,12 @@ class PatchHeader:
 
     @property
     def max_body_size(self) -> int:
-        """The most bytes the packed body may expand to."""
+        """The most bytes the packed body may expand to: exactly ``raw_size``
+        (v2), else control + diff + extra <= target, at most 3 x
+        ``target_size`` + ``CONTROL_SLACK_BYTES``."""
         if self.raw_size is not None:
             return self.raw_size
-        return self.control_size + self.diff_size + self.target_size  # extra <= target
+        return self.control_size + self.diff_size + self.target_size
 
 
 def max_raw_size(codec: Codec, target_size: int, control_size: int = 0, diff_size: int = 0) -> int:
@@ -418,7 +431,9 @@ def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
 
     Raises ``UnknownPatchCodecError`` for a v2 codec or packing id this node
     does not know, ``SchemaError`` if the magic is wrong, a field is truncated,
-    or the sizes are impossible for a patch of ``target_size`` bytes.
+    or the sizes are impossible for a patch of ``target_size`` bytes (for
+    bsdiff4, a control block over ``max_control_bytes``: see
+    ``CONTROL_SLACK_BYTES``).
     """
     magic = bytes(data[:4])
     if magic == PATCH_MAGIC:
@@ -464,11 +479,7 @@ def _fields(data: bytes | memoryview, pos: int, n: int) -> tuple[list[int], int]
 
 
 def _check_bsdiff(target: int, control: int, diff: int) -> None:
-    if (
-        control % _CONTROL_RECORD_BYTES
-        or diff > target
-        or control > _CONTROL_RECORD_BYTES * (target + 1)
-    ):
+    if control % _CONTROL_RECORD_BYTES or diff > target or control > max_control_bytes(target):
         raise SchemaError("patch header sizes are inconsistent")
 
 
@@ -543,6 +554,7 @@ def _read_hdiff_uint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
 
 __all__ = [
     "BSDIFF40_MAGIC",
+    "CONTROL_SLACK_BYTES",
     "DELTA_KINDS",
     "HDIFF_MAGIC",
     "KIND_CHUNK",
@@ -564,6 +576,7 @@ __all__ = [
     "encode_patch2_header",
     "encode_patch_header",
     "lzma2_dict_size",
+    "max_control_bytes",
     "max_raw_size",
     "needed_blobs",
     "needed_with",

@@ -81,3 +81,7 @@ class RevokedKeyError(VerificationError):
 
 class MixAndMatchError(VerificationError):
     """Metadata names another component, platform or repository than expected."""
+
+
+class HazardousModeError(VerificationError):
+    """A signed release would install a mode the node does not allow (see ``modes``)."""

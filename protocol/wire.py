@@ -45,8 +45,9 @@ time, and it buffers a body before noticing the length is absurd.
 * Body bytes are then copied until exactly N are held: N is known, so nothing
   is searched for or rescanned; ``bytearray`` appends are amortised O(1).
 * Complete bodies are queued and decoded lazily by ``next_message``;
-  ``encoding.decode`` is linear too (one parse, one re-encode to prove
-  canonical form, every size bounded).
+  ``encoding.decode`` is linear too (one parse that checks canonical form as
+  it goes) and spends at most ``limits.FRAME_BUDGET`` on a frame: 40,000
+  values, 4 levels deep, ~13 MiB all told, however the frame is built.
 
 After a bad frame the decoder is poisoned (it raises again, ignores input):
 a length-prefixed stream has no boundary to resynchronise on.
@@ -590,7 +591,7 @@ def decode_body(body: bytes | memoryview) -> Message:
             raise SchemaError(f"bad {hot.__name__}: {exc}") from None
         if msg is not None:
             return msg
-    value = encoding.decode(bytes(body), max_bytes=limits.MAX_FRAME_BYTES)
+    value = encoding.decode(body, budget=limits.FRAME_BUDGET)
     if not isinstance(value, list) or not value or type(value[0]) is not int:
         raise SchemaError("frame body must be an array starting with an integer type code")
     cls = _BY_CODE.get(value[0])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from types import TracebackType
 
 from p2pupd.daemon.errors import BundleError
@@ -182,6 +183,22 @@ class BundleReader:
                 f"bundle blob {digest.hex()[:16]} does not match its sha256 (damaged or tampered)"
             )
         return data
+
+    def scan_blob(self, digest: bytes, size: int, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """Yield a blob's bytes in blocks, none kept: a first look (``read_blob``
+        then reads it again and checks its hash) that costs one block of memory.
+
+        Raises as ``open_blob``, and ``BundleError`` if a read fails.
+        """
+        rel = blob_rel(digest)
+        fd = self.open_blob(digest, size)
+        try:
+            while block := os.read(fd, block_bytes):
+                yield block
+        except OSError as exc:
+            raise self._io_error(exc, rel) from None
+        finally:
+            os.close(fd)
 
     def open_blob(self, digest: bytes, size: int) -> int:
         """Open a blob for streaming; return its fd (the caller closes it).

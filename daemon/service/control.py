@@ -143,4 +143,30 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
         return await core.site_requests.collect(bool(args.get("site", True)))
     if op == "rollback":
         return result_to_doc(await core.lifecycle.rollback(_str(args, "component")))
+    if op == "config-show":
+        return ops.config_doc(core.node)
+    if op == "config-set":
+        key, value = _str(args, "key"), args.get("value")
+        if not isinstance(value, str):
+            raise ControlError("control request needs a string 'value'")
+        async with core.lifecycle.mutex:
+            doc = await core.offload(
+                lambda: ops.config_set(core.node, key, value, daemon_running=True)
+            )
+        log("config-set", key=key, value=value)
+        return doc
+    if op == "config-repair":
+        # Our configuration was read and checked at start: write it back whole.
+        async with core.lifecycle.mutex:
+            await core.offload(lambda: core.node.state.write_config(core.node.config))
+        return {"repaired": True, "config": ops.config_doc(core.node),
+                "notes": ["the running daemon wrote back its configuration"]}  # fmt: skip
+    if op == "mark-good":
+        serial, version = args.get("serial"), args.get("version")
+        async with core.lifecycle.mutex:
+            done = await core.offload(lambda: ops.mark_good(
+                core.node, _str(args, "component"), serial if isinstance(serial, int) else None,
+                version if isinstance(version, str) else None,
+            ))  # fmt: skip
+        return {"serial": done}
     raise ControlError(f"unknown control operation {op!r}")

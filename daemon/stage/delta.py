@@ -60,6 +60,7 @@ from p2pupd.protocol.deltaplan import (
     Source,
     UnknownPatchCodecError,
     lzma2_dict_size,
+    max_control_bytes,
     parse_hdiff_header,
     parse_patch_header,
     plan_file,
@@ -68,10 +69,13 @@ from p2pupd.protocol.errors import HashMismatchError, SchemaError
 from p2pupd.protocol.manifest import FileEntry, Manifest
 
 
-def inflate(frame: bytes, max_size: int) -> bytes:
+def inflate(frame: bytes | memoryview, max_size: int) -> bytes:
     """Return the zstd ``frame`` decompressed, refusing more than ``max_size`` bytes.
 
-    Raises ``HashMismatchError`` for a corrupt or oversized frame.
+    The bound holds before anything is allocated: a frame declaring more is
+    refused from its header, and one declaring nothing gets a buffer of
+    ``max_size`` at most. Raises ``HashMismatchError`` for a corrupt or
+    oversized frame.
     """
     try:
         declared = zstandard.frame_content_size(frame)
@@ -84,29 +88,74 @@ def inflate(frame: bytes, max_size: int) -> bytes:
         raise HashMismatchError(f"corrupt zstd data in a patch: {exc}") from None
 
 
+def _inflate_blocks(frame: memoryview, control: int, diff: int, max_extra: int) -> list[bytes]:
+    """Decompress a patch body straight into its three blocks (control, diff,
+    extra <= ``max_extra``), so no joined copy of the body is ever made.
+
+    Raises ``HashMismatchError`` for a corrupt, short or oversized body.
+    """
+    blocks: list[bytes] = []
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(frame) as r:
+            for size in (control, diff):
+                block = _read_exact(r, size)
+                if len(block) != size:
+                    raise HashMismatchError("patch body is truncated")
+                blocks.append(block)
+            extra = _read_exact(r, max_extra + 1)
+    except zstandard.ZstdError as exc:
+        raise HashMismatchError(f"corrupt zstd data in a patch: {exc}") from None
+    if len(extra) > max_extra:
+        raise HashMismatchError("patch body is larger than its header allows")
+    blocks.append(extra)
+    return blocks
+
+
+def _read_exact(reader: zstandard.ZstdDecompressionReader, size: int) -> bytes:
+    """Read ``size`` bytes (fewer only at the end of the frame)."""
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        part = reader.read(min(left, 1 << 22))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
     """Return ``patch`` applied to ``base``, which must give ``target_size`` bytes.
 
     Dispatches on the container (``protocol.deltaplan``): v1 (bsdiff4, zstd),
-    v2 (bsdiff4 or hdiffpatch; zstd or LZMA2) and classic BSDIFF40. Every
-    size is checked against ``target_size`` and ``base`` before anything is
-    inflated or allocated. Raises ``UnknownPatchCodecError`` for a codec or
-    packing this node does not know, ``HashMismatchError`` for a malformed
-    patch or one made for another size; the caller still checks the result's
-    hash.
+    v2 (bsdiff4 or hdiffpatch; zstd or LZMA2) and classic BSDIFF40. What it
+    may decompress is fixed by ``target_size`` (and ``base``) before it
+    starts: for bsdiff4 at most 3 x the target (``deltaplan.max_control_bytes``),
+    held once; for hdiffpatch 2 x the target (``deltaplan.max_raw_size``).
+    Raises ``UnknownPatchCodecError`` for a codec or packing this node does
+    not know, ``HashMismatchError`` for a malformed patch or one made for
+    another size; the caller still checks the result's hash.
     """
     try:
         if patch[:4] in (PATCH_MAGIC, PATCH2_MAGIC):
             hdr = parse_patch_header(patch)
             if hdr.target_size != target_size:
                 raise HashMismatchError("patch was made for a different target size")
-            body = _unpack(patch[hdr.body_offset :], hdr)
+            packed = memoryview(patch)[hdr.body_offset :]
             if hdr.codec is Codec.HDIFFPATCH:
-                out = _hpatch(base, body, target_size)
+                out = _hpatch(base, _unpack(packed, hdr), target_size)
+            elif hdr.packing is Packing.ZSTD:
+                control, diff, extra = _inflate_blocks(
+                    packed, hdr.control_size, hdr.diff_size, target_size
+                )
+                if hdr.raw_size is not None and len(extra) != hdr.raw_size - len(control) - len(
+                    diff
+                ):
+                    raise HashMismatchError("patch body is not the size its header says")
+                out = bsdiff4.core.patch(base, target_size, control, diff, extra)
             else:
+                body = _unpack(packed, hdr)
                 c, d = hdr.control_size, hdr.control_size + hdr.diff_size
-                if len(body) < d:
-                    raise HashMismatchError("patch body is truncated")
                 out = bsdiff4.core.patch(base, target_size, body[:c], body[c:d], body[d:])
         elif patch[:8] == BSDIFF40_MAGIC and len(patch) >= 32:
             out = _classic(base, patch, target_size)
@@ -120,7 +169,7 @@ def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
     return out
 
 
-def _unpack(packed: bytes, hdr: PatchHeader) -> bytes:
+def _unpack(packed: bytes | memoryview, hdr: PatchHeader) -> bytes:
     """Return a container's body, never more than ``hdr.max_body_size`` bytes."""
     if hdr.packing is Packing.LZMA2:
         assert hdr.raw_size is not None  # only container v2 has packings
@@ -131,7 +180,7 @@ def _unpack(packed: bytes, hdr: PatchHeader) -> bytes:
     return body
 
 
-def _unlzma2(packed: bytes, raw_size: int) -> bytes:
+def _unlzma2(packed: bytes | memoryview, raw_size: int) -> bytes:
     """Return the raw LZMA2 stream ``packed`` decoded: exactly ``raw_size`` bytes.
 
     The dictionary (the decoder's memory) follows from ``raw_size``, which the
@@ -171,7 +220,7 @@ def _classic(base: bytes, patch: bytes, target_size: int) -> bytes:
     if dst != target_size or not 0 <= lc <= len(patch) - 32 or not 0 <= ld <= len(patch) - 32 - lc:
         raise HashMismatchError("classic patch header does not fit its target")
     blocks = (patch[32 : 32 + lc], patch[32 + lc : 32 + lc + ld], patch[32 + lc + ld :])
-    limits_ = (24 * (target_size + 1), target_size, target_size)
+    limits_ = (max_control_bytes(target_size), target_size, target_size)
     control, diff, extra = (_bunzip(b, n) for b, n in zip(blocks, limits_, strict=True))
     out: bytes = bsdiff4.core.patch(base, target_size, control, diff, extra)
     return out

@@ -255,6 +255,13 @@ def export_special(args: argparse.Namespace) -> int | None:
         return _export_for_repo(args)
     if len(given) != 1:
         raise UsageError("export needs REPO DEST, or DEST with --state-dir")
+    if not (args.request or args.state_dir or args.for_request) and Repo(Path(given[0])).exists():
+        # One positional that is a repository: the destination is what is missing,
+        # not a node state directory (which is what `export DEST` alone means).
+        raise UsageError(
+            f"export {given[0]} needs a destination: p2pupd export {given[0]} DEST "
+            "(e.g. /media/usb)"
+        )
     args.repo, args.dest = None, given[0]
     if args.request:
         if args.for_request:
@@ -389,7 +396,15 @@ def _for_whom(site: SiteRequest, notes: list[str]) -> str:
 
 
 def _export_state(args: argparse.Namespace) -> int:
-    source = api.open_state_source(state_dir(args))
+    try:
+        source = api.open_state_source(state_dir(args))
+    except api.ConfigError as exc:
+        if args.state_dir:
+            raise
+        raise UsageError(  # `export DEST` alone: maybe a forgotten REPO
+            f"export {args.dest}: one path means a bundle of this node's own store, and {exc}; "
+            f"to export a repository give both: p2pupd export REPO {args.dest}"
+        ) from None
     notes: list[str] = []
     if args.for_request:
         data: bytes | None = read_request_file(Path(args.for_request))

@@ -85,6 +85,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         platform=args.platform,
         hooks=hooks,
         delta_depth=args.delta_depth,
+        force=args.force,
     )
     sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
     doc = {
@@ -115,12 +116,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     comps = args.component or repo.components()
     sources = []
     left_out: list[str] = []
+    notes: list[str] = []
     for c in comps:
         serials = repo.serials(c)
         if not serials:
             raise RepoError(f"component {c!r} has no releases in {args.repo}")
         if args.from_version is not None:  # only what a node at that version needs
-            sources.append(source_for_node_at(repo, c, args.from_version))
+            sources.append(source_for_node_at(repo, c, args.from_version, notes))
             continue
         for serial in serials[-max(1, args.history) :]:
             # Every variant: one bundle serves a fleet of mixed platforms.
@@ -147,11 +149,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         "blobs_written": report.blobs,
         "bytes_written": report.bytes,
         "left_out": left_out,
+        "notes": notes,
     }
-    out(
-        args,
-        doc,
-        lambda: print(
+
+    def human() -> None:
+        print(
             f"exported {', '.join(f'{c} {v}' for c, v, _ in report.releases)} to {args.dest}: "
             f"{report.blobs} blobs, {report.bytes} bytes written"
             + (
@@ -160,8 +162,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if left_out
                 else ""
             )
-        ),
-    )
+        )
+        for n in notes:
+            print(f"note: {n}")
+
+    out(args, doc, human)
     return EXIT_OK
 
 
@@ -228,6 +233,12 @@ def register(add: Adder) -> None:
     sp.add_argument("--platform", help="platform this release is for, e.g. linux-aarch64")
     sp.add_argument(
         "--hook", action="append", help="POINT=FILE.wasm (pre-apply, post-apply, health)"
+    )
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="publish a version label already used, as a new release (serial); without "
+        "it that is refused",
     )
     sp.add_argument(
         "--delta-depth",

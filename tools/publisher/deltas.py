@@ -55,8 +55,10 @@ from p2pupd.protocol.deltaplan import (
     KIND_ZCHUNK,
     needed_blobs,
 )
+from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
 from p2pupd.protocol.patchcodec import EncodedPatch, encode_best
+from p2pupd.protocol.trust import Envelope
 from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource
 from p2pupd.tools.publisher.repo import Repo, RepoError
 from p2pupd.tools.publisher.segments import SimilarityIndex, plan_segments
@@ -329,26 +331,59 @@ class DeltaMaker:
 # -- export for a node at a known version ---------------------------------------
 
 
-def source_for_node_at(repo: Repo, component: str, version: str) -> ReleaseSource:
+def source_for_node_at(
+    repo: Repo, component: str, version: str, notes: list[str] | None = None
+) -> ReleaseSource:
     """Return the newest release of ``component`` with only the blobs a node at ``version`` needs.
 
-    The node is assumed to hold that version's files on disk and nothing else
-    (its store may have been collected), so this is what ``needed_blobs``
-    picks for it: deltas from that version where they pay, zstd literals or
-    chunks otherwise, and hooks. The node also holds that version's signed
+    The node is assumed to hold that version's files on disk and its hooks in
+    its store (a node keeps every blob of its installed release, gc included),
+    and nothing else, so this is what ``needed_blobs`` picks for it: deltas
+    from that version where they pay, zstd literals or chunks otherwise, and
+    the hooks that changed. The node also holds that version's signed
     envelope, so the new envelope travels as a patch against it where that is
     smaller, and the roots up to the one it was signed under stay home
-    (``write_bundle``). Raises ``RepoError`` if no release of ``component``
-    has that version label.
+    (``write_bundle``).
+
+    A version label names one release only if it was published once: a label
+    published again (``publish --force``) names several, and the node may hold
+    any of them. Then the bundle carries what a node at *each* of them needs,
+    and the whole envelope (a patch needs one base); a note in ``notes`` says
+    so. (Taking the newest of them was the bug that left a republished
+    release "incomplete" on every node: the newest was the release exported
+    itself, so nothing was carried.) Raises ``RepoError`` if no release of
+    ``component`` has that label.
     """
     serials = repo.serials(component)
     if not serials:
         raise RepoError(f"component {component!r} has no releases in {repo.path}")
     new, env = repo.release(component, serials[-1])
-    for serial in reversed(serials):
-        held, held_env = repo.release(component, serial)
-        if held.version == version:
-            blobs = needed_blobs(new, [held], lambda _d: False)
-            base = None if serial == new.serial else HeldEnvelope(serial, version, held_env)
-            return ReleaseSource(new, env, blobs, base)
-    raise RepoError(f"no release of {component} has version {version!r} in {repo.path}")
+    held: list[tuple[int, Manifest, Envelope]] = []
+    for serial in serials[:-1]:
+        for platform in repo.platforms(component, serial):
+            try:
+                man, held_env = repo.release(component, serial, platform)
+            except RevokedKeyError:
+                continue  # nodes refuse it: none holds it any more
+            if man.version == version:
+                held.append((serial, man, held_env))
+    if not held:
+        if new.version == version:
+            if notes is not None:
+                notes.append(f"a node at {component} {version} already has its newest release")
+            return ReleaseSource(new, env, {})
+        raise RepoError(f"no release of {component} has version {version!r} in {repo.path}")
+    blobs: dict[bytes, int] = {}
+    for _serial, man, _env in held:
+        hooks = {h.sha256 for h in man.hooks.values()}
+        blobs.update(needed_blobs(new, [man], hooks.__contains__))
+    if len(held) > 1 or new.version == version:
+        if notes is not None:
+            named = [s for s, _, _ in held] + ([new.serial] if new.version == version else [])
+            notes.append(
+                f"{component} {version} names {len(named)} releases (serials "
+                f"{', '.join(map(str, named))}): the bundle serves a node at any of them"
+            )
+        return ReleaseSource(new, env, blobs)
+    serial, _man, held_env = held[0]
+    return ReleaseSource(new, env, blobs, HeldEnvelope(serial, version, held_env))
