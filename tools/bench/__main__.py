@@ -15,7 +15,9 @@ BENCHES = {
     "transfer": "daemon-to-daemon loopback throughput vs a plain socket; idle RSS and CPU",
     "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
+    "fleet": "simulated site of N nodes: gossip, partial view, swarm, idle cost (virtual clock)",
 }
+MODULES = {"fleet": "fleet"}  # others are <name>_bench
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
     if name not in BENCHES:
         print(f"unknown benchmark {name!r}; one of: {', '.join(BENCHES)}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(f"p2pupd.tools.bench.{name}_bench")
+    mod = importlib.import_module(f"p2pupd.tools.bench.{MODULES.get(name, name + '_bench')}")
     sys.argv = [f"{name}_bench", *argv[1:]]
     result = mod.main()
     return int(result or 0)
