@@ -9,25 +9,30 @@ repository uses the same on-disk blob layout as a node.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from p2pupd.daemon import ctl as ctlclient
-from p2pupd.daemon.apply.engine import Applier, ApplyResult
+from p2pupd.daemon import ops
+from p2pupd.daemon.apply.engine import ApplyResult
 from p2pupd.daemon.bundles.importer import (
     ImportedRelease,
     ImportInterruptedError,
     ImportReport,
-    import_bundle,
 )
-from p2pupd.daemon.bundles.siterequest import build_request
 from p2pupd.daemon.bundles.sitesource import StateSource
 from p2pupd.daemon.bundles.watch import WatchEvent, watch
-from p2pupd.daemon.config import DEFAULT_CONFIG_PATH, FileConfig, load_config
+from p2pupd.daemon.config import (
+    DEFAULT_CONFIG_PATH,
+    DaemonOptions,
+    FileConfig,
+    load_config,
+    parse_endpoint,
+    parse_rate,
+)
 from p2pupd.daemon.errors import (
     ApplyError,
     BundleError,
@@ -39,20 +44,13 @@ from p2pupd.daemon.errors import (
     StorageError,
 )
 from p2pupd.daemon.fsutil import atomic_write
-from p2pupd.daemon.options import DaemonOptions, parse_endpoint, parse_rate
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import (
-    ComponentConfig,
     HookLimits,
     NodeConfig,
-    StateDir,
-    default_platform,
-    new_node_id,
-    now_seconds,
 )
 from p2pupd.daemon.store.blobs import BlobStore
-from p2pupd.protocol.errors import CodecError, P2pupdError, RemoteProtocolError, VerificationError
-from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
 from p2pupd.protocol.request import SiteRequest, verify_any_request
 
 __all__ = [
@@ -113,48 +111,12 @@ def init_node(
     cluster: str = "default",
     hook_limits: HookLimits | None = None,
 ) -> NodeConfig:
-    """Create or update a node's state directory and pin its trust root.
-
-    Re-running adds components; the pinned root is only replaced by ``init``
-    when none is installed yet (rotation happens through signed imports).
-    ``hook_limits`` ``None`` keeps the node's limits (defaults on a new node).
-    """
-    sd = StateDir(state_dir)
-    old = sd.read_config() if sd.exists() else None
-    comps = dict(old.components) if old else {}
-    for name, target in components.items():
-        comps[name] = ComponentConfig(
-            name=name,
-            target=target.resolve(),
-            kind=kind,
-            retain=retain,
-            immutable=immutable,
-            health_cmd=health_cmd,
-            health_seconds=health_seconds,
-        )
-    cfg = NodeConfig(
-        node_id=old.node_id if old else new_node_id(),
-        platform=platform or (old.platform if old else default_platform()),
-        components=comps,
-        cluster=cluster if old is None else old.cluster,
-        hooks=hook_limits or (old.hooks if old else HookLimits()),
-    )
-    try:
-        data = trust_file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read trust root {trust_file}: {exc.strerror}") from None
-    from p2pupd.protocol.trust import TrustedRoot
-
-    try:
-        TrustedRoot.load(data, now_seconds())  # refuse a bad root before creating anything
-    except CodecError as exc:
-        raise CodecError(f"{trust_file} is not a p2pupd root file ({exc})") from None
-    sd.create(cfg)
-    node = Node(state_dir)
-    with node.lock:
-        if not node.trust_store.current_path.exists():
-            node.trust_store.install(data, now_seconds())
-    return cfg
+    """Create or update a node's state directory and pin its trust root (see ``ops``)."""
+    return ops.init_node(
+        state_dir, trust_file, components, kind=kind, platform=platform,
+        health_cmd=health_cmd, health_seconds=health_seconds, retain=retain,
+        immutable=immutable, cluster=cluster, hook_limits=hook_limits,
+    )  # fmt: skip
 
 
 def open_node(state_dir: Path) -> Node:
@@ -184,29 +146,14 @@ def import_dir(
     if running:
         applied = [ctlclient.result_from_doc(r) for r in doc["applied"]]
         return ctlclient.report_from_doc(doc["report"]), applied
-    node = Node(state_dir)
-    with node.lock:
-        applier = Applier(node)
-        applier.recover()
-        report = import_bundle(
-            node,
-            src,
-            now_seconds(),
-            progress,
-            on_total,
-            cancel=cancel,
+    with ops.locked(state_dir) as node:
+        report = ops.import_releases(
+            node, src, progress=progress, on_total=on_total, cancel=cancel,
             allow_other_node=allow_other_node,
-        )
-        # Keep the verified, decoded manifests (daemon/state/mancache.py): a later
-        # apply then starts from them instead of decoding thousands of entries.
-        for r in report.releases:
-            if r.new:
-                with contextlib.suppress(DaemonError):
-                    applier.manifest(r.component, r.serial)
+        )  # fmt: skip
         results = []
         if apply_after:
-            for comp in sorted({r.component for r in report.releases}):
-                results.append(applier.apply(comp))
+            results = [ops.apply(node, c) for c in ops.imported_components(report)]
         return report, results
 
 
@@ -217,178 +164,75 @@ def apply(
     version: str | None = None,
     force: bool = False,
 ) -> ApplyResult:
+    """Apply a stored release (see ``ops.apply``), through the daemon when one runs."""
     running, doc = _daemon(
         state_dir, "apply", component=component, serial=serial, version=version, force=force
     )
     if running:
         return ctlclient.result_from_doc(doc)
-    node = Node(state_dir)
-    with node.lock:
-        applier = Applier(node)
-        if version is not None:
-            try:
-                serial = applier.serial_of(component, version)
-            except NotFoundError as exc:
-                raise _no_variant_error(node, component, version) or exc from None
-        return applier.apply(component, serial, force)
-
-
-def _no_variant_error(node: Node, component: str, version: str) -> NotFoundError | None:
-    """Explain why no release labelled ``version`` is stored, if an import said why.
-
-    The importer records a ``no-variant`` history event for a release that had
-    no variant for this node's platform; returns the error naming the
-    variants it had, or ``None``.
-    """
-    for h in reversed(node.state.read_state(component).history):
-        if h.event == "no-variant" and h.version == version:
-            return NotFoundError(h.detail)
-    return None
+    with ops.locked(state_dir) as node:
+        return ops.apply(node, component, serial, version, force)
 
 
 def rollback(state_dir: Path, component: str) -> ApplyResult:
+    """Make the previous kept version live again, through the daemon when one runs."""
     running, doc = _daemon(state_dir, "rollback", component=component)
     if running:
         return ctlclient.result_from_doc(doc)
-    node = Node(state_dir)
-    with node.lock:
-        return Applier(node).rollback(component)
+    with ops.locked(state_dir) as node:
+        return ops.rollback(node, component)
 
 
 def recover(state_dir: Path) -> list[str]:
-    node = Node(state_dir)
-    with node.lock:
-        return Applier(node).recover()
-
-
-def _serial_of(node: Node, component: str, version: str) -> int:
-    root = node.trusted_root()
-    for s in reversed(node.releases.serials(component)):
-        man, _ = node.releases.get(root, component, s)
-        if man.version == version:
-            return s
-    raise NotFoundError(f"no stored release of {component} has version {version!r}")
+    with ops.locked(state_dir) as node:
+        return ops.recover(node)
 
 
 def component_status(node: Node, name: str) -> dict[str, Any]:
-    cfg = node.config.components[name]
-    st = node.state.read_state(name)
-    root = node.trusted_root()
-
-    def label(serial: int | None) -> str | None:
-        if serial is None:
-            return None
-        try:
-            man: Manifest = node.releases.get(root, name, serial)[0]
-        except (NotFoundError, StorageError):
-            return None
-        return man.version
-
-    stored = node.releases.serials(name)
-    newest = stored[-1] if stored else None
-    return {
-        "version": label(st.installed),
-        "serial": st.installed,
-        "target": str(cfg.target),
-        "kind": cfg.kind,
-        "kept": [{"serial": s, "version": label(s)} for s in st.kept],
-        "available": {"serial": newest, "version": label(newest)} if newest else None,
-        "high_water": st.high_water,
-        "bad": {str(s): r for s, r in st.bad.items()},
-        "last_error": st.last_error,
-    }
+    return ops.component_status(node, name)
 
 
-def _recover_if_free(node: Node) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """Recover open transactions if the state lock is free; return (actions, still open).
-
-    A read-only command must not wait for a running apply (or a daemon), nor
-    fail when it may not write: then it only reports what is open.
-    """
-    applier = Applier(node)
-    try:
-        node.lock.acquire(blocking=False)
-    except (LockedError, StorageError):
-        return [], applier.pending()
-    try:
-        return applier.recover(), applier.pending()
-    finally:
-        node.lock.release()
-
-
-def status(state_dir: Path, *, route: bool = True) -> dict[str, Any]:
+def status(state_dir: Path) -> dict[str, Any]:
     """Return the node's state as plain data (the ``status --json`` document).
 
     Recovers an interrupted apply first when it can (``recovered``); a
     transaction still open (another process is applying) is shown per
-    component as ``transaction``. With a daemon running (and ``route``), the
-    daemon answers and adds ``daemon`` and, per component, ``received``
-    (bytes, blobs and ``from``: bytes per peer node id), ``fetch``,
-    ``holding`` and ``origin``.
+    component as ``transaction``. With a daemon running, the daemon answers
+    and adds ``daemon`` and, per component, ``received`` (bytes, blobs and
+    ``from``: bytes per peer node id), ``fetch``, ``holding`` and ``origin``.
     """
-    if route:
-        running, doc = _daemon(state_dir, "status")
-        if running:
-            return doc  # type: ignore[no-any-return]
+    running, doc = _daemon(state_dir, "status")
+    if running:
+        return doc  # type: ignore[no-any-return]
     node = Node(state_dir)
-    recovered, pending = _recover_if_free(node)
-    root = node.trusted_root()
-    comps = {n: component_status(node, n) for n in sorted(node.config.components)}
-    for name, c in comps.items():
-        c["transaction"] = pending.get(name)
-    return {
-        "node_id": node.config.node_id.hex(),
-        "platform": node.config.platform,
-        "hook_limits": node.config.hooks.to_value(),
-        "root_version": root.version,
-        "store": {"blobs": sum(1 for _ in node.store.iter_digests())},
-        "recovered": recovered,
-        "components": comps,
-    }
+    recovered, pending = ops.recover_if_free(node)
+    return ops.status(node, recovered=recovered, pending=pending)
 
 
 def history(state_dir: Path, component: str) -> list[dict[str, Any]]:
     """Return ``component``'s history (oldest first), after recovering when possible."""
     node = Node(state_dir)
     node.config.component(component)
-    _recover_if_free(node)
-    return [h.to_value() for h in node.state.read_state(component).history]
+    ops.recover_if_free(node)
+    return ops.history(node, component)
 
 
 def gc(state_dir: Path, dry_run: bool = False) -> dict[str, Any]:
     """Delete blobs no installed, kept, pending or newest release needs (see gc.py)."""
-    from p2pupd.daemon.apply import gc as maint
-
-    node = Node(state_dir)
-    with node.lock:
-        res = maint.collect(node, dry_run=dry_run)
-    return {
-        "dry_run": res.dry_run,
-        "blobs_removed": res.blobs_removed,
-        "bytes_freed": res.bytes_freed,
-        "blobs_kept": res.blobs_kept,
-        "temp_files_removed": res.temp_files_removed,
-        "recovered": res.recovered,
-    }
+    with ops.locked(state_dir) as node:
+        return ops.gc(node, dry_run)
 
 
 def fsck(state_dir: Path, repair: bool = False, full: bool = False) -> dict[str, Any]:
     """Check the store and every live target against its release (see gc.py)."""
-    from p2pupd.daemon.apply import gc as maint
-
-    node = Node(state_dir)
-    with node.lock:
-        return maint.fsck(node, repair=repair, full=full)
+    with ops.locked(state_dir) as node:
+        return ops.fsck(node, repair=repair, full=full)
 
 
 def mark_good(state_dir: Path, component: str, serial: int) -> None:
     """Forget that ``serial`` failed here, so it may be applied automatically again."""
-    node = Node(state_dir)
-    with node.lock:
-        st = node.state.read_state(component)
-        bad = dict(st.bad)
-        bad.pop(serial, None)
-        node.state.update_state(component, replace(st, bad=bad))
+    with ops.locked(state_dir) as node:
+        ops.mark_good(node, component, serial)
 
 
 # -- sneakernet: request files, export from a node, auto-import ------------------
@@ -415,9 +259,8 @@ def make_request(state_dir: Path, *, site: bool = True) -> MadeRequest:
     if running:
         data = doc["data"]
         return MadeRequest(data, verify_any_request(data), list(doc["unanswered"]))
-    node = Node(state_dir)
-    with node.lock:
-        data = build_request(node, now_seconds())[0]
+    with ops.locked(state_dir) as node:
+        data = ops.node_request(node)
     return MadeRequest(data, verify_any_request(data), [])
 
 

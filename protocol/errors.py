@@ -75,5 +75,9 @@ class HashMismatchError(VerificationError):
     """Bytes do not hash to the digest that names them."""
 
 
+class RevokedKeyError(VerificationError):
+    """A document counts on a key that a trusted root explicitly revoked (compromised)."""
+
+
 class MixAndMatchError(VerificationError):
     """Metadata names another component, platform or repository than expected."""

@@ -12,11 +12,22 @@ Model (after TUF, trimmed to what an offline fleet needs):
 * **Rotation**: root N+1 is accepted only if its version is exactly N+1 and it
   is signed by a threshold of root N's root keys *and* a threshold of its own.
   A stolen single old key cannot rotate; a lost old root cannot be skipped.
-* A **release manifest** is accepted only if a threshold of the *current*
-  root's release keys signed it, it is not expired on the node's clock, and it
-  names the component it is offered for. The serial check (strictly higher
-  than any serial accepted before for the component) is ``check_serial``; the
-  node's state holds the high-water mark.
+* A **release manifest** arriving from outside (bundle, peer) is accepted only
+  if a threshold of the *current* root's release keys signed it, it is not
+  expired on the node's clock, and it names the component it is offered for.
+  The serial check (strictly higher than any serial accepted before for the
+  component) is ``check_serial``; the node's state holds the high-water mark.
+* A release **already held** (stored, installed, kept) was verified when it
+  arrived, under the root trusted then; a later rotation that replaces the
+  release key does not undo that. ``TrustChain`` keeps every root accepted
+  (the record of what was verified under what, as TUF clients keep the
+  metadata they verified) and re-verifies a held release under the newest
+  root whose release role signs it -- unless a root of the chain *revokes* a
+  key it counts on: a root may list compromised key ids in ``revoked``, and
+  nothing signed by them is used again, whenever it arrived.
+* A **bundle's root chain** starts from the pinned root: a root it carries at
+  a version the node already holds must be that very root (else the bundle is
+  from another repository), then N+1, N+2, ... rotate (``TrustedRoot.walk``).
 
 Rules, one check each, one error each (``TrustedRoot`` loads only through them):
   1. envelope decodes canonically ........................ CodecError
@@ -27,6 +38,10 @@ Rules, one check each, one error each (``TrustedRoot`` loads only through them):
   6. expiry < now ........................................ ExpiredError
   7. component differs from the one expected ............. MixAndMatchError
   8. serial <= high-water mark ........................... RollbackError
+  9. a carried root at a pinned version differs from it .. MixAndMatchError
+     (and a root for another repository name cannot follow)
+ 10. a held release counts on a key a root revoked ....... RevokedKeyError
+ 11. a root's roles list a key it revokes ................ SchemaError
 """
 
 from __future__ import annotations
@@ -41,12 +56,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import (
     BadSignatureError,
+    CodecError,
     ExpiredError,
     MixAndMatchError,
+    RevokedKeyError,
     RollbackError,
     SchemaError,
     ThresholdError,
     UnknownKeyError,
+    VerificationError,
 )
 from p2pupd.protocol.manifest import Manifest
 
@@ -81,9 +99,12 @@ class Root:
     roles: Mapping[str, Role]
     expires: int | None = None
     name: str = "p2pupd"
+    # Key ids this root declares compromised (rule 10). Encoded only when
+    # non-empty, so roots without revocations keep their exact bytes.
+    revoked: tuple[str, ...] = ()
 
     def to_value(self) -> dict[str, Any]:
-        return {
+        v = {
             "_type": ROOT_TYPE,
             "spec": 1,
             "name": self.name,
@@ -95,6 +116,9 @@ class Root:
                 for r, role in self.roles.items()
             },
         }
+        if self.revoked:
+            v["revoked"] = sorted(self.revoked)
+        return v
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_value())
@@ -140,7 +164,20 @@ class Root:
             if not isinstance(thr, int) or isinstance(thr, bool) or not 1 <= thr <= len(kids):
                 raise SchemaError(f"role {rname} threshold must be 1..{len(kids)}")
             roles[rname] = Role(tuple(kids), thr)
-        return cls(version=version, keys=keys, roles=roles, expires=expires, name=name)
+        revoked_v = v.get("revoked", [])
+        if (
+            not isinstance(revoked_v, list)
+            or len(revoked_v) > limits.MAX_REVOKED_KEYS
+            or not all(isinstance(k, str) and len(k) == 64 for k in revoked_v)
+        ):
+            raise SchemaError("root revoked must be a bounded list of key ids")
+        revoked = tuple(revoked_v)
+        for rname, role in roles.items():
+            if set(role.keyids) & set(revoked):
+                raise SchemaError(f"role {rname} lists a key the root revokes")
+        return cls(
+            version=version, keys=keys, roles=roles, expires=expires, name=name, revoked=revoked
+        )
 
 
 @dataclass(frozen=True)
@@ -283,6 +320,28 @@ class TrustedRoot:
         _check_expiry(new.expires, now, f"root v{new.version}")
         return TrustedRoot(new, env)
 
+    def walk(
+        self, roots: Mapping[int, bytes], now: int | None, pinned: Mapping[int, bytes]
+    ) -> TrustedRoot:
+        """Return the trust state after the root chain ``roots`` (a bundle's, a peer's).
+
+        Rule 9 first: every root in ``roots`` at a version in ``pinned`` (the
+        roots this side already accepted, by version) must be that same root,
+        else ``MixAndMatchError`` (another repository). Then rotate through
+        N+1, N+2, ... while ``roots`` has them (rules 2-6 for each).
+        """
+        for version, data in sorted(roots.items()):
+            held = pinned.get(version)
+            if held is not None and _payload_of(held) != _payload_of(data):
+                raise MixAndMatchError(
+                    f"root v{version} is not the root v{version} trusted here: "
+                    "it is from another repository"
+                )
+        trusted = self
+        while trusted.version + 1 in roots:
+            trusted = trusted.rotate(roots[trusted.version + 1], now)
+        return trusted
+
     def verify_release(
         self, data: bytes, now: int | None, component: str | None = None
     ) -> tuple[Manifest, Envelope]:
@@ -304,6 +363,90 @@ class TrustedRoot:
             )
         _check_expiry(man.expires, now, f"release {man.component} {man.version}")
         return man, env
+
+
+def _payload_of(data: bytes) -> bytes:
+    """The signed payload of an envelope (signatures aside), or the bytes when malformed."""
+    try:
+        return Envelope.decode(data, limits.MAX_ROOT_BYTES).payload
+    except (SchemaError, CodecError):
+        return data
+
+
+class TrustChain:
+    """Every root accepted, oldest to current: the verifier of releases already held.
+
+    A held release was verified under the root trusted when it arrived; it is
+    re-verified (storage can rot) under the newest root of the chain whose
+    release role signs it, and refused if any root of the chain revokes a key
+    whose signature it counts on (rule 10). The current root alone decides what
+    arrives from outside (``current.verify_release``).
+    """
+
+    def __init__(self, roots: Mapping[int, TrustedRoot]) -> None:
+        if not roots:
+            raise ValueError("a trust chain needs at least one root")
+        self.roots = dict(sorted(roots.items()))
+        self.current = self.roots[max(self.roots)]
+        self.revoked: dict[str, int] = {}  # key id -> version of the first root revoking it
+        for v, r in self.roots.items():
+            for kid in r.root.revoked:
+                self.revoked.setdefault(kid, v)
+
+    @classmethod
+    def from_history(cls, history: Mapping[int, bytes], current: TrustedRoot) -> TrustChain:
+        """Build the chain from stored root envelopes (``{version: bytes}``) and the current root.
+
+        Stored roots were verified when accepted; an unreadable one is skipped
+        (releases it alone signed then fail to verify, as damaged).
+        """
+        roots: dict[int, TrustedRoot] = {}
+        for v, data in history.items():
+            if v >= current.version:
+                continue
+            try:
+                roots[v] = TrustedRoot.load(data, None)
+            except (VerificationError, CodecError):
+                continue
+        roots[current.version] = current
+        return cls(roots)
+
+    def verify_held(
+        self, data: bytes, component: str | None = None
+    ) -> tuple[Manifest, Envelope, int]:
+        """Verify a release this side already holds; returns it and the root version used.
+
+        Expiry is not judged again (it was when the release arrived). Raises the
+        current root's verification error when no root of the chain signs it,
+        and ``RevokedKeyError`` when a signature it counts on is by a revoked key.
+        """
+        first: VerificationError | None = None
+        for version in sorted(self.roots, reverse=True):
+            root = self.roots[version]
+            try:
+                man, env = root.verify_release(data, None, component)
+            except (UnknownKeyError, ThresholdError, BadSignatureError) as exc:
+                first = first or exc
+                continue
+            self._check_revoked(root, env, f"release {man.component} {man.version}")
+            return man, env, version
+        assert first is not None
+        raise first
+
+    def _check_revoked(self, root: TrustedRoot, env: Envelope, what: str) -> None:
+        role = root.root.roles["release"]
+        revoked = [kid for kid, _ in env.signatures if kid in role.keyids and kid in self.revoked]
+        if not revoked:
+            return
+        kept = Role(tuple(k for k in role.keyids if k not in self.revoked), role.threshold)
+        try:
+            check_signatures(RELEASE_TYPE, env, root.root.keys, kept, what)
+        except VerificationError:
+            kid = revoked[0]
+            raise RevokedKeyError(
+                f"{what} is signed by key {kid[:16]}, which root v{self.revoked[kid]} "
+                "revokes as compromised: it is not used again (import a newer release)"
+            ) from None
 
 
 def check_serial(man: Manifest, high_water: int, held_digest: bytes | None, digest: bytes) -> bool:

@@ -49,7 +49,7 @@ from p2pupd.daemon.stage.statcache import Shape, StatCache, record_tree
 from p2pupd.daemon.state.mancache import ManifestCache
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, HistoryEntry, now_seconds
-from p2pupd.protocol.errors import VerificationError
+from p2pupd.protocol.errors import RevokedKeyError, VerificationError
 from p2pupd.protocol.manifest import Manifest
 
 __all__ = [
@@ -365,5 +365,5 @@ class Applier:
             return None
         try:
             return self.manifest(cfg.name, serial).version
-        except (NotFoundError, StorageError):
+        except (NotFoundError, StorageError, RevokedKeyError):
             return None

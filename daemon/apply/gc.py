@@ -37,6 +37,7 @@ from p2pupd.daemon.errors import NotFoundError, StorageError
 from p2pupd.daemon.fsutil import hash_file
 from p2pupd.daemon.stage.statcache import StatCache
 from p2pupd.daemon.state.node import Node
+from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import Manifest
 
 MAX_PROBLEMS = 50
@@ -77,6 +78,8 @@ def keep_set(node: Node, applier: Applier) -> set[bytes]:
         for serial in sorted(wanted_serials(node, comp)):
             try:
                 man = applier.manifest(comp, serial)
+            except RevokedKeyError:
+                continue  # signed by a compromised key: never used again, nothing to keep
             except (NotFoundError, StorageError) as exc:
                 raise StorageError(
                     f"cannot read release {comp}/{serial} ({exc}); refusing to collect garbage"

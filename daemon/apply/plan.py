@@ -32,6 +32,7 @@ from p2pupd.daemon.stage.stager import missing_blobs
 from p2pupd.daemon.stage.statcache import Reuse, Source, StatCache, Version, find_sources
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState
+from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import FileEntry, Manifest
 
 
@@ -52,7 +53,7 @@ def reusable_files(node: Node, cfg: ComponentConfig, st: ComponentState) -> dict
     for s in serials:
         try:
             man = node.manifest(cfg.name, s)
-        except (NotFoundError, StorageError):
+        except (NotFoundError, StorageError, RevokedKeyError):  # revoked: never a source
             continue
         root = target.version_root(s, st.installed)
         for f in man.files:

@@ -84,7 +84,8 @@ def build_request(
     Raises ``StorageError``.
     """
     key = node_key(node.state)
-    trusted = node.trusted_root()
+    chain = node.trust_chain()
+    trusted = chain.current
     states = node.state.read_states()
     store = set(node.store.iter_digests())
     held: list[HeldRelease] = []
@@ -96,7 +97,7 @@ def build_request(
             on_disk = set(st.kept) | ({st.installed} if st.installed is not None else set())
         for serial in reversed(node.releases.serials(comp)):
             try:
-                man, env = node.releases.get(trusted, comp, serial)
+                man, env = node.releases.get(chain, comp, serial)
             except (NotFoundError, StorageError, CodecError, VerificationError):
                 continue
             blobs = man.chunk_digests() | {h.sha256 for h in man.hooks.values()}

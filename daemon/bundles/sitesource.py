@@ -42,7 +42,8 @@ class StateSource:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.trusted: TrustedRoot = node.trusted_root()
+        self.chain = node.trust_chain()
+        self.trusted: TrustedRoot = self.chain.current
         self._spans: dict[bytes, _Span] | None = None
 
     @property
@@ -62,7 +63,7 @@ class StateSource:
     def release(self, component: str, serial: int) -> tuple[Manifest, Envelope] | None:
         """Return a stored release, re-verified, or None if absent or damaged."""
         try:
-            return self.node.releases.get(self.trusted, component, serial)
+            return self.node.releases.get(self.chain, component, serial)
         except (NotFoundError, StorageError, CodecError, VerificationError):
             return None
 

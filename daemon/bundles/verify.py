@@ -16,8 +16,8 @@ untouched. Rules, one check each:
   2c. a pack parses within its bounds (``bundle.parse_pack``) and holds no
      blob twice; each entry is named by the sha256 of its bytes ........... SchemaError
   3. all metadata read stays under ``bundle.MAX_METADATA_BYTES`` ............ FrameTooLargeError
-  4. a bundle root at a version the node holds is that root ............. MixAndMatchError
-  5. roots N+1, N+2... rotate from the pinned root ....................... (trust.rotate)
+  4. a bundle root at a version the node holds is that root ............. (trust.walk)
+  5. roots N+1, N+2... rotate from the pinned root ....................... (trust.walk)
   6. each release verifies under the resulting root, unexpired ........... (trust.verify_release)
   7. the artifact's component annotation matches the signed one ........ MixAndMatchError
   8. a release artifact carries only blobs its manifest names, at size,
@@ -212,15 +212,7 @@ def read_metadata(
         empty = oci.empty_descriptor()
         reader.read_blob(empty.digest, empty.size)
 
-    for version, data in sorted(roots.items()):
-        pinned = history.get(version)
-        if pinned is not None and _payload_digest(pinned) != _payload_digest(data):
-            raise MixAndMatchError(
-                f"bundle's root v{version} is not the root v{version} this node trusts: "
-                "the bundle is from another repository"
-            )
-    while trusted.version + 1 in roots:
-        trusted = trusted.rotate(roots[trusted.version + 1], now)
+    trusted = trusted.walk(roots, now, history)
 
     meta = BundleMetadata(
         trusted, roots, referenced=reads.referenced, unresolved=unresolved, packed=reads.packed
@@ -329,7 +321,3 @@ def apply_dict_patch(base: bytes, frame: bytes, size: int) -> bytes:
 def _root_version(data: bytes) -> int:
     env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
     return Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES)).version
-
-
-def _payload_digest(data: bytes) -> bytes:
-    return Envelope.decode(data, limits.MAX_ROOT_BYTES).payload_digest()

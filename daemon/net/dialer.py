@@ -13,22 +13,36 @@ their service disappears.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import trio
 
 from p2pupd.daemon.events import log
-from p2pupd.daemon.net.peers import Candidate
+from p2pupd.daemon.net.peers import Candidate, PeerTable
 from p2pupd.daemon.net.transport import TransferError, dial
-from p2pupd.daemon.service.nodeservice import NodeService
 
 RECONNECT_SECONDS = 2.0
 SHORT_LIVED = 5.0
 MAX_WAIT = 5.0
 
 
+class Connector(Protocol):
+    """Who runs the connections the dialer opens (the node service)."""
+
+    peers: PeerTable
+    stopping: bool  # no new dials once set
+
+    async def run_stream(
+        self, stream: trio.abc.Stream, *, outbound: bool, address: str, source: str
+    ) -> bytes | None:
+        """Run one connection to its end; the peer's node id once known."""
+        ...
+
+
 class Dialer:
     """See the module docstring."""
 
-    def __init__(self, core: NodeService) -> None:
+    def __init__(self, core: Connector) -> None:
         self.core = core
         self._wake = trio.Event()
 

@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import ifaddr
 import trio
@@ -37,8 +37,7 @@ from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange,
 
 from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log
-from p2pupd.daemon.net.peers import format_endpoint
-from p2pupd.daemon.service.nodeservice import NodeService
+from p2pupd.daemon.net.peers import PeerTable, format_endpoint
 from p2pupd.protocol import PROTOCOL_VERSION
 
 SERVICE_TYPE = "_p2pupd._tcp.local."
@@ -60,12 +59,28 @@ def local_addresses() -> list[str]:
     return sorted(set(found), key=lambda a: (ipaddress.ip_address(a).is_loopback, a))
 
 
+class DiscoveryHost(Protocol):
+    """What discovery needs of the node service: its peers and a holdings digest."""
+
+    @property
+    def node_id(self) -> bytes: ...
+    @property
+    def cluster(self) -> str: ...
+
+    peers: PeerTable
+    on_holdings: list[Callable[[], None]]  # called when what we hold changes
+
+    def holdings_digest(self) -> str:
+        """A short digest of what this node holds (published in TXT)."""
+        ...
+
+
 class Discovery:
     """See the module docstring."""
 
     def __init__(
         self,
-        core: NodeService,
+        core: DiscoveryHost,
         port: int,
         *,
         interfaces: tuple[str, ...] = (),
@@ -77,7 +92,7 @@ class Discovery:
         self.interfaces = interfaces
         self.listen_host = listen_host
         self.on_found = on_found
-        cfg = core.node.config
+        cfg = core
         self.name = f"p2pupd-{cfg.node_id.hex()[:12]}.{SERVICE_TYPE}"
         self._names: dict[str, str] = {}  # service name -> endpoint
         self._zc: Zeroconf | None = None
@@ -91,7 +106,7 @@ class Discovery:
         return [a for a in local_addresses() if ":" not in a][:4] or ["127.0.0.1"]
 
     def _service_info(self) -> ServiceInfo:
-        cfg = self.core.node.config
+        cfg = self.core
         return ServiceInfo(
             SERVICE_TYPE,
             self.name,
@@ -183,7 +198,7 @@ class Discovery:
         if info is None:
             return
         props = _text_props(info.properties)
-        cfg = self.core.node.config
+        cfg = self.core
         try:
             node_id = bytes.fromhex(props.get("id", ""))
         except ValueError:

@@ -41,16 +41,15 @@ from typing import Any
 
 import trio
 
+from p2pupd.daemon.config import DaemonOptions
 from p2pupd.daemon.errors import LockedError
 from p2pupd.daemon.events import log, observe, setup_logging, short
 from p2pupd.daemon.net.dialer import Dialer
 from p2pupd.daemon.net.discovery import Discovery
 from p2pupd.daemon.net.peers import format_endpoint
 from p2pupd.daemon.net.transport import serve_listener
-from p2pupd.daemon.options import DaemonOptions
 from p2pupd.daemon.service.autoimport import serve_watch
-from p2pupd.daemon.service.metrics import serve_metrics
-from p2pupd.daemon.service.metricsfeed import MetricsFeed
+from p2pupd.daemon.service.metrics import MetricsFeed, serve_metrics
 from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.errors import P2pupdError

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from p2pupd.daemon import api
+from p2pupd.daemon import ops
 from p2pupd.daemon.ctl import (
     HEADER_BYTES,
     ControlError,
@@ -112,7 +112,11 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
     if op == "ping":
         return {"node_id": core.node.config.node_id.hex(), "pid": os.getpid()}
     if op == "status":
-        doc = await core.offload(lambda: api.status(core.node.root, route=False))
+        def read_status() -> dict[str, Any]:
+            recovered, pending = ops.recover_if_free(core.node)
+            return ops.status(core.node, recovered=recovered, pending=pending)
+
+        doc = await core.offload(read_status)
         for name, comp in doc["components"].items():
             comp.update(core.lifecycle.component_doc(name))
         doc["daemon"] = core.daemon_doc()

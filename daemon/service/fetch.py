@@ -36,7 +36,7 @@ accepted release replaces it (blobs already stored count for the new one).
    A mismatch bans and disconnects the peer; a peer that does not answer
    within ``hard_timeout`` is disconnected; ChunkMissing just steers the
    planner elsewhere.
-4. *Done*: ``Lifecycle.release_complete`` announces the release and, for
+4. *Done*: ``on_complete`` (``Lifecycle.release_complete``) announces the release and, for
    an ``auto_apply`` component, applies it.
 """
 
@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -55,6 +55,8 @@ from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log
 from p2pupd.daemon.net.ranged import get_ranged
 from p2pupd.daemon.net.transport import PeerConnection, TransferError
+from p2pupd.daemon.service.links import Links
+from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for
 from p2pupd.daemon.store.landing import Landing
 from p2pupd.protocol import limits
@@ -75,9 +77,6 @@ from p2pupd.protocol.wire import (
     Request,
     Response,
 )
-
-if TYPE_CHECKING:
-    from p2pupd.daemon.service.nodeservice import NodeService
 
 PER_PEER_CAP = 14  # of the session's 16 in flight; the rest is for manifest and root requests
 # Blobs in flight to a peer that speaks "batch": enough to keep it busy while
@@ -159,14 +158,25 @@ class FetchManager:
 
     def __init__(
         self,
-        core: NodeService,
+        links: Links,
         rng: random.Random,
         *,
+        content: Content,
+        servable: Callable[[str, int], tuple[bool, list[bytes]] | None],
+        holding: Callable[[str], int],
+        on_complete: Callable[[Manifest, bytes], Awaitable[None]],
         request_timeout: float,
         hard_timeout: float,
         ban_seconds: float,
     ) -> None:
-        self.core = core
+        """``servable(c, s)``: what we can serve of a stored release (cached);
+        ``holding(c)``: the serial of the complete release we hold (0: none);
+        ``on_complete``: awaited once a release's every blob is stored."""
+        self._links = links
+        self._content = content
+        self._servable = servable
+        self._holding = holding
+        self._on_complete = on_complete
         self._rng = rng
         self._request_timeout = request_timeout
         self._hard_timeout = hard_timeout
@@ -177,12 +187,12 @@ class FetchManager:
         self._heard: set[tuple[bytes, str, int]] = set()  # (peer, release) that sent us a Have
         self._pending: dict[tuple[str, int], list[bytes]] = {}  # Have updates to send
         self._commit_wanted = trio.Event()
-        self.landing = Landing(core.node.root, core.node.store)
+        self.landing = Landing(links.node.root, links.node.store)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run fetches and the batched commits (and Have updates) until cancelled."""
-        await self.core.offload(self.landing.clear)
+        await self._links.offload(self.landing.clear)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -243,13 +253,13 @@ class FetchManager:
                     await trio.sleep(RETRY_SECONDS)
             if self.active.get(c) is rf:
                 del self.active[c]
-            await self.core.lifecycle.release_complete(rf.man, rf.digest)
+            await self._on_complete(rf.man, rf.digest)
 
     async def _fetch(self, rf: ReleaseFetch) -> None:
-        node = self.core.node
-        while needed := await self.core.offload(lambda: needed_for(node, rf.man)):
+        node = self._links.node
+        while needed := await self._links.offload(lambda: needed_for(node, rf.man)):
             rf.needed = needed
-            _, have = await self.core.offload(lambda: self.core.content.servable(rf.man))
+            _, have = await self._links.offload(lambda: self._content.servable(rf.man))
             rf.have = set(have)
             planner: FetchPlanner[bytes] = FetchPlanner(
                 needed,
@@ -266,7 +276,7 @@ class FetchManager:
                 else:
                     planner.peer_has(peer, digests)
             rf.early.clear()
-            for conn in list(self.core.conns.values()):
+            for conn in list(self._links.conns.values()):
                 self._use_announce(rf, conn)
                 self._tell(conn, rf.key)
             log(
@@ -296,7 +306,7 @@ class FetchManager:
             await self.commit()  # durable before the release can count as complete
 
     def _peer_cap(self, peer: bytes) -> int:
-        conn = self.core.conns.get(peer)
+        conn = self._links.conns.get(peer)
         batch = conn is not None and conn.session.supports(FEATURE_BATCH)
         return BATCH_PEER_CAP if batch else PER_PEER_CAP
 
@@ -306,7 +316,7 @@ class FetchManager:
         for peer, digest in pairs:
             by_peer.setdefault(peer, []).append(digest)
         for peer, digests in by_peer.items():
-            conn = self.core.conns.get(peer)
+            conn = self._links.conns.get(peer)
             if conn is None:  # it left since the planner chose it
                 run.planner.remove_peer(peer)
                 continue
@@ -368,7 +378,7 @@ class FetchManager:
     ) -> None:
         peer = conn.node_id
         try:
-            store, offload = self.core.node.store, self.core.offload
+            store, offload = self._links.node.store, self._links.offload
             got = await get_ranged(conn, digest, size, store, offload, self._hard_timeout)
         except TransferError as exc:
             if not conn.closed:
@@ -403,12 +413,12 @@ class FetchManager:
                 self._received(run.rf, peer, run.needed[digest])
             elif outcome is False:
                 planner.on_chunk_received(peer, digest, False, now)
-                self.core.ban(peer, f"blob {digest.hex()[:16]} failed its hash check")
+                self._links.ban(peer, f"blob {digest.hex()[:16]} failed its hash check")
             elif outcome is None:
                 planner.on_chunk_missing(peer, digest, now)
             elif isinstance(outcome, DaemonError):
                 failure = failure or outcome
-            elif self.core.conns.get(peer) in (outcome, None):
+            elif self._links.conns.get(peer) in (outcome, None):
                 planner.remove_peer(peer)  # that connection ended; a newer one stays
         return failure
 
@@ -418,13 +428,13 @@ class FetchManager:
         rec.bytes += size
         rec.blobs += 1
         rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size
-        info = self.core.peers.get(peer)
+        info = self._links.peers.get(peer)
         if info is not None:
             info.blobs_in += 1
 
     async def commit(self) -> None:
         """Make landed blobs durable and store them, then tell interested peers."""
-        self._committed(await self.core.offload(self.landing.commit))
+        self._committed(await self._links.offload(self.landing.commit))
 
     def _committed(self, digests: list[bytes]) -> None:
         for rf in self.active.values():
@@ -443,7 +453,7 @@ class FetchManager:
         key, peer = (msg.component, msg.serial), conn.node_id
         rf = self.active.get(msg.component)
         fetching = rf is not None and rf.man.serial == msg.serial
-        holding = self.core.gossip.holdings.get(msg.component, (0, b""))[0] == msg.serial
+        holding = self._holding(msg.component) == msg.serial
         if not (fetching or holding):
             return  # a release we do not know (yet): our own Have will ask later
         if not msg.complete:
@@ -469,7 +479,7 @@ class FetchManager:
         """A peer without "have" that announces the release is taken to hold all of it."""
         if rf.planner is None or conn.session.supports(FEATURE_HAVE) or not conn.joined:
             return
-        info = self.core.peers.get(conn.node_id)
+        info = self._links.peers.get(conn.node_id)
         if info is not None and info.announced.get(rf.man.component) == (rf.man.serial, rf.digest):
             rf.planner.peer_has_all(conn.node_id)
             rf.wake.set()
@@ -501,7 +511,7 @@ class FetchManager:
         """We hold (component, serial) in full: tell the peers still fetching it."""
         key = (component, serial)
         for peer in list(self._interested.get(key, ())):
-            conn = self.core.conns.get(peer)
+            conn = self._links.conns.get(peer)
             if conn is not None:
                 self._tell(conn, key)
 
@@ -513,7 +523,7 @@ class FetchManager:
         if rf is not None and rf.man.serial == key[1]:
             complete, digests = False, sorted(rf.have)
         else:
-            servable = self.core.servable(*key)
+            servable = self._servable(*key)
             if servable is None:
                 return
             complete, digests = servable
@@ -527,7 +537,7 @@ class FetchManager:
         pending, self._pending = self._pending, {}
         for key, digests in pending.items():
             for peer in list(self._interested.get(key, ())):
-                conn = self.core.conns.get(peer)
+                conn = self._links.conns.get(peer)
                 if conn is None or not conn.session.supports(FEATURE_HAVE):
                     continue
                 for i in range(0, len(digests), MAX_HAVE_DIGESTS):

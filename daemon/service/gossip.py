@@ -8,7 +8,7 @@ The pure ``Gossip`` object decides; this service carries its actions out:
 * ``RequestManifest(peer, component, serial, digest)`` starts a task that
   fetches the signed envelope (one ``ManifestRequest``, or ranged pieces when
   both sides speak "range", so manifests larger than a frame still travel),
-  then hands it to ``Lifecycle.accept_from_peer``: verify against the
+  then hands it to ``on_offer`` (``Lifecycle.accept_from_peer``): verify against the
   pinned root, check it is the serial and digest the peer announced, persist
   it (``accept.persist_release``) and start fetching its blobs.
 * ``Ban(peer, ...)`` (after ``on_manifest_rejected``) bans and disconnects.
@@ -31,14 +31,15 @@ punished.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
 import trio
 
 from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.net.transport import PeerConnection, TransferError
+from p2pupd.daemon.service.links import Links
 from p2pupd.daemon.state.gate import NotForThisNodeError
 from p2pupd.protocol.errors import (
     ExpiredError,
@@ -59,9 +60,6 @@ from p2pupd.protocol.wire import (
     RootData,
 )
 
-if TYPE_CHECKING:
-    from p2pupd.daemon.service.nodeservice import NodeService
-
 MAX_TICK_SECONDS = 30.0
 MAX_ROTATIONS = 8
 
@@ -71,19 +69,31 @@ class GossipService:
 
     def __init__(
         self,
-        core: NodeService,
+        links: Links,
         rng: random.Random,
         *,
+        announcement: Callable[[], Announce],
+        high_water: Callable[[str], int],
+        on_offer: Callable[[bytes, RequestManifest[bytes]], Awaitable[None]],
+        on_root: Callable[[int, bytes], Awaitable[None]],
         interval: float,
         request_timeout: float,
         ban_seconds: float,
     ) -> None:
-        self.core = core
+        """``announcement()``: the Announce we send; ``high_water(c)``: the newest
+        serial accepted for ``c``; ``on_offer(envelope, action)``: verify, persist and
+        fetch a manifest a peer sent (raises what verification raises);
+        ``on_root(version, data)``: accept a newer root."""
+        self._links = links
+        self._announcement = announcement
+        self._high_water = high_water
+        self._on_offer = on_offer
+        self._on_root = on_root
         self._rng = rng
         self._interval = interval
         self._timeout = request_timeout
         self._ban_seconds = ban_seconds
-        self.gossip: Gossip[bytes] = Gossip(rng, tracked=core.node.config.components)
+        self.gossip: Gossip[bytes] = Gossip(rng, tracked=links.node.config.components)
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -92,7 +102,7 @@ class GossipService:
         self.gossip = Gossip(
             self._rng,
             holdings=holdings,
-            tracked=self.core.node.config.components,
+            tracked=self._links.node.config.components,
             announce_interval=self._interval,
             request_timeout=self._timeout,
             ban_seconds=self._ban_seconds,
@@ -147,19 +157,19 @@ class GossipService:
     def _run(self, actions: list[Action[bytes]]) -> None:
         for action in actions:
             if isinstance(action, SendAnnounce):
-                conn = self.core.conns.get(action.peer)
+                conn = self._links.conns.get(action.peer)
                 if conn is not None:
-                    conn.post(self.core.announcement())
+                    conn.post(self._announcement())
             elif isinstance(action, RequestManifest):
-                if self.core.high_water(action.component) >= action.serial:
+                if self._high_water(action.component) >= action.serial:
                     continue  # already accepted (fetching its blobs) or newer
                 if self._nursery is not None:
                     self._nursery.start_soon(self._get_manifest, action)
             elif isinstance(action, Ban):
-                self.core.ban(action.peer, action.reason, until=action.until)
+                self._links.ban(action.peer, action.reason, until=action.until)
 
     async def _get_manifest(self, action: RequestManifest[bytes]) -> None:
-        conn = self.core.conns.get(action.peer)
+        conn = self._links.conns.get(action.peer)
         if conn is None:
             return
         c, s, peer = action.component, action.serial, action.peer
@@ -175,7 +185,7 @@ class GossipService:
             return
         for attempt in range(2):
             try:
-                await self.core.lifecycle.accept_from_peer(data, action)
+                await self._on_offer(data, action)
                 return
             except (NotForThisNodeError, ExpiredError) as exc:
                 log("manifest-refused", component=c, serial=s, peer=short(peer), reason=str(exc))
@@ -202,7 +212,7 @@ class GossipService:
         """Fetch and accept newer roots from ``conn``; True if the pinned root advanced."""
         advanced = False
         for _ in range(MAX_ROTATIONS):
-            version = self.core.node.trusted_root().version + 1
+            version = self._links.node.trusted_root().version + 1
             try:
                 resp = await conn.request(
                     partial(Session.request_root, version=version), self._timeout
@@ -212,7 +222,7 @@ class GossipService:
             if not isinstance(resp, RootData):
                 break
             try:
-                await self.core.lifecycle.advance_root(version, resp.data)
+                await self._on_root(version, resp.data)
             except (VerificationError, RemoteProtocolError) as exc:
                 log("root-refused", version=version, peer=short(conn.node_id), reason=str(exc))
                 break

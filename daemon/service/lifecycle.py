@@ -12,7 +12,7 @@ Every release takes the same path whatever brought it::
               ``auto_apply`` component, or on ``p2pupd apply``
 
 All steps that write the state directory (accept, import, apply, rollback,
-root rotation) take ``NodeService.mutex``: they read-modify-write
+root rotation) take the state ``mutex``: they read-modify-write
 ``state.msgpack`` from worker threads and must not interleave.
 
 At start ``scan`` recovers interrupted applies, finds what the node holds (the
@@ -25,24 +25,28 @@ re-applied automatically, at start or later.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from p2pupd.daemon import ops
 from p2pupd.daemon.apply.engine import Applier, ApplyResult
-from p2pupd.daemon.bundles.importer import ImportReport, import_bundle
-from p2pupd.daemon.errors import DaemonError, NotFoundError
+from p2pupd.daemon.bundles.importer import ImportReport
+from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log, short
+from p2pupd.daemon.offload import Offload
+from p2pupd.daemon.service.fetch import FetchManager
+from p2pupd.daemon.service.gossip import GossipService
+from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
+from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, now_seconds
 from p2pupd.protocol.errors import MixAndMatchError, P2pupdError
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
-
-if TYPE_CHECKING:
-    from p2pupd.daemon.service.nodeservice import NodeService
 
 
 @dataclass
@@ -63,26 +67,50 @@ def should_auto_apply(cfg: ComponentConfig, st: ComponentState, serial: int) -> 
 
 
 class Lifecycle:
-    """See the module docstring; one per ``NodeService``."""
+    """See the module docstring; one per ``NodeService``, the coordinator above
+    its ``FetchManager`` and ``GossipService``."""
 
-    def __init__(self, core: NodeService) -> None:
-        self.core = core
+    def __init__(
+        self,
+        node: Node,
+        *,
+        offload: Offload,
+        mutex: trio.Lock,
+        content: Content,
+        fetch: FetchManager,
+        gossip: GossipService,
+        spawn: Callable[..., None],
+        forget_servable: Callable[[], None],
+        holdings_changed: Callable[[], None],
+    ) -> None:
+        """``mutex`` serialises every writer of the state directory; ``spawn(fn, *args)``
+        runs a background task; ``forget_servable()`` drops cached servable sets;
+        ``holdings_changed()`` is called when a release becomes complete."""
+        self.node = node
+        self.offload = offload
+        self.mutex = mutex
+        self.content = content
+        self.fetch = fetch
+        self.gossip = gossip
+        self.spawn = spawn
+        self.forget_servable = forget_servable
+        self.holdings_changed = holdings_changed
         self.origin: dict[str, tuple[int, str]] = {}  # component -> (serial, where from)
         self._high: dict[str, int] = {}  # high-water marks, cached for gossip
 
     def scan(self) -> Scan:
         """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
-        node, out = self.core.node, Scan()
+        node, out = self.node, Scan()
         out.recovered = Applier(node).recover()
-        self.core.content.refresh()
-        root = node.trusted_root()
+        self.content.refresh()
+        chain = node.trust_chain()
         for name, cfg in node.config.components.items():
             st = node.state.read_state(name)
             self._high[name] = st.high_water
             serials = node.releases.serials(name)
             for serial in reversed(serials):
                 try:
-                    man, env = node.releases.get(root, name, serial)
+                    man, env = node.releases.get(chain, name, serial)
                 except DaemonError as exc:
                     log(
                         "release-unreadable",
@@ -113,46 +141,45 @@ class Lifecycle:
         it is not the release the peer announced.
         """
         c, s, peer = action.component, action.serial, action.peer
-        async with self.core.mutex:
+        async with self.mutex:
             if s < self.high_water(c):
                 # Overtaken while it travelled (a newer serial was accepted from
                 # another peer meanwhile): stale, and not the sender's fault.
                 return
-            man, env, new = await self.core.offload(
-                lambda: verify_offer(self.core.node, data, c, s, now_seconds())
+            man, env, new = await self.offload(
+                lambda: verify_offer(self.node, data, c, s, now_seconds())
             )
             digest = env.payload_digest()
             if digest != action.manifest_digest:
                 raise MixAndMatchError(f"{c} serial {s} differs from the manifest announced")
             if new:
                 detail = f"from peer {peer.hex()}"
-                await self.core.offload(
-                    lambda: persist_release(self.core.node, man, env, digest, "received", detail)
+                await self.offload(
+                    lambda: persist_release(self.node, man, env, digest, "received", detail)
                 )
             self._high[c] = max(self._high.get(c, 0), s)
         if new:
             self.origin[c] = (s, short(peer))
             log("manifest-accepted", component=c, version=man.version, serial=s, from_=short(peer))
-            self.core.fetch.start(man, digest)
+            self.fetch.start(man, digest)
 
     async def advance_root(self, version: int, data: bytes) -> None:
         """Accept root ``version`` (rotation rules of ``TrustStore.advance``)."""
-        async with self.core.mutex:
-            await self.core.offload(
-                lambda: self.core.node.trust_store.advance({version: data}, now_seconds())
+        async with self.mutex:
+            await self.offload(
+                lambda: self.node.trust_store.advance({version: data}, now_seconds())
             )
-        self.core.forget_servable()
+        self.forget_servable()
         log("root-advanced", version=version)
 
     async def release_complete(self, man: Manifest, digest: bytes) -> None:
         """Every blob of ``man`` is here: announce it, apply it if the policy says so."""
         c, s = man.component, man.serial
-        self.core.forget_servable()
-        self.core.gossip.complete(c, s, digest)
-        self.core.fetch.release_done(c, s)
-        for callback in self.core.on_holdings:
-            callback()
-        rec = self.core.fetch.received.get(c)
+        self.forget_servable()
+        self.gossip.complete(c, s, digest)
+        self.fetch.release_done(c, s)
+        self.holdings_changed()
+        rec = self.fetch.received.get(c)
         log(
             "release-complete",
             component=c,
@@ -161,13 +188,13 @@ class Lifecycle:
             bytes=rec.bytes if rec and rec.serial == s else 0,
             from_=self.sources(c, s),
         )
-        st = await self.core.offload(lambda: self.core.node.state.read_state(c))
-        if should_auto_apply(self.core.node.config.components[c], st, s):
-            self.core.spawn(self.auto_apply, c, s)
+        st = await self.offload(lambda: self.node.state.read_state(c))
+        if should_auto_apply(self.node.config.components[c], st, s):
+            self.spawn(self.auto_apply, c, s)
 
     def sources(self, component: str, serial: int) -> str:
         """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""
-        rec = self.core.fetch.received.get(component)
+        rec = self.fetch.received.get(component)
         if rec is not None and rec.serial == serial and rec.by_peer:
             ranked = sorted(rec.by_peer, key=lambda p: -rec.by_peer[p])
             return ",".join(p[:12] for p in ranked)
@@ -196,15 +223,15 @@ class Lifecycle:
         force: bool = False,
     ) -> ApplyResult:
         """Apply a stored release with the CLI's ``Applier``, in a worker thread."""
-        async with self.core.mutex:
+        async with self.mutex:
             if version is not None:
-                serial = await self.core.offload(lambda: self._serial_of(component, version))
+                serial = await self.offload(lambda: ops.serial_of(self.node, component, version))
             started = trio.current_time()
-            result = await self.core.offload(
-                lambda: Applier(self.core.node).apply(component, serial, force)
+            result = await self.offload(
+                lambda: Applier(self.node).apply(component, serial, force)
             )
-            await self.core.offload(self.core.content.refresh)
-        self.core.forget_servable()
+            await self.offload(self.content.refresh)
+        self.forget_servable()
         if result.changed:
             log(
                 "applied",
@@ -218,10 +245,10 @@ class Lifecycle:
 
     async def rollback(self, component: str) -> ApplyResult:
         """Make the previous version live again (an operator act)."""
-        async with self.core.mutex:
-            result = await self.core.offload(lambda: Applier(self.core.node).rollback(component))
-            await self.core.offload(self.core.content.refresh)
-        self.core.forget_servable()
+        async with self.mutex:
+            result = await self.offload(lambda: Applier(self.node).rollback(component))
+            await self.offload(self.content.refresh)
+        self.forget_servable()
         log("rolled-back", component=component, version=result.version, serial=result.serial)
         return result
 
@@ -229,19 +256,17 @@ class Lifecycle:
         self, src: Path, apply_after: bool, allow_other_node: bool = False
     ) -> tuple[ImportReport, list[ApplyResult]]:
         """``p2pupd import`` routed to the daemon: import, then spread (and apply)."""
-        async with self.core.mutex:
-            report = await self.core.offload(
-                lambda: import_bundle(
-                    self.core.node, src, now_seconds(), allow_other_node=allow_other_node
-                )
+        async with self.mutex:
+            report = await self.offload(
+                lambda: ops.import_releases(self.node, src, allow_other_node=allow_other_node)
             )
             for r in report.releases:
                 self._high[r.component] = max(self._high.get(r.component, 0), r.serial)
-        root = await self.core.offload(self.core.node.trusted_root)
+        chain = await self.offload(self.node.trust_chain)
         for r in sorted(report.releases, key=lambda r: r.serial):
             if r.new:
-                man, env = await self.core.offload(
-                    lambda r=r: self.core.node.releases.get(root, r.component, r.serial)  # type: ignore[misc]
+                man, env = await self.offload(
+                    lambda r=r: self.node.releases.get(chain, r.component, r.serial)  # type: ignore[misc]
                 )
                 self.origin[r.component] = (r.serial, "import")
                 log(
@@ -251,32 +276,25 @@ class Lifecycle:
                     serial=r.serial,
                     from_="import",
                 )
-                self.core.fetch.start(man, env.payload_digest())
-            elif self.core.fetch.restart(r.component, r.serial):
+                self.fetch.start(man, env.payload_digest())
+            elif self.fetch.restart(r.component, r.serial):
                 # Accepted earlier from a peer and still being fetched: the bundle
                 # brought the blobs, so that fetch finds them and completes.
                 self.origin[r.component] = (r.serial, "import")
         results = []
         if apply_after:
-            for comp in sorted({r.component for r in report.releases}):
+            for comp in ops.imported_components(report):
                 results.append(await self.apply_release(comp))
         return report, results
 
-    def _serial_of(self, component: str, version: str) -> int:
-        root = self.core.node.trusted_root()
-        for s in reversed(self.core.node.releases.serials(component)):
-            if self.core.node.releases.get(root, component, s)[0].version == version:
-                return s
-        raise NotFoundError(f"no stored release of {component} has version {version!r}")
-
     def component_doc(self, component: str) -> dict[str, Any]:
         """The daemon's additions to one component of ``status --json``."""
-        rec = self.core.fetch.received.get(component)
-        held = self.core.gossip.holdings.get(component)
+        rec = self.fetch.received.get(component)
+        held = self.gossip.holdings.get(component)
         origin = self.origin.get(component)
         return {
             "received": rec.to_doc() if rec is not None else None,
-            "fetch": self.core.fetch.status(component),
+            "fetch": self.fetch.status(component),
             "holding": {"serial": held[0], "digest": held[1].hex()} if held else None,
             "origin": {"serial": origin[0], "from": origin[1]} if origin else None,
         }

@@ -45,6 +45,8 @@ from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import RemoteProtocolError
+from p2pupd.protocol.gossip import RequestManifest
+from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import Session
 from p2pupd.protocol.wire import (
     FEATURE_BATCH,
@@ -107,9 +109,16 @@ class NodeService:
         self.content = Content(node)
         self.limits = Limits.symmetric(opts.bandwidth_limit)
         self.mutex = trio.Lock()
+        # Gossip and fetch report to the lifecycle, which is built after them
+        # (it coordinates both): the ``_to_lifecycle_*`` callbacks look it up
+        # when they fire.
         self.gossip = GossipService(
             self,
             self._rng,
+            announcement=self.announcement,
+            high_water=self.high_water,
+            on_offer=self._to_lifecycle_offer,
+            on_root=self._to_lifecycle_root,
             interval=opts.gossip_interval,
             request_timeout=opts.manifest_timeout,
             ban_seconds=opts.ban_seconds,
@@ -117,13 +126,27 @@ class NodeService:
         self.fetch = FetchManager(
             self,
             self._rng,
+            content=self.content,
+            servable=self.servable,
+            holding=self._holding,
+            on_complete=self._to_lifecycle_complete,
             request_timeout=opts.request_timeout,
             hard_timeout=opts.hard_timeout,
             ban_seconds=opts.ban_seconds,
         )
-        self.lifecycle = Lifecycle(self)
-        self.site_requests = SiteRequests(self)
         self.on_holdings: list[Callable[[], None]] = []
+        self.lifecycle = Lifecycle(
+            node,
+            offload=offload,
+            mutex=self.mutex,
+            content=self.content,
+            fetch=self.fetch,
+            gossip=self.gossip,
+            spawn=self.spawn,
+            forget_servable=self.forget_servable,
+            holdings_changed=self._holdings_changed,
+        )
+        self.site_requests = SiteRequests(self)
         self.listen_endpoint: str | None = None
         self.stopping = False  # set by close_all: refuse new connections
         self.started_at = 0.0
@@ -326,6 +349,30 @@ class NodeService:
     def holdings_digest(self) -> str:
         """A short digest of our holdings, published in the mDNS TXT record."""
         return ids.sha256(encoding.encode(self.gossip.holdings_value())).hex()[:16]
+
+    async def _to_lifecycle_offer(self, data: bytes, action: RequestManifest[bytes]) -> None:
+        await self.lifecycle.accept_from_peer(data, action)
+
+    async def _to_lifecycle_root(self, version: int, data: bytes) -> None:
+        await self.lifecycle.advance_root(version, data)
+
+    async def _to_lifecycle_complete(self, man: Manifest, digest: bytes) -> None:
+        await self.lifecycle.release_complete(man, digest)
+
+    def _holding(self, component: str) -> int:
+        return self.gossip.holdings.get(component, (0, b""))[0]
+
+    @property
+    def node_id(self) -> bytes:
+        return self.node.config.node_id
+
+    @property
+    def cluster(self) -> str:
+        return self.node.config.cluster
+
+    def _holdings_changed(self) -> None:
+        for callback in self.on_holdings:
+            callback()
 
     def forget_servable(self) -> None:
         """Drop cached servable sets (after an apply, rollback or completed fetch)."""

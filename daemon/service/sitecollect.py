@@ -22,19 +22,17 @@ bundle larger).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from p2pupd.daemon.bundles.siterequest import build_request, build_site_request, peer_request
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.net.transport import PeerConnection, TransferError
+from p2pupd.daemon.service.links import Links
 from p2pupd.daemon.state.statedir import now_seconds
 from p2pupd.protocol.errors import CodecError, VerificationError
 from p2pupd.protocol.wire import FEATURE_REQUEST, NodeRequestData, NodeRequestQuery
-
-if TYPE_CHECKING:
-    from p2pupd.daemon.service.nodeservice import NodeService
 
 ANSWER_SECONDS = 5.0
 REUSE_SECONDS = 10.0
@@ -44,8 +42,8 @@ PEER_MAX_EXTRA = 60_000  # x 34 encoded bytes: ~2 MB, inside one data frame
 class SiteRequests:
     """See the module docstring."""
 
-    def __init__(self, core: NodeService) -> None:
-        self.core = core
+    def __init__(self, links: Links) -> None:
+        self._links = links
         self._lock = trio.Lock()
         self._answer: tuple[float, bytes] | None = None
 
@@ -54,8 +52,8 @@ class SiteRequests:
         async with self._lock:
             now = time.monotonic()
             if self._answer is None or now - self._answer[0] > REUSE_SECONDS:
-                node = self.core.node
-                data = await self.core.offload(
+                node = self._links.node
+                data = await self._links.offload(
                     lambda: build_request(node, now_seconds(), max_extra=PEER_MAX_EXTRA)[0]
                 )
                 self._answer = (now, data)
@@ -67,13 +65,13 @@ class SiteRequests:
         With ``site`` every able peer is asked; otherwise the request is this
         node's alone.
         """
-        node = self.core.node
-        own = await self.core.offload(lambda: build_request(node, now_seconds())[0])
+        node = self._links.node
+        own = await self._links.offload(lambda: build_request(node, now_seconds())[0])
         if not site:
             return {"data": own, "unanswered": []}
         asked = [
             c
-            for c in list(self.core.conns.values())
+            for c in list(self._links.conns.values())
             if c.joined and c.session.supports(FEATURE_REQUEST)
         ]
         got: dict[bytes, bytes] = {}
@@ -95,7 +93,7 @@ class SiteRequests:
                 for conn in asked:
                     nursery.start_soon(ask, conn)
         answers = [got[c.node_id] for c in asked if c.node_id in got]
-        data = await self.core.offload(lambda: build_site_request(node, own, answers))
+        data = await self._links.offload(lambda: build_site_request(node, own, answers))
         unanswered = [c.node_id.hex() for c in asked if c.node_id not in got]
         log("site-request", members=1 + len(answers), unanswered=len(unanswered))
         return {"data": data, "unanswered": unanswered}

@@ -24,7 +24,7 @@ from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.protocol.deltaplan import needed_blobs
-from p2pupd.protocol.errors import MixAndMatchError
+from p2pupd.protocol.errors import MixAndMatchError, RevokedKeyError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import Envelope, check_serial
 
@@ -87,7 +87,7 @@ def held_manifests(node: Node, component: str) -> list[Manifest]:
     for s in serials:
         try:
             out.append(node.manifest(component, s))
-        except (NotFoundError, StorageError):
+        except (NotFoundError, StorageError, RevokedKeyError):  # revoked: never a base
             continue
     return out
 

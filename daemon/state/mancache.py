@@ -32,7 +32,7 @@ from p2pupd.daemon.errors import CorruptStoreError, StorageError
 from p2pupd.daemon.fsutil import atomic_write
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import manifest as manifest_module
-from p2pupd.protocol.errors import CodecError, VerificationError
+from p2pupd.protocol.errors import CodecError, RevokedKeyError, VerificationError
 from p2pupd.protocol.manifest import ChunkRef, FileEntry, Manifest
 
 _CLASSES = ("ChunkRef", "Delta", "DirEntry", "FileEntry", "HookRef", "Manifest", "SymlinkEntry")
@@ -88,7 +88,9 @@ class ManifestCache:
         if cached is not None and (cached.component, cached.serial) == (component, serial):
             return cached
         try:
-            man = self.node.trusted_root().verify_release(data, None, component)[0]
+            man = self.node.trust_chain().verify_held(data, component)[0]
+        except RevokedKeyError:
+            raise
         except (CodecError, VerificationError) as exc:
             raise CorruptStoreError(
                 f"stored release {component}/{serial} is damaged: {exc}"

@@ -9,7 +9,7 @@ from p2pupd.daemon.state.statedir import NodeConfig, StateDir
 from p2pupd.daemon.state.trusted import ReleaseStore, TrustStore
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.trust import TrustedRoot
+from p2pupd.protocol.trust import TrustChain, TrustedRoot
 
 
 class Node:
@@ -34,5 +34,9 @@ class Node:
     def trusted_root(self) -> TrustedRoot:
         return self.trust_store.load()
 
+    def trust_chain(self) -> TrustChain:
+        """Every root this node accepted: what its stored releases verify under."""
+        return self.trust_store.chain()
+
     def manifest(self, component: str, serial: int) -> Manifest:
-        return self.releases.get(self.trusted_root(), component, serial)[0]
+        return self.releases.get(self.trust_chain(), component, serial)[0]

@@ -15,9 +15,9 @@ from p2pupd.daemon.errors import CorruptStoreError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import atomic_write
 from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.protocol import ids
-from p2pupd.protocol.errors import CodecError, VerificationError
+from p2pupd.protocol.errors import CodecError, RevokedKeyError, VerificationError
 from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.trust import Envelope, TrustedRoot
+from p2pupd.protocol.trust import Envelope, TrustChain, TrustedRoot
 
 
 class TrustStore:
@@ -53,14 +53,15 @@ class TrustStore:
         Stops at the first version missing. Raises the verification error of
         the first candidate that fails, leaving the pinned root as it was.
         """
-        trusted = self.load()
-        changed = False
-        while trusted.version + 1 in candidates:
-            trusted = trusted.rotate(candidates[trusted.version + 1], now)
-            changed = True
-        if changed:
+        current = self.load()
+        trusted = current.walk(candidates, now, self.history())
+        if trusted.version != current.version:
             self._write(trusted)
         return trusted
+
+    def chain(self) -> TrustChain:
+        """Every root accepted here, current last: verifies releases already held."""
+        return TrustChain.from_history(self.history(), self.load())
 
     def history(self) -> dict[int, bytes]:
         """Return {version: envelope bytes} of every root accepted."""
@@ -109,11 +110,17 @@ class ReleaseStore:
                 f"cannot read release {component}/{serial}: {exc.strerror}"
             ) from None
 
-    def get(self, root: TrustedRoot, component: str, serial: int) -> tuple[Manifest, Envelope]:
-        """Load and re-verify a stored release (expiry is not re-judged)."""
+    def get(self, chain: TrustChain, component: str, serial: int) -> tuple[Manifest, Envelope]:
+        """Load and re-verify a stored release under the root chain (expiry is not re-judged).
+
+        Raises ``NotFoundError``, ``StorageError``, ``RevokedKeyError`` (a root
+        revoked a key it counts on) or ``CorruptStoreError`` (it no longer verifies).
+        """
         data = self.get_bytes(component, serial)
         try:
-            return root.verify_release(data, None, component)
+            return chain.verify_held(data, component)[:2]
+        except RevokedKeyError:
+            raise
         except (CodecError, VerificationError) as exc:
             raise CorruptStoreError(
                 f"stored release {component}/{serial} is damaged: {exc}"

@@ -16,8 +16,8 @@ import trio
 from _daemonkit import Site, installed, random_tree
 
 from p2pupd.daemon import api
+from p2pupd.daemon.config import DaemonOptions
 from p2pupd.daemon.ctl import socket_path
-from p2pupd.daemon.options import DaemonOptions
 from p2pupd.daemon.service import app
 from p2pupd.daemon.service.nodeservice import NodeService
 from p2pupd.tools.cli import main

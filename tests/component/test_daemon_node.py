@@ -36,7 +36,7 @@ async def test_restart_resumes_from_what_is_stored(
     _, (sa, _), (sb, tb) = two_nodes(tmp_path)
     # b already accepted 1.0 and stored two of its blobs before it "crashed".
     node_a, node_b = Node(sa), Node(sb)
-    env = node_a.releases.get(node_a.trusted_root(), "app", 1)[1]
+    env = node_a.releases.get(node_a.trust_chain(), "app", 1)[1]
     man = node_a.manifest("app", 1)
     from p2pupd.daemon.state.gate import persist_release
 

@@ -601,3 +601,57 @@ def test_stick_pulled_out_mid_import(
     assert total == parts(site.usb2).blob_count
     assert installed_version(w) == "2.0"
     assert not (w.state / "incoming").exists()
+
+
+# -- `verify` gives the verdict `import` gives ----------------------------------------
+
+
+def _expired(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
+    src = make_tree(s.w.base / "src" / "3.0", {**V2, "x": b"3"})
+    assert s.w.run("publish", s.w.repo, "app", "3.0", src, "--expires-days", "1").code == 0
+    bundle = s.w.export("usb3")
+    monkeypatch.setenv("P2PUPD_NOW", str(int(time.time()) + 3 * 86400))
+    return bundle
+
+
+def _foreign(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
+    other = other_repo(s.w, s.w.run)
+    assert s.w.run("export", other.path, s.w.base / "foreign").code == 0
+    return s.w.base / "foreign"
+
+
+def _mixed(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
+    other = other_repo(s.w, s.w.run)
+    man, env = other.release("app", 2)
+    dest = s.w.base / "mixed"
+    write_bundle(dest, Repo(s.w.repo).roots(), [ReleaseSource(man, env, man.blob_sizes())], other.store)
+    return dest
+
+
+def _flipped_root(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
+    flip_bit(parts(s.usb2).roots[0], 100)
+    return s.usb2
+
+
+def _flipped_release(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
+    flip_bit(parts(s.usb2).release_envelope, 200)
+    return s.usb2
+
+
+def _flipped_chunk(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
+    held = store_blobs(s.w.state)
+    flip_bit(next(c for c in parts(s.usb2).chunks if c.name not in held), 7)
+    return s.usb2
+
+
+@pytest.mark.parametrize(
+    "make", [_expired, _foreign, _mixed, _flipped_root, _flipped_release, _flipped_chunk]
+)
+def test_verify_and_import_give_the_same_verdict(
+    site: Site, monkeypatch: pytest.MonkeyPatch, make: Callable[[Site, pytest.MonkeyPatch], Path]
+) -> None:
+    bundle = make(site, monkeypatch)
+    verdict = site.w.run("verify", bundle, "--trust", site.w.state / "trust" / "root.msgpack")
+    imported = site.w.import_(bundle)
+    assert imported.code == 3, imported.err
+    assert (verdict.code, verdict.err) == (imported.code, imported.err)

@@ -100,7 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{'COMPONENT':<16} {'VERSION':<14} {'SERIAL':>6}  {'AVAILABLE':<14} {'KEPT':<14} NOTE"
         )
         for name, c in doc["components"].items():
-            avail = c["available"]["version"] if c["available"] else "-"
+            avail = (c["available"]["version"] or "?") if c["available"] else "-"
             kept = ",".join(k["version"] or "?" for k in c["kept"]) or "-"
             note = c["last_error"] or ""
             print(

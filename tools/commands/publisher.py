@@ -48,8 +48,10 @@ def cmd_repo_rotate(args: argparse.Namespace) -> int:
         [Path(k) for k in args.release_key] if args.release_key else None,
         args.release_threshold,
         _expiry(args.expires_days),
+        revoke=args.revoke_key or None,
     )
-    print(f"rotated root to v{root.version}")
+    revoked = f"; revoked keys: {', '.join(k[:16] for k in root.root.revoked)}" if root.root.revoked else ""
+    print(f"rotated root to v{root.version}{revoked}")
     return EXIT_OK
 
 
@@ -110,9 +112,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if special is not None:
         return special
     repo = Repo(Path(args.repo))
-    trusted = repo.trusted()
     comps = args.component or repo.components()
     sources = []
+    left_out: list[str] = []
     for c in comps:
         serials = repo.serials(c)
         if not serials:
@@ -124,8 +126,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             # Every variant: one bundle serves a fleet of mixed platforms.
             for platform in repo.platforms(c, serial):
                 data = repo.release_bytes(c, serial, platform)
-                man, env = trusted.verify_release(data, None, c)
+                if not repo.signed_under_current(data, c):
+                    # Nodes accept a release arriving from outside only under their
+                    # current root: one signed before a release-key rotation (or by
+                    # a revoked key) would make them refuse the whole bundle.
+                    left_out.append(f"{c} serial {serial}")
+                    continue
+                man, env = repo.release(c, serial, platform)
                 sources.append(ReleaseSource(man, env, man.blob_sizes()))
+    if left_out and not sources:
+        raise RepoError(
+            f"nothing to export: {', '.join(left_out)} "
+            "predate the release-key rotation; publish them again to carry them"
+        )
     total = sum(sum(s.blobs.values()) for s in sources)
     with Progress("export", total, enabled=not args.json) as bar:
         report = write_bundle(Path(args.dest), repo.roots(), sources, repo.store, bar.advance)
@@ -133,6 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "releases": [{"component": c, "version": v, "serial": s} for c, v, s in report.releases],
         "blobs_written": report.blobs,
         "bytes_written": report.bytes,
+        "left_out": left_out,
     }
     out(
         args,
@@ -140,6 +154,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         lambda: print(
             f"exported {', '.join(f'{c} {v}' for c, v, _ in report.releases)} to {args.dest}: "
             f"{report.blobs} blobs, {report.bytes} bytes written"
+            + (
+                f"; left out {', '.join(left_out)} (signed before the release-key rotation: "
+                "publish again to carry)"
+                if left_out
+                else ""
+            )
         ),
     )
     return EXIT_OK
@@ -183,6 +203,13 @@ def register(add: Adder) -> None:
     sp.add_argument("--release-key", action="append", help="new release key(s) (default: keep)")
     sp.add_argument("--release-threshold", type=int)
     sp.add_argument("--expires-days", type=float)
+    sp.add_argument(
+        "--revoke-key",
+        action="append",
+        metavar="KEY",
+        help="a compromised key (key id, or its .pub file): nodes refuse everything it "
+        "signed, even releases they hold (repeatable; carried into later roots)",
+    )
 
     sp = add(
         "publish",

@@ -21,7 +21,7 @@ from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, limits
 from p2pupd.protocol.errors import CodecError, HashMismatchError, SchemaError
 from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
+from p2pupd.protocol.trust import Envelope, Root, TrustChain, TrustedRoot
 from p2pupd.tools.publisher.repo import Repo, RepoError
 
 READ_BLOCK = 1 << 20
@@ -86,7 +86,9 @@ def _load_bundle(path: Path) -> Contents:
     def blob(digest: bytes, size: int) -> bytes:
         data = _read_member(blob_dir / digest.hex(), size)
         if len(data) != size or hashlib.sha256(data).digest() != digest:
-            raise HashMismatchError(f"bundle blob {digest.hex()[:16]} does not match its name")
+            raise HashMismatchError(  # the words ``import`` uses (bundles/reader.py)
+                f"bundle blob {digest.hex()[:16]} does not match its sha256 (damaged or tampered)"
+            )
         return data
 
     roots: dict[int, bytes] = {}
@@ -159,26 +161,35 @@ def verify(c: Contents, trust: bytes | None, now: int | None) -> dict[str, Any]:
     """Verify everything in ``c``; raise the first refusal, else return a summary."""
     if trust is not None:
         trusted = TrustedRoot.load(trust, now)
+        pinned = {trusted.version: trust}
         basis = "given root"
     else:
         if 1 not in c.roots:
             raise SchemaError("no root v1 to start from; pass --trust ROOTFILE")
         trusted = TrustedRoot.load(c.roots[1], now)
+        pinned = {}
         basis = "its own root v1 (internal consistency only)"
-    while trusted.version + 1 in c.roots:
-        trusted = trusted.rotate(c.roots[trusted.version + 1], now)
+    trusted = trusted.walk(c.roots, now, pinned)  # the same rules as ``import``
     blobs = 0
     needed: dict[bytes, int] = {}
+    # A bundle's releases arrive at a node: they must verify under the newest
+    # root, unexpired, as ``import`` judges them. A repository's are the
+    # publisher's own, held like a node's: each under the root it was signed
+    # under, unless a later root revokes its key.
+    chain = TrustChain.from_history(c.roots, trusted) if c.kind == "repository" else None
     for man, _, data in c.releases:
-        trusted.verify_release(data, now, man.component)
+        if chain is not None:
+            chain.verify_held(data, man.component)
+        else:
+            trusted.verify_release(data, now, man.component)
         needed.update(man.blob_sizes())
     if c.kind == "repository":
         for dg, size in needed.items():
-            _check_blob(c.blob_dir / dg.hex(), dg, size)
+            _check_blob(c.blob_dir / dg.hex(), dg, size, bundle=False)
             blobs += 1
     else:
         for dg, size in c.carried.items():
-            _check_blob(c.blob_dir / dg.hex(), dg, size)
+            _check_blob(c.blob_dir / dg.hex(), dg, size, bundle=True)
             blobs += 1
         try:
             names = os.listdir(c.blob_dir)
@@ -202,7 +213,7 @@ def _digest_of(name: str) -> bytes | None:
         return None
 
 
-def _check_blob(path: Path, digest: bytes, size: int) -> None:
+def _check_blob(path: Path, digest: bytes, size: int, *, bundle: bool) -> None:
     h = hashlib.sha256()
     n = 0
     try:
@@ -222,7 +233,8 @@ def _check_blob(path: Path, digest: bytes, size: int) -> None:
     finally:
         os.close(fd)
     if n != size or h.digest() != digest:
-        raise HashMismatchError(f"blob {digest.hex()[:16]} does not match its name")
+        what = "bundle blob" if bundle else "blob"  # as ``import`` says (store/incoming.py)
+        raise HashMismatchError(f"{what} {digest.hex()[:16]} does not match its sha256")
 
 
 __all__ = ["CodecError", "Contents", "describe", "load", "verify"]

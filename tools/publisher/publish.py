@@ -22,7 +22,7 @@ from pathlib import Path
 
 from p2pupd.daemon.api import BlobStore
 from p2pupd.protocol import chunking, ids
-from p2pupd.protocol.errors import UnsafePathError
+from p2pupd.protocol.errors import RevokedKeyError, UnsafePathError
 from p2pupd.protocol.manifest import (
     ChunkRef,
     DirEntry,
@@ -171,14 +171,19 @@ def previous_releases(
 ) -> list[Manifest]:
     """Return up to ``depth`` newest releases of ``component`` for ``platform``, newest first.
 
-    Each is verified with the repository's root, like any release a node reads.
+    Each is verified with the repository's root chain, like any release a node
+    holds; one signed by a key a root revokes is skipped: nodes refuse it, so a
+    delta from it would be useless.
     """
     out: list[Manifest] = []
     for serial in reversed(repo.serials(component)):
         if len(out) >= depth:
             break
         if platform in repo.platforms(component, serial):
-            out.append(repo.release(component, serial, platform)[0])
+            try:
+                out.append(repo.release(component, serial, platform)[0])
+            except RevokedKeyError:
+                continue
     return out
 
 
@@ -197,7 +202,10 @@ def next_serial(
         return 1
     newest = serials[-1]
     held = repo.platforms(component, newest)
-    man = repo.release(component, newest, held[0])[0]
+    try:
+        man = repo.release(component, newest, held[0])[0]
+    except RevokedKeyError:
+        return newest + 1  # signed by a revoked key: a new serial replaces it
     if version is None or man.version != version or (platform is None and None in held):
         return newest + 1  # (a universal tree re-published under its label: a new release)
     if platform is None or None in held:

@@ -19,7 +19,7 @@ whether a release has something for it. Chunks common to variants are one blob.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from p2pupd.protocol.trust import (
     Envelope,
     Role,
     Root,
+    TrustChain,
     TrustedRoot,
     key_id,
     sign,
@@ -108,11 +109,15 @@ class Repo:
         release_keys: list[Path] | None,
         release_threshold: int | None = None,
         expires: int | None = None,
+        revoke: list[str] | None = None,
     ) -> TrustedRoot:
         """Write root N+1 with ``new_keys``, signed by old and new root keys.
 
-        The signature check is the node's own (``TrustedRoot.rotate``): a
-        rotation this writes is one a node accepts.
+        ``revoke`` names compromised keys (key ids or public key files): the
+        new root lists them as revoked, so every node refuses what they signed,
+        even releases it accepted earlier (``TrustChain``). Revocations of
+        earlier roots are carried forward. The signature check is the node's
+        own (``TrustedRoot.rotate``): a rotation this writes is one a node accepts.
         """
         cur = self.trusted()
         old_privs = [load_private(k) for k in old_keys]
@@ -124,9 +129,13 @@ class Repo:
             rel = cur.root.roles["release"]
             rel_pubs = [cur.root.keys[k] for k in rel.keyids]
             rel_thr = release_threshold or rel.threshold
+        revoked = set(cur.root.revoked) | {_key_id_of(k) for k in revoke or ()}
         root = _make_root(
             cur.version + 1, new_privs, threshold, rel_pubs, rel_thr, cur.root.name, expires
         )
+        if revoked & (set(root.roles["root"].keyids) | set(root.roles["release"].keyids)):
+            raise RepoError("a revoked key cannot also be a key of the new root")
+        root = replace(root, revoked=tuple(sorted(revoked)))
         signers = {key_id(k.public_key().public_bytes_raw()): k for k in old_privs + new_privs}
         env = sign(ROOT_TYPE, root.encode(), signers.values())
         new = cur.rotate(env.encode())
@@ -248,24 +257,27 @@ class Repo:
             for p in self.platforms(component, serial)
         ]
 
+    def chain(self) -> TrustChain:
+        """Every root of the repository: what its stored releases verify under."""
+        return TrustChain.from_history(self.roots(), self.trusted())
+
     def _verify(self, data: bytes, component: str) -> tuple[Manifest, Envelope]:
         """Verify a release of this repository under the root it was signed under.
 
-        The current root first; a release signed before a rotation that
-        replaced the release keys is checked against the older roots of the
-        chain, newest first (it was valid when published, and its bytes are
-        still checked against a key that root lists). Nodes never do this: a
-        node accepts a new release only under its current root.
+        The rule is a node's for releases it holds (``TrustChain.verify_held``):
+        the newest root of the chain whose release role signs it, unless a root
+        revokes its key. Nodes accept a release *arriving* only under their
+        current root: see ``signed_under_current``.
         """
+        return self.chain().verify_held(data, component)[:2]
+
+    def signed_under_current(self, data: bytes, component: str) -> bool:
+        """Would a node accept this release today (signed under the current root)?"""
         try:
-            return self.trusted().verify_release(data, None, component)
-        except (UnknownKeyError, ThresholdError) as current_error:
-            for _, raw in sorted(self.roots().items(), reverse=True):
-                try:
-                    return TrustedRoot.load(raw).verify_release(data, None, component)
-                except (UnknownKeyError, ThresholdError):
-                    continue
-            raise current_error from None
+            self.trusted().verify_release(data, None, component)
+        except (UnknownKeyError, ThresholdError):
+            return False
+        return True
 
     def write_release(self, man: Manifest, env: Envelope) -> None:
         """Write a signed release; refuse a duplicate or mixing universal and variants.
@@ -285,6 +297,13 @@ class Repo:
                 f"(it has {', '.join(p or 'universal' for p in held)})"
             )
         atomic_write(self.release_path(man.component, man.serial, man.platform), env.encode())
+
+
+def _key_id_of(text: str) -> str:
+    """A key id given as hex, or the id of the public key in file ``text``."""
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text
+    return key_id(load_public(Path(text)))
 
 
 def _make_root(
