@@ -53,8 +53,9 @@ import enum
 from collections import deque
 from collections.abc import Mapping
 
-from p2pupd.protocol import identity, ids, limits
+from p2pupd.protocol import ids, limits
 from p2pupd.protocol.errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
+from p2pupd.protocol.fleet import identity
 from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p2pupd.protocol.admission import Admission, AdmissionConfig, Admit, Refuse
+from p2pupd.protocol.fleet.admission import Admission, AdmissionConfig, Admit, Refuse
 
 ME = b"\x50" * 16
 CFG = AdmissionConfig(max_peers=6, outbound_reserve=2, max_handshakes=4, per_host=3, max_bans=3)

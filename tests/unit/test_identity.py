@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from p2pupd.protocol import identity
 from p2pupd.protocol.errors import LocalProtocolError
-from p2pupd.protocol.identity import NodeKey, node_id_of
+from p2pupd.protocol.fleet import identity
+from p2pupd.protocol.fleet.identity import NodeKey, node_id_of
 from p2pupd.protocol.session import NEED_DATA, HandshakeError, Session, State
 from p2pupd.protocol.wire import FEATURE_PROOF, Hello, Message, Ping, Proof, encode_message
 

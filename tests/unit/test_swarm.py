@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from p2pupd.protocol import bitfield
-from p2pupd.protocol.swarm import Fetch, Offer, Punish, ReleaseSwarm, Source, SwarmConfig
+from p2pupd.protocol.fleet import bitfield
+from p2pupd.protocol.fleet.swarm import Fetch, Offer, Punish, ReleaseSwarm, Source, SwarmConfig
 
 SIZES = {bytes([i]) * 32: 100 + i for i in range(16)}
 ALL = (1 << 16) - 1

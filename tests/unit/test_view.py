@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from p2pupd.protocol.view import Close, Dial, Kind, PeerView, Send, ViewConfig
+from p2pupd.protocol.fleet.view import Close, Dial, Kind, PeerView, Send, ViewConfig
 from p2pupd.protocol.wire import ForwardJoin, PeerAddr, Ping, Shuffle
 
 CFG = ViewConfig(target=4, max_active=6, max_passive=8, join_budget=2, keepalive=10.0,

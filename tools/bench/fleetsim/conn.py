@@ -12,14 +12,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
+from p2pupd.protocol.fleet.view import Kind
 from p2pupd.protocol.session import Session
-from p2pupd.protocol.view import Kind
 from p2pupd.protocol.wire import PeerAddr, Request, Response
-
-if TYPE_CHECKING:
-    from p2pupd.tools.bench.fleetsim.node import SimNode
 
 HANDSHAKE_PACKETS = 3  # SYN, SYN-ACK, ACK
 CLOSE_PACKETS = 2  # each side: FIN and the ACK of the other's FIN
@@ -31,7 +28,7 @@ AnswerFn = Callable[[Response], None]
 class End:
     """One side of a connection, as its node sees it."""
 
-    node: SimNode
+    node: Any  # the SimNode it belongs to (node.py; typed loosely to keep imports one-way)
     session: Session
     outbound: bool
     conn: Conn

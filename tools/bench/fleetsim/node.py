@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from p2pupd.protocol import bitfield
-from p2pupd.protocol.admission import Admission, AdmissionConfig, Admit
+from p2pupd.protocol.fleet import bitfield
+from p2pupd.protocol.fleet.admission import Admission, AdmissionConfig, Admit
+from p2pupd.protocol.fleet.swarm import Fetch, Offer, Punish, ReleaseSwarm, Source, SwarmConfig
+from p2pupd.protocol.fleet.view import Close, Dial, Kind, PeerView, Send, ViewConfig
 from p2pupd.protocol.gossip import Ban, Gossip, RequestManifest, SendAnnounce
 from p2pupd.protocol.session import NEED_DATA, Session, Signal, State
-from p2pupd.protocol.swarm import Fetch, Offer, Punish, ReleaseSwarm, Source, SwarmConfig
-from p2pupd.protocol.view import Close, Dial, Kind, PeerView, Send, ViewConfig
 from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,

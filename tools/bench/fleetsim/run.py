@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pupd.protocol import ids
-from p2pupd.protocol.admission import AdmissionConfig
-from p2pupd.protocol.swarm import SwarmConfig
-from p2pupd.protocol.view import ViewConfig
+from p2pupd.protocol.fleet.admission import AdmissionConfig
+from p2pupd.protocol.fleet.swarm import SwarmConfig
+from p2pupd.protocol.fleet.view import ViewConfig
 from p2pupd.tools.bench.fleetsim.mdns import Mdns
 from p2pupd.tools.bench.fleetsim.net import Loop, Net
 from p2pupd.tools.bench.fleetsim.node import Release, SimNode, World

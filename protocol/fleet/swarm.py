@@ -57,7 +57,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from p2pupd.protocol.bitfield import BlobIndex, iter_bits, pick_bit
+from p2pupd.protocol.fleet.bitfield import BlobIndex, iter_bits, pick_bit
 
 P = TypeVar("P", bound=Hashable)
 

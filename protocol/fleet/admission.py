@@ -45,7 +45,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from p2pupd.protocol.identity import normal_host
+from p2pupd.protocol.fleet.identity import normal_host
 
 
 @dataclass(frozen=True)
