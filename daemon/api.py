@@ -30,6 +30,7 @@ from p2pupd.daemon.config import (
     DaemonOptions,
     FileConfig,
     load_config,
+    network_sizes,
     parse_endpoint,
     parse_rate,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "init_node",
     "load_config",
     "make_request",
+    "network_sizes",
     "open_node",
     "open_state_source",
     "parse_endpoint",

@@ -24,7 +24,7 @@ from typing import Any
 from p2pupd.daemon.apply import gc as maint
 from p2pupd.daemon.apply.engine import Applier, ApplyResult
 from p2pupd.daemon.bundles.importer import ImportReport, import_bundle
-from p2pupd.daemon.bundles.siterequest import build_request
+from p2pupd.daemon.bundles.siterequest import build_request, node_identity
 from p2pupd.daemon.errors import (
     ConfigError,
     DaemonError,
@@ -108,7 +108,11 @@ def init_node(
     with node.lock:
         if not node.trust_store.current_path.exists():
             node.trust_store.install(data, now_seconds())
-    return cfg
+        # The node id is the hash of the node key (made now), so peers can
+        # demand proof of it; a node made before that migrates here or at its
+        # daemon's next start.
+        node_identity(node, fresh=old is None)
+    return node.config
 
 
 def import_releases(
@@ -231,7 +235,9 @@ def recover_if_free(node: Node) -> tuple[list[str], dict[str, dict[str, Any]]]:
         node.lock.release()
 
 
-def status(node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def status(
+    node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The node's state as plain data (the ``status --json`` document, without a daemon's part).
 
     ``recovered`` and ``pending`` come from ``recover_if_free`` (a command) or

@@ -179,6 +179,11 @@ def _batch(value: Any) -> Any:
     return value
 
 
+def is_host(text: str) -> bool:
+    """True if ``text`` may travel as a peer's host: an IP literal, not a name."""
+    return bool(_HOST_RE.fullmatch(text))
+
+
 def _challenge(value: Any, name: str) -> Any:
     _blob(value, name, most=MAX_CHALLENGE_BYTES)
     if value and len(value) < MIN_CHALLENGE_BYTES:

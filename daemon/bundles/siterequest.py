@@ -20,13 +20,16 @@ peer proved in its Hello), wrapped and signed with this node's key.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.daemon.errors import CorruptStoreError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import atomic_write
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import StateDir
+from p2pupd.daemon.state.statedir import MAX_FORMER_IDS, StateDir
 from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
+from p2pupd.protocol.fleet.identity import NodeKey
 from p2pupd.protocol.request import (
     MAX_EXTRA_BLOBS,
     MAX_REQUEST_RELEASES,
@@ -64,6 +67,25 @@ def node_key(state: StateDir) -> Ed25519PrivateKey:
     if key is None:
         key = Ed25519PrivateKey.generate()
         atomic_write(state.root / NODE_KEY_FILE, key.private_bytes_raw(), mode=NODE_KEY_MODE)
+    return key
+
+
+def node_identity(node: Node, *, fresh: bool = False) -> NodeKey:
+    """The node key as the wire's proof needs it; makes the key and migrates the id if need be.
+
+    A node id is the hash of the node key (protocol/fleet/identity.py). A
+    state dir from before that has a random id: it is replaced by the
+    derived one, the old id kept in ``former_node_ids`` (unless ``fresh``: a
+    node just made, whose random id was never used). The caller holds the
+    node lock. Raises ``StorageError`` if the key or config cannot be written.
+    """
+    key = NodeKey(node_key(node.state))
+    cfg = node.config
+    if cfg.node_id != key.node_id:
+        former = () if fresh else (cfg.node_id, *cfg.former_node_ids)
+        new = replace(cfg, node_id=key.node_id, former_node_ids=former[:MAX_FORMER_IDS])
+        node.state.write_config(new)
+        node.config = new
     return key
 
 

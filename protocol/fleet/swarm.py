@@ -257,7 +257,7 @@ class ReleaseSwarm(Generic[P]):
 
     # ----- transfers -------------------------------------------------------------
 
-    def next_requests(self, now: float) -> list[Action[P]]:
+    def next_requests(self, now: float) -> list[Fetch[P]]:
         """Blobs to ask for now (see the module docstring); expires timed-out requests."""
         if self._active:
             self._expire(now)

@@ -77,6 +77,7 @@ from p2pupd.protocol.wire import (
     PeerAddr,
     Ping,
     Shuffle,
+    is_host,
 )
 
 P = TypeVar("P", bound=Hashable)
@@ -261,6 +262,20 @@ class PeerView(Generic[P]):
                 continue
             self._passive[addr] = _Known()
         self._trim_passive()
+
+    def is_static(self, addr: PeerAddr) -> bool:
+        """True for an operator-given peer (``add_static``)."""
+        known = self._passive.get(addr)
+        if known is not None:
+            return known.static
+        peer = self._by_addr.get(addr)
+        return peer is not None and self._links[peer].static
+
+    def forget(self, addr: PeerAddr) -> None:
+        """Drop ``addr`` from the passive view (it is our own, or gone for good)."""
+        known = self._passive.get(addr)
+        if known is not None and not known.static and addr not in self._dialing:
+            del self._passive[addr]
 
     def dial_failed(self, addr: PeerAddr, now: float) -> list[Action[P]]:
         """A dial to ``addr`` did not reach a handshake: back off, forget after a few.
@@ -460,7 +475,7 @@ class PeerView(Generic[P]):
         return self._welcome(peer, link, kind)
 
     def _welcome(self, peer: P, link: _Link, kind: Kind) -> list[Action[P]]:
-        if kind is not Kind.JOIN or link.addr is None:
+        if kind is not Kind.JOIN or link.addr is None or not is_host(link.addr.host):
             return []
         cfg = self.config
         out: list[Action[P]] = []
@@ -540,9 +555,12 @@ class PeerView(Generic[P]):
         act = [
             link.addr
             for p, link in self._links.items()
-            if link.addr is not None and link.kind is not None and link.addr != skip
+            if link.addr is not None
+            and link.kind is not None
+            and link.addr != skip
+            and is_host(link.addr.host)
         ]
-        pas = [a for a in self._passive if a != skip]
+        pas = [a for a in self._passive if a != skip and is_host(a.host)]
         picked = self.rng.sample(act, min(cfg.shuffle_active, len(act)))
         picked += self.rng.sample(pas, min(size - len(picked), len(pas)))
         out = ([self.me] if self.me is not None else []) + picked
@@ -550,8 +568,8 @@ class PeerView(Generic[P]):
 
     def referrals(self, exclude: PeerAddr | None = None) -> tuple[PeerAddr, ...]:
         """Up to ``referrals`` known addresses (active and passive) to offer a refused node."""
-        pool = [a for a in self._by_addr if a != exclude]
-        pool += [a for a in self._passive if a != exclude]
+        pool = [a for a in self._by_addr if a != exclude and is_host(a.host)]
+        pool += [a for a in self._passive if a != exclude and is_host(a.host)]
         return tuple(self.rng.sample(pool, min(self.config.referrals, len(pool))))
 
     def _referrals(self, peer: P) -> tuple[PeerAddr, ...]:

@@ -105,7 +105,9 @@ async def test_a_peer_breaking_the_protocol_is_banned_and_the_node_carries_on(
         await wait_until(lambda: evil_id in a.conns, timeout=10, step=0.1)
         await theirs.send_all(b"\x00\x00\x00\x05garbage")
         await wait_until(lambda: evil_id not in a.conns, timeout=10, step=0.1)
-        assert a.peers.banned(trio.current_time(), evil_id) is not None
+        # It never proved its id: the ban is on its address, not on the id it claimed.
+        assert a.admission.banned(trio.current_time(), evil_id, "evil", proven=False) is not None
+        assert a.admission.banned(trio.current_time(), evil_id, "honest", proven=True) is None
         # An Error frame told the peer why, then the stream was closed.
         while data := await theirs.receive_some(65536):
             evil.receive_data(data)
@@ -145,7 +147,7 @@ async def test_manual_policy_and_rollback_are_respected(
         await nursery.start(a.serve)
         await nursery.start(b.serve)
         link(nursery, b, a)
-        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 2, timeout=300)
+        await wait_until(lambda: b.lifecycle.complete.get("app", (0,))[0] == 2, timeout=300)
         await trio.sleep(5)
         assert installed(sb) is None  # manual: complete, announced, not applied
         assert (await b.lifecycle.apply_release("app")).serial == 2
@@ -200,7 +202,7 @@ async def test_bandwidth_cap_slows_the_transfer_to_its_rate(
         await nursery.start(b.serve)
         start = trio.current_time()
         link(nursery, b, a)
-        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 1, timeout=300, step=0.1)
+        await wait_until(lambda: b.lifecycle.complete.get("app", (0,))[0] == 1, timeout=300, step=0.1)
         elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
     moved = b.fetch.received["app"].bytes
