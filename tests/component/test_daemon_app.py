@@ -17,7 +17,6 @@ from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon.config import parse_endpoint, parse_rate
 from p2pupd.daemon.errors import ConfigError, HealthCheckFailedError, NotFoundError
 from p2pupd.daemon.events import format_event
-from p2pupd.daemon.net.peers import PeerTable
 from p2pupd.daemon.service import app
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.daemon.store.landing import Landing
