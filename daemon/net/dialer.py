@@ -55,10 +55,10 @@ class Dialer:
         self.on_failed = on_failed
         self._nursery: trio.Nursery | None = None
         self._dialing: set[PeerAddr] = set()
-        self.source: dict[PeerAddr, str] = {}  # addr -> where it came from, for the log
 
-    def dial(self, addr: PeerAddr, kind: Any) -> None:
-        """Open a link to ``addr`` (``kind``: why, said in ``Neighbor`` after the handshake)."""
+    def dial(self, addr: PeerAddr, kind: Any, source: str = "view") -> None:
+        """Open a link to ``addr`` (``kind``: why, said in ``Neighbor`` after the handshake;
+        ``source``: where the address came from, for ``p2pupd peers``)."""
         if (
             self._nursery is None
             or self.core.stopping
@@ -68,7 +68,7 @@ class Dialer:
             self.on_failed(addr)
             return
         self._dialing.add(addr)
-        self._nursery.start_soon(self._dial, addr, kind)
+        self._nursery.start_soon(self._dial, addr, kind, source)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run dials until cancelled."""
@@ -77,7 +77,7 @@ class Dialer:
             task_status.started()
             await trio.sleep_forever()
 
-    async def _dial(self, addr: PeerAddr, kind: Any) -> None:
+    async def _dial(self, addr: PeerAddr, kind: Any, source: str) -> None:
         endpoint = format_endpoint(addr.host, addr.port)
         try:
             try:
@@ -88,7 +88,7 @@ class Dialer:
                 return
             await self.core.run_stream(
                 stream, outbound=True, address=endpoint,
-                source=self.source.get(addr, "view"), kind=kind, dialled=addr,
+                source=source, kind=kind, dialled=addr,
             )  # fmt: skip
         finally:
             self._dialing.discard(addr)

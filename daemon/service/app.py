@@ -55,7 +55,6 @@ from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.errors import P2pupdError
 from p2pupd.protocol.fleet.view import ViewConfig
-from p2pupd.protocol.wire import PeerAddr
 
 StartFn = Callable[..., Awaitable[Any]]
 
@@ -204,7 +203,6 @@ async def run(
             await nursery.start(supervise, "control", _control(core))
             for peer_host, peer_port in options.peers:
                 core.membership.add_static(peer_host, peer_port)
-                dialer.source[PeerAddr(peer_host, peer_port)] = "static"
             if options.mdns:
                 discovery = Discovery(
                     core,

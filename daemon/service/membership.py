@@ -68,7 +68,9 @@ class Membership:
     def __init__(self, links: Links, rng: random.Random, config: ViewConfig) -> None:
         self._links = links
         self.view: PeerView[bytes] = PeerView(None, rng, config)
-        self.dial: Callable[[PeerAddr, Kind], None] | None = None  # set by the app
+        # Set by the app: dial(addr, kind, source), source saying where we heard of addr.
+        self.dial: Callable[[PeerAddr, Kind, str], None] | None = None
+        self._sources: dict[PeerAddr, str] = {}  # bounded: 4x the passive view
         self.changed = trio.Event()  # set when bootstrap_wanted may have changed
         self._wake = trio.Event()
         self._own: set[PeerAddr] = set()
@@ -77,12 +79,22 @@ class Membership:
     # ----- addresses ------------------------------------------------------------
 
     def add_static(self, host: str, port: int) -> None:
+        self._note(PeerAddr(host, port), "static")
         self.view.add_static(PeerAddr(host, port))
         self._kick()
 
-    def add_known(self, addrs: list[PeerAddr]) -> None:
-        self.view.add_known([a for a in addrs if a not in self._own], trio.current_time())
+    def add_known(self, addrs: list[PeerAddr], source: str = "mdns") -> None:
+        fresh = [a for a in addrs if a not in self._own]
+        for addr in fresh:
+            self._note(addr, source)
+        self.view.add_known(fresh, trio.current_time())
         self._kick()
+
+    def _note(self, addr: PeerAddr, source: str) -> None:
+        if addr not in self._sources:
+            self._sources[addr] = source
+            while len(self._sources) > 4 * self.view.config.max_passive:
+                del self._sources[next(iter(self._sources))]
 
     def is_static(self, addr: PeerAddr) -> bool:
         return self.view.is_static(addr)
@@ -143,12 +155,6 @@ class Membership:
         elif isinstance(msg, ViewFull):
             conn.full, conn.referrals = True, msg.peers  # used when the link ends
 
-    def heard(self, peer: bytes) -> None:
-        self.view.heard(peer, trio.current_time())
-
-    def sent(self, peer: bytes) -> None:
-        self.view.sent(peer, trio.current_time())
-
     def referrals(self) -> tuple[PeerAddr, ...]:
         return self.view.referrals()
 
@@ -158,7 +164,7 @@ class Membership:
         for action in actions:
             if isinstance(action, Dial):
                 if self.dial is not None and action.addr not in self._own:
-                    self.dial(action.addr, action.kind)
+                    self.dial(action.addr, action.kind, self._sources.get(action.addr, "peers"))
                 else:
                     self.view.dial_failed(action.addr, trio.current_time())
             elif isinstance(action, Send):
@@ -182,6 +188,9 @@ class Membership:
         task_status.started()
         while True:
             now = trio.current_time()
+            for peer, conn in list(self._links.conns.items()):  # traffic of every kind counts
+                self.view.heard(peer, conn.last_seen)
+                self.view.sent(peer, conn.last_sent)
             self._run(self.view.tick(now))
             deadline = self.view.next_deadline()
             wait = MAX_TICK_SECONDS if deadline is None else min(MAX_TICK_SECONDS, deadline - now)

@@ -107,7 +107,15 @@ class Offers:
     def fetching(
         self, man: Manifest, digest: bytes, needed: dict[bytes, int], have: list[bytes]
     ) -> ReleaseSwarm[bytes]:
-        """A fresh swarm for fetching ``needed`` of ``man`` (replacing the component's)."""
+        """The swarm for fetching ``needed`` of ``man``: the component's swarm of that
+        release if there is one (what peers offered and were told stays), else a new
+        one replacing the component's."""
+        held = self.releases.get(man.component)
+        if held is not None and held.serial == man.serial and held.swarm is not None:
+            held.man, held.fetching = man, True
+            held.swarm.want(needed, have, trio.current_time())
+            self._wake.set()
+            return held.swarm
         swarm: ReleaseSwarm[bytes] = ReleaseSwarm(
             man.blob_sizes(), self._rng, held=have, wanted=needed, config=self._config
         )
@@ -120,17 +128,21 @@ class Offers:
         held = self.releases.get(man.component)
         if held is not None and held.serial > man.serial:
             return
+        now = trio.current_time()
         swarm = held.swarm if held is not None and held.serial == man.serial else None
-        if swarm is None or not swarm.complete or first_holder != swarm.first_holder:
-            have = self._servable(man)
+        if swarm is None:
             swarm = ReleaseSwarm(
-                man.blob_sizes(), self._rng, held=have, wanted=(),
+                man.blob_sizes(), self._rng, held=self._servable(man), wanted=(),
                 first_holder=first_holder, config=self._config,
             )  # fmt: skip
             self.releases[man.component] = Held(man.serial, digest, man, swarm)
             self._introduce(man.component, swarm)
-        else:
-            self.releases[man.component].fetching = False
+        else:  # the fetch's own swarm goes on serving: peers' offers and interest stay
+            assert held is not None
+            held.fetching = False
+            swarm.add_held(swarm.index.bits_of(self._servable(man)), now)
+            if first_holder:
+                swarm.seed(now)
         self._wake.set()
 
     def holding(self, component: str, serial: int, digest: bytes) -> None:
@@ -261,9 +273,17 @@ class Offers:
 
     def _introduce(self, component: str, swarm: ReleaseSwarm[bytes]) -> None:
         now = trio.current_time()
+        held = self.releases[component]
         for peer, conn in list(self._links.conns.items()):
-            if conn.joined:
-                self.run(component, swarm.peer_joined(peer, source_of(conn), now))
+            if not conn.joined:
+                continue
+            source = source_of(conn)
+            self.run(component, swarm.peer_joined(peer, source, now))
+            info = self._links.peers.get(peer)
+            announced = info.announced.get(component) if info is not None else None
+            if source is Source.ANNOUNCE and announced == (held.serial, held.digest):
+                # It announced this release before we knew it: it holds all of it.
+                self.run(component, swarm.on_offer(peer, swarm.index.all, now, interested=False))
         self._wake.set()
 
     # ----- time ------------------------------------------------------------------------

@@ -161,6 +161,25 @@ class ReleaseSwarm(Generic[P]):
         self.uploads = 0  # blobs served
         self.bytes_done = 0
 
+    def want(self, wanted: Iterable[bytes], held: Iterable[bytes], now: float) -> None:
+        """Plan afresh: these blobs are wanted, these held (a fetch restarted, e.g.
+        after an import brought blobs). What neighbours offered and were told stays."""
+        self.add_held(self.index.bits_of(held), now)
+        self.wanted = self.index.bits_of(wanted) & ~self.held
+        self._active.clear()
+        self._buckets = [0]
+        for blob in iter_bits(self.wanted):
+            self._pool_add(blob)
+
+    def seed(self, now: float) -> None:
+        """Become the first holder (hold it all, got none of it from peers): super-seed."""
+        if not self.first_holder:
+            self.first_holder = True
+            for p, state in self._peers.items():
+                self._unoffered &= ~(state.offers | state.told)
+                if state.interested:
+                    self._mark(p, now)
+
     # ----- queries ------------------------------------------------------------
 
     @property
