@@ -7,8 +7,9 @@ view, with backoff after failures and refusals. This service carries one
 dial out: ``dial(addr, kind)`` opens TCP (bounded by ``CONNECT_SECONDS``),
 runs the connection through the connector until it ends, and reports a
 dial that never connected (``on_failed``). The number of dials in flight is
-bounded by ``MAX_DIALS`` whatever is asked, so the sockets a daemon holds
-stay bounded: admitted links, inbound handshakes and these.
+bounded by ``MAX_DIALS`` whatever is asked (a dial counts until its TCP
+connection is up; then admission bounds it like any link), so the sockets a
+daemon holds stay bounded: admitted links, inbound handshakes and these.
 """
 
 from __future__ import annotations
@@ -80,15 +81,15 @@ class Dialer:
     async def _dial(self, addr: PeerAddr, kind: Any, source: str) -> None:
         endpoint = format_endpoint(addr.host, addr.port)
         try:
-            try:
-                stream = await open_tcp(addr.host, addr.port, timeout=CONNECT_SECONDS)
-            except TransferError as exc:
-                log("dial-failed", addr=endpoint, reason=str(exc))
-                self.on_failed(addr)
-                return
-            await self.core.run_stream(
-                stream, outbound=True, address=endpoint,
-                source=source, kind=kind, dialled=addr,
-            )  # fmt: skip
+            stream = await open_tcp(addr.host, addr.port, timeout=CONNECT_SECONDS)
+        except TransferError as exc:
+            log("dial-failed", addr=endpoint, reason=str(exc))
+            self.on_failed(addr)
+            return
         finally:
+            # Counted only while connecting: once connected, the link is the
+            # admission's to bound (or refuse), like an inbound one.
             self._dialing.discard(addr)
+        await self.core.run_stream(
+            stream, outbound=True, address=endpoint, source=source, kind=kind, dialled=addr
+        )

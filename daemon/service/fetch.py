@@ -156,6 +156,7 @@ class FetchManager:
         self.received: dict[str, Received] = {}
         self._commit_wanted = trio.Event()
         self.landing = Landing(links.node.root, links.node.store)
+        content.serve_landed(self.landing.dir)
         self._nursery: trio.Nursery | None = None
 
     def wake(self, component: str) -> None:

@@ -29,12 +29,14 @@ that hands us our own address does not make us dial ourselves.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from p2pupd.daemon.events import log
 from p2pupd.daemon.net.transport import PeerConnection
 from p2pupd.daemon.service.links import Links
 from p2pupd.protocol.fleet.view import Action, Close, Dial, Kind, PeerView, Send, ViewConfig
@@ -137,6 +139,13 @@ class Membership:
     def dial_ended(self, addr: PeerAddr, conn: PeerConnection | None) -> None:
         """A dial ended before its link joined (``conn`` None: TCP never connected)."""
         now = trio.current_time()
+        if conn is not None:
+            log(
+                "dial-refused",
+                level=logging.DEBUG,
+                addr=f"{addr.host}:{addr.port}",
+                reason=conn.reason,
+            )
         if conn is not None and (conn.full or conn.referrals):
             self._run(self.view.refused(addr, now, conn.referrals))
         else:
@@ -205,4 +214,5 @@ class Membership:
             "target": self.view.config.target,
             "max": self.view.config.max_active,
             "passive": sorted(f"{a.host}:{a.port}" for a in self.view.passive),
+            "dialing": sorted(f"{a.host}:{a.port}" for a in self.view.dialing),
         }

@@ -21,9 +21,14 @@ counted over our neighbours' offers, ties broken from a random point -- so
 different nodes start from different blobs and scarce blobs spread first. A
 neighbour gets at most ``per_source`` requests in flight, or
 ``sole_source`` while it is the only one offering anything we lack, and all
-neighbours together at most ``max_in_flight``: short queues everywhere, so a
-blob is asked of the neighbour that can send it now and never sits queued
-behind others at a busy node while another neighbour has it idle. A request
+neighbours together at most ``max_in_flight`` -- except that a neighbour
+with nothing of ours in flight always gets one request, so none sits idle
+(a first holder least of all) while our other requests wait in busier
+neighbours' queues. Short queues everywhere, so a blob is asked of the
+neighbour that can send it now and never sits queued behind others at a
+busy node while another neighbour has it idle. When every blob still wanted
+is in flight and few remain (``endgame_blobs``), an idle neighbour that
+offers one is asked for it too (BitTorrent's end game). A request
 not answered in ``request_timeout`` is re-planned to another holder (the
 slot stays taken until the peer answers: it still counts the request); a
 slow peer's cap halves per timeout. ``ChunkMissing`` steers elsewhere; bad
@@ -79,6 +84,7 @@ class SwarmConfig:
     seed_offers: int = 2
     seed_pipeline: int = 32
     starve_after: float = 2.0
+    endgame_blobs: int = 8  # when this few remain (all in flight), ask idle holders too
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ class ReleaseSwarm(Generic[P]):
         self._avail = [0] * n  # neighbours offering each blob
         self._buckets: list[int] = [self.wanted]  # by availability: wanted, not in flight
         self._active: dict[int, P] = {}  # blob -> peer of its live request (deadline order)
+        self._doubled: set[int] = set()  # blobs also asked of a second peer (end game)
         self._unoffered = self.index.all  # first holder: offered to nobody yet
         self._next_flush: float | None = None
         self._dirty: set[P] = set()  # peers with something new to be told
@@ -283,13 +290,13 @@ class ReleaseSwarm(Generic[P]):
         cfg = self.config
         budget = cfg.max_in_flight - len(self._active)
         wanted = self.wanted
-        if budget <= 0 or not wanted:
+        if not wanted:
             return []
         pool = 0
         for bucket in self._buckets[1:]:
             pool |= bucket
         if not pool:
-            return []
+            return self._endgame(now)
         useful = [(p, s) for p, s in self._peers.items() if s.offers & wanted and not s.banned]
         sole = len(useful) == 1
         only = self._buckets[1] if len(self._buckets) > 1 and not sole else 0  # one offers
@@ -309,6 +316,22 @@ class ReleaseSwarm(Generic[P]):
         order = list(free)
         self._rng.shuffle(order)
         width = self.index.count
+        # Blobs only one neighbour offers go first, outside the total budget
+        # (its own cap bounds them): a first holder's uplink must never wait
+        # because our other requests are slow.
+        for p in order:
+            state = self._peers[p]
+            if not state.slots and (mine := state.offers & pool):
+                # Every neighbour with something for us gets one request even
+                # when the total is reached: none idles while our requests
+                # wait in busier neighbours' queues (a first holder would).
+                blob = self._rarest(mine, width)
+                self._take(blob, p, now)
+                picked.setdefault(p, []).append(blob)
+                free[p] -= 1
+                budget -= 1
+                pool &= ~(1 << blob)
+        order = [p for p in order if free[p] > 0]
         while order and budget > 0:
             still = []
             for p in order:
@@ -326,6 +349,25 @@ class ReleaseSwarm(Generic[P]):
                     break
             order = still
         return [Fetch(p, tuple(blobs)) for p, blobs in picked.items()]
+
+    def _endgame(self, now: float) -> list[Fetch[P]]:
+        """Everything still wanted is in flight: ask an idle neighbour that offers one
+        of the last few blobs for it too (once per blob); the first copy wins, the
+        other is discarded when it comes (BitTorrent's end game)."""
+        cfg = self.config
+        if not self._active or len(self._active) > cfg.endgame_blobs:
+            return []
+        out: list[Fetch[P]] = []
+        for p, state in self._peers.items():
+            if state.slots or state.banned:
+                continue
+            for blob, holder in self._active.items():
+                if holder != p and blob not in self._doubled and state.offers >> blob & 1:
+                    self._doubled.add(blob)
+                    state.slots[blob] = now + cfg.request_timeout
+                    out.append(Fetch(p, (blob,)))
+                    break
+        return out
 
     def on_blob(self, peer: P, blob: int, ok: bool, now: float) -> list[Action[P]]:
         """``peer`` sent ``blob``; ``ok``: it passed the hash check (and was stored)."""
@@ -456,13 +498,22 @@ class ReleaseSwarm(Generic[P]):
         lacking = self.index.all & ~state.offers & ~state.told
         extra = 0
         width = self.index.count
+        scarce = -1  # blobs no neighbour offers yet, computed on first need
         while room > 0 and lacking:
             fresh = self._unoffered & lacking
             if fresh:
                 blob = pick_bit(fresh, self._rng, width)
                 self._unoffered &= ~(1 << blob)
             elif state.starved:
-                blob = min(iter_bits(lacking), key=self._avail.__getitem__)
+                # Every blob went out once, and this neighbour made no progress
+                # for a while: unstick it with what the neighbours lack most.
+                if scarce < 0:
+                    held_around = 0
+                    for other in self._peers.values():
+                        held_around |= other.offers
+                    scarce = self.index.all & ~held_around
+                pick = lacking & scarce or lacking
+                blob = pick_bit(pick, self._rng, width)
             else:
                 break
             extra |= 1 << blob

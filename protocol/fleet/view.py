@@ -217,6 +217,11 @@ class PeerView(Generic[P]):
     def passive(self) -> list[PeerAddr]:
         return list(self._passive)
 
+    @property
+    def dialing(self) -> list[PeerAddr]:
+        """Addresses dialled that have not reported back yet."""
+        return list(self._dialing)
+
     def address_of(self, peer: P) -> PeerAddr | None:
         link = self._links.get(peer)
         return link.addr if link is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from p2pupd.protocol.fleet import bitfield
 from p2pupd.protocol.fleet.swarm import Fetch, Offer, Punish, ReleaseSwarm, Source, SwarmConfig
@@ -92,7 +93,7 @@ def test_answers_complete_the_release_and_late_duplicates_are_harmless() -> None
 
 
 def test_a_timed_out_request_is_replanned_but_keeps_its_slot() -> None:
-    s = fetcher()
+    s = ReleaseSwarm(SIZES, random.Random(1), config=replace(CFG, endgame_blobs=0))
     for p in "ab":
         s.peer_joined(p, Source.SWARM, 0.0)
     s.on_offer("a", bits(7), 0.0, interested=False)
@@ -196,3 +197,30 @@ def test_bitfields_travel_in_slices_and_come_back_whole() -> None:
     assert back == value
     assert bitfield.to_wire(0, count) == [(0, b"")]
     assert bitfield.from_wire(0, b"\xff\xff", 9) == (1 << 9) - 1  # cut to the release
+
+
+def test_the_last_blobs_are_also_asked_of_an_idle_holder() -> None:
+    s = fetcher()
+    for p in "ab":
+        s.peer_joined(p, Source.SWARM, 0.0)
+    s.add_held(ALL & ~bits(7), 0.0)
+    s.on_offer("a", bits(7), 0.0, interested=False)
+    assert fetched(s.next_requests(0.0)) == {"a": (7,)}
+    s.on_offer("b", bits(7), 0.1, interested=False)
+    assert fetched(s.next_requests(0.1)) == {"b": (7,)}  # end game: b is idle
+    assert s.next_requests(0.2) == []  # once per blob
+    s.on_blob("b", 7, True, 0.3)
+    assert s.done
+    s.on_blob("a", 7, True, 0.4)  # the other copy, discarded
+    assert s.in_flight("a") == 0
+
+
+def test_every_idle_neighbour_gets_a_request_beyond_the_total() -> None:
+    cfg = replace(CFG, max_in_flight=2, per_source=2, unique_bonus=0)
+    s = ReleaseSwarm(SIZES, random.Random(1), config=cfg)
+    for p in "abcd":
+        s.peer_joined(p, Source.SWARM, 0.0)
+        s.on_offer(p, ALL, 0.0, interested=False)
+    got = fetched(s.next_requests(0.0))
+    assert set(got) == set("abcd")  # one each, though the total is 2
+    assert s.next_requests(0.1) == []  # no more while all are busy and the total is spent

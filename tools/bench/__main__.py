@@ -13,7 +13,7 @@ BENCHES = {
     "delta": "bytes a node must receive vs whole-file bsdiff4 and zstd --patch-from",
     "import": "bundle import throughput vs sha256sum of the same bytes",
     "transfer": "daemon-to-daemon loopback throughput vs a plain socket; idle RSS and CPU",
-    "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
+    "swarm": "one seed and 12 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
     "fleet": "simulated site of N nodes: gossip, partial view, swarm, idle cost (virtual clock)",
 }
