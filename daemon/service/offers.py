@@ -228,7 +228,8 @@ class Offers:
                 blob = swarm.index.position.get(digest)
                 if blob is not None:
                     swarm.on_served(peer, blob, trio.current_time())
-                    self._wake.set()
+                    if swarm.first_holder:  # it offers more as each blob goes out
+                        self._wake.set()
                     return
 
     # ----- carrying out actions ---------------------------------------------------------

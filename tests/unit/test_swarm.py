@@ -224,3 +224,29 @@ def test_every_idle_neighbour_gets_a_request_beyond_the_total() -> None:
     got = fetched(s.next_requests(0.0))
     assert set(got) == set("abcd")  # one each, though the total is 2
     assert s.next_requests(0.1) == []  # no more while all are busy and the total is spent
+
+
+def test_a_restarted_fetch_keeps_what_peers_offered_and_were_told() -> None:
+    s = fetcher()
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", bits(1, 2, 3), 0.0)  # a fetches too, and said so
+    s.add_held(bits(5), 0.1)
+    s.tick(1.0)
+    # An import brought blobs 1 and 9: plan again for the rest, same swarm.
+    s.want([d for d in SIZES if d not in (bytes([1]) * 32, bytes([9]) * 32)],
+           [bytes([1]) * 32, bytes([9]) * 32], 2.0)  # fmt: skip
+    assert s.offered_by("a") == bits(1, 2, 3)  # still known
+    assert set(fetched(s.next_requests(2.0))["a"]) <= {2, 3}  # 1 is here now
+    assert s.tick(3.0) == [Offer("a", bits(1, 9), False)]  # a still hears what is new
+
+
+def test_a_holder_that_turns_out_first_super_seeds_from_then_on() -> None:
+    s = ReleaseSwarm(SIZES, random.Random(2), config=CFG)  # fetching, nothing here yet
+    for p in "ab":
+        s.peer_joined(p, Source.SWARM, 0.0)  # told "I am in"; they do not know it yet
+    s.add_held(ALL, 0.5)  # then an import brought every blob
+    s.seed(1.0)  # none came from peers: its first holder
+    (to_a,) = s.on_offer("a", 0, 2.0)  # a starts fetching
+    assert s.first_holder and to_a.bits.bit_count() == max(CFG.seed_offers, CFG.seed_pipeline // 2)
+    (to_b,) = s.on_offer("b", 0, 2.0)
+    assert to_b.bits and not to_b.bits & to_a.bits
