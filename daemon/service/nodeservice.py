@@ -105,7 +105,7 @@ class ServiceOptions:
     bandwidth_limit: int | None = None  # bytes/s each way, None = unlimited
     gossip_interval: float = 30.0
     manifest_timeout: float = 15.0
-    request_timeout: float = 30.0  # planner: reassign a chunk after this
+    request_timeout: float = 30.0  # swarm: re-plan a blob not answered after this
     hard_timeout: float = 120.0  # no answer at all: drop the peer
     ban_seconds: float = 600.0
     max_peers: int = 24  # admitted links, whatever the site's size (sockets bounded)
