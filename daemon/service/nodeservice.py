@@ -111,6 +111,7 @@ class ServiceOptions:
     max_peers: int = 24  # admitted links, whatever the site's size (sockets bounded)
     per_host: int = 8  # inbound connections from one IP address
     view: ViewConfig = field(default_factory=ViewConfig)
+    features: frozenset[str] | None = None  # None: all of this version's (tests play older)
     seed: int | None = None
 
 
@@ -247,7 +248,8 @@ class NodeService:
         cfg = self.node.config
         local, remote = _hosts(stream)
         session = Session(
-            cfg.node_id, cfg.cluster, self.options.listen_port, FEATURES,
+            cfg.node_id, cfg.cluster, self.options.listen_port,
+            FEATURES if self.options.features is None else self.options.features,
             key=self.identity, challenge=os.urandom(CHALLENGE_BYTES),
             local_host=local, remote_host=remote,
         )  # fmt: skip

@@ -209,3 +209,29 @@ async def test_bandwidth_cap_slows_the_transfer_to_its_rate(
     assert moved > 250_000
     # The seed's upload is capped at 50 kB/s (after a burst of 64 kB).
     assert (moved - 64 * 1024) / 50_000 * 0.9 <= elapsed <= moved / 50_000 * 1.5
+
+
+async def test_nodes_of_the_previous_version_still_swarm_with_new_ones(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A site updating itself runs mixed versions: a peer without "proof", "view"
+    and "swarm" (what the previous version spoke) is admitted unproven, gets Have
+    instead of HaveBits, no view messages, and the release crosses it both ways."""
+    site, (sa, _), (sb, _) = two_nodes(tmp_path)
+    sc, _ = site.node("c")
+    old = frozenset({FEATURE_RANGE, FEATURE_HAVE, "request", "batch"})
+    a = make_service(sa, 1)  # the seed: holds 1.0
+    b = make_service(sb, 2, features=old)  # the older node in the middle
+    c = make_service(sc, 3)
+    async with trio.open_nursery() as nursery:
+        for svc in (a, b, c):
+            await nursery.start(svc.serve)
+        link(nursery, b, a)  # a - b - c: everything c gets passes through b
+        link(nursery, c, b)
+        await wait_until(lambda: installed(sb) == 1 and installed(sc) == 1, timeout=600)
+        conn_ab = a.conns[b.node.config.node_id]
+        assert not conn_ab.session.proven and not conn_ab.session.supports("swarm")
+        assert a.membership.view.degree == 1  # judged as a link at once, no Neighbor
+        nursery.cancel_scope.cancel()
+    assert set(c.fetch.received["app"].by_peer) == {b.node.config.node_id.hex()}
+    assert set(b.fetch.received["app"].by_peer) == {a.node.config.node_id.hex()}
