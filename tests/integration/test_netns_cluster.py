@@ -23,6 +23,7 @@ Daemon logs are kept under tmp_path and their tails printed on failure.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -333,6 +334,11 @@ def test_silent_connections_from_one_host_do_not_lock_honest_peers_out(
     )  # fmt: skip
     try:
         wait_until(lambda: len(target.connected()) >= 2 + 1, 20, "the attacker's links")
+        # The daemon's sockets stay bounded: the attacker's share, not 64.
+        assert target.proc is not None
+        fds = Path(f"/proc/{target.proc.pid}/fd")
+        sockets = sum(1 for f in fds.iterdir() if os.readlink(f).startswith("socket:"))
+        assert sockets <= 2 + PER_HOST + 16, sockets  # links, the share, mDNS/control/listener
         # Meanwhile an honest node starts and joins: it gets in.
         late.start()
         wait_until(lambda: late.node_id() in target.connected(), MESH_SECONDS, "the late node")
