@@ -18,12 +18,14 @@ from typing import Any
 from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon import ops
 from p2pupd.daemon.apply.engine import ApplyResult
+from p2pupd.daemon.apply.transaction import UnfinishedTransactionError
 from p2pupd.daemon.bundles.importer import (
     ImportedRelease,
     ImportInterruptedError,
     ImportReport,
 )
 from p2pupd.daemon.bundles.sitesource import StateSource
+from p2pupd.daemon.bundles.verify import rebuild_envelope
 from p2pupd.daemon.bundles.watch import WatchEvent, watch
 from p2pupd.daemon.config import (
     DEFAULT_CONFIG_PATH,
@@ -45,10 +47,12 @@ from p2pupd.daemon.errors import (
     StorageError,
 )
 from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.ops import ComponentOptions
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import (
     HookLimits,
     NodeConfig,
+    now_seconds,
 )
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
@@ -60,6 +64,7 @@ __all__ = [
     "ApplyResult",
     "BlobStore",
     "BundleError",
+    "ComponentOptions",
     "ConfigError",
     "DaemonError",
     "DaemonOptions",
@@ -74,10 +79,15 @@ __all__ = [
     "NotFoundError",
     "StateSource",
     "StorageError",
+    "UnfinishedTransactionError",
     "WatchEvent",
     "apply",
     "atomic_write",
     "component_status",
+    "config_repair",
+    "config_set",
+    "config_show",
+    "enrol_request",
     "fsck",
     "gc",
     "history",
@@ -85,15 +95,20 @@ __all__ = [
     "init_node",
     "load_config",
     "make_request",
+    "mark_good",
     "network_sizes",
+    "now_seconds",
     "open_node",
     "open_state_source",
     "parse_endpoint",
     "parse_rate",
     "peers",
+    "rebuild_envelope",
     "recover",
     "rollback",
     "run_daemon",
+    "site_join",
+    "site_update",
     "status",
     "watch_imports",
 ]
@@ -104,21 +119,54 @@ def init_node(
     trust_file: Path,
     components: dict[str, Path],
     *,
-    kind: str = "dir",
+    options: ComponentOptions | None = None,
     platform: str | None = None,
-    health_cmd: tuple[str, ...] = (),
-    health_seconds: float = 30.0,
-    retain: int = 2,
-    immutable: bool = False,
-    cluster: str = "default",
+    cluster: str | None = None,
     hook_limits: HookLimits | None = None,
+    site_file: Path | None = None,
 ) -> NodeConfig:
-    """Create or update a node's state directory and pin its trust root (see ``ops``)."""
+    """Create or update a node's state directory and pin its trust root (see ``ops``).
+
+    Never through a daemon: with one running, it fails (``LockedError``) and
+    changes nothing.
+    """
     return ops.init_node(
-        state_dir, trust_file, components, kind=kind, platform=platform,
-        health_cmd=health_cmd, health_seconds=health_seconds, retain=retain,
-        immutable=immutable, cluster=cluster, hook_limits=hook_limits,
+        state_dir, trust_file, components, options=options, platform=platform,
+        cluster=cluster, hook_limits=hook_limits, site_file=site_file,
     )  # fmt: skip
+
+
+def config_show(state_dir: Path) -> dict[str, Any]:
+    """The node configuration as ``config show --json`` prints it (the daemon's, if one runs)."""
+    running, doc = _daemon(state_dir, "config-show")
+    if running:
+        return doc  # type: ignore[no-any-return]
+    return ops.config_doc(Node(state_dir))
+
+
+def config_set(state_dir: Path, key: str, value: str) -> dict[str, Any]:
+    """Set one configuration value (checked first); live at once when a daemon runs.
+
+    Raises ``ConfigError`` (exit 2) for an unknown key or a bad value, with
+    nothing changed; ``NotFoundError`` for a component not configured here.
+    """
+    running, doc = _daemon(state_dir, "config-set", key=key, value=value)
+    if running:
+        return doc  # type: ignore[no-any-return]
+    with ops.locked(state_dir) as node:
+        return ops.config_set(node, key, value)
+
+
+def config_repair(state_dir: Path, platform: str | None = None) -> dict[str, Any]:
+    """Rebuild a damaged node configuration, keeping the node id and high-water marks.
+
+    With a daemon running (its configuration, read at start, is sound), the
+    daemon writes it back.
+    """
+    running, doc = _daemon(state_dir, "config-repair")
+    if running:
+        return doc  # type: ignore[no-any-return]
+    return ops.config_repair(state_dir, platform)
 
 
 def open_node(state_dir: Path) -> Node:
@@ -231,10 +279,20 @@ def fsck(state_dir: Path, repair: bool = False, full: bool = False) -> dict[str,
         return ops.fsck(node, repair=repair, full=full)
 
 
-def mark_good(state_dir: Path, component: str, serial: int) -> None:
-    """Forget that ``serial`` failed here, so it may be applied automatically again."""
+def mark_good(
+    state_dir: Path, component: str, serial: int | None = None, version: str | None = None
+) -> int:
+    """Forget that a release failed here, so it may be applied automatically again.
+
+    ``serial``, or the newest release labelled ``version``, or the newest
+    release marked bad. Returns the serial; ``NotFoundError`` if none is marked.
+    """
+    running, doc = _daemon(state_dir, "mark-good", component=component, serial=serial,
+                           version=version)  # fmt: skip
+    if running:
+        return int(doc["serial"])
     with ops.locked(state_dir) as node:
-        ops.mark_good(node, component, serial)
+        return ops.mark_good(node, component, serial, version)
 
 
 # -- sneakernet: request files, export from a node, auto-import ------------------
@@ -264,6 +322,36 @@ def make_request(state_dir: Path, *, site: bool = True) -> MadeRequest:
     with ops.locked(state_dir) as node:
         data = ops.node_request(node)
     return MadeRequest(data, verify_any_request(data), [])
+
+
+# -- site membership (daemon/state/membership.py) ----------------------------------
+
+
+def enrol_request(state_dir: Path) -> bytes:
+    """This node's signed enrolment request (``p2pupd site request``), through the daemon if one runs."""
+    running, doc = _daemon(state_dir, "enrol-request")
+    if running:
+        return bytes(doc["data"])
+    with ops.locked(state_dir) as node:
+        return ops.enrol_request(node)
+
+
+def site_join(state_dir: Path, data: bytes) -> dict[str, Any]:
+    """Install a membership document made by ``site enroll`` for this node (see ``ops.site_join``)."""
+    running, doc = _daemon(state_dir, "site-join", data=data)
+    if running:
+        return doc  # type: ignore[no-any-return]
+    with ops.locked(state_dir) as node:
+        return ops.site_join(node, data)
+
+
+def site_update(state_dir: Path, data: bytes) -> dict[str, Any]:
+    """Accept a newer revocation list or site document of this node's site (``site update``)."""
+    running, doc = _daemon(state_dir, "site-update", data=data)
+    if running:
+        return doc  # type: ignore[no-any-return]
+    with ops.locked(state_dir) as node:
+        return ops.site_update(node, data)
 
 
 def open_state_source(state_dir: Path) -> StateSource:

@@ -4,14 +4,17 @@ Protocol: the CLI connects to ``STATE/control.sock`` (a Unix stream socket,
 mode 0600, so only the daemon's user can drive it), sends one request and
 reads one response, each a 4-byte big-endian length and a msgpack map:
 
-    request   {"op": "status" | "peers" | "import" | "apply" | "rollback" | "ping",
+    request   {"op": "status" | "peers" | "import" | "apply" | "rollback" | "ping"
+                     | "config-show" | "config-set" | "config-repair" | "mark-good",
                "args": {...}}
     response  {"ok": true, "result": ...}
            |  {"ok": false, "error": {"type": "RollbackError", "mro": [...], "message": "..."}}
 
 ``import`` takes ``src`` (absolute path) and ``apply``; ``apply`` takes
 ``component`` and optionally ``serial``, ``version``, ``force``;
-``rollback`` takes ``component``. Errors are re-raised on the client side as
+``rollback`` takes ``component``; ``config-show``, ``config-set`` (``key``,
+``value``) and ``config-repair`` read, change or rewrite the node
+configuration; ``mark-good`` takes ``component`` and ``serial`` or ``version``. Errors are re-raised on the client side as
 the same ``P2pupdError`` class (or its nearest known base), so the CLI's exit
 codes do not depend on whether a daemon ran the command.
 """

@@ -31,6 +31,12 @@ class ConfigError(DaemonError):
     """The node's configuration is missing or invalid (exit code 2 at the CLI)."""
 
 
+class StateLayoutError(ConfigError):
+    """A member of the state directory is not what p2pupd made it (a symlink, a
+    file where a directory belongs...): refused before anything is read or
+    deleted through it (exit code 2 at the CLI)."""
+
+
 class ApplyError(DaemonError):
     """An update could not be staged or swapped in; the old version stays."""
 

@@ -28,6 +28,7 @@ no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ ANNOTATION_PATCH_BASE_SERIAL = "org.p2pupd.patch.base.serial"
 ANNOTATION_PATCH_BASE_VERSION = "org.p2pupd.patch.base.version"
 
 # Bounds of the OCI side (the signed documents have their own in ``limits``).
-MAX_ARTIFACT_BYTES = 256 * limits.MiB  # a release listing ~1.5 M blobs
+MAX_ARTIFACT_BYTES = limits.ARTIFACT_JSON_BUDGET.max_bytes  # a release listing ~500 k blobs
 MAX_INDEX_ENTRIES = 4096  # artifacts listed by index.json
 MAX_METADATA_BYTES = 1 * limits.GiB  # all artifacts and envelopes of one bundle, read in memory
 MAX_ANNOTATIONS = 32
@@ -213,13 +214,46 @@ def layer_media_types(man: Manifest) -> dict[bytes, str]:
     return out
 
 
-def _load_json(data: bytes, max_bytes: int, what: str) -> Any:
-    if len(data) > max_bytes:
-        raise FrameTooLargeError(f"{what} of {len(data)} bytes exceeds limit {max_bytes}")
+def json_values_bound(data: bytes | memoryview) -> int:
+    """An upper bound of the values and keys the JSON text ``data`` can hold.
+
+    Every value but the first, and every object key, follows one of ``[``,
+    ``{``, ``,`` or ``:`` (in a string they only make the bound looser), so
+    this counts them -- four passes at C speed, no object built. Summing the
+    bound over consecutive pieces of a document gives the bound of the whole.
+    """
+    b = bytes(data) if isinstance(data, memoryview) else data
+    return 1 + b.count(b"[") + b.count(b"{") + b.count(b",") + b.count(b":")
+
+
+def check_json_budget(data: bytes, budget: limits.JsonBudget) -> None:
+    """Raise ``FrameTooLargeError`` if ``data`` could exceed ``budget`` when parsed."""
+    if len(data) > budget.max_bytes:
+        raise FrameTooLargeError(
+            f"{budget.name} of {len(data)} bytes exceeds limit {budget.max_bytes}"
+        )
+    allowed = budget.values_allowed(len(data))
+    if json_values_bound(data) > allowed:
+        raise FrameTooLargeError(
+            f"{budget.name} of {len(data)} bytes holds more than {allowed} JSON values (its limit)"
+        )
+
+
+def _no_number(text: str) -> Any:
+    raise ValueError(f"number {text[:20]!r} is not an integer")
+
+
+# Floats and NaN/Infinity have no place in OCI metadata: refused as they are
+# met, before the parser builds anything more.
+_JSON = json.JSONDecoder(parse_float=_no_number, parse_constant=_no_number)
+
+
+def _load_json(data: bytes, budget: limits.JsonBudget) -> Any:
+    check_json_budget(data, budget)
     try:
-        return json.loads(data.decode("utf-8"))
+        return _JSON.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CodecError(f"{what} is not valid JSON: {exc}") from None
+        raise CodecError(f"{budget.name} is not valid JSON: {exc}") from None
 
 
 def _annotations(v: Any, what: str) -> dict[str, str]:
@@ -267,11 +301,11 @@ def parse_descriptor(v: Any, what: str) -> Descriptor:
 def parse_index(data: bytes) -> list[Descriptor]:
     """Parse ``index.json``; return the descriptors of the artifacts it lists.
 
-    Raises ``FrameTooLargeError`` over ``limits.MAX_INDEX_BYTES`` and
+    Raises ``FrameTooLargeError`` beyond ``limits.INDEX_JSON_BUDGET`` and
     ``SchemaError``/``CodecError`` for anything that is not a bounded OCI index
     of image manifests, each listed once.
     """
-    v = _load_json(data, limits.MAX_INDEX_BYTES, "index.json")
+    v = _load_json(data, limits.INDEX_JSON_BUDGET)
     if not isinstance(v, dict) or v.get("schemaVersion") != 2:
         raise SchemaError("index.json is not an OCI image index")
     mans = v.get("manifests")
@@ -293,11 +327,12 @@ def parse_index(data: bytes) -> list[Descriptor]:
 def parse_artifact(data: bytes) -> Artifact:
     """Parse an OCI artifact manifest naming p2pupd layers.
 
-    Raises ``SchemaError``/``CodecError`` for an unknown artifact type, a
+    Raises ``FrameTooLargeError`` beyond ``limits.ARTIFACT_JSON_BUDGET`` and
+    ``SchemaError``/``CodecError`` for an unknown artifact type, a
     config other than the empty descriptor, a layer of the wrong media type or
     listed twice, or any field out of bounds.
     """
-    v = _load_json(data, MAX_ARTIFACT_BYTES, "artifact manifest")
+    v = _load_json(data, limits.ARTIFACT_JSON_BUDGET)
     if not isinstance(v, dict) or v.get("schemaVersion") != 2:
         raise SchemaError("artifact is not an OCI image manifest")
     at = v.get("artifactType")
@@ -392,7 +427,7 @@ def release_patch(art: Artifact) -> ReleasePatch | None:
 
 def parse_layout(data: bytes) -> None:
     """Check the ``oci-layout`` marker file; ``SchemaError`` if it is not one."""
-    v = _load_json(data, 4096, "oci-layout")
+    v = _load_json(data, limits.OCI_LAYOUT_JSON_BUDGET)
     if not isinstance(v, dict) or v.get("imageLayoutVersion") != "1.0.0":
         raise SchemaError("oci-layout is not an OCI image layout 1.0.0 marker")
 
@@ -469,13 +504,13 @@ def packed_bytes(size: int) -> int:
     return size + len(_uvarint(size))
 
 
-def parse_pack(data: bytes) -> list[tuple[int, int]]:
+def parse_pack(data: bytes, max_entries: int = MAX_PACK_ENTRIES) -> list[tuple[int, int]]:
     """Return (offset, size) of each entry of the pack ``data``, in order.
 
     Raises ``SchemaError`` for a pack over ``MAX_PACK_BYTES``, a wrong magic,
-    a truncated or overlong header, more than ``MAX_PACK_ENTRIES`` entries, an
-    entry over ``PACK_BLOB_MAX_BYTES``, or sizes that do not add up to the
-    bytes that follow the header exactly.
+    a truncated or overlong header, more than ``max_entries`` (at most
+    ``MAX_PACK_ENTRIES``) entries, an entry over ``PACK_BLOB_MAX_BYTES``, or
+    sizes that do not add up to the bytes that follow the header exactly.
     """
     if len(data) > MAX_PACK_BYTES:
         raise SchemaError(f"pack of {len(data)} bytes exceeds limit {MAX_PACK_BYTES}")
@@ -484,6 +519,10 @@ def parse_pack(data: bytes) -> list[tuple[int, int]]:
     n, pos = _read_uvarint(data, len(PACK_MAGIC))
     if not 0 < n <= MAX_PACK_ENTRIES:
         raise SchemaError(f"pack lists {n} entries, limit 1..{MAX_PACK_ENTRIES}")
+    if n > max_entries:
+        raise SchemaError(f"pack lists {n} entries, more than the {max_entries} blobs it may hold")
+    if n > len(data) - pos:  # each entry needs at least its one-byte size field
+        raise SchemaError(f"pack header is truncated: {n} entries in {len(data) - pos} bytes")
     sizes = []
     for _ in range(n):
         size, pos = _read_uvarint(data, pos)
@@ -501,15 +540,30 @@ def parse_pack(data: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def pack_entries(data: bytes) -> list[PackEntry]:
+def pack_entries(data: bytes, named: Mapping[bytes, int] | None = None) -> list[PackEntry]:
     """Return the entries of the pack ``data``, each named by its sha256.
 
-    Raises ``parse_pack``'s errors, and ``SchemaError`` if one blob is in the
-    pack twice.
+    ``named``, the {digest: size} of the blobs a *verified* manifest names,
+    bounds the work up front: a pack listing more entries than that is
+    refused from its header, and each entry is checked as it is hashed, so
+    the first entry that is not such a blob ends the parse (a pack of
+    thousands of tiny made-up entries costs one hash). Raises ``parse_pack``'s
+    errors, and ``SchemaError`` for a blob in the pack twice or not named.
     """
-    out = [PackEntry(ids.sha256(data[o : o + n]), o, n) for o, n in parse_pack(data)]
-    if len({e.digest for e in out}) != len(out):
-        raise SchemaError("pack holds one blob twice")
+    spans = parse_pack(data, MAX_PACK_ENTRIES if named is None else len(named))
+    view = memoryview(data)
+    out: list[PackEntry] = []
+    seen: set[bytes] = set()
+    for o, n in spans:
+        digest = hashlib.sha256(view[o : o + n]).digest()
+        if named is not None and named.get(digest) != n:
+            raise SchemaError(
+                f"pack entry {digest.hex()[:16]} ({n} bytes) is not part of the signed release"
+            )
+        if digest in seen:
+            raise SchemaError("pack holds one blob twice")
+        seen.add(digest)
+        out.append(PackEntry(digest, o, n))
     return out
 
 

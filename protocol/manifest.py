@@ -13,12 +13,13 @@ beneath a file or symlink, chunk sizes summing to the file size), raising
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pupd.protocol import encoding, ids, limits
-from p2pupd.protocol.errors import CodecError, SchemaError, UnsafePathError
+from p2pupd.protocol.errors import CodecError, HazardousModeError, SchemaError, UnsafePathError
 
 SPEC_VERSION = 1
 HOOK_POINTS = ("pre-apply", "post-apply", "health")
@@ -159,7 +160,7 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         """Decode and validate canonical manifest bytes (see ``from_value``)."""
-        return cls.from_value(encoding.decode(data, limits.MAX_MANIFEST_BYTES))
+        return cls.from_value(encoding.decode(data, budget=limits.MANIFEST_BUDGET))
 
     @classmethod
     def from_value(cls, v: Any) -> Manifest:
@@ -216,22 +217,34 @@ class Manifest:
 def check_tree(man: Manifest) -> None:
     """Check the shape of the tree a manifest describes.
 
-    Every path is unique; no entry lies beneath a file or a symlink (so a
-    symlink can never redirect where staging writes); a file's chunks sum to
-    its size. Raises ``UnsafePathError`` or ``SchemaError``.
+    At most ``MAX_ENTRIES_PER_MANIFEST`` entries, none deeper than
+    ``MAX_TREE_DEPTH``; every path is unique; no entry lies beneath a file or a
+    symlink (so a symlink can never redirect where staging writes); a file's
+    chunks sum to its size. Raises ``UnsafePathError`` or ``SchemaError``.
+    Each directory on the way to an entry is checked once, however deep.
     """
+    total = len(man.files) + len(man.symlinks) + len(man.dirs)
+    if total > limits.MAX_ENTRIES_PER_MANIFEST:
+        raise SchemaError(f"manifest has {total} entries, limit {limits.MAX_ENTRIES_PER_MANIFEST}")
     kinds: dict[str, str] = {}
     for path, kind in _entries(man):
         if path in kinds:
             raise UnsafePathError(f"duplicate path in manifest: {path!r:.100}")
         kinds[path] = kind
+    dirs_ok: set[str] = set()  # directories known to lie beneath directories only
     for path in kinds:
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
+        depth = path.count("/") + 1
+        if depth > limits.MAX_TREE_DEPTH:
+            raise UnsafePathError(
+                f"{path!r:.60} is {depth} levels deep, limit {limits.MAX_TREE_DEPTH}"
+            )
+        parent = path.rpartition("/")[0]
+        while parent and parent not in dirs_ok:
             pk = kinds.get(parent)
             if pk is not None and pk != "dir":
                 raise UnsafePathError(f"{path!r:.100} lies beneath a {pk}")
+            dirs_ok.add(parent)
+            parent = parent.rpartition("/")[0]
     for f in man.files:
         if sum(c.size for c in f.chunks) != f.size:
             raise SchemaError(f"chunks of {f.path!r:.100} do not add up to its size")
@@ -332,6 +345,67 @@ def sort_entries(
     )
 
 
+# -- hazardous modes -------------------------------------------------------------
+#
+# What a signed release may not install unless the node allows it. A valid
+# signature says who published a tree, not that every mode in it is safe to put
+# on a node. Two kinds of entry are refused by default, because on
+# a multi-user or networked node they hand the node to whoever can write them:
+#
+# * a **set-id file that others can write**: setuid or setgid (``0o6000``) with
+#   group or world write (``0o022``): anyone in that group (or anyone) can swap
+#   the program that then runs with the owner's or group's rights;
+# * a **world-writable directory without the sticky bit** (``0o002`` without
+#   ``0o1000``): anyone can delete or replace any file in it, including files
+#   the release put there.
+#
+# A component may allow them (``p2pupd init --allow-hazardous-modes``), e.g. for
+# a tree that is only ever unpacked into a container image. The check is pure
+# and runs when a release is verified for the node -- on import and when a peer
+# offers it -- so a refused release is never stored, staged or applied.
+
+SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
+OTHERS_WRITE_BITS = stat.S_IWGRP | stat.S_IWOTH
+
+
+@dataclass(frozen=True)
+class Hazard:
+    path: str
+    shown: str  # ls-style mode, e.g. "-rwsrwsrwx"
+    why: str
+
+
+def hazards(man: Manifest) -> list[Hazard]:
+    """Every entry of ``man`` whose mode is hazardous (see "hazardous modes" above), by path."""
+    out: list[Hazard] = []
+    for f in man.files:
+        if f.mode & SET_ID_BITS and f.mode & OTHERS_WRITE_BITS:
+            shown = stat.filemode(stat.S_IFREG | f.mode)
+            out.append(Hazard(f.path, shown, "a set-id file others can write"))
+    for d in man.dirs:
+        if d.mode & stat.S_IWOTH and not d.mode & stat.S_ISVTX:
+            shown = stat.filemode(stat.S_IFDIR | d.mode)
+            out.append(Hazard(d.path, shown, "a world-writable directory without the sticky bit"))
+    out.sort(key=lambda h: h.path)
+    return out
+
+
+def check_modes(man: Manifest, allowed: bool) -> None:
+    """Raise ``HazardousModeError`` if ``man`` holds a hazardous mode and ``allowed`` is False."""
+    if allowed:
+        return
+    found = hazards(man)
+    if not found:
+        return
+    first = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise HazardousModeError(
+        f"release {man.component} {man.version} would install {first.path!r:.120} as "
+        f"{first.shown}, {first.why}{more}; component {man.component} does not allow "
+        "hazardous modes (p2pupd init --allow-hazardous-modes to permit them)"
+    )
+
+
 __all__ = [
     "HOOK_POINTS",
     "ChunkRef",
@@ -339,9 +413,12 @@ __all__ = [
     "Delta",
     "DirEntry",
     "FileEntry",
+    "Hazard",
     "HookRef",
     "Manifest",
     "SymlinkEntry",
+    "check_modes",
     "check_tree",
+    "hazards",
     "sort_entries",
 ]

@@ -64,6 +64,12 @@ NODE_ID_BYTES = 16
 MAX_REQUEST_COMPONENTS = 1024
 MAX_REQUEST_RELEASES = 16_384
 MAX_EXTRA_BLOBS = 1_000_000  # 34 MB encoded: under limits.MAX_REQUEST_BYTES
+# Payloads are decoded before the node-key signature can be checked (the key
+# is inside), under these budgets (limits.REQUEST_BUDGET counts the values a
+# request of the bounds above can hold; the test suite checks they agree).
+ANY_REQUEST_BUDGET = replace(
+    limits.REQUEST_BUDGET, max_bin=limits.MAX_REQUEST_BYTES, name="request or site request file"
+)
 
 
 @dataclass(frozen=True)
@@ -100,12 +106,21 @@ class Request:
     releases: tuple[HeldRelease, ...] = ()
     extra_blobs: tuple[bytes, ...] = ()
     extra_truncated: bool = False
+    # The X25519 seal key of the site the node is a member of (None: no site).
+    # A bundle cut for the request is sealed to it (docs/security-model.md).
+    site_seal: bytes | None = None
 
     @property
     def key_id(self) -> str:
         return key_id(self.node_key)
 
     def to_value(self) -> dict[str, Any]:
+        v = self._value()
+        if self.site_seal is not None:  # only when set: requests without a site keep their bytes
+            v["site_seal"] = self.site_seal
+        return v
+
+    def _value(self) -> dict[str, Any]:
         return {
             "_type": REQUEST_TYPE,
             "spec": SPEC_VERSION,
@@ -150,6 +165,9 @@ class Request:
         truncated = v.get("extra_truncated")
         if not isinstance(truncated, bool):
             raise SchemaError("request extra_truncated must be a bool")
+        seal = v.get("site_seal")
+        if seal is not None and (not isinstance(seal, bytes) or len(seal) != 32):
+            raise SchemaError("request site_seal must be a 32-byte X25519 key")
         return cls(
             node_id=node_id,
             node_key=node_key,
@@ -164,6 +182,7 @@ class Request:
             ),
             extra_blobs=extra,
             extra_truncated=truncated,
+            site_seal=seal,
         )
 
 
@@ -221,7 +240,12 @@ def verify_request(data: bytes) -> tuple[Request, bytes]:
     the node key did not sign exactly this document.
     """
     env = Envelope.decode(data, limits.MAX_REQUEST_BYTES)
-    req = Request.from_value(encoding.decode(env.payload, limits.MAX_REQUEST_BYTES))
+    return _verified(env, encoding.decode(env.payload, budget=limits.REQUEST_BUDGET))
+
+
+def _verified(env: Envelope, value: Any) -> tuple[Request, bytes]:
+    """The request in the decoded payload ``value`` of ``env``, once its node key signed it."""
+    req = Request.from_value(value)
     kid = req.key_id
     check_signatures(REQUEST_TYPE, env, {kid: req.node_key}, Role((kid,), 1), "request file")
     return req, env.payload_digest()
@@ -284,9 +308,11 @@ def verify_any_request(data: bytes) -> SiteRequest:
     errors of ``verify_request`` (for the outer document and each member).
     """
     env = Envelope.decode(data, limits.MAX_REQUEST_BYTES)
-    value = encoding.decode(env.payload, limits.MAX_REQUEST_BYTES)
+    # Either kind of payload, decoded once: a request's many small values or
+    # a site request's few large bins (its members are decoded one by one).
+    value = encoding.decode(env.payload, budget=ANY_REQUEST_BUDGET)
     if not isinstance(value, dict) or value.get("_type") != SITE_REQUEST_TYPE:
-        req, digest = verify_request(data)
+        req, digest = _verified(env, value)
         return SiteRequest((req,), digest)
     if value.get("spec") != SPEC_VERSION or set(value) != {"_type", "spec", "requests"}:
         raise SchemaError("unsupported site request")

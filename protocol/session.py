@@ -20,7 +20,7 @@ must carry our magic, our protocol version, our cluster id and a node id other
 than ours (else ``HandshakeError``). Until both Hellos are through, nothing else
 may be sent or received.
 
-Proof (feature "proof", protocol/identity.py): when both sides offer it, the
+Proof (feature "proof", protocol/fleet/identity.py): when both sides offer it, the
 handshake goes on through ``PROVING``: each side sends one ``Proof``
 (``make_proof``) and nothing else until both are through. The peer's Hello
 must then carry a public key whose ``node_id_of`` is its node id and a
@@ -62,6 +62,7 @@ from p2pupd.protocol.wire import (
     FEATURE_PROOF,
     FEATURE_RANGE,
     FEATURE_REQUEST,
+    FEATURE_SITE,
     FEATURE_SWARM,
     FEATURE_VIEW,
     MAGIC,
@@ -98,6 +99,7 @@ from p2pupd.protocol.wire import (
     RootMissing,
     RootRequest,
     Shuffle,
+    SiteNews,
     ViewFull,
     encode_parts,
 )
@@ -137,7 +139,7 @@ _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
     ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
     ManifestRangeRequest, ManifestRangeData, Have, NodeRequestQuery, NodeRequestData,
-    ChunkBatchRequest, Ping, Neighbor, ForwardJoin, Shuffle, ViewFull, HaveBits,
+    ChunkBatchRequest, SiteNews, Ping, Neighbor, ForwardJoin, Shuffle, ViewFull, HaveBits,
 )  # fmt: skip
 _LIVE = (
     State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.PROVING, State.PROOF_SENT,
@@ -201,6 +203,7 @@ _FEATURE_OF: dict[type[Message], str] = {
     Shuffle: FEATURE_VIEW,
     ViewFull: FEATURE_VIEW,
     HaveBits: FEATURE_SWARM,
+    SiteNews: FEATURE_SITE,
 }
 
 

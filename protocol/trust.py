@@ -197,8 +197,14 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes, max_bytes: int) -> Envelope:
-        """Decode an envelope; ``CodecError``/``SchemaError`` on malformed bytes."""
-        v = encoding.decode(data, max_bytes)
+        """Decode an envelope; ``CodecError``/``SchemaError`` on malformed bytes.
+
+        Only the envelope's own fields are built (``limits.ENVELOPE_BUDGET``:
+        ~330 values), never anything inside the payload, so a hostile
+        envelope costs its bytes and one copy of its payload; the payload is
+        decoded by the caller once a signature over its raw bytes verified.
+        """
+        v = encoding.decode(data, budget=limits.ENVELOPE_BUDGET.capped(max_bytes))
         if not isinstance(v, dict) or set(v) != {"signed", "signatures"}:
             raise SchemaError("not a signed envelope")
         payload, sigs = v["signed"], v["signatures"]
@@ -266,7 +272,9 @@ def check_signatures(
 
 def _check_expiry(expires: int | None, now: int | None, what: str) -> None:
     if expires is not None and now is not None and expires < now:
-        raise ExpiredError(f"{what} expired at {expires} (node clock says {now})")
+        raise ExpiredError(
+            f"{what} expired at {format_utc(expires)} (node clock says {format_utc(now)})"
+        )
 
 
 class TrustedRoot:
@@ -287,7 +295,7 @@ class TrustedRoot:
     def load(cls, data: bytes, now: int | None = None) -> TrustedRoot:
         """Pin a root from bytes the operator chose to trust (self-signed check)."""
         env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-        root = Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
+        root = Root.from_value(encoding.decode(env.payload, budget=limits.ROOT_BUDGET))
         check_signatures(ROOT_TYPE, env, root.keys, root.roles["root"], f"root v{root.version}")
         _check_expiry(root.expires, now, f"root v{root.version}")
         return cls(root, env)
@@ -299,7 +307,7 @@ class TrustedRoot:
         signature error unless both the old and the new root keys sign it.
         """
         env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-        new = Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES))
+        new = Root.from_value(encoding.decode(env.payload, budget=limits.ROOT_BUDGET))
         cur = self.root.version
         if new.version != cur + 1:
             raise RollbackError(f"root v{new.version} cannot follow trusted root v{cur}")
@@ -462,3 +470,38 @@ def check_serial(man: Manifest, high_water: int, held_digest: bytes | None, dige
     raise RollbackError(
         f"release {man.component} serial {man.serial} is not newer than trusted serial {high_water}"
     )
+
+
+# -- instants in messages ----------------------------------------------------------------
+#
+# Expiry errors must show instants an operator can read ("expired at
+# 2027-03-01T12:00:00Z", not "expired at 1803902400"), but protocol/ has no
+# clock and no ``datetime`` (tests/unit/test_layering.py). The date comes from
+# Howard Hinnant's ``civil_from_days`` (proleptic Gregorian calendar, exact for
+# every integer day; Python's floor division makes it hold before 1970 too).
+
+SECONDS_PER_DAY = 86_400
+_DAYS_PER_ERA = 146_097  # 400 Gregorian years
+_EPOCH_SHIFT = 719_468  # days from 0000-03-01 to 1970-01-01
+
+
+def civil_from_days(days: int) -> tuple[int, int, int]:
+    """Return (year, month, day) of the day ``days`` after 1970-01-01."""
+    z = days + _EPOCH_SHIFT
+    era = z // _DAYS_PER_ERA
+    doe = z - era * _DAYS_PER_ERA  # day of era, 0..146096
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365  # year of era, 0..399
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)  # day of the year from March 1st
+    mp = (5 * doy + 2) // 153  # month from March, 0..11
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
+
+
+def format_utc(seconds: int) -> str:
+    """``seconds`` since 1970-01-01T00:00:00Z as ``YYYY-MM-DDTHH:MM:SSZ``."""
+    days, rest = divmod(int(seconds), SECONDS_PER_DAY)
+    year, month, day = civil_from_days(days)
+    hour, rest = divmod(rest, 3600)
+    minute, second = divmod(rest, 60)
+    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"

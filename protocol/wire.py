@@ -33,9 +33,9 @@ kinds are only sent to peers that advertised the matching Hello feature:
   and that it names the node id the peer proved in its Hello.
 * ``"proof"`` (``FEATURE_PROOF``): the Hello carries the sender's node public
   key and a fresh random challenge, and each side then sends ``Proof``: its
-  signature over the other side's challenge (protocol/identity.py). A node id
+  signature over the other side's challenge (protocol/fleet/identity.py). A node id
   is then bound to the connection, so bans and admission can key on it.
-* ``"view"`` (``FEATURE_VIEW``): the partial-view messages of protocol/view.py
+* ``"view"`` (``FEATURE_VIEW``): the partial-view messages of protocol/fleet/view.py
   (``Neighbor``, ``ForwardJoin``, ``Shuffle``, ``ViewFull``, ``Ping``): why a
   connection was opened, joins spread as random walks, address exchange, and
   a refusal that says "full" with other addresses to try.
@@ -43,7 +43,11 @@ kinds are only sent to peers that advertised the matching Hello feature:
   the sender offers, as a bitfield over the release's sorted blob list (a
   byte or two per 16 blobs, where ``Have`` spends 34 bytes per blob), and an
   Announce means "I verified this manifest", not "I hold all of it"
-  (protocol/swarm.py).
+  (protocol/fleet/swarm.py).
+* ``"site"`` (``FEATURE_SITE``): ``SiteNews`` pushes a signed site document
+  -- a revocation list, or a site document of a key rotation -- so that
+  revocations spread like releases (protocol/site/membership.py). A hint like
+  Announce: the receiver verifies it against its own pinned site.
 
 Why the receive side stays O(n) under hostile input
 ---------------------------------------------------
@@ -58,8 +62,9 @@ time, and it buffers a body before noticing the length is absurd.
 * Body bytes are then copied until exactly N are held: N is known, so nothing
   is searched for or rescanned; ``bytearray`` appends are amortised O(1).
 * Complete bodies are queued and decoded lazily by ``next_message``;
-  ``encoding.decode`` is linear too (one parse, one re-encode to prove
-  canonical form, every size bounded).
+  ``encoding.decode`` is linear too (one parse that checks canonical form as
+  it goes) and spends at most ``limits.FRAME_BUDGET`` on a frame: 40,000
+  values, 4 levels deep, ~13 MiB all told, however the frame is built.
 
 After a bad frame the decoder is poisoned (it raises again, ignores input):
 a length-prefixed stream has no boundary to resynchronise on.
@@ -121,9 +126,10 @@ MAX_CHALLENGE_BYTES = 64
 MAX_PEER_ADDRS = 32
 MAX_HOST_BYTES = 64  # an IPv4 or IPv6 literal, never a name to resolve
 MAX_TTL = 15
-NEIGHBOR_KINDS = 4  # protocol/view.py: join, high, low, forward
+NEIGHBOR_KINDS = 4  # protocol/fleet/view.py: join, high, low, forward
 # One HaveBits covers up to 64 Ki x 8 = 512 Ki blobs; larger releases send several.
 MAX_HAVE_BITS_BYTES = 64 * limits.KiB
+FEATURE_SITE = "site"
 _CLUSTER_RE = re.compile(r"\S(.*\S)?")  # no leading/trailing blanks, not empty
 _FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 HELLO_MIN_FIELDS = 6  # frozen across versions; later fields are optional
@@ -581,7 +587,7 @@ class Ping(_Wire):
 
 @dataclass(frozen=True, slots=True)
 class Neighbor(_Wire):
-    """Why the dialler opened this connection (feature "view"; protocol/view.py ``Kind``)."""
+    """Why the dialler opened this connection (feature "view"; protocol/fleet/view.py ``Kind``)."""
 
     TYPE: ClassVar[int] = 22
     kind: int
@@ -631,13 +637,22 @@ class HaveBits(_Wire):
     bits: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class SiteNews(_Wire):
+    """A signed site document the sender holds (feature "site"); verified by the receiver."""
+
+    TYPE: ClassVar[int] = 40
+    DATA_LIMIT: ClassVar[int] = MAX_PAYLOAD_BYTES
+    data: bytes
+
+
 # fmt: off
 Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
     | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | Proof | Ping | Neighbor
-    | ForwardJoin | Shuffle | ViewFull | HaveBits
+    | ForwardJoin | Shuffle | ViewFull | HaveBits | SiteNews
 )
 Request = (
     ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
@@ -654,7 +669,7 @@ _CLASSES: tuple[type[Message], ...] = (
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
     NodeRequestQuery, NodeRequestData, ChunkBatchRequest, Proof, Ping, Neighbor,
-    ForwardJoin, Shuffle, ViewFull, HaveBits,
+    ForwardJoin, Shuffle, ViewFull, HaveBits, SiteNews,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 
@@ -771,7 +786,7 @@ def decode_body(body: bytes | memoryview) -> Message:
             raise SchemaError(f"bad {hot.__name__}: {exc}") from None
         if msg is not None:
             return msg
-    value = encoding.decode(bytes(body), max_bytes=limits.MAX_FRAME_BYTES)
+    value = encoding.decode(body, budget=limits.FRAME_BUDGET)
     if not isinstance(value, list) or not value or type(value[0]) is not int:
         raise SchemaError("frame body must be an array starting with an integer type code")
     cls = _BY_CODE.get(value[0])

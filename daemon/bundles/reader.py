@@ -26,7 +26,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from types import TracebackType
+from typing import Protocol
 
 from p2pupd.daemon.errors import BundleError
 from p2pupd.protocol import ids
@@ -35,6 +37,27 @@ from p2pupd.protocol.errors import HashMismatchError, SchemaError
 BLOB_DIR = "blobs/sha256"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Medium(Protocol):
+    """What verify.py and the importer read a bundle through: a ``BundleReader``, or a
+    ``SealedReader`` (sealedreader.py) that decrypts a sealed bundle on the way."""
+
+    root: str
+
+    def read(self, name: str, max_bytes: int) -> bytes: ...
+
+    def read_blob(self, digest: bytes, size: int) -> bytes: ...
+
+    def open_blob(self, digest: bytes, size: int) -> int: ...
+
+    def scan_blob(
+        self, digest: bytes, size: int, block_bytes: int = 1 << 20
+    ) -> Iterator[bytes]: ...
+
+    def check_blobs(self, referenced: dict[bytes, int], max_entries: int) -> dict[bytes, int]: ...
+
+    def close(self) -> None: ...
 
 
 def blob_rel(digest: bytes) -> str:
@@ -182,6 +205,22 @@ class BundleReader:
                 f"bundle blob {digest.hex()[:16]} does not match its sha256 (damaged or tampered)"
             )
         return data
+
+    def scan_blob(self, digest: bytes, size: int, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """Yield a blob's bytes in blocks, none kept: a first look (``read_blob``
+        then reads it again and checks its hash) that costs one block of memory.
+
+        Raises as ``open_blob``, and ``BundleError`` if a read fails.
+        """
+        rel = blob_rel(digest)
+        fd = self.open_blob(digest, size)
+        try:
+            while block := os.read(fd, block_bytes):
+                yield block
+        except OSError as exc:
+            raise self._io_error(exc, rel) from None
+        finally:
+            os.close(fd)
 
     def open_blob(self, digest: bytes, size: int) -> int:
         """Open a blob for streaming; return its fd (the caller closes it).

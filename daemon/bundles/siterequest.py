@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.daemon.errors import CorruptStoreError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import MAX_FORMER_IDS, StateDir
+from p2pupd.daemon.state.statedir import MAX_FORMER_IDS, NodeConfig, StateDir
 from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
 from p2pupd.protocol.fleet.identity import NodeKey
 from p2pupd.protocol.request import (
@@ -70,22 +71,34 @@ def node_key(state: StateDir) -> Ed25519PrivateKey:
     return key
 
 
-def node_identity(node: Node, *, fresh: bool = False) -> NodeKey:
-    """The node key as the wire's proof needs it; makes the key and migrates the id if need be.
+def identity_for(
+    state: StateDir, config: NodeConfig, *, fresh: bool = False
+) -> tuple[NodeKey, NodeConfig]:
+    """The node key as the wire's proof needs it, and the config with the id it proves.
 
     A node id is the hash of the node key (protocol/fleet/identity.py). A
-    state dir from before that has a random id: it is replaced by the
-    derived one, the old id kept in ``former_node_ids`` (unless ``fresh``: a
-    node just made, whose random id was never used). The caller holds the
-    node lock. Raises ``StorageError`` if the key or config cannot be written.
+    state dir from before that has a random id: it is replaced by the derived
+    one and the config rewritten, the old id kept in ``former_node_ids``
+    (unless ``fresh``: a node just made, whose random id was never used). A
+    node enrolled in a site keeps its id: its credential names that id and
+    binds it to the node key, and TLS proves the key on every link. The
+    caller holds the node lock. Raises ``StorageError`` if the key or the
+    config cannot be written.
     """
-    key = NodeKey(node_key(node.state))
-    cfg = node.config
-    if cfg.node_id != key.node_id:
-        former = () if fresh else (cfg.node_id, *cfg.former_node_ids)
-        new = replace(cfg, node_id=key.node_id, former_node_ids=former[:MAX_FORMER_IDS])
-        node.state.write_config(new)
-        node.config = new
+    key = NodeKey(node_key(state))
+    if config.node_id == key.node_id:
+        return key, config
+    if not fresh and MembershipStore(state).credential_bytes() is not None:
+        return key, config
+    former = () if fresh else (config.node_id, *config.former_node_ids)
+    new = replace(config, node_id=key.node_id, former_node_ids=former[:MAX_FORMER_IDS])
+    state.write_config(new)
+    return key, new
+
+
+def node_identity(node: Node, *, fresh: bool = False) -> NodeKey:
+    """``identity_for`` on an open node (its config updated too)."""
+    key, node.config = identity_for(node.state, node.config, fresh=fresh)
     return key
 
 
@@ -152,8 +165,22 @@ def build_request(
         releases=tuple(held[:MAX_REQUEST_RELEASES]),
         extra_blobs=tuple(extras[:max_extra]),
         extra_truncated=len(extras) > max_extra,
+        site_seal=_site_seal(node),
     )
     return sign_request(req, key), req
+
+
+def _site_seal(node: Node) -> bytes | None:
+    """The seal key of this node's site, if the node is a member (holds the key to open
+    what is sealed to it): the publisher then seals the bundle it cuts for the request."""
+    site = node.membership.site()
+    if site is None:
+        return None
+    try:
+        keys = node.membership.seal_keys(node.config.node_id)
+    except StorageError:  # damaged membership: ask for a plain bundle rather than fail
+        return None
+    return site.current.seal if keys else None
 
 
 def peer_request(data: bytes, peer_id: bytes) -> bytes:

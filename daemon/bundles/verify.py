@@ -7,19 +7,25 @@ applies the trust rules to all of them. It returns only what passed; any
 failure raises, and since nothing here writes, a refused bundle leaves the node
 untouched. Rules, one check each:
 
-  1. ``oci-layout``/``index.json``/artifacts parse within their bounds ... RemoteProtocolError
+  1. ``oci-layout``/``index.json``/artifacts parse within their budgets
+     (``limits.*_JSON_BUDGET``: bytes, and JSON values counted before
+     parsing) ........................................................... RemoteProtocolError
   2. a blob's bytes hash to its name and size ............................ HashMismatchError
   2b. a release envelope carried as a patch: its base is an envelope the
      node stores (found by sha256, else the release is *unresolved*, see
-     below); bspatch, or zstd with the base as dictionary, within the
-     annotated size; the result hashes to the annotated sha256 ............ HashMismatchError
-  2c. a pack parses within its bounds (``bundle.parse_pack``) and holds no
-     blob twice; each entry is named by the sha256 of its bytes ........... SchemaError
-  3. all metadata read stays under ``bundle.MAX_METADATA_BYTES`` ............ FrameTooLargeError
+     below); bspatch (decompressing at most 3 x the annotated size), or
+     zstd with the base as dictionary, within the annotated size; the
+     result hashes to the annotated sha256 .............................. HashMismatchError
+  3. all metadata read stays under ``bundle.MAX_METADATA_BYTES``, roots
+     under ``MAX_BUNDLE_ROOT_BYTES`` ...................................... FrameTooLargeError
   4. a bundle root at a version the node holds is that root ............. (trust.walk)
   5. roots N+1, N+2... rotate from the pinned root ....................... (trust.walk)
   6. each release verifies under the resulting root, unexpired ........... (trust.verify_release)
   7. the artifact's component annotation matches the signed one ........ MixAndMatchError
+  7b. a pack of a verified release parses within its bounds
+     (``bundle.parse_pack``), lists no more entries than the manifest
+     names blobs, holds no blob twice, and each entry -- named by the
+     sha256 of its bytes -- is a blob the manifest names at that size ..... SchemaError
   8. a release artifact carries only blobs its manifest names, at size,
      each once -- pack entries included ................................... SchemaError
   9. one bundle does not offer two different releases under one serial
@@ -31,6 +37,14 @@ saves bytes, trust comes from the signature. A patch whose base this node does
 not hold is not an error here: it is listed in ``BundleMetadata.unresolved``
 and the importer refuses the bundle (``MissingBaseError``, exit 1) only if it
 needs that component (its packs are then not read at all).
+
+What an unverified input may cost is fixed before it is read: a signed
+envelope is checked over its raw bytes before its payload is decoded
+(``trust.Envelope.decode`` builds only the envelope's own few fields), so at
+most one unverified release envelope (<= 64 MiB, or its patch and what that
+rebuilds) is in memory at a time; the artifacts around it are parsed within
+their JSON budgets; a pack is read only once its release verified, and its
+entries are checked against that release as they are hashed.
 
 Packs are read here, whole (each at most ``bundle.MAX_PACK_BYTES``, counted
 against rule 3), only to learn which blobs they hold; their bytes are dropped
@@ -46,7 +60,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from p2pupd.daemon.bundles.reader import BundleReader
+from p2pupd.daemon.bundles.reader import Medium
 from p2pupd.daemon.stage.delta import apply_patch
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
@@ -124,10 +138,12 @@ class BundleMetadata:
 class _Reads:
     """Reads metadata blobs, recording references and the bytes spent (rules 2, 3)."""
 
-    def __init__(self, reader: BundleReader) -> None:
+    def __init__(self, reader: Medium) -> None:
         self.reader = reader
         self.referenced: dict[bytes, int] = {}
         self.spent = 0
+        self.charged: set[bytes] = set()  # blobs already counted against rule 3
+        self.root_bytes = 0
         self.packs: dict[bytes, list[oci.PackEntry]] = {}  # by the pack's digest
         self.packed: dict[bytes, PackedBlob] = {}
         self.entries = 0
@@ -139,20 +155,51 @@ class _Reads:
     def read(self, d: oci.Descriptor, limit: int, what: str) -> bytes:
         if d.size > limit:
             raise FrameTooLargeError(f"bundle {what} of {d.size} bytes exceeds limit {limit}")
-        self.spent += d.size
-        if self.spent > oci.MAX_METADATA_BYTES:
-            raise FrameTooLargeError(
-                f"bundle metadata exceeds {oci.MAX_METADATA_BYTES // limits.MiB} MiB"
-            )
+        if d.digest not in self.charged:
+            self.charge(d.size)
+            self.charged.add(d.digest)
         return self.reader.read_blob(d.digest, d.size)
 
-    def pack(self, d: oci.Descriptor) -> None:
-        """Read a pack once and learn its entries (rule 2c); its bytes are dropped."""
+    def artifact(self, d: oci.Descriptor) -> oci.Artifact:
+        """Read and parse an artifact manifest within ``limits.ARTIFACT_JSON_BUDGET``.
+
+        A large one is first scanned a block at a time for its value bound,
+        so a JSON bomb is refused having cost one block of memory, not its size.
+        """
+        budget = limits.ARTIFACT_JSON_BUDGET
+        if d.size > budget.max_bytes:
+            raise FrameTooLargeError(
+                f"bundle {budget.name} of {d.size} bytes exceeds limit {budget.max_bytes}"
+            )
+        if d.size > SCAN_FIRST_BYTES:
+            bound, allowed = 1, budget.values_allowed(d.size)
+            for block in self.reader.scan_blob(d.digest, d.size):
+                bound += oci.json_values_bound(block) - 1
+                if bound > allowed:
+                    raise FrameTooLargeError(
+                        f"bundle {budget.name} {d.digest.hex()[:16]} of {d.size} bytes holds "
+                        f"more than {allowed} JSON values (its limit)"
+                    )
+        return oci.parse_artifact(self.read(d, budget.max_bytes, "artifact"))
+
+    def root(self, d: oci.Descriptor) -> bytes:
+        data = self.read(d, limits.MAX_ROOT_BYTES, "root")
+        self.root_bytes += len(data)
+        if self.root_bytes > MAX_BUNDLE_ROOT_BYTES:
+            raise FrameTooLargeError(
+                f"bundle roots exceed {MAX_BUNDLE_ROOT_BYTES // limits.MiB} MiB together"
+            )
+        return data
+
+    def pack(self, d: oci.Descriptor, named: dict[bytes, int]) -> None:
+        """Read a pack of a *verified* release and learn its entries (rule 2c);
+        its bytes are dropped. Every entry must be a blob of ``named`` (the
+        release's signed blob sizes), checked as it is hashed."""
         if d.digest in self.packs:
             return
         data = self.read(d, oci.MAX_PACK_BYTES, "pack")
         try:
-            entries = oci.pack_entries(data)
+            entries = oci.pack_entries(data, named)
         except SchemaError as exc:
             raise SchemaError(f"bundle pack {d.digest.hex()[:16]}: {exc}") from None
         self.entries += len(entries)
@@ -163,7 +210,7 @@ class _Reads:
             self.packed.setdefault(e.digest, PackedBlob(d.digest, d.size, e.offset, e.size))
 
     def charge(self, n: int) -> None:
-        """Count ``n`` bytes built in memory (a rebuilt envelope) against rule 3."""
+        """Count ``n`` bytes read or built in memory against rule 3."""
         self.spent += n
         if self.spent > oci.MAX_METADATA_BYTES:
             raise FrameTooLargeError(
@@ -171,8 +218,15 @@ class _Reads:
             )
 
 
+# Artifacts larger than this are scanned for their JSON value bound before
+# they are read whole (smaller ones cost less than the scan would save).
+SCAN_FIRST_BYTES = 1 * limits.MiB
+# Root envelopes one bundle may bring (an honest root is a few KiB).
+MAX_BUNDLE_ROOT_BYTES = 16 * limits.MiB
+
+
 def read_metadata(
-    reader: BundleReader,
+    reader: Medium,
     trusted: TrustedRoot,
     history: dict[int, bytes],
     now: int | None,
@@ -184,43 +238,37 @@ def read_metadata(
     ``held`` finds the stored envelope a release patch applies to (None: the
     node holds none). Returns the verified metadata; raises the error of the
     first rule broken (see the module docstring).
+
+    Two passes over the artifacts, so that no more than one unverified release
+    is in memory at a time: the first reads the roots (and the request), the
+    second -- under the rotated root -- reads, verifies and then checks each
+    release in turn, its packs only once its manifest verified.
     """
-    oci.parse_layout(reader.read("oci-layout", 4096))
+    oci.parse_layout(reader.read("oci-layout", limits.OCI_LAYOUT_JSON_BUDGET.max_bytes))
     index = oci.parse_index(reader.read("index.json", limits.MAX_INDEX_BYTES))
     reads = _Reads(reader)
     roots: dict[int, bytes] = {}
-    raw_releases: list[tuple[bytes, oci.Artifact]] = []
-    raw_request: bytes | None = None
-    unresolved: list[UnresolvedRelease] = []
+    release_artifacts: list[oci.Descriptor] = []
+    request: SiteRequest | None = None
     for d in index:
         reads.ref(d)
-        art = oci.parse_artifact(reads.read(d, oci.MAX_ARTIFACT_BYTES, "artifact"))
+        art = reads.artifact(d)
         for layer in (*art.layers, art.config or oci.empty_descriptor()):
             reads.ref(layer)
         if art.artifact_type == oci.TRUST_ARTIFACT:
             for layer in art.layers:
-                data = reads.read(layer, limits.MAX_ROOT_BYTES, "root")
+                data = reads.root(layer)
                 version = _root_version(data)
                 if roots.setdefault(version, data) != data:
                     raise SchemaError(f"bundle holds two different roots v{version}")
         elif art.artifact_type == oci.RELEASE_ARTIFACT:
-            patch = oci.release_patch(art)
-            if patch is None:
-                data = reads.read(art.layers[0], limits.MAX_MANIFEST_BYTES, "release manifest")
-            else:
-                rebuilt = _rebuild_envelope(reads, art, patch, held)
-                if isinstance(rebuilt, UnresolvedRelease):
-                    unresolved.append(rebuilt)
-                    continue
-                data = rebuilt
-            for layer in art.layers[1:]:
-                if layer.media_type == oci.PACK_MEDIA_TYPE:
-                    reads.pack(layer)
-            raw_releases.append((data, art))
+            release_artifacts.append(d)
         else:
-            if raw_request is not None:
+            if request is not None:
                 raise SchemaError("bundle holds two request documents")
-            raw_request = reads.read(art.layers[0], limits.MAX_REQUEST_BYTES, "request")
+            request = verify_any_request(
+                reads.read(art.layers[0], limits.MAX_REQUEST_BYTES, "request")
+            )
     if index:
         empty = oci.empty_descriptor()
         reader.read_blob(empty.digest, empty.size)
@@ -228,19 +276,17 @@ def read_metadata(
     trusted = trusted.walk(roots, now, history)
 
     meta = BundleMetadata(
-        trusted, roots, referenced=reads.referenced, unresolved=unresolved, packed=reads.packed
+        trusted, roots, request=request, referenced=reads.referenced, packed=reads.packed
     )
     seen: dict[tuple[str, int, str | None], VerifiedRelease] = {}
     kinds: dict[tuple[str, int], set[bool]] = {}  # universal or per-platform, per serial
-    for data, art in raw_releases:
-        man, env = trusted.verify_release(data, now)
-        named = art.annotations.get(oci.ANNOTATION_COMPONENT)
-        if named is not None and named != man.component:
-            raise MixAndMatchError(
-                f"bundle lists a release of {named!r} whose signed manifest is for {man.component!r}"
-            )
-        carried = oci.check_release_layers(art, man, reads.packs)
-        rel = VerifiedRelease(man, env, env.payload_digest(), carried)
+    for d in release_artifacts:
+        art = reads.artifact(d)
+        rel = _verified_release(reads, art, trusted, now, held)
+        if isinstance(rel, UnresolvedRelease):
+            meta.unresolved.append(rel)
+            continue
+        man = rel.manifest
         kinds.setdefault((man.component, man.serial), set()).add(man.platform is None)
         twin = seen.setdefault((man.component, man.serial, man.platform), rel)
         if len(kinds[man.component, man.serial]) > 1:
@@ -255,9 +301,39 @@ def read_metadata(
             )
         else:  # the same release listed twice: carry the union of its blobs
             twin.carried.update(rel.carried)
-    if raw_request is not None:
-        meta.request = verify_any_request(raw_request)
     return meta
+
+
+def _verified_release(
+    reads: _Reads,
+    art: oci.Artifact,
+    trusted: TrustedRoot,
+    now: int | None,
+    held: HeldEnvelopes | None,
+) -> VerifiedRelease | UnresolvedRelease:
+    """Verify the release ``art`` carries (rules 2b, 6-8): its envelope (whole
+    or rebuilt), then -- only once that verified -- its packs and layers."""
+    patch = oci.release_patch(art)
+    if patch is None:
+        data = reads.read(art.layers[0], limits.MAX_MANIFEST_BYTES, "release manifest")
+    else:
+        rebuilt = _rebuild_envelope(reads, art, patch, held)
+        if isinstance(rebuilt, UnresolvedRelease):
+            return rebuilt
+        data = rebuilt
+    man, env = trusted.verify_release(data, now)
+    del data
+    named = art.annotations.get(oci.ANNOTATION_COMPONENT)
+    if named is not None and named != man.component:
+        raise MixAndMatchError(
+            f"bundle lists a release of {named!r} whose signed manifest is for {man.component!r}"
+        )
+    blobs = man.blob_sizes()
+    for layer in art.layers[1:]:
+        if layer.media_type == oci.PACK_MEDIA_TYPE:
+            reads.pack(layer, blobs)
+    carried = oci.check_release_layers(art, man, reads.packs)
+    return VerifiedRelease(man, env, env.payload_digest(), carried)
 
 
 def _shown(text: str) -> str:
@@ -288,6 +364,16 @@ def _rebuild_envelope(
             "(export it again for this node: --from-version its version, or --for its request)"
         )
         return UnresolvedRelease(comp, what, msg)
+    return rebuild_envelope(base, blob, patch, what)
+
+
+def rebuild_envelope(base: bytes, blob: bytes, patch: oci.ReleasePatch, what: str) -> bytes:
+    """Return the envelope release patch ``blob`` makes from envelope ``base`` (rule 2b).
+
+    ``what`` names the release in messages ("app 2.0"). Raises
+    ``HashMismatchError`` when the patch does not apply or does not make the
+    envelope it names. The caller checks ``sha256(base) == patch.base``.
+    """
     try:
         if patch.media_type == oci.RELEASE_ZPATCH_MEDIA_TYPE:
             data = apply_dict_patch(base, blob, patch.result_size)
@@ -332,5 +418,6 @@ def apply_dict_patch(base: bytes, frame: bytes, size: int) -> bytes:
 
 
 def _root_version(data: bytes) -> int:
+    """The version an unverified root claims (decoded within ``limits.ROOT_BUDGET``)."""
     env = Envelope.decode(data, limits.MAX_ROOT_BYTES)
-    return Root.from_value(encoding.decode(env.payload, limits.MAX_ROOT_BYTES)).version
+    return Root.from_value(encoding.decode(env.payload, budget=limits.ROOT_BUDGET)).version

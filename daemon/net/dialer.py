@@ -1,7 +1,7 @@
 """Opening the connections the partial view asks for; no policy of its own.
 
 Theory of operation. Whom to dial, and when, is decided by the partial view
-(protocol/fleet/view.py, driven by ``service/membership.py``): it dials only
+(protocol/fleet/view.py, driven by ``service/overlay.py``): it dials only
 while it is short of links, a few at a time, each address from its passive
 view, with backoff after failures and refusals. This service carries one
 dial out: ``dial(addr, kind)`` opens TCP (bounded by ``CONNECT_SECONDS``),

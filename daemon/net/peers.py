@@ -4,7 +4,7 @@
 handshake and admission (address, direction, features, last Announce, byte
 counters), for ``p2pupd peers`` and the metrics. Exactly one connection per
 node id (``protocol.fleet.admission``). Whom to dial is the partial view's
-business (protocol/fleet/view.py, driven by ``service/membership.py``), and
+business (protocol/fleet/view.py, driven by ``service/overlay.py``), and
 bans are the admission's (keyed to what a peer cannot fake), so this table
 is pure bookkeeping.
 """

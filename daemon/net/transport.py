@@ -59,6 +59,7 @@ from p2pupd.daemon.net.ratelimit import Limits
 from p2pupd.protocol import limits
 from p2pupd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from p2pupd.protocol.session import CLOSED, HandshakeError, Session, Signal, State
+from p2pupd.protocol.site.membership import Credential
 from p2pupd.protocol.wire import (
     Bye,
     ChunkBatchRequest,
@@ -159,6 +160,9 @@ class PeerConnection:
         self.limits = limits_ or Limits()
         self.joined = False
         self.closed = False
+        # The peer's site credential when the link is TLS (daemon/service/sitegate.py);
+        # its node id is the only one the peer may claim in its Hello.
+        self.credential: Credential | None = None
         self.reason = ""
         self.bytes_in = 0
         self.bytes_out = 0
@@ -187,6 +191,12 @@ class PeerConnection:
         """The peer's node id (valid once the handshake is done)."""
         hello = self.session.peer_hello
         return hello.node_id if hello is not None else b""
+
+    @property
+    def proven(self) -> bool:
+        """The peer's node id is bound to this connection: by its Hello proof, or by
+        the site credential TLS checked."""
+        return self.session.proven or self.credential is not None
 
     @property
     def peer_hello(self) -> Hello | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pupd.daemon.bundles.watch import WatchEvent, watch
-from p2pupd.daemon.events import log
+from p2pupd.daemon.events import log  # "watching"; each import logs itself (import_dir)
 from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
 
 if TYPE_CHECKING:
@@ -41,19 +41,10 @@ async def serve_watch(
             result: Any = trio.from_thread.run(
                 core.lifecycle.import_dir, path, True, trio_token=token
             )
-        except (VerificationError, RemoteProtocolError) as exc:
-            log("import-refused", path=str(path), reason=str(exc))
+        except (VerificationError, RemoteProtocolError) as exc:  # logged by import_dir
             return WatchEvent(path, "refused", exc)
         except P2pupdError as exc:
-            log("import-failed", path=str(path), reason=str(exc))
             return WatchEvent(path, "error", exc)
-        report = result[0]
-        log(
-            "imported",
-            path=str(path),
-            releases=",".join(f"{r.component}:{r.version}" for r in report.releases) or "-",
-            bytes=report.bytes_copied,
-        )
         return WatchEvent(path, "imported", result)
 
     log("watching", path=str(root))

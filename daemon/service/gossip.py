@@ -10,7 +10,7 @@ The pure ``Gossip`` object decides; this service carries its actions out:
   both sides speak "range", so manifests larger than a frame still travel),
   then hands it to ``on_offer`` (``Lifecycle.accept_from_peer``): verify against the
   pinned root, check it is the serial and digest the peer announced, persist
-  it (``accept.persist_release``) and start fetching its blobs.
+  it (``gate.persist_release``) and start fetching its blobs.
 * ``Ban(peer, ...)`` (after ``on_manifest_rejected``) bans and disconnects.
 
 What we *hold* for gossip is every release whose manifest we verified and
@@ -116,10 +116,6 @@ class GossipService:
 
     def announcement(self) -> Announce:
         return self.gossip.announcement()
-
-    def holdings_value(self) -> dict[str, list[object]]:
-        """Holdings as a canonical-msgpack value (for digests of what we hold)."""
-        return {c: [s, d] for c, (s, d) in sorted(self.gossip.holdings.items())}
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tick loop (periodic announces, timeouts) until cancelled."""

@@ -44,7 +44,12 @@ from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, now_seconds
-from p2pupd.protocol.errors import MixAndMatchError, P2pupdError
+from p2pupd.protocol.errors import (
+    MixAndMatchError,
+    P2pupdError,
+    RemoteProtocolError,
+    VerificationError,
+)
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
 
@@ -139,7 +144,7 @@ class Lifecycle:
     async def accept_from_peer(self, data: bytes, action: RequestManifest[bytes]) -> None:
         """Verify and persist a manifest a peer sent, then fetch its blobs.
 
-        Raises what ``accept.verify_offer`` raises, and ``MixAndMatchError`` if
+        Raises what ``gate.verify_offer`` raises, and ``MixAndMatchError`` if
         it is not the release the peer announced.
         """
         c, s, peer = action.component, action.serial, action.peer
@@ -257,13 +262,30 @@ class Lifecycle:
     async def import_dir(
         self, src: Path, apply_after: bool, allow_other_node: bool = False
     ) -> tuple[ImportReport, list[ApplyResult]]:
-        """``p2pupd import`` routed to the daemon: import, then spread (and apply)."""
-        async with self.mutex:
-            report = await self.offload(
-                lambda: ops.import_releases(self.node, src, allow_other_node=allow_other_node)
-            )
-            for r in report.releases:
-                self._high[r.component] = max(self._high.get(r.component, 0), r.serial)
+        """``p2pupd import`` routed to the daemon: import, then spread (and apply).
+
+        Logs ``imported``, ``import-refused`` (the bundle failed verification)
+        or ``import-failed`` once per bundle (metrics count them).
+        """
+        try:
+            async with self.mutex:
+                report = await self.offload(
+                    lambda: ops.import_releases(self.node, src, allow_other_node=allow_other_node)
+                )
+                for r in report.releases:
+                    self._high[r.component] = max(self._high.get(r.component, 0), r.serial)
+        except (VerificationError, RemoteProtocolError) as exc:
+            log("import-refused", path=str(src), reason=str(exc))
+            raise
+        except P2pupdError as exc:
+            log("import-failed", path=str(src), reason=str(exc))
+            raise
+        log(
+            "imported",
+            path=str(src),
+            releases=",".join(f"{r.component}:{r.version}" for r in report.releases) or "-",
+            bytes=report.bytes_copied,
+        )
         chain = await self.offload(self.node.trust_chain)
         for r in sorted(report.releases, key=lambda r: r.serial):
             if r.new:

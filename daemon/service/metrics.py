@@ -9,8 +9,10 @@ reading so a stray client cannot hold memory.
 
 ``MetricsFeed`` keeps the registry in step with a running daemon. Counters
 follow the event stream (``events.observe``): bans, applies, apply durations,
-failed applies and operator rollbacks, refused manifests, bytes of peers whose
-connection closed. At scrape time the live peer table and the node's state add
+failed applies and operator rollbacks, refused manifests, bundles imported
+(or refused) through the daemon, bytes of peers whose connection closed.
+Counters whose label sets are known at start (imports by outcome, bans by
+reason, applies and rollbacks per configured component) start at 0. At scrape time the live peer table and the node's state add
 what is current (bytes of connected peers, live serials), so a scrape never
 waits for an event and the numbers stay monotonic.
 """
@@ -30,6 +32,11 @@ if TYPE_CHECKING:
 
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT_S = 5.0
+IMPORT_RESULTS = ("imported", "refused", "failed")
+BAN_REASONS = ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout", "other")
+ROLLBACK_REASONS = ("apply-failed", "operator")
+# Why a site member refused a link (daemon/service/sitegate.py), by the words of its reason.
+REFUSAL_REASONS = ("handshake", "expired", "revoked", "member", "timed out", "other")
 
 
 def _escape(value: str) -> str:
@@ -149,7 +156,33 @@ class DaemonMetrics:
             ("component", "reason"),
         )
         self.peers = r.gauge("p2pupd_peers", "Connected peers")
-        self.imports = r.counter("p2pupd_imports", "Bundles imported", ("result",))
+        self.imports = r.counter(
+            "p2pupd_imports", "Bundles imported through the daemon, by outcome", ("result",)
+        )
+        self.refused = r.counter(
+            "p2pupd_peers_refused",
+            "Peer links refused for want of a valid site credential (TLS, expiry, revocation)",
+            ("reason",),
+        )
+
+    def zero(self, components: Iterable[str]) -> None:
+        """Give every counter whose label sets are known in advance a 0 sample.
+
+        Prometheus client conventions: a series that exists from the first
+        scrape lets ``rate()`` and alerts see its first increment (a series
+        that appears at 1 looks like no change). Per-peer series cannot be
+        known before the peer is, and start at their first value.
+        """
+        for result in IMPORT_RESULTS:
+            self.imports.inc(0, result=result)
+        for reason in BAN_REASONS:
+            self.bans.inc(0, reason=reason)
+        for reason in REFUSAL_REASONS:
+            self.refused.inc(0, reason=reason)
+        for comp in components:
+            self.applies.inc(0, component=comp)
+            for reason in ROLLBACK_REASONS:
+                self.rollbacks.inc(0, component=comp, reason=reason)
 
 
 async def serve_metrics(
@@ -197,6 +230,7 @@ class MetricsFeed:
     def __init__(self, core: NodeService) -> None:
         self.core = core
         self.metrics = DaemonMetrics()
+        self.metrics.zero(core.node.config.components)
         self._closed_in: dict[str, float] = {}
         self._closed_out: dict[str, float] = {}
         self.metrics.registry.collectors.append(self.collect)
@@ -205,6 +239,8 @@ class MetricsFeed:
         m = self.metrics
         if event == "peer-banned":
             m.bans.inc(reason=_short_reason(fields.get("reason")))
+        elif event == "peer-refused":
+            m.refused.inc(reason=_refusal_reason(fields.get("reason")))
         elif event == "applied":
             comp = str(fields.get("component"))
             m.applies.inc(component=comp)
@@ -225,8 +261,12 @@ class MetricsFeed:
                 v = fields.get(key)
                 if isinstance(v, int):
                     store[peer] = store.get(peer, 0.0) + v
-        elif event == "manifest-accepted" and fields.get("from") == "import":
+        elif event == "imported":  # a bundle, through the daemon (control socket or watch)
             m.imports.inc(result="imported")
+        elif event == "import-refused":
+            m.imports.inc(result="refused")
+        elif event == "import-failed":
+            m.imports.inc(result="failed")
 
     def collect(self) -> None:
         """Refresh gauges and peer byte totals from the live daemon (scrape time)."""
@@ -261,9 +301,14 @@ class MetricsFeed:
                 m.release_serial.set(st.installed, component=name, version=version or "")
 
 
+def _refusal_reason(reason: object) -> str:
+    text = str(reason or "").lower()
+    return next((key for key in REFUSAL_REASONS[:-1] if key in text), "other")
+
+
 def _short_reason(reason: object) -> str:
     text = str(reason or "unknown")
-    for key in ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout"):
+    for key in BAN_REASONS[:-1]:
         if key in text.lower():
             return key
     return "other"

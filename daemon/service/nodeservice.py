@@ -13,7 +13,7 @@ Connections: ``Admission`` (protocol/fleet/admission.py) lets them in --
 per-address caps and a bounded number of handshakes before a byte is read
 (``inbound``), then after the Hello and the node-id proof: bans keyed to a
 proven id or else the address, one connection per id, slots kept for
-outbound and static peers. ``Membership`` (the partial view) then decides
+outbound and static peers. ``Overlay`` (the partial view) then decides
 which links to keep; ``Offers``/``FetchManager`` swarm releases over them
 and ``GossipService`` spreads manifests. Requests are answered from
 ``Content`` (store, landed blobs and held files) without blocking: reads
@@ -31,12 +31,14 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
 
+from p2pupd.daemon import ops
 from p2pupd.daemon.bundles.siterequest import node_identity
-from p2pupd.daemon.errors import DaemonError
+from p2pupd.daemon.errors import ConfigError, DaemonError
 from p2pupd.daemon.events import LOGGER, log, short
 from p2pupd.daemon.net.peers import PeerInfo, PeerTable
 from p2pupd.daemon.net.ratelimit import Limits
@@ -45,13 +47,13 @@ from p2pupd.daemon.offload import Offload, in_thread
 from p2pupd.daemon.service.fetch import SINGLE_FRAME_BYTES, FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
-from p2pupd.daemon.service.membership import Membership
 from p2pupd.daemon.service.offers import Offers
+from p2pupd.daemon.service.overlay import Overlay
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
+from p2pupd.daemon.service.sitegate import SiteGate
 from p2pupd.daemon.state.node import Node
-from p2pupd.protocol import encoding, ids
-from p2pupd.protocol.errors import RemoteProtocolError
+from p2pupd.protocol.errors import CodecError, RemoteProtocolError, RollbackError, VerificationError
 from p2pupd.protocol.fleet.admission import Admission, AdmissionConfig, Admit
 from p2pupd.protocol.fleet.identity import CHALLENGE_BYTES, NodeKey
 from p2pupd.protocol.fleet.swarm import SwarmConfig
@@ -65,6 +67,7 @@ from p2pupd.protocol.wire import (
     FEATURE_PROOF,
     FEATURE_RANGE,
     FEATURE_REQUEST,
+    FEATURE_SITE,
     FEATURE_SWARM,
     FEATURE_VIEW,
     Announce,
@@ -88,15 +91,18 @@ from p2pupd.protocol.wire import (
     RootData,
     RootMissing,
     RootRequest,
+    SiteNews,
     ViewFull,
 )
 
 FEATURES = frozenset(
     {
         FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_PROOF,
-        FEATURE_VIEW, FEATURE_SWARM,
+        FEATURE_VIEW, FEATURE_SWARM, FEATURE_SITE,
     }
 )  # fmt: skip
+MEMBERSHIP_RECHECK_SECONDS = 60.0  # how late an expired credential may still be connected
+MAX_QUEUED_SITE_NEWS = 66  # a whole site chain (64 documents) and a revocation list
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,8 @@ class NodeService:
                 per_host=opts.per_host,
             ),
         )
-        self.membership = Membership(self, self._rng, opts.view)
-        self.membership.listen_port = opts.listen_port
+        self.overlay = Overlay(self, self._rng, opts.view)
+        self.overlay.listen_port = opts.listen_port
         # Gossip and fetch report to the lifecycle, which is built after them
         # (it coordinates both): the ``_to_lifecycle_*`` callbacks look it up
         # when they fire.
@@ -189,6 +195,9 @@ class NodeService:
             holdings_changed=self._holdings_changed,
         )
         self.site_requests = SiteRequests(self)
+        self.gate = SiteGate(node)
+        self.on_membership: list[Callable[[], None]] = []  # after a credential or list changed
+        self._news: dict[bytes, list[bytes]] = {}  # SiteNews waiting per peer
         self.listen_endpoint: str | None = None
         self.stopping = False  # set by close_all: refuse new connections
         self.started_at = 0.0
@@ -214,8 +223,9 @@ class NodeService:
                 self.offers.holding(component, serial, digest)
             await nursery.start(self.gossip.serve)
             await nursery.start(self.offers.serve)
-            await nursery.start(self.membership.serve)
+            await nursery.start(self.overlay.serve)
             await nursery.start(self.fetch.serve)
+            nursery.start_soon(self._recheck_loop)
             for man, digest in scan.resume:
                 self.fetch.start(man, digest)
             for component, serial in scan.apply:
@@ -243,13 +253,23 @@ class NodeService:
 
         An inbound one must have passed ``inbound`` (its handshake slot is
         given back here). Returns the peer's node id once known (after its
-        Hello), else None.
+        Hello), else None. On a site member's node the stream is first
+        secured (TLS 1.3, both site credentials checked: ``SiteGate``); a
+        peer that fails gets nothing.
         """
+        secured = await self.gate.secure(stream, inbound=not outbound, address=address)
+        if secured is None:
+            return None
+        stream, credential = secured
         cfg = self.node.config
         local, remote = _hosts(stream)
+        features = FEATURES if self.options.features is None else self.options.features
+        if credential is not None or self.identity.node_id != cfg.node_id:
+            # TLS with site credentials already proved the node key and bound it
+            # to the id (and an enrolled node keeps an id its credential names).
+            features = features - {FEATURE_PROOF}
         session = Session(
-            cfg.node_id, cfg.cluster, self.options.listen_port,
-            FEATURES if self.options.features is None else self.options.features,
+            cfg.node_id, cfg.cluster, self.options.listen_port, features,
             key=self.identity, challenge=os.urandom(CHALLENGE_BYTES),
             local_host=local, remote_host=remote,
         )  # fmt: skip
@@ -258,6 +278,7 @@ class NodeService:
             limits_=self.limits, kind=kind, dialled=dialled, local_host=local, remote_host=remote,
         )  # fmt: skip
         conn.handshake_host = None if outbound else _host_of(conn)
+        conn.credential = credential
         reason = "cancelled"
         try:
             reason = await conn.run(self)
@@ -275,7 +296,7 @@ class NodeService:
             self._handshake_over(conn)
             self._left(conn, reason)
             if outbound and dialled is not None and not conn.joined:
-                self.membership.dial_ended(dialled, conn)
+                self.overlay.dial_ended(dialled, conn)
         return conn.node_id or None
 
     def _handshake_over(self, conn: PeerConnection) -> None:
@@ -305,6 +326,10 @@ class NodeService:
         peer, now = conn.node_id, _now()
         if self.stopping:
             return "shutting down"
+        if self.gate.enabled and (conn.credential is None or conn.credential.node_id != peer):
+            # The Hello must name the node the TLS credential proved, nothing else.
+            self.gate.refuse(conn.address, "Hello names another node than its credential")
+            return "node id is not the one its credential names"
         existing = self.conns.get(peer)
         # Ended but not yet unregistered, or silent: the peer redialled after a
         # restart or a partition, and the old connection is likely half-open.
@@ -312,12 +337,12 @@ class NodeService:
             existing.closed or now - existing.last_seen > STALE_SECONDS
         )
         verdict = self.admission.admit(
-            peer, _host_of(conn), proven=conn.session.proven,
+            peer, _host_of(conn), proven=conn.proven,
             outbound=conn.outbound, now=now, static=self._is_static(conn), existing_stale=stale,
         )  # fmt: skip
         if not isinstance(verdict, Admit):
             if verdict.full and conn.session.supports(FEATURE_VIEW):
-                conn.post(ViewFull(self.membership.referrals()))
+                conn.post(ViewFull(self.overlay.referrals()))
             return verdict.reason
         if existing is not None:  # the newer connection won (Admission's rules)
             self._leave(peer, existing.reason or "replaced by a newer connection", admitted=False)
@@ -327,7 +352,7 @@ class NodeService:
 
     def _is_static(self, conn: PeerConnection) -> bool:
         addr = conn.dialled if conn.outbound else None
-        return addr is not None and self.membership.is_static(addr)
+        return addr is not None and self.overlay.is_static(addr)
 
     def joined(self, conn: PeerConnection) -> None:
         """Register an admitted peer and let gossip and fetch greet it."""
@@ -350,15 +375,30 @@ class NodeService:
             addr=conn.address,
             direction="out" if conn.outbound else "in",
         )
-        self.membership.joined(conn)
+        self.overlay.joined(conn)
         if conn.closed:
             return  # the view refused it ("full", with referrals)
         self.gossip.peer_joined(conn.node_id)
         self.offers.peer_joined(conn)
+        if conn.credential is not None and conn.session.supports(FEATURE_SITE):
+            for doc in self.gate.news():  # a peer that missed a revocation learns it here
+                conn.post(SiteNews(doc))
 
     def message(self, conn: PeerConnection, msg: Message) -> None:
-        """Route an Announce to gossip (and offers), Have(Bits) to offers, view messages."""
-        if isinstance(msg, Announce):
+        """Route an Announce to gossip (and offers), Have(Bits) to offers, site news to
+        the gate, view messages to the overlay."""
+        if isinstance(msg, SiteNews):
+            # One worker per peer, a bounded queue: a member pushing a stream of
+            # documents costs one verification at a time, never a task per frame.
+            if not self.gate.enabled:
+                return
+            queue = self._news.get(conn.node_id)
+            if queue is None:
+                self._news[conn.node_id] = [msg.data]
+                self.spawn(self._site_news, conn.node_id)
+            elif len(queue) < MAX_QUEUED_SITE_NEWS:
+                queue.append(msg.data)
+        elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
             if info is not None:
                 info.announced = {e.component: (e.serial, e.manifest_digest) for e in msg.entries}
@@ -371,7 +411,7 @@ class NodeService:
             if not self.offers.on_have(conn, msg):
                 self.gossip.on_hint(conn.node_id, msg.component, msg.serial)
         else:
-            self.membership.message(conn, msg)
+            self.overlay.message(conn, msg)
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """Answer one request of the peer (see ``respond``; a site query reads the state)."""
@@ -398,7 +438,7 @@ class NodeService:
         if admitted:
             self.admission.left(peer)
         if conn is not None:
-            self.membership.left(conn)
+            self.overlay.left(conn)
         self.gossip.peer_left(peer)
         self.offers.peer_left(peer)
         log(
@@ -450,10 +490,6 @@ class NodeService:
         """Our Announce (a seam for tests that play a lying node)."""
         return self.gossip.announcement()
 
-    def holdings_digest(self) -> str:
-        """A short digest of our holdings, published in the mDNS TXT record."""
-        return ids.sha256(encoding.encode(self.gossip.holdings_value())).hex()[:16]
-
     async def _to_lifecycle_offer(self, data: bytes, action: RequestManifest[bytes]) -> None:
         await self.lifecycle.accept_from_peer(data, action)
 
@@ -471,19 +507,19 @@ class NodeService:
 
     def dial_failed(self, addr: PeerAddr) -> None:
         """A dial never connected."""
-        self.membership.dial_ended(addr, None)
+        self.overlay.dial_ended(addr, None)
 
     def bootstrap_wanted(self) -> bool:
-        return self.membership.bootstrap_wanted()
+        return self.overlay.bootstrap_wanted()
 
     def bootstrap_changed(self) -> trio.Event:
-        event = self.membership.changed
+        event = self.overlay.changed
         if event.is_set():
-            event = self.membership.changed = trio.Event()
+            event = self.overlay.changed = trio.Event()
         return event
 
     def add_known(self, addrs: list[PeerAddr]) -> None:
-        self.membership.add_known(addrs)
+        self.overlay.add_known(addrs)
 
     def _holding(self, component: str) -> int:
         return self.gossip.holdings.get(component, (0, b""))[0]
@@ -529,6 +565,74 @@ class NodeService:
 
     # ----- reporting -------------------------------------------------------------
 
+    def recheck_members(self) -> int:
+        """Cut off every connected peer whose credential no longer admits it (revoked,
+        expired, or this node's own membership lapsed); returns how many."""
+        cut = 0
+        for conn in list(self.conns.values()):
+            why = self.gate.still_valid(conn.credential)
+            if why is not None:
+                self.gate.refuse(conn.address, f"membership ended: {why}")
+                conn.close(f"membership: {why}", ERR_REFUSED)
+                cut += 1
+        return cut
+
+    async def _site_news(self, peer: bytes) -> None:
+        """Take the revocation lists or site documents a peer pushed, if news; pass them on.
+
+        Verified like ``site update`` (protocol/site/membership.py, rule 9):
+        an older or the same list moves nothing -- peers that have not heard
+        of the newest list yet keep offering theirs -- and is dropped quietly.
+        News is forwarded to every other member once, when it first arrives,
+        so a revocation floods the connected site within a few hops.
+        """
+        try:
+            while queue := self._news.get(peer):
+                data = queue.pop(0)
+                async with self.mutex:
+                    try:
+                        doc = await self.offload(partial(ops.site_update, self.node, data))
+                    except RollbackError:
+                        continue  # not newer than what we hold
+                    except (VerificationError, CodecError, ConfigError) as exc:
+                        log("site-news-refused", level=logging.WARNING, peer=short(peer),
+                            reason=str(exc))  # fmt: skip
+                        continue
+                    if not doc.get("changed"):
+                        continue
+                    await self.offload(self.gate.reload)
+                log("site-news", peer=short(peer), **{k: v for k, v in doc.items() if k != "changed"})
+                self.membership_changed()
+                self.spread_site_news(data, exclude=peer)
+        finally:
+            self._news.pop(peer, None)
+
+    def spread_site_news(self, data: bytes, exclude: bytes | None = None) -> None:
+        """Push a site document this node just accepted to every other member connected."""
+        for other, conn in list(self.conns.items()):
+            if (
+                other != exclude
+                and conn.credential is not None
+                and conn.session.supports(FEATURE_SITE)
+            ):
+                conn.post(SiteNews(data))
+
+    def membership_changed(self) -> None:
+        """A credential, site key or revocation list changed: cut off who it ends, and
+        dial everyone again at once (a rejoined node should not wait out old backoffs)."""
+        self.recheck_members()
+        self.overlay.retry_all()
+        for callback in self.on_membership:
+            callback()
+
+    async def _recheck_loop(self) -> None:
+        """Expiry has no event: look at every credential once a ``MEMBERSHIP_RECHECK`` interval."""
+        while True:
+            await trio.sleep(MEMBERSHIP_RECHECK_SECONDS)
+            if self.gate.enabled:
+                await self.offload(self.gate.reload)
+                self.recheck_members()
+
     def ban(
         self,
         peer: bytes,
@@ -542,7 +646,7 @@ class NodeService:
         now = _now()
         until = until if until is not None else now + self.options.ban_seconds
         conn = conn or self.conns.get(peer)
-        proven = conn is not None and conn.session.proven
+        proven = conn is not None and conn.proven
         host = _host_of(conn) if conn is not None else None
         # A proven peer by its id; anyone else by its address, never by the id
         # it claims (it may be an honest node's).
@@ -582,7 +686,8 @@ class NodeService:
                 )
         doc = self.peers.snapshot(now)
         doc["banned"] = self.admission.bans(now)
-        doc["view"] = self.membership.snapshot()
+        doc["view"] = self.overlay.snapshot()
+        doc["site"] = self.gate.doc(now)
         doc["node_id"] = self.node.config.node_id.hex()
         doc["listen"] = self.listen_endpoint
         return doc

@@ -5,8 +5,10 @@ a peer (``gossip_service``) -- it becomes part of the node in two steps:
 
 1. ``verify_offer`` (network) or the importer's own bundle checks decide it is
    trustworthy: signatures against the pinned root, expiry on the node clock,
-   the component it was offered as, and the rollback rule (``check_serial``
-   against the component's high-water mark). Nothing is written.
+   the component it was offered as, the modes it would install
+   (``manifest.check_modes`` against the component's configuration), and the
+   rollback rule (``check_serial`` against the component's high-water
+   mark). Nothing is written.
 2. ``persist_release`` stores the envelope (atomic write) and only then raises
    the high-water mark and records the event in the component's history, so a
    crash in between leaves a stored release the mark still allows to re-accept.
@@ -18,14 +20,12 @@ given the versions on disk), and a release with nothing missing is complete.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.protocol.deltaplan import needed_blobs
-from p2pupd.protocol.errors import MixAndMatchError, RevokedKeyError
-from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.errors import HazardousModeError, MixAndMatchError, RevokedKeyError
+from p2pupd.protocol.manifest import Manifest, check_modes
 from p2pupd.protocol.trust import Envelope, check_serial
 
 
@@ -57,6 +57,10 @@ def verify_offer(
             f"{component} {man.version} is for platform {man.platform}, "
             f"this node is {node.config.platform}"
         )
+    try:
+        check_modes(man, node.config.components[component].allow_hazardous_modes)
+    except HazardousModeError as exc:  # valid, and the peer is honest: just not for us
+        raise NotForThisNodeError(str(exc)) from None
     st = node.state.read_state(component)
     is_new = check_serial(man, st.high_water, st.high_digest, env.payload_digest())
     return man, env, is_new
@@ -72,11 +76,7 @@ def persist_release(
     Raises ``StorageError``.
     """
     node.releases.put(man.component, man.serial, env)
-    st = node.state.read_state(man.component)
-    if man.serial > st.high_water:
-        st = replace(st, high_water=man.serial, high_digest=digest)
-    st = st.with_event(HistoryEntry(now_seconds(), event, man.serial, man.version, detail))
-    node.state.update_state(man.component, st)
+    components.accepted(node, man, digest, event, detail)
 
 
 def held_manifests(node: Node, component: str) -> list[Manifest]:

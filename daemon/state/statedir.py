@@ -3,14 +3,22 @@
 Layout (all under STATE, one filesystem):
 
     config.msgpack            node id, platform, components and their targets
+    config.backup.msgpack     a second copy of it, for ``p2pupd config repair``
     state.msgpack             per component: installed serial, kept versions,
                               rollback high-water mark, bad releases, history
     trust/root.msgpack        the pinned root envelope (latest accepted)
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
     blobs/sha256/<hex>        the content-addressed store (see store.py)
-    journal/<c>.log           the apply journal (see journal.py)
+    journal/<c>.log           the apply journal (see apply/transaction.py)
     lock                      flock held by whoever mutates the state
+    tmp/ fetching/ incoming/  blobs on their way into the store
+    cache/                    derived data (manifests, hook modules, stat caches)
+
+Every member must be what p2pupd made it: ``check_layout`` (run whenever the
+node is opened) refuses a state directory in which one is a symlink or of the
+wrong kind, with one line, before anything is read, written or cleaned
+through it (``store.members``).
 
 Both documents are canonical msgpack written with temp + fsync + rename, so a
 crash leaves either the old or the new document, never a torn one.
@@ -21,12 +29,14 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from p2pupd.daemon.errors import ConfigError, NotFoundError, StorageError
-from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.fsutil import atomic_write, storage_error
+from p2pupd.daemon.store import members
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import CodecError
 from p2pupd.protocol.limits import (
@@ -36,6 +46,29 @@ from p2pupd.protocol.limits import (
 )
 
 TARGET_KINDS = ("dir", "symlink", "file")
+
+# What each member of STATE is when present (any may be absent). Parents come
+# before their children. Names not listed are left alone.
+STATE_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("config.msgpack", members.FILE),
+    ("state.msgpack", members.FILE),
+    ("lock", members.FILE),
+    ("node.key", members.FILE),
+    ("node.box", members.FILE),
+    ("site", members.DIR),
+    ("control.sock", members.SOCKET),
+    ("trust", members.DIR),
+    ("releases", members.DIR),
+    ("journal", members.DIR),
+    ("cache", members.DIR),
+    ("cache/manifests", members.DIR),
+    ("cache/hooks", members.DIR),
+    ("blobs", members.DIR),
+    ("blobs/sha256", members.DIR),
+    ("tmp", members.DIR),
+    ("fetching", members.DIR),
+    ("incoming", members.DIR),
+)
 DEFAULT_RETAIN = 2
 HISTORY_LIMIT = 200
 
@@ -57,6 +90,9 @@ class ComponentConfig:
     health_cmd: tuple[str, ...] = ()
     health_seconds: float = 30.0
     auto_apply: bool = True
+    # Install set-id files others can write and world-writable directories
+    # without the sticky bit (protocol.manifest.check_modes); refused unless set at init.
+    allow_hazardous_modes: bool = False
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -67,6 +103,7 @@ class ComponentConfig:
             "health_cmd": list(self.health_cmd),
             "health_ms": int(self.health_seconds * 1000),
             "auto_apply": self.auto_apply,
+            "allow_hazardous_modes": self.allow_hazardous_modes,
         }
 
     @classmethod
@@ -83,6 +120,7 @@ class ComponentConfig:
             health_cmd=tuple(v.get("health_cmd", [])),
             health_seconds=int(v.get("health_ms", 30000)) / 1000,
             auto_apply=bool(v.get("auto_apply", True)),
+            allow_hazardous_modes=bool(v.get("allow_hazardous_modes", False)),
         )
 
 
@@ -170,7 +208,8 @@ class NodeConfig:
 @dataclass(frozen=True)
 class HistoryEntry:
     time: int
-    event: str  # "applied", "rolled-back", "health-failed", "refused", "imported", "recovered"
+    # "applied", "rolled-back", "health-failed", "interrupted", "refused", "imported", ...
+    event: str
     serial: int | None
     version: str | None
     detail: str = ""
@@ -193,6 +232,9 @@ class ComponentState:
     high_digest: bytes | None = None  # payload digest of that release
     bad: dict[int, str] = field(default_factory=dict)  # serial -> why it failed here
     last_error: str | None = None
+    # serial -> how often an apply of it was cut off between swap and commit (a
+    # crash, a power cut): retried, and marked bad only after a few (recovery.py)
+    interrupted: dict[int, int] = field(default_factory=dict)
     history: tuple[HistoryEntry, ...] = ()
 
     def with_event(self, entry: HistoryEntry) -> ComponentState:
@@ -207,6 +249,7 @@ class ComponentState:
             "bad": [[s, r] for s, r in sorted(self.bad.items())],
             "last_error": self.last_error,
             "history": [h.to_value() for h in self.history],
+            "interrupted": [[s, n] for s, n in sorted(self.interrupted.items())],
         }
 
     @classmethod
@@ -219,6 +262,7 @@ class ComponentState:
             bad={int(s): str(r) for s, r in v["bad"]},
             last_error=v["last_error"],
             history=tuple(HistoryEntry(**h) for h in v["history"]),
+            interrupted={int(s): int(n) for s, n in v.get("interrupted", [])},
         )
 
 
@@ -228,6 +272,7 @@ class StateDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.config_path = root / "config.msgpack"
+        self.config_backup_path = root / "config.backup.msgpack"
         self.state_path = root / "state.msgpack"
         self.trust_dir = root / "trust"
         self.releases_dir = root / "releases"
@@ -237,6 +282,45 @@ class StateDir:
 
     def exists(self) -> bool:
         return self.config_path.exists()
+
+    def check_layout(self) -> None:
+        """Raise ``StateLayoutError`` (one line, exit code 2) if a member of the
+        state directory is a symlink or not the kind p2pupd made it.
+
+        Called whenever the node is opened, so no command reads, writes or
+        cleans anything through a planted link (``STATE/tmp -> /``). The root
+        itself may be a link: it is the operator's argument.
+        """
+        try:
+            fd = members.open_dir(self.root)
+        except StorageError:
+            return  # no state directory (yet): read_config says so
+        try:
+            for rel, kind in STATE_LAYOUT:
+                parent, _, _ = rel.rpartition("/")
+                if parent and not os.path.isdir(self.root / parent):
+                    continue  # its parent is absent (checked itself, above)
+                members.check(self.root, rel, kind, None if parent else fd)
+            for sub in ("trust", "journal", "releases"):
+                if os.path.isdir(self.root / sub):
+                    self._check_entries(sub, members.DIR if sub == "releases" else None)
+        finally:
+            os.close(fd)
+
+    def _check_entries(self, sub: str, kind: int | None) -> None:
+        """No entry of ``sub`` may be a symlink (and each must be ``kind`` if given)."""
+        fd = members.open_dir(self.root, sub)
+        try:
+            for name in os.listdir(fd):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode) or (
+                    kind is not None and stat.S_IFMT(st.st_mode) != kind
+                ):
+                    raise members.layout_error(self.root, f"{sub}/{name}", st, kind or members.FILE)
+        except OSError as exc:
+            raise storage_error(exc, "inspect", self.root / sub) from None
+        finally:
+            os.close(fd)
 
     def create(self, config: NodeConfig) -> None:
         """Create the directory skeleton and write the configuration."""
@@ -253,19 +337,39 @@ class StateDir:
             raise StorageError(
                 f"cannot create state directory {self.root}: {exc.strerror}"
             ) from None
+        self.check_layout()
         self.write_config(config)
         if not self.state_path.exists():
             self.write_states({})
 
     def read_config(self) -> NodeConfig:
+        self.check_layout()
         if not self.config_path.exists():
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
             )
-        return NodeConfig.from_value(self._read(self.config_path))
+        try:
+            data = self.config_path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.config_path}: {exc.strerror}") from None
+        try:
+            return NodeConfig.from_value(encoding.decode(data))
+        except (CodecError, ConfigError) as exc:
+            raise ConfigError(
+                f"{self.config_path} is damaged ({exc}); `p2pupd config repair` rebuilds it, "
+                "keeping the node id"
+            ) from None
 
     def write_config(self, config: NodeConfig) -> None:
-        atomic_write(self.config_path, encoding.encode(config.to_value()), mode=0o600)
+        """Write the configuration, then its backup copy (each atomically).
+
+        The copy is what ``p2pupd config repair`` restores when the first one
+        is damaged (a bad sector, a stray edit); a crash between the two
+        writes leaves one old and one new valid document, never a torn one.
+        """
+        data = encoding.encode(config.to_value())
+        atomic_write(self.config_path, data, mode=0o600)
+        atomic_write(self.config_backup_path, data, mode=0o600)
 
     def read_states(self) -> dict[str, ComponentState]:
         if not self.state_path.exists():
@@ -306,11 +410,38 @@ def new_node_id() -> bytes:
     return secrets.token_bytes(16)
 
 
+NOW_ENV = "P2PUPD_NOW"
+
+
 def now_seconds() -> int:
-    """Wall-clock seconds for history entries and expiry checks."""
-    override = os.environ.get("P2PUPD_NOW")
+    """Wall-clock seconds for history entries and expiry checks.
+
+    ``P2PUPD_NOW`` overrides the clock (a site whose clock is known to be
+    wrong; tests): whole seconds since 1970-01-01 UTC (``1803902400``), or an
+    ISO-8601 time (``2027-03-01T12:00:00Z``; UTC unless it names an offset; a
+    date alone is its midnight UTC). Raises ``ConfigError`` for anything else.
+    """
+    override = os.environ.get(NOW_ENV)
     if override:
-        return int(override)
+        return parse_instant(override.strip())
     import time
 
     return int(time.time())
+
+
+def parse_instant(text: str) -> int:
+    """Seconds since the epoch of ``text`` (see ``now_seconds``); ``ConfigError`` if odd."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{NOW_ENV}={text!r} is not a time: give seconds since 1970-01-01 UTC "
+            "(e.g. 1803902400) or ISO-8601 UTC (e.g. 2027-03-01T12:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())

@@ -33,7 +33,10 @@ blobs (they will be fetched again) and the temp files, and leaves unknown names
 alone for an operator. ``gc`` deletes every blob not in the caller's keep set.
 ``fsck(repair=True)``, ``gc`` and ``clean_tmp`` must run while no put is in
 progress (at start-up, under the state lock), since they cannot tell a crashed
-write from a running one.
+write from a running one. They delete only inside ``blobs/sha256`` and ``tmp``
+and refuse to run (``StateLayoutError``) when either is a link or not a
+directory, so a link planted there can never make them delete its target
+(``members``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from typing import BinaryIO, Final, Protocol
 
 from p2pupd.daemon import fsutil
 from p2pupd.daemon.errors import CorruptStoreError, NotFoundError, StorageError
+from p2pupd.daemon.store import members
 from p2pupd.protocol.errors import FrameTooLargeError, HashMismatchError
 from p2pupd.protocol.ids import HEX_RE, check_digest, hexd, sha256
 
@@ -106,14 +110,21 @@ class BlobStore:
                 d.mkdir(exist_ok=True)
             except OSError as exc:
                 raise fsutil.storage_error(exc, "create directory", d) from None
-            if not d.is_dir():
-                raise StorageError(f"not a directory: {d}")
+        if not self.root.is_dir():
+            raise StorageError(f"not a directory: {self.root}")
+        self.check_layout()
         try:
             same_fs = os.stat(self.blob_dir).st_dev == os.stat(self.tmp_dir).st_dev
         except OSError as exc:
             raise fsutil.storage_error(exc, "stat", self.root) from None
         if not same_fs:
             raise StorageError(f"{self.tmp_dir} and {self.blob_dir} are on different filesystems")
+
+    def check_layout(self) -> None:
+        """Raise ``StateLayoutError`` unless ``blobs``, ``blobs/sha256`` and ``tmp``
+        are directories (not links to one): the store deletes inside them."""
+        for rel in ("blobs", "blobs/sha256", "tmp"):
+            members.check(self.root, rel, members.DIR)
 
     # --- lookup -------------------------------------------------------------
 
@@ -363,6 +374,7 @@ class BlobStore:
         only reported). Raises ``StorageError`` if a directory cannot be listed
         or a repair fails.
         """
+        self.check_layout()
         report = FsckReport(repaired=repair)
         for name in sorted(self._list(self.blob_dir)):
             if not HEX_RE.fullmatch(name):
@@ -374,10 +386,9 @@ class BlobStore:
                 report.corrupt.append(bytes.fromhex(name))
                 if repair:
                     self._remove(p)
-        for name in sorted(self._list(self.tmp_dir)):
-            report.temp_files.append(name)
-            if repair:
-                self._remove(self.tmp_dir / name)
+        report.temp_files.extend(sorted(self._list(self.tmp_dir)))
+        if repair and report.temp_files:
+            members.clear(self.root, "tmp")
         if repair and report.corrupt:
             fsutil.fsync_dir(self.blob_dir)
         return report
@@ -387,6 +398,7 @@ class BlobStore:
 
         Raises ``StorageError`` if a blob cannot be removed.
         """
+        self.check_layout()
         keep_set = set(keep)
         report = GcReport()
         for digest in list(self.iter_digests()):
@@ -409,12 +421,12 @@ class BlobStore:
     def clean_tmp(self) -> int:
         """Delete everything in ROOT/tmp (left by a crash); return how many entries.
 
+        Nothing is followed: ``tmp`` itself must be a directory, not a link
+        (``StateLayoutError``), and a link inside is removed, not its target.
         Raises ``StorageError`` if an entry cannot be removed.
         """
-        names = self._list(self.tmp_dir)
-        for name in names:
-            self._remove(self.tmp_dir / name)
-        return len(names)
+        self.check_layout()
+        return members.clear(self.root, "tmp")
 
     # --- helpers ------------------------------------------------------------
 
@@ -441,11 +453,14 @@ class BlobStore:
 
     @staticmethod
     def _remove(p: Path) -> None:
-        """Unlink a file, or remove a directory tree left where a file should be."""
+        """Unlink a file, or remove a directory tree left where a file should be
+        (never following a link: ``rmtree`` refuses one, ``unlink`` removes the link)."""
         try:
-            if p.is_dir() and not p.is_symlink():
+            if stat.S_ISDIR(p.lstat().st_mode):
                 shutil.rmtree(p)
             else:
-                p.unlink(missing_ok=True)
+                p.unlink()
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             raise fsutil.storage_error(exc, "remove", p) from None

@@ -26,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from p2pupd.daemon import fsutil
 from p2pupd.daemon.errors import BundleError, StorageError
+from p2pupd.daemon.store import members
 from p2pupd.daemon.store.blobs import BLOB_MODE, BlobStore
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import HashMismatchError
@@ -77,18 +77,19 @@ class Incoming:
 
         They may be torn: check each with ``reverify`` before use.
         """
-        if not self.dir.is_dir():
+        if not members.check(self.dir.parent, self.dir.name, members.DIR):
             return set()
+        dirfd = self._dirfd()
         out: set[bytes] = set()
         try:
-            names = os.listdir(self.dir)
+            names = os.listdir(dirfd)
         except OSError as exc:
             raise fsutil.storage_error(exc, "list", self.dir) from None
         for name in names:
             if ids.HEX_RE.fullmatch(name):
                 out.add(bytes.fromhex(name))
             else:
-                fsutil.unlink_quietly(self.dir / name)
+                self._unlink(name)
         return out
 
     def reverify(self, digest: bytes, size: int) -> bool:
@@ -171,10 +172,10 @@ class Incoming:
 
     def discard(self, digests: Iterable[bytes]) -> None:
         """Remove the given blobs (a refused bundle's); never raises."""
-        if not self.dir.is_dir():
-            return
+        if self._fd is None:
+            return  # nothing was copied in this run
         for d in digests:
-            fsutil.unlink_quietly(self.dir / d.hex())
+            self._unlink(d.hex())
 
     def commit(self, digests: Iterable[bytes]) -> None:
         """Make the blobs durable, then move them into the store.
@@ -200,8 +201,10 @@ class Incoming:
     def remove(self) -> None:
         """Delete the area and whatever it still holds (after a finished import)."""
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.dir)
+        if members.check(self.dir.parent, self.dir.name, members.DIR):
+            members.clear(self.dir.parent, self.dir.name)
+            with contextlib.suppress(FileNotFoundError):
+                self.dir.rmdir()
 
     def remove_if_empty(self) -> None:
         self.close()

@@ -33,14 +33,13 @@ stored is not written again, so a late duplicate never truncates a file that
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import threading
 from pathlib import Path
 
 from p2pupd.daemon import fsutil
 from p2pupd.daemon.errors import StorageError
+from p2pupd.daemon.store import members
 from p2pupd.daemon.store.blobs import BLOB_MODE, BlobStore
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import HashMismatchError
@@ -60,13 +59,18 @@ class Landing:
         self._dir, self._blob_dir = f"{self.dir}{os.sep}", f"{store.blob_dir}{os.sep}"
 
     def clear(self) -> None:
-        """Remove whatever an earlier run left (possibly torn); create the directory."""
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.dir)
-        try:
-            self.dir.mkdir(mode=0o700)
-        except OSError as exc:
-            raise fsutil.storage_error(exc, "create", self.dir) from None
+        """Remove whatever an earlier run left (possibly torn); create the directory.
+
+        Raises ``StateLayoutError`` if ``fetching`` is a link or not a
+        directory (nothing is deleted through it), ``StorageError`` otherwise.
+        """
+        if members.check(self.dir.parent, self.dir.name, members.DIR):
+            members.clear(self.dir.parent, self.dir.name)
+        else:
+            try:
+                self.dir.mkdir(mode=0o700)
+            except OSError as exc:
+                raise fsutil.storage_error(exc, "create", self.dir) from None
         if os.stat(self.dir).st_dev != os.stat(self.store.blob_dir).st_dev:
             raise StorageError(f"{self.dir} and {self.store.blob_dir} are on different filesystems")
 

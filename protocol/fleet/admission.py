@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A connection passes two gates before the partial view (protocol/view.py)
+A connection passes two gates before the partial view (protocol/fleet/view.py)
 decides whether to keep it as a link:
 
 1. ``inbound(host)``, as soon as TCP accepts, before a byte is read: at most
@@ -15,7 +15,7 @@ decides whether to keep it as a link:
    Proof) is through:
 
    * banned: refused (see below);
-   * one connection per node id: a *proven* id (protocol/identity.py) wins
+   * one connection per node id: a *proven* id (protocol/fleet/identity.py) wins
      over an unproven claim of the same id, whichever came first; between
      two connections of equal standing, a silent one (``existing_stale``)
      yields, else both ends keep the one dialled by the smaller node id, so

@@ -23,7 +23,7 @@ which is what feature "proof" of the wire protocol does:
    between the two -- so the peer is admitted as *unproven*, exactly like a
    peer of an older version without the feature.
 
-What proven buys (protocol/admission.py): bans and the one-connection-per-id
+What proven buys (protocol/fleet/admission.py): bans and the one-connection-per-id
 rule key on proven ids; an unproven peer's misdeeds are charged to its
 address only, so claiming an honest node's id and misbehaving bans the
 attacker's address, never the honest node.
@@ -31,23 +31,24 @@ attacker's address, never the honest node.
 Node ids of older state dirs are random (``secrets.token_bytes(16)``); a
 daemon migrates such a node once at start: it makes the node key if there is
 none and re-derives the id from it, keeping the old id as ``former node id``
-so that bundles cut for a request made under the old id still import.
+so that bundles cut for a request made under the old id still import
+(daemon/bundles/siterequest.py ``identity_for``).
 
-Reuse by TLS 1.3 mutual authentication (site membership, planned)
-------------------------------------------------------------------
-The node key is meant to become the key of the node's TLS certificate (or an
-RFC 7250 raw public key), so that the node id of a TLS peer is
-``node_id_of(SubjectPublicKeyInfo's Ed25519 key)`` -- the same id this module
-derives, with no second identity to keep in step. With TLS the handshake's
-CertificateVerify already proves possession of the key over the TLS
-transcript, which binds it to that TLS session end to end (a relay cannot
-splice two sessions), so feature "proof" is then redundant on that link: the
-statement's address binding exists only because plain TCP has no channel to
-bind to. A later version may instead keep ``Proof`` and put the RFC 9266
-``tls-exporter`` value in the statement's ``channel`` slot (the address slot
-generalised), which keeps one code path for both transports. Site membership
-then adds a signature by the site's key over the node key (a certificate);
-the node id stays the hash of the node key.
+With TLS 1.3 and site membership (protocol/site/membership.py)
+----------------------------------------------------------------
+The node key is also the key of the node's site credential (an X.509
+certificate naming the node id, issued by the site), so on a site member's
+links TLS's CertificateVerify proves possession of the node key over the
+TLS transcript -- bound to that TLS session end to end, which a relay cannot
+splice -- and the credential binds the key to the node id. Feature "proof"
+is then redundant and not offered on such a link (the daemon counts the
+peer as proven by its credential); the statement's address binding exists
+only because plain TCP has no channel to bind to. A later version may
+instead keep ``Proof`` on TLS links with the RFC 9266 ``tls-exporter`` value
+in place of the address, one code path for both transports. A node enrolled
+under a random id of an older version keeps it (its credential names it),
+so it is the one case where a node id is not ``node_id_of`` its key; such a
+node offers no proof on plain links either.
 """
 
 from __future__ import annotations

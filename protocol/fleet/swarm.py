@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 One ``ReleaseSwarm`` per release a node fetches or serves. It sees only the
-node's links (the partial view, protocol/view.py), so everything it keeps is
+node's links (the partial view, protocol/fleet/view.py), so everything it keeps is
 per neighbour -- O(view size x blobs/8) bytes, whatever the site's size.
 Blobs are numbered in digest order and sets of them are bitfields
-(protocol/bitfield.py), the same ones ``HaveBits`` carries.
+(protocol/fleet/bitfield.py), the same ones ``HaveBits`` carries.
 
 Knowledge runs ahead of data: a node starts a swarm as soon as it verified
 the manifest (it may hold none of the blobs yet), and tells every

@@ -276,6 +276,13 @@ class PeerView(Generic[P]):
         peer = self._by_addr.get(addr)
         return peer is not None and self._links[peer].static
 
+    def retry_all(self, now: float) -> None:
+        """Every known address may be dialled again at once; refusal pacing reset."""
+        for addr, known in self._passive.items():
+            if addr not in self._dialing:
+                known.retry_at, known.failures = -math.inf, 0
+        self._next_low, self._low_refusals = -math.inf, 0
+
     def forget(self, addr: PeerAddr) -> None:
         """Drop ``addr`` from the passive view (it is our own, or gone for good)."""
         known = self._passive.get(addr)
@@ -335,7 +342,7 @@ class PeerView(Generic[P]):
     ) -> list[Action[P]]:
         """A link passed the handshake and admission.
 
-        ``trusted``: the peer proved its node id (protocol/identity.py);
+        ``trusted``: the peer proved its node id (protocol/fleet/identity.py);
         untrusted links are the first to make room for a joiner.
 
         ``outbound``: we dialled it (``kind`` is what we will send, taken from

@@ -231,7 +231,7 @@ async def test_nodes_of_the_previous_version_still_swarm_with_new_ones(
         await wait_until(lambda: installed(sb) == 1 and installed(sc) == 1, timeout=600)
         conn_ab = a.conns[b.node.config.node_id]
         assert not conn_ab.session.proven and not conn_ab.session.supports("swarm")
-        assert a.membership.view.degree == 1  # judged as a link at once, no Neighbor
+        assert a.overlay.view.degree == 1  # judged as a link at once, no Neighbor
         nursery.cancel_scope.cancel()
     assert set(c.fetch.received["app"].by_peer) == {b.node.config.node_id.hex()}
     assert set(b.fetch.received["app"].by_peer) == {a.node.config.node_id.hex()}

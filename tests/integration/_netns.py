@@ -1,4 +1,5 @@
-"""A throw-away LAN of Linux network namespaces joined by a bridge.
+"""A throw-away LAN of Linux network namespaces joined by a bridge; and a
+namespace with no network at all (``offline_host``).
 
 Each host gets its own namespace (``p2pt-<id>-<n>``) with a veth pair whose
 peer end is enslaved to a bridge (``p2pb-<id>``) in the root namespace, and a
@@ -17,7 +18,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 SUBNET = "169.254.77"
@@ -154,3 +155,26 @@ class Lan:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def offline_host() -> Iterator[Host]:
+    """A namespace with loopback up and nothing else: no other link, no route,
+    so any connection beyond 127.0.0.0/8 fails at once (ENETUNREACH) and no
+    packet leaves. For proving that something works without a network."""
+    ns = f"p2pt-{secrets.token_hex(3)}-off"
+    _ip("netns", "add", ns)
+    host = Host(0, ns, "", "127.0.0.1")
+    try:
+        _ip("-n", ns, "link", "set", "lo", "up")
+        yield host
+    finally:
+        for p in host.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", ns, check=False)

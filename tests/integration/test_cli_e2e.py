@@ -150,3 +150,11 @@ def test_missing_bundle_is_operational_error(tmp_path: Path) -> None:
     r = p2pupd("import", tmp_path / "no-such-stick", "--state-dir", tmp_path / "s")
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1 and "cannot read bundle" in r.stderr
+
+
+def test_version_prints_the_installed_distribution_version() -> None:
+    from importlib import metadata
+
+    r = p2pupd("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"p2pupd {metadata.version('p2pupd')}\n"

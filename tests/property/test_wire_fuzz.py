@@ -2,7 +2,9 @@
 
 Input from a peer may only ever raise ``RemoteProtocolError`` (a subclass of
 ``ProtocolError``): anything else escaping -- a msgpack exception, a
-``TypeError``, or a ``LocalProtocolError`` -- would be a bug here.
+``TypeError``, or a ``LocalProtocolError`` -- would be a bug here. Each fuzz
+target also holds a frame to its budget (``limits.FRAME_BUDGET``: memory per
+input, ``_fuzz``); ``make fuzz`` runs them longer.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import contextlib
 import itertools
 from typing import Any
 
-from hypothesis import given, settings
+from _fuzz import decode_cost, fuzz, hostile_msgpack, within_budget
+from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pupd.protocol import encoding, ids
+from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import RemoteProtocolError
 from p2pupd.protocol.session import Session, Signal
 from p2pupd.protocol.wire import (
@@ -136,7 +139,7 @@ def test_split_anywhere_decodes_identically(msgs: list[Message], cuts: list[int]
     assert got == msgs
 
 
-@settings(max_examples=300)
+@fuzz(300)
 @given(st.binary(max_size=2048), st.lists(st.integers(0, 10**6), max_size=6))
 def test_random_bytes_raise_only_protocol_errors(data: bytes, cuts: list[int]) -> None:
     decoder = FrameDecoder()
@@ -150,7 +153,7 @@ def test_random_bytes_raise_only_protocol_errors(data: bytes, cuts: list[int]) -
         pass
 
 
-@settings(max_examples=300)
+@fuzz(300)
 @given(st.lists(msgpack_values, min_size=1, max_size=4))
 def test_random_msgpack_frames_raise_only_protocol_errors(values: list[Any]) -> None:
     decoder = FrameDecoder()
@@ -174,7 +177,7 @@ def open_session() -> Session:
     return session
 
 
-@settings(max_examples=200)
+@fuzz(200)
 @given(
     st.booleans(),
     st.lists(
@@ -195,3 +198,20 @@ def test_session_survives_hostile_peer(handshake: bool, pieces: list[bytes]) -> 
             pass
     except RemoteProtocolError:
         pass
+
+
+@fuzz(60)
+@given(st.one_of(hostile_msgpack, st.binary(max_size=4096)), st.integers(0, 2**32))
+def test_hostile_frames_stay_within_the_frame_budget(body: bytes, code: int) -> None:
+    """Frames of deep nesting and lying container headers, as a peer would
+    send them: refused (or decoded) within ``limits.FRAME_BUDGET``."""
+    frames = [body, b"\x93" + bytes([code % 20]) + body]  # [type code, ...] then the rest
+    for b in frames:
+        data = len(b).to_bytes(4, "big") + b if b else b""
+
+        def run(data: bytes = data) -> None:
+            decoder = FrameDecoder()
+            decoder.feed(data)
+            list(decoder)
+
+        within_budget(run, len(data) + decode_cost(limits.FRAME_BUDGET, len(data)))

@@ -5,20 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2pupd.daemon import api
 from p2pupd.protocol.errors import P2pupdError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
+EXIT_UNFINISHED = 4
 
-EPILOG = """exit codes: 0 ok, 1 operational error, 2 usage/configuration error,
-3 refused by verification (signature, threshold, hash, rollback, expiry, hostile input).
+# An apply, import --apply or rollback that fails exits 1 only when the old
+# version is live (nothing changed, or it was put back); 4 when it failed
+# after the swap with the new version live: its transaction is still open and
+# the next command (or `p2pupd recover`) settles it.
+
+EPILOG = """exit codes: 0 ok, 1 operational error (an apply or rollback that fails with 1
+left the old version live), 2 usage/configuration error, 3 refused by verification
+(signature, threshold, hash, rollback, expiry, hostile input), 4 an apply or rollback
+failed after its swap with the new version live (`p2pupd recover` settles it).
 The state directory defaults to $P2PUPD_STATE_DIR, else /var/lib/p2pupd."""
 
 Command = Callable[[argparse.Namespace], int]
@@ -37,9 +45,9 @@ def state_dir(args: argparse.Namespace) -> Path:
 
 
 def now() -> int:
-    """The clock trusted for expiry; P2PUPD_NOW overrides it (tests, skewed sites)."""
-    override = os.environ.get("P2PUPD_NOW")
-    return int(override) if override else int(time.time())
+    """The clock trusted for expiry; ``P2PUPD_NOW`` overrides it (seconds since the
+    epoch, or ISO-8601 UTC: see ``api.now_seconds``; a bad value is exit 2)."""
+    return api.now_seconds()
 
 
 def out(args: argparse.Namespace, doc: Any, human: Callable[[], None]) -> None:

@@ -12,8 +12,24 @@ from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, now, out
 from p2pupd.tools.publisher import inspect
 
 
+def _load(args: argparse.Namespace) -> tuple[inspect.Contents, inspect.Basis | None]:
+    """Read PATH; with --state-dir or --repo, rebuild the releases carried as patches."""
+    contents = inspect.load(Path(args.path))
+    if args.state_dir and args.repo:
+        raise UsageError("give --state-dir or --repo, not both")
+    held = None
+    if args.state_dir:
+        held = inspect.node_basis(Path(args.state_dir))
+    elif args.repo:
+        held = inspect.repo_basis(Path(args.repo))
+    if held is not None:
+        inspect.resolve(contents, held)
+    return contents, held
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    doc = inspect.describe(inspect.load(Path(args.path)))
+    contents, _ = _load(args)
+    doc = inspect.describe(contents)
 
     def human() -> None:
         print(f"{doc['kind']} {args.path}")
@@ -26,16 +42,21 @@ def cmd_show(args: argparse.Namespace) -> int:
               f"{'BYTES':>12} {'DELTAS':>6}  EXPIRES")  # fmt: skip
         for r in doc["releases"]:
             exp = time.strftime("%Y-%m-%d", time.gmtime(r["expires"])) if r["expires"] else "-"
+            patched = f"  (patch against {r['patch_against']})" if r["patch_against"] else ""
             print(f"  {r['component']:<14} {r['version']:<12} {r['serial']:>6} "
                   f"{r['platform'] or 'any':<14} {r['files']:>6} {r['bytes']:>12} "
-                  f"{r['deltas']:>6}  {exp}")  # fmt: skip
+                  f"{r['deltas']:>6}  {exp}{patched}")  # fmt: skip
+        for p in doc["patched_releases"]:
+            print(f"  {p['component']:<14} {p['version']:<12} {'?':>6} {'?':<14} {'?':>6} "
+                  f"{'?':>12} {'?':>6}  ?  (patch against {p['patch_against']}: "
+                  "not read; --state-dir of a node that holds it, or --repo REPO)")  # fmt: skip
 
     out(args, doc, human)
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    contents = inspect.load(Path(args.path))
+    contents, held = _load(args)
     trust = None
     if args.trust:
         try:
@@ -46,12 +67,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
             TrustedRoot.load(trust)
         except CodecError as exc:
             raise CodecError(f"{args.trust} is not a p2pupd root file ({exc})") from None
-    doc = inspect.verify(contents, trust, now())
+    doc = inspect.verify(contents, trust, now(), held)
+    patched = f" ({doc['patched_releases']} rebuilt from patches)" if doc["patched_releases"] else ""
     out(args, doc, lambda: print(
         f"{contents.kind} {args.path} verifies against {doc['basis']}: root v{doc['root_version']}, "
-        f"{doc['releases']} release(s), {doc['blobs_checked']} blob(s) checked"
+        f"{doc['releases']} release(s){patched}, {doc['blobs_checked']} blob(s) checked"
     ))  # fmt: skip
     return EXIT_OK
+
+
+def _basis_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--state-dir",
+        help="a node's state directory: rebuilds releases carried as patches against what it "
+        "holds (and, for verify, starts from its pinned root)",
+    )
+    sp.add_argument(
+        "--repo",
+        help="the publisher's repository: rebuilds releases carried as patches against its "
+        "releases",
+    )
 
 
 def register(add: Adder) -> None:
@@ -59,6 +94,7 @@ def register(add: Adder) -> None:
         "show", cmd_show, "list the roots and releases of a repository or bundle", json_opt=True
     )
     sp.add_argument("path", help="repository or bundle directory")
+    _basis_options(sp)
     sp = add(
         "verify",
         cmd_verify,
@@ -66,4 +102,9 @@ def register(add: Adder) -> None:
         json_opt=True,
     )
     sp.add_argument("path", help="repository or bundle directory")
-    sp.add_argument("--trust", help="root.msgpack to verify against (default: its own root v1)")
+    sp.add_argument(
+        "--trust",
+        help="root.msgpack to verify against (default: the node's pinned root with "
+        "--state-dir, else its own root v1)",
+    )
+    _basis_options(sp)

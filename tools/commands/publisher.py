@@ -85,6 +85,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         platform=args.platform,
         hooks=hooks,
         delta_depth=args.delta_depth,
+        force=args.force,
     )
     sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
     doc = {
@@ -115,12 +116,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     comps = args.component or repo.components()
     sources = []
     left_out: list[str] = []
+    notes: list[str] = []
     for c in comps:
         serials = repo.serials(c)
         if not serials:
             raise RepoError(f"component {c!r} has no releases in {args.repo}")
         if args.from_version is not None:  # only what a node at that version needs
-            sources.append(source_for_node_at(repo, c, args.from_version))
+            sources.append(source_for_node_at(repo, c, args.from_version, notes))
             continue
         for serial in serials[-max(1, args.history) :]:
             # Every variant: one bundle serves a fleet of mixed platforms.
@@ -141,17 +143,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     total = sum(sum(s.blobs.values()) for s in sources)
     with Progress("export", total, enabled=not args.json) as bar:
-        report = write_bundle(Path(args.dest), repo.roots(), sources, repo.store, bar.advance)
+        report = write_bundle(
+            Path(args.dest), repo.roots(), sources, repo.store, bar.advance,
+            seal_to=cmd_bundle.seal_keys(args),
+        )  # fmt: skip
     doc = {
         "releases": [{"component": c, "version": v, "serial": s} for c, v, s in report.releases],
         "blobs_written": report.blobs,
         "bytes_written": report.bytes,
         "left_out": left_out,
+        "notes": notes,
     }
-    out(
-        args,
-        doc,
-        lambda: print(
+
+    def human() -> None:
+        print(
             f"exported {', '.join(f'{c} {v}' for c, v, _ in report.releases)} to {args.dest}: "
             f"{report.blobs} blobs, {report.bytes} bytes written"
             + (
@@ -160,8 +165,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if left_out
                 else ""
             )
-        ),
-    )
+        )
+        for n in notes:
+            print(f"note: {n}")
+
+    out(args, doc, human)
     return EXIT_OK
 
 
@@ -230,6 +238,12 @@ def register(add: Adder) -> None:
         "--hook", action="append", help="POINT=FILE.wasm (pre-apply, post-apply, health)"
     )
     sp.add_argument(
+        "--force",
+        action="store_true",
+        help="publish a version label already used, as a new release (serial); without "
+        "it that is refused",
+    )
+    sp.add_argument(
         "--delta-depth",
         type=int,
         metavar="N",
@@ -247,6 +261,13 @@ def register(add: Adder) -> None:
     sp.add_argument("repo", nargs="?", metavar="REPO", help="repository (omit with --state-dir)")
     sp.add_argument("dest", nargs="?", metavar="DEST", help="bundle directory (e.g. /media/usb)")
     cmd_bundle.add_export_options(sp)
+    sp.add_argument(
+        "--encrypt-to",
+        action="append",
+        default=[],
+        metavar="SITE.pub",
+        help="seal the bundle so only members of this site can read it (repeatable)",
+    )
     sp.add_argument("--component", action="append", help="only these components (default: all)")
     sp.add_argument(
         "--history",

@@ -21,9 +21,14 @@ class KeyFileError(P2pupdError):
 
 
 def generate(path: Path, force: bool = False) -> str:
-    """Write a new private key to ``path`` (0600) and ``path.pub``; return its key id."""
+    """Write a new private key to ``path`` (0600) and ``path.pub``; return its key id.
+
+    A missing parent directory is created, mode 0700 (``keygen keys/root.key``
+    on a fresh signing station).
+    """
     if path.exists() and not force:
         raise KeyFileError(f"{path} exists; refusing to overwrite a key (use --force)")
+    _make_key_dir(path.parent)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -41,6 +46,21 @@ def generate(path: Path, force: bool = False) -> str:
     except OSError as exc:
         raise KeyFileError(f"cannot write key {path}: {exc.strerror}") from None
     return kid
+
+
+def _make_key_dir(d: Path) -> None:
+    """Create ``d`` (and missing ancestors) if absent; ``d`` itself only its owner may read."""
+    if d.is_dir():
+        return
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)  # whatever the umask
+    except FileExistsError:
+        if not d.is_dir():
+            raise KeyFileError(f"cannot create key directory {d}: a file has that name") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot create key directory {d}: {exc.strerror}") from None
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:

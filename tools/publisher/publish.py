@@ -8,7 +8,8 @@ delta.py) -> manifest with serial = previous + 1 -> signed by the release keys
 
 Variants: publishing the newest release's version again with another
 ``--platform`` adds a variant to that release (same serial, its own signed
-manifest); see ``next_serial`` for what is refused.
+manifest); see ``next_serial`` for what is refused. Any other re-use of a
+version label is refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from p2pupd.protocol.manifest import (
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.tools.publisher.deltas import DeltaMaker
 from p2pupd.tools.publisher.repo import Repo, RepoError
+
+CHUNK_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -118,25 +122,26 @@ def build_manifest(
     progress: Callable[[str], None] | None = None,
     delta_depth: int | None = None,
     delta_workers: int | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Return the (unsigned) manifest for ``src`` as the next serial of ``component``.
 
     ``delta_depth`` (default: the repository's setting) is how many previous
-    releases get deltas; 0 publishes chunks only. Raises ``RepoError``,
+    releases get deltas; 0 publishes chunks only. ``force`` allows a version
+    label already published (``next_serial``). Raises ``RepoError``,
     ``UnsafePathError``.
     """
     ids.check_component(component)
     ids.check_version_label(version)
     if platform is not None:
         ids.check_platform(platform)
+    serial = next_serial(repo, component, version, platform, force)  # refuse before any work
     tree = walk_tree(src)
     store = repo.store
-    files = []
-    for rel, path, st in tree.files:
-        if progress:
-            progress(rel)
-        digest, size, refs = chunk_file(path, store)
-        files.append(FileEntry(rel, stat.S_IMODE(st.st_mode), size, digest, int(st.st_mtime), refs))
+    depth = repo.settings().delta_depth if delta_depth is None else delta_depth
+    if depth < 0:
+        raise RepoError(f"delta depth must be 0 or more, got {depth}")
+    previous = previous_releases(repo, component, platform, depth)
     hook_refs: dict[str, HookRef] = {}
     for point, hp in (hooks or {}).items():
         try:
@@ -144,13 +149,26 @@ def build_manifest(
         except OSError as exc:
             raise RepoError(f"cannot read hook {hp}: {exc.strerror}") from None
         hook_refs[point] = HookRef(store.put_bytes(data), len(data))
-    serial = next_serial(repo, component, version, platform)
+    files: list[FileEntry] = []
+
+    def chunked() -> Iterator[FileEntry]:
+        # Largest first, each handed to the delta maker as soon as it is
+        # stored: the longest diff starts while the rest of the tree is cut.
+        # Two files at a time: storing a chunk waits on fsync, which releases
+        # the GIL, so the other thread cuts and hashes meanwhile.
+        order = sorted(tree.files, key=lambda item: -item[2].st_size)
+        with ThreadPoolExecutor(CHUNK_WORKERS, thread_name_prefix="chunk") as pool:
+            cut = pool.map(lambda item: chunk_file(item[1], store), order)
+            for (rel, _path, st), (digest, size, refs) in zip(order, cut, strict=True):
+                if progress:
+                    progress(rel)
+                mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+                files.append(FileEntry(rel, mode, size, digest, mtime, refs))
+                yield files[-1]
+
+    maker = DeltaMaker(store, previous, delta_workers, progress)
+    deltas = maker.compute(chunked(), {rel for rel, _path, _st in tree.files})
     f, s, d = sort_entries(files, tree.symlinks, tree.dirs)
-    depth = repo.settings().delta_depth if delta_depth is None else delta_depth
-    if depth < 0:
-        raise RepoError(f"delta depth must be 0 or more, got {depth}")
-    previous = previous_releases(repo, component, platform, depth)
-    deltas = DeltaMaker(store, previous, delta_workers, progress).compute(f)
     return Manifest(
         component=component,
         version=version,
@@ -188,14 +206,21 @@ def previous_releases(
 
 
 def next_serial(
-    repo: Repo, component: str, version: str | None = None, platform: str | None = None
+    repo: Repo,
+    component: str,
+    version: str | None = None,
+    platform: str | None = None,
+    force: bool = False,
 ) -> int:
     """Serial for a new release of ``version`` for ``platform`` (``None``: universal).
 
     The newest serial plus one, except that a platform variant of the newest
     release's version joins that release (same serial). Raises ``RepoError``
-    when that would mix a universal release and variants under one serial, or
-    when the newest release already has a variant for ``platform``.
+    when that would mix a universal release and variants under one serial,
+    when the newest release already has a variant for ``platform``, and --
+    unless ``force`` -- when ``version`` already labels a release: operators,
+    ``apply --version`` and ``export --from-version`` name releases by label,
+    and two releases under one label are two things by one name.
     """
     serials = repo.serials(component)
     if not serials:
@@ -206,18 +231,34 @@ def next_serial(
         man = repo.release(component, newest, held[0])[0]
     except RevokedKeyError:
         return newest + 1  # signed by a revoked key: a new serial replaces it
-    if version is None or man.version != version or (platform is None and None in held):
-        return newest + 1  # (a universal tree re-published under its label: a new release)
-    if platform is None or None in held:
-        kind = "universal" if None in held else "variants for " + ", ".join(map(str, held))
-        raise RepoError(
-            f"{component} {version} (serial {newest}) is already published ({kind}); "
-            "a serial is either universal or per-platform: publish it with --platform for "
-            "every variant, or as a new version"
-        )
-    if platform in held:
-        raise RepoError(f"{component} {version} already has a variant for {platform}")
-    return newest
+    if version is not None and version == man.version:
+        if platform is None and None in held:  # a universal tree again under its label
+            if not force:
+                raise _label_used(component, version, newest)
+            return newest + 1
+        if platform is None or None in held:
+            kind = "universal" if None in held else "variants for " + ", ".join(map(str, held))
+            raise RepoError(
+                f"{component} {version} (serial {newest}) is already published ({kind}); "
+                "a serial is either universal or per-platform: publish it with --platform for "
+                "every variant, or as a new version"
+            )
+        if platform in held:
+            raise RepoError(f"{component} {version} already has a variant for {platform}")
+        return newest  # a variant joins the newest release
+    if version is not None and not force:
+        used = next((s for s in reversed(serials) if repo.label(component, s) == version), None)
+        if used is not None:
+            raise _label_used(component, version, used)
+    return newest + 1
+
+
+def _label_used(component: str, version: str, serial: int) -> RepoError:
+    return RepoError(
+        f"{component} {version} is already published (serial {serial}); publish the new build "
+        "under a new version, or use --force for a second release with the same label "
+        "(a new serial)"
+    )
 
 
 def sign_and_write(repo: Repo, man: Manifest, key_paths: list[Path] | None = None) -> Envelope:

@@ -244,6 +244,24 @@ class Repo:
         except OSError as exc:
             raise RepoError(f"cannot read release {component}/{serial}: {exc.strerror}") from None
 
+    def label(self, component: str, serial: int) -> str | None:
+        """The version label of release ``serial`` (any variant), read without verifying.
+
+        For the publisher's own checks (``publish`` refusing a label used
+        before), never for trust: it decodes the payload map only, not a
+        ``Manifest``, so a repository of many large releases is scanned fast.
+        ``None`` if it cannot be read.
+        """
+        for platform in self.platforms(component, serial):
+            try:
+                data = self.release_bytes(component, serial, platform)
+                env = Envelope.decode(data, limits.MAX_MANIFEST_BYTES)
+                label = encoding.decode(env.payload).get("version")
+            except (P2pupdError, AttributeError):
+                continue
+            return label if isinstance(label, str) else None
+        return None
+
     def release(
         self, component: str, serial: int, platform: str | None = None
     ) -> tuple[Manifest, Envelope]:

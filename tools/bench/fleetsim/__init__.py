@@ -1,9 +1,9 @@
 """A fleet simulator: thousands of p2pupd nodes on a virtual clock, one process.
 
 Each simulated node runs the project's own policy objects -- ``Session`` and
-``wire`` for every byte on every connection, ``PeerView`` (protocol/view.py),
-``Admission`` (protocol/admission.py), ``Gossip`` and ``ReleaseSwarm``
-(protocol/swarm.py) -- and ``node.SimNode`` carries out their actions the
+``wire`` for every byte on every connection, ``PeerView`` (protocol/fleet/view.py),
+``Admission`` (protocol/fleet/admission.py), ``Gossip`` and ``ReleaseSwarm``
+(protocol/fleet/swarm.py) -- and ``node.SimNode`` carries out their actions the
 way the daemon's trio services do. What is modelled rather than run:
 
 * links (``net``): per node an uplink and a downlink of a given rate and a

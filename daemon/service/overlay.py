@@ -1,4 +1,4 @@
-"""Which peers a node keeps links to: driving the partial view (``protocol.fleet.view``).
+"""The overlay: which peers a node keeps links to, driving the partial view (``protocol.fleet.view``).
 
 Theory of operation
 -------------------
@@ -64,7 +64,7 @@ def address_of(conn: PeerConnection) -> PeerAddr | None:
         return conn.dialled
 
 
-class Membership:
+class Overlay:
     """See the module docstring."""
 
     def __init__(self, links: Links, rng: random.Random, config: ViewConfig) -> None:
@@ -98,6 +98,12 @@ class Membership:
             while len(self._sources) > 4 * self.view.config.max_passive:
                 del self._sources[next(iter(self._sources))]
 
+    def retry_all(self) -> None:
+        """Forget every backoff (the site's membership changed: a rejoined node
+        should not wait out refusals from before)."""
+        self.view.retry_all(trio.current_time())
+        self._kick()
+
     def is_static(self, addr: PeerAddr) -> bool:
         return self.view.is_static(addr)
 
@@ -123,7 +129,7 @@ class Membership:
         now = trio.current_time()
         acts = self.view.connected(
             conn.node_id, address_of(conn), outbound=conn.outbound, capable=capable, now=now,
-            kind=conn.kind, trusted=conn.session.proven,
+            kind=conn.kind, trusted=conn.proven,
         )  # fmt: skip
         if conn.outbound and capable:
             conn.post(Neighbor(int(conn.kind or Kind.LOW)))
