@@ -258,7 +258,11 @@ class NodeService:
         peer that fails gets nothing.
         """
         secured = await self.gate.secure(stream, inbound=not outbound, address=address)
-        if secured is None:
+        if secured is None:  # refused at the TLS handshake: give back what it held
+            if not outbound:
+                self.admission.handshake_ended(_hosts(stream)[1] or address.rsplit(":", 1)[0])
+            elif dialled is not None:
+                self.overlay.dial_ended(dialled, None)
             return None
         stream, credential = secured
         cfg = self.node.config
