@@ -6,8 +6,8 @@ A connection runs three tasks around one ``protocol.session.Session``:
 
 * the **reader** receives bytes, feeds the session and dispatches each event
   without ever waiting on the network: requests go to a queue, responses wake
-  the task that asked, Announce/Have/ReportNews/ReportDigest go to the handler
-  (which must not block);
+  the task that asked, everything else (Announce, Have, the view's messages,
+  site and rollout news) goes to the handler (which must not block);
 * the **writer** is the only task that sends: everything else *posts* a
   message, which runs ``session.send`` at once (so bytes leave in the order
   the session saw them) and queues the frame. It writes whatever is queued
@@ -51,7 +51,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -62,19 +62,16 @@ from p2pupd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from p2pupd.protocol.session import CLOSED, HandshakeError, Session, Signal, State
 from p2pupd.protocol.site.membership import Credential
 from p2pupd.protocol.wire import (
-    Announce,
     Bye,
     ChunkBatchRequest,
     ChunkRequest,
     Error,
-    Have,
     Hello,
     Message,
-    ReportDigest,
-    ReportNews,
+    PeerAddr,
+    Proof,
     Request,
     Response,
-    SiteNews,
 )
 
 RECV_BYTES = 1 * limits.MiB  # one read takes many chunk frames; bounded by what was fed
@@ -84,9 +81,16 @@ DATA_QUEUE_BYTES = 1 * limits.MiB  # answers queued for the writer before the se
 WRITE_BYTES = 1 * limits.MiB  # the most one write gathers from the queue
 COALESCE_BYTES = 64 * limits.KiB  # what one write gathers under a bandwidth cap (smooth bursts)
 MAX_PIECES = 64  # buffers per sendmsg (the kernel allows 1024)
-KEEPALIVE_IDLE = 20  # seconds of silence before the kernel probes a connection
+# Seconds of silence before the kernel probes a connection. Peers that speak
+# "view" ping every link each minute (protocol/fleet/view.py), so probes only
+# ever go to a link that went quiet, or to an older peer's: a site of idle
+# nodes must not pay two packets per link every few seconds.
+KEEPALIVE_IDLE = 120
 KEEPALIVE_INTERVAL = 5
 STALE_SECONDS = 15.0  # a connection silent this long yields to a new one from its peer
+# An admitted peer must say something within this long (every version
+# announces at once), or it is holding a slot for nothing: closed.
+FIRST_MESSAGE_SECONDS = 20.0
 ERR_PROTOCOL = 400
 ERR_REFUSED = 403
 ERR_HANDSHAKE = 409
@@ -108,10 +112,10 @@ class Handler(Protocol):
 
     def joined(self, conn: PeerConnection) -> None: ...
 
-    def message(
-        self, conn: PeerConnection, msg: Announce | Have | SiteNews | ReportNews | ReportDigest
-    ) -> None:
-        """An Announce, Have, SiteNews, ReportNews or ReportDigest arrived; must not block."""
+    def message(self, conn: PeerConnection, msg: Message) -> None:
+        """Anything but a request, a response, Hello, Proof, Bye or Error: Announce,
+        Have, HaveBits, the view's messages, SiteNews, ReportNews and
+        ReportDigest. Must not block."""
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """The response to one of the peer's requests."""
@@ -136,12 +140,25 @@ class PeerConnection:
         outbound: bool,
         source: str,
         limits_: Limits | None = None,
+        kind: Any = None,
+        dialled: PeerAddr | None = None,
+        local_host: str = "",
+        remote_host: str = "",
     ) -> None:
         self.stream = stream
         self.session = session
         self.address = address
         self.outbound = outbound
         self.source = source
+        self.kind = kind  # why we dialled (protocol.fleet.view.Kind), outbound only
+        self.dialled = dialled  # the address we dialled, outbound only
+        self.local_host = local_host  # our end's IP ("" if not a socket)
+        self.remote_host = remote_host
+        self.full = False  # the peer said ViewFull before closing
+        self.referrals: tuple[PeerAddr, ...] = ()  # addresses its ViewFull gave
+        self.said = False  # the peer sent something after the handshake
+        self.handshake_host: str | None = None  # an inbound handshake slot to give back
+        self.last_sent = trio.current_time()
         self.limits = limits_ or Limits()
         self.joined = False
         self.closed = False
@@ -178,10 +195,20 @@ class PeerConnection:
         return hello.node_id if hello is not None else b""
 
     @property
+    def proven(self) -> bool:
+        """The peer's node id is bound to this connection: by its Hello proof, or by
+        the site credential TLS checked."""
+        return self.session.proven or self.credential is not None
+
+    @property
     def peer_hello(self) -> Hello | None:
         return self.session.peer_hello
 
     # ----- sending -----------------------------------------------------------
+
+    def _post_bytes(self, data: bytes) -> None:
+        """Queue bytes the session already produced (our Proof)."""
+        self._out_send.send_nowait(((data,), 0))
 
     def post(self, msg: Message) -> bool:
         """Queue ``msg``; returns False if the connection can no longer send it."""
@@ -340,6 +367,10 @@ class PeerConnection:
         await trio.sleep(HANDSHAKE_SECONDS)
         if not self.joined:
             self.close("handshake timed out", ERR_HANDSHAKE)
+            return
+        await trio.sleep(FIRST_MESSAGE_SECONDS)
+        if not self.said:
+            self.close(f"said nothing for {FIRST_MESSAGE_SECONDS:.0f}s", ERR_REFUSED)
 
     async def _watchdog(self) -> None:
         """End the connection when a ``send_request`` request is not answered in time."""
@@ -373,6 +404,7 @@ class PeerConnection:
                     await self.limits.upload.consume(size)
                 await self._write(pieces)
                 self.bytes_out += size
+                self.last_sent = trio.current_time()
                 if credit:
                     self._data_queued -= credit
                     self._data_room.unpark_all()
@@ -411,6 +443,8 @@ class PeerConnection:
                             return
                         break
                     self._dispatch(event, handler)
+                    if self.session.proof_due:  # both Hellos are through
+                        self._post_bytes(self.session.send_proof())
                     # Admit the peer as soon as its Hello is through, before
                     # anything that arrived with it in the same read: an
                     # Announce must find the peer registered, and a bad frame
@@ -432,6 +466,8 @@ class PeerConnection:
                 self._slots.unpark_all()
 
     def _dispatch(self, msg: Message, handler: Handler) -> None:
+        if self.joined:
+            self.said = True
         if isinstance(msg, Request):
             try:
                 self._req_send.send_nowait(msg)
@@ -449,12 +485,12 @@ class PeerConnection:
                 self._deadlines.pop(rid, None)
             if on_answer is not None:
                 on_answer(msg)
-        elif isinstance(msg, Announce | Have | SiteNews | ReportNews | ReportDigest):
-            handler.message(self, msg)
         elif isinstance(msg, Bye):
             self.reason = f"peer said bye: {msg.reason}" if msg.reason else "peer said bye"
         elif isinstance(msg, Error):
             self.reason = f"peer reported error {msg.code}: {msg.message}"
+        elif not isinstance(msg, Hello | Proof) and self.joined:
+            handler.message(self, msg)  # Announce, Have(Bits), the view's messages
 
     async def _server(self, handler: Handler) -> None:
         async for req in self._req_recv:

@@ -8,6 +8,9 @@ Theory of operation. A blob can be served from two places:
   built a release from deltas, or whose store was garbage-collected, can so
   still serve the literal chunks its neighbours need.
 
+A blob a fetch just landed (``STATE/fetching``, hash-checked, not yet made
+durable) is served too: a swarm relays each blob as soon as it is here.
+
 Every whole blob read is re-hashed before it leaves (a held file may have been
 edited on disk, a stored blob may have rotted): serving bad bytes would get
 this node banned by its peers. A piece of a blob (range request) cannot be
@@ -33,6 +36,13 @@ from p2pupd.protocol.manifest import Manifest
 MANIFEST_CACHE = 4
 
 
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return -1
+
+
 class Content:
     """Read-side view of a node's store and held files; see the module docstring."""
 
@@ -41,6 +51,11 @@ class Content:
         self._held: dict[bytes, tuple[Path, int, int]] = {}  # chunk -> (file, offset, size)
         self._manifests: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._blob_dir = str(node.store.blob_dir)
+        self._landing_dir: str | None = None
+
+    def serve_landed(self, landing_dir: Path) -> None:
+        """Also serve blobs landed in ``landing_dir`` (the fetch's, before they are committed)."""
+        self._landing_dir = str(landing_dir)
 
     def refresh(self) -> None:
         """Rebuild the index of chunks readable from held files."""
@@ -73,10 +88,15 @@ class Content:
     def read_blob(self, digest: bytes, max_bytes: int) -> bytes | None:
         """The whole blob, hash-checked, or None (absent, too big, unreadable)."""
         # One open, fstat and read: this runs for every chunk a peer asks for.
-        try:
-            fd = os.open(os.path.join(self._blob_dir, digest.hex()), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            fd = -1
+        name = digest.hex()
+        fd = _open(os.path.join(self._blob_dir, name))
+        if fd < 0 and self._landing_dir is not None:
+            # Landed from a peer and hash-checked, not yet committed: served at
+            # once (a swarm relays a blob as soon as it is here); if the commit
+            # moved it meanwhile, the store has it now.
+            fd = _open(os.path.join(self._landing_dir, name))
+            if fd < 0:
+                fd = _open(os.path.join(self._blob_dir, name))
         if fd >= 0:
             try:
                 size = os.fstat(fd).st_size
