@@ -6,10 +6,12 @@ is enforced by tests/unit/test_layering.py, with no import cycle anywhere):
 
     api.py      the one door for tools/: routes a command to a running daemon
                 (ctl.py, the control socket's client) or calls ops
-    service/    the trio daemon: node service, gossip, fetch, lifecycle (the
-                one coordinator above gossip and fetch), rollout (the site
-                view and the apply gate) and report gossip, serving, site
-                collection, control socket, auto-import, metrics, app wiring
+    service/    the trio daemon: node service, overlay (the partial view),
+                gossip, offers and fetch (the swarm), lifecycle (the one
+                coordinator above gossip and fetch), rollout/ (this node's
+                report, the site view, the apply gate, report gossip), serving,
+                site gate and collection, control socket, auto-import,
+                metrics, app wiring
     ops.py      node operations on an open, locked node (init, import, apply,
                 rollback, recover, status, history, gc, fsck, config, request)
     bundles/    USB sticks: read (bounded, untrusted), verify, import, watch,

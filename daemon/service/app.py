@@ -53,7 +53,7 @@ from p2pupd.daemon.net.transport import serve_listener
 from p2pupd.daemon.service.autoimport import serve_watch
 from p2pupd.daemon.service.metrics import MetricsFeed, serve_metrics
 from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
-from p2pupd.daemon.service.rollout import RolloutOptions
+from p2pupd.daemon.service.rollout.service import RolloutOptions
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import now_seconds
 from p2pupd.protocol.errors import P2pupdError

@@ -9,7 +9,7 @@ Every release takes the same path whatever brought it::
     fetching  its missing blobs come from peers (``fetch``)
     complete  every blob is here: gossip announces it (``release_complete``)
     gated     an ``auto_apply`` release waits at the site's rollout gate
-              (``rollout.RolloutService``) until its wave may go: at once when
+              (``rollout.service.RolloutService``) until its wave may go: at once when
               the release has no rollout policy
     applied   by the CLI's ``Applier`` in a worker thread: automatically once
               the gate allows, or on ``p2pupd apply`` (refused while the
@@ -44,7 +44,7 @@ from p2pupd.daemon.events import log, short
 from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.service.fetch import FetchManager
 from p2pupd.daemon.service.gossip import GossipService
-from p2pupd.daemon.service.rollout import RolloutHeldError, RolloutService
+from p2pupd.daemon.service.rollout.service import RolloutHeldError, RolloutService
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node

@@ -49,8 +49,8 @@ from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
 from p2pupd.daemon.service.offers import Offers
 from p2pupd.daemon.service.overlay import Overlay
-from p2pupd.daemon.service.reportgossip import ReportGossip
-from p2pupd.daemon.service.rollout import RolloutOptions, RolloutService
+from p2pupd.daemon.service.rollout.gossip import ReportGossip
+from p2pupd.daemon.service.rollout.service import RolloutOptions, RolloutService
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.service.sitegate import SiteGate

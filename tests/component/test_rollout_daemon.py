@@ -18,7 +18,7 @@ from p2pupd.daemon.bundles.siterequest import node_key
 from p2pupd.daemon.errors import ApplyError
 from p2pupd.daemon.service.metrics import MetricsFeed
 from p2pupd.daemon.service.nodeservice import NodeService
-from p2pupd.daemon.service.rollout import RolloutOptions
+from p2pupd.daemon.service.rollout.service import RolloutOptions
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.rollout.actions import ActionKind
 from p2pupd.protocol.rollout.policy import RolloutPolicy

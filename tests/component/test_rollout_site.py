@@ -17,7 +17,7 @@ from test_site_gossip import member
 from p2pupd.daemon.bundles.siterequest import node_key
 from p2pupd.daemon.service import control
 from p2pupd.daemon.service.nodeservice import NodeService
-from p2pupd.daemon.service.rollout import RolloutOptions
+from p2pupd.daemon.service.rollout.service import RolloutOptions
 from p2pupd.protocol.rollout.actions import ActionKind, OperatorAction, sign_action
 from p2pupd.protocol.rollout.ledger import ActionVerdict
 from p2pupd.protocol.rollout.report import sign_report, verify_report

@@ -34,7 +34,7 @@ from p2pupd.protocol.rollout.table import ReportTable
 from p2pupd.protocol.wire import ReportDigest, encode_message
 
 POLICY = RolloutPolicy.parse("waves=1,10%,50% soak=10m halt-after=1")
-SECONDS_PER_NODE = 16.0  # daemon/service/rollout.py
+SECONDS_PER_NODE = 16.0  # daemon/service/rollout/service.py
 FANOUT = 4
 
 

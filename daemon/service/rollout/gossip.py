@@ -28,7 +28,7 @@ import trio
 
 from p2pupd.daemon.net.transport import PeerConnection
 from p2pupd.daemon.service.links import Links
-from p2pupd.daemon.service.rollout import RolloutService
+from p2pupd.daemon.service.rollout.service import RolloutService
 from p2pupd.protocol.rollout.ledger import ActionVerdict
 from p2pupd.protocol.rollout.spread import SendNews, Spread, SpreadAction
 from p2pupd.protocol.wire import (

@@ -10,7 +10,7 @@ The pure objects decide; this service keeps them fed and acts on them:
   waiting), when the soak of a just-committed release ends (so the next wave
   sees it at once), and every ``report_interval`` seconds, stretched with the
   site's size so each node's share of the traffic stays constant.
-* **site view**: reports and operator actions from peers (``reportgossip``) go
+* **site view**: reports and operator actions from peers (``rollout.gossip``) go
   through the ``ReportTable`` and the ``Ledger``; ``p2pupd rollout`` makes a
   signed action here and spreads it the same way.
 * **the gate**: the lifecycle hands every release it would auto-apply to
@@ -46,8 +46,8 @@ from p2pupd.daemon.errors import ApplyError, DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.fsutil import atomic_write
 from p2pupd.daemon.offload import Offload
+from p2pupd.daemon.service.rollout.members import SiteMembers
 from p2pupd.daemon.service.sitegate import SiteGate
-from p2pupd.daemon.service.sitemembers import SiteMembers
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.report import component_reports
 from p2pupd.daemon.state.statedir import now_seconds
@@ -175,7 +175,7 @@ class RolloutService:
         return self.table.rules
 
     def offer_report(self, raw: bytes, now: float) -> Offer:
-        """A peer's report (through ``reportgossip``); folds accepted failures into the ledger."""
+        """A peer's report (through ``rollout.gossip``); folds accepted failures into the ledger."""
         assert self.table is not None and self.ledger is not None
         offer = self.table.offer(raw, now, now_seconds())
         if offer.accepted and offer.report is not None:
