@@ -157,13 +157,19 @@ class Ledger:
         rules = self.rules
         if not rules.same_site(action.repository, action.site):
             return ActionVerdict.REFUSED, "rollout action for another site", action
-        if action.kind is ActionKind.HALT:
-            if not rules.admits(action.issuer, action.issuer_key, action.credential, wall):
-                return ActionVerdict.REFUSED, "halt from a node that is not a member", action
-        elif not rules.may_steer(action.issuer, action.issuer_key, action.credential, wall):
+        issuer = action.issuer.hex()[:12]
+        if not rules.admits(action.issuer, action.issuer_key, action.credential, wall):
             return (
                 ActionVerdict.REFUSED,
-                f"{action.kind.value} signed by node {action.issuer.hex()[:12]}, "
+                f"{action.kind.value}: node {issuer} {rules.refusal}",
+                action,
+            )
+        if action.kind is not ActionKind.HALT and not rules.may_steer(
+            action.issuer, action.issuer_key, action.credential, wall
+        ):
+            return (
+                ActionVerdict.REFUSED,
+                f"{action.kind.value} signed by node {issuer}, "
                 "whose key is not a rollout operator key here",
                 action,
             )

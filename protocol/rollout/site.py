@@ -9,12 +9,18 @@ this site. ``SiteRules`` decides that, in three rules:
 1. **Same site.** A document names the repository (the pinned root's name) and
    the site (the cluster id, or the site identity once a site membership
    exists); another repository's or site's document moves nothing.
-2. **Members only.** Where a site membership is configured (``membership``),
-   a document counts only if its node id and key hold a valid, unrevoked
-   membership credential at the node's clock (documents carry their
-   author's credential, so a node can check authors it never met). Without one, the site is
-   *open*: any node key counts, and the report table pins the first key seen
-   per node id (trust on first use) so one node's id cannot be taken over.
+2. **A key speaks only for its own node id, and in a site only a member's
+   does.** The binding is the swarm's (protocol/fleet/identity.py): a node
+   id is ``node_id_of`` its node key, so on an *open* site (no membership)
+   a document counts only if the id it names is the hash of the key that
+   signed it -- any node key of the cluster may report, but only about the
+   one node that key is, and nobody can speak for another node's id without
+   its private key. Where a site membership is configured (``membership``),
+   the site credential is the binding instead (it names the node id and the
+   node key, exactly as on a TLS link: a node enrolled under an older
+   version's random id keeps that id), and the credential must be valid and
+   unrevoked at the node's clock; documents carry their author's credential,
+   so a node can check authors it never met.
 3. **Steering needs an operator key.** ``halt`` may come from any member: a
    forged halt only stops a release from being applied -- every node keeps the
    version it runs, which is the state a brake exists to keep -- so the worst
@@ -36,6 +42,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from p2pupd.protocol.fleet.identity import node_id_of
 
 
 class Membership(Protocol):
@@ -65,14 +73,23 @@ class SiteRules:
         """True without a site membership (any node key counts; see rule 2)."""
         return self.membership is None
 
+    @property
+    def refusal(self) -> str:
+        """Why rule 2 refused a document's author (for log lines)."""
+        if self.membership is None:
+            return "is not the node id of the key that signed it"
+        return "is not a member of this site"
+
     def same_site(self, repository: str, site: str) -> bool:
         """Rule 1."""
         return repository == self.repository and site == self.site
 
     def admits(self, node_id: bytes, node_key: bytes, credential: bytes | None, wall: int) -> bool:
         """Rule 2: may this node's report or halt count?"""
-        if self.membership is None or node_key == self.own_key:
+        if node_key == self.own_key:  # this node's own documents, relayed back to it
             return True
+        if self.membership is None:
+            return node_id == node_id_of(node_key)
         return self.membership.admits(node_id, node_key, credential, wall)
 
     def may_steer(

@@ -11,9 +11,10 @@ that fails decides, and nothing changes):
    a document not newer than its node's mark is OLDER before its signature
    is even checked: it could move nothing anyway);
 2. it names this repository and site (``SiteRules`` rule 1);
-3. its node is a member, where a membership exists (rule 2);
-4. on an open site, its key is the one first seen for that node id;
-5. its ``seq`` is above the highest ever seen from that node: an equal or
+3. the key that signed it speaks for the node id it names -- the id is the
+   key's hash on an open site, a member's credential binds them in a site --
+   and, in a site, that node is a member (rule 2);
+4. its ``seq`` is above the highest ever seen from that node: an equal or
    older report -- a replay, or an old copy still travelling -- is OLDER and
    moves nothing.
 
@@ -53,7 +54,7 @@ class Verdict(enum.Enum):
     NEW = "new"  # first report of this node held
     NEWER = "newer"  # replaced an older report of this node
     OLDER = "older"  # not newer than what was seen: moves nothing
-    REFUSED = "refused"  # malformed, forged, another site, not a member
+    REFUSED = "refused"  # malformed, forged, another site, not its key, not a member
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class ReportTable:
             return self._refuse(f"bad report: {exc}")
         mark = self._marks.get(report.node_id)
         if mark is not None and report.seq <= mark.seq and report.node_key == mark.key:
-            # Rule 5 before the signature: not newer moves nothing whoever made
+            # Rule 4 before the signature: not newer moves nothing whoever made
             # it, so replays and echoes of gossip cost no signature check.
             self.older += 1
             return Offer(Verdict.OLDER, "not newer than the report seen", report)
@@ -157,11 +158,7 @@ class ReportTable:
                 f"{report.site!r:.40} of {report.repository!r:.40}"
             )
         if not rules.admits(report.node_id, report.node_key, report.credential, wall):
-            return self._refuse(f"node {report.node_id.hex()[:12]} is not a member of this site")
-        if mark is not None and rules.open and mark.key != report.node_key:
-            return self._refuse(
-                f"node {report.node_id.hex()[:12]} reported before under another key"
-            )
+            return self._refuse(f"node {report.node_id.hex()[:12]} {rules.refusal}")
         if mark is not None and report.seq <= mark.seq:
             self.older += 1
             return Offer(Verdict.OLDER, "not newer than the report seen", report)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from p2pupd.protocol.fleet.identity import node_id_of
 from p2pupd.protocol.rollout.actions import ActionKind, OperatorAction, sign_action
 from p2pupd.protocol.rollout.report import ComponentReport, CompState, NodeReport, sign_report
 from p2pupd.protocol.rollout.site import SiteRules
@@ -36,7 +37,7 @@ class SimNode:
 
     @property
     def node_id(self) -> bytes:
-        return hashlib.sha256(b"node%d" % self.n).digest()[:16]
+        return node_id_of(self.public)  # the swarm's binding (protocol/fleet/identity.py)
 
     @property
     def public(self) -> bytes:

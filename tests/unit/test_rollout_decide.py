@@ -4,16 +4,17 @@ forged, replayed and out-of-site input, partial views."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from _rollout_kit import COMP, Members, SimNode, committed, failed, rules, running
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pupd.protocol.rollout.actions import ActionKind
+from p2pupd.protocol.rollout.actions import ActionKind, OperatorAction, sign_action
 from p2pupd.protocol.rollout.decide import Decision, Go, Release, decide
 from p2pupd.protocol.rollout.ledger import ActionVerdict, Ledger
 from p2pupd.protocol.rollout.policy import RolloutPolicy
+from p2pupd.protocol.rollout.report import sign_report, verify_report
 from p2pupd.protocol.rollout.table import ReportTable
 from p2pupd.protocol.rollout.waves import place
 
@@ -200,6 +201,26 @@ def test_forged_and_out_of_site_failures_move_nothing() -> None:
     assert not canary_view.hear(bytes(raw))
     assert not canary_view.hear(stranger.report(failed(NEW, 4)))
     assert canary_view.decide().allowed
+
+
+def test_a_key_speaks_only_for_its_own_node_id() -> None:
+    """Open site: an id is the hash of its key (the swarm's node-id binding). A
+    failure pinned on the canary by another key, a halt or an operator's resume
+    naming an id that is not the signer's: all refused, nothing moves."""
+    op, liar = SimNode(40), SimNode(50)
+    nodes, views = site(6, operators=(op,))
+    ranked = order(nodes)
+    v = views[nodes.index(ranked[0])]
+    framed = replace(verify_report(liar.report(failed(NEW, 4))), node_id=ranked[1].node_id)
+    assert not v.hear(sign_report(framed, liar.key))
+    assert v.table.get(ranked[1].node_id).report.node_key == ranked[1].public  # type: ignore[union-attr]
+    assert v.decide().allowed
+    for signer, kind in ((liar, ActionKind.HALT), (op, ActionKind.RESUME)):
+        act = OperatorAction(kind, COMP, NEW, ranked[2].node_id, signer.public, "p2pupd",
+                             "default", 1000)  # fmt: skip
+        verdict, reason, _ = v.ledger.act(sign_action(act, signer.key), 0)
+        assert verdict is ActionVerdict.REFUSED and "not the node id of the key" in reason
+    assert v.decide().allowed
 
 
 def test_a_replayed_report_cannot_hide_a_failure() -> None:

@@ -136,12 +136,38 @@ def test_a_report_carries_its_authors_credential_to_nodes_that_never_met_it() ->
     assert "credential" not in plain.to_value()  # encoded only when there is one
 
 
-def test_an_open_site_pins_the_first_key_of_a_node_id() -> None:
+def test_on_an_open_site_a_key_speaks_only_for_the_node_id_it_hashes_to() -> None:
+    """The swarm's binding (protocol/fleet/identity.py): an id is the hash of its key.
+    Whether or not the real node was heard first, a report naming its id under
+    another key is refused, and so is a report under an invented id."""
     t, a, b = table(), SimNode(1), SimNode(2)
-    assert t.offer(a.report(), 0, 0).accepted
-    taken = dataclasses.replace(verify_report(b.report()), node_id=a.node_id, seq=50)
-    offer = t.offer(sign_report(taken, b.key), 1, 0)
-    assert offer.verdict is Verdict.REFUSED and "another key" in offer.reason
+    stolen = dataclasses.replace(verify_report(b.report()), node_id=a.node_id, seq=50)
+    offer = t.offer(sign_report(stolen, b.key), 0, 0)  # before a was ever heard
+    assert offer.verdict is Verdict.REFUSED and "not the node id of the key" in offer.reason
+    assert t.offer(a.report(), 1, 0).accepted
+    later = dataclasses.replace(stolen, seq=60)
+    assert t.offer(sign_report(later, b.key), 2, 0).verdict is Verdict.REFUSED
+    invented = dataclasses.replace(verify_report(b.report()), node_id=b"\x07" * 16)
+    assert t.offer(sign_report(invented, b.key), 3, 0).verdict is Verdict.REFUSED
+    assert {e.report.node_id for e in t} == {a.node_id} and t.refused == 3
+    assert t.get(a.node_id) is not None and t.get(a.node_id).report.node_key == a.public  # type: ignore[union-attr]
+
+
+def test_in_a_site_the_credential_binds_an_older_random_id_to_its_key() -> None:
+    """A member enrolled under an older version's random id keeps it: its credential
+    names id and key, so its reports count though the id is not the key's hash."""
+    legacy = SimNode(5)
+
+    class Legacy(Members):
+        def __init__(self) -> None:
+            super().__init__(ME)
+            self.keys[b"\x05" * 16] = legacy.public
+
+    t = ReportTable(rules(ME, members=Legacy()))
+    rep = dataclasses.replace(verify_report(legacy.report()), node_id=b"\x05" * 16, seq=9)
+    assert t.offer(sign_report(rep, legacy.key), 0, 0).accepted
+    # ...and its key speaks for no other id, not even the one it hashes to.
+    assert t.offer(legacy.report(seq=10), 1, 0).verdict is Verdict.REFUSED
 
 
 def test_garbage_is_refused_not_raised() -> None:

@@ -18,17 +18,23 @@ rolled out in waves ``1,10%,50%``) and prints, on one node:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 import tracemalloc
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.protocol import encoding
+from p2pupd.protocol.fleet.identity import node_id_of
 from p2pupd.protocol.rollout.decide import Release, decide
 from p2pupd.protocol.rollout.ledger import Ledger
 from p2pupd.protocol.rollout.policy import RolloutPolicy
-from p2pupd.protocol.rollout.report import ComponentReport, CompState, NodeReport, sign_report
+from p2pupd.protocol.rollout.report import (
+    ComponentReport,
+    CompState,
+    NodeReport,
+    sign_report,
+    verify_report,
+)
 from p2pupd.protocol.rollout.site import SiteRules
 from p2pupd.protocol.rollout.table import ReportTable
 from p2pupd.protocol.wire import ReportDigest, encode_message
@@ -40,10 +46,10 @@ FANOUT = 4
 
 def reports(n: int) -> list[bytes]:
     out = []
-    key = Ed25519PrivateKey.generate()  # one key for speed; the table pins per node id
-    public = key.public_key().public_bytes_raw()
-    for i in range(n):
-        node_id = hashlib.sha256(b"n%d" % i).digest()[:16]
+    for _ in range(n):
+        key = Ed25519PrivateKey.generate()  # each node's own: an id is its key's hash
+        public = key.public_key().public_bytes_raw()
+        node_id = node_id_of(public)
         comp = ComponentReport(
             "app", 4, "4.0.1", 1_700_000_000, CompState.COMMITTED, 4, 1_700_000_000,
             holds=5, wait="wave 2",
@@ -63,7 +69,7 @@ def measure(n: int) -> dict[str, float]:
     table = ReportTable(rules, capacity=max(n, 10_000))
     t0 = time.perf_counter()
     for doc in docs:
-        table.offer(doc, 0.0, 0)
+        assert table.offer(doc, 0.0, 0).accepted
     t_offer = time.perf_counter() - t0
     mem = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
@@ -72,7 +78,7 @@ def measure(n: int) -> dict[str, float]:
         table.offer(doc, 1.0, 0)
     t_replay = time.perf_counter() - t0
     ledger = Ledger(rules)
-    me_id = hashlib.sha256(b"n%d" % (n - 1)).digest()[:16]
+    me_id = verify_report(docs[-1]).node_id
     t0 = time.perf_counter()
     d = decide(Release("app", 5, POLICY), me_id, "linux-x86_64", table, ledger, 1.0, settled=True)
     t_decide = time.perf_counter() - t0
