@@ -4,6 +4,7 @@ pure spreading rules (push fan-out, pull on digest, rate limit)."""
 from __future__ import annotations
 
 import random
+from collections import Counter, deque
 
 import pytest
 
@@ -152,3 +153,71 @@ def test_periodic_pull_stretches_with_the_site() -> None:
     big.peer_joined("p", 0)
     big.tick(0, 1000)
     assert (big.next_deadline() or 0) >= 500  # 1,000 nodes: every ~1,000 s, not every 10 s
+
+
+# ----- over a partial view -------------------------------------------------------------
+
+
+def partial_view(n: int, degree: int, seed: int) -> dict[int, set[int]]:
+    """A random graph like the swarm's active views: every node links to degree/2
+    random others and accepts links from more, so degrees spread around ``degree``."""
+    rng = random.Random(seed)
+    links: dict[int, set[int]] = {i: set() for i in range(n)}
+    for i in range(n):
+        while len(links[i]) < degree // 2:
+            j = rng.randrange(n)
+            if j != i:
+                links[i].add(j)
+                links[j].add(i)
+    return links
+
+
+def push(spreads: dict[int, Spread[int]], origin: int, doc: bytes) -> tuple[set[int], Counter[int]]:
+    """Run the push of ``doc`` made at ``origin`` to quiet; returns who holds it and
+    how many copies each node received."""
+    holders, copies = {origin}, Counter[int]()
+    queue = deque((origin, a) for a in spreads[origin].learned([doc], [], None))
+    while queue:
+        sender, action = queue.popleft()
+        assert isinstance(action, SendNews) and action.reports == (doc,)
+        copies[action.peer] += 1
+        if action.peer not in holders:  # accepted for the first time: relayed on
+            holders.add(action.peer)
+            queue.extend((action.peer, a) for a in spreads[action.peer].learned([doc], [], sender))
+    return holders, copies
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_news_reaches_every_node_of_a_site_over_partial_views(seed: int) -> None:
+    """1,000 nodes, ~12 links each: most nodes are no neighbour of a report's author
+    and hear of it only through relays; each node receives a handful of copies,
+    whatever the site's size."""
+    n = 1000
+    links = partial_view(n, 12, seed)
+    spreads = {i: Spread[int](random.Random(seed * n + i)) for i in range(n)}
+    for i, peers in links.items():
+        for p in peers:
+            spreads[i].peer_joined(p, 0)
+    assert max(len(p) for p in links.values()) < 40
+    holders, copies = push(spreads, 0, b"report of node 0")
+    assert holders == set(range(n))
+    assert sum(copies.values()) / n < 7  # ~FANOUT copies per node, not ~degree
+    assert max(copies.values()) <= max(len(p) for p in links.values())
+
+
+def test_a_node_cut_off_during_the_push_catches_up_by_digest_when_it_reconnects() -> None:
+    n = 200
+    links = partial_view(n, 12, 7)
+    spreads = {i: Spread[int](random.Random(i)) for i in range(n)}
+    away = 5
+    for i, peers in links.items():
+        for p in peers:
+            if away not in (i, p):
+                spreads[i].peer_joined(p, 0)
+    holders, _ = push(spreads, 0, b"r0")
+    assert holders == set(range(n)) - {away}
+    # Back: its first link's peer answers its digest (a summary without r0).
+    peer = min(links[away])
+    assert spreads[peer].peer_joined(away, 1) == [SendDigest(away)]
+    answer = spreads[peer].on_digest(away, {}, [], [b"r0"], {})
+    assert answer == [SendNews(away, (b"r0",), (), relay=False)]

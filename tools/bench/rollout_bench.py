@@ -11,8 +11,8 @@ rolled out in waves ``1,10%,50%``) and prints, on one node:
   first time and again (wave positions are cached per release);
 * digest: the ``ReportDigest`` a node sends a peer on connect (bytes);
 * idle: the report traffic one node receives per second with the daemon's
-  refresh period stretched with the site (16 s per node), each report arriving
-  about ``fanout`` = 4 times.
+  refresh period stretched with the site (``SECONDS_PER_NODE``), each report
+  arriving about ``FANOUT`` times (the push fan-out over the partial view).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tracemalloc
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from p2pupd.daemon.service.rollout.service import SECONDS_PER_NODE
 from p2pupd.protocol import encoding
 from p2pupd.protocol.fleet.identity import node_id_of
 from p2pupd.protocol.rollout.decide import Release, decide
@@ -36,12 +37,11 @@ from p2pupd.protocol.rollout.report import (
     verify_report,
 )
 from p2pupd.protocol.rollout.site import SiteRules
+from p2pupd.protocol.rollout.spread import FANOUT
 from p2pupd.protocol.rollout.table import ReportTable
 from p2pupd.protocol.wire import ReportDigest, encode_message
 
 POLICY = RolloutPolicy.parse("waves=1,10%,50% soak=10m halt-after=1")
-SECONDS_PER_NODE = 16.0  # daemon/service/rollout/service.py
-FANOUT = 4
 
 
 def reports(n: int) -> list[bytes]:

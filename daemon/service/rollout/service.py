@@ -66,9 +66,10 @@ from p2pupd.protocol.rollout.table import GONE_SECONDS, Offer, ReportTable
 STATE_FILE = "rollout.msgpack"
 EVALUATE_SECONDS = 5.0
 CHANGE_DELAY = 0.2  # coalesce bursts of changes into one report
-# Report refresh stretch: a report of ~400 B arrives ~4 times (the push fan-out)
-# per refresh, so 16 s per known node keeps a node's share near 100 B/s.
-SECONDS_PER_NODE = 16.0
+# Report refresh stretch: a report of ~400 B arrives ~6 times (the push fan-out,
+# spread.FANOUT) per refresh, so 24 s per known node keeps a node's share near
+# 100 B/s (make bench BENCH=rollout).
+SECONDS_PER_NODE = 24.0
 MAX_KNOWN = 64  # releases whose brake is followed
 
 
