@@ -59,9 +59,14 @@ from p2pupd.protocol.trust import TrustedRoot
 
 @contextlib.contextmanager
 def locked(state_dir: Path) -> Iterator[Node]:
-    """Open the node at ``state_dir`` and hold its state lock (``LockedError`` if taken)."""
+    """Open the node at ``state_dir`` and hold its state lock (``LockedError`` if taken).
+
+    An older state directory is migrated to this code's format first
+    (state/stateformat.py); one it does not understand was refused on opening.
+    """
     node = Node(state_dir)
     with node.lock:
+        node.state.migrate()
         yield node
 
 

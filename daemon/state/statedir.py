@@ -2,6 +2,7 @@
 
 Layout (all under STATE, one filesystem):
 
+    format                    the state format version (stateformat.py); none = 1
     config.msgpack            node id, platform, components and their targets
     config.backup.msgpack     a second copy of it, for ``p2pupd config repair``
     state.msgpack             per component: installed serial, kept versions,
@@ -36,6 +37,7 @@ from typing import Any
 
 from p2pupd.daemon.errors import ConfigError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import atomic_write, storage_error
+from p2pupd.daemon.state import stateformat
 from p2pupd.daemon.store import members
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import CodecError
@@ -50,6 +52,7 @@ TARGET_KINDS = ("dir", "symlink", "file")
 # What each member of STATE is when present (any may be absent). Parents come
 # before their children. Names not listed are left alone.
 STATE_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("format", members.FILE),
     ("config.msgpack", members.FILE),
     ("state.msgpack", members.FILE),
     ("lock", members.FILE),
@@ -327,9 +330,19 @@ class StateDir:
                 f"cannot create state directory {self.root}: {exc.strerror}"
             ) from None
         self.check_layout()
+        self.migrate()  # a new directory is simply marked; an older one migrated
         self.write_config(config)
         if not self.state_path.exists():
             self.write_states({})
+
+    def check_format(self) -> None:
+        """Refuse a state directory of a format this code does not understand
+        (``StateFormatError``, one line, exit code 2): see stateformat.py."""
+        stateformat.check(self.root)
+
+    def migrate(self, upto_reader: int | None = None) -> list[str]:
+        """Bring the directory to this code's format; the caller holds the node lock."""
+        return stateformat.migrate(self.root, upto_reader)
 
     def read_config(self) -> NodeConfig:
         self.check_layout()
@@ -337,6 +350,7 @@ class StateDir:
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
             )
+        self.check_format()
         try:
             data = self.config_path.read_bytes()
         except OSError as exc:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -66,6 +67,7 @@ class ExportReport:
     roots_left_out: int = 0  # roots the receiving node already trusts
     notes: list[str] = field(default_factory=list)
     for_node: str | None = None
+    format: str = ""  # the bundle format written (protocol/bundle.py: the oldest that fits)
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,14 @@ def full_releases(
     return out
 
 
+def writer() -> str:
+    """``p2pupd VERSION`` of this code, for the bundle's informative writer annotation."""
+    try:
+        return f"p2pupd {metadata.version('p2pupd')}"
+    except metadata.PackageNotFoundError:
+        return "p2pupd (source tree)"
+
+
 def write_bundle(
     dest: Path,
     roots: dict[int, bytes],
@@ -264,6 +274,7 @@ def write_bundle(
         (dest / "index.json").unlink()  # a stale index must never outlive its blobs
     out = BlobStore(dest)
     index: list[oci.Descriptor] = []
+    artifacts: list[oci.Artifact] = []
     keep: set[bytes] = set()
 
     def put_doc(data: bytes, media_type: str, ann: dict[str, str] | None = None) -> oci.Descriptor:
@@ -274,6 +285,7 @@ def write_bundle(
     def put_artifact(art: oci.Artifact, ann: dict[str, str]) -> None:
         d = put_doc(oci.build_artifact(art), oci.MANIFEST_MEDIA_TYPE, ann)
         index.append(d)
+        artifacts.append(art)
 
     put_doc(oci.EMPTY_JSON, oci.EMPTY_MEDIA_TYPE)
     held = receiver_root(roots, releases)
@@ -360,7 +372,11 @@ def write_bundle(
     with contextlib.suppress(OSError):
         (dest / "tmp").rmdir()  # the writer's scratch dir is not part of the layout
     atomic_write(dest / "oci-layout", oci.OCI_LAYOUT)
-    atomic_write(dest / "index.json", oci.build_index(index))
+    # The oldest format that carries this content, not the newest we know:
+    # older nodes import what needs nothing new (protocol/bundle.py).
+    fmt = oci.format_needed(artifacts)
+    atomic_write(dest / "index.json", oci.build_index(index, fmt, writer()))
+    report.format = oci.format_text(fmt)
     return report
 
 
