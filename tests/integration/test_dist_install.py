@@ -107,7 +107,13 @@ def test_installs_offline_and_the_installed_copy_runs(
     prefix = root / "opt" / "p2pupd"
     vdir = prefix / version
     assert os.readlink(prefix / "current") == version
-    assert "include-system-site-packages = false" in (vdir / "pyvenv.cfg").read_text()
+    cfg = (vdir / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = false" in cfg
+    # Nothing in the version directory names this box (a release of p2pupd is
+    # this tree): the interpreter is reached through one link beside the versions.
+    assert "home" not in cfg and python not in cfg
+    assert os.readlink(vdir / "bin" / f"python{this_python()}") == f"../../python{this_python()}"
+    assert os.readlink(prefix / f"python{this_python()}") == os.path.realpath(python)
     assert sorted(p.name for p in (vdir / "bin").iterdir()) == sorted(
         ["p2pupd", "python", "python3", f"python{this_python()}"]
     )
