@@ -118,6 +118,7 @@ def init_node(
     platform: str | None = None,
     cluster: str | None = None,
     hook_limits: HookLimits | None = None,
+    self_update: Path | None = None,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root (see ``ops``).
 
@@ -126,7 +127,7 @@ def init_node(
     """
     return ops.init_node(
         state_dir, trust_file, components, options=options, platform=platform,
-        cluster=cluster, hook_limits=hook_limits,
+        cluster=cluster, hook_limits=hook_limits, self_update=self_update,
     )  # fmt: skip
 
 

@@ -128,7 +128,7 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
         man = r.manifest
         if man.component not in node.config.components:
             report.skipped.append(f"{man.component} {man.version}: not configured on this node")
-        elif man.platform is not None and man.platform != node.config.platform:
+        elif man.platform is not None and man.platform != node.config.platform_of(man.component):
             others.setdefault((man.component, man.serial), []).append(man)
         else:
             by_comp.setdefault(man.component, []).append(r)
@@ -137,7 +137,7 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
     ours = {(r.manifest.component, r.manifest.serial) for rels in by_comp.values() for r in rels}
     for key, mans in sorted(others.items()):
         if key not in ours:
-            msg = no_variant_message(mans, node.config.platform)
+            msg = no_variant_message(mans, node.config.platform_of(key[0]))
             report.skipped.append(msg)
             st = states.get(key[0])
             if key[1] > (st.high_water if st else 0):

@@ -94,9 +94,15 @@ class ComponentConfig:
     # Install set-id files others can write and world-writable directories
     # without the sticky bit (protocol.manifest.check_modes); refused unless set at init.
     allow_hazardous_modes: bool = False
+    # This component is p2pupd itself (docs/self-update.md): a new version is
+    # tried by restarting the daemon into it before it goes live.
+    self_update: bool = False
+    # The release variant this component installs, if not the node's platform
+    # (p2pupd's own trees are per CPU *and* CPython: linux-x86_64-cp311).
+    platform: str | None = None
 
     def to_value(self) -> dict[str, Any]:
-        return {
+        v = {
             "target": str(self.target),
             "kind": self.kind,
             "retain": self.retain,
@@ -106,6 +112,13 @@ class ComponentConfig:
             "auto_apply": self.auto_apply,
             "allow_hazardous_modes": self.allow_hazardous_modes,
         }
+        # Written only when set, so other components' documents keep their bytes
+        # (format 1 readers ignore both keys: state/stateformat.py).
+        if self.self_update:
+            v["self_update"] = True
+        if self.platform is not None:
+            v["platform"] = self.platform
+        return v
 
     @classmethod
     def from_value(cls, name: str, v: dict[str, Any]) -> ComponentConfig:
@@ -122,6 +135,8 @@ class ComponentConfig:
             health_seconds=int(v.get("health_ms", 30000)) / 1000,
             auto_apply=bool(v.get("auto_apply", True)),
             allow_hazardous_modes=bool(v.get("allow_hazardous_modes", False)),
+            self_update=bool(v.get("self_update", False)),
+            platform=None if v.get("platform") is None else ids.check_platform(v["platform"]),
         )
 
 
@@ -169,6 +184,11 @@ class NodeConfig:
             return self.components[name]
         except KeyError:
             raise NotFoundError(f"component {name!r} is not configured on this node") from None
+
+    def platform_of(self, name: str) -> str:
+        """The release variant component ``name`` installs (its own, else the node's)."""
+        comp = self.components.get(name)
+        return comp.platform if comp is not None and comp.platform else self.platform
 
     def to_value(self) -> dict[str, Any]:
         return {
