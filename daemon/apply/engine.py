@@ -54,9 +54,9 @@ from p2pupd.protocol.manifest import Manifest
 
 __all__ = [
     "CRASH_POINTS",
-    "HandOver",
     "Applier",
     "ApplyResult",
+    "HandOver",
     "kept_path",
     "reusable_files",
     "run_health_command",

@@ -256,7 +256,7 @@ def claim_trial(tx_id: str | None) -> None:
     _OWN_TRIAL = tx_id
 
 
-class HandOver(Exception):  # noqa: N818 - not an error: the caller must act on it
+class HandOver(Exception):
     """Raised by ``swap_and_commit`` at the ``trial`` point of a self-update.
 
     The transaction stays open; the caller must run ``tx.src`` (the staged new
