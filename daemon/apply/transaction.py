@@ -230,7 +230,7 @@ FAULT: Callable[[str], None] | None = None
 Checks = Callable[[ComponentConfig, Target, Manifest, "Tx"], None]
 # The self-update trial this process runs (its ``trial`` transaction id), set
 # by the restarted daemon (``claim_trial``): recovery must not judge it.
-_OWN_TRIAL: str | None = None
+_OWN_TRIAL: set[str] = set()
 
 
 def crash_point(point: str) -> None:
@@ -252,8 +252,9 @@ class UnfinishedTransactionError(DaemonError):
 
 def claim_trial(tx_id: str | None) -> None:
     """This process is the trial run of transaction ``tx_id`` (None: no longer)."""
-    global _OWN_TRIAL
-    _OWN_TRIAL = tx_id
+    _OWN_TRIAL.clear()
+    if tx_id is not None:
+        _OWN_TRIAL.add(tx_id)
 
 
 class HandOver(Exception):
@@ -629,7 +630,7 @@ class Transactions:
         out = []
         for name, cfg in self.node.config.components.items():
             recs = self.journal(name).open_transaction()
-            if recs and _OWN_TRIAL is not None and recs[0].get("tx") == _OWN_TRIAL:
+            if recs and recs[0].get("tx") in _OWN_TRIAL:
                 continue  # this process is its trial run: not over, not ours to judge
             if recs:
                 out.append(self._recover_one(cfg, recs))
