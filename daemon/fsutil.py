@@ -653,6 +653,41 @@ class FileLock:
             os.ftruncate(fd, _PID_BYTES)
         self._fd = fd
 
+    def hand_over(self) -> int:
+        """Stop managing the lock without releasing it: return its fd, made
+        inheritable, for a process this one ``exec``s into (``adopt``). The
+        lock then passes to the new program with no moment in which another
+        process could take it. Raises ``LockedError`` when not held."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise LockedError(f"{self.path} is not held by this process")
+        os.set_inheritable(fd, True)
+        return fd
+
+    def adopt(self, fd: int) -> None:
+        """Take over the lock an ``exec``ing predecessor held on ``fd`` (``hand_over``).
+
+        Raises ``LockedError`` when ``fd`` is not an open descriptor of this
+        lock file, or does not hold the lock.
+        """
+        if self._fd is not None:
+            raise LockedError(f"{self.path} is already held by this process")
+        try:
+            st, want = os.fstat(fd), os.stat(self.path)
+        except OSError as exc:
+            raise LockedError(f"inherited lock fd {fd} of {self.path}: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            raise LockedError(f"inherited fd {fd} is not the lock file {self.path}")
+        try:
+            # Succeeds at once if this open file description holds the lock.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LockedError(f"inherited fd {fd} does not hold the lock {self.path}") from None
+        os.set_inheritable(fd, False)  # children (health commands, hooks) must not keep it
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"{os.getpid()}\n".ljust(_PID_BYTES).encode(), 0)
+        self._fd = fd
+
     def release(self) -> None:
         """Drop the lock (closing the fd releases it); a no-op when not held."""
         fd, self._fd = self._fd, None

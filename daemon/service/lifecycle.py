@@ -20,6 +20,13 @@ newest complete release per component), resumes the fetch of a newer
 incomplete one, and applies a complete release never applied here. A release
 the operator rolled back from (it has an ``applied`` history entry) is not
 re-applied automatically, at start or later.
+
+p2pupd's own component (``self_update``) differs in two ways (selfupdate.py,
+docs/self-update.md). Its apply stops before the swap (``HandOver``) and the
+daemon restarts into the new version for a trial run. And a node announces
+only the release of it that it *runs* and proved healthy, never one it merely
+holds: a self-update spreads from nodes that proved it, so a release that
+fails on the first node to try it goes no further (each hop is a canary).
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ from typing import Any
 import trio
 
 from p2pupd.daemon import ops
-from p2pupd.daemon.apply.engine import Applier, ApplyResult
+from p2pupd.daemon.apply.engine import Applier, ApplyResult, HandOver
 from p2pupd.daemon.bundles.importer import ImportReport
 from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.service.fetch import FetchManager
 from p2pupd.daemon.service.gossip import GossipService
+from p2pupd.daemon.service.selfupdate import Hooks, Restart, launcher, restart_for
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node
@@ -102,11 +110,16 @@ class Lifecycle:
         self.holdings_changed = holdings_changed
         self.origin: dict[str, tuple[int, str]] = {}  # component -> (serial, where from)
         self._high: dict[str, int] = {}  # high-water marks, cached for gossip
+        # Set by a daemon that owns its process: p2pupd's own component is then
+        # tried by restarting into it (None: applied like any other, e.g. in tests).
+        self.self_update: Hooks | None = None
 
     def scan(self) -> Scan:
         """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
         node, out = self.node, Scan()
-        out.recovered = Applier(node).recover()
+        applier = Applier(node)
+        out.recovered = applier.recover()
+        trying = applier.pending()  # open after recovery: only a trial this process runs
         self.content.refresh()
         chain = node.trust_chain()
         for name, cfg in node.config.components.items():
@@ -127,9 +140,15 @@ class Lifecycle:
                     continue
                 digest = env.payload_digest()
                 if not needed_for(node, man):
-                    out.holdings[name] = (serial, digest)
-                    if serial == serials[-1] and should_auto_apply(cfg, st, serial):
+                    if (
+                        serial == serials[-1]
+                        and name not in trying
+                        and should_auto_apply(cfg, st, serial)
+                    ):
                         out.apply.append((name, serial))
+                    if cfg.self_update and (st.installed is None or serial > st.installed):
+                        continue  # held, not proven here: not announced (see above)
+                    out.holdings[name] = (serial, digest)
                     break
                 if serial == serials[-1] and serial not in st.bad:
                     out.resume.append((man, digest))
@@ -180,8 +199,10 @@ class Lifecycle:
     async def release_complete(self, man: Manifest, digest: bytes) -> None:
         """Every blob of ``man`` is here: announce it, apply it if the policy says so."""
         c, s = man.component, man.serial
+        cfg = self.node.config.components[c]
         self.forget_servable()
-        self.gossip.complete(c, s, digest)
+        if not cfg.self_update:  # p2pupd's own: announced once it runs here, proven
+            self.gossip.complete(c, s, digest)
         self.fetch.release_done(c, s)
         self.holdings_changed()
         rec = self.fetch.received.get(c)
@@ -194,8 +215,17 @@ class Lifecycle:
             from_=self.sources(c, s),
         )
         st = await self.offload(lambda: self.node.state.read_state(c))
-        if should_auto_apply(self.node.config.components[c], st, s):
+        if should_auto_apply(cfg, st, s):
             self.spawn(self.auto_apply, c, s)
+
+    async def self_update_committed(self, component: str, serial: int) -> None:
+        """p2pupd's own release ``serial`` runs here and proved healthy: announce it."""
+        chain = await self.offload(self.node.trust_chain)
+        _, env = await self.offload(lambda: self.node.releases.get(chain, component, serial))
+        await self.offload(self.content.refresh)
+        self.forget_servable()
+        self.gossip.complete(component, serial, env.payload_digest())
+        self.holdings_changed()
 
     def sources(self, component: str, serial: int) -> str:
         """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""
@@ -232,9 +262,16 @@ class Lifecycle:
             if version is not None:
                 serial = await self.offload(lambda: ops.serial_of(self.node, component, version))
             started = trio.current_time()
-            result = await self.offload(
-                lambda: Applier(self.node).apply(component, serial, force)
-            )
+            hooks = self.self_update
+            try:
+                result = await self.offload(
+                    lambda: Applier(self.node, trial=hooks.record if hooks else None).apply(
+                        component, serial, force
+                    )
+                )
+            except HandOver as handover:
+                assert hooks is not None  # only a trial record makes a HandOver
+                return self._hand_over(hooks, handover)
             await self.offload(self.content.refresh)
         self.forget_servable()
         if result.changed:
@@ -248,6 +285,20 @@ class Lifecycle:
             )
         return result
 
+    def _hand_over(self, hooks: Hooks, handover: HandOver) -> ApplyResult:
+        """Restart into a staged self-update for its trial run (selfupdate.py)."""
+        tx = handover.tx
+        cfg = self.node.config.component(tx.component)
+        version = self.node.manifest(tx.component, tx.to).version
+        log("self-update-trial", component=tx.component, version=version, serial=tx.to,
+            seconds=cfg.health_seconds)  # fmt: skip
+        hooks.restart(restart_for(handover, cfg, self.node.root))
+        note = (
+            f"restarting into it: it goes live once it proves itself healthy within "
+            f"{cfg.health_seconds:g} s, else the node stays on this version"
+        )
+        return ApplyResult(tx.component, tx.to, version, tx.frm, False, message=note)
+
     async def rollback(self, component: str) -> ApplyResult:
         """Make the previous version live again (an operator act)."""
         async with self.mutex:
@@ -255,6 +306,11 @@ class Lifecycle:
             await self.offload(self.content.refresh)
         self.forget_servable()
         log("rolled-back", component=component, version=result.version, serial=result.serial)
+        cfg = self.node.config.component(component)
+        if cfg.self_update and self.self_update is not None and result.changed:
+            # p2pupd itself went back: run the version now live (no trial: an operator's act).
+            why = f"rolled back to {component} {result.version}"
+            self.self_update.restart(Restart(launcher(cfg), why, keep_lock=False))
         return result
 
     async def import_dir(

@@ -40,6 +40,7 @@ from p2pupd.daemon.offload import Offload, in_thread
 from p2pupd.daemon.service.fetch import SINGLE_FRAME_BYTES, FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
+from p2pupd.daemon.service.selfupdate import running_version
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.state.node import Node
@@ -428,6 +429,7 @@ class NodeService:
         return {
             "running": True,
             "pid": os.getpid(),
+            "version": running_version(),
             "listen": self.listen_endpoint,
             "peers": len(self.conns),
             "uptime_seconds": round(_now() - self.started_at, 1),

@@ -122,7 +122,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not serials:
             raise RepoError(f"component {c!r} has no releases in {args.repo}")
         if args.from_version is not None:  # only what a node at that version needs
-            sources.append(source_for_node_at(repo, c, args.from_version, notes))
+            for platform in repo.platforms(c, serials[-1]):  # each variant, or the one
+                sources.append(source_for_node_at(repo, c, args.from_version, notes, platform))
             continue
         for serial in serials[-max(1, args.history) :]:
             # Every variant: one bundle serves a fleet of mixed platforms.

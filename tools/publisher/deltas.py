@@ -264,7 +264,11 @@ class DeltaMaker:
 
 
 def source_for_node_at(
-    repo: Repo, component: str, version: str, notes: list[str] | None = None
+    repo: Repo,
+    component: str,
+    version: str,
+    notes: list[str] | None = None,
+    platform: str | None = None,
 ) -> ReleaseSource:
     """Return the newest release of ``component`` with only the blobs a node at ``version`` needs.
 
@@ -275,7 +279,9 @@ def source_for_node_at(
     the hooks that changed. The node also holds that version's signed
     envelope, so the new envelope travels as a patch against it where that is
     smaller, and the roots up to the one it was signed under stay home
-    (``write_bundle``).
+    (``write_bundle``). ``platform`` names the variant, for a release that has
+    only platform variants (a node holds the same platform's variant, or a
+    universal release).
 
     A version label names one release only if it was published once: a label
     published again (``publish --force``) names several, and the node may hold
@@ -289,12 +295,14 @@ def source_for_node_at(
     serials = repo.serials(component)
     if not serials:
         raise RepoError(f"component {component!r} has no releases in {repo.path}")
-    new, env = repo.release(component, serials[-1])
+    new, env = repo.release(component, serials[-1], platform)
     held: list[tuple[int, Manifest, Envelope]] = []
     for serial in serials[:-1]:
-        for platform in repo.platforms(component, serial):
+        for variant in repo.platforms(component, serial):
+            if variant not in (None, new.platform):
+                continue  # another platform's: a node that takes ``new`` never holds it
             try:
-                man, held_env = repo.release(component, serial, platform)
+                man, held_env = repo.release(component, serial, variant)
             except RevokedKeyError:
                 continue  # nodes refuse it: none holds it any more
             if man.version == version:
