@@ -101,7 +101,12 @@ ANNOTATION_PATCH_BASE_VERSION = "org.p2pupd.patch.base.version"
 # never simply the newest it knows, so a stick that needs no new feature is
 # read by every older node. ``ANNOTATION_WRITER`` ("p2pupd 0.2.0") is
 # informative: it lets a refusal say which p2pupd wrote the bundle.
-BUNDLE_FORMAT = (1, 0)  # the newest format this code reads and writes
+#
+# Formats: 1.0 -- plain bundles (p2pupd 0.1.0 onwards; unmarked before the
+# marker). 2.0 -- sealed bundles (protocol/site/sealed.py): the whole stick
+# encrypted to a site, one artifact a 1.x reader does not know; the plain
+# bundle inside keeps its own format.
+BUNDLE_FORMAT = (2, 0)  # the newest format this code reads and writes
 ANNOTATION_FORMAT = "org.p2pupd.bundle.format"
 ANNOTATION_WRITER = "org.p2pupd.bundle.writer"
 FORMAT_OF: dict[str, tuple[int, int]] = {

@@ -39,6 +39,7 @@ from p2pupd.tools.commands import inspect as cmd_inspect
 from p2pupd.tools.commands import maint as cmd_maint
 from p2pupd.tools.commands import node as cmd_node
 from p2pupd.tools.commands import publisher as cmd_publisher
+from p2pupd.tools.commands import site as cmd_site
 from p2pupd.tools.commands.base import (
     EPILOG,
     EXIT_ERROR,
@@ -49,8 +50,11 @@ from p2pupd.tools.commands.base import (
     UsageError,
 )
 from p2pupd.tools.publisher import keys
+from p2pupd.tools.site.authority import SiteError
 
-COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_config, cmd_maint, cmd_daemon, demo]
+COMMAND_MODULES = [
+    cmd_publisher, cmd_inspect, cmd_node, cmd_site, cmd_config, cmd_maint, cmd_daemon, demo,
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +85,9 @@ def exit_code_for(exc: BaseException) -> int:
     """Map an error to its documented exit code."""
     if isinstance(exc, (VerificationError, RemoteProtocolError, UnsafePathError)):
         return EXIT_REFUSED
-    if isinstance(exc, (UsageError, keys.KeyFileError, api.ConfigError, NewerFormatError)):
+    if isinstance(
+        exc, (UsageError, keys.KeyFileError, api.ConfigError, SiteError, NewerFormatError)
+    ):
         return EXIT_USAGE
     if isinstance(exc, api.UnfinishedTransactionError):
         return EXIT_UNFINISHED

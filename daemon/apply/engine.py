@@ -10,7 +10,7 @@ docstring for the state machine and recovery). One apply is:
    content that is neither on disk nor in the store (a clear error naming
    locally modified files), too little free space (stage.py);
 4. if that version is still kept on disk and intact, switch to it (no staging);
-   otherwise stage it beside the target (planning.py decides how): in the
+   otherwise stage it beside the target (plan.py decides how): in the
    kept version this commit would drop, reshaped in place (recycle.py), or
    fresh, from the cheapest proven sources — files the stat cache trusts,
    patches of big files, deltas, chunks;
@@ -28,7 +28,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,10 @@ from p2pupd.daemon.errors import (
 from p2pupd.daemon.stage.recycle import Recycled
 from p2pupd.daemon.stage.stager import StageReport, stage_file, stage_tree
 from p2pupd.daemon.stage.statcache import Shape, StatCache, record_tree
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.mancache import ManifestCache
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, HistoryEntry, now_seconds
+from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState
 from p2pupd.protocol.errors import RevokedKeyError, VerificationError
 from p2pupd.protocol.manifest import Manifest
 
@@ -319,8 +320,7 @@ class Applier:
             # A kept version re-staged in its own place, or recycled as the
             # stage, stops being a kept version first (so a crash cannot leave
             # the state pointing at a half-built tree).
-            st = replace(st, kept=tuple(s for s in st.kept if s not in drop))
-            self.node.state.update_state(cfg.name, st)
+            st = components.keep_dropped(self.node, cfg.name, drop)
         if not in_place:
             target.discard(src, "apply", st.installed)  # debris of an earlier crash
         op = "reshape" if in_place else "apply"
@@ -404,13 +404,7 @@ class Applier:
             )  # fmt: skip
         except (HookError, NotFoundError, StorageError) as exc:
             reason = str(exc)
-            cur = self.node.state.read_state(cfg.name)
-            cur = replace(
-                cur,
-                bad={**cur.bad, man.serial: reason},
-                last_error=f"{man.version} refused: {reason}",
-            ).with_event(HistoryEntry(now_seconds(), "refused", man.serial, man.version, reason))
-            self.node.state.update_state(cfg.name, cur)
+            components.refused(self.node, cfg.name, man, reason)
             raise HookError(f"{cfg.name} {man.version} not applied: {reason}") from None
 
     def _checks(self, cfg: ComponentConfig, target: Target, man: Manifest, tx: Tx) -> None:

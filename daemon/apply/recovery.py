@@ -18,7 +18,7 @@ recovery needs two facts, and this table is the whole rule:
 stays. Before it, a new version found live without a recorded verdict was cut
 off mid-transaction (a crash, a power cut): it is put back, and the
 interruption is counted against the release. That is not a verdict on the
-release, so it is retried; only the ``INTERRUPTIONS_BEFORE_BAD``-th
+release, so it is retried; only the ``INTERRUPTIONS_BEFORE_BAD``-th (state/components.py)
 interruption marks it bad (as boot counting does in A/B updaters: a release
 that takes the machine down with it must not be retried for ever). A failed
 health check is a verdict: a recorded ``undo`` marks the release bad at once.
@@ -39,9 +39,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from typing import Any
-
-# An apply cut off between swap and commit this many times is marked bad.
-INTERRUPTIONS_BEFORE_BAD = 3
 
 
 class Phase(enum.Enum):

@@ -55,17 +55,18 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pupd.daemon.apply.recovery import INTERRUPTIONS_BEFORE_BAD, Action, Phase, decide, phase_of
+from p2pupd.daemon.apply.recovery import Action, Phase, decide, phase_of
 from p2pupd.daemon.apply.targets import Identity, Target, lstat_or_none, target_for
 from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import fsync_dir, storage_error
 from p2pupd.daemon.stage.statcache import Entry, StatCache, stat_key
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import ComponentConfig, HistoryEntry, now_seconds
+from p2pupd.daemon.state.statedir import ComponentConfig
 from p2pupd.protocol import encoding
 from p2pupd.protocol.errors import CodecError
 from p2pupd.protocol.manifest import Manifest
@@ -523,21 +524,11 @@ class Transactions:
         return None
 
     def _commit(self, cfg: ComponentConfig, target: Target, tx: Tx, detail: str) -> None:
-        st = self.node.state.read_state(cfg.name)
-        if st.installed != tx.to:
-            kept = [s for s in st.kept if s not in (tx.to, tx.frm)]
-            if tx.frm is not None:
-                kept.insert(0, tx.frm)
-            bad = {s: r for s, r in st.bad.items() if s != tx.to}
-            interrupted = {s: n for s, n in st.interrupted.items() if s != tx.to}
-            entry = HistoryEntry(
-                now_seconds(), tx.event, tx.to, self._label(cfg.name, tx.to), detail
-            )
-            st = replace(
-                st, installed=tx.to, kept=tuple(kept[: cfg.retain]), bad=bad, last_error=None,
-                interrupted=interrupted,
-            ).with_event(entry)  # fmt: skip
-            self.node.state.update_state(cfg.name, st)
+        if self.node.state.read_state(cfg.name).installed != tx.to:
+            components.committed(
+                self.node, cfg.name, to=tx.to, frm=tx.frm, retain=cfg.retain, event=tx.event,
+                version=self._label(cfg.name, tx.to), detail=detail,
+            )  # fmt: skip
         crash_point("commit-state")
         target.finish(tx.src, tx.frm)
         self.follow(cfg, target)
@@ -551,33 +542,17 @@ class Transactions:
         ``verdict``: a check failed (the release is marked bad); otherwise the
         transaction was cut off between swap and commit, which is counted, and
         marks an applied release bad only the ``INTERRUPTIONS_BEFORE_BAD``-th
-        time (recovery.py). ``recorded``: the journal says the state already
+        time (state/components.py). ``recorded``: the journal says the state already
         holds it.
         """
         target.undo(tx.src, tx.new_id, tx.old_id, tx.frm, tx.op)
         self.follow(cfg, target)
         crash_point("undo-swap")
         if not recorded:
-            st = self.node.state.read_state(cfg.name)
-            version = self._label(cfg.name, tx.to)
-            bad, interrupted = dict(st.bad), dict(st.interrupted)
-            detail = reason
-            if verdict:
-                event, bad[tx.to] = "health-failed", reason
-                last = f"{version or tx.to} rolled back: {reason}"
-            else:
-                event, last = "interrupted", f"{version or tx.to} not applied: {reason}"
-                if tx.checked:
-                    n = interrupted[tx.to] = interrupted.get(tx.to, 0) + 1
-                    detail = f"{reason} ({n} of {INTERRUPTIONS_BEFORE_BAD})"
-                    if n >= INTERRUPTIONS_BEFORE_BAD:
-                        bad[tx.to] = f"{reason}, {n} times"
-                        last += f"; {n} times, no longer retried automatically"
-                    else:
-                        last += "; it will be retried"
-            st = replace(st, bad=bad, interrupted=interrupted, last_error=last)
-            st = st.with_event(HistoryEntry(now_seconds(), event, tx.to, version, detail))
-            self.node.state.update_state(cfg.name, st)
+            components.undone(
+                self.node, cfg.name, serial=tx.to, version=self._label(cfg.name, tx.to),
+                reason=reason, verdict=verdict, counts=tx.checked,
+            )  # fmt: skip
             self.step(tx, "recorded")
         self.step(tx, "done", outcome="undone")
 

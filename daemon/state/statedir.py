@@ -57,6 +57,8 @@ STATE_LAYOUT: tuple[tuple[str, int], ...] = (
     ("state.msgpack", members.FILE),
     ("lock", members.FILE),
     ("node.key", members.FILE),
+    ("node.box", members.FILE),
+    ("site", members.DIR),
     ("control.sock", members.SOCKET),
     ("trust", members.DIR),
     ("releases", members.DIR),

@@ -105,14 +105,14 @@ def test_export_marks_the_oldest_format_and_import_refuses_a_newer_major(world: 
     assert idx["annotations"][oci.ANNOTATION_FORMAT] == "1.0"
     assert idx["annotations"][oci.ANNOTATION_WRITER].startswith("p2pupd ")
 
-    idx["annotations"] = {oci.ANNOTATION_FORMAT: "2.0", oci.ANNOTATION_WRITER: "p2pupd 9.0"}
+    idx["annotations"] = {oci.ANNOTATION_FORMAT: "3.0", oci.ANNOTATION_WRITER: "p2pupd 9.0"}
     (stick / "index.json").write_text(json.dumps(idx))
     before = state_snapshot(world.state)
     r = world.import_(stick)
     assert r.code == 2
     assert r.err == (
-        "p2pupd: error: bundle format 2.0 (written by 'p2pupd 9.0') is newer than this "
-        "p2pupd reads (formats up to 1.x): update p2pupd on this node first, or have the "
+        "p2pupd: error: bundle format 3.0 (written by 'p2pupd 9.0') is newer than this "
+        "p2pupd reads (formats up to 2.x): update p2pupd on this node first, or have the "
         "bundle cut without the newer features\n"
     )
     assert state_snapshot(world.state) == before

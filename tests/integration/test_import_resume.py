@@ -92,6 +92,8 @@ def test_rerun_rechecks_left_blobs_and_recopies_a_torn_one(world: World, usb: Pa
     total = chunk_count(usb)
     kill_halfway(world, usb)
     left = [world.state / "incoming" / n for n in complete_in(world.state / "incoming")]
+    # Tear two blobs that can be torn: the 2-byte one ("small") survives a cut to 100 bytes.
+    left.sort(key=lambda p: p.stat().st_size < 200)
     os.chmod(left[0], 0o644)
     left[0].write_bytes(b"\0" * left[0].stat().st_size)  # torn: right size, wrong bytes
     os.chmod(left[1], 0o644)

@@ -247,13 +247,13 @@ def test_index_carries_its_format_and_writer() -> None:
 def test_a_newer_major_format_is_refused_first_naming_who_wrote_it() -> None:
     # Refused before anything else is looked at: a newer bundle may hold anything
     # (here an index entry of a media type this reader does not know).
-    doc = json.loads(marked("2.0", "p2pupd 3.1"))
+    doc = json.loads(marked("3.0", "p2pupd 3.1"))
     doc["manifests"] = [desc(1, mt="application/vnd.p2pupd.future")]
     with pytest.raises(NewerFormatError) as err:
         oci.parse_index(json.dumps(doc).encode())
     assert str(err.value).startswith(
-        "bundle format 2.0 (written by 'p2pupd 3.1') is newer than this p2pupd reads "
-        "(formats up to 1.x)"
+        "bundle format 3.0 (written by 'p2pupd 3.1') is newer than this p2pupd reads "
+        "(formats up to 2.x)"
     )
     assert "\n" not in str(err.value)
 
@@ -278,9 +278,9 @@ def test_writer_puts_the_oldest_format_that_carries_the_content() -> None:
     future = oci.Artifact(oci.RELEASE_ARTIFACT, (*layers, oci.Descriptor("x/new", d(1), 5)), {})
     with pytest.raises(ValueError, match="no bundle format defines 'x/new'"):
         oci.format_needed([future])
-    oci.FORMAT_OF["x/new"] = (2, 0)
+    oci.FORMAT_OF["x/new"] = (3, 0)
     try:
-        assert oci.format_needed([plain, future]) == (2, 0)
+        assert oci.format_needed([plain, future]) == (3, 0)
         assert oci.format_needed([plain]) == (1, 0)
     finally:
         del oci.FORMAT_OF["x/new"]

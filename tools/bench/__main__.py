@@ -10,11 +10,12 @@ import sys
 
 BENCHES = {
     "apply": "one changed file in a big tree and a 1 % changed image vs cp -a; swap window",
-    "delta": "bytes a node must receive vs whole-file bsdiff4 and zstd --patch-from",
+    "delta": "update bytes, publish time and RSS vs whole-file bsdiff4 and hdiffpatch",
     "import": "bundle import throughput vs sha256sum of the same bytes",
     "transfer": "daemon-to-daemon loopback throughput vs a plain socket; idle RSS and CPU",
     "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
+    "tls": "peer-link throughput with and without TLS 1.3 (site credentials), same run",
 }
 
 

@@ -56,6 +56,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         platform=args.platform,
         hook_limits=_hook_limits(args),
         self_update=None if args.self_update is None else Path(args.self_update),
+        site_file=Path(args.site) if args.site else None,
     )
     print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
     return EXIT_OK
@@ -145,6 +146,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"node {doc['node_id'][:12]}  platform {doc['platform']}  root v{doc['root_version']}"
         )
+        site = doc.get("site") or {}
+        if not site.get("configured"):
+            print(f"warning: {site.get('problem', 'no site configured')}")
+        elif site.get("member"):
+            print(f"site {site['name']}: member")
+        else:
+            print(f"site {site.get('name', '?')}: NOT a member: {site.get('problem')}")
         print(
             f"{'COMPONENT':<16} {'VERSION':<14} {'SERIAL':>6}  {'AVAILABLE':<14} {'KEPT':<14} NOTE"
         )
@@ -186,6 +194,9 @@ def register(add: Adder) -> None:
         state=True,
     )
     sp.add_argument("--trust", required=True, help="root.msgpack from the publisher")
+    sp.add_argument(
+        "--site", metavar="SITE.pub", help="the site this node belongs to (from `site init`)"
+    )
     sp.add_argument(
         "--component", action="append", default=[], help="NAME=TARGET_DIR (repeatable)"
     )

@@ -48,8 +48,10 @@ from p2pupd.protocol.errors import HashMismatchError, MixAndMatchError, P2pupdEr
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.patchcodec import encode_dict_patch, encode_patch
 from p2pupd.protocol.request import Request, plan_for_request
+from p2pupd.protocol.site import sealed
 from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
 from p2pupd.tools.publisher.repo import Repo, RepoError
+from p2pupd.tools.publisher.sealexport import SealingStore
 
 PACKED_BYTES_PER_BUNDLE = 64 * limits.MiB
 
@@ -259,11 +261,13 @@ def write_bundle(
     progress: Callable[[int], None] | None = None,
     *,
     request: bytes | None = None,
+    seal_to: list[bytes] | None = None,
 ) -> ExportReport:
     """Write a bundle into ``dest`` (created if needed). See module doc.
 
     ``request``, the signed request file a minimal bundle was cut for, is
-    carried as a request artifact. Raises ``RepoError``/``NotFoundError`` for
+    carried as a request artifact. ``seal_to`` (site seal keys) writes a
+    sealed bundle only members of those sites can read (sealexport.py). Raises ``RepoError``/``NotFoundError`` for
     a blob the source lacks, ``HashMismatchError`` for one whose bytes do not
     match, ``StorageError`` for write errors.
     """
@@ -272,7 +276,9 @@ def write_bundle(
     dest.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (dest / "index.json").unlink()  # a stale index must never outlive its blobs
-    out = BlobStore(dest)
+    out: BlobStore | SealingStore = (
+        BlobStore(dest) if not seal_to else SealingStore(dest, seal_to, writer())
+    )
     index: list[oci.Descriptor] = []
     artifacts: list[oci.Artifact] = []
     keep: set[bytes] = set()
@@ -367,16 +373,22 @@ def write_bundle(
         )
         report.releases.append((man.component, man.version, man.serial))
 
-    out.gc(keep)  # blobs of an earlier bundle in the same place: importers refuse extras
+    # The oldest format that carries this content, not the newest we know:
+    # older nodes import what needs nothing new (protocol/bundle.py).
+    fmt = oci.format_needed(artifacts)
+    plain = oci.build_index(index, fmt, writer())
+    if isinstance(out, SealingStore):
+        top = out.finish(plain, keep)  # the sealed stick's own format, around this one
+        fmt = max(fmt, sealed.BUNDLE_FORMAT)
+    else:
+        out.gc(keep)  # blobs of an earlier bundle in the same place: importers refuse extras
+        top = plain
+    report.format = oci.format_text(fmt)
     out.clean_tmp()
     with contextlib.suppress(OSError):
         (dest / "tmp").rmdir()  # the writer's scratch dir is not part of the layout
     atomic_write(dest / "oci-layout", oci.OCI_LAYOUT)
-    # The oldest format that carries this content, not the newest we know:
-    # older nodes import what needs nothing new (protocol/bundle.py).
-    fmt = oci.format_needed(artifacts)
-    atomic_write(dest / "index.json", oci.build_index(index, fmt, writer()))
-    report.format = oci.format_text(fmt)
+    atomic_write(dest / "index.json", top)
     return report
 
 
