@@ -85,3 +85,41 @@ def install(artifact: Path, root: Path) -> Path:
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     return root / "opt" / "p2pupd"
+
+
+def build_requirements() -> Path:
+    """The cached setuptools and wheel ``make dist`` builds p2pupd with (build/dist-cache)."""
+    found = sorted((ROOT / "build" / "dist-cache").glob("build-requires-*"))
+    assert found, "build/dist-cache has no build requirements: build the artifact first"
+    return found[-1]
+
+
+def has_commit(commit: str) -> bool:
+    r = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"],
+                       capture_output=True, timeout=60, check=False)  # fmt: skip
+    return r.returncode == 0
+
+
+def old_p2pupd(commit: str, dest: Path, wheels: Path) -> Path:
+    """p2pupd as it was at ``commit`` of this repository's history, installed into a
+    venv of its own with no index (its dependencies from ``wheels``, an artifact's
+    wheel folder, and setuptools from build/dist-cache); returns its command."""
+    src = dest / "src"
+    src.mkdir(parents=True)
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                         capture_output=True, timeout=120, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True, timeout=120)
+    venv = dest / "venv"
+    subprocess.run([str(base_interpreter()), "-m", "venv", "--without-pip", str(venv)],
+                   check=True, timeout=120)  # fmt: skip
+    (pip,) = wheels.glob("pip-*.whl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), str(pip / "pip"), "install", "--quiet", "--no-index",
+         "--no-cache-dir", "--disable-pip-version-check", "--find-links", str(wheels),
+         "--find-links", str(build_requirements()), str(src)],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return venv / "bin" / "p2pupd"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import CodecError
+from p2pupd.protocol.patchcodec import PATCH_FORMAT, PATCH_FORMATS
 from p2pupd.tools.commands import bundle as cmd_bundle
 from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, now, out
 from p2pupd.tools.commands.progress import Progress
@@ -32,6 +33,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
         args.release_threshold,
         name=args.name,
         expires=_expiry(args.expires_days),
+        patch_format=args.patch_format,
     )
     print(
         f"created repository {args.repo}: root v{root.version}; install {repo.root_path} on nodes"
@@ -86,6 +88,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         hooks=hooks,
         delta_depth=args.delta_depth,
         force=args.force,
+        patch_format=args.patch_format,
     )
     sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
     doc = {
@@ -192,6 +195,14 @@ def register(add: Adder) -> None:
     sp.set_defaults(fn=cmd_repo_init)
     sp.add_argument("repo")
     sp.add_argument(
+        "--patch-format",
+        type=int,
+        choices=PATCH_FORMATS,
+        default=PATCH_FORMAT,
+        help=f"newest delta patch format releases may use (default {PATCH_FORMAT}; 1 if "
+        "nodes run p2pupd 0.1.0: docs/self-update.md)",
+    )
+    sp.add_argument(
         "--root-key", action="append", required=True, help="root key file (repeat for k-of-n)"
     )
     sp.add_argument("--threshold", type=int, default=1, help="root signatures required (default 1)")
@@ -249,6 +260,13 @@ def register(add: Adder) -> None:
         type=int,
         metavar="N",
         help="compute deltas from the previous N releases (default: the repo's setting, 2)",
+    )
+    sp.add_argument(
+        "--patch-format",
+        type=int,
+        choices=PATCH_FORMATS,
+        help="newest delta patch format to write: 1 every p2pupd applies (bsdiff4), 2 adds "
+        "hdiffpatch and LZMA2 (default: the repo's setting; docs/self-update.md)",
     )
 
     sp = add(

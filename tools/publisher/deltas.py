@@ -57,7 +57,12 @@ from p2pupd.protocol.deltaplan import (
 )
 from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.protocol.patchcodec import EncodedPatch, encode_best
+from p2pupd.protocol.patchcodec import (
+    BSDIFF_FALLBACK_MAX_INPUT_BYTES,
+    PATCH_FORMAT,
+    EncodedPatch,
+    encode_best,
+)
 from p2pupd.protocol.trust import Envelope
 from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource
 from p2pupd.tools.publisher.repo import Repo, RepoError
@@ -159,11 +164,15 @@ class DeltaMaker:
         workers: int | None = None,
         progress: Callable[[str], None] | None = None,
         whole_file_max: int | None = None,
+        patch_format: int = PATCH_FORMAT,
     ) -> None:
         self.store = store
-        self.whole_file_max = (
-            limits.WHOLE_FILE_DELTA_MAX_BYTES if whole_file_max is None else whole_file_max
-        )
+        self.patch_format = patch_format
+        if whole_file_max is None:
+            whole_file_max = limits.WHOLE_FILE_DELTA_MAX_BYTES
+            if patch_format < 2:  # bsdiff4 only: ~17x its input in memory
+                whole_file_max = min(whole_file_max, BSDIFF_FALLBACK_MAX_INPUT_BYTES)
+        self.whole_file_max = whole_file_max
         self.previous = list(previous)
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self.progress = progress
@@ -288,7 +297,9 @@ class DeltaMaker:
 
     def _file_job(self, old: FileEntry, new: FileEntry, literal: int) -> Delta | None:
         with self._budget.take(old.size + new.size):
-            patch = encode_best(self._read(old.chunks), self._read(new.chunks))
+            patch = encode_best(
+                self._read(old.chunks), self._read(new.chunks), patch_format=self.patch_format
+            )
         if patch is None or len(patch.data) > KEEP_RATIO * literal:
             return None
         return self._keep(KIND_FILE, new.sha256, new.size, (old.sha256,), patch)
@@ -314,7 +325,9 @@ class DeltaMaker:
         self, bases: tuple[ChunkRef, ...], targets: tuple[ChunkRef, ...]
     ) -> Delta | None:
         size = sum(c.size for c in targets)
-        patch = encode_best(self._read(bases), self._read(targets))
+        patch = encode_best(
+            self._read(bases), self._read(targets), patch_format=self.patch_format
+        )
         if patch is None or len(patch.data) > KEEP_RATIO * size:
             return None
         return self._keep(

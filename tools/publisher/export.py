@@ -112,7 +112,9 @@ def envelope_layer(rel: ReleaseSource) -> tuple[bytes, str, dict[str, str]]:
     if base == data:
         return data, oci.RELEASE_MEDIA_TYPE, {}
     patch, media_type = min(
-        (encode_patch(base, data), oci.RELEASE_PATCH_MEDIA_TYPE),
+        # Format 1 (every node applies it): a bundle is written in the oldest
+        # format that carries it, and an envelope patch is a few hundred bytes.
+        (encode_patch(base, data, patch_format=1), oci.RELEASE_PATCH_MEDIA_TYPE),
         (encode_dict_patch(base, data), oci.RELEASE_ZPATCH_MEDIA_TYPE),
         key=lambda c: len(c[0]),
     )
