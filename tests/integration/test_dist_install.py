@@ -1,7 +1,7 @@
 """The offline installer artifact, installed where there is no network.
 
 The artifact for this machine's CPU and CPython is built once per session
-(conftest.py, _dist.py: wheels cached under build/dist-cache). Inside a network namespace
+(tests/conftest.py, _dist.py: wheels cached under build/dist-cache). Inside a network namespace
 with loopback only and no route, its install.sh installs into a scratch root
 (``--root``) with pip ``--no-index``; then the installed copy runs
 ``--version``, ``init``, ``import`` of a stick and ``status``. The environment
@@ -44,7 +44,7 @@ else:
 
 @pytest.fixture(scope="module")
 def artifact(dist_artifact: Path) -> Path:
-    return dist_artifact  # built once per session (conftest.py)
+    return dist_artifact  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture
