@@ -26,12 +26,15 @@ health check is a verdict: a recorded ``undo`` marks the release bad at once.
 A self-update (docs/self-update.md) tries the new version *before* the swap:
 after ``staged`` it journals ``trial`` and restarts the daemon into the
 staged version, which journals ``healthy`` once it has proved itself, then
-swaps and commits. Its process holds the node lock throughout, so whoever
-recovers a transaction stopped at ``trial`` knows its trial run is over
-without a verdict of health: that is the verdict (the release is marked bad),
-and the old version, never swapped out, stays. Stopped at ``healthy``, the
-new version has proved itself: if the swap happened the commit is finished,
-else the attempt counts as an interruption and is retried. docs/apply.md shows this table; a test checks that the two agree.
+swaps and commits -- or ``unhealthy`` with its reason; the old version's
+watchdog journals ``unhealthy`` too when the trial run dies or hangs. Its
+process holds the node lock throughout, so whoever recovers such a
+transaction knows its trial run is over. ``unhealthy`` is a verdict: the
+release is marked bad, and the old version, never swapped out, stays. A
+trial with neither was cut off (a power cut, the service stopped): an
+interruption, counted like one between swap and commit. ``healthy`` means
+the new version proved itself: if the swap happened the commit is
+finished, else the attempt counts as an interruption and is retried. docs/apply.md shows this table; a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class Phase(enum.Enum):
 
     BEGUN = "`begin`, no `staged`"
     STAGED = "`staged` (maybe `swapped`, `health`), no verdict"
-    TRIAL = "`trial` (self-update: the new version's trial run), no `healthy`"
+    TRIAL = "`trial` (self-update: the new version's trial run), no verdict"
+    UNPROVEN = "`unhealthy` (self-update: the trial run failed)"
     PROVEN = "`healthy` (self-update: the trial run proved it), no `commit`"
     UNDOING = "`undo`"
     COMMITTING = "`commit`"
@@ -73,8 +77,8 @@ class Action(enum.Enum):
     )
     FINISH_UNDO = "finish the undo: old version back, the recorded failure marks the release bad"
     TRIAL_FAILED = (
-        "the trial run ended without proving the new version healthy: the old version "
-        "stays (or goes back), the release is marked bad"
+        "the trial run failed: the old version stays (or goes back), the release is "
+        "marked bad"
     )
     FINISH_COMMIT = "finish the commit (state, kept version, cleanup); the new version stays"
 
@@ -84,9 +88,12 @@ RECOVERY: dict[tuple[Phase, Seen], Action] = {
     (Phase.STAGED, Seen.OLD): Action.ABORT,
     (Phase.STAGED, Seen.NEITHER): Action.ABORT,
     (Phase.STAGED, Seen.NEW): Action.UNDO_INTERRUPTED,
-    (Phase.TRIAL, Seen.OLD): Action.TRIAL_FAILED,
-    (Phase.TRIAL, Seen.NEW): Action.TRIAL_FAILED,
+    (Phase.TRIAL, Seen.OLD): Action.UNDO_INTERRUPTED,
+    (Phase.TRIAL, Seen.NEW): Action.UNDO_INTERRUPTED,
     (Phase.TRIAL, Seen.NEITHER): Action.ABORT,
+    (Phase.UNPROVEN, Seen.OLD): Action.TRIAL_FAILED,
+    (Phase.UNPROVEN, Seen.NEW): Action.TRIAL_FAILED,
+    (Phase.UNPROVEN, Seen.NEITHER): Action.ABORT,
     (Phase.PROVEN, Seen.OLD): Action.UNDO_INTERRUPTED,
     (Phase.PROVEN, Seen.NEW): Action.FINISH_COMMIT,
     (Phase.PROVEN, Seen.NEITHER): Action.ABORT,
@@ -108,6 +115,8 @@ def phase_of(records: Iterable[dict[str, Any]]) -> Phase:
         return Phase.UNDOING
     if "healthy" in steps:
         return Phase.PROVEN
+    if "unhealthy" in steps:
+        return Phase.UNPROVEN
     if "trial" in steps:
         return Phase.TRIAL
     if "staged" in steps:

@@ -424,7 +424,12 @@ class Transactions:
         """
         recs = self.journal(cfg.name).open_transaction() or []
         steps = [r.get("step") for r in recs]
-        if not recs or recs[0].get("tx") != tx_id or "trial" not in steps or "healthy" in steps:
+        if (
+            not recs
+            or recs[0].get("tx") != tx_id
+            or "trial" not in steps
+            or {"healthy", "unhealthy"} & set(steps)
+        ):
             raise NotFoundError(f"{cfg.name}: no open trial {tx_id} in the journal")
         tx = Tx.from_records(recs)
         tx.steps = [str(s) for s in steps]
@@ -650,14 +655,11 @@ class Transactions:
                 f"{cfg.name}: discarded an interrupted {tx.op} of serial {tx.to}; old version kept"
             )
         verdict = action in (Action.FINISH_UNDO, Action.TRIAL_FAILED)
-        default = "interrupted between swap and commit"
-        if action is Action.TRIAL_FAILED:
-            default = (
-                "its trial run ended before it proved itself healthy (the daemon exited, "
-                "was stopped or hung: see its log)"
-            )
-        elif phase_of(recs) is Phase.PROVEN:
-            default = "interrupted between its healthy trial run and the swap"
+        default = {
+            Phase.TRIAL: "its trial run was cut off before a verdict (a crash, a power cut, "
+            "the service stopped)",
+            Phase.PROVEN: "interrupted between its healthy trial run and the swap",
+        }.get(phase_of(recs), "interrupted between swap and commit")
         reason = next(
             (str(r["reason"]) for r in recs if r.get("step") in ("undo", "unhealthy")), default
         )

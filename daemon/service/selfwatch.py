@@ -12,11 +12,19 @@ journal ``healthy``); it only acts when the trial run cannot have done so:
   it hangs, so kill it (SIGKILL) and wait for it to go.
 
 Then, holding the node lock (free now: the daemon held it through ``exec``),
-it records why and recovers: a trial that ended without ``healthy`` marks the
-release bad and the old version, never swapped out, stays (recovery.py).
-Without a supervisor it then becomes the old daemon (``exec`` of ``current``
-with the daemon's arguments); under systemd (``INVOCATION_ID`` set) the unit's
-restart does that, and this process, in the unit's cgroup, is stopped with it.
+it records why (``unhealthy``: a verdict) and recovers: the release is marked
+bad and the old version, never swapped out, stays (recovery.py). Without a
+supervisor it then becomes the old daemon (``exec`` of ``current`` with the
+daemon's arguments); under systemd (``INVOCATION_ID`` set) the unit's restart
+does that.
+
+A stop is not a verdict. ``systemctl stop`` (or a supervisor's SIGTERM to the
+process group) reaches this process while the daemon still lives; a daemon
+that died on its own has already made us an orphan when systemd, seeing its
+main process gone, sends SIGTERM here. So SIGTERM only notes whether the
+daemon was still our parent: if it was, nothing is recorded -- the next start
+finds a trial cut off before its verdict, an interruption (retried) -- and
+this process exits once the daemon is gone, without starting anything.
 
 Once ``healthy`` or ``unhealthy`` is journalled the trial run has decided and
 only the swap and commit (or the hand-back to the old version) remain: the
@@ -60,6 +68,17 @@ def steps(state_dir: Path, component: str, tx: str) -> list[str] | None:
     """The steps of transaction ``tx`` so far; None once it is no longer the open one."""
     recs = records(state_dir, component, tx)
     return None if recs is None else [str(r.get("step")) for r in recs]
+
+
+STOPPED: list[bool] = []  # SIGTERM came while the daemon lived: a stop, not a verdict
+
+
+def on_sigterm(daemon: int) -> None:
+    def handler(_signum: int, _frame: object) -> None:
+        if os.getppid() == daemon:
+            STOPPED.append(True)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def watch(cfg: dict[str, Any]) -> str | None:
@@ -110,10 +129,13 @@ def recover(cfg: dict[str, Any], why: str) -> list[str]:
 def main(argv: list[str]) -> int:
     setup_logging("info")
     cfg = json.loads(argv[0])
+    on_sigterm(int(cfg["pid"]))
     cfg.update(_trial_deadline(cfg))
     why = watch(cfg)
     if why is None:
         return 0
+    if STOPPED:
+        return 0  # stopped, not failed: the next start counts an interruption
     log("self-update-watchdog", level=logging.WARNING, component=cfg["component"], reason=why)
     try:
         for line in recover(cfg, why):

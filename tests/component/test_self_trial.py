@@ -4,10 +4,11 @@ is tried *before* the swap (docs/self-update.md, "The trial run").
 ``apply`` with a trial stops at ``trial`` (``HandOver``) with the old version
 live and the new one staged; the trial run claims the open transaction (so its
 own recovery leaves it alone) and ends it with ``finish_trial``; anyone else
-who recovers it holds the lock, so the trial run is over: without ``healthy``
-the release is marked bad (with the reason the run recorded, if any), with
-``healthy`` but no swap it is an interruption (retried), with the swap done
-the commit is finished. Crashes are simulated by stopping at transaction
+who recovers it holds the lock, so the trial run is over: with ``unhealthy``
+(the run's or its watchdog's verdict) the release is marked bad with that
+reason, without any verdict it was cut off (an interruption, retried), with
+``healthy`` but no swap it is an interruption too, with the swap done the
+commit is finished. Crashes are simulated by stopping at transaction
 points; the real processes are in tests/integration/test_self_update.py.
 """
 
@@ -91,41 +92,40 @@ def test_the_trial_comes_before_the_swap_and_its_run_finishes_it(
         applier(world).finish_trial("app", tx.tx)
 
 
-def test_a_trial_run_that_ended_without_proving_itself_marks_the_release_bad(
-    two: tuple[World, list[Path]],
-) -> None:
+def test_a_trial_run_that_failed_marks_the_release_bad(two: tuple[World, list[Path]]) -> None:
     world, srcs = two
     tx = hand_over(world)
-    # The trial run died (or hung and was killed): the lock is free, the next
-    # holder recovers. The old version never left.
+    # The trial run (or its watchdog) records the verdict, then hands back.
+    claim_trial(tx.tx)
+    applier(world).fail_trial("app", tx.tx, "no peer came back within 60 s (it had 2)")
+    claim_trial(None)
+    # The old version's start holds the lock and recovers. It never left.
     lines = applier(world, trial=False).recover()
-    assert lines == [f"app: rolled back serial 2 ({transaction_default()})"]
+    assert lines == ["app: rolled back serial 2 (no peer came back within 60 s (it had 2))"]
     assert tree_snapshot(world.target) == tree_snapshot(srcs[0])
     assert not tx.src.exists()
     s = st(world)
-    assert s.installed == 1 and 2 in s.bad
+    assert s.installed == 1 and s.bad[2] == "no peer came back within 60 s (it had 2)"
     assert s.history[-1].event == "health-failed"
     # Marked bad: not applied again automatically.
     with pytest.raises(api.ApplyError, match="failed here before"):
         applier(world).apply("app", 2)
 
 
-def transaction_default() -> str:
-    return (
-        "its trial run ended before it proved itself healthy (the daemon exited, was "
-        "stopped or hung: see its log)"
-    )
-
-
-def test_the_reason_a_trial_run_gave_is_the_one_recorded(two: tuple[World, list[Path]]) -> None:
+def test_a_trial_run_cut_off_before_a_verdict_is_an_interruption(
+    two: tuple[World, list[Path]],
+) -> None:
     world, srcs = two
-    tx = hand_over(world)
-    claim_trial(tx.tx)
-    applier(world).fail_trial("app", tx.tx, "no peer came back within 60 s (it had 2)")
-    claim_trial(None)  # the run hands back to the old version, which recovers
-    applier(world, trial=False).recover()
-    assert st(world).bad[2] == "no peer came back within 60 s (it had 2)"
-    assert tree_snapshot(world.target) == tree_snapshot(srcs[0])
+    for n in (1, 2, 3):
+        tx = hand_over(world)
+        # A power cut, or the service stopped, during the trial run: no verdict.
+        applier(world, trial=False).recover()
+        assert tree_snapshot(world.target) == tree_snapshot(srcs[0])
+        assert not tx.src.exists()
+        s = st(world)
+        assert s.installed == 1 and s.interrupted == {2: n}
+        assert (2 in s.bad) == (n == 3)  # retried, then given up at the third
+    assert "cut off before a verdict" in st(world).bad[2]
 
 
 class Stop(BaseException):
