@@ -42,7 +42,7 @@ import trio
 from p2pupd.daemon import ops
 from p2pupd.daemon.apply.engine import Applier, ApplyResult, HandOver
 from p2pupd.daemon.bundles.importer import ImportReport
-from p2pupd.daemon.errors import DaemonError
+from p2pupd.daemon.errors import ApplyError, DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.service.fetch import FetchManager
@@ -259,6 +259,7 @@ class Lifecycle:
     ) -> ApplyResult:
         """Apply a stored release with the CLI's ``Applier``, in a worker thread."""
         async with self.mutex:
+            await self._not_in_trial(component)
             if version is not None:
                 serial = await self.offload(lambda: ops.serial_of(self.node, component, version))
             started = trio.current_time()
@@ -285,6 +286,19 @@ class Lifecycle:
             )
         return result
 
+    async def _not_in_trial(self, component: str) -> None:
+        """Refuse to change ``component`` while this daemon is its trial run.
+
+        Under the state mutex an open transaction can only be that trial (any
+        other is recovered first), and a second one would bury it in the journal.
+        """
+        pending = await self.offload(lambda: Applier(self.node).pending())
+        if component in pending:
+            raise ApplyError(
+                f"{component}: this daemon is the trial run of serial {pending[component]['to']}; "
+                "try again once it has settled"
+            )
+
     def _hand_over(self, hooks: Hooks, handover: HandOver) -> ApplyResult:
         """Restart into a staged self-update for its trial run (selfupdate.py)."""
         tx = handover.tx
@@ -302,6 +316,7 @@ class Lifecycle:
     async def rollback(self, component: str) -> ApplyResult:
         """Make the previous version live again (an operator act)."""
         async with self.mutex:
+            await self._not_in_trial(component)
             result = await self.offload(lambda: Applier(self.node).rollback(component))
             await self.offload(self.content.refresh)
         self.forget_servable()

@@ -69,6 +69,7 @@ LOCK_FD_ENV = "P2PUPD_LOCK_FD"  # the node lock, held across exec
 WATCHDOG_ENV = "P2PUPD_WATCHDOG_PID"  # a watchdog child this process must reap
 # How often the trial run looks for its peers.
 POLL_SECONDS = 0.2
+_WATCHDOGS: list[int] = []  # a watchdog child this process inherited through exec
 
 
 def boottime() -> float:
@@ -159,6 +160,8 @@ def adopted() -> TrialRun | None:
     wd_text = os.environ.pop(WATCHDOG_ENV, None)
     fd = int(fd_text) if fd_text and fd_text.isdigit() else None
     wd = int(wd_text) if wd_text and wd_text.isdigit() else None
+    if wd:
+        _WATCHDOGS.append(wd)  # passed on if this process execs again before it is reaped
     comp, _, tx = (trial or "").partition(":")
     return TrialRun(comp, tx, fd, wd) if (comp and tx) or fd is not None or wd else None
 
@@ -253,6 +256,8 @@ def exec_restart(restart: Restart, lock_fd: int | None, argv: list[str]) -> int:
             env[WATCHDOG_ENV] = str(child.pid)
         except OSError as exc:
             log("self-update-watchdog-failed", level=logging.ERROR, reason=str(exc))
+    elif _WATCHDOGS:
+        env[WATCHDOG_ENV] = str(_WATCHDOGS[-1])  # still our child: the next program reaps it
     if lock_fd is not None:
         env[LOCK_FD_ENV] = str(lock_fd)
     if restart.trial is not None:

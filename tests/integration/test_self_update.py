@@ -18,6 +18,9 @@ against N+1).
   watchdog (N+1's code) marks it bad and starts N+1 again, which is live
   throughout. The others never take N+2: a node announces only the release
   of p2pupd it runs and proved, so it never reached them.
+* N+3 (N+1's tree again) on the first node, whose health command for p2pupd
+  now fails: the trial run starts, cannot prove itself, records why and hands
+  the node (and its lock) back to N+1 in the same process.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Versions:
     n: str
     n1: str
     n2: str
+    n3: str  # N+1's tree published again, refused by a failing health command
     installed: Path  # a prefix with N installed (copied for each node)
     tree1: Path  # N+1's version directory: the release tree
     tree2: Path  # N+2's (broken)
@@ -62,7 +66,7 @@ class Versions:
 def versions(dist_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Versions:
     base = tmp_path_factory.mktemp("versions")
     n = project_version()
-    n1, n2 = f"{n}.post1", f"{n}.post2"
+    n1, n2, n3 = f"{n}.post1", f"{n}.post2", f"{n}.post3"
 
     def build() -> tuple[Path, Path]:
         src = source_copy(base / f"src-{n1}", n1)
@@ -74,7 +78,7 @@ def versions(dist_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> V
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         trees = pool.submit(build)
         inst = pool.submit(install, dist_artifact, base / "root-n")
-        return Versions(n, n1, n2, inst.result(), *trees.result())
+        return Versions(n, n1, n2, n3, inst.result(), *trees.result())
 
 
 @dataclass
@@ -231,3 +235,25 @@ def test_p2pupd_updates_itself_and_a_broken_release_stops_at_the_first_node(
             assert doc["daemon"]["version"] == versions.n1
     for sn in others:
         assert sn.node.text().count("event=self-update-trial") == 1  # N+1's only
+
+    # -- a new version that starts but fails its proof hands back by itself -------------
+    # N+3 is N+1's tree again; the first node's health command for p2pupd fails, so
+    # the trial run gives up, records why and execs the old version with the lock.
+    first.node.check("config", "set", "components.p2pupd.health_cmd", "sh -c 'exit 3'")
+    cli("publish", pub.repo, "p2pupd", versions.n3, versions.tree1, "--platform", plat)
+    stick3 = pub.base / "stick-n3"
+    cli("export", pub.repo, stick3, "--from-version", versions.n1)
+    pid = (first.status() or {})["daemon"]["pid"]
+    first.node.check("import", stick3, timeout=300)
+
+    def refused() -> bool:
+        doc = first.status()
+        return doc is not None and "3" in doc["components"]["p2pupd"]["bad"]
+
+    wait_until(refused, 240, "the first node to refuse N+3", 1.0)
+    doc = first.status()
+    assert doc is not None and first.runs(versions.n1)
+    assert doc["daemon"]["pid"] == pid  # handed back in place: no watchdog needed
+    assert doc["components"]["p2pupd"]["bad"]["3"].startswith("health command: ")
+    assert first.live_dir() == ".current.p2pupd-v1"
+    assert 'reason="handing back: health command:' in first.node.text()
