@@ -50,7 +50,7 @@ from p2pupd.daemon.state.statedir import (
     now_seconds,
 )
 from p2pupd.daemon.state.trusted import TrustStore
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import CodecError, VerificationError
 from p2pupd.protocol.manifest import Manifest
@@ -62,6 +62,7 @@ def locked(state_dir: Path) -> Iterator[Node]:
     """Open the node at ``state_dir`` and hold its state lock (``LockedError`` if taken)."""
     node = Node(state_dir)
     with node.lock:
+        node.state.mark_format()  # an older layout is read as it is, then marked current
         yield node
 
 
@@ -160,7 +161,7 @@ def init_node(
             hooks=hook_limits or (old.hooks if old else HookLimits()),
         )
         sd.create(cfg)
-        BlobStore(sd.root)  # the store's directories, so the skeleton is whole from the start
+        PackStore(sd.root)  # the store's directories, so the skeleton is whole from the start
         trust = TrustStore(sd)
         if not trust.current_path.exists():
             trust.install(data, now_seconds())
@@ -382,6 +383,8 @@ def gc(node: Node, dry_run: bool = False) -> dict[str, Any]:
         "bytes_freed": res.bytes_freed,
         "blobs_kept": res.blobs_kept,
         "temp_files_removed": res.temp_files_removed,
+        "blobs_packed": res.blobs_packed,
+        "packs_rewritten": res.packs_rewritten,
         "recovered": res.recovered,
     }
 

@@ -151,6 +151,7 @@ async def run(
         raise LockedError(f"{exc}: is a p2pupd daemon already running on this state?") from None
     try:
         await trio.to_thread.run_sync(node.store.clean_tmp)
+        await trio.to_thread.run_sync(node.state.mark_format)
         host, port = options.listen
         core = NodeService(
             node,

@@ -24,14 +24,15 @@ accepted release replaces it (blobs already stored count for the new one).
    ``ChunkBatchRequest`` and ``BATCH_PEER_CAP`` in flight, else one
    ``ChunkRequest`` each and ``PER_PEER_CAP`` in flight. The reader hands
    each answer to a callback that queues it and wakes the fetch loop; the
-   loop lands what arrived (``Landing.put`` hash-checks and writes it),
-   applies the outcomes to the planner and sends the next requests, so each
-   turn of the loop handles a batch of chunks and one write carries its
-   requests. A blob's planner slot is freed only once it is landed, so the
+   loop hands what arrived to a worker thread as one batch
+   (``Spool.put_many`` hash-checks it on every core and appends it to a
+   pack), applies the outcomes to the planner and sends the next requests,
+   so each turn of the loop handles a batch of chunks and one write carries
+   its requests; the connections keep reading while the batch is hashed. A blob's planner slot is freed only once it is landed, so the
    per-peer caps also bound what waits to be landed. A larger blob (patches,
    hooks) gets a task that fetches ranged pieces (``blobxfer.get_ranged``)
-   and streams them into the store (``BlobStore.put_stream``). Landed blobs
-   are made durable and moved into the store in batches (``landing``), at
+   and streams them into the store (``BlobStore.put_stream``). Spooled blobs
+   are made durable and committed to the store in batches (``spool``), at
    the latest before the release counts as complete.
    A mismatch bans and disconnects the peer; a peer that does not answer
    within ``hard_timeout`` is disconnected; ChunkMissing just steers the
@@ -58,9 +59,8 @@ from p2pupd.daemon.net.transport import PeerConnection, TransferError
 from p2pupd.daemon.service.links import Links
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for
-from p2pupd.daemon.store.landing import Landing
+from p2pupd.daemon.store.spool import Spool
 from p2pupd.protocol import limits
-from p2pupd.protocol.errors import HashMismatchError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.planner import FetchPlanner
 from p2pupd.protocol.session import Session
@@ -86,7 +86,7 @@ PER_PEER_CAP = 14  # of the session's 16 in flight; the rest is for manifest and
 # whole release at the seed (swarm 2.01x one node alone, two full copies out
 # of the seed); with 24, 1.47x and 1.45 copies.
 BATCH_PEER_CAP = 24
-COMMIT_SECONDS = 0.25  # landed blobs are flushed, stored and announced in batches
+COMMIT_SECONDS = 0.25  # spooled blobs are flushed, stored and announced in batches
 IDLE_SECONDS = 5.0
 RETRY_SECONDS = 30.0
 # A blob up to this size goes in one ChunkData frame (room for the envelope).
@@ -187,20 +187,23 @@ class FetchManager:
         self._heard: set[tuple[bytes, str, int]] = set()  # (peer, release) that sent us a Have
         self._pending: dict[tuple[str, int], list[bytes]] = {}  # Have updates to send
         self._commit_wanted = trio.Event()
-        self.landing = Landing(links.node.root, links.node.store)
+        self.spool = Spool(links.node.root, links.node.store)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run fetches and the batched commits (and Have updates) until cancelled."""
-        await self._links.offload(self.landing.clear)
+        await self._links.offload(self.spool.resume)  # keeps what a killed run received
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                await self._commit_wanted.wait()
-                await trio.sleep(COMMIT_SECONDS)  # batch what lands meanwhile
-                self._commit_wanted = trio.Event()
-                await self.commit()
+            try:
+                while True:
+                    await self._commit_wanted.wait()
+                    await trio.sleep(COMMIT_SECONDS)  # batch what lands meanwhile
+                    self._commit_wanted = trio.Event()
+                    await self.commit()
+            finally:
+                self.spool.close()
 
     def start(self, man: Manifest, digest: bytes) -> None:
         """Fetch what ``man`` still needs (replacing an older fetch of its component)."""
@@ -290,6 +293,7 @@ class FetchManager:
             run = _Attempt(rf, planner, needed)
             async with trio.open_nursery() as nursery:  # ranged transfers
                 while True:
+                    await self._land(run)
                     failure = self._settle(run)
                     if failure is not None or planner.done:
                         break
@@ -391,23 +395,32 @@ class FetchManager:
                 self._committed([digest])  # streamed straight into the store
             run.report(peer, digest, got)
 
+    async def _land(self, run: _Attempt) -> None:
+        """Spool the blobs that arrived, as one batch in a worker thread.
+
+        Their outcomes become True (stored at the next commit), False (bad
+        bytes) or the store's error. Answers arriving meanwhile queue behind.
+        """
+        results, run.results = run.results, []
+        batch = [(digest, o) for _, digest, o in results if isinstance(o, bytes)]
+        if batch:
+            landed = iter(await self._links.offload(partial(self.spool.put_many, batch)))
+            results = [(p, d, next(landed) if isinstance(o, bytes) else o) for p, d, o in results]
+        run.results = results + run.results
+
     def _settle(self, run: _Attempt) -> DaemonError | None:
         """Apply the answers that arrived since the last call to the planner.
 
-        Returns the first store error a landing ran into, if any.
+        Returns the first store error spooling ran into, if any.
         """
         failure = None
         results, run.results = run.results, []
         planner, now = run.planner, trio.current_time()
         for peer, digest, outcome in results:
-            if isinstance(outcome, bytes):
-                try:
-                    self.landing.put(outcome, digest)
-                    outcome = True
-                except HashMismatchError:
-                    outcome = False
-                except DaemonError as exc:  # our store failed (full disk, I/O)
-                    outcome = exc
+            if isinstance(outcome, bytes):  # arrived while the last batch was spooled
+                run.results.append((peer, digest, outcome))
+                run.rf.wake.set()
+                continue
             if outcome is True:
                 planner.on_chunk_received(peer, digest, True, now)
                 self._received(run.rf, peer, run.needed[digest])
@@ -433,8 +446,8 @@ class FetchManager:
             info.blobs_in += 1
 
     async def commit(self) -> None:
-        """Make landed blobs durable and store them, then tell interested peers."""
-        self._committed(await self._links.offload(self.landing.commit))
+        """Make spooled blobs durable and store them, then tell interested peers."""
+        self._committed(await self._links.offload(self.spool.commit))
 
     def _committed(self, digests: list[bytes]) -> None:
         for rf in self.active.values():

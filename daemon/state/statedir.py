@@ -9,11 +9,18 @@ Layout (all under STATE, one filesystem):
     trust/root.msgpack        the pinned root envelope (latest accepted)
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
-    blobs/sha256/<hex>        the content-addressed store (see store.py)
+    format                    the layout's version (``FORMAT_VERSION``); absent: 1
+    blobs/packs/<t>.pack|.idx small blobs in packs (store/packstore.py)
+    blobs/sha256/<hex>        large blobs, and those stored before packs
     journal/<c>.log           the apply journal (see journal.py)
     lock                      flock held by whoever mutates the state
-    tmp/ fetching/ incoming/  blobs on their way into the store
+    tmp/ spool/               blobs on their way into the store (store/spool.py)
     cache/                    derived data (manifests, hook modules, stat caches)
+
+Format 1 had no packs and spooled blobs in ``fetching/`` and ``incoming/``;
+its state directories are read as they are (loose blobs stay readable, the
+two old spool directories are removed by ``gc``), and marked 2 by the first
+command that holds the state lock.
 
 Every member must be what p2pupd made it: ``check_layout`` (run whenever the
 node is opened) refuses a state directory in which one is a symlink or of the
@@ -61,12 +68,18 @@ STATE_LAYOUT: tuple[tuple[str, int], ...] = (
     ("cache", members.DIR),
     ("cache/manifests", members.DIR),
     ("cache/hooks", members.DIR),
+    ("format", members.FILE),
     ("blobs", members.DIR),
     ("blobs/sha256", members.DIR),
+    ("blobs/packs", members.DIR),
     ("tmp", members.DIR),
-    ("fetching", members.DIR),
-    ("incoming", members.DIR),
+    ("spool", members.DIR),
+    ("fetching", members.DIR),  # format 1
+    ("incoming", members.DIR),  # format 1
 )
+FORMAT_VERSION = 2
+"""Version of the state directory's layout: 2 added packs and the spool."""
+LEGACY_DIRS = ("fetching", "incoming")
 DEFAULT_RETAIN = 2
 HISTORY_LIMIT = 200
 
@@ -262,6 +275,7 @@ class StateDir:
         self.journal_dir = root / "journal"
         self.lock_path = root / "lock"
         self.cache_dir = root / "cache"
+        self.format_path = root / "format"
 
     def exists(self) -> bool:
         return self.config_path.exists()
@@ -321,12 +335,44 @@ class StateDir:
                 f"cannot create state directory {self.root}: {exc.strerror}"
             ) from None
         self.check_layout()
+        self.check_format()
         self.write_config(config)
         if not self.state_path.exists():
             self.write_states({})
+        self.mark_format()
+
+    def format_version(self) -> int:
+        """The layout version recorded in ``format`` (1 when absent: made before it).
+
+        Raises ``ConfigError`` if the file does not hold a version number.
+        """
+        try:
+            text = self.format_path.read_bytes()[:32].decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return 1
+        except OSError as exc:
+            raise storage_error(exc, "read", self.format_path) from None
+        if not text.isdigit():
+            raise ConfigError(f"{self.format_path} does not hold a format version")
+        return int(text)
+
+    def check_format(self) -> None:
+        """Refuse (``ConfigError``) a state directory laid out by a newer p2pupd."""
+        version = self.format_version()
+        if version > FORMAT_VERSION:
+            raise ConfigError(
+                f"state directory {self.root} has format {version}, from a newer p2pupd; "
+                f"this one reads formats up to {FORMAT_VERSION}"
+            )
+
+    def mark_format(self) -> None:
+        """Record ``FORMAT_VERSION`` (the caller holds the state lock or is creating it)."""
+        if self.format_version() < FORMAT_VERSION:
+            atomic_write(self.format_path, f"{FORMAT_VERSION}\n".encode(), mode=0o644)
 
     def read_config(self) -> NodeConfig:
         self.check_layout()
+        self.check_format()
         if not self.config_path.exists():
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
