@@ -92,6 +92,8 @@ def index_for(directory: Path) -> PackIndex:
         if index is None:
             index = PackIndex(directory)
             _registry[key] = index
+            return index
+    index.refresh()  # also right if the directory was replaced by one with its inode
     return index
 
 

@@ -86,6 +86,7 @@ class Spool:
         self.dir = state_root / "spool"
         self.store = store
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._writers: list[PackWriter] = []
         self._appended: dict[bytes, int] = {}  # digest -> size, in a pack, not committed
         self._files: dict[bytes, int] = {}  # digest -> size, in STATE/spool, not committed
@@ -163,13 +164,14 @@ class Spool:
             return sum(self._appended.values()) + sum(self._files.values())
 
     def _writer(self) -> PackWriter:
-        with self._lock:
-            if self._writers and self._writers[-1].size < packfile.PACK_TARGET_BYTES:
-                return self._writers[-1]
-        w = PackWriter.open(self.store.index)
-        with self._lock:
-            self._writers.append(w)
-        return w
+        with self._open_lock:  # threads that find no pack with room open one, not one each
+            with self._lock:
+                if self._writers and self._writers[-1].size < packfile.PACK_TARGET_BYTES:
+                    return self._writers[-1]
+            w = PackWriter.open(self.store.index)
+            with self._lock:
+                self._writers.append(w)
+            return w
 
     def _claim(self, digest: bytes, size: int) -> bool:
         """Whether this blob still needs writing (not stored, not spooled already)."""
