@@ -42,6 +42,7 @@ import errno
 import fcntl
 import os
 import secrets
+import signal
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -54,6 +55,32 @@ from p2pupd.daemon.store.packfile import ENTRY, Entry
 from p2pupd.protocol import ids, limits
 
 WRITEBACK_BYTES = 8 * limits.MiB
+
+# ``P2PUPD_CRASH_AT=<point>`` makes the process SIGKILL itself at that point,
+# after passing it ``P2PUPD_CRASH_SKIP`` times (tests/integration/test_crash_packs.py).
+CRASH_POINTS = (
+    "pack-append",  # a record half written
+    "pack-appended",  # records written, nothing synced
+    "pack-synced",  # records durable, no index entry written
+    "pack-indexed",  # index entries written, not synced
+    "repack-copied",  # live records copied into a new pack, not committed
+    "repack-committed",  # new pack committed, old pack not yet removed
+    "gc-data-unlinked",  # a pack's data file removed, its index not yet
+    "gc-index-unlinked",  # a whole pack removed, the others not yet
+    "gc-index-rewritten",  # an index without dead entries in place, holes not punched
+    "gc-punched",  # a hole punched, more to go
+)
+_CRASH_AT = os.environ.get("P2PUPD_CRASH_AT")
+_crash_skip = [int(os.environ.get("P2PUPD_CRASH_SKIP", "0") or 0)]
+
+
+def crash_point(point: str) -> None:
+    """SIGKILL this process at ``point`` if ``P2PUPD_CRASH_AT`` names it (crash tests)."""
+    if point == _CRASH_AT:
+        if _crash_skip[0] > 0:
+            _crash_skip[0] -= 1
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
 _RW = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 _RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -475,6 +502,10 @@ class PackWriter:
                 start, self._writeback = self._writeback, self._end
             else:
                 start = -1
+        if _CRASH_AT == "pack-append":
+            head = packfile.record_header(digest, size)
+            os.pwrite(self._fd, head + bytes(data[: size // 2]), at)
+            crash_point("pack-append")
         try:
             n = os.pwritev(self._fd, [packfile.record_header(digest, size), data], at)
             if n != packfile.RECORD.size + size:
@@ -535,11 +566,14 @@ class PackWriter:
             if not todo:
                 return []
             try:
+                crash_point("pack-appended")
                 os.fdatasync(self._fd)
+                crash_point("pack-synced")
                 blob = b"".join(packfile.encode_entry(e) for e in todo)
                 n = os.pwrite(self._idx_fd, blob, self._idx_end)
                 if n != len(blob):
                     raise OSError(28, "short write to the index")
+                crash_point("pack-indexed")
                 os.fdatasync(self._idx_fd)
             except OSError as exc:
                 with self._lock:

@@ -45,7 +45,7 @@ from p2pupd.daemon.errors import StorageError
 from p2pupd.daemon.store import packfile
 from p2pupd.daemon.store.blobs import BlobStore, FsckReport, GcReport
 from p2pupd.daemon.store.packfile import RECORD, Entry
-from p2pupd.daemon.store.packs import Pack, PackIndex, PackWriter, salvage_all
+from p2pupd.daemon.store.packs import Pack, PackIndex, PackWriter, crash_point, salvage_all
 from p2pupd.protocol import limits
 
 REPACK_DEAD_FRACTION = 0.5
@@ -114,15 +114,18 @@ def collect(store: BlobStore, index: PackIndex, keep: Collection[bytes]) -> GcRe
             if live:
                 out.writer().copy_records(w.fd, live)
             drops.append((p, live, dead))
+        crash_point("repack-copied")
         out.commit()  # migrated and repacked blobs are durable in their new packs
+        crash_point("repack-committed")
         report.packed = store.remove_files(moved).removed
         for p, _, live, _ in trims:
             _rewrite_index(index, p, live)
         if trims:
             fsutil.fsync_dir(index.dir)  # no index names a record before it is punched out
+            crash_point("gc-index-rewritten")
         dropped: set[bytes] = set()
-        for p, w, _, dead in trims:
-            _free(w.fd, dead, p.data_end)
+        for p, w, live, dead in trims:
+            _free(w.fd, dead, max(e.record_end for e in live))
             dropped.update(e.digest for e in dead)
             report.bytes_freed += sum(e.size for e in dead)
         for p, live, dead in drops:
@@ -199,6 +202,7 @@ def _free(fd: int, dead: list[Entry], data_end: int) -> None:
     for start, end in _runs(dead):
         if not fsutil.punch_hole(fd, start, end - start):
             break  # this filesystem cannot: the space returns at the next repack
+        crash_point("gc-punched")
     with contextlib.suppress(OSError):
         if os.fstat(fd).st_size > data_end:
             os.ftruncate(fd, data_end)
@@ -230,6 +234,7 @@ def _delete(index: PackIndex, p: Pack) -> None:
             pass
         except OSError as exc:
             raise fsutil.storage_error(exc, "remove", f"{base}{suffix}") from None
+        crash_point(f"gc-{'data' if suffix == packfile.PACK_SUFFIX else 'index'}-unlinked")
     index.forget(p.name)
 
 
@@ -283,7 +288,8 @@ def fsck_packs(index: PackIndex, report: FsckReport, repair: bool, full: bool) -
                 entries = damaged.entries()
                 _rewrite_index(index, damaged, [e for e in entries if e.digest not in dropped])
                 fsutil.fsync_dir(index.dir)
-                _free(w.fd, [e for e in entries if e.digest in dropped], damaged.data_end)
+                rest = [e.record_end for e in entries if e.digest not in dropped]
+                _free(w.fd, [e for e in entries if e.digest in dropped], max(rest, default=packfile.PACK_HEADER.size))
             finally:
                 w.close()
 

@@ -288,7 +288,7 @@ def test_a_module_the_manifest_does_not_name_never_runs(
 ) -> None:
     """Swapping the hook's bytes in the node's store for a module that would pass
     does not get it run: the bytes must hash to what the signed manifest names."""
-    good = say_module(b"fine\n")
+    good = say_module(b"y\n")  # passes; as long as the named module, to take its place
     publish_with_hooks(world, tmp_path, "2.0", V2, health=say_module(b"x\n", code=1))
     assert world.import_(world.export("usb2")).code == 0
     named = ids.sha256(say_module(b"x\n", code=1)).hex()
