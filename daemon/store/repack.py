@@ -124,7 +124,7 @@ def collect(store: BlobStore, index: PackIndex, keep: Collection[bytes]) -> GcRe
             fsutil.fsync_dir(index.dir)  # no index names a record before it is punched out
             crash_point("gc-index-rewritten")
         dropped: set[bytes] = set()
-        for p, w, live, dead in trims:
+        for _, w, live, dead in trims:
             _free(w.fd, dead, max(e.record_end for e in live))
             dropped.update(e.digest for e in dead)
             report.bytes_freed += sum(e.size for e in dead)

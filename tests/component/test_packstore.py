@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _store import rewrite_packed  # noqa: E402
+from _store import rewrite_packed
 
-from p2pupd.daemon.errors import CorruptStoreError  # noqa: E402
-from p2pupd.daemon.store import packfile  # noqa: E402
-from p2pupd.daemon.store.blobs import BlobStore  # noqa: E402
-from p2pupd.daemon.store.packs import PackIndex, PackWriter  # noqa: E402
-from p2pupd.daemon.store.packstore import PackStore  # noqa: E402
-from p2pupd.daemon.store.spool import Spool  # noqa: E402
-from p2pupd.protocol.errors import HashMismatchError  # noqa: E402
+from p2pupd.daemon.errors import CorruptStoreError
+from p2pupd.daemon.store import packfile
+from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packs import PackIndex, PackWriter
+from p2pupd.daemon.store.packstore import PackStore
+from p2pupd.daemon.store.spool import Spool
+from p2pupd.protocol.errors import HashMismatchError
 
 KiB = 1024
 
