@@ -12,7 +12,8 @@ BENCHES = {
     "apply": "one changed file in a big tree and a 1 % changed image vs cp -a; swap window",
     "delta": "bytes a node must receive vs whole-file bsdiff4 and zstd --patch-from",
     "import": "bundle import throughput vs sha256sum of the same bytes",
-    "transfer": "daemon-to-daemon loopback throughput vs a plain socket; idle RSS and CPU",
+    "store": "gc and fsck of 100,000 chunks: one file per chunk vs packs",
+    "transfer": "daemon-to-daemon loopback throughput vs socket, hash+append, sha256; idle",
     "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
 }
