@@ -25,7 +25,8 @@ test: $(STAMP)
 FUZZ_SCALE ?= 200
 fuzz: $(STAMP)
 	P2PUPD_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/property/test_decoder_fuzz.py tests/property/test_wire_fuzz.py
+		tests/property/test_decoder_fuzz.py tests/property/test_wire_fuzz.py \
+		tests/property/test_site_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check protocol daemon tools tests installer

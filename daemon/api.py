@@ -18,6 +18,7 @@ from typing import Any
 from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon import ops
 from p2pupd.daemon.apply.engine import ApplyResult
+from p2pupd.daemon.apply.transaction import UnfinishedTransactionError
 from p2pupd.daemon.bundles.importer import (
     ImportedRelease,
     ImportInterruptedError,
@@ -77,6 +78,7 @@ __all__ = [
     "NotFoundError",
     "StateSource",
     "StorageError",
+    "UnfinishedTransactionError",
     "WatchEvent",
     "apply",
     "atomic_write",
@@ -84,6 +86,7 @@ __all__ = [
     "config_repair",
     "config_set",
     "config_show",
+    "enrol_request",
     "fsck",
     "gc",
     "history",
@@ -102,6 +105,8 @@ __all__ = [
     "recover",
     "rollback",
     "run_daemon",
+    "site_join",
+    "site_update",
     "status",
     "watch_imports",
 ]
@@ -116,6 +121,7 @@ def init_node(
     platform: str | None = None,
     cluster: str | None = None,
     hook_limits: HookLimits | None = None,
+    site_file: Path | None = None,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root (see ``ops``).
 
@@ -124,7 +130,7 @@ def init_node(
     """
     return ops.init_node(
         state_dir, trust_file, components, options=options, platform=platform,
-        cluster=cluster, hook_limits=hook_limits,
+        cluster=cluster, hook_limits=hook_limits, site_file=site_file,
     )  # fmt: skip
 
 
@@ -314,6 +320,36 @@ def make_request(state_dir: Path, *, site: bool = True) -> MadeRequest:
     with ops.locked(state_dir) as node:
         data = ops.node_request(node)
     return MadeRequest(data, verify_any_request(data), [])
+
+
+# -- site membership (daemon/state/membership.py) ----------------------------------
+
+
+def enrol_request(state_dir: Path) -> bytes:
+    """This node's signed enrolment request (``p2pupd site request``), through the daemon if one runs."""
+    running, doc = _daemon(state_dir, "enrol-request")
+    if running:
+        return bytes(doc["data"])
+    with ops.locked(state_dir) as node:
+        return ops.enrol_request(node)
+
+
+def site_join(state_dir: Path, data: bytes) -> dict[str, Any]:
+    """Install a membership document made by ``site enroll`` for this node (see ``ops.site_join``)."""
+    running, doc = _daemon(state_dir, "site-join", data=data)
+    if running:
+        return doc  # type: ignore[no-any-return]
+    with ops.locked(state_dir) as node:
+        return ops.site_join(node, data)
+
+
+def site_update(state_dir: Path, data: bytes) -> dict[str, Any]:
+    """Accept a newer revocation list or site document of this node's site (``site update``)."""
+    running, doc = _daemon(state_dir, "site-update", data=data)
+    if running:
+        return doc  # type: ignore[no-any-return]
+    with ops.locked(state_dir) as node:
+        return ops.site_update(node, data)
 
 
 def open_state_source(state_dir: Path) -> StateSource:

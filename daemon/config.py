@@ -22,6 +22,9 @@ site on defaults). See docs/config.md for the annotated file.
     [metrics]
     listen = ""                     # e.g. "127.0.0.1:9477"; empty = off
 
+    [site]
+    public = "/etc/p2pupd/site.pub" # the site this node belongs to (like init --site)
+
     [log]
     level = "info"
 """
@@ -55,6 +58,7 @@ class DaemonOptions:
     gossip_interval: float = 30.0
     metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint; None = off
     watch: tuple[Path, ...] = ()  # directories watched for bundles to import
+    site_file: Path | None = None  # site document to pin at start (if none is pinned)
 
 
 def parse_endpoint(text: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:
@@ -103,6 +107,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "import": {"watch": list},
     "metrics": {"listen": str},
+    "site": {"public": str},
     "log": {"level": str},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -122,6 +127,7 @@ class FileConfig:
     watch: tuple[Path, ...] | None = None
     metrics_listen: str | None = None
     log_level: str | None = None
+    site_file: Path | None = None
 
 
 def load_config(path: Path, required: bool = False) -> FileConfig:
@@ -163,6 +169,7 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
         else None,
         metrics_listen=get("metrics", "listen") or None,
         log_level=level,
+        site_file=_path(get("site", "public") or None),
     )
 
 

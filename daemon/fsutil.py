@@ -630,6 +630,9 @@ def open_beneath(
             os.close(cur)
 
 
+_PID_BYTES = 16  # the pid, padded: rewriting it in place needs no new block
+
+
 class FileLock:
     """An exclusive ``flock`` on a lock file, naming its holder's pid.
 
@@ -671,12 +674,11 @@ class FileLock:
                 who = f"pid {holder}" if holder else "another process"
                 raise LockedError(f"{self.path} is held by {who}") from None
             raise storage_error(exc, "lock", self.path) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            os.close(fd)
-            raise storage_error(exc, "write pid to", self.path) from None
+        # The pid only helps the message of whoever waits for the lock: best
+        # effort, so a full disk cannot stop the commands that free space (gc).
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"{os.getpid()}\n".ljust(_PID_BYTES).encode(), 0)
+            os.ftruncate(fd, _PID_BYTES)
         self._fd = fd
 
     def release(self) -> None:
@@ -684,7 +686,7 @@ class FileLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+                os.pwrite(fd, b" " * _PID_BYTES, 0)  # in place: the block stays allocated
             os.close(fd)
 
     def __enter__(self) -> FileLock:

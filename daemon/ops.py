@@ -27,7 +27,7 @@ from typing import Any
 from p2pupd.daemon.apply import gc as maint
 from p2pupd.daemon.apply.engine import Applier, ApplyResult
 from p2pupd.daemon.bundles.importer import ImportReport, import_bundle
-from p2pupd.daemon.bundles.siterequest import build_request
+from p2pupd.daemon.bundles.siterequest import build_request, node_key, node_public_key
 from p2pupd.daemon.errors import (
     ConfigError,
     DaemonError,
@@ -36,7 +36,8 @@ from p2pupd.daemon.errors import (
     StorageError,
 )
 from p2pupd.daemon.fsutil import FileLock
-from p2pupd.daemon.state import nodeconfig
+from p2pupd.daemon.state import components, nodeconfig
+from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.nodeconfig import check_health_cmd
 from p2pupd.daemon.state.statedir import (
@@ -52,8 +53,15 @@ from p2pupd.daemon.state.statedir import (
 from p2pupd.daemon.state.trusted import TrustStore
 from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol import ids
-from p2pupd.protocol.errors import CodecError, VerificationError
+from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.site.membership import (
+    SITE_TYPE,
+    EnrolRequest,
+    TrustedSite,
+    membership_context,
+)
+from p2pupd.protocol.site.sealed import open_sealed, x25519_public
 from p2pupd.protocol.trust import TrustedRoot
 
 
@@ -87,7 +95,9 @@ class ComponentOptions:
         if self.retain is not None and not 0 <= self.retain <= nodeconfig.MAX_RETAIN:
             raise ConfigError(f"retain wants 0..{nodeconfig.MAX_RETAIN}, got {self.retain}")
         if self.health_seconds is not None and not 0 < self.health_seconds <= 86400:
-            raise ConfigError(f"health timeout wants 0 < seconds <= 86400, got {self.health_seconds:g}")
+            raise ConfigError(
+                f"health timeout wants 0 < seconds <= 86400, got {self.health_seconds:g}"
+            )
 
     def applied_to(self, old: ComponentConfig) -> ComponentConfig:
         given = {k: v for k, v in vars(self).items() if v is not None}
@@ -103,6 +113,7 @@ def init_node(
     platform: str | None = None,
     cluster: str | None = None,
     hook_limits: HookLimits | None = None,
+    site_file: Path | None = None,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root.
 
@@ -113,9 +124,11 @@ def init_node(
     signed imports). Everything is checked -- the root, the target kinds, the
     health command -- and the state lock taken before anything is written, so
     a refused ``init``, or one while a daemon runs (``LockedError``), changes
-    nothing.
+    nothing. ``site_file`` pins the site document the node belongs to (see
+    daemon/state/membership.py), checked before anything is written.
     """
     options = options or ComponentOptions()
+    site_data = None if site_file is None else _read_site_file(site_file)
     try:
         data = trust_file.read_bytes()
     except OSError as exc:
@@ -152,7 +165,11 @@ def init_node(
         comps = dict(old.components) if old else {}
         for name, target in zip(names, components.values(), strict=True):
             base = comps.get(name) or ComponentConfig(name=name, target=target)
-            comps[name] = options.applied_to(replace(base, target=target.resolve()))
+            made = options.applied_to(replace(base, target=target))
+            # A symlink-kind target is the link itself (re-running init must not
+            # follow it to the version it points at): resolve only its directory.
+            path = target.parent.resolve() / target.name if made.kind == "symlink" else None
+            comps[name] = replace(made, target=path or target.resolve())
         cfg = NodeConfig(
             node_id=old.node_id if old else new_node_id(),
             platform=platform or (old.platform if old else default_platform()),
@@ -165,9 +182,90 @@ def init_node(
         trust = TrustStore(sd)
         if not trust.current_path.exists():
             trust.install(data, now_seconds())
+        if site_data is not None:
+            MembershipStore(sd).pin(site_data)
     finally:
         lock.release()
     return cfg
+
+
+def _read_site_file(path: Path) -> bytes:
+    """The bytes of a site document file, checked to be one (``CodecError`` names the file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read site file {path}: {exc.strerror}") from None
+    try:
+        TrustedSite.load(data)
+    except CodecError as exc:
+        raise CodecError(f"{path} is not a p2pupd site file ({exc})") from None
+    return data
+
+
+def pin_site(node: Node, site_file: Path) -> str:
+    """Pin the site named in the config file, if the node has none yet; returns its name.
+
+    Raises ``ConfigError`` if the node is pinned to another site.
+    """
+    return node.membership.pin(_read_site_file(site_file)).name
+
+
+def enrol_request(node: Node) -> bytes:
+    """This node's signed enrolment request (makes the node key and box key on first use)."""
+    key = node_key(node.state)
+    box = node.membership.box_key(create=True)
+    assert box is not None
+    site = node.membership.site()
+    return EnrolRequest(
+        node.config.node_id,
+        key.public_key().public_bytes_raw(),
+        x25519_public(box),
+        node.config.platform,
+        now_seconds(),
+        site.current.key_id if site is not None else "",
+    ).sign(key)
+
+
+def site_join(node: Node, data: bytes) -> dict[str, Any]:
+    """Install the membership document the site operator made for this node.
+
+    Verified first (protocol/membership.py): the node must have pinned the
+    site, and the credential must be for this node's id and key and valid
+    now. Returns the ``site`` status part.
+    """
+    site = node.membership.site()
+    if site is None:
+        raise ConfigError(
+            "this node has no site pinned: run `p2pupd init --site SITE.pub` first"
+        )
+    pub = node_public_key(node.state)
+    if pub is None:
+        raise ConfigError("this node never made an enrolment request (`p2pupd site request`)")
+    now = now_seconds()
+    m = site.verify_membership(data, node.config.node_id, pub, now)
+    box = node.membership.box_key()
+    if box is None or open_sealed(
+        m.epk, m.sealed, box, membership_context(node.config.node_id)
+    ) is None:
+        raise MixAndMatchError(
+            "membership document's seal key is not sealed to this node's box key "
+            "(made for another enrolment request of this node?)"
+        )
+    node.membership.install(m)
+    return node.membership.status_doc(node.config.node_id, pub, now)
+
+
+def site_update(node: Node, data: bytes) -> dict[str, Any]:
+    """Accept a newer revocation list, or the next site document, of this node's site."""
+    site = node.membership.site()
+    if site is None:
+        raise ConfigError("this node has no site pinned: it has nothing to update")
+    if site.classify(data) == SITE_TYPE:
+        new = node.membership.advance(data)
+        return {"site_version": new.version, "changed": True}
+    rl = site.verify_revocations(data)
+    changed = node.membership.update_revocations(site, rl, data)
+    return {"sequence": rl.sequence, "revoked": len(rl.entries), "changed": changed}
 
 
 def _component_name(name: str) -> str:
@@ -219,9 +317,7 @@ def config_repair(state_dir: Path, platform: str | None = None) -> dict[str, Any
             return {"repaired": False, "notes": ["the configuration is sound"],
                     "config": nodeconfig.as_doc(cfg)}  # fmt: skip
         if not (sd.config_path.exists() or sd.config_backup_path.exists()):
-            raise ConfigError(
-                f"{sd.root} has no configuration to repair (run `p2pupd init`)"
-            )
+            raise ConfigError(f"{sd.root} has no configuration to repair (run `p2pupd init`)")
         found = nodeconfig.salvage(sd, platform)
         sd.create(found.config)
     return {"repaired": True, "notes": found.notes, "config": nodeconfig.as_doc(found.config)}
@@ -325,6 +421,7 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
         "available": {"serial": newest, "version": label(newest)} if newest else None,
         "high_water": st.high_water,
         "bad": {str(s): r for s, r in st.bad.items()},
+        "interrupted": {str(s): n for s, n in st.interrupted.items()},
         "last_error": st.last_error,
     }
 
@@ -343,11 +440,17 @@ def recover_if_free(node: Node) -> tuple[list[str], dict[str, dict[str, Any]]]:
         return [], applier.pending()
     try:
         return applier.recover(), applier.pending()
+    except StorageError:
+        # Recovery must write (a full disk, a read-only target): it runs
+        # again with the next command that can; report what is open.
+        return [], applier.pending()
     finally:
         node.lock.release()
 
 
-def status(node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def status(
+    node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The node's state as plain data (the ``status --json`` document, without a daemon's part).
 
     ``recovered`` and ``pending`` come from ``recover_if_free`` (a command) or
@@ -359,6 +462,9 @@ def status(node: Node, *, recovered: list[str], pending: dict[str, dict[str, Any
         c["transaction"] = pending.get(name)
     return {
         "node_id": node.config.node_id.hex(),
+        "site": node.membership.status_doc(
+            node.config.node_id, node_public_key(node.state), now_seconds()
+        ),
         "platform": node.config.platform,
         "hook_limits": node.config.hooks.to_value(),
         "root_version": root.version,
@@ -413,9 +519,7 @@ def mark_good(
         serial = max(st.bad)
     if serial not in st.bad:
         raise NotFoundError(f"{component} serial {serial} is not marked bad on this node")
-    bad = dict(st.bad)
-    bad.pop(serial)
-    node.state.update_state(component, replace(st, bad=bad))
+    components.marked_good(node, component, serial)
     return serial
 
 

@@ -85,3 +85,8 @@ class MixAndMatchError(VerificationError):
 
 class HazardousModeError(VerificationError):
     """A signed release would install a mode the node does not allow (see ``modes``)."""
+
+
+class NotMemberError(VerificationError):
+    """Something is only for members of a site, and this node is not one (or not any more):
+    a sealed bundle for a site it holds no key of, a peer without a valid credential."""

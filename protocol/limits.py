@@ -27,6 +27,13 @@ MAX_KEYS_PER_ROLE = 64
 MAX_REVOKED_KEYS = 256  # key ids a root may declare compromised
 MAX_SIGNATURES = 64
 MAX_FILES_PER_MANIFEST = 1_000_000
+# Files, symlinks and directories of one release together.
+MAX_ENTRIES_PER_MANIFEST = 1_000_000
+# Path components of one entry. The apply path walks trees with loops, never
+# recursion, so depth costs no stack; the bound keeps a release's paths (1-byte
+# names and their slashes: 2,047 bytes) clear of PATH_MAX (4,096) once joined
+# to where the node keeps the target.
+MAX_TREE_DEPTH = 1024
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_SYMLINK_TARGET_BYTES = 4096

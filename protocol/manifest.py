@@ -217,22 +217,34 @@ class Manifest:
 def check_tree(man: Manifest) -> None:
     """Check the shape of the tree a manifest describes.
 
-    Every path is unique; no entry lies beneath a file or a symlink (so a
-    symlink can never redirect where staging writes); a file's chunks sum to
-    its size. Raises ``UnsafePathError`` or ``SchemaError``.
+    At most ``MAX_ENTRIES_PER_MANIFEST`` entries, none deeper than
+    ``MAX_TREE_DEPTH``; every path is unique; no entry lies beneath a file or a
+    symlink (so a symlink can never redirect where staging writes); a file's
+    chunks sum to its size. Raises ``UnsafePathError`` or ``SchemaError``.
+    Each directory on the way to an entry is checked once, however deep.
     """
+    total = len(man.files) + len(man.symlinks) + len(man.dirs)
+    if total > limits.MAX_ENTRIES_PER_MANIFEST:
+        raise SchemaError(f"manifest has {total} entries, limit {limits.MAX_ENTRIES_PER_MANIFEST}")
     kinds: dict[str, str] = {}
     for path, kind in _entries(man):
         if path in kinds:
             raise UnsafePathError(f"duplicate path in manifest: {path!r:.100}")
         kinds[path] = kind
+    dirs_ok: set[str] = set()  # directories known to lie beneath directories only
     for path in kinds:
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
+        depth = path.count("/") + 1
+        if depth > limits.MAX_TREE_DEPTH:
+            raise UnsafePathError(
+                f"{path!r:.60} is {depth} levels deep, limit {limits.MAX_TREE_DEPTH}"
+            )
+        parent = path.rpartition("/")[0]
+        while parent and parent not in dirs_ok:
             pk = kinds.get(parent)
             if pk is not None and pk != "dir":
                 raise UnsafePathError(f"{path!r:.100} lies beneath a {pk}")
+            dirs_ok.add(parent)
+            parent = parent.rpartition("/")[0]
     for f in man.files:
         if sum(c.size for c in f.chunks) != f.size:
             raise SchemaError(f"chunks of {f.path!r:.100} do not add up to its size")

@@ -106,12 +106,21 @@ class Request:
     releases: tuple[HeldRelease, ...] = ()
     extra_blobs: tuple[bytes, ...] = ()
     extra_truncated: bool = False
+    # The X25519 seal key of the site the node is a member of (None: no site).
+    # A bundle cut for the request is sealed to it (docs/security-model.md).
+    site_seal: bytes | None = None
 
     @property
     def key_id(self) -> str:
         return key_id(self.node_key)
 
     def to_value(self) -> dict[str, Any]:
+        v = self._value()
+        if self.site_seal is not None:  # only when set: requests without a site keep their bytes
+            v["site_seal"] = self.site_seal
+        return v
+
+    def _value(self) -> dict[str, Any]:
         return {
             "_type": REQUEST_TYPE,
             "spec": SPEC_VERSION,
@@ -156,6 +165,9 @@ class Request:
         truncated = v.get("extra_truncated")
         if not isinstance(truncated, bool):
             raise SchemaError("request extra_truncated must be a bool")
+        seal = v.get("site_seal")
+        if seal is not None and (not isinstance(seal, bytes) or len(seal) != 32):
+            raise SchemaError("request site_seal must be a 32-byte X25519 key")
         return cls(
             node_id=node_id,
             node_key=node_key,
@@ -170,6 +182,7 @@ class Request:
             ),
             extra_blobs=extra,
             extra_truncated=truncated,
+            site_seal=seal,
         )
 
 

@@ -51,6 +51,7 @@ from p2pupd.protocol.wire import (
     FEATURE_HAVE,
     FEATURE_RANGE,
     FEATURE_REQUEST,
+    FEATURE_SITE,
     MAGIC,
     MAX_RANGE_BYTES,
     MAX_REQUEST_ID,
@@ -79,6 +80,7 @@ from p2pupd.protocol.wire import (
     RootData,
     RootMissing,
     RootRequest,
+    SiteNews,
     encode_parts,
 )
 
@@ -114,7 +116,7 @@ _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
     ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
     ManifestRangeRequest, ManifestRangeData, Have, NodeRequestQuery, NodeRequestData,
-    ChunkBatchRequest,
+    ChunkBatchRequest, SiteNews,
 )  # fmt: skip
 _LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
 
@@ -163,6 +165,7 @@ _FEATURE_OF: dict[type[Message], str] = {
     NodeRequestQuery: FEATURE_REQUEST,
     NodeRequestData: FEATURE_REQUEST,
     ChunkBatchRequest: FEATURE_BATCH,
+    SiteNews: FEATURE_SITE,
 }
 
 

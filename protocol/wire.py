@@ -31,6 +31,10 @@ kinds are only sent to peers that advertised the matching Hello feature:
   ``NodeRequestData``; a daemon collects these into a site request for the
   publisher (protocol/request.py). The collector checks each one's signature
   and that it names the node id the peer proved in its Hello.
+* ``"site"`` (``FEATURE_SITE``): ``SiteNews`` pushes a signed site document
+  -- a revocation list, or a site document of a key rotation -- so that
+  revocations spread like releases (protocol/site/membership.py). A hint like
+  Announce: the receiver verifies it against its own pinned site.
 
 Why the receive side stays O(n) under hostile input
 ---------------------------------------------------
@@ -98,6 +102,7 @@ FEATURE_BATCH = "batch"
 # link busy; the answers are paced by the reader, never buffered at once.
 MAX_BATCH_DIGESTS = 64
 FEATURE_REQUEST = "request"
+FEATURE_SITE = "site"
 _CLUSTER_RE = re.compile(r"\S(.*\S)?")  # no leading/trailing blanks, not empty
 _FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 
@@ -476,12 +481,21 @@ class NodeRequestData(_Wire):
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class SiteNews(_Wire):
+    """A signed site document the sender holds (feature "site"); verified by the receiver."""
+
+    TYPE: ClassVar[int] = 40
+    DATA_LIMIT: ClassVar[int] = MAX_PAYLOAD_BYTES
+    data: bytes
+
+
 # fmt: off
 Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
-    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest
+    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | SiteNews
 )
 Request = (
     ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
@@ -497,7 +511,7 @@ _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
-    NodeRequestQuery, NodeRequestData, ChunkBatchRequest,
+    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, SiteNews,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 

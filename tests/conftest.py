@@ -49,8 +49,6 @@ def state_snapshot(state: Path) -> dict[str, tuple[str, int, str]]:
     return {k: v for k, v in snap.items() if k != "lock" and not k.startswith(("tmp/", "cache/"))}
 
 
-
-
 @dataclass
 class World:
     """Keys, a repository with 2-of-3 root keys and 2-of-2 release keys, and a node."""

@@ -2,10 +2,13 @@
 
 Exit codes (documented in README and ``p2pupd --help``):
   0  success
-  1  operational error (I/O, missing data, apply failed and rolled back)
+  1  operational error (I/O, missing data, apply failed and rolled back);
+     for apply, import --apply and rollback: the old version is live
   2  usage or configuration error
   3  refused by verification (signature, threshold, hash, rollback, expiry,
      malformed or hostile input)
+  4  an apply or rollback failed after its swap and the new version is live,
+     its transaction still open (the next command or `p2pupd recover` settles it)
 Every error is one line on stderr; a traceback appears only with P2PUPD_DEBUG=1.
 
 Commands live in ``cmd_*`` modules, each with ``register(add)``; a new group of
@@ -34,17 +37,22 @@ from p2pupd.tools.commands import inspect as cmd_inspect
 from p2pupd.tools.commands import maint as cmd_maint
 from p2pupd.tools.commands import node as cmd_node
 from p2pupd.tools.commands import publisher as cmd_publisher
+from p2pupd.tools.commands import site as cmd_site
 from p2pupd.tools.commands.base import (
     EPILOG,
     EXIT_ERROR,
     EXIT_REFUSED,
+    EXIT_UNFINISHED,
     EXIT_USAGE,
     Adder,
     UsageError,
 )
 from p2pupd.tools.publisher import keys
+from p2pupd.tools.site.authority import SiteError
 
-COMMAND_MODULES = [cmd_publisher, cmd_inspect, cmd_node, cmd_config, cmd_maint, cmd_daemon, demo]
+COMMAND_MODULES = [
+    cmd_publisher, cmd_inspect, cmd_node, cmd_site, cmd_config, cmd_maint, cmd_daemon, demo,
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +83,10 @@ def exit_code_for(exc: BaseException) -> int:
     """Map an error to its documented exit code."""
     if isinstance(exc, (VerificationError, RemoteProtocolError, UnsafePathError)):
         return EXIT_REFUSED
-    if isinstance(exc, (UsageError, keys.KeyFileError, api.ConfigError)):
+    if isinstance(exc, (UsageError, keys.KeyFileError, api.ConfigError, SiteError)):
         return EXIT_USAGE
+    if isinstance(exc, api.UnfinishedTransactionError):
+        return EXIT_UNFINISHED
     return EXIT_ERROR
 
 

@@ -40,7 +40,8 @@ from typing import IO, TYPE_CHECKING
 from p2pupd.daemon.errors import HealthCheckFailedError, HookError, StorageError
 from p2pupd.daemon.events import log
 from p2pupd.daemon.fsutil import storage_error
-from p2pupd.daemon.state.statedir import ComponentConfig, HistoryEntry, now_seconds
+from p2pupd.daemon.state import components
+from p2pupd.daemon.state.statedir import ComponentConfig
 from p2pupd.protocol.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -176,10 +177,8 @@ class Hooks:
         for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
             if text.strip():
                 detail += f"\n{name}: {_tail_chars(text.strip(), HOOK_HISTORY_OUTPUT_CHARS)}"
-        entry = HistoryEntry(now_seconds(), "hook", man.serial, man.version, detail)
         try:
-            st = self.node.state.read_state(cfg.name)
-            self.node.state.update_state(cfg.name, st.with_event(entry))
+            components.hook_ran(self.node, cfg.name, man, detail)
         except StorageError as exc:  # the verdict matters more than its record
             log("hook-record-failed", logging.WARNING, component=cfg.name, reason=str(exc))
 

@@ -10,7 +10,7 @@ docstring for the state machine and recovery). One apply is:
    content that is neither on disk nor in the store (a clear error naming
    locally modified files), too little free space (stage.py);
 4. if that version is still kept on disk and intact, switch to it (no staging);
-   otherwise stage it beside the target (planning.py decides how): in the
+   otherwise stage it beside the target (plan.py decides how): in the
    kept version this commit would drop, reshaped in place (recycle.py), or
    fresh, from the cheapest proven sources — files the stat cache trusts,
    patches of big files, deltas, chunks;
@@ -28,13 +28,13 @@ import contextlib
 import gc
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from p2pupd.daemon.apply.checks import HealthCheck, Hooks, run_health_command
 from p2pupd.daemon.apply.plan import Planner, StagePlan, kept_path, reusable_files
-from p2pupd.daemon.apply.targets import Target, target_for
+from p2pupd.daemon.apply.targets import Target, lstat_or_none, target_for
 from p2pupd.daemon.apply.transaction import CRASH_POINTS, Transactions, Tx
 from p2pupd.daemon.errors import (
     ApplyError,
@@ -46,9 +46,10 @@ from p2pupd.daemon.errors import (
 from p2pupd.daemon.stage.recycle import Recycled
 from p2pupd.daemon.stage.stager import StageReport, stage_file, stage_tree
 from p2pupd.daemon.stage.statcache import Shape, StatCache, record_tree
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.mancache import ManifestCache
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, HistoryEntry, now_seconds
+from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState
 from p2pupd.protocol.errors import RevokedKeyError, VerificationError
 from p2pupd.protocol.manifest import Manifest
 
@@ -221,8 +222,7 @@ class Applier:
         if serial in st.kept and self.planner.intact(cache, target, man, kept):
             tx = self.tx.begin(cfg, serial, st.installed, kept, "switch", checked, event)
         else:
-            rec = self.planner.recyclable(cfg, target, cache, st, serial, man)
-            plan = self.planner.plan(cfg, target, cache, man, st, rec)
+            rec, plan = self._plan(cfg, target, cache, man, st)
             tx, report = self._stage_tx(cfg, target, cache, man, st, plan, rec, checked, event)
         stage_seconds = time.monotonic() - t0
         try:
@@ -235,6 +235,34 @@ class Applier:
             cfg.name, serial, man.version, st.installed, True, report, note, modified,
             stage_seconds, tx.live_at - t0, tx.swap_ns,
         )  # fmt: skip
+
+    def _plan(
+        self, cfg: ComponentConfig, target: Target, cache: StatCache, man: Manifest,
+        st: ComponentState,
+    ) -> tuple[Recycled | None, StagePlan]:  # fmt: skip
+        """Choose the version to reshape into the stage (if any) and plan the stage.
+
+        Everything is decided before anything is dropped: the version to be
+        reshaped is no source of the plan (its files move and go while the
+        stage is built), only what it keeps in place counts. A kept version
+        staged in its own place (the symlink kind, when it is no longer
+        intact) is reshaped there. If some content is then found nowhere but in
+        the version that would be recycled, it is not recycled: the stage is
+        built fresh and that version is dropped after the commit, as usual.
+        Raises ``NotFoundError`` (nothing has changed).
+        """
+        serial = man.serial
+        src = target.stage_path(serial)
+        if serial in st.kept and src == target.version_path(serial) and lstat_or_none(src):
+            own = self.planner.in_place(cfg, target, cache, serial, man)
+            return own, self.planner.plan(cfg, target, cache, man, st, own)
+        rec = self.planner.recyclable(cfg, target, cache, st, serial, man)
+        try:
+            return rec, self.planner.plan(cfg, target, cache, man, st, rec)
+        except NotFoundError:
+            if rec is None:
+                raise
+        return None, self.planner.plan(cfg, target, cache, man, st, None)
 
     def _stage_tx(
         self,
@@ -251,19 +279,27 @@ class Applier:
         """Begin a transaction and build its stage (recycling a dropped version if any)."""
         serial = man.serial
         src = target.stage_path(serial)
-        drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
-        if rec is not None:
-            drop.add(rec.serial)
+        # A kept version reshaped where it is (op ``reshape``) stays a kept
+        # version: if the transaction ends before the swap it is left as far as
+        # the reshape got, a kept version no longer intact, reshaped again by
+        # the next attempt (its stat cache records trust only what is intact).
+        in_place = rec is not None and target.version_path(rec.serial) == src
+        drop = set()
+        if not in_place:
+            drop = {s for s in st.kept if (s == serial and src == target.version_path(s))}
+            if rec is not None:
+                drop.add(rec.serial)
         if drop:
             # A kept version re-staged in its own place, or recycled as the
             # stage, stops being a kept version first (so a crash cannot leave
             # the state pointing at a half-built tree).
-            st = replace(st, kept=tuple(s for s in st.kept if s not in drop))
-            self.node.state.update_state(cfg.name, st)
-        target.discard(src, "apply", st.installed)  # debris of an earlier crash
-        tx = self.tx.begin(cfg, serial, st.installed, src, "apply", checked, event)
+            st = components.keep_dropped(self.node, cfg.name, drop)
+        if not in_place:
+            target.discard(src, "apply", st.installed)  # debris of an earlier crash
+        op = "reshape" if in_place else "apply"
+        tx = self.tx.begin(cfg, serial, st.installed, src, op, checked, event)
         try:
-            if rec is not None:
+            if rec is not None and not in_place:
                 target.take(target.version_path(rec.serial), src)
                 self.tx.follow(cfg, target)
             report = self._stage(cfg, target, man, src, plan, rec)
@@ -286,7 +322,7 @@ class Applier:
             cache.save()
             self._pre_apply(cfg, target, man, tx, st)
         except BaseException:
-            self.tx.abort(cfg, tx)
+            self.tx.abort_quietly(cfg, tx)
             raise
         return tx, report
 
@@ -341,13 +377,7 @@ class Applier:
             )  # fmt: skip
         except (HookError, NotFoundError, StorageError) as exc:
             reason = str(exc)
-            cur = self.node.state.read_state(cfg.name)
-            cur = replace(
-                cur,
-                bad={**cur.bad, man.serial: reason},
-                last_error=f"{man.version} refused: {reason}",
-            ).with_event(HistoryEntry(now_seconds(), "refused", man.serial, man.version, reason))
-            self.node.state.update_state(cfg.name, cur)
+            components.refused(self.node, cfg.name, man, reason)
             raise HookError(f"{cfg.name} {man.version} not applied: {reason}") from None
 
     def _checks(self, cfg: ComponentConfig, target: Target, man: Manifest, tx: Tx) -> None:

@@ -15,7 +15,9 @@ no longer trusted), gc refuses to delete anything: guessing would risk a
 blob a kept version needs. gc runs under the node lock
 after recovery, so no transaction is open and no stage is half-built; it also
 removes versions beside the targets that the state no longer keeps and the
-store's crash debris.
+store's crash debris. On a full disk, where recovery cannot write, gc still
+runs (it is how room is made): the releases of open transactions are kept and
+their targets left for the recovery that follows.
 
 ``fsck`` checks the store (every packed blob against its checksum, or its
 sha256 with ``full``; every loose file re-hashed) and compares every live
@@ -36,8 +38,9 @@ from typing import Any
 
 from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.apply.targets import Target, target_for
-from p2pupd.daemon.errors import NotFoundError, StorageError
+from p2pupd.daemon.errors import NoSpaceError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import hash_file
+from p2pupd.daemon.stage.stagefs import walk_tree
 from p2pupd.daemon.stage.statcache import StatCache
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import LEGACY_DIRS
@@ -102,8 +105,18 @@ def collect(node: Node, dry_run: bool = False) -> GcResult:
     Raises ``StorageError`` (nothing deleted if the keep set cannot be built).
     """
     applier = Applier(node)
-    res = GcResult(recovered=applier.recover(), dry_run=dry_run)
+    try:
+        res = GcResult(recovered=applier.recover(), dry_run=dry_run)
+    except NoSpaceError as exc:
+        # Recovery must write; gc is what frees the room for it. The open
+        # transactions' releases are kept, their targets left to recovery.
+        res = GcResult(recovered=[f"recovery deferred: {exc}"], dry_run=dry_run)
+    pending = applier.pending()
     keep = keep_set(node, applier)
+    for name, tx in pending.items():
+        for serial in (tx.get("to"), tx.get("from")):
+            if isinstance(serial, int) and node.releases.has(name, serial):
+                keep.update(applier.manifest(name, serial).blob_sizes())
     res.blobs_kept = sum(1 for d in node.store.iter_digests() if d in keep)
     if dry_run:
         for digest in node.store.iter_digests():
@@ -123,7 +136,8 @@ def collect(node: Node, dry_run: bool = False) -> GcResult:
     # Decoded manifests of releases whose blobs are gone: rebuilt on demand.
     shutil.rmtree(node.state.cache_dir / "manifests", ignore_errors=True)
     for cfg in node.config.components.values():
-        applier.tx.cleanup(cfg)
+        if cfg.name not in pending:
+            applier.tx.cleanup(cfg)
     return res
 
 
@@ -154,7 +168,9 @@ def fsck(node: Node, repair: bool = False, full: bool = False) -> dict[str, Any]
         cache = applier.tx.cache(name)
         man = applier.manifest(name, st.installed)
         root = target.version_root(st.installed, st.installed)
-        problems = verify_version(target, man, root, cache, full)
+        problems = target.live_problems(st.installed)
+        if not problems:
+            problems = verify_version(target, man, root, cache, full)
         comps[name] = {"serial": st.installed, "version": man.version, "problems": problems}
         ok = ok and not problems
     doc["components"] = comps
@@ -176,19 +192,20 @@ def verify_version(
         want[d.path] = ("dir", d.mode)
     for f in man.files:
         want[f.path] = ("file", f)
-        parts = f.path.split("/")
-        for i in range(1, len(parts)):
-            want.setdefault("/".join(parts[:i]), ("dir", None))
     for s in man.symlinks:
         want[s.path] = ("symlink", s.target)
+    implied: set[str] = set()
+    for rel in list(want):
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in implied:  # each directory once, however deep
+            implied.add(parent)
+            want.setdefault(parent, ("dir", None))
+            parent = parent.rpartition("/")[0]
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            rel = str(p.relative_to(root))
-            seen.add(rel)
-            if rel not in want:
-                problems.append(f"{rel}: not in the release")
+    for rel in walk_tree(root):
+        seen.add(rel)
+        if rel not in want:
+            problems.append(f"{rel}: not in the release")
     for rel, (kind, what) in want.items():
         p = root / rel
         if rel not in seen:

@@ -19,17 +19,27 @@ the release to apply, without changing anything:
 from __future__ import annotations
 
 import functools
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pupd.daemon.apply.targets import Target, lstat_or_none, target_for
 from p2pupd.daemon.errors import NotFoundError, StorageError
+from p2pupd.daemon.fsutil import hash_file
 from p2pupd.daemon.stage.delta import DeltaBuilder
 from p2pupd.daemon.stage.recycle import Recycled, trusted_in
 from p2pupd.daemon.stage.rewrite import PATCH_MIN_BYTES, PatchPlan, plan_patch
 from p2pupd.daemon.stage.stager import missing_blobs
-from p2pupd.daemon.stage.statcache import Reuse, Source, StatCache, Version, find_sources
+from p2pupd.daemon.stage.statcache import (
+    Entry,
+    Reuse,
+    Source,
+    StatCache,
+    Version,
+    find_sources,
+    stat_key,
+)
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState
 from p2pupd.protocol.errors import RevokedKeyError
@@ -157,21 +167,43 @@ class Planner:
             return rec
         return None
 
+    def in_place(
+        self, cfg: ComponentConfig, target: Target, cache: StatCache, serial: int, man: Manifest
+    ) -> Recycled:
+        """A kept version no longer intact, to be reshaped where it is into release ``man``
+        (its own): what the stat cache still trusts stays, the rest is rebuilt."""
+        rec = Recycled(serial, cache, functools.partial(self.manifest, cfg.name, serial))
+        if target.kind != "file":
+            trusted_in(rec, man, target.version_path(serial))
+        return rec
+
     def intact(self, cache: StatCache, target: Target, man: Manifest, root: Path) -> bool:
-        """Whether a kept version still matches its manifest, by the stat cache (no reading)."""
+        """Whether a kept version still matches its manifest, by the stat cache (no reading).
+
+        A version the cache has no records of (its file was lost in a power
+        cut: it is not fsynced) is read and hashed instead, and recorded
+        again if it matches: a lost cache costs a re-hash, never the version.
+        """
         if lstat_or_none(root) is None:
             return False
         at = str(root)
+        if man.files and not cache.entries(man.serial):
+            return _rehash_version(cache, target, man, at)
         for f in man.files:
             if cache.trusted(man.serial, f.path, target.file_at(at, f.path), f.sha256) is None:
                 return False
         return True
 
-    def versions(self, cfg: ComponentConfig, target: Target, st: ComponentState) -> list[Version]:
-        """The versions on disk whose files may be reused: live first, then kept, newest first."""
+    def versions(
+        self, cfg: ComponentConfig, target: Target, st: ComponentState, exclude: int | None = None
+    ) -> list[Version]:
+        """The versions on disk whose files may be reused: live first, then kept, newest
+        first; not ``exclude`` (the version reshaped into the stage: its files move)."""
         out = []
         serials = ([st.installed] if st.installed is not None else []) + list(st.kept)
         for s in serials:
+            if s == exclude:
+                continue
             root = target.version_root(s, st.installed)
             if lstat_or_none(root) is not None and self.node.releases.has(cfg.name, s):
                 load = functools.partial(self.manifest, cfg.name, s)
@@ -189,11 +221,12 @@ class Planner:
     ) -> StagePlan:
         """Find trusted sources and patch bases; refuse if some content is nowhere.
 
-        Files the recycled version ``rec`` keeps in place need no source.
+        Files the recycled version ``rec`` keeps in place need no source; no
+        other file of it is a source (it is reshaped while the stage is built).
         Raises ``NotFoundError`` naming the missing count and any locally
         modified live files that made it so.
         """
-        versions = self.versions(cfg, target, st)
+        versions = self.versions(cfg, target, st, rec.serial if rec is not None else None)
         kept = rec.keep if rec is not None else {}
         if rec is not None and rec.rest is not None:
             rest = rec.rest  # found while trusting what it keeps
@@ -272,3 +305,26 @@ class Planner:
                 held, reusable = plan.held()
                 return DeltaBuilder(man, held, reusable, self.node.store)
         return None
+
+
+def _rehash_version(cache: StatCache, target: Target, man: Manifest, root: str) -> bool:
+    """Whether every file of ``man`` at ``root`` has its size, mode and sha256; if so,
+    record them in ``cache`` (the caller saves it)."""
+    records: dict[str, Entry] = {}
+    for f in man.files:
+        path = target.file_at(root, f.path)
+        st = lstat_or_none(Path(path))
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+            return False
+        if stat.S_IMODE(st.st_mode) != f.mode:
+            return False
+        try:
+            sha, _ = hash_file(path)
+        except StorageError:
+            return False
+        now = lstat_or_none(Path(path))
+        if sha != f.sha256 or now is None or stat_key(now) != stat_key(st):
+            return False  # different bytes, or changed while it was read
+        records[f.path] = (*stat_key(st), sha)
+    cache.replace_version(man.serial, records)
+    return True

@@ -2,7 +2,7 @@
 
 Theory of operation. Every change of the live version, whatever caused it (a
 new release, an operator's rollback), is one transaction in the component's
-journal (journal.py). It makes version ``to`` live at the target, taking it
+journal (``Journal``, below). It makes version ``to`` live at the target, taking it
 from ``src`` (a fresh stage, or a kept version: op ``apply`` or ``switch``)::
 
     begin ─► [stage] ─► [pre-apply] ─► staged ─► swap ─► swapped ─► [health] ─┬─► commit ─► done
@@ -14,19 +14,21 @@ the identity of the new version and of the live one (targets.py), and the swap
 is one system call, so afterwards the question "did the swap happen?" is
 answered by looking at the target, not by trusting a record that a crash may
 have cut off. Recovery (``recover``, run at the start of every command and of
-the daemon) reads the open transaction and:
-
-* reached ``commit``: finishes it (commit is idempotent);
-* never reached ``staged``, or the new version is not live and no ``undo`` was
-  recorded: the swap never happened; discards the stage (abort);
-* otherwise the new version is or was live without a commit: undoes it. A
-  crash between swap and commit counts as a failed health check (as boot
-  counting does in A/B updaters): the release is marked bad on this node.
+the daemon) reads the open transaction and the target's identity and does what
+the recovery table says (recovery.py: one entry per pair of what the journal
+reached and what the target holds).
 
 So after any crash the target is exactly the old or the new version. The
 cleanup after a commit (dropping versions beyond ``retain``, scratch names,
 stale cache records) is idempotent and runs before ``done``, so recovery
 finishes it too.
+
+The journal is an append-only, fsynced log of intent, one per component.
+Records are framed as ``len:u32 | crc32:u32 | canonical msgpack``; a torn
+tail (a crash mid-append) fails its length or CRC and is ignored, so the log
+always reads as a prefix of what was written. A transaction ends with
+``done``; the log is truncated once it grows past a bound while no
+transaction is open.
 
 ``P2PUPD_CRASH_AT=<point>`` makes the process SIGKILL itself at that point
 (``CRASH_POINTS``), for the crash tests.
@@ -38,19 +40,163 @@ import contextlib
 import os
 import secrets
 import signal
+import struct
 import time
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pupd.daemon.apply.journal import Journal
+from p2pupd.daemon.apply.recovery import Action, Phase, decide, phase_of
 from p2pupd.daemon.apply.targets import Identity, Target, lstat_or_none, target_for
-from p2pupd.daemon.errors import NotFoundError, StorageError
+from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
+from p2pupd.daemon.fsutil import fsync_dir, storage_error
 from p2pupd.daemon.stage.statcache import Entry, StatCache, stat_key
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import ComponentConfig, HistoryEntry, now_seconds
+from p2pupd.daemon.state.statedir import ComponentConfig
+from p2pupd.protocol import encoding
+from p2pupd.protocol.errors import CodecError
 from p2pupd.protocol.manifest import Manifest
+
+_HEADER = struct.Struct(">II")
+_MAX_RECORD = 1 << 20
+_COMPACT_BYTES = 1 << 20
+
+
+def _scan(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The intact records at the start of ``data`` and the offset where they end."""
+    out: list[dict[str, Any]] = []
+    pos = 0
+    while pos + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, pos)
+        body = data[pos + _HEADER.size : pos + _HEADER.size + length]
+        if length > _MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
+            break
+        try:
+            rec = encoding.decode(body)
+        except CodecError:
+            break
+        if isinstance(rec, dict):
+            out.append(rec)
+        pos += _HEADER.size + length
+    return out, pos
+
+
+class JournalUncertainError(StorageError):
+    """Appending failed and the journal could not be cut back: the record may be durable."""
+
+
+class Journal:
+    """Append-only step log of one component's applies.
+
+    An append writes its frame at the end of the last intact record (not
+    blindly at the end of the file: a torn tail left by a crash, or by a write
+    the disk could not hold, is cut off first, or every later record would sit
+    behind it, unseen by ``records``), loops over short writes, and fsyncs. If
+    the write or the fsync fails, the file is cut back to where it was and
+    synced, so a failed append leaves no trace (``StorageError``); only if
+    that too fails is the outcome unknown (``JournalUncertainError``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._end: int | None = None  # where the intact records end, if known
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append ``record`` and fsync before returning (the step may then act)."""
+        body = encoding.encode(record)
+        frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
+        new = not self.path.exists()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise storage_error(exc, "write journal", self.path) from None
+        try:
+            try:
+                end = self._intact_end(fd)
+            except OSError as exc:
+                raise storage_error(exc, "repair journal", self.path) from None
+            try:
+                view = memoryview(frame)
+                pos = end
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
+                os.fsync(fd)
+            except OSError as exc:
+                self._end = None
+                try:
+                    os.ftruncate(fd, end)
+                    os.fsync(fd)
+                except OSError:
+                    raise JournalUncertainError(
+                        f"cannot write journal {self.path}: {exc.strerror}; "
+                        "nor cut it back (the record may or may not be durable)"
+                    ) from None
+                raise storage_error(exc, "write journal", self.path) from None
+            self._end = end + len(frame)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(self.path.parent)
+
+    def _intact_end(self, fd: int) -> int:
+        """Where the intact records end in the open journal ``fd``; cut off anything after.
+
+        Raises ``OSError``.
+        """
+        size = os.fstat(fd).st_size
+        if self._end is not None and self._end == size:
+            return size
+        data = os.pread(fd, size, 0) if size else b""
+        end = _scan(data)[1]
+        if end != size:
+            os.ftruncate(fd, end)  # a torn or corrupt tail: nothing after it is readable
+            os.fsync(fd)
+        self._end = end
+        return end
+
+    def records(self) -> list[dict[str, Any]]:
+        """Return every intact record, stopping at the first torn or corrupt one."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot read journal {self.path}: {exc.strerror}") from None
+        return _scan(data)[0]
+
+    def last_transaction(self) -> list[dict[str, Any]]:
+        """Return the records of the newest transaction (from its ``begin``)."""
+        recs = self.records()
+        for i in range(len(recs) - 1, -1, -1):
+            if recs[i].get("step") == "begin":
+                return recs[i:]
+        return []
+
+    def open_transaction(self) -> list[dict[str, Any]] | None:
+        """Return the newest transaction if it has not reached ``done``."""
+        tx = self.last_transaction()
+        if tx and tx[-1].get("step") != "done":
+            return tx
+        return None
+
+    def compact(self) -> None:
+        """Drop finished transactions once the log is large (never an open one)."""
+        try:
+            if self.path.stat().st_size < _COMPACT_BYTES or self.open_transaction():
+                return
+            self.path.unlink()
+            fsync_dir(self.path.parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot compact journal {self.path}: {exc.strerror}") from None
+
+
+# -- the transaction ------------------------------------------------------------
 
 CRASH_POINTS = (
     "begin",  # begin record durable, nothing staged
@@ -66,14 +212,27 @@ CRASH_POINTS = (
     "done",
 )
 _CRASH_AT = os.environ.get("P2PUPD_CRASH_AT")
+# A test's fault injector, called at every point (fill the disk, remount, cut the power).
+FAULT: Callable[[str], None] | None = None
 
 Checks = Callable[[ComponentConfig, Target, Manifest, "Tx"], None]
 
 
 def crash_point(point: str) -> None:
     """SIGKILL this process if ``P2PUPD_CRASH_AT`` names ``point`` (crash tests)."""
+    if FAULT is not None:
+        FAULT(point)
     if point == _CRASH_AT:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class UnfinishedTransactionError(DaemonError):
+    """A transaction failed after its swap and the new version is (or may be) live.
+
+    Its journal stays open: the next command (or ``p2pupd recover``) settles it
+    as the recovery table says. The CLI's exit code 4, never 1: exit 1 means
+    the old version is live.
+    """
 
 
 @dataclass
@@ -85,13 +244,17 @@ class Tx:
     to: int
     frm: int | None
     src: Path
-    op: str  # "apply" (src is a fresh stage) or "switch" (src is a kept version)
+    # "apply" (src is a fresh stage), "switch" (src is a kept version) or "reshape"
+    # (src is a kept version being rebuilt in place: never removed, stays kept)
+    op: str
     checked: bool  # whether health checks decide (False for an operator's rollback)
     event: str  # history event on commit
     new_id: Identity = None
     old_id: Identity = None
     swap_ns: int = 0
     live_at: float = 0.0  # time.monotonic() when the swap returned
+    steps: list[str] = field(default_factory=list)  # steps this process made durable
+    reason: str = ""  # why the checks failed (the ``undo`` record's reason)
 
     def begin_record(self) -> dict[str, Any]:
         return {
@@ -126,9 +289,12 @@ class Transactions:
         self.node = node
         self.manifest = manifest
         self._caches: dict[str, StatCache] = {}
+        self._journals: dict[str, Journal] = {}
 
     def journal(self, component: str) -> Journal:
-        return Journal(self.node.state.journal_dir / f"{component}.log")
+        if component not in self._journals:
+            self._journals[component] = Journal(self.node.state.journal_dir / f"{component}.log")
+        return self._journals[component]
 
     def cache(self, component: str) -> StatCache:
         if component not in self._caches:
@@ -148,6 +314,7 @@ class Transactions:
     def step(self, tx: Tx, step: str, **fields: Any) -> None:
         """Journal ``step`` of ``tx`` (durable on return); ``StorageError`` if it cannot."""
         self.journal(tx.component).append({"step": step, "tx": tx.tx, **fields})
+        tx.steps.append(step)
 
     def abort(self, cfg: ComponentConfig, tx: Tx) -> None:
         """End ``tx`` before its swap: discard the stage, journal ``done``, tidy up.
@@ -162,30 +329,47 @@ class Transactions:
         with contextlib.suppress(StorageError):
             self.cleanup(cfg)
 
+    def abort_quietly(self, cfg: ComponentConfig, tx: Tx) -> None:
+        """``abort`` as far as it can go: the error that caused it matters more, and
+        recovery aborts again (the recovery table) whatever this left undone."""
+        with contextlib.suppress(StorageError):
+            self.abort(cfg, tx)
+
     def swap_and_commit(self, cfg: ComponentConfig, man: Manifest, tx: Tx, checks: Checks) -> None:
         """Swap ``tx.src`` in, run ``checks`` (if ``tx.checked``), then commit or undo.
 
         Raises whatever ``checks`` raised after the old version is back and
-        the release is marked bad; ``StorageError``/``ApplyError`` if the swap
-        itself fails (then nothing changed and the transaction is aborted).
+        the release is marked bad; ``StorageError``/``ApplyError`` when the
+        transaction failed with the old version live (never replaced, or put
+        back); ``UnfinishedTransactionError`` when it failed with the new
+        version live (``_settle``).
         """
         target = target_for(cfg)
         try:
             target.prepare(tx.frm)
+            self.follow(cfg, target)
+            crash_point("prepare")
+            tx.new_id, tx.old_id = target.new_identity(tx.src), target.identity()
+            self.step(tx, "staged", new_id=tx.new_id, old_id=tx.old_id)
         except BaseException:
-            self.abort(cfg, tx)
+            # Nothing was swapped: whether ``staged`` is durable or not,
+            # recovery would abort (the recovery table), so abort now.
+            self.abort_quietly(cfg, tx)
             raise
-        self.follow(cfg, target)
-        crash_point("prepare")
-        tx.new_id, tx.old_id = target.new_identity(tx.src), target.identity()
-        self.step(tx, "staged", new_id=tx.new_id, old_id=tx.old_id)
         crash_point("staged")
         try:
-            target.swap(tx.src)
-        except BaseException:
-            if target.identity() != tx.new_id:
-                self.abort(cfg, tx)
+            self._swap_check_commit(cfg, man, tx, target, checks)
+        except Exception as exc:
+            self._settle(cfg, target, tx, exc)
             raise
+        crash_point("done")
+        with contextlib.suppress(StorageError):  # done: a large log is compacted next time
+            self.journal(cfg.name).compact()
+
+    def _swap_check_commit(
+        self, cfg: ComponentConfig, man: Manifest, tx: Tx, target: Target, checks: Checks
+    ) -> None:
+        target.swap(tx.src)
         tx.swap_ns, tx.live_at = target.swap_ns, time.monotonic()
         self.follow(cfg, target)
         crash_point("swap")
@@ -197,10 +381,10 @@ class Transactions:
             try:
                 checks(cfg, target, man, tx)
             except Exception as exc:
-                reason = str(exc)
+                reason = tx.reason = str(exc)
                 self.step(tx, "undo", reason=reason)
                 crash_point("undo")
-                self._undo(cfg, target, tx, reason, recorded=False)
+                self._undo(cfg, target, tx, reason, verdict=True, recorded=False)
                 self.cleanup(cfg)
                 raise
         self.step(tx, "commit")
@@ -208,8 +392,40 @@ class Transactions:
         self._commit(cfg, target, tx, "")
         self.cleanup(cfg)
         self.step(tx, "done", outcome="committed")
-        crash_point("done")
-        self.journal(cfg.name).compact()
+
+    def _settle(self, cfg: ComponentConfig, target: Target, tx: Tx, exc: Exception) -> None:
+        """After a failure past ``staged`` (a full or read-only disk, a failing
+        check): leave the target whole, and raise ``UnfinishedTransactionError``
+        if that is the new version, so that an error always tells which is live.
+
+        Until ``commit`` is durable the old version may go back at once, as
+        recovery would put it (the recovery table), with no record needed:
+        found live, it makes recovery abort. Not after ``commit``, nor when
+        the journal cannot say whether a record is durable.
+        """
+        if "done" in tx.steps:
+            return  # the transaction finished before the failure
+        if not isinstance(exc, JournalUncertainError) and "commit" not in tx.steps:
+            with contextlib.suppress(StorageError):
+                if "undo" in tx.steps:  # a failed check: its verdict is durable, finish it
+                    recorded = "recorded" in tx.steps
+                    self._undo(cfg, target, tx, tx.reason, verdict=True, recorded=recorded)
+                else:
+                    target.undo(tx.src, tx.new_id, tx.old_id, tx.frm, tx.op)
+                    self.follow(cfg, target)
+                    self.step(tx, "done", outcome="aborted")
+                self.cleanup(cfg)
+        try:
+            live: Identity | object = target.identity()
+        except StorageError:
+            live = object()  # cannot tell
+        if live == tx.old_id and tx.old_id != tx.new_id:
+            return
+        what = "is live" if live == tx.new_id else "may be live"
+        raise UnfinishedTransactionError(
+            f"{cfg.name}: serial {tx.to} {what} but its transaction could not finish ({exc}); "
+            "`p2pupd recover` (or any command) settles it"
+        ) from None
 
     def follow(self, cfg: ComponentConfig, target: Target) -> None:
         """Let the stat cache follow files whose ctime the target's renames changed."""
@@ -228,44 +444,35 @@ class Transactions:
         return None
 
     def _commit(self, cfg: ComponentConfig, target: Target, tx: Tx, detail: str) -> None:
-        st = self.node.state.read_state(cfg.name)
-        if st.installed != tx.to:
-            kept = [s for s in st.kept if s not in (tx.to, tx.frm)]
-            if tx.frm is not None:
-                kept.insert(0, tx.frm)
-            bad = {s: r for s, r in st.bad.items() if s != tx.to}
-            entry = HistoryEntry(
-                now_seconds(), tx.event, tx.to, self._label(cfg.name, tx.to), detail
-            )
-            st = replace(
-                st, installed=tx.to, kept=tuple(kept[: cfg.retain]), bad=bad, last_error=None
-            ).with_event(entry)
-            self.node.state.update_state(cfg.name, st)
+        if self.node.state.read_state(cfg.name).installed != tx.to:
+            components.committed(
+                self.node, cfg.name, to=tx.to, frm=tx.frm, retain=cfg.retain, event=tx.event,
+                version=self._label(cfg.name, tx.to), detail=detail,
+            )  # fmt: skip
         crash_point("commit-state")
         target.finish(tx.src, tx.frm)
         self.follow(cfg, target)
 
     def _undo(
-        self, cfg: ComponentConfig, target: Target, tx: Tx, reason: str, recorded: bool
-    ) -> None:
+        self, cfg: ComponentConfig, target: Target, tx: Tx, reason: str, verdict: bool,
+        recorded: bool,
+    ) -> None:  # fmt: skip
         """Put the old version back if the new one is live; record why; journal ``done``.
 
-        ``recorded``: the journal says the state already holds the failure.
+        ``verdict``: a check failed (the release is marked bad); otherwise the
+        transaction was cut off between swap and commit, which is counted, and
+        marks an applied release bad only the ``INTERRUPTIONS_BEFORE_BAD``-th
+        time (state/components.py). ``recorded``: the journal says the state already
+        holds it.
         """
         target.undo(tx.src, tx.new_id, tx.old_id, tx.frm, tx.op)
         self.follow(cfg, target)
         crash_point("undo-swap")
         if not recorded:
-            st = self.node.state.read_state(cfg.name)
-            version = self._label(cfg.name, tx.to)
-            event = "health-failed" if tx.checked else "interrupted"
-            bad = dict(st.bad)
-            if tx.checked:
-                bad[tx.to] = reason
-            what = "rolled back" if tx.checked else "not applied"
-            st = replace(st, bad=bad, last_error=f"{version or tx.to} {what}: {reason}")
-            st = st.with_event(HistoryEntry(now_seconds(), event, tx.to, version, reason))
-            self.node.state.update_state(cfg.name, st)
+            components.undone(
+                self.node, cfg.name, serial=tx.to, version=self._label(cfg.name, tx.to),
+                reason=reason, verdict=verdict, counts=tx.checked,
+            )  # fmt: skip
             self.step(tx, "recorded")
         self.step(tx, "done", outcome="undone")
 
@@ -345,24 +552,27 @@ class Transactions:
         return out
 
     def _recover_one(self, cfg: ComponentConfig, recs: list[dict[str, Any]]) -> str:
+        """Carry out what the recovery table (recovery.py) says for this transaction."""
         tx = Tx.from_records(recs)
-        steps = {r.get("step") for r in recs}
         target = target_for(cfg)
-        if "commit" in steps:
+        live = target.identity() if phase_of(recs) is not Phase.BEGUN else None
+        action = decide(recs, live, tx.new_id, tx.old_id)
+        if action is Action.FINISH_COMMIT:
             self._commit(cfg, target, tx, "completed after an interruption")
             self.cleanup(cfg)
             self.step(tx, "done", outcome="committed")
             return f"{cfg.name}: finished the interrupted commit of serial {tx.to}"
-        live_is_new = "staged" in steps and target.identity() == tx.new_id
-        if not live_is_new and "undo" not in steps:
+        if action is Action.ABORT:
             self.abort(cfg, tx)
             return (
                 f"{cfg.name}: discarded an interrupted {tx.op} of serial {tx.to}; old version kept"
             )
+        verdict = action is Action.FINISH_UNDO
         reason = next(
             (r["reason"] for r in recs if r.get("step") == "undo"),
             "interrupted between swap and commit",
         )
-        self._undo(cfg, target, tx, reason, recorded="recorded" in steps)
+        recorded = any(r.get("step") == "recorded" for r in recs)
+        self._undo(cfg, target, tx, reason, verdict=verdict, recorded=recorded)
         self.cleanup(cfg)
         return f"{cfg.name}: rolled back serial {tx.to} ({reason})"

@@ -1,6 +1,6 @@
 """Import a bundle (a USB stick, a directory) into a node.
 
-Theory of operation -- the medium is read-only and untrusted (see bundleio.py
+Theory of operation -- the medium is read-only and untrusted (see reader.py
 for how it is read), and nothing on the node changes until all of it checks out:
 
 1. *Metadata.* Read ``oci-layout``, ``index.json``, every artifact and every
@@ -47,8 +47,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from p2pupd.daemon.bundles.reader import BundleReader
+from p2pupd.daemon.bundles.reader import Medium
+from p2pupd.daemon.bundles.sealedreader import open_bundle
 from p2pupd.daemon.bundles.siterequest import node_public_key
 from p2pupd.daemon.bundles.verify import (
     BundleMetadata,
@@ -59,9 +61,9 @@ from p2pupd.daemon.bundles.verify import (
 )
 from p2pupd.daemon.errors import BundleError, MissingBaseError, StorageError
 from p2pupd.daemon.fsutil import ensure_free, write_all
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.gate import needed_for, persist_release
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.daemon.store.spool import Spool
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
@@ -233,10 +235,11 @@ def import_bundle(
     blobs. Raises a ``VerificationError`` (refused) or ``RemoteProtocolError``
     (malformed medium) with the node unchanged; ``BundleError`` (the medium
     could not be read), ``ImportInterruptedError`` or ``StorageError`` with the
-    node unchanged but for complete blobs kept in ``STATE/incoming`` to resume.
+    node unchanged but for complete blobs kept in the spool to resume.
     """
     t0 = time.monotonic()
-    with BundleReader(src) as reader:
+    keys = partial(node.membership.seal_keys, node.config.node_id)
+    with open_bundle(src, keys, node.root) as reader:
         meta = read_metadata(
             reader, node.trusted_root(), node.trust_store.history(), now, held_envelopes(node)
         )
@@ -285,7 +288,7 @@ class _BlobOpener:
     time: packed blobs are copied in pack order, so each pack is read about once.
     """
 
-    def __init__(self, reader: BundleReader, packed: dict[bytes, PackedBlob]) -> None:
+    def __init__(self, reader: Medium, packed: dict[bytes, PackedBlob]) -> None:
         self.reader = reader
         self.packed = packed
         self._lock = threading.Lock()
@@ -340,7 +343,7 @@ def _copy(
     on_total: Callable[[int], None] | None,
     cancel: Callable[[], bool] | None,
 ) -> None:
-    """Bring every blob of ``need`` into ``incoming``; see step 5 of the module doc.
+    """Bring every blob of ``need`` into the spool; see step 5 of the module doc.
 
     Blobs are copied by ``COPY_THREADS`` threads (hashing and the kernel's
     file creation release the GIL): packed blobs first, then files in on-disk
@@ -420,16 +423,13 @@ def _persist(
     """Record the new root, the releases and the high-water marks (step 6).
 
     Releases take the one path every verified release takes into a node
-    (``accept.persist_release``).
+    (``gate.persist_release``).
     """
     if meta.trusted.version != node.trusted_root().version:
         node.trust_store.advance(meta.roots, now)
     for comp, serial, version, msg in report.no_variant:
         # Recorded once, so `apply` can say why a release the site expects is absent.
-        st = node.state.read_state(comp)
-        if not any(h.event == "no-variant" and h.serial == serial for h in st.history):
-            entry = HistoryEntry(now_seconds(), "no-variant", serial, version, msg)
-            node.state.update_state(comp, st.with_event(entry))
+        components.no_variant(node, comp, serial, version, msg)
     for c in todo:
         man = c.rel.manifest
         if c.new:

@@ -28,6 +28,7 @@ import os
 import stat
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Protocol
 
 from p2pupd.daemon.errors import BundleError
 from p2pupd.protocol import ids
@@ -36,6 +37,27 @@ from p2pupd.protocol.errors import HashMismatchError, SchemaError
 BLOB_DIR = "blobs/sha256"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Medium(Protocol):
+    """What verify.py and the importer read a bundle through: a ``BundleReader``, or a
+    ``SealedReader`` (sealedreader.py) that decrypts a sealed bundle on the way."""
+
+    root: str
+
+    def read(self, name: str, max_bytes: int) -> bytes: ...
+
+    def read_blob(self, digest: bytes, size: int) -> bytes: ...
+
+    def open_blob(self, digest: bytes, size: int) -> int: ...
+
+    def scan_blob(
+        self, digest: bytes, size: int, block_bytes: int = 1 << 20
+    ) -> Iterator[bytes]: ...
+
+    def check_blobs(self, referenced: dict[bytes, int], max_entries: int) -> dict[bytes, int]: ...
+
+    def close(self) -> None: ...
 
 
 def blob_rel(digest: bytes) -> str:

@@ -130,8 +130,22 @@ def build_request(
         releases=tuple(held[:MAX_REQUEST_RELEASES]),
         extra_blobs=tuple(extras[:max_extra]),
         extra_truncated=len(extras) > max_extra,
+        site_seal=_site_seal(node),
     )
     return sign_request(req, key), req
+
+
+def _site_seal(node: Node) -> bytes | None:
+    """The seal key of this node's site, if the node is a member (holds the key to open
+    what is sealed to it): the publisher then seals the bundle it cuts for the request."""
+    site = node.membership.site()
+    if site is None:
+        return None
+    try:
+        keys = node.membership.seal_keys(node.config.node_id)
+    except StorageError:  # damaged membership: ask for a plain bundle rather than fail
+        return None
+    return site.current.seal if keys else None
 
 
 def peer_request(data: bytes, peer_id: bytes) -> bytes:

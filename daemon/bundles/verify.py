@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from p2pupd.daemon.bundles.reader import BundleReader
+from p2pupd.daemon.bundles.reader import Medium
 from p2pupd.daemon.stage.delta import apply_patch
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
@@ -125,7 +125,7 @@ class BundleMetadata:
 class _Reads:
     """Reads metadata blobs, recording references and the bytes spent (rules 2, 3)."""
 
-    def __init__(self, reader: BundleReader) -> None:
+    def __init__(self, reader: Medium) -> None:
         self.reader = reader
         self.referenced: dict[bytes, int] = {}
         self.spent = 0
@@ -213,7 +213,7 @@ MAX_BUNDLE_ROOT_BYTES = 16 * limits.MiB
 
 
 def read_metadata(
-    reader: BundleReader,
+    reader: Medium,
     trusted: TrustedRoot,
     history: dict[int, bytes],
     now: int | None,

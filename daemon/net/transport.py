@@ -59,6 +59,7 @@ from p2pupd.daemon.net.ratelimit import Limits
 from p2pupd.protocol import limits
 from p2pupd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from p2pupd.protocol.session import CLOSED, HandshakeError, Session, Signal, State
+from p2pupd.protocol.site.membership import Credential
 from p2pupd.protocol.wire import (
     Announce,
     Bye,
@@ -70,6 +71,7 @@ from p2pupd.protocol.wire import (
     Message,
     Request,
     Response,
+    SiteNews,
 )
 
 RECV_BYTES = 1 * limits.MiB  # one read takes many chunk frames; bounded by what was fed
@@ -103,8 +105,8 @@ class Handler(Protocol):
 
     def joined(self, conn: PeerConnection) -> None: ...
 
-    def message(self, conn: PeerConnection, msg: Announce | Have) -> None:
-        """An Announce or Have arrived; must not block."""
+    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews) -> None:
+        """An Announce, Have or SiteNews arrived; must not block."""
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """The response to one of the peer's requests."""
@@ -138,6 +140,9 @@ class PeerConnection:
         self.limits = limits_ or Limits()
         self.joined = False
         self.closed = False
+        # The peer's site credential when the link is TLS (daemon/service/sitegate.py);
+        # its node id is the only one the peer may claim in its Hello.
+        self.credential: Credential | None = None
         self.reason = ""
         self.bytes_in = 0
         self.bytes_out = 0
@@ -439,7 +444,7 @@ class PeerConnection:
                 self._deadlines.pop(rid, None)
             if on_answer is not None:
                 on_answer(msg)
-        elif isinstance(msg, Announce | Have):
+        elif isinstance(msg, Announce | Have | SiteNews):
             handler.message(self, msg)
         elif isinstance(msg, Bye):
             self.reason = f"peer said bye: {msg.reason}" if msg.reason else "peer said bye"

@@ -41,6 +41,8 @@ from typing import Any
 
 import trio
 
+from p2pupd.daemon import ops
+from p2pupd.daemon.bundles.siterequest import node_public_key
 from p2pupd.daemon.config import DaemonOptions
 from p2pupd.daemon.errors import LockedError
 from p2pupd.daemon.events import log, observe, setup_logging, short
@@ -52,6 +54,7 @@ from p2pupd.daemon.service.autoimport import serve_watch
 from p2pupd.daemon.service.metrics import MetricsFeed, serve_metrics
 from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
 from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import now_seconds
 from p2pupd.protocol.errors import P2pupdError
 
 StartFn = Callable[..., Awaitable[Any]]
@@ -152,6 +155,7 @@ async def run(
     try:
         await trio.to_thread.run_sync(node.store.clean_tmp)
         await trio.to_thread.run_sync(node.state.mark_format)
+        _announce_membership(node, options)
         host, port = options.listen
         core = NodeService(
             node,
@@ -177,6 +181,7 @@ async def run(
             await nursery.start(supervise, "node", core.serve)
             await nursery.start(supervise, "control", _control(core))
             dialer = Dialer(core)
+            core.on_membership.append(dialer.wake)
             for peer_host, peer_port in options.peers:
                 dialer.add_static(peer_host, peer_port)
             await nursery.start(supervise, "dialer", dialer.serve)
@@ -204,6 +209,23 @@ async def run(
     finally:
         node.lock.release()
         log("stopped")
+
+
+def _announce_membership(node: Node, options: DaemonOptions) -> None:
+    """Pin the configured site (if none is pinned) and say whether this node is in one.
+
+    A node without a site keeps the open behaviour -- anyone with the root
+    may join its swarm -- and says so, at start and in ``status``.
+    """
+    if options.site_file is not None:
+        ops.pin_site(node, options.site_file)
+    doc = node.membership.status_doc(
+        node.config.node_id, node_public_key(node.state), now_seconds()
+    )
+    if not doc["configured"]:
+        log("no-site", level=logging.WARNING, detail=doc["problem"])
+    elif doc["member"]:  # a node that is not (the site gate says why, and refuses every link)
+        log("site-member", site=doc["name"], expires=(doc["credential"] or {}).get("expires"))
 
 
 async def _start_metrics(nursery: trio.Nursery, core: NodeService, listen: tuple[str, int]) -> None:

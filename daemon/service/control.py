@@ -100,6 +100,27 @@ async def _read(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
+async def _site_op(core: NodeService, op: str, args: dict[str, Any]) -> Any:
+    """Membership operations: run under the state mutex like every other writer."""
+    async with core.mutex:
+        if op == "enrol-request":
+            return {"data": await core.offload(partial(ops.enrol_request, core.node))}
+        data = args.get("data")
+        if not isinstance(data, bytes):
+            raise ControlError(f"control request {op!r} needs bytes 'data'")
+        if op == "site-join":
+            doc = await core.offload(partial(ops.site_join, core.node, data))
+        else:
+            doc = await core.offload(partial(ops.site_update, core.node, data))
+    # A new credential, site key or revocation list: rebuild TLS, cut off who it ends,
+    # and pass a new list or site document on to the other members.
+    await core.offload(core.gate.reload)
+    core.membership_changed()
+    if op == "site-update" and doc.get("changed"):
+        core.spread_site_news(data)
+    return doc
+
+
 def _str(args: dict[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
@@ -141,6 +162,8 @@ async def dispatch(core: NodeService, op: str, args: dict[str, Any]) -> Any:
         return result_to_doc(result)
     if op == "request":
         return await core.site_requests.collect(bool(args.get("site", True)))
+    if op in ("enrol-request", "site-join", "site-update"):
+        return await _site_op(core, op, args)
     if op == "rollback":
         return result_to_doc(await core.lifecycle.rollback(_str(args, "component")))
     if op == "config-show":

@@ -5,7 +5,7 @@ Theory of operation
 One ``ReleaseFetch`` per component, for the newest accepted release; a newer
 accepted release replaces it (blobs already stored count for the new one).
 
-1. *What is missing*: ``accept.needed_for`` -- ``deltaplan.needed_blobs``, the
+1. *What is missing*: ``gate.needed_for`` -- ``deltaplan.needed_blobs``, the
    cheapest path given the versions on disk and the store. So a restart
    resumes from what is stored, and an empty answer means complete.
 2. *Who has what*: peers that speak "have" tell us with ``Have`` messages
@@ -30,7 +30,7 @@ accepted release replaces it (blobs already stored count for the new one).
    so each turn of the loop handles a batch of chunks and one write carries
    its requests; the connections keep reading while the batch is hashed. A blob's planner slot is freed only once it is landed, so the
    per-peer caps also bound what waits to be landed. A larger blob (patches,
-   hooks) gets a task that fetches ranged pieces (``blobxfer.get_ranged``)
+   hooks) gets a task that fetches ranged pieces (``ranged.get_ranged``)
    and streams them into the store (``BlobStore.put_stream``). Spooled blobs
    are made durable and committed to the store in batches (``spool``), at
    the latest before the release counts as complete.

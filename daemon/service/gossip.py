@@ -10,7 +10,7 @@ The pure ``Gossip`` object decides; this service carries its actions out:
   both sides speak "range", so manifests larger than a frame still travel),
   then hands it to ``on_offer`` (``Lifecycle.accept_from_peer``): verify against the
   pinned root, check it is the serial and digest the peer announced, persist
-  it (``accept.persist_release``) and start fetching its blobs.
+  it (``gate.persist_release``) and start fetching its blobs.
 * ``Ban(peer, ...)`` (after ``on_manifest_rejected``) bans and disconnects.
 
 What we *hold* for gossip is a release whose blobs are all here (the

@@ -142,7 +142,7 @@ class Lifecycle:
     async def accept_from_peer(self, data: bytes, action: RequestManifest[bytes]) -> None:
         """Verify and persist a manifest a peer sent, then fetch its blobs.
 
-        Raises what ``accept.verify_offer`` raises, and ``MixAndMatchError`` if
+        Raises what ``gate.verify_offer`` raises, and ``MixAndMatchError`` if
         it is not the release the peer announced.
         """
         c, s, peer = action.component, action.serial, action.peer

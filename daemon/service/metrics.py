@@ -35,6 +35,8 @@ READ_TIMEOUT_S = 5.0
 IMPORT_RESULTS = ("imported", "refused", "failed")
 BAN_REASONS = ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout", "other")
 ROLLBACK_REASONS = ("apply-failed", "operator")
+# Why a site member refused a link (daemon/service/sitegate.py), by the words of its reason.
+REFUSAL_REASONS = ("handshake", "expired", "revoked", "member", "timed out", "other")
 
 
 def _escape(value: str) -> str:
@@ -157,6 +159,11 @@ class DaemonMetrics:
         self.imports = r.counter(
             "p2pupd_imports", "Bundles imported through the daemon, by outcome", ("result",)
         )
+        self.refused = r.counter(
+            "p2pupd_peers_refused",
+            "Peer links refused for want of a valid site credential (TLS, expiry, revocation)",
+            ("reason",),
+        )
 
     def zero(self, components: Iterable[str]) -> None:
         """Give every counter whose label sets are known in advance a 0 sample.
@@ -170,6 +177,8 @@ class DaemonMetrics:
             self.imports.inc(0, result=result)
         for reason in BAN_REASONS:
             self.bans.inc(0, reason=reason)
+        for reason in REFUSAL_REASONS:
+            self.refused.inc(0, reason=reason)
         for comp in components:
             self.applies.inc(0, component=comp)
             for reason in ROLLBACK_REASONS:
@@ -230,6 +239,8 @@ class MetricsFeed:
         m = self.metrics
         if event == "peer-banned":
             m.bans.inc(reason=_short_reason(fields.get("reason")))
+        elif event == "peer-refused":
+            m.refused.inc(reason=_refusal_reason(fields.get("reason")))
         elif event == "applied":
             comp = str(fields.get("component"))
             m.applies.inc(component=comp)
@@ -288,6 +299,11 @@ class MetricsFeed:
                     str(st.installed),
                 )
                 m.release_serial.set(st.installed, component=name, version=version or "")
+
+
+def _refusal_reason(reason: object) -> str:
+    text = str(reason or "").lower()
+    return next((key for key in REFUSAL_REASONS[:-1] if key in text), "other")
 
 
 def _short_reason(reason: object) -> str:

@@ -23,15 +23,18 @@ a trio worker thread in production, or ``inline`` in tests under
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
-from p2pupd.daemon.errors import DaemonError
+from p2pupd.daemon import ops
+from p2pupd.daemon.errors import ConfigError, DaemonError
 from p2pupd.daemon.events import LOGGER, log, short
 from p2pupd.daemon.net.peers import PeerInfo, PeerTable
 from p2pupd.daemon.net.ratelimit import Limits
@@ -42,9 +45,10 @@ from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
+from p2pupd.daemon.service.sitegate import SiteGate
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import encoding, ids
-from p2pupd.protocol.errors import RemoteProtocolError
+from p2pupd.protocol.errors import CodecError, RemoteProtocolError, RollbackError, VerificationError
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import Session
@@ -53,6 +57,7 @@ from p2pupd.protocol.wire import (
     FEATURE_HAVE,
     FEATURE_RANGE,
     FEATURE_REQUEST,
+    FEATURE_SITE,
     Announce,
     BlobRangeData,
     BlobRangeRequest,
@@ -71,9 +76,12 @@ from p2pupd.protocol.wire import (
     RootData,
     RootMissing,
     RootRequest,
+    SiteNews,
 )
 
-FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH})
+FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_SITE})
+MEMBERSHIP_RECHECK_SECONDS = 60.0
+MAX_QUEUED_SITE_NEWS = 66  # a whole site chain (64 documents) and a revocation list  # how late an expired credential may still be connected
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,9 @@ class NodeService:
             holdings_changed=self._holdings_changed,
         )
         self.site_requests = SiteRequests(self)
+        self.gate = SiteGate(node)
+        self.on_membership: list[Callable[[], None]] = []  # after a credential or list changed
+        self._news: dict[bytes, list[bytes]] = {}  # SiteNews waiting per peer
         self.listen_endpoint: str | None = None
         self.stopping = False  # set by close_all: refuse new connections
         self.started_at = 0.0
@@ -166,6 +177,7 @@ class NodeService:
             self.gossip.load(scan.holdings)
             await nursery.start(self.gossip.serve)
             await nursery.start(self.fetch.serve)
+            nursery.start_soon(self._recheck_loop)
             for man, digest in scan.resume:
                 self.fetch.start(man, digest)
             for component, serial in scan.apply:
@@ -177,13 +189,20 @@ class NodeService:
     ) -> bytes | None:
         """Run one peer connection to its end; never raises for anything the peer did.
 
-        Returns the peer's node id once known (after its Hello), else None.
+        Returns the peer's node id once known (after its Hello), else None. On
+        a site member's node the stream is first secured (TLS 1.3, both site
+        credentials checked: ``SiteGate``); a peer that fails gets nothing.
         """
+        secured = await self.gate.secure(stream, inbound=not outbound, address=address)
+        if secured is None:
+            return None
+        stream, credential = secured
         cfg = self.node.config
         session = Session(cfg.node_id, cfg.cluster, self.options.listen_port, FEATURES)
         conn = PeerConnection(
             stream, session, address=address, outbound=outbound, source=source, limits_=self.limits
         )
+        conn.credential = credential
         reason = "cancelled"
         try:
             reason = await conn.run(self)
@@ -217,6 +236,10 @@ class NodeService:
         peer, now = conn.node_id, _now()
         if self.stopping:
             return "shutting down"
+        if self.gate.enabled and (conn.credential is None or conn.credential.node_id != peer):
+            # The Hello must name the node the TLS credential proved, nothing else.
+            self.gate.refuse(conn.address, "Hello names another node than its credential")
+            return "node id is not the one its credential names"
         ban = self.peers.banned(now, peer, self._endpoint_of(conn))
         if ban is not None:
             return f"banned: {ban.reason}"
@@ -266,10 +289,24 @@ class NodeService:
         )
         self.gossip.peer_joined(conn.node_id)
         self.fetch.peer_joined(conn)
+        if conn.credential is not None and conn.session.supports(FEATURE_SITE):
+            for doc in self.gate.news():  # a peer that missed a revocation learns it here
+                conn.post(SiteNews(doc))
 
-    def message(self, conn: PeerConnection, msg: Announce | Have) -> None:
-        """Route an Announce to gossip (and fetch), a Have to fetch."""
-        if isinstance(msg, Announce):
+    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews) -> None:
+        """Route an Announce to gossip (and fetch), a Have to fetch, site news to the gate."""
+        if isinstance(msg, SiteNews):
+            # One worker per peer, a bounded queue: a member pushing a stream of
+            # documents costs one verification at a time, never a task per frame.
+            if not self.gate.enabled:
+                return
+            queue = self._news.get(conn.node_id)
+            if queue is None:
+                self._news[conn.node_id] = [msg.data]
+                self.spawn(self._site_news, conn.node_id)
+            elif len(queue) < MAX_QUEUED_SITE_NEWS:
+                queue.append(msg.data)
+        elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
             if info is not None:
                 info.announced = {e.component: (e.serial, e.manifest_digest) for e in msg.entries}
@@ -403,6 +440,76 @@ class NodeService:
 
     # ----- reporting -------------------------------------------------------------
 
+    def recheck_members(self) -> int:
+        """Cut off every connected peer whose credential no longer admits it (revoked,
+        expired, or this node's own membership lapsed); returns how many."""
+        cut = 0
+        for conn in list(self.conns.values()):
+            why = self.gate.still_valid(conn.credential)
+            if why is not None:
+                self.gate.refuse(conn.address, f"membership ended: {why}")
+                conn.close(f"membership: {why}", ERR_REFUSED)
+                cut += 1
+        return cut
+
+    async def _site_news(self, peer: bytes) -> None:
+        """Take the revocation lists or site documents a peer pushed, if news; pass them on.
+
+        Verified like ``site update`` (protocol/site/membership.py, rule 9):
+        an older or the same list moves nothing -- peers that have not heard
+        of the newest list yet keep offering theirs -- and is dropped quietly.
+        News is forwarded to every other member once, when it first arrives,
+        so a revocation floods the connected site within a few hops.
+        """
+        try:
+            while queue := self._news.get(peer):
+                data = queue.pop(0)
+                async with self.mutex:
+                    try:
+                        doc = await self.offload(partial(ops.site_update, self.node, data))
+                    except RollbackError:
+                        continue  # not newer than what we hold
+                    except (VerificationError, CodecError, ConfigError) as exc:
+                        log("site-news-refused", level=logging.WARNING, peer=short(peer),
+                            reason=str(exc))  # fmt: skip
+                        continue
+                    if not doc.get("changed"):
+                        continue
+                    await self.offload(self.gate.reload)
+                log("site-news", peer=short(peer), **{k: v for k, v in doc.items() if k != "changed"})
+                self.membership_changed()
+                self.spread_site_news(data, exclude=peer)
+        finally:
+            self._news.pop(peer, None)
+
+    def spread_site_news(self, data: bytes, exclude: bytes | None = None) -> None:
+        """Push a site document this node just accepted to every other member connected."""
+        for other, conn in list(self.conns.items()):
+            if (
+                other != exclude
+                and conn.credential is not None
+                and conn.session.supports(FEATURE_SITE)
+            ):
+                conn.post(SiteNews(data))
+
+    def membership_changed(self) -> None:
+        """A credential, site key or revocation list changed: cut off who it ends, and
+        dial everyone again at once (a rejoined node should not wait out old backoffs)."""
+        self.recheck_members()
+        for cand in self.peers.candidates.values():
+            cand.failures = 0
+            cand.next_try = -math.inf
+        for callback in self.on_membership:
+            callback()
+
+    async def _recheck_loop(self) -> None:
+        """Expiry has no event: look at every credential once a ``MEMBERSHIP_RECHECK`` interval."""
+        while True:
+            await trio.sleep(MEMBERSHIP_RECHECK_SECONDS)
+            if self.gate.enabled:
+                await self.offload(self.gate.reload)
+                self.recheck_members()
+
     def ban(
         self, peer: bytes, reason: str, until: float | None = None, code: int = ERR_REFUSED
     ) -> None:
@@ -445,6 +552,7 @@ class NodeService:
                     conn.last_seen,
                 )
         doc = self.peers.snapshot(now)
+        doc["site"] = self.gate.doc(now)
         doc["node_id"] = self.node.config.node_id.hex()
         doc["listen"] = self.listen_endpoint
         return doc

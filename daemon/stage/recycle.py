@@ -312,15 +312,33 @@ def _unlink(path: str, rekeys: list[tuple[StatKey, StatKey]]) -> None:
 
 
 def _remove_tree(path: str, rekeys: list[tuple[StatKey, StatKey]]) -> None:
-    """``shutil.rmtree`` that notes, like ``_unlink``, the hard links it removes."""
+    """Remove the tree ``path``, noting, like ``_unlink``, the hard links it removes.
+
+    Depth first with a stack, not a recursion: a tree may be as deep as its
+    paths allow.
+    """
+    stack: list[tuple[str, list[str]]] = [(path, _unlink_files(path, rekeys))]
+    while stack:
+        d, subdirs = stack[-1]
+        if subdirs:
+            sub = subdirs.pop()
+            stack.append((sub, _unlink_files(sub, rekeys)))
+            continue
+        stack.pop()
+        os.rmdir(d)
+
+
+def _unlink_files(path: str, rekeys: list[tuple[StatKey, StatKey]]) -> list[str]:
+    """Unlink every non-directory in ``path``; return the paths of its subdirectories."""
     with os.scandir(path) as it:
-        entries = list(it)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            _remove_tree(e.path, rekeys)
+        entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
+    subdirs = []
+    for p, is_dir in entries:
+        if is_dir:
+            subdirs.append(p)
         else:
-            _unlink(e.path, rekeys)
-    os.rmdir(path)
+            _unlink(p, rekeys)
+    return subdirs
 
 
 def _still_there(files: dict[str, int], stage: Path) -> dict[str, int]:

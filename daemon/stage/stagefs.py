@@ -21,7 +21,8 @@ import errno
 import functools
 import os
 import secrets
-import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from p2pupd.daemon.fsutil import copy_fd, reflink_fd, storage_error, syncfs_fd, unlink_quietly
@@ -29,18 +30,90 @@ from p2pupd.daemon.fsutil import copy_fd, reflink_fd, storage_error, syncfs_fd, 
 Owner = tuple[int, int]
 StrPath = str | os.PathLike[str]
 
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def remove_tree(path: Path) -> None:
-    """Remove ``path`` (file, link or tree) if it exists; ``StorageError`` otherwise."""
+    """Remove ``path`` (file, link or tree) if it exists; ``StorageError`` otherwise.
+
+    A loop, not a recursion (``shutil.rmtree`` recurses once per level: a tree
+    1,000 deep raised ``RecursionError``, and a stage left that deep stopped
+    every command that cleans up). Entries are named relative to one open
+    descriptor of ``path``, so depth costs neither stack nor descriptors, and a
+    link inside the tree is removed, never followed.
+    """
     try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.exists():
-            shutil.rmtree(path)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
     except OSError as exc:
         raise storage_error(exc, "remove", path) from None
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            return
+        top = os.open(path, _O_DIR)
+        try:
+            _empty_tree(top)
+        finally:
+            os.close(top)
+        os.rmdir(path)
+    except FileNotFoundError:
+        return  # removed meanwhile
+    except OSError as exc:
+        raise storage_error(exc, "remove", path) from None
+
+
+def _empty_tree(top: int) -> None:
+    """Remove everything below the open directory ``top``, depth first, without recursion."""
+    # (directory relative to top, its subdirectories still to empty and remove)
+    stack: list[tuple[str, list[str]]] = [("", _list_and_unlink(top, ""))]
+    while stack:
+        rel, subdirs = stack[-1]
+        if subdirs:
+            sub = subdirs.pop()
+            child = f"{rel}/{sub}" if rel else sub
+            stack.append((child, _list_and_unlink(top, child)))
+            continue
+        stack.pop()
+        if rel:
+            os.rmdir(rel, dir_fd=top)
+
+
+def _list_and_unlink(top: int, rel: str) -> list[str]:
+    """Unlink every non-directory in ``top``/``rel``; return its subdirectories' names."""
+    fd = os.open(rel or ".", _O_DIR, dir_fd=top)
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    finally:
+        os.close(fd)
+    subdirs = []
+    for name, is_dir in entries:
+        if is_dir:
+            subdirs.append(name)
+        else:
+            os.unlink(f"{rel}/{name}" if rel else name, dir_fd=top)
+    return subdirs
+
+
+def walk_tree(root: Path) -> Iterator[str]:
+    """Yield the path of every entry below ``root``, relative to it (links not followed).
+
+    A loop over a stack of directories, not a recursion (``os.walk`` recurses
+    once per level before Python 3.12); parents come before their entries.
+    """
+    top = str(root)
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        with os.scandir(f"{top}/{rel}" if rel else top) as it:
+            for e in it:
+                child = f"{rel}/{e.name}" if rel else e.name
+                yield child
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(child)
 
 
 def syncfs(path: Path) -> None:
@@ -120,13 +193,22 @@ class Owners:
         return st.st_uid, st.st_gid
 
     def for_dir(self, rel: str) -> Owner | None:
+        """The owner of directory ``rel``: its live twin's, else its parent's (a loop
+        up the path, not a recursion: a tree may be as deep as its paths allow)."""
         if not self.enabled:
             return None
-        if rel not in self._dirs:
-            own = self._live_owner(rel)
-            if own is None and rel:
-                own = self.for_dir(rel.rpartition("/")[0])
-            self._dirs[rel] = own
+        todo = []  # ``rel`` and those of its ancestors not looked up yet, deepest first
+        d = rel
+        while d not in self._dirs:
+            own = self._live_owner(d)
+            if own is not None or not d:
+                self._dirs[d] = own
+                break
+            todo.append(d)
+            d = d.rpartition("/")[0]
+        inherited = self._dirs[d]
+        for d in reversed(todo):
+            self._dirs[d] = inherited
         return self._dirs[rel]
 
     def for_file(self, rel: str) -> Owner | None:

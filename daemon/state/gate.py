@@ -20,11 +20,9 @@ given the versions on disk), and a release with nothing missing is complete.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
+from p2pupd.daemon.state import components
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import HistoryEntry, now_seconds
 from p2pupd.protocol.deltaplan import needed_blobs
 from p2pupd.protocol.errors import HazardousModeError, MixAndMatchError, RevokedKeyError
 from p2pupd.protocol.manifest import Manifest, check_modes
@@ -78,11 +76,7 @@ def persist_release(
     Raises ``StorageError``.
     """
     node.releases.put(man.component, man.serial, env)
-    st = node.state.read_state(man.component)
-    if man.serial > st.high_water:
-        st = replace(st, high_water=man.serial, high_digest=digest)
-    st = st.with_event(HistoryEntry(now_seconds(), event, man.serial, man.version, detail))
-    node.state.update_state(man.component, st)
+    components.accepted(node, man, digest, event, detail)
 
 
 def held_manifests(node: Node, component: str) -> list[Manifest]:

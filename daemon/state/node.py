@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from p2pupd.daemon.fsutil import FileLock
+from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.statedir import NodeConfig, StateDir
 from p2pupd.daemon.state.trusted import ReleaseStore, TrustStore
 from p2pupd.daemon.store.packstore import PackStore
@@ -26,6 +27,7 @@ class Node:
         self.trust_store = TrustStore(self.state)
         self.releases = ReleaseStore(self.state)
         self.lock = FileLock(self.state.lock_path)
+        self.membership = MembershipStore(self.state)
 
     @property
     def root(self) -> Path:

@@ -12,7 +12,7 @@ Layout (all under STATE, one filesystem):
     format                    the layout's version (``FORMAT_VERSION``); absent: 1
     blobs/packs/<t>.pack|.idx small blobs in packs (store/packstore.py)
     blobs/sha256/<hex>        large blobs, and those stored before packs
-    journal/<c>.log           the apply journal (see journal.py)
+    journal/<c>.log           the apply journal (see apply/transaction.py)
     lock                      flock held by whoever mutates the state
     tmp/ spool/               blobs on their way into the store (store/spool.py)
     cache/                    derived data (manifests, hook modules, stat caches)
@@ -61,6 +61,8 @@ STATE_LAYOUT: tuple[tuple[str, int], ...] = (
     ("state.msgpack", members.FILE),
     ("lock", members.FILE),
     ("node.key", members.FILE),
+    ("node.box", members.FILE),
+    ("site", members.DIR),
     ("control.sock", members.SOCKET),
     ("trust", members.DIR),
     ("releases", members.DIR),
@@ -210,7 +212,8 @@ class NodeConfig:
 @dataclass(frozen=True)
 class HistoryEntry:
     time: int
-    event: str  # "applied", "rolled-back", "health-failed", "refused", "imported", "recovered"
+    # "applied", "rolled-back", "health-failed", "interrupted", "refused", "imported", ...
+    event: str
     serial: int | None
     version: str | None
     detail: str = ""
@@ -233,6 +236,9 @@ class ComponentState:
     high_digest: bytes | None = None  # payload digest of that release
     bad: dict[int, str] = field(default_factory=dict)  # serial -> why it failed here
     last_error: str | None = None
+    # serial -> how often an apply of it was cut off between swap and commit (a
+    # crash, a power cut): retried, and marked bad only after a few (recovery.py)
+    interrupted: dict[int, int] = field(default_factory=dict)
     history: tuple[HistoryEntry, ...] = ()
 
     def with_event(self, entry: HistoryEntry) -> ComponentState:
@@ -247,6 +253,7 @@ class ComponentState:
             "bad": [[s, r] for s, r in sorted(self.bad.items())],
             "last_error": self.last_error,
             "history": [h.to_value() for h in self.history],
+            "interrupted": [[s, n] for s, n in sorted(self.interrupted.items())],
         }
 
     @classmethod
@@ -259,6 +266,7 @@ class ComponentState:
             bad={int(s): str(r) for s, r in v["bad"]},
             last_error=v["last_error"],
             history=tuple(HistoryEntry(**h) for h in v["history"]),
+            interrupted={int(s): int(n) for s, n in v.get("interrupted", [])},
         )
 
 

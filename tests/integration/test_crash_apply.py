@@ -31,9 +31,10 @@ from typing import Any
 
 import pytest
 from _apply_driver import serve
+from _mounts import Ext4, ext4
 
-from p2pupd.daemon.apply.journal import Journal
-from p2pupd.daemon.apply.transaction import CRASH_POINTS
+from p2pupd.daemon import api
+from p2pupd.daemon.apply.transaction import CRASH_POINTS, Journal
 from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.tools.cli import main
@@ -106,9 +107,23 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     cli("repo", "init", base / "repo", "--root-key", base / "k", "--release-key", base / "k")
     small = {f"lib/m{i:02}.so": (rnd.randbytes(rnd.randrange(1, 9000)), 0o644, 1_600_000_100 + i)
              for i in range(24)}  # fmt: skip
+    # Content two releases share at different paths and the third lacks: with
+    # retain 1, whichever is kept (and so recycled into the next stage) holds
+    # the only trusted copy of something the release being staged needs.
+    shared = {
+        (k, n): rnd.randbytes(300 + 10 * k + n) for k in (1, 2, 3) for n in (1, 2, 3) if k != n
+    }
+
+    def pairs(i: int) -> dict[str, tuple[bytes, int, int]]:
+        out = {}
+        for (k, n), data in shared.items():
+            if i in (k, n):
+                out[f"{'a' if i == k else 'b'}/{k}{n}.dat"] = (data, 0o644, 1_600_000_400)
+        return out
+
     big = rnd.randbytes(1_300_000)
     v1 = write_tree(base / "v1", {
-        **small,
+        **small, **pairs(1),
         "bin/tool": (b"#!/bin/sh\necho v1\n", 0o755, 1_600_000_001),
         "etc/conf": (b"a=1\n", 0o600, 1_600_000_002),
         "data/big.bin": (big, 0o644, 1_600_000_003),
@@ -118,14 +133,14 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     small2["lib/m03.so"] = (b"changed", 0o644, 1_600_000_200)
     small2["lib/m07.so"] = (small["lib/m07.so"][0], 0o600, small["lib/m07.so"][2])
     v2 = write_tree(base / "v2", {
-        **small2,
+        **small2, **pairs(2),
         "bin/tool": (b"#!/bin/sh\necho v2\n", 0o750, 1_600_000_011),
         "etc/conf": (b"a=2\n", 0o600, 1_600_000_012),
         "data/big.bin": (big[:5000] + b"patched" + big[5007:], 0o644, 1_600_000_013),
         "renamed/conf.bak": (b"a=1\n", 0o640, 1_600_000_014),
     }, {"current-conf": "renamed/conf.bak"}, ("var/empty", "var/new-empty"))  # fmt: skip
     v3 = write_tree(base / "v3", {
-        **small2,
+        **small2, **pairs(3),
         "lib/m05.so": (b"v3 only", 0o755, 1_600_000_300),
         "bin/tool": (b"#!/bin/sh\necho v3\n", 0o750, 1_600_000_031),
         "etc/conf": (b"a=2\n", 0o644, 1_600_000_012),
@@ -173,6 +188,9 @@ class Node:
         st = StateDir(self.state).read_state(self.component)
         return st.installed, st.kept, set(st.bad)
 
+    def interrupted(self) -> dict[int, int]:
+        return dict(StateDir(self.state).read_state(self.component).interrupted)
+
     def live(self) -> int | None:
         """Which release the target holds right now; fails on anything else."""
         if not self.target.exists() and not self.target.is_symlink():
@@ -201,8 +219,12 @@ class Node:
         return serial
 
 
-def make_node(releases: Releases, base: Path, kind: str, retain: int) -> Node:
-    node = Node(kind, base / "state", base / "srv" / ("disk.img" if kind == "file" else "app"),
+def make_node(
+    releases: Releases, base: Path, kind: str, retain: int, state: Path | None = None
+) -> Node:
+    """A node whose target is under ``base`` and state in ``state`` (default: ``base``)."""
+    node = Node(kind, (state or base) / "state",
+                base / "srv" / ("disk.img" if kind == "file" else "app"),
                 releases.trees[kind])  # fmt: skip
     node.target.parent.mkdir(parents=True)
     cli("init", "--state-dir", node.state, "--trust", releases.repo / "root.msgpack",
@@ -286,8 +308,13 @@ def drivers() -> Iterator[list[Driver]]:
 
 
 # What a crash at each point leaves after recovery, per scenario: the serial
-# live afterwards, negative when the release the op makes live ends up marked
-# bad. Points a scenario never reaches let it finish (``finished``).
+# live afterwards, or ``INTERRUPTED`` (the old version put back, the
+# interruption counted against the release, which stays eligible) or ``BAD``
+# (put back, the release marked bad: a check failed). Points a scenario never
+# reaches let it finish (``finished``).
+INTERRUPTED, BAD = -1, -2
+
+
 @dataclass(frozen=True)
 class Scenario:
     start: int  # live before
@@ -305,7 +332,7 @@ SCENARIOS = {
         2,
         {
             **dict.fromkeys(BEFORE_SWAP, 1),
-            **dict.fromkeys(("swap", "swapped", "health"), -1),
+            **dict.fromkeys(("swap", "swapped", "health"), INTERRUPTED),
             **dict.fromkeys(("commit", "commit-state", "done"), 2),
         },
         2,
@@ -316,9 +343,10 @@ SCENARIOS = {
         2,
         {
             **dict.fromkeys(BEFORE_SWAP, 1),
-            **dict.fromkeys(("swap", "swapped", "health", "undo", "undo-swap"), -1),
+            **dict.fromkeys(("swap", "swapped", "health"), INTERRUPTED),
+            **dict.fromkeys(("undo", "undo-swap"), BAD),
         },
-        -1,
+        BAD,
     ),
     # No health check on a rollback: an interruption is not a failure.
     "rollback": Scenario(
@@ -372,6 +400,7 @@ def test_sigkill_at_every_journal_step(
             d = drivers[-1]
             drivers.append(Driver(node))
             assert d.call("recover")["ok"]
+            assert d.call("forget")["ok"]  # each point counts its own interruption
             setup(d, node, sc)
             try:
                 node.check_consistent()
@@ -394,8 +423,10 @@ def test_sigkill_at_every_journal_step(
                 serial = node.check_consistent()
             except AssertionError as exc:
                 raise AssertionError(f"after {name} crashed at {point}: {exc}") from None
-            assert serial == (abs(expect) if expect > 0 else sc.start), (name, point)
-            assert (sc.to in node.installed()[2]) == (expect < 0 and sc.op != "rollback")
+            assert serial == (expect if expect > 0 else sc.start), (name, point)
+            assert (sc.to in node.installed()[2]) == (expect == BAD), (name, point)
+            counted = expect == INTERRUPTED and sc.op != "rollback"
+            assert node.interrupted() == ({sc.to: 1} if counted else {}), (name, point)
     assert crashed == sum(len(sc.outcomes) for sc in SCENARIOS.values())
     # And the next apply succeeds.
     assert drivers[-1].call("apply 3 ok")["ok"]
@@ -419,9 +450,13 @@ def test_sigkill_at_random_moments(
     durations: dict[str, list[float]] = {}
     phases: dict[str, int] = {}  # last journal step at each kill
     mid_op = mid_recovery = 0
-    deadline = time.monotonic() + 60
-    while mid_op < RANDOM_KILLS[kind]:
-        assert time.monotonic() < deadline, f"only {mid_op} kills landed in time"
+    deadline = time.monotonic() + 90
+
+    def covered() -> bool:  # enough kills, and some around the short commit window
+        return mid_op >= RANDOM_KILLS[kind] and {"begin", "commit"} <= set(phases)
+
+    while not covered():
+        assert time.monotonic() < deadline, f"only {mid_op} kills landed in time: {phases}"
         d = drivers[-1]
         drivers.append(Driver(node))
         if rnd.random() < 0.15:  # sometimes kill recovery itself
@@ -467,7 +502,8 @@ def test_sigkill_at_random_moments(
 
 def test_cli_crash_then_any_command_recovers(releases: Releases, tmp_path: Path) -> None:
     """Through the real CLI: `p2pupd apply` SIGKILLed between swap and commit; the
-    next `status` recovers (the crash counts as a failed health check)."""
+    next `status` recovers (the old version back, the interruption counted), and
+    the next `apply` retries the same release."""
     node = make_node(releases, tmp_path, "dir", retain=2)
 
     def p2pupd(*args: object, **env: str) -> subprocess.CompletedProcess[str]:
@@ -488,17 +524,183 @@ def test_cli_crash_then_any_command_recovers(releases: Releases, tmp_path: Path)
     assert doc["recovered"] == ["app: rolled back serial 3 (interrupted between swap and commit)"]
     app = doc["components"]["app"]
     assert app["version"] == "1.0" and app["transaction"] is None
-    assert app["bad"] == {"3": "interrupted between swap and commit"}
+    # An interruption is not a verdict on the release: counted, and retried.
+    assert app["bad"] == {} and app["interrupted"] == {"3": 1}
     assert node.check_consistent() == 1
     hist = json.loads(p2pupd("history", "app", "--state-dir", node.state, "--json").stdout)
-    assert hist["history"][-1]["event"] == "health-failed"
-    # Not retried automatically: the newest release not marked bad is chosen.
+    last = hist["history"][-1]
+    assert (last["event"], last["serial"]) == ("interrupted", 3)
+    assert last["detail"] == "interrupted between swap and commit (1 of 3)"
     r = p2pupd("apply", "app", "--state-dir", node.state)
-    assert r.returncode == 0 and r.stdout == "app 2.0 is live\n"
-    r = p2pupd("apply", "app", "--state-dir", node.state, "--version", "3.0")
-    assert r.returncode == 1 and "use --force" in r.stderr
-    r = p2pupd("apply", "app", "--state-dir", node.state, "--version", "3.0", "--force")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stdout == "app 3.0 is live\n", r.stderr
     assert node.check_consistent() == 3
+    assert node.interrupted() == {}
     r = p2pupd("fsck", "--state-dir", node.state, "--full")
     assert r.returncode == 0, r.stdout
+
+
+# -- faults other than SIGKILL: a full disk, a read-only target, a power cut ---------------
+
+FAULTS = ("full", "ro", "shutdown")
+# Each journal step once per fault kind, with an operation that reaches it: an
+# update (retain 1: the kept version, which shares content with the release,
+# is recycled into the stage), a rollback to a kept version someone touched, or
+# an apply whose health check fails (the only one that reaches ``undo``).
+# The second fault kind swaps update and rollback where both reach the step;
+# target kinds rotate, so each step meets every kind across the three faults.
+STEP_OPS = {
+    "begin": "rollback", "prepare": "update", "staged": "rollback", "swap": "update",
+    "swapped": "rollback", "health": "update", "undo": "fail", "undo-swap": "fail",
+    "commit": "rollback", "commit-state": "update", "done": "rollback",
+}  # fmt: skip
+assert tuple(STEP_OPS) == CRASH_POINTS
+
+
+def op_for(fault: str, step: str) -> str:
+    op = STEP_OPS[step]
+    if fault == "ro" and step != "health":
+        op = {"update": "rollback", "rollback": "update"}.get(op, op)
+    return op
+
+
+def arrange(d: Driver, node: Node, op: str) -> tuple[int, int]:
+    """Bring the node (retain 1) to a live version L with one kept K that ``op`` needs:
+    K < L for a rollback, any K for an update; return (L, what ``op`` makes live)."""
+    for _ in range(4):
+        live, kept, _ = node.installed()
+        k = kept[0] if kept else None
+        if live is not None and k is not None and (k < live if op == "rollback" else k != live):
+            to = k if op == "rollback" else ({1, 2, 3} - {live, k}).pop()
+            return live, to
+        if live is None:
+            nxt = 1
+        elif op == "rollback" and k is not None:
+            nxt = k  # k > live: make k live, live becomes the older kept one
+        else:
+            nxt = max({1, 2, 3} - {live})
+        assert d.call(f"apply {nxt} ok")["ok"]
+    raise AssertionError(f"cannot arrange {op} on {node.installed()}")
+
+
+def command(op: str, to: int) -> str:
+    return {"rollback": "rollback", "update": f"apply {to} ok", "fail": f"apply {to} fail"}[op]
+
+
+def touch_kept(node: Node, serial: int) -> None:
+    kept = node.target.parent / f".{node.target.name}.p2pupd-v{serial}"
+    os.utime(kept if node.kind == "file" else kept / "lib/m00.so")
+
+
+def clear_fault(fs: Ext4, fault: str) -> None:
+    if fault == "full":
+        fs.free()
+    elif fault == "ro":
+        assert fs.set_readonly(False)
+    else:
+        fs.remount()  # the journal replays: what was durable at the cut
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_at_every_journal_step(
+    releases: Releases, tmp_path: Path, drivers: list[Driver], fault: str
+) -> None:
+    """At every journal step: the disk fills (state and target on it), the target's
+    filesystem turns read-only (state elsewhere), or the power is cut
+    (``EXT4_IOC_SHUTDOWN`` without a journal flush, then the process dies, and the
+    filesystem is mounted again). Then: the target is byte-exactly the old or the
+    new version; a failed command's exit code says which (1: old, 4: new); a
+    read-only ``status`` works while the fault lasts and shows any disagreement
+    as an open transaction; once the fault is gone, recovery leaves state and
+    target agreeing, ``fsck --full`` agrees, and re-running the same command
+    reaches the new version."""
+    with ext4(tmp_path) as fs:
+        nodes = {
+            kind: make_node(releases, fs.where / kind, kind, retain=1,
+                            state=tmp_path / kind if fault == "ro" else None)
+            for kind in KINDS
+        }  # fmt: skip
+        fired = 0
+        outcomes: dict[str, list[str]] = {}  # what each fault left, by step
+        for i, step in enumerate(CRASH_POINTS):
+            node = nodes[KINDS[(i + FAULTS.index(fault)) % len(KINDS)]]
+            op = op_for(fault, step)
+            where = f"{fault} at {step}, {op} of {node.kind}"
+            d = Driver(node)
+            drivers.append(d)
+            assert d.call("recover")["ok"] and d.call("forget")["ok"]
+            start, to = arrange(d, node, op)
+            if op == "rollback":
+                touch_kept(node, to)
+            assert d.call(f"fault {fault} {step} {fs.where}")["ok"]
+            d.send(command(op, to))
+            text = d.line()
+            if not text:  # the power was cut
+                assert fault == "shutdown" and d.wait() == -signal.SIGKILL, where
+                fired += 1
+                outcome = "cut"
+            else:
+                reply = json.loads(text)
+                assert reply["fired"], f"{where}: the fault did not happen"
+                fired += 1
+                live = node.live()
+                assert live in (start, to), where
+                if reply["ok"]:
+                    assert live == to and op != "fail", (where, reply)
+                    outcome = "exit 0"
+                elif reply["exit"] == 1:
+                    assert live == start, (where, reply)  # exit 1: the old version is live
+                    outcome = "exit 1"
+                else:
+                    assert reply["exit"] == 4 and live == to, (where, reply)
+                    outcome = "exit 4"
+                doc = api.status(node.state)  # never needs to write
+                app = doc["components"][node.component]
+                if app["serial"] != live:
+                    assert app["transaction"] is not None, (where, app)
+                d.kill()
+            clear_fault(fs, fault)
+            assert node.live() in (start, to), where  # before recovery too: never a mix
+            before = (node.installed(), node.journal().last_transaction())
+            d = Driver(node)
+            drivers.append(d)
+            recovered = d.call("recover")
+            assert recovered["ok"], where
+            try:
+                serial = node.check_consistent()
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"{where}: after recovery: {exc}; before it: state {before[0]}, "
+                    f"journal {before[1]}; it did {recovered}"
+                ) from None
+            assert serial in (start, to), where
+            outcome += ", recovered to " + ("new" if serial == to else "old")
+            outcomes.setdefault(outcome, []).append(step)
+            report = api.fsck(node.state, full=True)
+            assert report["ok"], (where, report)
+            assert report["components"][node.component]["serial"] == serial, where
+            if serial != to:  # the same command again (with a passing check)
+                reply = d.call(command("update" if op == "fail" else op, to))
+                assert reply["ok"], (where, reply)
+                assert node.check_consistent() == to, where
+            d.kill()
+        assert fired == len(CRASH_POINTS)
+        print(f"{fault}: {outcomes}")
+
+
+def test_status_gc_and_apply_on_a_full_state_disk(releases: Releases, tmp_path: Path) -> None:
+    """Every block in use on the filesystem holding state and target: `status` and
+    `gc` still run (the lock's pid is best effort), an apply fails with exit 1 and
+    the old version live, and works once there is room."""
+    with ext4(tmp_path) as fs:
+        node = make_node(releases, fs.where / "n", "symlink", retain=1)
+        cli("apply", "app", "--state-dir", node.state, "--version", "1.0")
+        cli("apply", "app", "--state-dir", node.state, "--version", "2.0")
+        (node.state / "lock").unlink()  # a lock file made on the full disk: no block yet
+        fs.fill()
+        assert main(["status", "--state-dir", str(node.state)]) == 0
+        assert main(["gc", "--state-dir", str(node.state)]) == 0
+        assert main(["apply", "app", "--state-dir", str(node.state), "--version", "3.0"]) == 1
+        assert node.live() == 2
+        fs.free()
+        cli("apply", "app", "--state-dir", node.state, "--version", "3.0")
+        assert node.check_consistent() == 3

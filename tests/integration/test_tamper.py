@@ -628,7 +628,9 @@ def _mixed(s: Site, monkeypatch: pytest.MonkeyPatch) -> Path:
     other = other_repo(s.w, s.w.run)
     man, env = other.release("app", 2)
     dest = s.w.base / "mixed"
-    write_bundle(dest, Repo(s.w.repo).roots(), [ReleaseSource(man, env, man.blob_sizes())], other.store)
+    write_bundle(
+        dest, Repo(s.w.repo).roots(), [ReleaseSource(man, env, man.blob_sizes())], other.store
+    )
     return dest
 
 

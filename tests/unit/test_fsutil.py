@@ -419,3 +419,20 @@ def test_start_writeback_leaves_the_file_as_written(tmp_path: Path) -> None:
     fsutil.start_writeback(fd)
     os.close(fd)
     assert p.read_bytes() == b"x" * 100_000
+
+
+def test_file_lock_is_taken_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the pid is best effort: a full disk must not stop the commands (gc) that
+    would free it."""
+    path = tmp_path / "lock"
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "ftruncate", full)
+    with fsutil.FileLock(path) as lock:
+        assert lock.held
+        with pytest.raises(LockedError, match="another process"):
+            fsutil.FileLock(path).acquire(blocking=False)

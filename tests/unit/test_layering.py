@@ -256,3 +256,15 @@ def test_layout_sizes() -> None:
         for d in [ROOT / folder, *(p for p in (ROOT / folder).rglob("*") if p.is_dir())]:
             mods = [p for p in d.glob("*.py") if p.name != "__init__.py"]
             assert len(mods) <= MAX_FOLDER_MODULES, f"{d.relative_to(ROOT)}: {len(mods)} modules"
+
+
+def test_component_state_has_one_writer() -> None:
+    """Every component-state transition is a named operation of state/components.py."""
+    writers = []
+    for f in files("daemon"):
+        if f.relative_to(ROOT).as_posix() in ("daemon/state/components.py", "daemon/state/statedir.py"):
+            continue
+        text = f.read_text()
+        if ".update_state(" in text or ".write_states(" in text:
+            writers.append(f.relative_to(ROOT).as_posix())
+    assert not writers, f"component state written outside state/components.py: {writers}"

@@ -16,6 +16,7 @@ BENCHES = {
     "transfer": "daemon-to-daemon loopback throughput vs socket, hash+append, sha256; idle",
     "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
+    "tls": "peer-link throughput with and without TLS 1.3 (site credentials), same run",
 }
 
 

@@ -16,9 +16,17 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
+EXIT_UNFINISHED = 4
 
-EPILOG = """exit codes: 0 ok, 1 operational error, 2 usage/configuration error,
-3 refused by verification (signature, threshold, hash, rollback, expiry, hostile input).
+# An apply, import --apply or rollback that fails exits 1 only when the old
+# version is live (nothing changed, or it was put back); 4 when it failed
+# after the swap with the new version live: its transaction is still open and
+# the next command (or `p2pupd recover`) settles it.
+
+EPILOG = """exit codes: 0 ok, 1 operational error (an apply or rollback that fails with 1
+left the old version live), 2 usage/configuration error, 3 refused by verification
+(signature, threshold, hash, rollback, expiry, hostile input), 4 an apply or rollback
+failed after its swap with the new version live (`p2pupd recover` settles it).
 The state directory defaults to $P2PUPD_STATE_DIR, else /var/lib/p2pupd."""
 
 Command = Callable[[argparse.Namespace], int]

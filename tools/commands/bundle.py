@@ -43,6 +43,7 @@ from p2pupd.tools.publisher.export import (
     write_bundle,
 )
 from p2pupd.tools.publisher.repo import Repo
+from p2pupd.tools.publisher.sealexport import seal_recipients
 from p2pupd.tools.publisher.siteexport import releases_for_site
 
 REQUEST_PREFIX = "p2pupd-request-"
@@ -346,7 +347,27 @@ def _write(
 ) -> ExportReport:
     total = sum(sum(s.blobs.values()) for s in sources)
     with Progress("export", total, enabled=not args.json) as bar:
-        return write_bundle(Path(args.dest), roots, sources, src, bar.advance, request=request)
+        return write_bundle(
+            Path(args.dest), roots, sources, src, bar.advance, request=request,
+            seal_to=seal_keys(args),
+        )  # fmt: skip
+
+
+def seal_keys(args: argparse.Namespace) -> list[bytes] | None:
+    """The seal keys of the ``--encrypt-to`` site files and of the sites a request
+    named (None: a plain bundle)."""
+    files = getattr(args, "encrypt_to", None) or []
+    data = []
+    for f in files:
+        try:
+            data.append(Path(f).read_bytes())
+        except OSError as exc:
+            raise UsageError(f"cannot read site file {f}: {exc.strerror}") from None
+    keys = seal_recipients(data)
+    for k in getattr(args, "site_seals", None) or []:
+        if k not in keys:
+            keys.append(k)
+    return keys or None
 
 
 def _report(args: argparse.Namespace, report: ExportReport) -> int:
@@ -382,10 +403,22 @@ def _export_for_repo(args: argparse.Namespace) -> int:
         check_node_key(repo.path / "nodes", member)
     # Each member is planned from its own platform's variant of each release.
     sources, roots, notes = releases_for_site(lambda p: RepoSource(repo, p), site)
+    _seal_for(args, site, notes)
     report = _write(args, sources, roots, RepoSource(repo, site.collector.platform), data)
     report.for_node = _for_whom(site, notes)
     report.notes = notes
     return _report(args, report)
+
+
+def _seal_for(args: argparse.Namespace, site: SiteRequest, notes: list[str]) -> None:
+    """A request from members of a site: seal the bundle to that site (and any --encrypt-to)."""
+    seals = sorted({m.site_seal for m in site.members if m.site_seal is not None})
+    if not seals:
+        return
+    args.site_seals = seals
+    notes.append(
+        f"sealed to the site(s) of the request ({len(seals)}): only their members can read it"
+    )
 
 
 def _for_whom(site: SiteRequest, notes: list[str]) -> str:
@@ -411,6 +444,7 @@ def _export_state(args: argparse.Namespace) -> int:
         assert data is not None
         site = verify_any_request(data)
         sources, roots, notes = releases_for_site(lambda _: source, site, use_deltas=False)
+        _seal_for(args, site, notes)
         for_node: str | None = _for_whom(site, notes)
     else:
         data, for_node = None, None

@@ -36,6 +36,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         gossip_interval=cfg.gossip_interval or 30.0,
         metrics_listen=api.parse_endpoint(metrics, default_port=None) if metrics else None,
         watch=tuple(watch),
+        site_file=cfg.site_file,
     )
     return api.run_daemon(options)
 
@@ -53,6 +54,14 @@ def cmd_peers(args: argparse.Namespace) -> int:
             )
         for b in doc["banned"]:
             print(f"banned {b['who']} for {b['seconds_left']:.0f}s: {b['reason']}")
+        site = doc.get("site") or {}
+        if site.get("site") is None:
+            print("no site: links are plain TCP, any host holding the root may join")
+        else:
+            state = "TLS 1.3, credentials required" if site["tls"] else f"refusing all: {site['problem']}"
+            print(f"site {site['site']}: {state}; {site['refused']} link(s) refused")
+            for r in site["recent"][-5:]:
+                print(f"  refused {r['address']} {r['seconds_ago']:.0f}s ago: {r['reason']}")
 
     out(args, doc, human)
     return EXIT_OK

@@ -53,6 +53,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         options=options,
         platform=args.platform,
         hook_limits=_hook_limits(args),
+        site_file=Path(args.site) if args.site else None,
     )
     print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
     return EXIT_OK
@@ -142,6 +143,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"node {doc['node_id'][:12]}  platform {doc['platform']}  root v{doc['root_version']}"
         )
+        site = doc.get("site") or {}
+        if not site.get("configured"):
+            print(f"warning: {site.get('problem', 'no site configured')}")
+        elif site.get("member"):
+            print(f"site {site['name']}: member")
+        else:
+            print(f"site {site.get('name', '?')}: NOT a member: {site.get('problem')}")
         print(
             f"{'COMPONENT':<16} {'VERSION':<14} {'SERIAL':>6}  {'AVAILABLE':<14} {'KEPT':<14} NOTE"
         )
@@ -149,6 +157,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             avail = (c["available"]["version"] or "?") if c["available"] else "-"
             kept = ",".join(k["version"] or "?" for k in c["kept"]) or "-"
             note = c["last_error"] or ""
+            if c.get("transaction"):
+                t = c["transaction"]
+                note = f"open transaction: {t['op']} of serial {t['to']} at step {t['step']}"
             print(
                 f"{name:<16} {c['version'] or '-':<14} {c['serial'] or '-':>6}  {avail:<14} {kept:<14} {note}"
             )
@@ -180,6 +191,9 @@ def register(add: Adder) -> None:
         state=True,
     )
     sp.add_argument("--trust", required=True, help="root.msgpack from the publisher")
+    sp.add_argument(
+        "--site", metavar="SITE.pub", help="the site this node belongs to (from `site init`)"
+    )
     sp.add_argument(
         "--component", action="append", required=True, help="NAME=TARGET_DIR (repeatable)"
     )

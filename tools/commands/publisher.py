@@ -143,7 +143,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     total = sum(sum(s.blobs.values()) for s in sources)
     with Progress("export", total, enabled=not args.json) as bar:
-        report = write_bundle(Path(args.dest), repo.roots(), sources, repo.store, bar.advance)
+        report = write_bundle(
+            Path(args.dest), repo.roots(), sources, repo.store, bar.advance,
+            seal_to=cmd_bundle.seal_keys(args),
+        )  # fmt: skip
     doc = {
         "releases": [{"component": c, "version": v, "serial": s} for c, v, s in report.releases],
         "blobs_written": report.blobs,
@@ -258,6 +261,13 @@ def register(add: Adder) -> None:
     sp.add_argument("repo", nargs="?", metavar="REPO", help="repository (omit with --state-dir)")
     sp.add_argument("dest", nargs="?", metavar="DEST", help="bundle directory (e.g. /media/usb)")
     cmd_bundle.add_export_options(sp)
+    sp.add_argument(
+        "--encrypt-to",
+        action="append",
+        default=[],
+        metavar="SITE.pub",
+        help="seal the bundle so only members of this site can read it (repeatable)",
+    )
     sp.add_argument("--component", action="append", help="only these components (default: all)")
     sp.add_argument(
         "--history",

@@ -49,6 +49,7 @@ from p2pupd.protocol.patchcodec import encode_dict_patch, encode_patch
 from p2pupd.protocol.request import Request, plan_for_request
 from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
 from p2pupd.tools.publisher.repo import Repo, RepoError
+from p2pupd.tools.publisher.sealexport import SealingStore
 
 PACKED_BYTES_PER_BUNDLE = 64 * limits.MiB
 
@@ -249,11 +250,13 @@ def write_bundle(
     progress: Callable[[int], None] | None = None,
     *,
     request: bytes | None = None,
+    seal_to: list[bytes] | None = None,
 ) -> ExportReport:
     """Write a bundle into ``dest`` (created if needed). See module doc.
 
     ``request``, the signed request file a minimal bundle was cut for, is
-    carried as a request artifact. Raises ``RepoError``/``NotFoundError`` for
+    carried as a request artifact. ``seal_to`` (site seal keys) writes a
+    sealed bundle only members of those sites can read (sealexport.py). Raises ``RepoError``/``NotFoundError`` for
     a blob the source lacks, ``HashMismatchError`` for one whose bytes do not
     match, ``StorageError`` for write errors.
     """
@@ -262,7 +265,9 @@ def write_bundle(
     dest.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (dest / "index.json").unlink()  # a stale index must never outlive its blobs
-    out = BlobStore(dest)
+    out: BlobStore | SealingStore = (
+        BlobStore(dest) if not seal_to else SealingStore(dest, seal_to)
+    )
     index: list[oci.Descriptor] = []
     keep: set[bytes] = set()
 
@@ -355,12 +360,16 @@ def write_bundle(
         )
         report.releases.append((man.component, man.version, man.serial))
 
-    out.gc(keep)  # blobs of an earlier bundle in the same place: importers refuse extras
+    if isinstance(out, SealingStore):
+        top = out.finish(oci.build_index(index), keep)
+    else:
+        out.gc(keep)  # blobs of an earlier bundle in the same place: importers refuse extras
+        top = oci.build_index(index)
     out.clean_tmp()
     with contextlib.suppress(OSError):
         (dest / "tmp").rmdir()  # the writer's scratch dir is not part of the layout
     atomic_write(dest / "oci-layout", oci.OCI_LAYOUT)
-    atomic_write(dest / "index.json", oci.build_index(index))
+    atomic_write(dest / "index.json", top)
     return report
 
 

@@ -35,8 +35,15 @@ from typing import Any
 from p2pupd.daemon import api
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import encoding, ids, limits
-from p2pupd.protocol.errors import CodecError, HashMismatchError, P2pupdError, SchemaError
+from p2pupd.protocol.errors import (
+    CodecError,
+    HashMismatchError,
+    NotMemberError,
+    P2pupdError,
+    SchemaError,
+)
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.site import sealed
 from p2pupd.protocol.trust import Envelope, Root, TrustChain, TrustedRoot
 from p2pupd.tools.publisher.repo import Repo, RepoError
 
@@ -148,6 +155,15 @@ def _load_bundle(path: Path) -> Contents:
                 f"bundle blob {digest.hex()[:16]} does not match its sha256 (damaged or tampered)"
             )
         return data
+
+    if sealed.is_sealed(index):
+        header, _, _ = sealed.parse_sealed_artifact(blob(index[0].digest, index[0].size))
+        recipients = sealed.Header.decode(blob(header.digest, header.size)).recipients
+        raise NotMemberError(
+            f"{path} is a sealed bundle for site(s) "
+            f"{', '.join(r.recipient[:16] for r in recipients)}: only a member node can open "
+            "it (`p2pupd import` there)"
+        )
 
     roots: dict[int, bytes] = {}
     envelopes: list[bytes] = []
@@ -393,7 +409,7 @@ def _check_blob(path: Path, digest: bytes, size: int, *, bundle: bool) -> None:
     finally:
         os.close(fd)
     if n != size or h.digest() != digest:
-        what = "bundle blob" if bundle else "blob"  # as ``import`` says (store/incoming.py)
+        what = "bundle blob" if bundle else "blob"  # as ``import`` says (store/spool.py)
         raise HashMismatchError(f"{what} {digest.hex()[:16]} does not match its sha256")
 
 

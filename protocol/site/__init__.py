@@ -1,0 +1,1 @@
+"""Site membership and sealed sticks: the rules of who may join a site and read its bundles."""

@@ -1,0 +1,21 @@
+"""The tree itself: no half-resolved merge is ever committed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MARKER = re.compile(r"^(<{7}|>{7})( |$)", re.M)
+FOLDERS = ("protocol", "daemon", "tools", "tests", "docs", "installer")
+
+
+def test_no_merge_conflict_markers() -> None:
+    found = []
+    paths = [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    for folder in FOLDERS:
+        paths += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".toml", ".sh")]
+    for p in paths:
+        if p.is_file() and MARKER.search(p.read_text(errors="replace")):
+            found.append(str(p.relative_to(ROOT)))
+    assert not found, f"merge conflict markers in {found}"
