@@ -36,15 +36,15 @@ def drop(state: Path, digests: set[bytes]) -> None:
 
 def spooled(state: Path) -> list[bytes]:
     """Digests of the intact records past the pack indexes, in pack order: the
-    blobs a killed import left, which the next writer re-hashes and keeps."""
+    blobs a killed import left, which the next writer re-hashes and keeps
+    (a torn record among them is stepped over)."""
     index = PackIndex(state / "blobs" / "packs")
     out: list[bytes] = []
     for p in index.packs():
         end = os.fstat(p.fd).st_size
         for digest, _, data in packfile.read_records(p.fd, p.data_end, end):
-            if hashlib.sha256(data).digest() != digest:
-                break
-            out.append(digest)
+            if hashlib.sha256(data).digest() == digest:
+                out.append(digest)
     return out
 
 

@@ -138,8 +138,8 @@ def read_records(fd: int, start: int, end: int) -> Iterator[tuple[bytes, int, by
     ``fd`` between ``start`` and ``end``, reading each with ``pread``.
 
     Stops at the first record that is cut off or declares an impossible size
-    (a crash tore it, or the area was never written); the caller re-hashes
-    what it yields before trusting it. Raises ``OSError``.
+    (the file ends inside it); the caller re-hashes what it yields before
+    trusting it, and may step over one that does not match. Raises ``OSError``.
     """
     pos = start
     while pos + RECORD.size <= end:

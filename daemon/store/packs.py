@@ -28,7 +28,9 @@ enters the store:
 
 A crash before 2 completes leaves records that no entry names: the next
 writer to take the pack re-reads that tail, re-hashes every record against
-its digest, commits the intact ones and truncates the rest (``_salvage``). So
+its digest, commits the intact ones, steps over torn ones (each header is
+written with its reservation, so a torn record's size is known) and cuts a
+record the file ends inside (``salvage``). So
 a blob is either absent or complete and verified, and an interrupted import
 resumes from what it wrote without a journal. Writeback of appended data is
 started every ``WRITEBACK_BYTES`` (``sync_file_range``), so the flush of step
@@ -81,6 +83,8 @@ def crash_point(point: str) -> None:
             _crash_skip[0] -= 1
             return
         os.kill(os.getpid(), signal.SIGKILL)
+
+
 _RW = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 _RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -493,6 +497,7 @@ class PackWriter:
         Thread-safe. Raises ``StorageError``/``NoSpaceError``.
         """
         size = len(data)
+        head = packfile.record_header(digest, size)
         with self._lock:
             if self._broken is not None:
                 raise StorageError(self._broken)
@@ -502,13 +507,19 @@ class PackWriter:
                 start, self._writeback = self._writeback, self._end
             else:
                 start = -1
+            # The header goes down with the reservation: a writer killed while
+            # another thread's bytes were still to come leaves a record whose
+            # size is known, so a salvage steps over it to the records after.
+            try:
+                os.pwrite(self._fd, head, at)
+            except OSError as exc:
+                raise fsutil.storage_error(exc, "write pack", self.index.dir / self.name) from None
         if _CRASH_AT == "pack-append":
-            head = packfile.record_header(digest, size)
-            os.pwrite(self._fd, head + bytes(data[: size // 2]), at)
+            os.pwrite(self._fd, bytes(data[: size // 2]), at + packfile.RECORD.size)
             crash_point("pack-append")
         try:
-            n = os.pwritev(self._fd, [packfile.record_header(digest, size), data], at)
-            if n != packfile.RECORD.size + size:
+            n = os.pwrite(self._fd, data, at + packfile.RECORD.size)
+            if n != size:
                 raise OSError(5, "short write")
         except OSError as exc:
             raise fsutil.storage_error(exc, "write pack", self.index.dir / self.name) from None
@@ -546,7 +557,9 @@ class PackWriter:
             try:
                 _copy_range(src_fd, self._fd, src, at, length)
             except OSError as exc:
-                raise fsutil.storage_error(exc, "copy into pack", self.index.dir / self.name) from None
+                raise fsutil.storage_error(
+                    exc, "copy into pack", self.index.dir / self.name
+                ) from None
             moved = [Entry(e.digest, e.offset - src + at, e.size, e.xxh) for e in run]
             with self._lock:
                 self._pending.extend(moved)
@@ -598,9 +611,10 @@ class PackWriter:
     def salvage(self) -> list[bytes]:
         """Commit the intact records a dead writer left past the index; drop the rest.
 
-        Each record is re-hashed against its digest; the first that does not
-        match (torn by a crash) and everything after it are truncated away.
-        Returns the digests committed.
+        Each record is re-hashed against its digest: one that does not match
+        (its bytes never fully written) is stepped over and stays dead space;
+        the file is cut after the last record whose header is whole and whose
+        bytes are all there. Returns the digests committed.
         """
         end = self._end
         if end <= self.committed_end:
@@ -608,9 +622,9 @@ class PackWriter:
         pos = self.committed_end
         try:
             for digest, offset, data in packfile.read_records(self._fd, pos, end):
-                if ids.sha256(data) != digest:
-                    break
                 pos = offset + len(data)
+                if ids.sha256(data) != digest:
+                    continue
                 # A copy of a blob already stored is indexed too (reads keep
                 # using the first); otherwise this tail would be re-hashed at
                 # every opening. gc drops the spare copy.

@@ -73,7 +73,7 @@ def test_appended_blobs_are_invisible_until_committed(store: PackStore) -> None:
     w.close()
 
 
-def test_a_dead_writers_tail_is_rehashed_and_salvaged_up_to_the_first_torn_record(
+def test_a_dead_writers_tail_is_rehashed_torn_records_skipped_a_cut_one_dropped(
     store: PackStore,
 ) -> None:
     w = store.writer()
@@ -91,10 +91,12 @@ def test_a_dead_writers_tail_is_rehashed_and_salvaged_up_to_the_first_torn_recor
     with open(pack, "r+b") as f:  # the fourth record's bytes never reached the disk
         f.seek(records[3][1])
         f.write(b"\0" * 100)
+    with open(pack, "r+b") as f:  # and the file ends inside the sixth
+        f.truncate(records[5][1] + 10)
     w2 = store.writer()  # the next writer takes the pack with room: that one
     assert w2.name == p.name
-    assert [store.has(sha(d)) for d in data] == [True] * 3 + [False] * 3
-    assert os.path.getsize(pack) == records[3][1] - packfile.RECORD.size  # torn rest cut
+    assert [store.has(sha(d)) for d in data] == [True] * 3 + [False] + [True] + [False]
+    assert os.path.getsize(pack) == records[4][1] + len(data[4])  # the cut record goes
     w2.close()
     assert store.fsck(full=True).clean
 

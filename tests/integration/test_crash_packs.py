@@ -114,7 +114,7 @@ def test_sigkill_at_random_moments_of_fill_and_gc(tmp_path: Path) -> None:
     must: dict[bytes, bytes] = {}
     for round_ in range(12):
         seed = 100 + round_
-        pool = {hashlib.sha256(b).digest(): b for b in (blob(seed, i) for i in range(200))}
+        pool = {hashlib.sha256(b).digest(): b for b in (blob(seed, i) for i in range(2400))}
         proc = subprocess.Popen(
             [sys.executable, str(DRIVER), str(state), "churn", str(seed)],
             stdout=subprocess.PIPE, text=True,
