@@ -6,12 +6,12 @@ A release names every file by its sha256 and its content-defined chunks, and may
 add *deltas* (``Manifest.deltas``), each a recipe for one target::
 
     kind "file"   target = a file sha256,  bases = whole files (sha256s),
-                  patch = bsdiff4 patch:   target = bspatch(concat(bases), patch)
+                  patch = a patch blob:    target = patch(concat(bases))
     kind "chunk"  target = the first chunk of a *run* of consecutive chunks
                   of a file, target_size = the run's length in bytes (one
                   chunk's size for a single-chunk run), bases = chunks (a
-                  bounded window of old chunks), patch = bsdiff4 patch:
-                  bytes of the run = bspatch(concat(bases), patch)
+                  bounded window of old chunks), patch = a patch blob:
+                  bytes of the run = patch(concat(bases))
     kind "zchunk" target = a chunk digest, bases = (), patch = a zstd frame of
                   the chunk's bytes (a compressed literal)
 
@@ -22,8 +22,10 @@ chunk by chunk against the manifest's chunk digests. A run applies at a place
 in a file where its first chunk is followed by chunks whose sizes add up to
 ``target_size`` exactly; the publisher starts multi-chunk runs only at chunks
 that occur once in the release, so the place is unambiguous. (Runs exist
-because a patch per 64 KiB chunk loses bsdiff's context: on rebuilt binaries
-1 MiB runs come within a few percent of one whole-file patch.)
+because a patch per 64 KiB chunk loses the diff's context: on rebuilt binaries
+1 MiB runs come within ~25 % of one whole-file patch, single chunks far worse.)
+A patch blob is bsdiff4's or hdiffpatch's, in a container that names its
+codec (laid out at the end of this module).
 
 A node holds two kinds of things: *held files* -- whole files of the versions
 on its disk (installed, kept), each of which it can read by sha256, and whose
@@ -54,7 +56,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from p2pupd.protocol import limits
-from p2pupd.protocol.errors import SchemaError
+from p2pupd.protocol.errors import SchemaError, VerificationError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
 from p2pupd.protocol.varint import encode_uvarint, read_uvarint
 
@@ -296,20 +298,40 @@ def needed_blobs(new: Manifest, held: Iterable[Manifest], have_blob: HaveBlob) -
     return needed_with(new, Holdings.of(held), have_blob)
 
 
-# -- the patch container --------------------------------------------------------
+# -- the patch containers --------------------------------------------------------
 #
-# A bsdiff4 patch is three blocks (control, diff, extra). The classic BSDIFF40
-# file compresses each with bz2, which costs ~450 bytes of tables per patch:
-# more than a typical per-chunk delta of a small edit. p2pupd's container keeps
-# bsdiff4's blocks unchanged and compresses them as one zstd frame:
+# A patch blob says which codec made it, so a node dispatches on its first bytes:
 #
-#     b"PZB1" | uvarint target_size | uvarint control_size | uvarint diff_size
-#             | zstd frame of (control || diff || extra)
+#   b"BSDIFF40"  classic bsdiff4 file (three bz2 blocks); accepted, no longer written.
+#   b"PZB1"      container v1: bsdiff4's control/diff/extra blocks as one zstd frame
+#                    "PZB1" | uvarint target_size | uvarint control_size
+#                           | uvarint diff_size | zstd frame of (control||diff||extra)
+#                (written whenever bsdiff4 + zstd is the smallest form: every
+#                node since the first release applies it)
+#   b"PZP2"      container v2: a codec id and a packing id
+#                    "PZP2" | u8 codec | u8 packing | uvarint target_size
+#                           | uvarint raw_size | codec fields | packed body
+#                codec 1 bsdiff4:    fields uvarint control_size, uvarint diff_size;
+#                                    body = control || diff || extra
+#                codec 2 hdiffpatch: no fields; body = an uncompressed HDiffPatch
+#                                    diff ("HDIFF13&" with no compressor)
+#                packing 1 zstd:  one zstd frame of the body
+#                packing 2 lzma2: a raw LZMA2 stream of the body, dictionary size
+#                                 ``lzma2_dict_size(raw_size)``
 #
-# A node also accepts classic BSDIFF40 patches. (The zstd work itself happens in
-# tools/ and daemon/; this module only lays out the header.)
+# Each header is bounded before anything is allocated: raw_size is exact and must
+# fit the codec's bound for target_size (``max_raw_size``), so a node inflates at
+# most that many bytes, and an LZMA2 dictionary never exceeds the body it
+# decodes. A node that meets a codec or packing id it does not know refuses the
+# patch with ``UnknownPatchCodecError`` (one line, nothing staged) instead of
+# guessing; a node older than v2 refuses "PZP2" as an unknown format. New codecs
+# therefore get a new id, never a new meaning for an old one.
+#
+# (The compression itself happens in patchcodec.py and daemon/; this module
+# only lays out and checks headers, the HDiffPatch one included.)
 
 PATCH_MAGIC = b"PZB1"
+PATCH2_MAGIC = b"PZP2"
 BSDIFF40_MAGIC = b"BSDIFF40"
 _CONTROL_RECORD_BYTES = 24  # three int64 per bsdiff control record
 # bsdiff writes one control record per match it extends, each covering far
@@ -325,43 +347,140 @@ def max_control_bytes(target_size: int) -> int:
     return min(target_size + CONTROL_SLACK_BYTES, _CONTROL_RECORD_BYTES * (target_size + 1))
 
 
+class Codec(enum.IntEnum):
+    """Which diff algorithm made a patch (the id byte of container v2)."""
+
+    BSDIFF4 = 1
+    HDIFFPATCH = 2
+
+
+class Packing(enum.IntEnum):
+    """How a container's body is compressed (the packing byte of container v2)."""
+
+    ZSTD = 1
+    LZMA2 = 2
+
+
+class UnknownPatchCodecError(VerificationError):
+    """A patch names a codec or packing this node does not implement."""
+
+
+# The HDiffPatch body holds the uncovered new bytes once, the covered ones as
+# byte differences (at most one byte each, plus run-length control) and a few
+# bytes per cover: twice the target plus a header is more than any honest
+# patch needs, and the publisher drops a patch that would not fit.
+HDIFF_RAW_SLACK_BYTES = 4 * limits.KiB
+LZMA2_MIN_DICT_BYTES = 4 * limits.KiB
+LZMA2_MAX_DICT_BYTES = 64 * limits.MiB
+
+
 @dataclass(frozen=True)
 class PatchHeader:
     target_size: int
     control_size: int
     diff_size: int
     body_offset: int
+    codec: Codec = Codec.BSDIFF4
+    packing: Packing = Packing.ZSTD
+    raw_size: int | None = None  # exact body size (v2); v1 gives only a bound
 
     @property
     def max_body_size(self) -> int:
-        """The most bytes the compressed body may expand to (extra <= target):
-        at most 3 x ``target_size`` + ``CONTROL_SLACK_BYTES``."""
+        """The most bytes the packed body may expand to: exactly ``raw_size``
+        (v2), else control + diff + extra <= target, at most 3 x
+        ``target_size`` + ``CONTROL_SLACK_BYTES``."""
+        if self.raw_size is not None:
+            return self.raw_size
         return self.control_size + self.diff_size + self.target_size
 
 
+def max_raw_size(codec: Codec, target_size: int, control_size: int = 0, diff_size: int = 0) -> int:
+    """Return the largest unpacked body a ``codec`` patch of ``target_size`` may have."""
+    if codec is Codec.BSDIFF4:
+        return control_size + diff_size + target_size
+    return 2 * target_size + HDIFF_RAW_SLACK_BYTES
+
+
+def lzma2_dict_size(raw_size: int) -> int:
+    """Return the LZMA2 dictionary for a body of ``raw_size`` bytes (encoder and decoder agree)."""
+    return max(LZMA2_MIN_DICT_BYTES, min(LZMA2_MAX_DICT_BYTES, raw_size))
+
+
 def encode_patch_header(target_size: int, control_size: int, diff_size: int) -> bytes:
-    """Return the container header for a patch with these block sizes."""
+    """Return the v1 container header for a bsdiff4 patch with these block sizes."""
     return PATCH_MAGIC + _uvarint(target_size) + _uvarint(control_size) + _uvarint(diff_size)
 
 
-def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
-    """Parse and bound-check a container header.
+def encode_patch2_header(
+    codec: Codec,
+    packing: Packing,
+    target_size: int,
+    raw_size: int,
+    control_size: int = 0,
+    diff_size: int = 0,
+) -> bytes:
+    """Return the v2 container header (control and diff sizes only for bsdiff4)."""
+    out = PATCH2_MAGIC + bytes((codec, packing)) + _uvarint(target_size) + _uvarint(raw_size)
+    if codec is Codec.BSDIFF4:
+        out += _uvarint(control_size) + _uvarint(diff_size)
+    return out
 
-    Raises ``SchemaError`` if the magic is wrong, a field is truncated, or the
-    sizes are impossible for a bsdiff patch of ``target_size`` bytes (a
-    control block over ``max_control_bytes``: see ``CONTROL_SLACK_BYTES``).
+
+def parse_patch_header(data: bytes | memoryview) -> PatchHeader:
+    """Parse and bound-check a v1 or v2 container header.
+
+    Raises ``UnknownPatchCodecError`` for a v2 codec or packing id this node
+    does not know, ``SchemaError`` if the magic is wrong, a field is truncated,
+    or the sizes are impossible for a patch of ``target_size`` bytes (for
+    bsdiff4, a control block over ``max_control_bytes``: see
+    ``CONTROL_SLACK_BYTES``).
     """
-    if bytes(data[:4]) != PATCH_MAGIC:
-        raise SchemaError("patch is not a p2pupd bsdiff container")
-    pos = 4
-    fields = []
-    for _ in range(3):
+    magic = bytes(data[:4])
+    if magic == PATCH_MAGIC:
+        (target, control, diff), pos = _fields(data, 4, 3)
+        _check_bsdiff(target, control, diff)
+        return PatchHeader(target, control, diff, pos)
+    if magic != PATCH2_MAGIC:
+        raise SchemaError("patch is not a p2pupd patch container")
+    if len(data) < 6:
+        raise SchemaError("patch header is truncated or malformed")
+    codec_id, packing_id = data[4], data[5]
+    if codec_id not in Codec._value2member_map_:
+        raise UnknownPatchCodecError(
+            f"patch was made with codec {codec_id}, which this p2pupd does not know "
+            "(published by a newer p2pupd: upgrade this node)"
+        )
+    if packing_id not in Packing._value2member_map_:
+        raise UnknownPatchCodecError(
+            f"patch body uses packing {packing_id}, which this p2pupd does not know "
+            "(published by a newer p2pupd: upgrade this node)"
+        )
+    codec, packing = Codec(codec_id), Packing(packing_id)
+    nfields = 4 if codec is Codec.BSDIFF4 else 2
+    values, pos = _fields(data, 6, nfields)
+    target, raw = values[0], values[1]
+    control, diff = (values[2], values[3]) if codec is Codec.BSDIFF4 else (0, 0)
+    if codec is Codec.BSDIFF4:
+        _check_bsdiff(target, control, diff)
+        if raw < control + diff:
+            raise SchemaError("patch header sizes are inconsistent")
+    if raw > max_raw_size(codec, target, control, diff):
+        raise SchemaError("patch body is larger than any patch for its target")
+    return PatchHeader(target, control, diff, pos, codec, packing, raw)
+
+
+def _fields(data: bytes | memoryview, pos: int, n: int) -> tuple[list[int], int]:
+    """Return ``n`` varints from ``pos`` and the position after them."""
+    out = []
+    for _ in range(n):
         value, pos = _read_uvarint(data, pos)
-        fields.append(value)
-    target, control, diff = fields
+        out.append(value)
+    return out, pos
+
+
+def _check_bsdiff(target: int, control: int, diff: int) -> None:
     if control % _CONTROL_RECORD_BYTES or diff > target or control > max_control_bytes(target):
         raise SchemaError("patch header sizes are inconsistent")
-    return PatchHeader(target, control, diff, pos)
 
 
 def _uvarint(n: int) -> bytes:
@@ -372,25 +491,96 @@ def _read_uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     return read_uvarint(data, pos, 9, "patch header")
 
 
+# -- the HDiffPatch body header --------------------------------------------------
+#
+#     "HDIFF13&" | compressor name | 0 | newDataSize | oldDataSize | coverCount
+#         | cover_buf_size | compressed | rle_ctrl_size | compressed
+#         | rle_code_size | compressed | new_data_diff_size | compressed
+#         | the four buffers, in that order
+#
+# with HDiffPatch's integers: 7 bits a byte, most significant first, high bit
+# set on every byte but the last. p2pupd writes the body uncompressed (it packs
+# the whole body itself), so the name is empty and every "compressed" size 0;
+# a node checks that, the sizes against the manifest and the base, and that the
+# buffers fill the body exactly, before it hands the body to HDiffPatch.
+
+HDIFF_MAGIC = b"HDIFF13&"
+_HDIFF_FIELDS = 11
+_HDIFF_MAX_INT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class HdiffHeader:
+    new_size: int
+    old_size: int
+    cover_count: int
+    buffers_size: int  # bytes of the four buffers after the header
+    header_size: int
+
+
+def parse_hdiff_header(raw: bytes | memoryview) -> HdiffHeader:
+    """Parse and check the header of an uncompressed HDiffPatch body.
+
+    Raises ``SchemaError`` if it is not one, names a compressor, or its
+    buffers do not add up to the body's length.
+    """
+    if bytes(raw[: len(HDIFF_MAGIC) + 1]) != HDIFF_MAGIC + b"\0":
+        raise SchemaError("patch body is not an uncompressed HDiffPatch diff")
+    pos = len(HDIFF_MAGIC) + 1
+    values = []
+    for _ in range(_HDIFF_FIELDS):
+        value, pos = _read_hdiff_uint(raw, pos)
+        values.append(value)
+    new, old, covers, cover, ccover, ctrl, cctrl, code, ccode, ndiff, cndiff = values
+    if ccover or cctrl or ccode or cndiff:
+        raise SchemaError("HDiffPatch body has compressed parts")
+    buffers = cover + ctrl + code + ndiff
+    if pos + buffers != len(raw):
+        raise SchemaError("HDiffPatch body sizes do not add up")
+    return HdiffHeader(new, old, covers, buffers, pos)
+
+
+def _read_hdiff_uint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    value = 0
+    for k in range(_HDIFF_MAX_INT_BYTES):
+        if pos + k >= len(data):
+            break
+        b = data[pos + k]
+        value = (value << 7) | (b & 0x7F)
+        if b < 0x80:
+            return value, pos + k + 1
+    raise SchemaError("HDiffPatch header is truncated or malformed")
+
+
 __all__ = [
     "BSDIFF40_MAGIC",
     "CONTROL_SLACK_BYTES",
     "DELTA_KINDS",
+    "HDIFF_MAGIC",
     "KIND_CHUNK",
     "KIND_FILE",
     "KIND_ZCHUNK",
+    "PATCH2_MAGIC",
     "PATCH_MAGIC",
     "ChunkStep",
+    "Codec",
     "DeltaIndex",
     "FilePlan",
+    "HdiffHeader",
     "Holdings",
     "Method",
+    "Packing",
     "PatchHeader",
     "Source",
+    "UnknownPatchCodecError",
+    "encode_patch2_header",
     "encode_patch_header",
+    "lzma2_dict_size",
     "max_control_bytes",
+    "max_raw_size",
     "needed_blobs",
     "needed_with",
+    "parse_hdiff_header",
     "parse_patch_header",
     "plan_file",
     "plan_release",

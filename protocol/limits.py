@@ -180,9 +180,14 @@ FRAME_BUDGET = DecodeBudget(
     name="frame",
 )
 
-# Whole-file bsdiff is used below this size; larger files get per-chunk deltas
-# so that publisher memory stays bounded (bsdiff needs ~17x the input size).
-WHOLE_FILE_DELTA_MAX_BYTES = 16 * MiB
+# Files up to this size get whole-file deltas; larger ones per-chunk deltas,
+# which a node builds a few MiB at a time. A node builds a whole-file delta in
+# memory (base, patch, unpacked body and result together: ~3-4x the file, at
+# most ~256 MiB at this limit), and the publisher's diff holds ~3x old + new
+# (hdiffpatch; bsdiff4, ~17x, is used on small inputs only). 32 MiB keeps
+# rebuilt libraries of 16-32 MiB whole: diffed in pieces, one of 25 MiB cost
+# ~25 % more (a piece loses matches and its packing's context across pieces).
+WHOLE_FILE_DELTA_MAX_BYTES = 32 * MiB
 
 # Hooks.
 HOOK_DEFAULT_FUEL = 2_000_000_000

@@ -12,8 +12,9 @@ needs nothing from us).
 
 Memory is bounded by the plan's limits, never by the file: a chunk plan is
 carried out one chunk at a time -- read the chunk from the store or from a
-held file (pread at its offset), or rebuild it with one small bspatch over a
-window of base chunks, or inflate a zstd literal -- and each chunk is written
+held file (pread at its offset), or rebuild it with one small patch (bsdiff4
+or hdiffpatch, as the patch's container says) over a window of base chunks,
+or inflate a zstd literal -- and each chunk is written
 and hashed before the next is made. Only a whole-file delta, which the
 publisher makes only for files below ``WHOLE_FILE_DELTA_MAX_BYTES``, is built
 in memory.
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import lzma
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import bsdiff4
+import hdiffpatch
 import zstandard
 
 from p2pupd.daemon.errors import NotFoundError, StorageError
@@ -44,14 +47,21 @@ from p2pupd.protocol import limits
 from p2pupd.protocol.deltaplan import (
     BSDIFF40_MAGIC,
     MAX_FILE_DELTA_TARGET_BYTES,
+    PATCH2_MAGIC,
     PATCH_MAGIC,
     ChunkStep,
+    Codec,
     DeltaIndex,
     FilePlan,
     Holdings,
     Method,
+    Packing,
+    PatchHeader,
     Source,
+    UnknownPatchCodecError,
+    lzma2_dict_size,
     max_control_bytes,
+    parse_hdiff_header,
     parse_patch_header,
     plan_file,
 )
@@ -115,23 +125,38 @@ def _read_exact(reader: zstandard.ZstdDecompressionReader, size: int) -> bytes:
 
 
 def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
-    """Return bspatch(``base``, ``patch``), which must be ``target_size`` bytes long.
+    """Return ``patch`` applied to ``base``, which must give ``target_size`` bytes.
 
-    Accepts p2pupd's zstd container and classic BSDIFF40 patches. What it may
-    decompress is fixed by ``target_size`` before it starts: at most 3 x the
-    target (``deltaplan.max_control_bytes``), held once. Raises
-    ``HashMismatchError`` for a malformed patch or one made for another size;
-    the caller still checks the result's hash.
+    Dispatches on the container (``protocol.deltaplan``): v1 (bsdiff4, zstd),
+    v2 (bsdiff4 or hdiffpatch; zstd or LZMA2) and classic BSDIFF40. What it
+    may decompress is fixed by ``target_size`` (and ``base``) before it
+    starts: for bsdiff4 at most 3 x the target (``deltaplan.max_control_bytes``),
+    held once; for hdiffpatch 2 x the target (``deltaplan.max_raw_size``).
+    Raises ``UnknownPatchCodecError`` for a codec or packing this node does
+    not know, ``HashMismatchError`` for a malformed patch or one made for
+    another size; the caller still checks the result's hash.
     """
     try:
-        if patch[:4] == PATCH_MAGIC:
+        if patch[:4] in (PATCH_MAGIC, PATCH2_MAGIC):
             hdr = parse_patch_header(patch)
             if hdr.target_size != target_size:
                 raise HashMismatchError("patch was made for a different target size")
-            control, diff, extra = _inflate_blocks(
-                memoryview(patch)[hdr.body_offset :], hdr.control_size, hdr.diff_size, target_size
-            )
-            out: bytes = bsdiff4.core.patch(base, target_size, control, diff, extra)
+            packed = memoryview(patch)[hdr.body_offset :]
+            if hdr.codec is Codec.HDIFFPATCH:
+                out = _hpatch(base, _unpack(packed, hdr), target_size)
+            elif hdr.packing is Packing.ZSTD:
+                control, diff, extra = _inflate_blocks(
+                    packed, hdr.control_size, hdr.diff_size, target_size
+                )
+                if hdr.raw_size is not None and len(extra) != hdr.raw_size - len(control) - len(
+                    diff
+                ):
+                    raise HashMismatchError("patch body is not the size its header says")
+                out = bsdiff4.core.patch(base, target_size, control, diff, extra)
+            else:
+                body = _unpack(packed, hdr)
+                c, d = hdr.control_size, hdr.control_size + hdr.diff_size
+                out = bsdiff4.core.patch(base, target_size, body[:c], body[c:d], body[d:])
         elif patch[:8] == BSDIFF40_MAGIC and len(patch) >= 32:
             out = _classic(base, patch, target_size)
         else:
@@ -141,6 +166,50 @@ def apply_patch(base: bytes, patch: bytes, target_size: int) -> bytes:
         raise HashMismatchError(f"corrupt patch: {exc}") from None
     if len(out) != target_size:
         raise HashMismatchError("patch produced the wrong number of bytes")
+    return out
+
+
+def _unpack(packed: bytes | memoryview, hdr: PatchHeader) -> bytes:
+    """Return a container's body, never more than ``hdr.max_body_size`` bytes."""
+    if hdr.packing is Packing.LZMA2:
+        assert hdr.raw_size is not None  # only container v2 has packings
+        return _unlzma2(packed, hdr.raw_size)
+    body = inflate(packed, hdr.max_body_size)
+    if hdr.raw_size is not None and len(body) != hdr.raw_size:
+        raise HashMismatchError("patch body is not the size its header says")
+    return body
+
+
+def _unlzma2(packed: bytes | memoryview, raw_size: int) -> bytes:
+    """Return the raw LZMA2 stream ``packed`` decoded: exactly ``raw_size`` bytes.
+
+    The dictionary (the decoder's memory) follows from ``raw_size``, which the
+    header check has bounded, never from the stream itself.
+    """
+    flt = {"id": lzma.FILTER_LZMA2, "dict_size": lzma2_dict_size(raw_size)}
+    d = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[flt])
+    try:
+        out = d.decompress(packed, max_length=raw_size + 1)
+    except lzma.LZMAError as exc:
+        raise HashMismatchError(f"corrupt LZMA2 data in a patch: {exc}") from None
+    if len(out) != raw_size or not d.eof:
+        raise HashMismatchError("patch body is not the size its header says")
+    return out
+
+
+def _hpatch(base: bytes, body: bytes, target_size: int) -> bytes:
+    """HDiffPatch's patch over an uncompressed body whose header fits ``base`` and the target.
+
+    HDiffPatch allocates the size its header declares, and would reach for a
+    decompressor the header names: both are checked first (``parse_hdiff_header``).
+    """
+    hdr = parse_hdiff_header(body)
+    if hdr.new_size != target_size or hdr.old_size != len(base):
+        raise HashMismatchError("hdiffpatch patch was made for other sizes")
+    try:
+        out: bytes = hdiffpatch.apply(base, body)
+    except hdiffpatch.HDiffPatchError as exc:
+        raise HashMismatchError(f"corrupt hdiffpatch patch: {exc}") from None
     return out
 
 
@@ -213,29 +282,33 @@ class DeltaBuilder:
         """Write ``f`` into ``fd`` if a delta path applies; return whether it did.
 
         Raises ``HashMismatchError`` (nothing must be staged),
+        ``UnknownPatchCodecError`` for a patch from a codec this node lacks,
         ``StorageError``/``NotFoundError`` on I/O.
         """
         plan = self.plan(f)
         if plan.method is Method.REUSE or not plan.complete or not plan.uses_deltas:
             return False
         h = hashlib.sha256()
-        if plan.method is Method.FILE_DELTA:
-            assert plan.delta is not None
-            data = apply_patch(
-                self._read_file_bases(plan.delta.bases),
-                self.store.get_bytes(plan.delta.patch),
-                f.size,
-            )
-            h.update(data)
-            _write(fd, data)
-            self.report.file_deltas += 1
-        else:
-            reader = _HeldReader()
-            try:
-                for step in plan.steps:
-                    self._step(step, fd, h, reader)
-            finally:
-                reader.close()
+        try:
+            if plan.method is Method.FILE_DELTA:
+                assert plan.delta is not None
+                data = apply_patch(
+                    self._read_file_bases(plan.delta.bases),
+                    self.store.get_bytes(plan.delta.patch),
+                    f.size,
+                )
+                h.update(data)
+                _write(fd, data)
+                self.report.file_deltas += 1
+            else:
+                reader = _HeldReader()
+                try:
+                    for step in plan.steps:
+                        self._step(step, fd, h, reader)
+                finally:
+                    reader.close()
+        except UnknownPatchCodecError as exc:
+            raise UnknownPatchCodecError(f"cannot build {f.path}: {exc}") from None
         if h.digest() != f.sha256:
             raise HashMismatchError(f"rebuilt {f.path} does not match its sha256 in the manifest")
         self.report.files += 1

@@ -33,7 +33,8 @@ from p2pupd.protocol.deltaplan import (
 )
 from p2pupd.protocol.errors import HashMismatchError, SchemaError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.tools.publisher.deltas import DeltaMaker, encode_patch
+from p2pupd.protocol.patchcodec import encode_patch
+from p2pupd.tools.publisher.deltas import DeltaMaker
 from p2pupd.tools.publisher.segments import plan_segments
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -277,3 +278,30 @@ def test_dense_changes_use_multi_chunk_runs(tmp_path: Path) -> None:
     assert plan.cost == 0
     assert rebuild(tmp_path, held, m2, node, reusable) == bytes(new)
     assert sum(needed_blobs(m2, [m1], lambda _d: False).values()) < len(new) // 10
+
+
+@FAST
+@given(st.integers(0, 2**16), edits, edits)
+def test_deltas_do_not_depend_on_the_order_files_arrive(
+    seed: int, a: list[tuple[str, float, int, int]], b: list[tuple[str, float, int, int]]
+) -> None:
+    # publish streams files into DeltaMaker as they are chunked, largest
+    # first; the signed result must be what the whole sorted list gives.
+    olds = {"big": base_bytes(seed, 400_000), "small": base_bytes(seed + 1, 60_000)}
+    news = {"big": mutate(olds["big"], a), "small": mutate(olds["small"], b), "added": b"x" * 999}
+    with scratch() as tmp:
+        repo = BlobStore(tmp / "repo")
+        m1 = manifest(1, tuple(entry(p, data, repo) for p, data in sorted(olds.items())))
+        files = tuple(entry(p, data, repo) for p, data in sorted(news.items()))
+        whole = DeltaMaker(repo, [m1], workers=2, whole_file_max=100_000).compute(files)
+        streamed = DeltaMaker(repo, [m1], workers=2, whole_file_max=100_000).compute(
+            iter(files[::-1]), [f.path for f in files]
+        )
+        assert streamed == whole
+        # "big" (over whole_file_max) took the segment path, planned last.
+        big = next(f for f in files if f.path == "big")
+        if news["big"] != olds["big"]:
+            assert (
+                any(d.kind == KIND_CHUNK for d in whole)
+                or not set(c.digest for c in big.chunks) - m1.chunk_digests()
+            )

@@ -10,7 +10,7 @@ import sys
 
 BENCHES = {
     "apply": "one changed file in a big tree and a 1 % changed image vs cp -a; swap window",
-    "delta": "bytes a node must receive vs whole-file bsdiff4 and zstd --patch-from",
+    "delta": "update bytes, publish time and RSS vs whole-file bsdiff4 and hdiffpatch",
     "import": "bundle import throughput vs sha256sum of the same bytes",
     "store": "gc and fsck of 100,000 chunks: one file per chunk vs packs",
     "transfer": "daemon-to-daemon loopback throughput vs socket, hash+append, sha256; idle",

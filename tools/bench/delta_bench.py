@@ -1,7 +1,8 @@
 """Delta engine: what a node at the old version receives, and what it costs.
 
-Run: ``python -m p2pupd.tools.bench.delta_bench [--quick] [--no-real] [--only PAIR] [--work DIR]``
-(``--only image|tree|real`` runs one pair).
+Run: ``make bench BENCH=delta`` or ``python -m p2pupd.tools.bench.delta_bench [--quick]
+[--no-real] [--only PAIR] [--work DIR] [--cache DIR]`` (``--only`` takes ``image``,
+``tree``, ``real`` -- every real pair -- or one real pair's project name).
 
 For each old/new pair it drives the real command line in subprocesses:
 publish old -> export -> node init -> import --apply (v1 installed) -> publish
@@ -14,18 +15,26 @@ target must equal the new tree byte for byte. Pairs:
   keep fixed mtimes, the unchanged ones the same in both trees: the signed
   manifest records every file's mtime, so mtimes that drift with the speed
   of writing the trees would make the manifest patch, and the result, noisy);
-* a real pair: two consecutive numpy wheels (large native libraries),
-  downloaded with pip and unpacked (skipped with a note if that fails).
+* real pairs: two consecutive wheels each of numpy, cryptography and
+  pydantic-core (large native libraries, rebuilt), downloaded with pip once
+  into the cache (default ``build/bench-cache``) and unpacked (a pair whose
+  download fails is skipped with a note).
 
 Columns: full size of the new tree; bytes the node receives (the whole
 ``--from-version`` bundle: blobs, the signed manifest, roots, OCI metadata --
 and, in brackets, the manifest as the bundle carries it: a patch against the
-node's held envelope where that is smaller, else whole); whole-file bsdiff4 (classic BSDIFF40,
-per changed file, same old/new file pairing; new files diffed against empty);
-``zstd -19 --long --patch-from`` per changed file; publish time and peak RSS;
-whole-file bsdiff4 time; node apply time and peak RSS. Times are wall clock;
-peak RSS is each command's own ru_maxrss (see ``measured_rss``). Below the
-table, where each byte of the bundle goes (``bundle_breakdown``).
+node's held envelope where that is smaller, else whole); the same changes as
+whole-file patches per changed file (same old/new pairing as publish; new
+files diffed against empty) by classic bsdiff4 (BSDIFF40), by hdiffpatch at
+the package's zstd setting (``hdiffpatch.diff(old, new, "zstd")``, the
+reference of the publish-time target) and at its strongest, LZMA2 level 9
+(size only), and ``zstd -19 --long --patch-from``; p2pupd's bundle over the
+smaller of whole-file bsdiff4 and hdiffpatch; publish time and peak RSS beside
+the time and peak RSS of whole-file bsdiff4 and hdiffpatch over the same
+files (each one process, reading the files itself); node apply time and peak
+RSS. Times are wall clock; peak RSS is each command's own ru_maxrss (see
+``measured_rss``). Below the table: where each byte of the bundle goes
+(``bundle_breakdown``) and which codecs the publisher's patches used.
 """
 
 from __future__ import annotations
@@ -47,7 +56,12 @@ from typing import Any
 
 MiB = 1024 * 1024
 CLI = [sys.executable, "-m", "p2pupd.tools.cli"]
-REAL = ("numpy", "2.2.5", "2.2.6")
+REAL = (
+    ("numpy", "2.2.5", "2.2.6"),
+    ("cryptography", "46.0.6", "46.0.7"),
+    ("pydantic-core", "2.41.4", "2.41.5"),
+)
+DEFAULT_CACHE = Path("build") / "bench-cache"
 
 
 @dataclass
@@ -58,16 +72,26 @@ class Row:
     manifest: int = 0
     data: int = 0
     bsdiff: int = 0
+    hdiff: int = 0
+    hdiff_lzma: int = 0
     zstd: int | None = None
     publish_s: float = 0.0
     publish_rss: int = 0
     bsdiff_s: float = 0.0
     bsdiff_rss: int = 0
+    hdiff_s: float = 0.0
+    hdiff_rss: int = 0
     apply_s: float = 0.0
     apply_rss: int = 0
     ok: bool = False
     note: str = ""
     parts: dict[str, int] | None = None
+    codecs: dict[str, int] | None = None
+
+    @property
+    def best_whole(self) -> int:
+        """The smaller of whole-file bsdiff4 and hdiffpatch (the size target)."""
+        return min(self.bsdiff, self.hdiff)
 
 
 # A forked child starts with its parent's RSS high-water mark (Linux copies the
@@ -177,24 +201,31 @@ def _write_tree(root: Path, files: dict[str, bytes], mtimes: dict[str, int] | No
     return root
 
 
-def fetch_real(cache: Path) -> tuple[Path, Path, str]:
-    """Download and unpack two consecutive wheels; raises ``RuntimeError``."""
-    name, v1, v2 = REAL
+def fetch_real(cache: Path, name: str, v1: str, v2: str) -> tuple[Path, Path, str]:
+    """Download (once) and unpack two wheels of ``name``; raises ``RuntimeError``."""
     dirs = []
     for v in (v1, v2):
         dest = cache / f"{name}-{v}"
         if not dest.is_dir():
             dl = cache / "dl"
             dl.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--python-version", "3.11", "--platform", "manylinux_2_17_x86_64",
-                   f"{name}=={v}", "-d", str(dl), "-q"]  # fmt: skip
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-            wheels = list(dl.glob(f"{name}-{v}-*.whl"))
-            if r.returncode != 0 or not wheels:
-                raise RuntimeError(f"pip download {name}=={v} failed: {r.stderr.strip()[-200:]}")
+            stem = name.replace("-", "_")
+            wheels = list(dl.glob(f"{stem}-{v}-*.whl"))
+            if not wheels:
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "--python-version", "3.11", "--platform", "manylinux_2_17_x86_64",
+                       f"{name}=={v}", "-d", str(dl), "-q"]  # fmt: skip
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+                wheels = list(dl.glob(f"{stem}-{v}-*.whl"))
+                if r.returncode != 0 or not wheels:
+                    raise RuntimeError(
+                        f"pip download {name}=={v} failed: {r.stderr.strip()[-200:]}"
+                    )
+            tmp = cache / f".{name}-{v}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             with zipfile.ZipFile(wheels[0]) as z:
-                z.extractall(dest)
+                z.extractall(tmp)
+            tmp.rename(dest)  # a half-unpacked wheel never passes for the real one
         dirs.append(dest)
     return dirs[0], dirs[1], f"{name} {v1}->{v2} wheel"
 
@@ -221,13 +252,25 @@ def changed_pairs(old: Path, new: Path) -> list[tuple[Path | None, Path]]:
     return out
 
 
-def bsdiff_baseline(old: Path, new: Path) -> int:
-    """Total classic whole-file bsdiff4 patch bytes (run in a measured subprocess)."""
+def whole_file_baseline(tool: str, old: Path, new: Path) -> int:
+    """Total whole-file patch bytes by ``tool`` (run in a measured subprocess).
+
+    ``bsdiff``: classic bsdiff4; ``hdiff``: hdiffpatch with its zstd plugin at
+    the package's settings; ``hdiff-lzma2``: hdiffpatch with LZMA2 level 9.
+    """
     import bsdiff4
+    import hdiffpatch
+
+    def patch(o: bytes, n: bytes) -> bytes:
+        if tool == "bsdiff":
+            return bytes(bsdiff4.diff(o, n))
+        if tool == "hdiff":
+            return hdiffpatch.diff(o, n, "zstd")
+        return hdiffpatch.diff(o, n, hdiffpatch.Lzma2Config(level=9, window=26, threads=1))
 
     total = 0
     for o, p in changed_pairs(old, new):
-        total += len(bsdiff4.diff(o.read_bytes() if o else b"", p.read_bytes()))
+        total += len(patch(o.read_bytes() if o else b"", p.read_bytes()))
     return total
 
 
@@ -288,14 +331,46 @@ def bench_pair(name: str, old: Path, new: Path, work: Path) -> Row:
     row.apply_s, row.apply_rss, _ = measured_rss([*CLI, "apply", "app", "--state-dir", str(state)])
     row.ok = tree_digest(target / "app") == tree_digest(new)
 
-    me = [sys.executable, "-m", "p2pupd.tools.bench.delta_bench", "--baseline", str(old), str(new)]
-    row.bsdiff_s, row.bsdiff_rss, out = measured_rss(me)
+    row.codecs = patch_codecs(repo)
+    me = [sys.executable, "-m", "p2pupd.tools.bench.delta_bench", "--baseline"]
+    row.bsdiff_s, row.bsdiff_rss, out = measured_rss([*me, "bsdiff", str(old), str(new)])
     row.bsdiff = int(out.strip())
+    row.hdiff_s, row.hdiff_rss, out = measured_rss([*me, "hdiff", str(old), str(new)])
+    row.hdiff = int(out.strip())
+    row.hdiff_lzma = int(measured_rss([*me, "hdiff-lzma2", str(old), str(new)])[2].strip())
     row.zstd = zstd_baseline(old, new, work)
     shutil.rmtree(repo)
     shutil.rmtree(state)
     shutil.rmtree(target)
     return row
+
+
+def patch_codecs(repo: Path) -> dict[str, int]:
+    """Count the newest release's patch blobs in ``repo`` by container, codec and packing."""
+    from p2pupd.protocol.deltaplan import (
+        BSDIFF40_MAGIC,
+        KIND_ZCHUNK,
+        PATCH2_MAGIC,
+        PATCH_MAGIC,
+        parse_patch_header,
+    )
+    from p2pupd.tools.publisher.repo import Repo
+
+    r = Repo(repo)
+    man = r.release("app", r.serials("app")[-1])[0]
+    out: dict[str, int] = {}
+    for d in man.deltas:
+        if d.kind == KIND_ZCHUNK:
+            continue
+        head = r.store.get_bytes(d.patch, verify=False)
+        if head[:4] in (PATCH_MAGIC, PATCH2_MAGIC):
+            h = parse_patch_header(head)
+            how = f"{h.codec.name.lower()}+{h.packing.name.lower()}"
+        else:
+            how = "bsdiff4 classic" if head[:8] == BSDIFF40_MAGIC else "unknown"
+        key = f"{d.kind} {how}"
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def envelope_layer_bytes(bundle: Path) -> int:
@@ -363,8 +438,10 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = ["pair", "full size", "node receives (manifest)", "recv/bsdiff", "data/bsdiff", "bsdiff4 whole",
-            "zstd --patch-from", "publish s (RSS)", "bsdiff4 s (RSS)", "apply s (RSS)", "ok"]  # fmt: skip
+    head = ["pair", "full size", "p2pupd receives (manifest)", "bsdiff4 whole", "hdiffpatch whole",
+            "hdiffpatch lzma2", "zstd --patch-from", "p2pupd / best whole", "publish s (RSS)",
+            "bsdiff4 s (RSS)", "hdiffpatch s (RSS)", "publish / hdiffpatch s", "apply s (RSS)",
+            "ok"]  # fmt: skip
     lines = [head]
     for r in rows:
         if r.note and not r.full:
@@ -374,12 +451,15 @@ def print_table(rows: list[Row]) -> None:
             r.name,
             fmt_bytes(r.full),
             f"{fmt_bytes(r.receive)} ({fmt_bytes(r.manifest)})",
-            f"{r.receive / r.bsdiff:.2f}x ({(r.receive - r.manifest) / r.bsdiff:.2f}x)",
-            f"{fmt_bytes(r.data)} = {r.data / r.bsdiff:.2f}x",
             fmt_bytes(r.bsdiff),
+            fmt_bytes(r.hdiff),
+            fmt_bytes(r.hdiff_lzma),
             fmt_bytes(r.zstd),
+            f"{r.receive / r.best_whole:.3f}x",
             f"{r.publish_s:.1f} ({r.publish_rss // MiB} MiB)",
             f"{r.bsdiff_s:.1f} ({r.bsdiff_rss // MiB} MiB)",
+            f"{r.hdiff_s:.1f} ({r.hdiff_rss // MiB} MiB)",
+            f"{r.publish_s / r.hdiff_s:.2f}x",
             f"{r.apply_s:.1f} ({r.apply_rss // MiB} MiB)",
             "yes" if r.ok else "NO",
         ])  # fmt: skip
@@ -389,36 +469,47 @@ def print_table(rows: list[Row]) -> None:
         if k == 0:
             print("-+-".join("-" * w for w in widths))
     print(
-        "recv/bsdiff: whole bundle / whole-file bsdiff4 (in brackets: without the manifest layer,"
-        " the envelope or its patch);"
-        " data: the chunk and patch blobs alone"
+        "p2pupd receives: the whole --from-version bundle (blobs, manifest layer, OCI JSON);"
+        " best whole: the smaller of whole-file bsdiff4 and hdiffpatch (zstd);"
+        " targets: p2pupd / best whole <= 1, publish / hdiffpatch s <= 1.5, publish RSS <= 512 MiB"
     )
     for r in rows:
         if r.parts:
             shown = ", ".join(f"{k} {v} B" for k, v in r.parts.items() if v)
             print(f"{r.name}: bundle of {r.receive} B = {shown}")
+        if r.codecs:
+            shown = ", ".join(f"{v} {k}" for k, v in sorted(r.codecs.items()))
+            print(f"{r.name}: patches: {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="20 MiB image, 300 small files")
     ap.add_argument("--no-real", action="store_true", help="skip the downloaded real pair")
+    names = [name for name, _v1, _v2 in REAL]
     ap.add_argument(
-        "--only", choices=("image", "tree", "real"), help="run one pair: image, tree or real"
+        "--only",
+        choices=("image", "tree", "real", *names),
+        help="run one pair: image, tree, every real pair, or one real pair by project",
     )
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temp dir)")
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "p2pupd-bench")
-    ap.add_argument("--baseline", nargs=2, type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="downloaded wheels (build/bench-cache)"
+    )
+    ap.add_argument("--baseline", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline:
-        print(bsdiff_baseline(*args.baseline))
+        tool, old, new = args.baseline
+        print(whole_file_baseline(tool, Path(old), Path(new)))
         return 0
     work = Path(tempfile.mkdtemp(prefix="delta-bench-", dir=args.work))
     rows: list[Row] = []
     try:
         want = {args.only} if args.only else {"image", "tree", "real"}
+        if "real" in want:
+            want |= set(names)
         if args.no_real:
-            want.discard("real")
+            want -= {"real", *names}
         if "image" in want:
             size = (20 if args.quick else 200) * MiB
             old, new = make_image_pair(work / "img", size)
@@ -429,12 +520,15 @@ def main(argv: list[str] | None = None) -> int:
         if "tree" in want:
             old, new = make_tree_pair(work / "tree", 300 if args.quick else 2000)
             rows.append(bench_pair("many small files", old, new, work / "tree-run"))
-        if "real" in want:
+        for name, v1, v2 in REAL:
+            if name not in want:
+                continue
             try:
-                old, new, label = fetch_real(args.cache)
-                rows.append(bench_pair(label, old, new, work / "real-run"))
+                old, new, label = fetch_real(args.cache, name, v1, v2)
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                rows.append(Row("real pair (numpy wheels)", note=f"download failed: {exc}"))
+                rows.append(Row(f"{name} wheels", note=f"download failed: {exc}"))
+                continue
+            rows.append(bench_pair(label, old, new, work / f"{name}-run"))
         print_table(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)

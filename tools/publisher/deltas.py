@@ -2,14 +2,13 @@
 
 Theory of operation
 -------------------
-``publish`` first cuts every file of the new release into chunks in the
-repository store; then ``DeltaMaker`` adds, against each of the previous N
-releases (``--delta-depth``), recipes a node at that release can use instead
+``publish`` cuts every file of the new release into chunks in the repository
+store and hands each file to ``DeltaMaker``, which adds, against each of the
+previous N releases (``--delta-depth``), recipes a node at that release can use instead
 of chunks (formats in ``protocol.deltaplan``):
 
-* **file** -- whole-file bsdiff4, when old and new are both at most
-  ``WHOLE_FILE_DELTA_MAX_BYTES``. bsdiff holds old, new and a suffix array
-  (~17x the input), so this is only done where that is cheap.
+* **file** -- one whole-file patch, when old and new are both at most
+  ``WHOLE_FILE_DELTA_MAX_BYTES`` (a node builds it in memory).
 * **chunk** -- for larger files, the new chunks the old version lacks are
   cut into segments (runs of consecutive chunks, <= 1 MiB) and each segment
   is diffed against a base of <= 2 MiB of old chunks, found by anchors,
@@ -19,14 +18,19 @@ of chunks (formats in ``protocol.deltaplan``):
   literal a node pays when no delta fits (new content, nodes older than N).
 
 A recipe is kept only if its patch is meaningfully smaller than what it
-replaces (``KEEP_RATIO``). Patches are blobs in the repository store, named by
-hash, and signed through the manifest's ``deltas`` list.
+replaces (``KEEP_RATIO``). Each patch is the smallest form
+``patchcodec.encode_best`` finds (hdiffpatch always, bsdiff4 on small inputs;
+zstd or LZMA2). Patches are blobs in the repository store, named by hash, and
+signed through the manifest's ``deltas`` list.
 
-Memory and time stay bounded by the segment, not the file: jobs read their own
-inputs from the store, run on a small thread pool (bsdiff4 and zstd release
-the GIL for part of their work), and at most a few jobs are queued per worker.
-Whole-file jobs over 4 MiB run one at a time so two big suffix arrays never
-coexist (peak ~ 17 x 32 MiB).
+Time: ``publish`` hands files over as they are chunked, largest first, so the
+longest diff starts while the rest of the tree is cut; jobs run on a small
+thread pool (hdiffpatch, LZMA2 and zstd release the GIL) and are collected as
+they finish, so one long diff never idles the other workers. Memory stays
+bounded by the segment and whole-file limits, not the file or the tree: jobs
+read their own inputs from the store, at most a few jobs are queued per
+worker, and whole-file jobs run only while their inputs fit
+``JOB_INPUT_BUDGET_BYTES`` (hdiffpatch holds ~3x its inputs).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import os
 import re
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import zstandard
@@ -52,7 +57,7 @@ from p2pupd.protocol.deltaplan import (
 )
 from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.protocol.patchcodec import encode_patch
+from p2pupd.protocol.patchcodec import EncodedPatch, encode_best
 from p2pupd.protocol.trust import Envelope
 from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource
 from p2pupd.tools.publisher.repo import Repo, RepoError
@@ -61,13 +66,42 @@ from p2pupd.tools.publisher.segments import SimilarityIndex, plan_segments
 KEEP_RATIO = 0.8  # a patch must save at least 20 % of the bytes it replaces
 ZCHUNK_KEEP_RATIO = 0.9
 ZCHUNK_LEVEL = 9  # ~350 MB/s on binaries, within 1 % of level 19's size
-BIG_FILE_JOB_BYTES = 4 * limits.MiB
+# Whole-file jobs run while the sizes of their inputs (old + new) add up to at
+# most this; a diff holds about three times its inputs (the inputs, HDiffPatch's
+# suffix array and match cache), so ~100 MiB of inputs peak near 300 MiB.
+JOB_INPUT_BUDGET_BYTES = 96 * limits.MiB
 QUEUED_JOBS_PER_WORKER = 4
 
 
 def compress_chunk(data: bytes, level: int = ZCHUNK_LEVEL) -> bytes:
     """Return ``data`` as one zstd frame (with its content size), a zchunk patch."""
     return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+class Budget:
+    """A counting semaphore over bytes: ``take(n)`` waits until ``n`` more fit.
+
+    A request larger than the whole budget waits for an empty budget and then
+    runs alone, so no job is refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = min(n, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
 
 
 class Pairing:
@@ -107,6 +141,7 @@ class DeltaStats:
     patch_bytes: int = 0
     seconds: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)
+    codecs: dict[str, int] = field(default_factory=dict)  # "hdiffpatch+lzma2" -> recipes kept
 
 
 class DeltaMaker:
@@ -133,27 +168,49 @@ class DeltaMaker:
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self.progress = progress
         self.stats = DeltaStats()
-        self._big = threading.Semaphore(1)
+        self._budget = Budget(JOB_INPUT_BUDGET_BYTES)
+        self._lock = threading.Lock()
         self._seen: set[tuple[bytes, ...]] = set()
 
-    def compute(self, files: Sequence[FileEntry]) -> tuple[Delta, ...]:
-        """Return the deltas for ``files`` (sorted, so equal inputs sign equal bytes)."""
+    def compute(
+        self, files: Iterable[FileEntry], new_paths: Collection[str] | None = None
+    ) -> tuple[Delta, ...]:
+        """Return the deltas for ``files`` (sorted, so equal inputs sign equal bytes).
+
+        ``files`` may be an iterator that yields each file once its chunks are
+        in the store (``publish`` does): whole-file and literal jobs start as
+        files arrive, segment jobs once all have (a segment may start a run
+        only at a chunk that occurs once in the release). The iterator is
+        always consumed. ``new_paths``, the release's paths, is needed up
+        front to pair renamed files; without it ``files`` is read first.
+        A sequence is taken largest file first.
+        """
         t0 = time.monotonic()
+        if new_paths is None or isinstance(files, Sequence):
+            files = sorted(files, key=lambda f: -f.size)
+            new_paths = {f.path for f in files}
         if not self.previous:
+            for _f in files:
+                pass
             return ()
-        new_paths = {f.path for f in files}
-        count = Counter(c.digest for f in files for c in f.chunks)
+        seen: list[FileEntry] = []
+        later: list[tuple[FileEntry, FileEntry, set[bytes]]] = []
         prev_chunks = [m.chunk_digests() for m in self.previous]
-        pairings = [Pairing(m, new_paths) for m in self.previous]
+        pairings = [Pairing(m, set(new_paths)) for m in self.previous]
         any_prev = set().union(*prev_chunks)
         results: list[Delta] = []
-        pending: deque[Future[Delta | None]] = deque()
+        pending: set[Future[Delta | None]] = set()
 
         def submit(fn: Callable[..., Delta | None], *args: object) -> None:
             self.stats.tried += 1
-            pending.append(pool.submit(fn, *args))
+            pending.add(pool.submit(fn, *args))
             while len(pending) > QUEUED_JOBS_PER_WORKER * self.workers:
-                _collect(pending.popleft())
+                # Whichever finishes first: waiting on the oldest would idle
+                # the other workers behind one long diff.
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    pending.discard(fut)
+                    _collect(fut)
 
         def _collect(fut: Future[Delta | None]) -> None:
             d = fut.result()
@@ -164,9 +221,11 @@ class DeltaMaker:
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="delta") as pool:
             try:
+                # Largest first (the caller's order for an iterator), so the
+                # longest diffs start at once and small jobs fill the other
+                # workers around them.
                 for f in files:
-                    if self.progress:
-                        self.progress(f.path)
+                    seen.append(f)
                     for pairing, have in zip(pairings, prev_chunks, strict=True):
                         o = pairing.pair(f)
                         if o is None or o.sha256 == f.sha256:
@@ -174,22 +233,27 @@ class DeltaMaker:
                         literal = sum(c.size for c in f.chunks if c.digest not in have)
                         if not literal:
                             continue  # a node at that release has all of f's chunks
-                        if max(f.size, o.size) <= self.whole_file_max:
-                            if self._first(b"f", f.sha256, o.sha256):
-                                submit(self._file_job, o, f, literal)
-                            continue
-                        for targets, bases in self._segments(f, o, count):
-                            if all(c.digest in have for c in targets):
-                                continue
-                            size = sum(c.size for c in targets)
-                            key = (targets[0].digest, b"%d" % size, *(b.digest for b in bases))
-                            if self._first(b"c", *key):
-                                submit(self._chunk_job, bases, targets)
+                        if max(f.size, o.size) > self.whole_file_max:
+                            later.append((f, o, have))
+                        elif self._first(b"f", f.sha256, o.sha256):
+                            submit(self._file_job, o, f, literal)
                     for c in f.chunks:
                         if c.digest not in any_prev and self._first(b"z", c.digest):
                             submit(self._zchunk_job, c)
-                while pending:
-                    _collect(pending.popleft())
+                count = Counter(c.digest for f in seen for c in f.chunks)
+                for f, o, have in later:
+                    if self.progress:
+                        self.progress(f.path)
+                    for targets, bases in self._segments(f, o, count):
+                        if all(c.digest in have for c in targets):
+                            continue
+                        size = sum(c.size for c in targets)
+                        key = (targets[0].digest, b"%d" % size, *(b.digest for b in bases))
+                        if self._first(b"c", *key):
+                            submit(self._chunk_job, bases, targets)
+                for fut in as_completed(list(pending)):
+                    pending.discard(fut)
+                    _collect(fut)
             finally:
                 for fut in pending:
                     fut.cancel()
@@ -208,20 +272,24 @@ class DeltaMaker:
         return b"".join(self.store.get_bytes(c.digest, verify=False) for c in chunks)
 
     def _keep(
-        self, kind: str, target: bytes, size: int, bases: tuple[bytes, ...], patch: bytes
+        self,
+        kind: str,
+        target: bytes,
+        size: int,
+        bases: tuple[bytes, ...],
+        patch: EncodedPatch | bytes,
     ) -> Delta:
+        if isinstance(patch, EncodedPatch):
+            how = f"{patch.codec.name.lower()}+{patch.packing.name.lower()}"
+            with self._lock:
+                self.stats.codecs[how] = self.stats.codecs.get(how, 0) + 1
+            patch = patch.data
         return Delta(kind, target, size, bases, self.store.put_bytes(patch), len(patch))
 
     def _file_job(self, old: FileEntry, new: FileEntry, literal: int) -> Delta | None:
-        big = max(old.size, new.size) > BIG_FILE_JOB_BYTES
-        if big:
-            self._big.acquire()
-        try:
-            patch = encode_patch(self._read(old.chunks), self._read(new.chunks))
-        finally:
-            if big:
-                self._big.release()
-        if len(patch) > KEEP_RATIO * literal:
+        with self._budget.take(old.size + new.size):
+            patch = encode_best(self._read(old.chunks), self._read(new.chunks))
+        if patch is None or len(patch.data) > KEEP_RATIO * literal:
             return None
         return self._keep(KIND_FILE, new.sha256, new.size, (old.sha256,), patch)
 
@@ -246,8 +314,8 @@ class DeltaMaker:
         self, bases: tuple[ChunkRef, ...], targets: tuple[ChunkRef, ...]
     ) -> Delta | None:
         size = sum(c.size for c in targets)
-        patch = encode_patch(self._read(bases), self._read(targets))
-        if len(patch) > KEEP_RATIO * size:
+        patch = encode_best(self._read(bases), self._read(targets))
+        if patch is None or len(patch.data) > KEEP_RATIO * size:
             return None
         return self._keep(
             KIND_CHUNK, targets[0].digest, size, tuple(b.digest for b in bases), patch

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from p2pupd.protocol.manifest import (
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.tools.publisher.deltas import DeltaMaker
 from p2pupd.tools.publisher.repo import Repo, RepoError
+
+CHUNK_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -135,12 +138,10 @@ def build_manifest(
     serial = next_serial(repo, component, version, platform, force)  # refuse before any work
     tree = walk_tree(src)
     store = repo.store
-    files = []
-    for rel, path, st in tree.files:
-        if progress:
-            progress(rel)
-        digest, size, refs = chunk_file(path, store)
-        files.append(FileEntry(rel, stat.S_IMODE(st.st_mode), size, digest, int(st.st_mtime), refs))
+    depth = repo.settings().delta_depth if delta_depth is None else delta_depth
+    if depth < 0:
+        raise RepoError(f"delta depth must be 0 or more, got {depth}")
+    previous = previous_releases(repo, component, platform, depth)
     hook_refs: dict[str, HookRef] = {}
     for point, hp in (hooks or {}).items():
         try:
@@ -148,12 +149,26 @@ def build_manifest(
         except OSError as exc:
             raise RepoError(f"cannot read hook {hp}: {exc.strerror}") from None
         hook_refs[point] = HookRef(store.put_bytes(data), len(data))
+    files: list[FileEntry] = []
+
+    def chunked() -> Iterator[FileEntry]:
+        # Largest first, each handed to the delta maker as soon as it is
+        # stored: the longest diff starts while the rest of the tree is cut.
+        # Two files at a time: storing a chunk waits on fsync, which releases
+        # the GIL, so the other thread cuts and hashes meanwhile.
+        order = sorted(tree.files, key=lambda item: -item[2].st_size)
+        with ThreadPoolExecutor(CHUNK_WORKERS, thread_name_prefix="chunk") as pool:
+            cut = pool.map(lambda item: chunk_file(item[1], store), order)
+            for (rel, _path, st), (digest, size, refs) in zip(order, cut, strict=True):
+                if progress:
+                    progress(rel)
+                mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+                files.append(FileEntry(rel, mode, size, digest, mtime, refs))
+                yield files[-1]
+
+    maker = DeltaMaker(store, previous, delta_workers, progress)
+    deltas = maker.compute(chunked(), {rel for rel, _path, _st in tree.files})
     f, s, d = sort_entries(files, tree.symlinks, tree.dirs)
-    depth = repo.settings().delta_depth if delta_depth is None else delta_depth
-    if depth < 0:
-        raise RepoError(f"delta depth must be 0 or more, got {depth}")
-    previous = previous_releases(repo, component, platform, depth)
-    deltas = DeltaMaker(store, previous, delta_workers, progress).compute(f)
     return Manifest(
         component=component,
         version=version,
