@@ -27,7 +27,7 @@ from typing import Any
 from p2pupd.daemon.apply import gc as maint
 from p2pupd.daemon.apply.engine import Applier, ApplyResult
 from p2pupd.daemon.bundles.importer import ImportReport, import_bundle
-from p2pupd.daemon.bundles.siterequest import build_request, node_key, node_public_key
+from p2pupd.daemon.bundles.siterequest import build_request, identity_for, node_key, node_public_key
 from p2pupd.daemon.errors import (
     ConfigError,
     DaemonError,
@@ -184,6 +184,10 @@ def init_node(
             trust.install(data, now_seconds())
         if site_data is not None:
             MembershipStore(sd).pin(site_data)
+        # The node id is the hash of the node key (made now), so peers can
+        # demand proof of it; a node made before that migrates here or at its
+        # daemon's next start.
+        _, cfg = identity_for(sd, cfg, fresh=old is None)
     finally:
         lock.release()
     return cfg

@@ -247,7 +247,10 @@ def import_bundle(
         if meta.request is not None:
             report.for_node = meta.request.collector.node_id.hex()
             if not allow_other_node:
-                meta.check_request_is_for(node.config.node_id, node_public_key(node.state))
+                cfg = node.config
+                meta.check_request_is_for(
+                    cfg.node_id, node_public_key(node.state), cfg.former_node_ids
+                )
         for u in meta.unresolved:
             if u.component in node.config.components:
                 raise MissingBaseError(u.message)

@@ -102,6 +102,7 @@ class Lifecycle:
         self.holdings_changed = holdings_changed
         self.origin: dict[str, tuple[int, str]] = {}  # component -> (serial, where from)
         self._high: dict[str, int] = {}  # high-water marks, cached for gossip
+        self.complete: dict[str, tuple[int, bytes]] = {}  # newest release held in full
 
     def scan(self) -> Scan:
         """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
@@ -128,6 +129,7 @@ class Lifecycle:
                 digest = env.payload_digest()
                 if not needed_for(node, man):
                     out.holdings[name] = (serial, digest)
+                    self.complete[name] = (serial, digest)
                     if serial == serials[-1] and should_auto_apply(cfg, st, serial):
                         out.apply.append((name, serial))
                     break
@@ -166,6 +168,7 @@ class Lifecycle:
         if new:
             self.origin[c] = (s, short(peer))
             log("manifest-accepted", component=c, version=man.version, serial=s, from_=short(peer))
+            self.gossip.verified(c, s, digest)  # news runs ahead of the blobs
             self.fetch.start(man, digest)
 
     async def advance_root(self, version: int, data: bytes) -> None:
@@ -181,8 +184,9 @@ class Lifecycle:
         """Every blob of ``man`` is here: announce it, apply it if the policy says so."""
         c, s = man.component, man.serial
         self.forget_servable()
-        self.gossip.complete(c, s, digest)
-        self.fetch.release_done(c, s)
+        self.gossip.verified(c, s, digest)  # known already unless found at start
+        if self.complete.get(c, (0, b""))[0] < s:
+            self.complete[c] = (s, digest)
         self.holdings_changed()
         rec = self.fetch.received.get(c)
         log(
@@ -232,9 +236,7 @@ class Lifecycle:
             if version is not None:
                 serial = await self.offload(lambda: ops.serial_of(self.node, component, version))
             started = trio.current_time()
-            result = await self.offload(
-                lambda: Applier(self.node).apply(component, serial, force)
-            )
+            result = await self.offload(lambda: Applier(self.node).apply(component, serial, force))
             await self.offload(self.content.refresh)
         self.forget_servable()
         if result.changed:
@@ -298,6 +300,7 @@ class Lifecycle:
                     serial=r.serial,
                     from_="import",
                 )
+                self.gossip.verified(r.component, r.serial, env.payload_digest())
                 self.fetch.start(man, env.payload_digest())
             elif self.fetch.restart(r.component, r.serial):
                 # Accepted earlier from a peer and still being fetched: the bundle
@@ -312,7 +315,7 @@ class Lifecycle:
     def component_doc(self, component: str) -> dict[str, Any]:
         """The daemon's additions to one component of ``status --json``."""
         rec = self.fetch.received.get(component)
-        held = self.gossip.holdings.get(component)
+        held = self.complete.get(component)
         origin = self.origin.get(component)
         return {
             "received": rec.to_doc() if rec is not None else None,

@@ -168,6 +168,9 @@ class HookLimits:
         )
 
 
+MAX_FORMER_IDS = 4
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: bytes
@@ -175,6 +178,10 @@ class NodeConfig:
     components: dict[str, ComponentConfig]
     cluster: str = "default"
     hooks: HookLimits = field(default_factory=HookLimits)
+    # Ids this node had before its id became the hash of its node key
+    # (protocol/fleet/identity.py): bundles cut for requests made under them
+    # still import. At most MAX_FORMER_IDS, newest first.
+    former_node_ids: tuple[bytes, ...] = ()
 
     def component(self, name: str) -> ComponentConfig:
         try:
@@ -189,6 +196,7 @@ class NodeConfig:
             "cluster": self.cluster,
             "components": {n: c.to_value() for n, c in self.components.items()},
             "hooks": self.hooks.to_value(),
+            **({"former_node_ids": list(self.former_node_ids)} if self.former_node_ids else {}),
         }
 
     @classmethod
@@ -204,6 +212,7 @@ class NodeConfig:
                 comps,
                 str(v.get("cluster", "default")),
                 HookLimits.from_value(v.get("hooks")),
+                tuple(bytes(f) for f in v.get("former_node_ids", ()))[:MAX_FORMER_IDS],
             )
         except (KeyError, TypeError, ValueError, AttributeError, CodecError) as exc:
             raise ConfigError(f"node configuration is invalid: {exc}") from None

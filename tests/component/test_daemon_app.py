@@ -17,7 +17,6 @@ from p2pupd.daemon import ctl as ctlclient
 from p2pupd.daemon.config import parse_endpoint, parse_rate
 from p2pupd.daemon.errors import ConfigError, HealthCheckFailedError, NotFoundError
 from p2pupd.daemon.events import format_event
-from p2pupd.daemon.net.peers import PeerTable
 from p2pupd.daemon.service import app
 from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.daemon.store.spool import Spool
@@ -104,21 +103,6 @@ def test_log_lines_split_back_into_fields() -> None:
     line = format_event("applied", {"component": "app", "version": "2.0 beta", "from_": "ab12"})
     assert line == 'event=applied component=app version="2.0 beta" from=ab12'
     assert dict(f.split("=", 1) for f in shlex.split(line))["version"] == "2.0 beta"
-
-
-def test_peer_table_bans_by_id_and_endpoint_and_backs_off() -> None:
-    table = PeerTable()
-    table.ban(b"x" * 16, "10.0.0.1:7707", until=100.0, reason="lied")
-    assert table.banned(50.0, b"x" * 16) is not None
-    assert table.banned(50.0, None, "10.0.0.1:7707") is not None
-    assert table.banned(50.0, b"y" * 16, "10.0.0.1:7708") is None  # same host, other node
-    assert table.banned(100.0, b"x" * 16) is None  # expired
-    table.add_candidate("10.0.0.2", 7707, "static")
-    cand = table.candidates["10.0.0.2:7707"]
-    assert [table.dial_failed(cand, 0.0) for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
-    assert table.due(59.0) == [] and table.due(60.0) == [cand]
-    table.remove_candidate("10.0.0.2:7707", "static")
-    assert not table.candidates
 
 
 @pytest.mark.parametrize(

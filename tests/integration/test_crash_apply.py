@@ -627,7 +627,9 @@ def test_fault_at_every_journal_step(
             where = f"{fault} at {step}, {op} of {node.kind}"
             d = Driver(node)
             drivers.append(d)
-            assert d.call("recover")["ok"] and d.call("forget")["ok"]
+            for verb in ("recover", "forget"):
+                reply = d.call(verb)
+                assert reply["ok"], f"{where}: {verb} before the fault: {reply}"
             start, to = arrange(d, node, op)
             if op == "rollback":
                 touch_kept(node, to)
