@@ -32,6 +32,7 @@ from p2pupd.daemon.config import (
     DaemonOptions,
     FileConfig,
     load_config,
+    network_sizes,
     parse_endpoint,
     parse_rate,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "load_config",
     "make_request",
     "mark_good",
+    "network_sizes",
     "now_seconds",
     "open_node",
     "open_state_source",

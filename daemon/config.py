@@ -15,6 +15,12 @@ site on defaults). See docs/config.md for the annotated file.
     mdns_interfaces = []            # addresses to run mDNS on; empty = all
     bandwidth_limit = ""            # e.g. "5M" (bytes/s); empty = unlimited
     gossip_interval = 30            # seconds
+    max_peers = 24                  # connections admitted at most (sockets stay bounded)
+    view_target = 12                # peers a node works to keep linked (partial view)
+    view_max = 16                   # peers it accepts links from at most
+    passive_view = 64               # addresses remembered to replace lost links
+    per_host = 8                    # inbound connections from one IP address
+    mdns_beacons = 8                # nodes of a site that register in mDNS
 
     [import]
     watch = ["/media"]              # auto-import bundles appearing below these
@@ -56,6 +62,12 @@ class DaemonOptions:
     log_level: str = "info"
     handle_signals: bool = True  # False when embedded (tests)
     gossip_interval: float = 30.0
+    max_peers: int = 24
+    view_target: int = 12
+    view_max: int = 16
+    passive_view: int = 64
+    per_host: int = 8
+    mdns_beacons: int = 8
     metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint; None = off
     watch: tuple[Path, ...] = ()  # directories watched for bundles to import
     site_file: Path | None = None  # site document to pin at start (if none is pinned)
@@ -104,6 +116,12 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "mdns_interfaces": list,
         "bandwidth_limit": (str, int),
         "gossip_interval": (int, float),
+        "max_peers": int,
+        "view_target": int,
+        "view_max": int,
+        "passive_view": int,
+        "per_host": int,
+        "mdns_beacons": int,
     },
     "import": {"watch": list},
     "metrics": {"listen": str},
@@ -111,6 +129,15 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "log": {"level": str},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Bounds of the size options: per peer state stays bounded whatever is set.
+_SIZES = {
+    "max_peers": (4, 256),
+    "view_target": (2, 64),
+    "view_max": (2, 128),
+    "passive_view": (4, 1024),
+    "per_host": (1, 256),
+    "mdns_beacons": (1, 64),
+}
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,12 @@ class FileConfig:
     mdns_interfaces: tuple[str, ...] | None = None
     bandwidth_limit: str | None = None
     gossip_interval: float | None = None
+    max_peers: int | None = None
+    view_target: int | None = None
+    view_max: int | None = None
+    passive_view: int | None = None
+    per_host: int | None = None
+    mdns_beacons: int | None = None
     watch: tuple[Path, ...] | None = None
     metrics_listen: str | None = None
     log_level: str | None = None
@@ -156,6 +189,14 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
     interval = get("network", "gossip_interval")
     if interval is not None and interval <= 0:
         raise ConfigError(f"{path}: [network] gossip_interval must be positive")
+    sizes = {k: get("network", k) for k in _SIZES}
+    for key, (lo, hi) in _SIZES.items():
+        value = sizes[key]
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"{path}: [network] {key} must be between {lo} and {hi}")
+    target, most = sizes["view_target"], sizes["view_max"]
+    if target is not None and most is not None and target > most:
+        raise ConfigError(f"{path}: [network] view_target must not exceed view_max")
     return FileConfig(
         state_dir=_path(get("node", "state_dir")),
         listen=get("network", "listen"),
@@ -164,6 +205,7 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
         mdns_interfaces=_strs(get("network", "mdns_interfaces"), path, "network.mdns_interfaces"),
         bandwidth_limit=None if bw in (None, "", 0) else str(bw),
         gossip_interval=None if interval is None else float(interval),
+        **sizes,
         watch=tuple(Path(p) for p in _strs(get("import", "watch"), path, "import.watch") or ())
         if get("import", "watch") is not None
         else None,
@@ -171,6 +213,11 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
         log_level=level,
         site_file=_path(get("site", "public") or None),
     )
+
+
+def network_sizes(cfg: FileConfig) -> dict[str, int | None]:
+    """The view and admission sizes the file sets (``None``: not set), by option name."""
+    return {key: getattr(cfg, key) for key in _SIZES}
 
 
 def _check(doc: dict[str, Any], path: Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from p2pupd.daemon.apply import gc as maint
 from p2pupd.daemon.apply.engine import Applier, ApplyResult
 from p2pupd.daemon.bundles.importer import ImportReport, import_bundle
-from p2pupd.daemon.bundles.siterequest import build_request, node_key, node_public_key
+from p2pupd.daemon.bundles.siterequest import build_request, identity_for, node_key, node_public_key
 from p2pupd.daemon.errors import (
     ConfigError,
     DaemonError,
@@ -52,7 +52,7 @@ from p2pupd.daemon.state.statedir import (
     now_seconds,
 )
 from p2pupd.daemon.state.trusted import TrustStore
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
 from p2pupd.protocol.manifest import Manifest
@@ -195,12 +195,16 @@ def init_node(
             hooks=hook_limits or (old.hooks if old else HookLimits()),
         )
         sd.create(cfg)
-        BlobStore(sd.root)  # the store's directories, so the skeleton is whole from the start
+        PackStore(sd.root)  # the store's directories, so the skeleton is whole from the start
         trust = TrustStore(sd)
         if not trust.current_path.exists():
             trust.install(data, now_seconds())
         if site_data is not None:
             MembershipStore(sd).pin(site_data)
+        # The node id is the hash of the node key (made now), so peers can
+        # demand proof of it; a node made before that migrates here or at its
+        # daemon's next start.
+        _, cfg = identity_for(sd, cfg, fresh=old is None)
     finally:
         lock.release()
     return cfg
@@ -542,6 +546,8 @@ def gc(node: Node, dry_run: bool = False) -> dict[str, Any]:
         "bytes_freed": res.bytes_freed,
         "blobs_kept": res.blobs_kept,
         "temp_files_removed": res.temp_files_removed,
+        "blobs_packed": res.blobs_packed,
+        "packs_rewritten": res.packs_rewritten,
         "recovered": res.recovered,
     }
 

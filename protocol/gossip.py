@@ -51,7 +51,8 @@ class SendAnnounce(Generic[P]):
 
 @dataclass(frozen=True)
 class RequestManifest(Generic[P]):
-    """Ask ``peer`` for this manifest; ``manifest_digest`` is the peer's unverified claim."""
+    """Ask ``peer`` for this manifest; ``manifest_digest`` is the peer's unverified claim
+    (empty when the peer only hinted at the release: see ``Gossip.on_hint``)."""
 
     peer: P
     component: str
@@ -178,6 +179,21 @@ class Gossip(Generic[P]):
         for component in sorted(announced.keys() & self._tracked):
             actions += self._plan(component, now)
         return actions
+
+    def on_hint(self, peer: P, component: str, serial: int, now: float) -> list[Action[P]]:
+        """``peer`` showed it knows (component, serial) without announcing it (a ``Have``
+        or ``HaveBits`` for a release we do not know): take it as an announcement
+        with an unknown digest, so the manifest is asked for at once.
+
+        Returns manifest requests, like ``on_announce``.
+        """
+        if self.is_banned(peer, now) or component not in self._tracked:
+            return []
+        announced = self._peers.setdefault(peer, {})
+        if announced.get(component, (0, b""))[0] >= serial:
+            return []
+        announced[component] = (serial, b"")
+        return self._plan(component, now)
 
     def on_manifest_verified(
         self, component: str, serial: int, digest: bytes, now: float

@@ -23,6 +23,15 @@ ours (else ``HandshakeError``). Features are the intersection of both Hellos'
 (``supports``): offered, never required. Until both Hellos are through,
 nothing else may be sent or received.
 
+Proof (feature "proof", protocol/fleet/identity.py): when both sides offer it, the
+handshake goes on through ``PROVING``: each side sends one ``Proof``
+(``make_proof``) and nothing else until both are through. The peer's Hello
+must then carry a public key whose ``node_id_of`` is its node id and a
+challenge other than ours, and its Proof must be a valid signature by that key
+(else ``HandshakeError``). ``proven`` then says whether the Proof was made on
+this very connection (the addresses agree); a peer without the feature is
+never proven.
+
 Requests: the session allocates request ids (``request_manifest``,
 ``request_chunk``, ``request_root`` build requests with fresh ids) and tracks
 requests in each direction. A response must answer an outstanding request of
@@ -49,12 +58,16 @@ from collections.abc import Mapping
 
 from p2pupd.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ids, limits
 from p2pupd.protocol.errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
+from p2pupd.protocol.fleet import identity
 from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,
+    FEATURE_PROOF,
     FEATURE_RANGE,
     FEATURE_REQUEST,
     FEATURE_SITE,
+    FEATURE_SWARM,
+    FEATURE_VIEW,
     MAGIC,
     MAX_RANGE_BYTES,
     MAX_REQUEST_ID,
@@ -67,8 +80,10 @@ from p2pupd.protocol.wire import (
     ChunkMissing,
     ChunkRequest,
     Error,
+    ForwardJoin,
     FrameDecoder,
     Have,
+    HaveBits,
     Hello,
     ManifestData,
     ManifestMissing,
@@ -76,14 +91,19 @@ from p2pupd.protocol.wire import (
     ManifestRangeRequest,
     ManifestRequest,
     Message,
+    Neighbor,
     NodeRequestData,
     NodeRequestQuery,
+    Ping,
+    Proof,
     Request,
     Response,
     RootData,
     RootMissing,
     RootRequest,
+    Shuffle,
     SiteNews,
+    ViewFull,
     encode_parts,
 )
 
@@ -115,6 +135,9 @@ class State(enum.Enum):
     IDLE = "idle"  # nobody has sent Hello
     HELLO_SENT = "hello-sent"  # ours is out, theirs not yet in
     HELLO_RECEIVED = "hello-received"  # theirs is in, ours not yet out
+    PROVING = "proving"  # both Hellos through, no Proof yet (feature "proof")
+    PROOF_SENT = "proof-sent"
+    PROOF_RECEIVED = "proof-received"
     OPEN = "open"
     CLOSED = "closed"  # Bye or Error went either way, or the stream ended
     ERROR = "error"  # the peer broke the protocol
@@ -138,16 +161,24 @@ _CONVERSATION: tuple[type[Message], ...] = (
     Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest, ChunkData,
     ChunkMissing, RootRequest, RootData, RootMissing, BlobRangeRequest, BlobRangeData,
     ManifestRangeRequest, ManifestRangeData, Have, NodeRequestQuery, NodeRequestData,
-    ChunkBatchRequest, SiteNews,
+    ChunkBatchRequest, SiteNews, Ping, Neighbor, ForwardJoin, Shuffle, ViewFull, HaveBits,
 )  # fmt: skip
-_LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
+_LIVE = (
+    State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.PROVING, State.PROOF_SENT,
+    State.PROOF_RECEIVED, State.OPEN,
+)  # fmt: skip
 
 TRANSITIONS: dict[tuple[State, Direction, type[Message]], State] = {
     # Handshake: each side's Hello, in either order.
     (State.IDLE, _SEND, Hello): State.HELLO_SENT,
     (State.IDLE, _RECV, Hello): State.HELLO_RECEIVED,
     (State.HELLO_SENT, _RECV, Hello): State.OPEN,
-    (State.HELLO_RECEIVED, _SEND, Hello): State.OPEN,
+    (State.HELLO_RECEIVED, _SEND, Hello): State.OPEN,  # or PROVING: see _after_hellos
+    # Proof: one each way, in either order, when both offered feature "proof".
+    (State.PROVING, _SEND, Proof): State.PROOF_SENT,
+    (State.PROVING, _RECV, Proof): State.PROOF_RECEIVED,
+    (State.PROOF_SENT, _RECV, Proof): State.OPEN,
+    (State.PROOF_RECEIVED, _SEND, Proof): State.OPEN,
     # Conversation: every other message, both ways, only once open.
     **{(State.OPEN, d, t): State.OPEN for d in Direction for t in _CONVERSATION},
     # Closing: Bye or Error from any live state ends it.
@@ -187,6 +218,13 @@ _FEATURE_OF: dict[type[Message], str] = {
     NodeRequestQuery: FEATURE_REQUEST,
     NodeRequestData: FEATURE_REQUEST,
     ChunkBatchRequest: FEATURE_BATCH,
+    Proof: FEATURE_PROOF,
+    Ping: FEATURE_VIEW,
+    Neighbor: FEATURE_VIEW,
+    ForwardJoin: FEATURE_VIEW,
+    Shuffle: FEATURE_VIEW,
+    ViewFull: FEATURE_VIEW,
+    HaveBits: FEATURE_SWARM,
     SiteNews: FEATURE_SITE,
 }
 
@@ -207,12 +245,32 @@ class Session:
         listen_port: int = 0,
         features: frozenset[str] = frozenset(),
         max_in_flight: int = limits.MAX_IN_FLIGHT_PER_PEER,
+        *,
+        key: identity.NodeKey | None = None,
+        challenge: bytes = b"",
+        local_host: str = "",
+        remote_host: str = "",
     ) -> None:
-        self.hello = Hello.create(node_id, cluster_id, listen_port, features)
+        """``key``, ``challenge`` (fresh random bytes) and the two ends' IP addresses
+        are needed for feature "proof"; raises ``LocalProtocolError`` if it is
+        offered without them or ``key`` is not ``node_id``'s."""
+        if FEATURE_PROOF in features:
+            if key is None or len(challenge) < identity.CHALLENGE_BYTES // 2:
+                raise LocalProtocolError('feature "proof" needs the node key and a challenge')
+            if key.node_id != node_id:
+                raise LocalProtocolError("the node key does not belong to this node id")
+        public_key = key.public_key if key is not None and FEATURE_PROOF in features else b""
+        if not public_key:
+            challenge = b""
+        self.hello = Hello.create(node_id, cluster_id, listen_port, features, public_key, challenge)
         self.peer_hello: Hello | None = None
         # The version the conversation runs at, once the peer's Hello is in.
         self.protocol_version: int | None = None
         self.state = State.IDLE
+        self._key = key
+        self._local_host = local_host
+        self._remote_host = remote_host
+        self.proven = False  # the peer proved its node id on this connection
         self._max_in_flight = max_in_flight
         self._decoder = FrameDecoder()
         self._ours: dict[int, Request] = {}  # our requests awaiting the peer's answer
@@ -279,6 +337,9 @@ class Session:
         if isinstance(msg, Hello):
             self._check_peer_hello(msg)
             self.peer_hello = msg
+            new_state = self._after_hellos(new_state)
+        elif isinstance(msg, Proof):
+            self._check_proof(msg)
         elif isinstance(msg, _REQUESTS):
             if msg.request_id in self._theirs:
                 raise RemoteProtocolError(f"peer reused request id {msg.request_id}")
@@ -312,6 +373,35 @@ class Session:
             )
         if hello.node_id == self.hello.node_id:
             raise HandshakeError("connected to ourselves")
+        if FEATURE_PROOF in hello.features and FEATURE_PROOF in self.hello.features:
+            if not hello.public_key or not hello.challenge:
+                raise HandshakeError("peer offers proof but sent no key or challenge")
+            if identity.node_id_of(hello.public_key) != hello.node_id:
+                raise HandshakeError("peer's node id is not the hash of its public key")
+            if hello.challenge == self.hello.challenge:
+                raise HandshakeError("peer sent our own challenge back")
+
+    def _after_hellos(self, new_state: State) -> State:
+        """Both Hellos through: proving first if both sides offered "proof"."""
+        if new_state is State.OPEN and self.supports(FEATURE_PROOF):
+            return State.PROVING
+        return new_state
+
+    def _check_proof(self, msg: Proof) -> None:
+        peer = self.peer_hello
+        assert peer is not None  # the table admits Proof only after both Hellos
+        statement = identity.proof_statement(
+            self.hello.cluster_id,
+            peer.node_id,
+            peer.public_key,
+            self.hello.challenge,
+            peer.challenge,
+            msg.seen_host,
+        )
+        if not identity.verify_signature(peer.public_key, statement, msg.signature):
+            raise HandshakeError("peer's proof of its node id does not verify")
+        seen = identity.normal_host(msg.seen_host)
+        self.proven = seen == identity.normal_host(self._local_host)
 
     # ----- outgoing -------------------------------------------------------
 
@@ -346,6 +436,8 @@ class Session:
         elif isinstance(msg, _RESPONSES):
             due = self._theirs_due.get(msg.request_id)
             _check_answer(self._theirs.get(msg.request_id), msg, "we sent", LocalProtocolError, due)
+        if isinstance(msg, Proof):
+            raise LocalProtocolError("send make_proof(), not another Proof")
         data = encode_parts(msg)  # may raise; the state is untouched until it succeeds
         if isinstance(msg, _REQUESTS):
             self._ours[msg.request_id] = msg
@@ -355,12 +447,41 @@ class Session:
             rid = msg.request_id
             if _last_answer(self._theirs_due, rid, self._theirs_due.get(rid)):
                 del self._theirs[rid]
+        if isinstance(msg, Hello):
+            new_state = self._after_hellos(new_state)
         self.state = new_state
         return data
 
     def send_hello(self) -> bytes:
         """Return the bytes of our Hello; shorthand for ``send(self.hello)``."""
         return self.send(self.hello)
+
+    @property
+    def proof_due(self) -> bool:
+        """True while we owe the peer our ``Proof`` (send ``send_proof()``)."""
+        return self.state in (State.PROVING, State.PROOF_RECEIVED)
+
+    def send_proof(self) -> bytes:
+        """Return the bytes of our Proof (signed over the peer's challenge) and advance.
+
+        Raises ``LocalProtocolError`` unless a Proof is due (``proof_due``).
+        """
+        new_state = TRANSITIONS.get((self.state, _SEND, Proof))
+        peer = self.peer_hello
+        if new_state is None or peer is None or self._key is None:
+            raise LocalProtocolError(f"cannot send Proof in state {self.state.value}")
+        statement = identity.proof_statement(
+            self.hello.cluster_id,
+            self.hello.node_id,
+            self.hello.public_key,
+            peer.challenge,
+            self.hello.challenge,
+            self._remote_host,
+        )
+        host = identity.normal_host(self._remote_host)
+        data = encode_parts(Proof(self._key.sign(statement), host))
+        self.state = new_state
+        return data[0]
 
     def next_request_id(self) -> int:
         """Return an id not used by any of our outstanding requests."""

@@ -31,6 +31,19 @@ kinds are only sent to peers that advertised the matching Hello feature:
   ``NodeRequestData``; a daemon collects these into a site request for the
   publisher (protocol/request.py). The collector checks each one's signature
   and that it names the node id the peer proved in its Hello.
+* ``"proof"`` (``FEATURE_PROOF``): the Hello carries the sender's node public
+  key and a fresh random challenge, and each side then sends ``Proof``: its
+  signature over the other side's challenge (protocol/fleet/identity.py). A node id
+  is then bound to the connection, so bans and admission can key on it.
+* ``"view"`` (``FEATURE_VIEW``): the partial-view messages of protocol/fleet/view.py
+  (``Neighbor``, ``ForwardJoin``, ``Shuffle``, ``ViewFull``, ``Ping``): why a
+  connection was opened, joins spread as random walks, address exchange, and
+  a refusal that says "full" with other addresses to try.
+* ``"swarm"`` (``FEATURE_SWARM``): ``HaveBits`` says which blobs of a release
+  the sender offers, as a bitfield over the release's sorted blob list (a
+  byte or two per 16 blobs, where ``Have`` spends 34 bytes per blob), and an
+  Announce means "I verified this manifest", not "I hold all of it"
+  (protocol/fleet/swarm.py).
 * ``"site"`` (``FEATURE_SITE``): ``SiteNews`` pushes a signed site document
   -- a revocation list, or a site document of a key rotation -- so that
   revocations spread like releases (protocol/site/membership.py). A hint like
@@ -102,9 +115,25 @@ FEATURE_BATCH = "batch"
 # link busy; the answers are paced by the reader, never buffered at once.
 MAX_BATCH_DIGESTS = 64
 FEATURE_REQUEST = "request"
+FEATURE_PROOF = "proof"
+FEATURE_VIEW = "view"
+FEATURE_SWARM = "swarm"
+PUBLIC_KEY_BYTES = 32  # Ed25519
+SIGNATURE_BYTES = 64
+MIN_CHALLENGE_BYTES = 16
+MAX_CHALLENGE_BYTES = 64
+# Addresses one view message may carry (HyParView exchanges a handful).
+MAX_PEER_ADDRS = 32
+MAX_HOST_BYTES = 64  # an IPv4 or IPv6 literal, never a name to resolve
+MAX_TTL = 15
+NEIGHBOR_KINDS = 4  # protocol/fleet/view.py: join, high, low, forward
+# One HaveBits covers up to 64 Ki x 8 = 512 Ki blobs; larger releases send several.
+MAX_HAVE_BITS_BYTES = 64 * limits.KiB
 FEATURE_SITE = "site"
 _CLUSTER_RE = re.compile(r"\S(.*\S)?")  # no leading/trailing blanks, not empty
 _FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+HELLO_MIN_FIELDS = 6  # frozen across versions; later fields are optional
+_HOST_RE = re.compile(r"[0-9A-Fa-f.:]{2,64}")  # IP literals only: nothing to resolve
 
 
 def _uint(value: Any, name: str, lo: int, hi: int) -> Any:
@@ -156,6 +185,36 @@ def _batch(value: Any) -> Any:
     return value
 
 
+def is_host(text: str) -> bool:
+    """True if ``text`` may travel as a peer's host: an IP literal, not a name."""
+    return bool(_HOST_RE.fullmatch(text))
+
+
+def _challenge(value: Any, name: str) -> Any:
+    _blob(value, name, most=MAX_CHALLENGE_BYTES)
+    if value and len(value) < MIN_CHALLENGE_BYTES:
+        raise LocalProtocolError(f"{name} must be empty or {MIN_CHALLENGE_BYTES}+ bytes")
+    return value
+
+
+def _public_key(value: Any, name: str) -> Any:
+    _blob(value, name, most=PUBLIC_KEY_BYTES)
+    if value and len(value) != PUBLIC_KEY_BYTES:
+        raise LocalProtocolError(f"{name} must be empty or {PUBLIC_KEY_BYTES} bytes")
+    return value
+
+
+def _peers(value: Any) -> tuple[PeerAddr, ...]:
+    if not isinstance(value, tuple) or len(value) > MAX_PEER_ADDRS:
+        raise LocalProtocolError(f"peers must be a tuple of at most {MAX_PEER_ADDRS} addresses")
+    if not all(isinstance(a, tuple) and len(a) == 2 for a in value):
+        raise LocalProtocolError("a peer address must be (host, port)")
+    return tuple(
+        PeerAddr(_text(h, "host", MAX_HOST_BYTES, _HOST_RE), _uint(p, "port", 1, MAX_PORT))
+        for h, p in value
+    )
+
+
 def _features(value: Any) -> Any:
     if not isinstance(value, frozenset) or len(value) > MAX_FEATURES:
         raise LocalProtocolError(f"features must be a frozenset of at most {MAX_FEATURES}")
@@ -204,6 +263,17 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "complete": lambda v, n, _: _bool(v, n),
     "digests": lambda v, n, _: _digests(v),
     "batch": lambda v, n, _: _batch(v),
+    "public_key": lambda v, n, _: _public_key(v, n),
+    "challenge": lambda v, n, _: _challenge(v, n),
+    "signature": lambda v, n, _: _blob(v, n, exact=SIGNATURE_BYTES),
+    "kind": lambda v, n, _: _uint(v, n, 0, NEIGHBOR_KINDS - 1),
+    "host": lambda v, n, _: _text(v, n, MAX_HOST_BYTES, _HOST_RE),
+    "seen_host": lambda v, n, _: v if v == "" else _text(v, n, MAX_HOST_BYTES, _HOST_RE),
+    "port": lambda v, n, _: _uint(v, n, 1, MAX_PORT),
+    "ttl": lambda v, n, _: _uint(v, n, 0, MAX_TTL),
+    "reply": lambda v, n, _: _bool(v, n),
+    "peers": lambda v, n, _: _peers(v),
+    "bits": lambda v, n, _: _blob(v, n, most=MAX_HAVE_BITS_BYTES),
 }
 
 
@@ -221,6 +291,13 @@ class AnnounceEntry(NamedTuple):
 
 
 _ENTRY = AnnounceEntry._fields
+
+
+class PeerAddr(NamedTuple):
+    """Where a peer listens: an IP literal and a TCP port."""
+
+    host: str
+    port: int
 
 
 class _Wire:
@@ -262,6 +339,9 @@ class Hello(_Wire):
     cluster_id: str
     listen_port: int
     features: frozenset[str] = frozenset()
+    # Appended for feature "proof" (older peers ignore trailing Hello fields).
+    public_key: bytes = b""
+    challenge: bytes = b""
 
     @classmethod
     def create(
@@ -270,9 +350,14 @@ class Hello(_Wire):
         cluster_id: str,
         listen_port: int = 0,
         features: frozenset[str] = frozenset(),
+        public_key: bytes = b"",
+        challenge: bytes = b"",
     ) -> Hello:
         """Return our Hello with this build's magic and protocol version."""
-        return cls(MAGIC, PROTOCOL_VERSION, node_id, cluster_id, listen_port, features)
+        return cls(
+            MAGIC, PROTOCOL_VERSION, node_id, cluster_id, listen_port, features,
+            public_key, challenge,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +567,77 @@ class NodeRequestData(_Wire):
 
 
 @dataclass(frozen=True, slots=True)
+class Proof(_Wire):
+    """The sender's node-key signature over the receiver's Hello challenge (feature "proof").
+
+    What is signed is ``identity.proof_statement``; sent once, right after both Hellos.
+    """
+
+    TYPE: ClassVar[int] = 20
+    signature: bytes
+    seen_host: str  # the receiver's IP address as the sender sees it ("" if unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(_Wire):
+    """Nothing but "still here": keeps an idle view link from timing out (feature "view")."""
+
+    TYPE: ClassVar[int] = 21
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbor(_Wire):
+    """Why the dialler opened this connection (feature "view"; protocol/fleet/view.py ``Kind``)."""
+
+    TYPE: ClassVar[int] = 22
+    kind: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardJoin(_Wire):
+    """A node joined at ``host:port``; pass it on ``ttl`` more hops (feature "view")."""
+
+    TYPE: ClassVar[int] = 23
+    host: str
+    port: int
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shuffle(_Wire):
+    """A sample of known addresses, asked for (``reply`` False) or answered (feature "view")."""
+
+    TYPE: ClassVar[int] = 24
+    reply: bool
+    peers: tuple[PeerAddr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewFull(_Wire):
+    """ "My view is full": sent before closing a refused or evicted link, with addresses to try."""
+
+    TYPE: ClassVar[int] = 25
+    peers: tuple[PeerAddr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HaveBits(_Wire):
+    """Blobs of (component, serial) the sender offers us, as a bitfield (feature "swarm").
+
+    Bit ``k`` (little-endian: byte ``k // 8``, bit ``k % 8``) of ``bits`` stands
+    for blob ``8 * offset + k`` of the release's blobs sorted by digest. Bits
+    only add up: each message ORs into what the sender offered before. A hint,
+    like ``Have``: every blob received is still hash-checked.
+    """
+
+    TYPE: ClassVar[int] = 26
+    component: str
+    serial: int
+    offset: int
+    bits: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SiteNews(_Wire):
     """A signed site document the sender holds (feature "site"); verified by the receiver."""
 
@@ -495,7 +651,8 @@ Message = (
     Hello | Announce | ManifestRequest | ManifestData | ManifestMissing | ChunkRequest
     | ChunkData | ChunkMissing | RootRequest | RootData | RootMissing | Bye | Error
     | BlobRangeRequest | BlobRangeData | ManifestRangeRequest | ManifestRangeData | Have
-    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | SiteNews
+    | NodeRequestQuery | NodeRequestData | ChunkBatchRequest | Proof | Ping | Neighbor
+    | ForwardJoin | Shuffle | ViewFull | HaveBits | SiteNews
 )
 Request = (
     ManifestRequest | ChunkRequest | RootRequest | BlobRangeRequest | ManifestRangeRequest
@@ -511,7 +668,8 @@ _CLASSES: tuple[type[Message], ...] = (
     Hello, Announce, ManifestRequest, ManifestData, ManifestMissing, ChunkRequest,
     ChunkData, ChunkMissing, RootRequest, RootData, RootMissing, Bye, Error,
     BlobRangeRequest, BlobRangeData, ManifestRangeRequest, ManifestRangeData, Have,
-    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, SiteNews,
+    NodeRequestQuery, NodeRequestData, ChunkBatchRequest, Proof, Ping, Neighbor,
+    ForwardJoin, Shuffle, ViewFull, HaveBits, SiteNews,
 )  # fmt: skip
 _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 
@@ -519,7 +677,14 @@ _BY_CODE: dict[int, type[Message]] = {cls.TYPE: cls for cls in _CLASSES}
 def _to_wire(msg: Message) -> list[Any]:
     if isinstance(msg, Hello):
         fields = [msg.magic, msg.protocol_version, msg.node_id, msg.cluster_id, msg.listen_port]
-        return [*fields, sorted(msg.features)]
+        fields.append(sorted(msg.features))
+        if msg.public_key or msg.challenge:  # else byte for byte an older Hello
+            fields += [msg.public_key, msg.challenge]
+        return fields
+    if isinstance(msg, Shuffle):
+        return [msg.reply, [list(a) for a in msg.peers]]
+    if isinstance(msg, ViewFull):
+        return [[list(a) for a in msg.peers]]
     if isinstance(msg, Announce):
         return [[list(entry) for entry in msg.entries]]
     if isinstance(msg, Have):
@@ -530,7 +695,8 @@ def _to_wire(msg: Message) -> list[Any]:
 
 
 def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
-    arity = len(dataclasses.fields(cls))
+    # A Hello has six fields at least (older peers send just those), any number more.
+    arity = HELLO_MIN_FIELDS if cls is Hello else len(_field_names(cls))
     if len(fields) < arity or (len(fields) > arity and cls is not Hello):
         raise SchemaError(f"{cls.__name__} needs {arity} fields, got {len(fields)}")
     if cls is Hello:
@@ -539,7 +705,22 @@ def _from_wire(cls: type[Message], fields: list[Any]) -> Message:
         if not isinstance(features, list) or features != sorted(set(features)):
             raise SchemaError("Hello features must be a sorted list of unique names")
         magic, version, node_id, cluster_id, port = fields[:5]  # more fields: a newer peer
-        return Hello(magic, version, node_id, cluster_id, port, frozenset(features))
+        base = (magic, version, node_id, cluster_id, port, frozenset(features))
+        if len(fields) >= 8:
+            try:
+                return Hello(*base, *fields[6:8])
+            except LocalProtocolError:
+                if version == PROTOCOL_VERSION:
+                    raise
+                # Another version may mean other things there; its version
+                # must still reach the session, which says why it refuses.
+        return Hello(*base)
+    if cls is Shuffle or cls is ViewFull:
+        peers = fields[-1]
+        if not isinstance(peers, list) or not all(isinstance(a, list) for a in peers):
+            raise SchemaError(f"{cls.__name__} peers must be a list of [host, port]")
+        addrs: Any = tuple(tuple(a) for a in peers)  # checked by the constructor
+        return Shuffle(fields[0], addrs) if cls is Shuffle else ViewFull(addrs)
     if cls is Announce:
         entries = fields[0]
         if not isinstance(entries, list) or not all(isinstance(e, list) for e in entries):
@@ -620,7 +801,8 @@ def decode_body(body: bytes | memoryview) -> Message:
 
 
 # ----- the hot path -------------------------------------------------------------
-# Nearly every frame of a transfer is a ChunkRequest, ChunkData or BlobRangeData.
+# Nearly every frame of a transfer is a ChunkRequest, ChunkData, BlobRangeData or
+# HaveBits.
 # Canonical msgpack gives each exactly one layout, so they are packed and parsed
 # by hand: no generic walk, no msgpack copy of the payload and no re-encoding to
 # prove canonical form (a parse that accepts only the canonical layout proves it).
@@ -667,14 +849,21 @@ def _pack_hot(msg: object) -> tuple[tuple[bytes, ...], bytes] | None:
     if kind is ChunkRequest:
         assert isinstance(msg, ChunkRequest)
         return (b"\x93\x06", _packed_uint(msg.request_id), _DIGEST_HEAD, msg.digest), b""
+    if kind is HaveBits:
+        assert isinstance(msg, HaveBits)
+        name = msg.component.encode()  # ASCII by ids.COMPONENT_RE, at most 64 bytes
+        head = bytes((0xA0 | len(name),)) if len(name) < 32 else b"\xd9" + bytes((len(name),))
+        serial, offset = _packed_uint(msg.serial), _packed_uint(msg.offset)
+        return (b"\x95\x1a", head, name, serial, offset, _bin_head(len(msg.bits))), msg.bits
     return None
 
 
 # The first two body bytes of each hot message: array header, type code.
-_HOT: dict[bytes, type[ChunkData | BlobRangeData | ChunkRequest]] = {
+_HOT: dict[bytes, type[ChunkData | BlobRangeData | ChunkRequest | HaveBits]] = {
     b"\x94\x07": ChunkData,
     b"\x95\x0f": BlobRangeData,
     b"\x93\x06": ChunkRequest,
+    b"\x95\x1a": HaveBits,
 }
 
 
@@ -693,14 +882,45 @@ def _read_uint(body: bytes | memoryview, pos: int) -> tuple[int, int]:
     return (value, end) if value >= max(_MIN_OF_WIDTH[width], 0x80) else (-1, -1)
 
 
+def _read_bin(body: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """(size, data position) of the canonical bin header at ``pos``; (-1, -1) if none."""
+    width = _BIN_WIDTH.get(body[pos], 0) if pos < len(body) else 0
+    if not width:
+        return -1, -1
+    size = int.from_bytes(body[pos + 1 : pos + 1 + width], "big")
+    return (size, pos + 1 + width) if size >= _MIN_OF_WIDTH[width] else (-1, -1)
+
+
+def _parse_have_bits(body: bytes | memoryview) -> Message | None:
+    head = body[2] if len(body) > 2 else 0
+    if 0xA0 <= head <= 0xBF:
+        size, pos = head & 0x1F, 3
+    elif head == 0xD9 and len(body) > 3 and body[3] >= 32:
+        size, pos = body[3], 4
+    else:
+        return None
+    try:
+        component = bytes(body[pos : pos + size]).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    serial, pos = _read_uint(body, pos + size)
+    offset, pos = _read_uint(body, pos) if pos >= 0 else (-1, -1)
+    size, pos = _read_bin(body, pos) if pos >= 0 else (-1, -1)
+    if pos < 0 or pos + size != len(body):
+        return None
+    return HaveBits(component, serial, offset, bytes(body[pos:]))
+
+
 def _parse_hot(
-    cls: type[ChunkData | BlobRangeData | ChunkRequest], body: bytes | memoryview
+    cls: type[ChunkData | BlobRangeData | ChunkRequest | HaveBits], body: bytes | memoryview
 ) -> Message | None:
     """Parse a hot message laid out canonically; None if the layout differs.
 
     Raises ``LocalProtocolError`` when the layout is right but a field is out
     of range (the message constructor's checks).
     """
+    if cls is HaveBits:
+        return _parse_have_bits(body)
     rid, pos = _read_uint(body, 2)
     if pos < 0 or bytes(body[pos : pos + 2]) != _DIGEST_HEAD or pos + 34 > len(body):
         return None

@@ -20,13 +20,17 @@ peer proved in its Hello), wrapped and signed with this node's key.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.daemon.errors import CorruptStoreError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import atomic_write
+from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import StateDir
+from p2pupd.daemon.state.statedir import MAX_FORMER_IDS, NodeConfig, StateDir
 from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
+from p2pupd.protocol.fleet.identity import NodeKey
 from p2pupd.protocol.request import (
     MAX_EXTRA_BLOBS,
     MAX_REQUEST_RELEASES,
@@ -64,6 +68,37 @@ def node_key(state: StateDir) -> Ed25519PrivateKey:
     if key is None:
         key = Ed25519PrivateKey.generate()
         atomic_write(state.root / NODE_KEY_FILE, key.private_bytes_raw(), mode=NODE_KEY_MODE)
+    return key
+
+
+def identity_for(
+    state: StateDir, config: NodeConfig, *, fresh: bool = False
+) -> tuple[NodeKey, NodeConfig]:
+    """The node key as the wire's proof needs it, and the config with the id it proves.
+
+    A node id is the hash of the node key (protocol/fleet/identity.py). A
+    state dir from before that has a random id: it is replaced by the derived
+    one and the config rewritten, the old id kept in ``former_node_ids``
+    (unless ``fresh``: a node just made, whose random id was never used). A
+    node enrolled in a site keeps its id: its credential names that id and
+    binds it to the node key, and TLS proves the key on every link. The
+    caller holds the node lock. Raises ``StorageError`` if the key or the
+    config cannot be written.
+    """
+    key = NodeKey(node_key(state))
+    if config.node_id == key.node_id:
+        return key, config
+    if not fresh and MembershipStore(state).credential_bytes() is not None:
+        return key, config
+    former = () if fresh else (config.node_id, *config.former_node_ids)
+    new = replace(config, node_id=key.node_id, former_node_ids=former[:MAX_FORMER_IDS])
+    state.write_config(new)
+    return key, new
+
+
+def node_identity(node: Node, *, fresh: bool = False) -> NodeKey:
+    """``identity_for`` on an open node (its config updated too)."""
+    key, node.config = identity_for(node.state, node.config, fresh=fresh)
     return key
 
 

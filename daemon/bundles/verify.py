@@ -116,10 +116,23 @@ class BundleMetadata:
     unresolved: list[UnresolvedRelease] = field(default_factory=list)
     packed: dict[bytes, PackedBlob] = field(default_factory=dict)  # blobs carried in packs
 
-    def check_request_is_for(self, node_id: bytes, node_key: bytes | None) -> None:
-        """Raise ``MixAndMatchError`` if the bundle was cut for a request this node is not in."""
-        if self.request is not None:
-            check_site_includes(self.request, node_id, node_key)
+    def check_request_is_for(
+        self, node_id: bytes, node_key: bytes | None, former_ids: tuple[bytes, ...] = ()
+    ) -> None:
+        """Raise ``MixAndMatchError`` if the bundle was cut for a request this node is not in.
+
+        ``former_ids``: ids the node had before it was derived from its key;
+        a request made under one of them (with the same key) is still its own.
+        """
+        if self.request is None:
+            return
+        for old in former_ids:
+            try:
+                check_site_includes(self.request, old, node_key)
+                return
+            except MixAndMatchError:
+                pass
+        check_site_includes(self.request, node_id, node_key)
 
 
 class _Reads:

@@ -1,39 +1,48 @@
-"""Keeping connections to known peers: static ``--peer`` entries and mDNS finds.
+"""Opening the connections the partial view asks for; no policy of its own.
 
-Theory of operation. Candidates live in the peer table (``peers.PeerTable``);
-this service dials every one that is due -- not connected, not banned, not
-backing off -- and runs the connection to its end. A failed dial backs off
-exponentially (1 s .. 60 s); so does a connection that ended within
-``SHORT_LIVED`` seconds (refused as a duplicate, banned, handshake mismatch),
-while one that lived longer is retried after ``RECONNECT_SECONDS``. Once a
-candidate's node id is known, it is not dialled while that node is connected
-the other way round. Static candidates are never forgotten; mDNS ones go when
-their service disappears.
+Theory of operation. Whom to dial, and when, is decided by the partial view
+(protocol/fleet/view.py, driven by ``service/overlay.py``): it dials only
+while it is short of links, a few at a time, each address from its passive
+view, with backoff after failures and refusals. This service carries one
+dial out: ``dial(addr, kind)`` opens TCP (bounded by ``CONNECT_SECONDS``),
+runs the connection through the connector until it ends, and reports a
+dial that never connected (``on_failed``). The number of dials in flight is
+bounded by ``MAX_DIALS`` whatever is asked (a dial counts until its TCP
+connection is up; then admission bounds it like any link), so the sockets a
+daemon holds stay bounded: admitted links, inbound handshakes and these.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
 
 from p2pupd.daemon.events import log
-from p2pupd.daemon.net.peers import Candidate, PeerTable
-from p2pupd.daemon.net.transport import TransferError, dial
+from p2pupd.daemon.net.peers import format_endpoint
+from p2pupd.daemon.net.transport import TransferError
+from p2pupd.daemon.net.transport import dial as open_tcp
+from p2pupd.protocol.wire import PeerAddr
 
-RECONNECT_SECONDS = 2.0
-SHORT_LIVED = 5.0
-MAX_WAIT = 5.0
+CONNECT_SECONDS = 5.0
+MAX_DIALS = 8
 
 
 class Connector(Protocol):
     """Who runs the connections the dialer opens (the node service)."""
 
-    peers: PeerTable
     stopping: bool  # no new dials once set
 
     async def run_stream(
-        self, stream: trio.abc.Stream, *, outbound: bool, address: str, source: str
+        self,
+        stream: trio.abc.Stream,
+        *,
+        outbound: bool,
+        address: str,
+        source: str,
+        kind: Any = None,
+        dialled: PeerAddr | None = None,
     ) -> bytes | None:
         """Run one connection to its end; the peer's node id once known."""
         ...
@@ -42,56 +51,45 @@ class Connector(Protocol):
 class Dialer:
     """See the module docstring."""
 
-    def __init__(self, core: Connector) -> None:
+    def __init__(self, core: Connector, on_failed: Callable[[PeerAddr], None]) -> None:
         self.core = core
-        self._wake = trio.Event()
+        self.on_failed = on_failed
+        self._nursery: trio.Nursery | None = None
+        self._dialing: set[PeerAddr] = set()
 
-    def add_static(self, host: str, port: int) -> None:
-        """Keep a connection to ``host:port`` (``--peer``)."""
-        self.core.peers.add_candidate(host, port, "static")
-        self.wake()
-
-    def wake(self) -> None:
-        """Look for due candidates now (new candidate, ended connection)."""
-        self._wake.set()
+    def dial(self, addr: PeerAddr, kind: Any, source: str = "view") -> None:
+        """Open a link to ``addr`` (``kind``: why, said in ``Neighbor`` after the handshake;
+        ``source``: where the address came from, for ``p2pupd peers``)."""
+        if (
+            self._nursery is None
+            or self.core.stopping
+            or addr in self._dialing
+            or len(self._dialing) >= MAX_DIALS
+        ):
+            self.on_failed(addr)
+            return
+        self._dialing.add(addr)
+        self._nursery.start_soon(self._dial, addr, kind, source)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Dial due candidates until cancelled."""
+        """Run dials until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             task_status.started()
-            while True:
-                now = trio.current_time()
-                for cand in [] if self.core.stopping else self.core.peers.due(now):
-                    cand.connected = True  # claimed: not due again until this dial ends
-                    nursery.start_soon(self._dial, cand)
-                nxt = self.core.peers.next_dial_time()
-                wait = MAX_WAIT if nxt is None else min(MAX_WAIT, max(nxt - now, 0.05))
-                with trio.move_on_after(wait):
-                    await self._wake.wait()
-                self._wake = trio.Event()
+            await trio.sleep_forever()
 
-    async def _dial(self, cand: Candidate) -> None:
+    async def _dial(self, addr: PeerAddr, kind: Any, source: str) -> None:
+        endpoint = format_endpoint(addr.host, addr.port)
         try:
-            try:
-                stream = await dial(cand.host, cand.port)
-            except TransferError as exc:
-                delay = self.core.peers.dial_failed(cand, trio.current_time())
-                log("dial-failed", addr=cand.endpoint, reason=str(exc), retry_in=delay)
-                return
-            started = trio.current_time()
-            node_id = await self.core.run_stream(
-                stream, outbound=True, address=cand.endpoint, source=",".join(sorted(cand.sources))
-            )
-            if node_id:
-                cand.node_id = node_id
-            now = trio.current_time()
-            if now - started < SHORT_LIVED:
-                self.core.peers.dial_failed(cand, now)
-            else:
-                cand.failures = 0
-                cand.next_try = now + RECONNECT_SECONDS
+            stream = await open_tcp(addr.host, addr.port, timeout=CONNECT_SECONDS)
+        except TransferError as exc:
+            log("dial-failed", addr=endpoint, reason=str(exc))
+            self.on_failed(addr)
+            return
         finally:
-            cand.connected = False
-            if not cand.sources:
-                self.core.peers.candidates.pop(cand.endpoint, None)
-            self.wake()
+            # Counted only while connecting: once connected, the link is the
+            # admission's to bound (or refuse), like an inbound one.
+            self._dialing.discard(addr)
+        await self.core.run_stream(
+            stream, outbound=True, address=endpoint, source=source, kind=kind, dialled=addr
+        )

@@ -1,25 +1,32 @@
-"""mDNS discovery: register and browse ``_p2pupd._tcp.local.`` with zeroconf.
+"""mDNS discovery, only to bootstrap: browse while the view needs addresses, a few beacons.
 
 Theory of operation
 -------------------
-zeroconf runs its own asyncio loop on its own thread. This service:
+mDNS is how a node finds its first peers on a segment, not the membership
+protocol: once it has links, the partial view (protocol/fleet/view.py) and
+its shuffles keep it in touch with the site. Every multicast packet reaches
+every node, so anything done per node and per event grows with N^2; hence:
 
-1. opens ``Zeroconf`` (optionally bound to ``interfaces``, e.g. 127.0.0.1 in
-   tests or one site NIC) and registers our instance ``p2pupd-<id>`` with TXT
-   ``id`` (node id hex), ``cluster``, ``proto`` (protocol version) and
-   ``holdings`` (a digest of what we hold, refreshed when it changes) -- all in
-   worker threads, since these calls block;
-2. browses the service type; zeroconf calls our handler on *its* thread, and
-   the handler only crosses into trio (``trio.from_thread.run_sync`` with our
-   ``TrioToken``) to drop the name into a bounded memory channel -- it never
-   blocks on, or raises into, zeroconf;
-3. resolves each name in a worker thread (``get_service_info``), keeps
-   services of our cluster and protocol version that are not us, and hands
-   their address to the dialer as a candidate; a removed service withdraws it.
+* *Browse only when the view wants addresses* (``host.bootstrap_wanted()``:
+  below half its target with nobody left to dial -- at start, after a
+  partition). Browsing stops as soon as it does not, and resumes when it
+  does again (``host.changed`` is set whenever that may have changed).
+  Queries ask for unicast answers (QU), so only the asker hears them.
+* *A few beacons register*: a node registers its own service only if its
+  first browse round (``BEACON_ROUND_SECONDS``) found fewer than
+  ``beacons`` services of its cluster. A site thus has a handful of
+  registered nodes, each query is answered by a handful, and joiners keep
+  the number topped up as beacons go away. No TXT record changes when a
+  release arrives (no ``holdings``): nothing in mDNS is per release.
+* Found services of our cluster and protocol version that are not us go to
+  the view's passive view (``host.add_known``); the view decides whom to dial.
 
-Every zeroconf or OS error is wrapped into ``DiscoveryError`` at this
-boundary; the supervisor restarts the service with backoff, so a site without
-multicast degrades to static peers instead of stopping the daemon.
+zeroconf runs its own asyncio loop on its own thread: its callbacks only
+drop a name into a bounded memory channel through the ``TrioToken``; every
+blocking call runs in a worker thread. Every zeroconf or OS error is wrapped
+into ``DiscoveryError`` at this boundary; the supervisor restarts the
+service with backoff, so a site without multicast degrades to static peers
+instead of stopping the daemon.
 """
 
 from __future__ import annotations
@@ -28,22 +35,32 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import ifaddr
 import trio
-from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    DNSQuestionType,
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log
-from p2pupd.daemon.net.peers import PeerTable, format_endpoint
+from p2pupd.daemon.net.peers import format_endpoint
 from p2pupd.protocol import PROTOCOL_VERSION
 from p2pupd.protocol.session import HandshakeError, negotiate_version
+from p2pupd.protocol.wire import PeerAddr
 
 SERVICE_TYPE = "_p2pupd._tcp.local."
 RESOLVE_MS = 3000
 CLOSE_SECONDS = 5.0
+BEACONS = 8  # services a site keeps registered
+BEACON_ROUND_SECONDS = 2.0  # the first browse round, before deciding to register
+RECHECK_SECONDS = 5.0
 
 
 class DiscoveryError(DaemonError):
@@ -61,18 +78,23 @@ def local_addresses() -> list[str]:
 
 
 class DiscoveryHost(Protocol):
-    """What discovery needs of the node service: its peers and a holdings digest."""
+    """What discovery needs of the node: who it is, and its view's wishes."""
 
     @property
     def node_id(self) -> bytes: ...
     @property
     def cluster(self) -> str: ...
 
-    peers: PeerTable
-    on_holdings: list[Callable[[], None]]  # called when what we hold changes
+    def bootstrap_wanted(self) -> bool:
+        """True while the view wants addresses."""
+        ...
 
-    def holdings_digest(self) -> str:
-        """A short digest of what this node holds (published in TXT)."""
+    def bootstrap_changed(self) -> trio.Event:
+        """An event set when ``bootstrap_wanted`` may have changed."""
+        ...
+
+    def add_known(self, addrs: list[PeerAddr]) -> None:
+        """Addresses found: to the passive view."""
         ...
 
 
@@ -86,18 +108,19 @@ class Discovery:
         *,
         interfaces: tuple[str, ...] = (),
         listen_host: str = "",
-        on_found: Callable[[], None] | None = None,
+        beacons: int = BEACONS,
     ) -> None:
         self.core = core
         self.port = port
         self.interfaces = interfaces
         self.listen_host = listen_host
-        self.on_found = on_found
-        cfg = core
-        self.name = f"p2pupd-{cfg.node_id.hex()[:12]}.{SERVICE_TYPE}"
-        self._names: dict[str, str] = {}  # service name -> endpoint
+        self.beacons = beacons
+        self.name = f"p2pupd-{core.node_id.hex()[:12]}.{SERVICE_TYPE}"
+        self._seen: set[str] = set()  # service names of our cluster resolved
         self._zc: Zeroconf | None = None
         self._info: ServiceInfo | None = None
+        self.registered = False
+        self.browsing = False
 
     def _addresses(self) -> list[str]:
         if self.interfaces:
@@ -117,7 +140,6 @@ class Discovery:
                 "id": cfg.node_id.hex(),
                 "cluster": cfg.cluster,
                 "proto": str(PROTOCOL_VERSION),
-                "holdings": self.core.holdings_digest(),
             },
             server=f"p2pupd-{cfg.node_id.hex()[:12]}.local.",
         )
@@ -125,64 +147,83 @@ class Discovery:
     def _open(self) -> Zeroconf:
         try:
             if self.interfaces:
-                zc = Zeroconf(interfaces=list(self.interfaces), ip_version=IPVersion.V4Only)
-            else:
-                zc = Zeroconf(ip_version=IPVersion.V4Only)
+                return Zeroconf(interfaces=list(self.interfaces), ip_version=IPVersion.V4Only)
+            return Zeroconf(ip_version=IPVersion.V4Only)
         except Exception as exc:  # zeroconf and the OS raise many types here
             raise DiscoveryError(f"cannot start mDNS: {exc}") from None
+
+    def _register(self, zc: Zeroconf) -> None:
         try:
             self._info = self._service_info()
             zc.register_service(self._info, allow_name_change=True)
         except Exception as exc:
-            zc.close()
             raise DiscoveryError(f"cannot register mDNS service: {exc}") from None
-        return zc
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register, browse and feed found peers to the dialer until cancelled."""
+        """Browse while the view wants addresses, register if the site lacks beacons."""
         token = trio.lowlevel.current_trio_token()
-        send, recv = trio.open_memory_channel[tuple[str, str]](256)
+        send, recv = trio.open_memory_channel[str](256)
 
         def on_change(
             zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
         ) -> None:
             # On zeroconf's thread: hand over and return; never raise into it.
-            kind = "removed" if state_change is ServiceStateChange.Removed else "seen"
-            with contextlib.suppress(Exception):
-                trio.from_thread.run_sync(_offer, send, (kind, name), trio_token=token)
+            if state_change is not ServiceStateChange.Removed:
+                with contextlib.suppress(Exception):
+                    trio.from_thread.run_sync(_offer, send, name, trio_token=token)
 
         zc = await trio.to_thread.run_sync(self._open)
         self._zc = zc
         browser: ServiceBrowser | None = None
         try:
-            try:
-                browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
-            except Exception as exc:
-                raise DiscoveryError(f"cannot browse mDNS: {exc}") from None
-            self.core.on_holdings.append(self._holdings_changed)
-            log(
-                "mdns-registered", name=self.name, addrs=",".join(self._addresses()), port=self.port
-            )
             task_status.started()
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                async for kind, name in recv:
-                    if name == self.name:
+                nursery.start_soon(self._resolver, recv)
+                first = True
+                while True:
+                    changed = self.core.bootstrap_changed()
+                    wanted = self.core.bootstrap_wanted() or first
+                    if wanted and browser is None:
+                        browser = await trio.to_thread.run_sync(
+                            lambda: ServiceBrowser(
+                                zc,
+                                SERVICE_TYPE,
+                                handlers=[on_change],
+                                question_type=DNSQuestionType.QU,
+                            )
+                        )
+                        self.browsing = True
+                        log("mdns-browsing")
+                    if first:
+                        await trio.sleep(BEACON_ROUND_SECONDS)
+                        first = False
+                        if len(self._seen) < self.beacons:
+                            await trio.to_thread.run_sync(self._register, zc)
+                            self.registered = True
+                            log("mdns-registered", name=self.name, port=self.port,
+                                addrs=",".join(self._addresses()), seen=len(self._seen))  # fmt: skip
                         continue
-                    if kind == "removed":
-                        self._removed(name)
-                    else:
-                        nursery.start_soon(self._resolve, name)
+                    if not wanted and browser is not None:
+                        await trio.to_thread.run_sync(browser.cancel)
+                        browser = None
+                        self.browsing = False
+                        log("mdns-idle", seen=len(self._seen))
+                    with trio.move_on_after(RECHECK_SECONDS):
+                        await changed.wait()
+        except Exception as exc:
+            raise DiscoveryError(f"mDNS failed: {exc}") from None
         finally:
-            with contextlib.suppress(ValueError):
-                self.core.on_holdings.remove(self._holdings_changed)
             self._zc = None
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
                 await trio.to_thread.run_sync(
                     _close, zc, browser, self._info, abandon_on_cancel=True
                 )
 
-    _nursery: trio.Nursery | None = None
+    async def _resolver(self, recv: trio.MemoryReceiveChannel[str]) -> None:
+        async with trio.open_nursery() as nursery:
+            async for name in recv:
+                if name != self.name:
+                    nursery.start_soon(self._resolve, name)
 
     async def _resolve(self, name: str) -> None:
         zc = self._zc
@@ -215,40 +256,17 @@ class Discovery:
         addrs = info.parsed_addresses(IPVersion.V4Only)
         if not addrs:
             return
-        endpoint = format_endpoint(addrs[0], info.port)
-        old = self._names.get(name)
-        if old != endpoint:
-            if old is not None:
-                self.core.peers.remove_candidate(old, "mdns")
-            self._names[name] = endpoint
-            self.core.peers.add_candidate(addrs[0], info.port, "mdns", node_id)
-            log("mdns-found", peer=node_id.hex()[:12], addr=endpoint)
-            if self.on_found is not None:
-                self.on_found()
-
-    def _removed(self, name: str) -> None:
-        endpoint = self._names.pop(name, None)
-        if endpoint is not None:
-            self.core.peers.remove_candidate(endpoint, "mdns")
-            log("mdns-lost", addr=endpoint)
-
-    def _holdings_changed(self) -> None:
-        if self._nursery is not None and self._zc is not None:
-            self._nursery.start_soon(self._update)
-
-    async def _update(self) -> None:
-        zc = self._zc
-        if zc is None:
-            return
-        info = self._service_info()
         try:
-            await trio.to_thread.run_sync(lambda: zc.update_service(info), abandon_on_cancel=True)
-            self._info = info
-        except Exception as exc:
-            log("mdns-update-failed", level=logging.WARNING, reason=repr(exc))
+            addr = PeerAddr(addrs[0], info.port)
+        except Exception:  # not something we would dial
+            return
+        if name not in self._seen and len(self._seen) < 4 * self.beacons:
+            self._seen.add(name)
+            log("mdns-found", peer=node_id.hex()[:12], addr=format_endpoint(addrs[0], info.port))
+        self.core.add_known([addr])
 
 
-def _offer(send: trio.MemorySendChannel[tuple[str, str]], item: tuple[str, str]) -> None:
+def _offer(send: trio.MemorySendChannel[str], item: str) -> None:
     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         send.send_nowait(item)  # a full channel drops a hint; the browser repeats
 

@@ -1,33 +1,20 @@
-"""The peer table: who is connected, who may be dialled, who is banned.
+"""The peer table: who is connected, with what, and how much it sent.
 
-Theory of operation
--------------------
-Three small maps, all keyed so that a peer's claims cannot poison another's:
-
-* ``connected``: node id -> ``PeerInfo`` for every connection past its
-  handshake (address, direction, features, last Announce, byte counters).
-  Exactly one connection per node id (the transport's duplicate rule).
-* ``candidates``: endpoint ``host:port`` -> ``Candidate`` for the dialer,
-  fed by static ``--peer`` entries (kept forever) and mDNS (removed when the
-  service goes away). Failed dials back off exponentially.
-* bans: by node id *and* by the peer's advertised endpoint, until a time on
-  the daemon's clock. Whole hosts are never banned: on a shared address
-  (NAT, loopback tests) that would punish honest neighbours.
-
-Times are ``trio.current_time()`` values supplied by the caller, so the table
-is pure bookkeeping and runs under ``MockClock``.
+``connected``: node id -> ``PeerInfo`` for every connection past its
+handshake and admission (address, direction, features, last Announce, byte
+counters), for ``p2pupd peers`` and the metrics. Exactly one connection per
+node id (``protocol.fleet.admission``). Whom to dial is the partial view's
+business (protocol/fleet/view.py, driven by ``service/overlay.py``), and
+bans are the admission's (keyed to what a peer cannot fake), so this table
+is pure bookkeeping.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pupd.daemon.events import short
-
-DIAL_BACKOFF_MIN = 1.0
-DIAL_BACKOFF_MAX = 60.0
 
 
 @dataclass
@@ -66,27 +53,6 @@ class PeerInfo:
         }
 
 
-@dataclass
-class Candidate:
-    host: str
-    port: int
-    sources: set[str]
-    node_id: bytes | None = None
-    failures: int = 0
-    next_try: float = -math.inf
-    connected: bool = False
-
-    @property
-    def endpoint(self) -> str:
-        return format_endpoint(self.host, self.port)
-
-
-@dataclass(frozen=True)
-class BanEntry:
-    until: float
-    reason: str
-
-
 def format_endpoint(host: str, port: int) -> str:
     """``host:port``, with brackets around an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -97,8 +63,6 @@ class PeerTable:
 
     def __init__(self) -> None:
         self.connected: dict[bytes, PeerInfo] = {}
-        self.candidates: dict[str, Candidate] = {}
-        self._bans: dict[str, BanEntry] = {}
 
     # ----- connections -------------------------------------------------------
 
@@ -119,105 +83,11 @@ class PeerTable:
             info.bytes_out += bytes_out
             info.last_seen = now
 
-    # ----- bans --------------------------------------------------------------
-
-    def ban(self, node_id: bytes | None, endpoint: str | None, until: float, reason: str) -> None:
-        """Refuse this node id and endpoint until ``until`` (an existing longer ban stays)."""
-        for key in self._keys(node_id, endpoint):
-            old = self._bans.get(key)
-            if old is None or old.until < until:
-                self._bans[key] = BanEntry(until, reason)
-
-    def banned(
-        self, now: float, node_id: bytes | None = None, endpoint: str | None = None
-    ) -> BanEntry | None:
-        """The ban covering this node id or endpoint, if one is in force."""
-        for key in self._keys(node_id, endpoint):
-            entry = self._bans.get(key)
-            if entry is not None:
-                if entry.until > now:
-                    return entry
-                del self._bans[key]
-        return None
-
-    @staticmethod
-    def _keys(node_id: bytes | None, endpoint: str | None) -> list[str]:
-        keys = []
-        if node_id is not None:
-            keys.append("id:" + node_id.hex())
-        if endpoint is not None:
-            keys.append("ep:" + endpoint)
-        return keys
-
-    # ----- dial candidates ---------------------------------------------------
-
-    def add_candidate(
-        self, host: str, port: int, source: str, node_id: bytes | None = None
-    ) -> None:
-        """Remember an address to dial, from ``source`` (static, mdns)."""
-        ep = format_endpoint(host, port)
-        cand = self.candidates.get(ep)
-        if cand is None:
-            self.candidates[ep] = Candidate(host, port, {source}, node_id)
-        else:
-            cand.sources.add(source)
-            cand.node_id = node_id or cand.node_id
-
-    def remove_candidate(self, endpoint: str, source: str) -> None:
-        """Drop ``source``'s claim on ``endpoint``; the entry goes when no source is left."""
-        cand = self.candidates.get(endpoint)
-        if cand is not None:
-            cand.sources.discard(source)
-            if not cand.sources and not cand.connected:
-                del self.candidates[endpoint]
-
-    def due(self, now: float) -> list[Candidate]:
-        """Candidates to dial now: not connected, not banned, not backing off."""
-        out = []
-        for cand in self.candidates.values():
-            if cand.connected or cand.next_try > now:
-                continue
-            if cand.node_id is not None and cand.node_id in self.connected:
-                continue
-            if self.banned(now, cand.node_id, cand.endpoint) is not None:
-                continue
-            out.append(cand)
-        return out
-
-    def dial_failed(self, cand: Candidate, now: float) -> float:
-        """Record a failed dial; returns the backoff before the next try."""
-        cand.failures += 1
-        delay = min(DIAL_BACKOFF_MAX, DIAL_BACKOFF_MIN * 2.0 ** (cand.failures - 1))
-        cand.next_try = now + delay
-        return delay
-
-    def next_dial_time(self) -> float | None:
-        times = [c.next_try for c in self.candidates.values() if not c.connected]
-        return min(times, default=None)
-
     # ----- reporting ---------------------------------------------------------
 
     def snapshot(self, now: float) -> dict[str, Any]:
-        """The ``p2pupd peers --json`` document."""
-        bans = [
-            {"who": key, "seconds_left": round(b.until - now, 1), "reason": b.reason}
-            for key, b in sorted(self._bans.items())
-            if b.until > now
-        ]
-        return {
-            "connected": [self.connected[k].to_doc(now) for k in sorted(self.connected)],
-            "candidates": [
-                {
-                    "endpoint": c.endpoint,
-                    "sources": sorted(c.sources),
-                    "node_id": c.node_id.hex() if c.node_id else None,
-                    "connected": c.connected,
-                    "failures": c.failures,
-                }
-                for _, c in sorted(self.candidates.items())
-            ],
-            "banned": bans,
-        }
+        """The ``connected`` part of the ``p2pupd peers --json`` document."""
+        return {"connected": [self.connected[k].to_doc(now) for k in sorted(self.connected)]}
 
     def describe(self, node_id: bytes) -> str:
         """``<short id>@<address>`` for log lines."""

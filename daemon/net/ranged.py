@@ -7,7 +7,7 @@ it) or ``None`` (the peer lacks the blob), and raises ``TransferError`` when
 the peer leaves or does not answer.
 
 The blob (patches, hooks) is asked for in pieces of ``PIECE_BYTES``,
-``RANGE_DEPTH`` at a time, from the one peer the planner assigned it to -- so
+``RANGE_DEPTH`` at a time, from the one peer the swarm assigned it to -- so
 a mismatch of the reassembled blob can be blamed on that peer -- written at
 their offsets into a spool file in ``STATE/tmp`` (cleaned at start-up), then
 streamed into the store by ``put_stream``, which refuses it unless the whole

@@ -50,7 +50,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -61,17 +61,16 @@ from p2pupd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from p2pupd.protocol.session import CLOSED, HandshakeError, Session, Signal, State
 from p2pupd.protocol.site.membership import Credential
 from p2pupd.protocol.wire import (
-    Announce,
     Bye,
     ChunkBatchRequest,
     ChunkRequest,
     Error,
-    Have,
     Hello,
     Message,
+    PeerAddr,
+    Proof,
     Request,
     Response,
-    SiteNews,
 )
 
 RECV_BYTES = 1 * limits.MiB  # one read takes many chunk frames; bounded by what was fed
@@ -81,9 +80,16 @@ DATA_QUEUE_BYTES = 1 * limits.MiB  # answers queued for the writer before the se
 WRITE_BYTES = 1 * limits.MiB  # the most one write gathers from the queue
 COALESCE_BYTES = 64 * limits.KiB  # what one write gathers under a bandwidth cap (smooth bursts)
 MAX_PIECES = 64  # buffers per sendmsg (the kernel allows 1024)
-KEEPALIVE_IDLE = 20  # seconds of silence before the kernel probes a connection
+# Seconds of silence before the kernel probes a connection. Peers that speak
+# "view" ping every link each minute (protocol/fleet/view.py), so probes only
+# ever go to a link that went quiet, or to an older peer's: a site of idle
+# nodes must not pay two packets per link every few seconds.
+KEEPALIVE_IDLE = 120
 KEEPALIVE_INTERVAL = 5
 STALE_SECONDS = 15.0  # a connection silent this long yields to a new one from its peer
+# An admitted peer must say something within this long (every version
+# announces at once), or it is holding a slot for nothing: closed.
+FIRST_MESSAGE_SECONDS = 20.0
 ERR_PROTOCOL = 400
 ERR_REFUSED = 403
 ERR_HANDSHAKE = 409
@@ -105,8 +111,9 @@ class Handler(Protocol):
 
     def joined(self, conn: PeerConnection) -> None: ...
 
-    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews) -> None:
-        """An Announce, Have or SiteNews arrived; must not block."""
+    def message(self, conn: PeerConnection, msg: Message) -> None:
+        """Anything but a request, a response, Hello, Proof, Bye or Error: Announce,
+        Have, HaveBits and the view's messages. Must not block."""
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """The response to one of the peer's requests."""
@@ -131,12 +138,25 @@ class PeerConnection:
         outbound: bool,
         source: str,
         limits_: Limits | None = None,
+        kind: Any = None,
+        dialled: PeerAddr | None = None,
+        local_host: str = "",
+        remote_host: str = "",
     ) -> None:
         self.stream = stream
         self.session = session
         self.address = address
         self.outbound = outbound
         self.source = source
+        self.kind = kind  # why we dialled (protocol.fleet.view.Kind), outbound only
+        self.dialled = dialled  # the address we dialled, outbound only
+        self.local_host = local_host  # our end's IP ("" if not a socket)
+        self.remote_host = remote_host
+        self.full = False  # the peer said ViewFull before closing
+        self.referrals: tuple[PeerAddr, ...] = ()  # addresses its ViewFull gave
+        self.said = False  # the peer sent something after the handshake
+        self.handshake_host: str | None = None  # an inbound handshake slot to give back
+        self.last_sent = trio.current_time()
         self.limits = limits_ or Limits()
         self.joined = False
         self.closed = False
@@ -173,10 +193,20 @@ class PeerConnection:
         return hello.node_id if hello is not None else b""
 
     @property
+    def proven(self) -> bool:
+        """The peer's node id is bound to this connection: by its Hello proof, or by
+        the site credential TLS checked."""
+        return self.session.proven or self.credential is not None
+
+    @property
     def peer_hello(self) -> Hello | None:
         return self.session.peer_hello
 
     # ----- sending -----------------------------------------------------------
+
+    def _post_bytes(self, data: bytes) -> None:
+        """Queue bytes the session already produced (our Proof)."""
+        self._out_send.send_nowait(((data,), 0))
 
     def post(self, msg: Message) -> bool:
         """Queue ``msg``; returns False if the connection can no longer send it."""
@@ -335,6 +365,10 @@ class PeerConnection:
         await trio.sleep(HANDSHAKE_SECONDS)
         if not self.joined:
             self.close("handshake timed out", ERR_HANDSHAKE)
+            return
+        await trio.sleep(FIRST_MESSAGE_SECONDS)
+        if not self.said:
+            self.close(f"said nothing for {FIRST_MESSAGE_SECONDS:.0f}s", ERR_REFUSED)
 
     async def _watchdog(self) -> None:
         """End the connection when a ``send_request`` request is not answered in time."""
@@ -368,6 +402,7 @@ class PeerConnection:
                     await self.limits.upload.consume(size)
                 await self._write(pieces)
                 self.bytes_out += size
+                self.last_sent = trio.current_time()
                 if credit:
                     self._data_queued -= credit
                     self._data_room.unpark_all()
@@ -406,6 +441,8 @@ class PeerConnection:
                             return
                         break
                     self._dispatch(event, handler)
+                    if self.session.proof_due:  # both Hellos are through
+                        self._post_bytes(self.session.send_proof())
                     # Admit the peer as soon as its Hello is through, before
                     # anything that arrived with it in the same read: an
                     # Announce must find the peer registered, and a bad frame
@@ -427,6 +464,8 @@ class PeerConnection:
                 self._slots.unpark_all()
 
     def _dispatch(self, msg: Message, handler: Handler) -> None:
+        if self.joined:
+            self.said = True
         if isinstance(msg, Request):
             try:
                 self._req_send.send_nowait(msg)
@@ -444,12 +483,12 @@ class PeerConnection:
                 self._deadlines.pop(rid, None)
             if on_answer is not None:
                 on_answer(msg)
-        elif isinstance(msg, Announce | Have | SiteNews):
-            handler.message(self, msg)
         elif isinstance(msg, Bye):
             self.reason = f"peer said bye: {msg.reason}" if msg.reason else "peer said bye"
         elif isinstance(msg, Error):
             self.reason = f"peer reported error {msg.code}: {msg.message}"
+        elif not isinstance(msg, Hello | Proof) and self.joined:
+            handler.message(self, msg)  # Announce, Have(Bits), the view's messages
 
     async def _server(self, handler: Handler) -> None:
         async for req in self._req_recv:

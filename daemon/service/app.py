@@ -52,7 +52,7 @@ import trio
 
 from p2pupd.daemon import ops
 from p2pupd.daemon.apply.transaction import claim_trial
-from p2pupd.daemon.bundles.siterequest import node_public_key
+from p2pupd.daemon.bundles.siterequest import node_identity, node_public_key
 from p2pupd.daemon.config import DaemonOptions
 from p2pupd.daemon.errors import LockedError
 from p2pupd.daemon.events import log, observe, setup_logging, short
@@ -68,6 +68,7 @@ from p2pupd.daemon.service.selfupdate import Restart, TrialRun
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import now_seconds
 from p2pupd.protocol.errors import P2pupdError
+from p2pupd.protocol.fleet.view import ViewConfig
 
 StartFn = Callable[..., Awaitable[Any]]
 
@@ -194,11 +195,21 @@ async def run(
         await trio.to_thread.run_sync(node.store.clean_tmp)
         _announce_membership(node, options)
         host, port = options.listen
+        identity = await trio.to_thread.run_sync(node_identity, node)  # migrates an old id
         core = NodeService(
             node,
             ServiceOptions(
-                bandwidth_limit=options.bandwidth_limit, gossip_interval=options.gossip_interval
+                bandwidth_limit=options.bandwidth_limit,
+                gossip_interval=options.gossip_interval,
+                max_peers=options.max_peers,
+                per_host=options.per_host,
+                view=ViewConfig(
+                    target=min(options.view_target, options.view_max),
+                    max_active=options.view_max,
+                    max_passive=options.passive_view,
+                ),
             ),
+            identity=identity,
         )
         async with trio.open_nursery() as nursery:
             if options.handle_signals:
@@ -218,6 +229,16 @@ async def run(
                 nursery.start_soon(selfupdate.reap, adopted.watchdog)
 
             async def on_stream(stream: trio.SocketStream, address: str) -> None:
+                try:
+                    remote = str(stream.socket.getpeername()[0])
+                except OSError:
+                    remote = address
+                refusal = core.inbound(remote)
+                if refusal is not None:  # before a byte is read: just close
+                    log("peer-refused", level=logging.DEBUG, addr=address, reason=refusal)
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                    return
                 await core.run_stream(stream, outbound=False, address=address, source="incoming")
 
             port = await nursery.start(
@@ -226,22 +247,23 @@ async def run(
                 lambda task_status: serve_listener(host, port, on_stream, task_status=task_status),
             )
             core.options = dataclasses.replace(core.options, listen_port=port)
+            core.overlay.listen_port = port
             core.listen_endpoint = format_endpoint(host or "0.0.0.0", port)
             log("listening", addr=core.listen_endpoint)
+            dialer = Dialer(core, on_failed=core.dial_failed)
+            core.overlay.dial = dialer.dial
+            await nursery.start(supervise, "dialer", dialer.serve)
             await nursery.start(supervise, "node", core.serve)
             await nursery.start(supervise, "control", _control(core))
-            dialer = Dialer(core)
-            core.on_membership.append(dialer.wake)
             for peer_host, peer_port in options.peers:
-                dialer.add_static(peer_host, peer_port)
-            await nursery.start(supervise, "dialer", dialer.serve)
+                core.overlay.add_static(peer_host, peer_port)
             if options.mdns:
                 discovery = Discovery(
                     core,
                     port,
                     interfaces=options.mdns_interfaces,
                     listen_host=host,
-                    on_found=dialer.wake,
+                    beacons=options.mdns_beacons,
                 )
                 nursery.start_soon(supervise, "discovery", discovery.serve, DISCOVERY_POLICY)
             if options.metrics_listen is not None:

@@ -13,13 +13,15 @@ The pure ``Gossip`` object decides; this service carries its actions out:
   it (``gate.persist_release``) and start fetching its blobs.
 * ``Ban(peer, ...)`` (after ``on_manifest_rejected``) bans and disconnects.
 
-What we *hold* for gossip is a release whose blobs are all here (the
-planner's rule: a node only announces what it can serve in full), so a
-release enters ``Gossip`` through ``complete`` when the fetch finishes, not
-when its manifest is verified. Meanwhile the serial is already at our
-high-water mark, and any request gossip plans for it or below is skipped: a
-second copy of a release we are fetching is useless, and an older one would
-fail the rollback check and wrongly get an honest peer banned.
+What we *hold* for gossip is every release whose manifest we verified and
+stored, whether or not its blobs are here yet (``verified``): announcing it
+at once lets the whole site learn of a release in a few hops while its
+blobs follow, served by anyone who has some (protocol/fleet/swarm.py).
+Meanwhile the serial is already at our high-water mark, and any request
+gossip plans for it or below is skipped: a second copy of a release we know
+is useless, and an older one would fail the rollback check and wrongly get
+an honest peer banned. A ``Have`` for a release we do not know is a hint
+(``on_hint``) that asks its sender for the manifest.
 
 A manifest signed by keys our root does not know may be signed under a newer
 root: before banning, the peer is asked for root N+1, N+2, ... and each is
@@ -115,10 +117,6 @@ class GossipService:
     def announcement(self) -> Announce:
         return self.gossip.announcement()
 
-    def holdings_value(self) -> dict[str, list[object]]:
-        """Holdings as a canonical-msgpack value (for digests of what we hold)."""
-        return {c: [s, d] for c, (s, d) in sorted(self.gossip.holdings.items())}
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tick loop (periodic announces, timeouts) until cancelled."""
         async with trio.open_nursery() as nursery:
@@ -143,12 +141,20 @@ class GossipService:
         """Forget a peer; re-plan what it owed us."""
         self._run(self.gossip.peer_left(peer, trio.current_time()))
 
+    def on_hint(self, peer: bytes, component: str, serial: int) -> None:
+        """A peer has blobs of a release we do not know: ask it for the manifest."""
+        self._run(self.gossip.on_hint(peer, component, serial, trio.current_time()))
+
     def on_announce(self, peer: bytes, msg: Announce) -> None:
         """Record a peer's holdings; request newer manifests."""
         self._run(self.gossip.on_announce(peer, msg.entries, trio.current_time()))
 
-    def complete(self, component: str, serial: int, digest: bytes) -> None:
-        """A release is fully here: hold it and tell the peers that are behind."""
+    def verified(self, component: str, serial: int, digest: bytes) -> None:
+        """A release's manifest is verified and stored: announce it to the peers behind.
+
+        At once, not when its blobs are all here: peers start fetching from
+        whoever has blobs of it (knowledge runs ahead of data).
+        """
         self._run(self.gossip.on_manifest_verified(component, serial, digest, trio.current_time()))
         self._wake.set()
 

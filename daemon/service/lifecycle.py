@@ -113,6 +113,7 @@ class Lifecycle:
         # Set by a daemon that owns its process: p2pupd's own component is then
         # tried by restarting into it (None: applied like any other, e.g. in tests).
         self.self_update: Hooks | None = None
+        self.complete: dict[str, tuple[int, bytes]] = {}  # newest release held in full
 
     def scan(self) -> Scan:
         """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
@@ -140,6 +141,7 @@ class Lifecycle:
                     continue
                 digest = env.payload_digest()
                 if not needed_for(node, man):
+                    self.complete[name] = (serial, digest)
                     if (
                         serial == serials[-1]
                         and name not in trying
@@ -185,6 +187,7 @@ class Lifecycle:
         if new:
             self.origin[c] = (s, short(peer))
             log("manifest-accepted", component=c, version=man.version, serial=s, from_=short(peer))
+            await self.news(c, s, digest)  # news runs ahead of the blobs
             self.fetch.start(man, digest)
 
     async def advance_root(self, version: int, data: bytes) -> None:
@@ -201,9 +204,9 @@ class Lifecycle:
         c, s = man.component, man.serial
         cfg = self.node.config.components[c]
         self.forget_servable()
-        if not cfg.self_update:  # p2pupd's own: announced once it runs here, proven
-            self.gossip.complete(c, s, digest)
-        self.fetch.release_done(c, s)
+        await self.news(c, s, digest)  # known already unless found at start
+        if self.complete.get(c, (0, b""))[0] < s:
+            self.complete[c] = (s, digest)
         self.holdings_changed()
         rec = self.fetch.received.get(c)
         log(
@@ -218,14 +221,31 @@ class Lifecycle:
         if should_auto_apply(cfg, st, s):
             self.spawn(self.auto_apply, c, s)
 
-    async def self_update_committed(self, component: str, serial: int) -> None:
-        """p2pupd's own release ``serial`` runs here and proved healthy: announce it."""
+    async def announceable(self, component: str, serial: int) -> bool:
+        """Whether this node tells its peers of release ``serial`` (announces or
+        offers it): any verified release, but of p2pupd's own component only the
+        one it runs and proved (module docstring)."""
+        if not self.node.config.components[component].self_update:
+            return True
+        st = await self.offload(lambda: self.node.state.read_state(component))
+        return st.installed == serial
+
+    async def news(self, component: str, serial: int, digest: bytes) -> None:
+        """Announce a verified release to the peers behind, if it is ``announceable``."""
+        if await self.announceable(component, serial):
+            self.gossip.verified(component, serial, digest)
+
+    async def self_update_committed(self, component: str, serial: int) -> bytes:
+        """p2pupd's own release ``serial`` runs here and proved healthy: announce it.
+        Returns its manifest digest (the caller offers its blobs)."""
         chain = await self.offload(self.node.trust_chain)
         _, env = await self.offload(lambda: self.node.releases.get(chain, component, serial))
         await self.offload(self.content.refresh)
         self.forget_servable()
-        self.gossip.complete(component, serial, env.payload_digest())
+        digest = env.payload_digest()
+        self.gossip.verified(component, serial, digest)
         self.holdings_changed()
+        return digest
 
     def sources(self, component: str, serial: int) -> str:
         """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""
@@ -369,6 +389,7 @@ class Lifecycle:
                     serial=r.serial,
                     from_="import",
                 )
+                await self.news(r.component, r.serial, env.payload_digest())
                 self.fetch.start(man, env.payload_digest())
             elif self.fetch.restart(r.component, r.serial):
                 # Accepted earlier from a peer and still being fetched: the bundle
@@ -383,7 +404,7 @@ class Lifecycle:
     def component_doc(self, component: str) -> dict[str, Any]:
         """The daemon's additions to one component of ``status --json``."""
         rec = self.fetch.received.get(component)
-        held = self.gossip.holdings.get(component)
+        held = self.complete.get(component)
         origin = self.origin.get(component)
         return {
             "received": rec.to_doc() if rec is not None else None,

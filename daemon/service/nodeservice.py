@@ -9,11 +9,15 @@ to. It has no sockets of its own: ``app`` feeds it TCP streams (listener,
 dialer) and tests feed it memory streams, so a swarm of nodes runs in one
 process under ``MockClock``.
 
-Connections: exactly one per peer node id. When two nodes dial each other at
-once, both keep the connection dialled by the smaller node id (``admit``), so
-they agree without talking. A banned peer (by node id or advertised endpoint)
-is refused after its Hello. Requests are answered from ``Content`` (store and
-held files) without blocking: reads are one chunk or one range piece.
+Connections: ``Admission`` (protocol/fleet/admission.py) lets them in --
+per-address caps and a bounded number of handshakes before a byte is read
+(``inbound``), then after the Hello and the node-id proof: bans keyed to a
+proven id or else the address, one connection per id, slots kept for
+outbound and static peers. ``Overlay`` (the partial view) then decides
+which links to keep; ``Offers``/``FetchManager`` swarm releases over them
+and ``GossipService`` spreads manifests. Requests are answered from
+``Content`` (store, landed blobs and held files) without blocking: reads
+are one chunk or one range piece.
 
 Blocking work (store writes, apply, state files) goes through ``offload``:
 a trio worker thread in production, or ``inline`` in tests under
@@ -23,17 +27,17 @@ a trio worker thread in production, or ``inline`` in tests under
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import trio
 
 from p2pupd.daemon import ops
+from p2pupd.daemon.bundles.siterequest import node_identity
 from p2pupd.daemon.errors import ConfigError, DaemonError
 from p2pupd.daemon.events import LOGGER, log, short
 from p2pupd.daemon.net.peers import PeerInfo, PeerTable
@@ -43,22 +47,30 @@ from p2pupd.daemon.offload import Offload, in_thread
 from p2pupd.daemon.service.fetch import SINGLE_FRAME_BYTES, FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
+from p2pupd.daemon.service.offers import Offers
+from p2pupd.daemon.service.overlay import Overlay
 from p2pupd.daemon.service.selfupdate import running_version
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.service.sitegate import SiteGate
 from p2pupd.daemon.state.node import Node
-from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import CodecError, RemoteProtocolError, RollbackError, VerificationError
+from p2pupd.protocol.fleet.admission import Admission, AdmissionConfig, Admit
+from p2pupd.protocol.fleet.identity import CHALLENGE_BYTES, NodeKey
+from p2pupd.protocol.fleet.swarm import SwarmConfig
+from p2pupd.protocol.fleet.view import Kind, ViewConfig
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import Session
 from p2pupd.protocol.wire import (
     FEATURE_BATCH,
     FEATURE_HAVE,
+    FEATURE_PROOF,
     FEATURE_RANGE,
     FEATURE_REQUEST,
     FEATURE_SITE,
+    FEATURE_SWARM,
+    FEATURE_VIEW,
     Announce,
     BlobRangeData,
     BlobRangeRequest,
@@ -66,23 +78,32 @@ from p2pupd.protocol.wire import (
     ChunkMissing,
     ChunkRequest,
     Have,
+    HaveBits,
     ManifestData,
     ManifestMissing,
     ManifestRangeData,
     ManifestRangeRequest,
     ManifestRequest,
+    Message,
     NodeRequestQuery,
+    PeerAddr,
     Request,
     Response,
     RootData,
     RootMissing,
     RootRequest,
     SiteNews,
+    ViewFull,
 )
 
-FEATURES = frozenset({FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_SITE})
-MEMBERSHIP_RECHECK_SECONDS = 60.0
-MAX_QUEUED_SITE_NEWS = 66  # a whole site chain (64 documents) and a revocation list  # how late an expired credential may still be connected
+FEATURES = frozenset(
+    {
+        FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_PROOF,
+        FEATURE_VIEW, FEATURE_SWARM, FEATURE_SITE,
+    }
+)  # fmt: skip
+MEMBERSHIP_RECHECK_SECONDS = 60.0  # how late an expired credential may still be connected
+MAX_QUEUED_SITE_NEWS = 66  # a whole site chain (64 documents) and a revocation list
 
 
 @dataclass(frozen=True)
@@ -91,10 +112,13 @@ class ServiceOptions:
     bandwidth_limit: int | None = None  # bytes/s each way, None = unlimited
     gossip_interval: float = 30.0
     manifest_timeout: float = 15.0
-    request_timeout: float = 30.0  # planner: reassign a chunk after this
+    request_timeout: float = 30.0  # swarm: re-plan a blob not answered after this
     hard_timeout: float = 120.0  # no answer at all: drop the peer
     ban_seconds: float = 600.0
-    max_peers: int = 64
+    max_peers: int = 24  # admitted links, whatever the site's size (sockets bounded)
+    per_host: int = 8  # inbound connections from one IP address
+    view: ViewConfig = field(default_factory=ViewConfig)
+    features: frozenset[str] | None = None  # None: all of this version's (tests play older)
     seed: int | None = None
 
 
@@ -108,16 +132,29 @@ class NodeService:
         *,
         offload: Offload = in_thread,
         rng: random.Random | None = None,
+        identity: NodeKey | None = None,
     ) -> None:
+        """``identity``: the node key (made, and the node id migrated to it, if None)."""
         self.node = node
         self.options = opts = options or ServiceOptions()
         self.offload = offload
         self._rng = rng or random.Random(opts.seed)
+        self.identity = identity or node_identity(node)
         self.peers = PeerTable()
         self.conns: dict[bytes, PeerConnection] = {}
         self.content = Content(node)
         self.limits = Limits.symmetric(opts.bandwidth_limit)
         self.mutex = trio.Lock()
+        self.admission = Admission(
+            node.config.node_id,
+            AdmissionConfig(
+                max_peers=opts.max_peers,
+                outbound_reserve=min(4, opts.max_peers // 4),
+                per_host=opts.per_host,
+            ),
+        )
+        self.overlay = Overlay(self, self._rng, opts.view)
+        self.overlay.listen_port = opts.listen_port
         # Gossip and fetch report to the lifecycle, which is built after them
         # (it coordinates both): the ``_to_lifecycle_*`` callbacks look it up
         # when they fire.
@@ -132,16 +169,19 @@ class NodeService:
             request_timeout=opts.manifest_timeout,
             ban_seconds=opts.ban_seconds,
         )
-        self.fetch = FetchManager(
+        self.offers = Offers(
             self,
             self._rng,
+            config=SwarmConfig(request_timeout=opts.request_timeout),
+            servable=lambda man: self.content.servable(man)[1],
+            on_change=self._wake_fetch,
+        )
+        self.fetch = FetchManager(
+            self,
+            self.offers,
             content=self.content,
-            servable=self.servable,
-            holding=self._holding,
             on_complete=self._to_lifecycle_complete,
-            request_timeout=opts.request_timeout,
             hard_timeout=opts.hard_timeout,
-            ban_seconds=opts.ban_seconds,
         )
         self.on_holdings: list[Callable[[], None]] = []
         self.lifecycle = Lifecycle(
@@ -175,8 +215,16 @@ class NodeService:
             log("recovered", detail=line)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.gossip.load(scan.holdings)
+            known = dict(scan.holdings)  # announce what we fetch as well as what we hold
+            for man, digest in scan.resume:
+                if man.serial > known.get(man.component, (0, b""))[0]:
+                    known[man.component] = (man.serial, digest)
+            self.gossip.load(known)
+            for component, (serial, digest) in scan.holdings.items():
+                self.offers.holding(component, serial, digest)
             await nursery.start(self.gossip.serve)
+            await nursery.start(self.offers.serve)
+            await nursery.start(self.overlay.serve)
             await nursery.start(self.fetch.serve)
             nursery.start_soon(self._recheck_loop)
             for man, digest in scan.resume:
@@ -185,24 +233,56 @@ class NodeService:
                 nursery.start_soon(self.lifecycle.auto_apply, component, serial)
             task_status.started()
 
+    def inbound(self, host: str) -> str | None:
+        """A TCP connection from ``host`` arrived: None to run it, else why it is dropped
+        before a byte is read (``Admission.inbound``)."""
+        if self.stopping:
+            return "shutting down"
+        return self.admission.inbound(host)
+
     async def run_stream(
-        self, stream: trio.abc.Stream, *, outbound: bool, address: str, source: str
+        self,
+        stream: trio.abc.Stream,
+        *,
+        outbound: bool,
+        address: str,
+        source: str,
+        kind: Kind | None = None,
+        dialled: PeerAddr | None = None,
     ) -> bytes | None:
         """Run one peer connection to its end; never raises for anything the peer did.
 
-        Returns the peer's node id once known (after its Hello), else None. On
-        a site member's node the stream is first secured (TLS 1.3, both site
-        credentials checked: ``SiteGate``); a peer that fails gets nothing.
+        An inbound one must have passed ``inbound`` (its handshake slot is
+        given back here). Returns the peer's node id once known (after its
+        Hello), else None. On a site member's node the stream is first
+        secured (TLS 1.3, both site credentials checked: ``SiteGate``); a
+        peer that fails gets nothing.
         """
         secured = await self.gate.secure(stream, inbound=not outbound, address=address)
-        if secured is None:
+        if secured is None:  # refused at the TLS handshake: give back what it held
+            if not outbound:
+                self.admission.handshake_ended(_hosts(stream)[1] or address.rsplit(":", 1)[0])
+            elif dialled is not None:
+                self.overlay.dial_ended(dialled, None)
             return None
         stream, credential = secured
         cfg = self.node.config
-        session = Session(cfg.node_id, cfg.cluster, self.options.listen_port, FEATURES)
+        local, remote = _hosts(stream)
+        features = FEATURES if self.options.features is None else self.options.features
+        if credential is not None or self.identity.node_id != cfg.node_id:
+            # TLS with site credentials already proved the node key and bound it
+            # to the id (and an enrolled node keeps an id its credential names).
+            features = features - {FEATURE_PROOF}
+        session = Session(
+            cfg.node_id, cfg.cluster, self.options.listen_port, features,
+            key=self.identity, challenge=os.urandom(CHALLENGE_BYTES),
+            local_host=local, remote_host=remote,
+        )  # fmt: skip
         conn = PeerConnection(
-            stream, session, address=address, outbound=outbound, source=source, limits_=self.limits
-        )
+            stream, session, address=address, outbound=outbound, source=source,
+            limits_=self.limits, kind=kind, dialled=dialled, local_host=local, remote_host=remote,
+        )  # fmt: skip
+        conn.handshake_host = None if outbound else _host_of(conn)
         conn.credential = credential
         reason = "cancelled"
         try:
@@ -218,8 +298,16 @@ class NodeService:
             )
             LOGGER.debug("peer task crashed", exc_info=True)
         finally:
+            self._handshake_over(conn)
             self._left(conn, reason)
+            if outbound and dialled is not None and not conn.joined:
+                self.overlay.dial_ended(dialled, conn)
         return conn.node_id or None
+
+    def _handshake_over(self, conn: PeerConnection) -> None:
+        host, conn.handshake_host = conn.handshake_host, None
+        if host is not None:
+            self.admission.handshake_ended(host)
 
     async def close_all(self, reason: str, timeout: float = 2.0) -> None:
         """Say Bye to every peer and wait (bounded) for the connections to end."""
@@ -233,7 +321,13 @@ class NodeService:
     # ----- transport.Handler ---------------------------------------------------
 
     def admit(self, conn: PeerConnection) -> str | None:
-        """Accept a peer after its Hello (None) or say why not (banned, duplicate, full)."""
+        """Accept a peer after its Hello and proof (None) or say why not.
+
+        ``Admission.admit`` decides (bans, one connection per id, slots); a
+        refusal for lack of room tells a peer that speaks "view" where else
+        to go (``ViewFull``).
+        """
+        self._handshake_over(conn)
         peer, now = conn.node_id, _now()
         if self.stopping:
             return "shutting down"
@@ -241,31 +335,29 @@ class NodeService:
             # The Hello must name the node the TLS credential proved, nothing else.
             self.gate.refuse(conn.address, "Hello names another node than its credential")
             return "node id is not the one its credential names"
-        ban = self.peers.banned(now, peer, self._endpoint_of(conn))
-        if ban is not None:
-            return f"banned: {ban.reason}"
         existing = self.conns.get(peer)
-        if existing is not None and (
+        # Ended but not yet unregistered, or silent: the peer redialled after a
+        # restart or a partition, and the old connection is likely half-open.
+        stale = existing is not None and (
             existing.closed or now - existing.last_seen > STALE_SECONDS
-        ):  # ended but not yet unregistered, or silent: the peer redialled after a
-            # restart or a partition, and the old connection is likely half-open.
-            self._leave(peer, existing.reason or "replaced a silent connection")
-            existing.close("replaced by a new connection")
-            existing = None
-        if existing is not None:
-            # Both sides keep the connection dialled by the smaller node id, so
-            # two nodes dialling each other at once agree on which one stays.
-            ours = self.node.config.node_id
-            if existing.outbound == conn.outbound or min(ours, peer) != (
-                ours if conn.outbound else peer
-            ):
-                return "duplicate connection"
-            self._leave(peer, "replaced by a duplicate connection")
-            existing.close("duplicate connection")
-        if len(self.conns) >= self.options.max_peers:
-            return "too many peers"
+        )
+        verdict = self.admission.admit(
+            peer, _host_of(conn), proven=conn.proven,
+            outbound=conn.outbound, now=now, static=self._is_static(conn), existing_stale=stale,
+        )  # fmt: skip
+        if not isinstance(verdict, Admit):
+            if verdict.full and conn.session.supports(FEATURE_VIEW):
+                conn.post(ViewFull(self.overlay.referrals()))
+            return verdict.reason
+        if existing is not None:  # the newer connection won (Admission's rules)
+            self._leave(peer, existing.reason or "replaced by a newer connection", admitted=False)
+            existing.close("replaced by a newer connection")
         self.conns[peer] = conn
         return None
+
+    def _is_static(self, conn: PeerConnection) -> bool:
+        addr = conn.dialled if conn.outbound else None
+        return addr is not None and self.overlay.is_static(addr)
 
     def joined(self, conn: PeerConnection) -> None:
         """Register an admitted peer and let gossip and fetch greet it."""
@@ -288,14 +380,18 @@ class NodeService:
             addr=conn.address,
             direction="out" if conn.outbound else "in",
         )
+        self.overlay.joined(conn)
+        if conn.closed:
+            return  # the view refused it ("full", with referrals)
         self.gossip.peer_joined(conn.node_id)
-        self.fetch.peer_joined(conn)
+        self.offers.peer_joined(conn)
         if conn.credential is not None and conn.session.supports(FEATURE_SITE):
             for doc in self.gate.news():  # a peer that missed a revocation learns it here
                 conn.post(SiteNews(doc))
 
-    def message(self, conn: PeerConnection, msg: Announce | Have | SiteNews) -> None:
-        """Route an Announce to gossip (and fetch), a Have to fetch, site news to the gate."""
+    def message(self, conn: PeerConnection, msg: Message) -> None:
+        """Route an Announce to gossip (and offers), Have(Bits) to offers, site news to
+        the gate, view messages to the overlay."""
         if isinstance(msg, SiteNews):
             # One worker per peer, a bounded queue: a member pushing a stream of
             # documents costs one verification at a time, never a task per frame.
@@ -312,29 +408,44 @@ class NodeService:
             if info is not None:
                 info.announced = {e.component: (e.serial, e.manifest_digest) for e in msg.entries}
             self.gossip.on_announce(conn.node_id, msg)
-            self.fetch.on_announce(conn, msg)
+            self.offers.on_announce(conn, msg)
+        elif isinstance(msg, HaveBits):
+            if not self.offers.on_have_bits(conn, msg):
+                self.gossip.on_hint(conn.node_id, msg.component, msg.serial)
+        elif isinstance(msg, Have):
+            if not self.offers.on_have(conn, msg):
+                self.gossip.on_hint(conn.node_id, msg.component, msg.serial)
         else:
-            self.fetch.on_have(conn, msg)
+            self.overlay.message(conn, msg)
 
     async def answer(self, conn: PeerConnection, req: Request) -> Response:
         """Answer one request of the peer (see ``respond``; a site query reads the state)."""
         if isinstance(req, NodeRequestQuery):
             return await self.site_requests.answer(req)
-        return self.respond(req)
+        resp = self.respond(req)
+        if isinstance(resp, ChunkData):
+            self.offers.served(conn.node_id, resp.digest)
+        return resp
 
     def broke_protocol(self, conn: PeerConnection, exc: RemoteProtocolError) -> None:
         """The peer sent malformed or illegal frames: ban it."""
-        self.ban(conn.node_id, f"protocol error: {exc}", code=ERR_PROTOCOL)
+        self.ban(conn.node_id, f"protocol error: {exc}", code=ERR_PROTOCOL, conn=conn)
 
     def _left(self, conn: PeerConnection, reason: str) -> None:
         if conn.joined and self.conns.get(conn.node_id) is conn:
             self._leave(conn.node_id, reason)
 
-    def _leave(self, peer: bytes, reason: str) -> None:
+    def _leave(self, peer: bytes, reason: str, admitted: bool = True) -> None:
+        """Forget a joined link; ``admitted`` False: Admission already let a newer one
+        of the same id replace it."""
         conn = self.conns.pop(peer, None)
         info = self.peers.remove(peer)
+        if admitted:
+            self.admission.left(peer)
+        if conn is not None:
+            self.overlay.left(conn)
         self.gossip.peer_left(peer)
-        self.fetch.peer_left(peer)
+        self.offers.peer_left(peer)
         log(
             "peer-closed",
             peer=short(peer),
@@ -384,18 +495,39 @@ class NodeService:
         """Our Announce (a seam for tests that play a lying node)."""
         return self.gossip.announcement()
 
-    def holdings_digest(self) -> str:
-        """A short digest of our holdings, published in the mDNS TXT record."""
-        return ids.sha256(encoding.encode(self.gossip.holdings_value())).hex()[:16]
-
     async def _to_lifecycle_offer(self, data: bytes, action: RequestManifest[bytes]) -> None:
         await self.lifecycle.accept_from_peer(data, action)
 
     async def _to_lifecycle_root(self, version: int, data: bytes) -> None:
         await self.lifecycle.advance_root(version, data)
 
-    async def _to_lifecycle_complete(self, man: Manifest, digest: bytes) -> None:
+    async def _to_lifecycle_complete(self, man: Manifest, digest: bytes, first: bool) -> None:
+        # Not offered to peers when it is p2pupd's own, not yet proven here
+        # (lifecycle.py): offers carry news of a release as announces do.
+        if await self.lifecycle.announceable(man.component, man.serial):
+            self.offers.complete(man, digest, first_holder=first)
         await self.lifecycle.release_complete(man, digest)
+
+    def _wake_fetch(self, component: str) -> None:
+        self.fetch.wake(component)
+
+    # ----- for the dialer and discovery ---------------------------------------------
+
+    def dial_failed(self, addr: PeerAddr) -> None:
+        """A dial never connected."""
+        self.overlay.dial_ended(addr, None)
+
+    def bootstrap_wanted(self) -> bool:
+        return self.overlay.bootstrap_wanted()
+
+    def bootstrap_changed(self) -> trio.Event:
+        event = self.overlay.changed
+        if event.is_set():
+            event = self.overlay.changed = trio.Event()
+        return event
+
+    def add_known(self, addrs: list[PeerAddr]) -> None:
+        self.overlay.add_known(addrs)
 
     def _holding(self, component: str) -> int:
         return self.gossip.holdings.get(component, (0, b""))[0]
@@ -497,9 +629,7 @@ class NodeService:
         """A credential, site key or revocation list changed: cut off who it ends, and
         dial everyone again at once (a rejoined node should not wait out old backoffs)."""
         self.recheck_members()
-        for cand in self.peers.candidates.values():
-            cand.failures = 0
-            cand.next_try = -math.inf
+        self.overlay.retry_all()
         for callback in self.on_membership:
             callback()
 
@@ -512,19 +642,29 @@ class NodeService:
                 self.recheck_members()
 
     def ban(
-        self, peer: bytes, reason: str, until: float | None = None, code: int = ERR_REFUSED
+        self,
+        peer: bytes,
+        reason: str,
+        until: float | None = None,
+        code: int = ERR_REFUSED,
+        conn: PeerConnection | None = None,
     ) -> None:
-        """Refuse ``peer`` (node id and endpoint) for a while and disconnect it."""
+        """Refuse ``peer`` for a while and disconnect it (``conn``: the offending
+        connection, if not the one registered for ``peer``)."""
         now = _now()
         until = until if until is not None else now + self.options.ban_seconds
-        conn = self.conns.get(peer)
-        endpoint = self._endpoint_of(conn) if conn is not None else None
-        self.peers.ban(peer, endpoint, until, reason)
+        conn = conn or self.conns.get(peer)
+        proven = conn is not None and conn.proven
+        host = _host_of(conn) if conn is not None else None
+        # A proven peer by its id; anyone else by its address, never by the id
+        # it claims (it may be an honest node's).
+        who = self.admission.ban(peer, host, proven, until, reason)
         log(
             "peer-banned",
             level=logging.WARNING,
             peer=short(peer),
             addr=conn.address if conn else None,
+            key=who,
             seconds=round(until - now),
             reason=reason,
         )
@@ -554,10 +694,27 @@ class NodeService:
                     conn.last_seen,
                 )
         doc = self.peers.snapshot(now)
+        doc["banned"] = self.admission.bans(now)
+        doc["view"] = self.overlay.snapshot()
         doc["site"] = self.gate.doc(now)
         doc["node_id"] = self.node.config.node_id.hex()
         doc["listen"] = self.listen_endpoint
         return doc
+
+
+def _host_of(conn: PeerConnection) -> str:
+    """The peer's IP, or for a stream without one (tests) its address without the port."""
+    return conn.remote_host or conn.address.rsplit(":", 1)[0]
+
+
+def _hosts(stream: trio.abc.Stream) -> tuple[str, str]:
+    """(our IP, the peer's IP) of a TCP stream; empty for anything else (memory streams)."""
+    if not isinstance(stream, trio.SocketStream):
+        return "", ""
+    try:
+        return str(stream.socket.getsockname()[0]), str(stream.socket.getpeername()[0])
+    except OSError:
+        return "", ""
 
 
 def _now() -> float:

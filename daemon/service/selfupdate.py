@@ -223,7 +223,8 @@ async def prove(
             serial=result.serial,
             migrated=";".join(migrated) or None,
         )
-        await core.lifecycle.self_update_committed(cfg.name, result.serial)
+        digest = await core.lifecycle.self_update_committed(cfg.name, result.serial)
+        core.offers.holding(cfg.name, result.serial, digest)  # and serve it to peers
         return
     log("self-update-failed", level=logging.ERROR, component=cfg.name, reason=reason)
     with contextlib.suppress(DaemonError, P2pupdError):

@@ -2,7 +2,6 @@
 
 Layout (all under STATE, one filesystem):
 
-    format                    the state format version (stateformat.py); none = 1
     config.msgpack            node id, platform, components and their targets
     config.backup.msgpack     a second copy of it, for ``p2pupd config repair``
     state.msgpack             per component: installed serial, kept versions,
@@ -10,11 +9,18 @@ Layout (all under STATE, one filesystem):
     trust/root.msgpack        the pinned root envelope (latest accepted)
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
-    blobs/sha256/<hex>        the content-addressed store (see store.py)
+    format                    the state format (state/stateformat.py); absent: 1
+    blobs/packs/<t>.pack|.idx small blobs in packs (store/packstore.py)
+    blobs/sha256/<hex>        large blobs, and those stored before packs
     journal/<c>.log           the apply journal (see apply/transaction.py)
     lock                      flock held by whoever mutates the state
-    tmp/ fetching/ incoming/  blobs on their way into the store
+    tmp/ spool/               blobs on their way into the store (store/spool.py)
     cache/                    derived data (manifests, hook modules, stat caches)
+
+Format 1 had no packs and spooled blobs in ``fetching/`` and ``incoming/``;
+its state directories are read as they are (loose blobs stay readable, the
+two old spool directories are removed by ``gc``), and marked 2 by the first
+command that holds the state lock (the format's rules: state/stateformat.py).
 
 Every member must be what p2pupd made it: ``check_layout`` (run whenever the
 node is opened) refuses a state directory in which one is a symlink or of the
@@ -52,7 +58,6 @@ TARGET_KINDS = ("dir", "symlink", "file")
 # What each member of STATE is when present (any may be absent). Parents come
 # before their children. Names not listed are left alone.
 STATE_LAYOUT: tuple[tuple[str, int], ...] = (
-    ("format", members.FILE),
     ("config.msgpack", members.FILE),
     ("state.msgpack", members.FILE),
     ("lock", members.FILE),
@@ -66,12 +71,17 @@ STATE_LAYOUT: tuple[tuple[str, int], ...] = (
     ("cache", members.DIR),
     ("cache/manifests", members.DIR),
     ("cache/hooks", members.DIR),
+    ("format", members.FILE),
     ("blobs", members.DIR),
     ("blobs/sha256", members.DIR),
+    ("blobs/packs", members.DIR),
     ("tmp", members.DIR),
-    ("fetching", members.DIR),
-    ("incoming", members.DIR),
+    ("spool", members.DIR),
+    ("fetching", members.DIR),  # format 1
+    ("incoming", members.DIR),  # format 1
 )
+"""Version of the state directory's layout: 2 added packs and the spool."""
+LEGACY_DIRS = ("fetching", "incoming")
 DEFAULT_RETAIN = 2
 HISTORY_LIMIT = 200
 
@@ -173,6 +183,9 @@ class HookLimits:
         )
 
 
+MAX_FORMER_IDS = 4
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: bytes
@@ -180,6 +193,10 @@ class NodeConfig:
     components: dict[str, ComponentConfig]
     cluster: str = "default"
     hooks: HookLimits = field(default_factory=HookLimits)
+    # Ids this node had before its id became the hash of its node key
+    # (protocol/fleet/identity.py): bundles cut for requests made under them
+    # still import. At most MAX_FORMER_IDS, newest first.
+    former_node_ids: tuple[bytes, ...] = ()
 
     def component(self, name: str) -> ComponentConfig:
         try:
@@ -199,6 +216,7 @@ class NodeConfig:
             "cluster": self.cluster,
             "components": {n: c.to_value() for n, c in self.components.items()},
             "hooks": self.hooks.to_value(),
+            **({"former_node_ids": list(self.former_node_ids)} if self.former_node_ids else {}),
         }
 
     @classmethod
@@ -214,6 +232,7 @@ class NodeConfig:
                 comps,
                 str(v.get("cluster", "default")),
                 HookLimits.from_value(v.get("hooks")),
+                tuple(bytes(f) for f in v.get("former_node_ids", ()))[:MAX_FORMER_IDS],
             )
         except (KeyError, TypeError, ValueError, AttributeError, CodecError) as exc:
             raise ConfigError(f"node configuration is invalid: {exc}") from None
@@ -368,11 +387,11 @@ class StateDir:
 
     def read_config(self) -> NodeConfig:
         self.check_layout()
+        self.check_format()
         if not self.config_path.exists():
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"
             )
-        self.check_format()
         try:
             data = self.config_path.read_bytes()
         except OSError as exc:

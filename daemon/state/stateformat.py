@@ -1,22 +1,27 @@
 """The state directory's format version: the marker, the refusal, the migrations.
 
-Theory of operation. ``STATE/format`` is a small JSON document, written
-atomically (temp, fsync, rename)::
+Theory of operation. ``STATE/format`` is a short text file, written
+atomically (temp, fsync, rename): the format number on its first line, then
+``key value`` lines this code writes and older code of the same format may
+ignore::
 
-    {"format": 2, "oldest_reader": 1, "written_by": "p2pupd 0.2.0"}
+    2
+    oldest-reader 2
+    written-by p2pupd 0.2.0
 
 A state directory without it is format 1: every one made before the marker
 existed. Three rules:
 
 1. **Refuse what we do not understand.** This code reads every format up to
    ``STATE_FORMAT``. A newer one it reads only if the version that wrote it
-   declared that readers of our format stay correct on it (``oldest_reader``
+   declared that readers of our format stay correct on it (``oldest-reader``
    <= ``STATE_FORMAT``: purely additive changes, which older code ignores);
    otherwise every command refuses, before reading anything else, with one
    line naming both formats and the p2pupd that wrote it
-   (``StateFormatError``, exit code 2). Misreading a state directory -- a
-   journal step it does not know, a state field it drops when it rewrites the
-   document -- could lose the node's record of what is installed.
+   (``StateFormatError``, exit code 2). Misreading a state directory -- blobs
+   it cannot see, a journal step it does not know, a state field it drops
+   when it rewrites the document -- could lose the node's record of what is
+   installed, or its store.
 2. **Migrate forward under the lock.** ``migrate`` runs the steps of
    ``MIGRATIONS`` from the directory's format up to ``STATE_FORMAT``, each
    idempotent and atomic, the marker written after each, so a crash between
@@ -29,15 +34,20 @@ existed. Three rules:
 
 Format history:
 
-* 1 -- no marker (p2pupd 0.1.0).
-* 2 -- the marker itself; components may carry ``self_update`` and
-  ``platform`` (older code ignores both), journals may hold a self-update's
-  ``trial``/``healthy`` steps. Readers of format 1 stay correct on it.
+* 1 -- no marker (p2pupd 0.1.0): blobs only as files in ``blobs/sha256``,
+  spools in ``fetching/`` and ``incoming/``.
+* 2 -- the marker; small blobs in packs (store/packstore.py; ``gc`` moves
+  old small files into packs), so a reader of format 1 would not see them:
+  its oldest reader is 2. Additive in it, ignored by any reader of 2:
+  components' ``self_update`` and ``platform``, a self-update's
+  ``trial``/``healthy``/``unhealthy`` journal steps.
+
+(A marker holding only the number, as development builds of format 2 wrote
+it, is read with the oldest reader this code knows for that format.)
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -62,9 +72,10 @@ class Marker:
     written_by: str = ""
 
     def to_bytes(self) -> bytes:
-        doc = {"format": self.format, "oldest_reader": self.oldest_reader,
-               "written_by": self.written_by}  # fmt: skip
-        return (json.dumps(doc, sort_keys=True) + "\n").encode()
+        text = f"{self.format}\noldest-reader {self.oldest_reader}\n"
+        if self.written_by:
+            text += f"written-by {self.written_by}\n"
+        return text.encode()
 
 
 @dataclass(frozen=True)
@@ -77,10 +88,18 @@ class Migration:
 
 
 def _to_2(root: Path) -> None:
-    """Format 2 adds only the marker and fields older code ignores: nothing to rewrite."""
+    """Packs need nothing rewritten: new small blobs go into them from now on,
+    and ``gc`` moves the small files it keeps (store/packstore.py)."""
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(2, 1, _to_2),)
+MIGRATIONS: tuple[Migration, ...] = (Migration(2, 2, _to_2),)
+
+
+def _oldest_known(fmt: int) -> int | None:
+    """The oldest reader of format ``fmt`` as this code knows it (None: a newer format)."""
+    if fmt == 1:
+        return 1
+    return next((m.oldest_reader for m in MIGRATIONS if m.to == fmt), None)
 
 
 def this_version() -> str:
@@ -107,19 +126,26 @@ def read_marker(root: Path) -> Marker:
     try:
         if len(data) > MAX_MARKER_BYTES:
             raise ValueError("too long")
-        doc = json.loads(data)
-        fmt, oldest = doc["format"], doc["oldest_reader"]
-        by = doc.get("written_by", "")
-        if not (isinstance(fmt, int) and isinstance(oldest, int) and isinstance(by, str)):
-            raise ValueError("wrong types")
+        first, *rest = data.decode("utf-8").splitlines() or [""]
+        if not (first.isascii() and first.isdigit() and 0 < len(first) <= 9):
+            raise ValueError(f"the first line is not a format number: {first[:20]!r}")
+        fmt = int(first)
+        fields = dict(line.partition(" ")[::2] for line in rest if line.strip())
+        oldest_text = fields.get("oldest-reader")
+        if oldest_text is None:
+            oldest = _oldest_known(fmt) or fmt  # a newer format that declared nothing
+        elif oldest_text.isascii() and oldest_text.isdigit() and len(oldest_text) <= 9:
+            oldest = int(oldest_text)
+        else:
+            raise ValueError(f"oldest-reader {oldest_text[:20]!r} is not a number")
         if not 1 <= oldest <= fmt:
-            raise ValueError("oldest_reader out of range")
-    except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError("oldest-reader out of range")
+    except (ValueError, UnicodeDecodeError) as exc:
         raise StateFormatError(
-            f"{path} is not a p2pupd state format marker ({exc}); if the file was damaged, "
-            f"restore it: {Marker(STATE_FORMAT, 1, this_version()).to_bytes().decode().strip()}"
+            f"{path} is not a p2pupd state format marker ({exc}); if the file was damaged "
+            f"and this p2pupd made the directory, write the number {STATE_FORMAT} into it"
         ) from None
-    return Marker(fmt, oldest, by[:200])
+    return Marker(fmt, oldest, fields.get("written-by", "")[:200])
 
 
 def check(root: Path) -> Marker:

@@ -105,7 +105,9 @@ async def test_a_peer_breaking_the_protocol_is_banned_and_the_node_carries_on(
         await wait_until(lambda: evil_id in a.conns, timeout=10, step=0.1)
         await theirs.send_all(b"\x00\x00\x00\x05garbage")
         await wait_until(lambda: evil_id not in a.conns, timeout=10, step=0.1)
-        assert a.peers.banned(trio.current_time(), evil_id) is not None
+        # It never proved its id: the ban is on its address, not on the id it claimed.
+        assert a.admission.banned(trio.current_time(), evil_id, "evil", proven=False) is not None
+        assert a.admission.banned(trio.current_time(), evil_id, "honest", proven=True) is None
         # An Error frame told the peer why, then the stream was closed.
         while data := await theirs.receive_some(65536):
             evil.receive_data(data)
@@ -145,7 +147,7 @@ async def test_manual_policy_and_rollback_are_respected(
         await nursery.start(a.serve)
         await nursery.start(b.serve)
         link(nursery, b, a)
-        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 2, timeout=300)
+        await wait_until(lambda: b.lifecycle.complete.get("app", (0,))[0] == 2, timeout=300)
         await trio.sleep(5)
         assert installed(sb) is None  # manual: complete, announced, not applied
         assert (await b.lifecycle.apply_release("app")).serial == 2
@@ -200,10 +202,36 @@ async def test_bandwidth_cap_slows_the_transfer_to_its_rate(
         await nursery.start(b.serve)
         start = trio.current_time()
         link(nursery, b, a)
-        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 1, timeout=300, step=0.1)
+        await wait_until(lambda: b.lifecycle.complete.get("app", (0,))[0] == 1, timeout=300, step=0.1)
         elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
     moved = b.fetch.received["app"].bytes
     assert moved > 250_000
     # The seed's upload is capped at 50 kB/s (after a burst of 64 kB).
     assert (moved - 64 * 1024) / 50_000 * 0.9 <= elapsed <= moved / 50_000 * 1.5
+
+
+async def test_nodes_of_the_previous_version_still_swarm_with_new_ones(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A site updating itself runs mixed versions: a peer without "proof", "view"
+    and "swarm" (what the previous version spoke) is admitted unproven, gets Have
+    instead of HaveBits, no view messages, and the release crosses it both ways."""
+    site, (sa, _), (sb, _) = two_nodes(tmp_path)
+    sc, _ = site.node("c")
+    old = frozenset({FEATURE_RANGE, FEATURE_HAVE, "request", "batch"})
+    a = make_service(sa, 1)  # the seed: holds 1.0
+    b = make_service(sb, 2, features=old)  # the older node in the middle
+    c = make_service(sc, 3)
+    async with trio.open_nursery() as nursery:
+        for svc in (a, b, c):
+            await nursery.start(svc.serve)
+        link(nursery, b, a)  # a - b - c: everything c gets passes through b
+        link(nursery, c, b)
+        await wait_until(lambda: installed(sb) == 1 and installed(sc) == 1, timeout=600)
+        conn_ab = a.conns[b.node.config.node_id]
+        assert not conn_ab.session.proven and not conn_ab.session.supports("swarm")
+        assert a.overlay.view.degree == 1  # judged as a link at once, no Neighbor
+        nursery.cancel_scope.cancel()
+    assert set(c.fetch.received["app"].by_peer) == {b.node.config.node_id.hex()}
+    assert set(b.fetch.received["app"].by_peer) == {a.node.config.node_id.hex()}

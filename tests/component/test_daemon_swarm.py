@@ -1,5 +1,5 @@
 """Many in-process nodes over memory streams, under MockClock: the real Session,
-Gossip, FetchPlanner, fetch and apply code, a real BlobStore and real Applier on
+Gossip, ReleaseSwarm, fetch and apply code, a real BlobStore and real Applier on
 small trees per node. They must converge on the newest valid release, and never
 accept, store or announce an invalid one, while lying nodes get banned."""
 
@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pupd.daemon.service.nodeservice import NodeService
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import ids
+from p2pupd.protocol.fleet import bitfield
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import sign
 from p2pupd.protocol.wire import (
@@ -26,6 +27,7 @@ from p2pupd.protocol.wire import (
     ChunkData,
     ChunkRequest,
     Have,
+    HaveBits,
     ManifestData,
     ManifestRangeData,
     ManifestRangeRequest,
@@ -78,6 +80,13 @@ class CorruptService(NodeService):
         super().message(conn, msg)
         if isinstance(msg, Have) and not msg.complete:
             conn.post(Have(msg.component, msg.serial, True))
+        if isinstance(msg, HaveBits):  # a swarm peer: offer it every blob
+            try:
+                count = len(self.node.manifest(msg.component, msg.serial).blob_sizes())
+            except Exception:
+                return
+            for offset, bits in bitfield.to_wire((1 << count) - 1, count):
+                conn.post(HaveBits(msg.component, msg.serial, offset, bits))
 
     def respond(self, req: Request) -> Response:
         if isinstance(req, ChunkRequest):
@@ -153,7 +162,7 @@ async def test_fifty_nodes_converge_on_newest_valid_release(
         assert tree_snapshot(target) == v2_tree
     # Every neighbour of a liar that talked to it banned it.
     liar_ids = evil_node_ids(liars)
-    bans = [b["who"] for svc in honest for b in svc.peers.snapshot(0.0 - 1e9)["banned"]]
+    bans = [b["who"] for svc in honest for b in svc.admission.bans(0.0 - 1e9)]
     for liar in liars:
         assert f"id:{liar.node.config.node_id.hex()}" in bans
     assert all(b.split(":", 1)[1] in liar_ids for b in bans if b.startswith("id:"))

@@ -156,7 +156,7 @@ async def test_a_served_release_of_many_chunks_needs_no_idle_waits(
         await nursery.start(b.serve)
         start = trio.current_time()
         link(nursery, b, a)
-        await wait_until(lambda: b.gossip.holdings.get("app", (0,))[0] == 1, 60, step=0.01)
+        await wait_until(lambda: b.lifecycle.complete.get("app", (0,))[0] == 1, 60, step=0.01)
         elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
     assert b.fetch.received["app"].blobs >= 40

@@ -26,8 +26,19 @@ and waits (bounded) for the daemon to end the connection. Attacks:
 * ``batch-oversized``: speaks "batch" and sends a ChunkBatchRequest of
                  ``MAX_BATCH_DIGESTS + 1`` digests.
 
-Finally ``rejoin`` reconnects with the first attack's node id to show the ban
-holds. One JSON line per connection on stdout: attack, target, node id (hex),
+Each attack proves its fresh id with a fresh node key (feature "proof"), so
+the honest node bans that id, not the attacker's address, and the next
+attack gets its own hearing. Finally ``rejoin`` reconnects with the first
+attack's node key to show the ban holds.
+
+Two more modes play issue 13's lockout attacks instead (``--mode``):
+
+* ``silent``: opens ``--count`` connections to the target from this one
+  address, completes each handshake and says nothing; holds them
+  ``--hold`` seconds; one JSON line: how many were admitted, refused
+  before or after the handshake, and closed by the node while held.
+* ``impostor``: claims the node id ``--claim`` (an honest node's) without
+  proof, and sends one malformed frame; one JSON line as for an attack. One JSON line per connection on stdout: attack, target, node id (hex),
 requests the daemon made, and how the connection ended (``Error`` code and
 message, ``Bye``, eof, or timeout). Exit code 0 unless it could not run.
 """
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import socket
 import sys
@@ -47,11 +59,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pupd.protocol import encoding, limits
 from p2pupd.protocol.errors import RemoteProtocolError
+from p2pupd.protocol.fleet.identity import CHALLENGE_BYTES, NodeKey
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import CLOSED, NEED_DATA, Session, Signal, State
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.protocol.wire import (
     FEATURE_BATCH,
+    FEATURE_PROOF,
     MAX_BATCH_DIGESTS,
     Announce,
     AnnounceEntry,
@@ -127,11 +141,19 @@ class Conn:
         out: Outcome,
         sizes: dict[bytes, int],
         features: frozenset[str] = frozenset(),
+        key: NodeKey | None = None,
     ) -> None:
         host, port = target.rsplit(":", 1)
         self.sizes = sizes  # chunk sizes of the offered release
         self.sock = socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS)
-        self.session = Session(node_id, cluster, 0, features)
+        if key is not None:  # prove the id: the honest node then keys its ban to it
+            self.session = Session(
+                node_id, cluster, 0, features | {FEATURE_PROOF},
+                key=key, challenge=os.urandom(CHALLENGE_BYTES),
+                local_host=self.sock.getsockname()[0], remote_host=host,
+            )  # fmt: skip
+        else:
+            self.session = Session(node_id, cluster, 0, features)
         self.out = out
         self.sock.sendall(self.session.send_hello())
 
@@ -151,6 +173,8 @@ class Conn:
         try:
             while True:
                 ev = self.session.next_event()
+                if self.session.proof_due:
+                    self.sock.sendall(self.session.send_proof())
                 if ev is NEED_DATA:
                     return msgs
                 if ev is CLOSED:
@@ -253,12 +277,13 @@ def run_attack(
     offer: Offer | None,
     node_id: bytes,
     sizes: dict[bytes, int],
+    key: NodeKey | None = None,
 ) -> Outcome:
     out = Outcome(attack, target, node_id.hex())
     deadline = time.monotonic() + ATTACK_SECONDS
     features = frozenset({FEATURE_BATCH}) if attack in BATCH_ATTACKS else frozenset[str]()
     try:
-        conn = Conn(target, cluster, node_id, out, sizes, features)
+        conn = Conn(target, cluster, node_id, out, sizes, features, key)
     except OSError as exc:
         out.ended = f"connect failed: {exc}"
         return out
@@ -270,14 +295,82 @@ def run_attack(
     return out
 
 
+def silent(target: str, cluster: str, count: int, hold: float) -> dict[str, object]:
+    """Open ``count`` connections that finish the handshake and say nothing; hold them."""
+    conns: list[Conn] = []
+    report: dict[str, object] = {"mode": "silent", "target": target, "count": count}
+    refused_early = refused_late = 0
+    deadline = time.monotonic() + 15.0
+    for _ in range(count):
+        out = Outcome("silent", target, "")
+        try:
+            key = NodeKey.generate()
+            conn = Conn(target, cluster, key.node_id, out, {}, frozenset(), key)
+        except OSError:
+            refused_early += 1
+            continue
+        if conn.handshake(min(deadline, time.monotonic() + 5.0)) and out.ended == "timeout":
+            conns.append(conn)
+        else:
+            refused_late += 1 if out.ended == "error" else 0
+            refused_early += 0 if out.ended == "error" else 1
+            conn.close()
+    report.update(admitted=len(conns), refused_before=refused_early, refused_after=refused_late)
+    end = time.monotonic() + hold
+    closed = 0
+    for conn in conns:  # hold them: read (and ignore) what comes, note who hangs up
+        while time.monotonic() < end and conn.out.ended == "timeout":
+            if conn.events(min(end, time.monotonic() + 0.2)) is None:
+                break
+        closed += conn.out.ended != "timeout"
+    report["closed_by_node"] = closed
+    report["reasons"] = sorted({c.out.message for c in conns if c.out.message})
+    for conn in conns:
+        conn.close()
+    return report
+
+
+def impostor(target: str, cluster: str, claim: bytes) -> Outcome:
+    """Claim ``claim`` (an honest node's id) without proof, then send a malformed frame."""
+    out = Outcome("impostor", target, claim.hex())
+    deadline = time.monotonic() + ATTACK_SECONDS
+    try:
+        conn = Conn(target, cluster, claim, out, {})
+    except OSError as exc:
+        out.ended = f"connect failed: {exc}"
+        return out
+    try:
+        if conn.handshake(deadline):
+            body = b"\xc1" + secrets.token_bytes(15)  # never valid msgpack
+            conn.sock.sendall(len(body).to_bytes(4, "big") + body)
+            conn.drain(deadline)
+    finally:
+        conn.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--target", action="append", required=True, metavar="HOST:PORT")
-    ap.add_argument("--valid-manifest", type=Path, required=True)
-    ap.add_argument("--old-manifest", type=Path, required=True)
+    ap.add_argument("--valid-manifest", type=Path)
+    ap.add_argument("--old-manifest", type=Path)
     ap.add_argument("--attack", action="append", choices=ATTACKS)
+    ap.add_argument("--mode", choices=("attacks", "silent", "impostor"), default="attacks")
+    ap.add_argument("--count", type=int, default=64, help="silent: connections to open")
+    ap.add_argument("--hold", type=float, default=30.0, help="silent: seconds to hold them")
+    ap.add_argument("--claim", help="impostor: the node id (hex) to claim")
     args = ap.parse_args(argv)
+    if args.mode == "silent":
+        for target in args.target:
+            print(json.dumps(silent(target, args.cluster, args.count, args.hold)), flush=True)
+        return 0
+    if args.mode == "impostor":
+        for target in args.target:
+            out = impostor(target, args.cluster, bytes.fromhex(args.claim))
+            print(json.dumps(out.__dict__), flush=True)
+        return 0
+    assert args.valid_manifest and args.old_manifest, "attacks need both manifests"
     valid = args.valid_manifest.read_bytes()
     old = args.old_manifest.read_bytes()
     man = manifest_of(valid)
@@ -292,15 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         "batch-skew": Offer(man.serial, valid),
         "batch-oversized": None,
     }
-    first: dict[str, bytes] = {}
+    first: dict[str, NodeKey] = {}
     for attack in args.attack or ATTACKS:
         for target in args.target:
-            node_id = secrets.token_bytes(16)
-            first.setdefault(target, node_id)
-            out = run_attack(attack, target, args.cluster, offers[attack], node_id, sizes)
+            key = NodeKey.generate()  # a fresh, proven identity per attack
+            first.setdefault(target, key)
+            out = run_attack(attack, target, args.cluster, offers[attack], key.node_id, sizes, key)
             print(json.dumps(out.__dict__), flush=True)
-    for target, node_id in first.items():  # the ban must hold for a known offender
-        out = run_attack("rejoin", target, args.cluster, None, node_id, sizes)
+    for target, key in first.items():  # the ban must hold for a known offender
+        out = run_attack("rejoin", target, args.cluster, None, key.node_id, sizes, key)
         print(json.dumps(out.__dict__), flush=True)
     return 0
 

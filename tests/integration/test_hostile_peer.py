@@ -52,8 +52,12 @@ def status(pid: int, key: str) -> int:
     raise AssertionError(f"no {key} for {pid}")
 
 
-def serve_hostile_manifest(port: int, cluster: str, serial: int, envelope: bytes) -> list[str]:
-    """Connect as a fresh peer, announce ``serial`` and serve ``envelope`` until hung up on.
+def serve_hostile_manifest(
+    port: int, cluster: str, serial: int, envelope: bytes, source: str = "127.0.0.1"
+) -> list[str]:
+    """Connect from ``source`` as a fresh peer, announce ``serial`` and serve
+    ``envelope`` until hung up on. (An unproven peer is banned by its address,
+    so each attack comes from an address of its own.)
 
     Returns the kinds of request the daemon made.
     """
@@ -61,7 +65,7 @@ def serve_hostile_manifest(port: int, cluster: str, serial: int, envelope: bytes
     session = Session(secrets.token_bytes(16), cluster, 0, frozenset({FEATURE_RANGE}))
     asked: list[str] = []
     deadline = time.monotonic() + ATTACK_SECONDS
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as sock:
         sock.sendall(session.send_hello())
         announced = False
         while time.monotonic() < deadline:
@@ -115,7 +119,9 @@ def test_hostile_peer_serving_huge_msgpack_costs_only_the_bytes_it_sent(tmp_path
             envelope = Envelope(nested_maps(mib * MiB), ((release_key, bytes(64)),)).encode()
             Path(f"/proc/{daemon.proc.pid}/clear_refs").write_text("5")
             before = status(daemon.proc.pid, "VmRSS")
-            asked = serve_hostile_manifest(daemon.port, cluster, 10 + n, envelope)
+            asked = serve_hostile_manifest(
+                daemon.port, cluster, 10 + n, envelope, source=f"127.0.0.{2 + n}"
+            )
             daemon.wait_for(re.compile(rf"event=manifest-refused component=app serial={10 + n} .*"))
             peak = (status(daemon.proc.pid, "VmHWM") - before) / MiB
             figures.append((mib, peak, asked.count("ManifestRangeRequest")))

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from _sneaker import V1, V2, carried_blobs, installed_version, rand, store_blobs
+from _store import drop
 from conftest import World, tree_snapshot
 
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol.request import verify_request
 from p2pupd.tools.publisher.repo import Repo
 
@@ -138,8 +140,8 @@ def test_one_site_carries_updates_on_to_the_next(site_at_v1: World) -> None:
     chunks are read back from its installed files); site B imports and applies."""
     w = site_at_v1
     assert w.import_(w.export("usb3"), "--apply").code == 0
-    for p in (w.state / "blobs" / "sha256").iterdir():
-        p.unlink()  # a store collected after apply: only the installed files remain
+    # A store collected after apply: only the installed files remain.
+    drop(w.state, set(PackStore(w.state).iter_digests()))
     r = w.run("export", "--state-dir", w.state, w.base / "carry", "--json")
     assert r.code == 0, r.err
     assert [x["version"] for x in json.loads(r.out)["releases"]] == ["3.0"]
@@ -239,3 +241,36 @@ def test_bundles_are_valid_oci_image_layouts(site_at_v1: World) -> None:
     assert check_oci_layout(w.base / "min") > 3
     assert w.run("export", "--state-dir", w.state, w.base / "node").code == 0
     assert check_oci_layout(w.base / "node") > 3
+
+
+def test_a_bundle_cut_for_the_old_id_imports_after_the_id_migrated(site_at_v1: World) -> None:
+    """A node of an older version had a random id; its daemon now derives the id
+    from the node key (proof in the Hello), keeping the old one for such bundles."""
+    from dataclasses import replace
+
+    from p2pupd.daemon.bundles.siterequest import node_identity
+    from p2pupd.daemon.state.node import Node
+    from p2pupd.protocol.fleet.identity import node_id_of
+
+    w = site_at_v1
+    node = Node(w.state)
+    legacy = bytes(range(16))  # as an older version left it: random, not the key's
+    node.state.write_config(replace(node.config, node_id=legacy, former_node_ids=()))
+    stick = w.base / "stick"
+    stick.mkdir()
+    r = w.run("export", "--request", stick, "--state-dir", w.state, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["node_id"] == legacy.hex()
+
+    node = Node(w.state)
+    with node.lock:
+        key = node_identity(node)  # what the daemon does at start
+    assert node.config.node_id == key.node_id == node_id_of(key.public_key) != legacy
+    assert Node(w.state).config.former_node_ids == (legacy,)
+
+    r = w.run("export", w.repo, stick, "--for", stick, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["for_node"] == legacy.hex()
+    r = w.import_(stick, "--apply")
+    assert r.code == 0, r.err  # the request was this node's, under its old id
+    assert installed_version(w) == "3.0"

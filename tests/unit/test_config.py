@@ -20,6 +20,12 @@ mdns = false
 mdns_interfaces = ["169.254.77.1"]
 bandwidth_limit = "5M"
 gossip_interval = 10
+max_peers = 40
+view_target = 8
+view_max = 12
+passive_view = 100
+per_host = 4
+mdns_beacons = 3
 
 [import]
 watch = ["/media", "/run/media"]
@@ -44,6 +50,12 @@ def test_full_file(tmp_path: Path) -> None:
         mdns_interfaces=("169.254.77.1",),
         bandwidth_limit="5M",
         gossip_interval=10.0,
+        max_peers=40,
+        view_target=8,
+        view_max=12,
+        passive_view=100,
+        per_host=4,
+        mdns_beacons=3,
         watch=(Path("/media"), Path("/run/media")),
         metrics_listen="127.0.0.1:9477",
         log_level="debug",
@@ -88,3 +100,20 @@ def test_shipped_example_config_is_valid_and_documents_every_option() -> None:
         assert f"[{section}]" in text
         for key in keys:
             assert f"\n{key} = " in text, f"{section}.{key} is not documented in the example"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[network]\nmax_peers = 100000\n", "max_peers must be between"),
+        ("[network]\nview_max = 1\n", "view_max must be between"),
+        ("[network]\nview_target = 20\nview_max = 10\n", "view_target must not exceed view_max"),
+        ("[network]\nper_host = 0\n", "per_host must be between"),
+        ('[network]\nmdns_beacons = "many"\n', "wrong type"),
+    ],
+)
+def test_peer_bounds_are_checked(tmp_path: Path, text: str, words: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(p)

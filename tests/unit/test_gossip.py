@@ -46,6 +46,18 @@ def test_higher_serial_is_requested_with_its_digest() -> None:
     assert g.announcement().entries == (("app", 3, D3),)
 
 
+def test_a_have_for_an_unknown_release_asks_for_its_manifest() -> None:
+    g = make(holdings={"app": (3, D3)})
+    g.peer_joined("p", 0.0)
+    # Knowledge runs ahead of data: a Have hints at serial 5 before any Announce.
+    assert requests(g.on_hint("p", "app", 5, 0.0)) == [RequestManifest("p", "app", 5, b"")]
+    assert g.on_hint("p", "app", 5, 0.1) == []  # already asked
+    assert g.on_hint("q", "app", 3, 0.1) == []  # not newer
+    assert g.on_hint("q", "other", 9, 0.1) == []  # not tracked
+    # A later Announce with the digest does not ask twice.
+    assert requests(g.on_announce("p", [("app", 5, D5)], 0.2)) == []
+
+
 def test_equal_lower_or_untracked_serials_are_not_requested() -> None:
     g = make(holdings={"app": (5, D5)})
     assert requests(g.on_announce("p", [("app", 5, D5)], 0.0)) == []

@@ -29,8 +29,10 @@ from p2pupd.protocol.wire import (
     ChunkMissing,
     ChunkRequest,
     Error,
+    ForwardJoin,
     FrameDecoder,
     Have,
+    HaveBits,
     Hello,
     ManifestData,
     ManifestMissing,
@@ -38,11 +40,17 @@ from p2pupd.protocol.wire import (
     ManifestRangeRequest,
     ManifestRequest,
     Message,
+    Neighbor,
     NodeRequestData,
     NodeRequestQuery,
+    PeerAddr,
+    Ping,
+    Proof,
     RootData,
     RootMissing,
     RootRequest,
+    Shuffle,
+    ViewFull,
     decode_body,
     encode_message,
 )
@@ -76,6 +84,18 @@ EXAMPLES: list[Message] = [
     NodeRequestQuery(14),
     NodeRequestData(15, b"signed request"),
     ChunkBatchRequest(16, (D1, D2)),
+    Hello.create(NODE, "plant-7", 7070, frozenset({"proof"}), b"k" * 32, b"c" * 32),
+    Proof(b"s" * 64, "169.254.77.3"),
+    Proof(b"s" * 64, ""),
+    Ping(),
+    Neighbor(2),
+    ForwardJoin("10.0.0.7", 7707, 4),
+    Shuffle(False, (PeerAddr("10.0.0.1", 7707), PeerAddr("fe80::1", 7707))),
+    Shuffle(True, ()),
+    ViewFull((PeerAddr("10.0.0.2", 1),)),
+    HaveBits("app", 3, 0, b""),
+    HaveBits("app", 3, 2, b"\x81\x00\x01"),
+    HaveBits("a" * 40, 1 << 40, 70000, b"\xff" * 300),
 ]
 
 
@@ -94,7 +114,7 @@ def test_round_trip(msg: Message) -> None:
 
 def test_type_codes_are_unique() -> None:
     codes = {type(m).TYPE for m in EXAMPLES}
-    assert len(codes) == len({type(m) for m in EXAMPLES}) == 21
+    assert len(codes) == len({type(m) for m in EXAMPLES}) == 28
 
 
 def test_hello_create_uses_our_magic_and_version() -> None:
@@ -285,3 +305,43 @@ def test_largest_range_piece_fits_in_a_frame() -> None:
     assert len(encode_message(msg)) <= limits.MAX_FRAME_BYTES + 4
     have = Have("a" * 64, MAX_SERIAL, False, (D1,) * MAX_HAVE_DIGESTS)
     assert len(encode_message(have)) <= limits.MAX_FRAME_BYTES + 4
+
+
+def test_hello_without_proof_fields_is_an_older_hello_byte_for_byte() -> None:
+    # Peers of the previous release decode exactly six fields; a node that
+    # does not offer "proof" must still send them nothing else.
+    body = encode_message(Hello.create(NODE, "c", 1))[4:]
+    assert encoding.decode(body) == [1, MAGIC, PROTOCOL_VERSION, NODE, "c", 1, []]
+    old = decode_body(encoding.encode([1, MAGIC, PROTOCOL_VERSION, NODE, "c", 1, []]))
+    assert isinstance(old, Hello) and old.public_key == b"" and old.challenge == b""
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Hello.create(NODE, "c", 0, frozenset(), b"short", b"c" * 32),
+        lambda: Hello.create(NODE, "c", 0, frozenset(), b"k" * 32, b"tiny"),
+        lambda: Proof(b"s" * 63, ""),
+        lambda: Proof(b"s" * 64, "not-an-ip!"),
+        lambda: Neighbor(4),
+        lambda: ForwardJoin("example.com", 7707, 1),  # names are never resolved
+        lambda: ForwardJoin("10.0.0.1", 0, 1),
+        lambda: ForwardJoin("10.0.0.1", 7707, 16),
+        lambda: Shuffle(False, tuple(PeerAddr("10.0.0.1", p) for p in range(1, 34))),
+        lambda: HaveBits("app", 1, 0, b"\x00" * (64 * 1024 + 1)),
+    ],
+)
+def test_new_messages_refuse_bad_fields(build: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        build()  # type: ignore[operator]
+
+
+def test_have_bits_hot_path_matches_the_generic_encoding() -> None:
+    for msg in (HaveBits("app", 1, 0, b""), HaveBits("x" * 33, 300, 1 << 16, b"\x01" * 999)):
+        generic = encoding.encode([msg.TYPE, msg.component, msg.serial, msg.offset, msg.bits])
+        assert encode_message(msg)[4:] == generic
+        assert decode_body(generic) == msg
+    # A component that is not a valid name is refused on the hot path too.
+    body = encoding.encode([26, "Bad Name", 1, 0, b""])
+    with pytest.raises(SchemaError):
+        decode_body(body)

@@ -12,11 +12,14 @@ BENCHES = {
     "apply": "one changed file in a big tree and a 1 % changed image vs cp -a; swap window",
     "delta": "update bytes, publish time and RSS vs whole-file bsdiff4 and hdiffpatch",
     "import": "bundle import throughput vs sha256sum of the same bytes",
-    "transfer": "daemon-to-daemon loopback throughput vs a plain socket; idle RSS and CPU",
-    "swarm": "one seed and 6 nodes in network namespaces with tc caps (root, source tree)",
+    "store": "gc and fsck of 100,000 chunks: one file per chunk vs packs",
+    "transfer": "daemon-to-daemon loopback throughput vs socket, hash+append, sha256; idle",
+    "swarm": "one seed and 12 nodes in network namespaces with tc caps (root, source tree)",
     "hooks": "WebAssembly hook start-up: cold compile vs cached",
+    "fleet": "simulated site of N nodes: gossip, partial view, swarm, idle cost (virtual clock)",
     "tls": "peer-link throughput with and without TLS 1.3 (site credentials), same run",
 }
+MODULES = {"fleet": "fleet"}  # others are <name>_bench
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +32,7 @@ def main(argv: list[str]) -> int:
     if name not in BENCHES:
         print(f"unknown benchmark {name!r}; one of: {', '.join(BENCHES)}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(f"p2pupd.tools.bench.{name}_bench")
+    mod = importlib.import_module(f"p2pupd.tools.bench.{MODULES.get(name, name + '_bench')}")
     sys.argv = [f"{name}_bench", *argv[1:]]
     result = mod.main()
     return int(result or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from p2pupd.daemon import api
 from p2pupd.tools.commands.base import EXIT_OK, Adder, out, state_dir
@@ -25,6 +26,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     rate = args.bandwidth_limit or cfg.bandwidth_limit
     metrics = args.metrics_listen or cfg.metrics_listen
     watch = [Path(w) for w in args.watch] or list(cfg.watch or ())
+    sizes: dict[str, Any] = {k: v for k, v in api.network_sizes(cfg).items() if v is not None}
     options = api.DaemonOptions(
         state_dir=state,
         listen=api.parse_endpoint(listen),
@@ -34,6 +36,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         bandwidth_limit=api.parse_rate(rate) if rate else None,
         log_level=args.log_level or cfg.log_level or "info",
         gossip_interval=cfg.gossip_interval or 30.0,
+        **sizes,
         metrics_listen=api.parse_endpoint(metrics, default_port=None) if metrics else None,
         watch=tuple(watch),
         site_file=cfg.site_file,
@@ -52,6 +55,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 f"{p['node_id'][:12]:<14} {p['address']:<24} {p['direction']:<4} "
                 f"{p['bytes_in']:>12} {p['bytes_out']:>12}  {p['last_seen_seconds_ago']:.0f}s ago"
             )
+        view = doc.get("view")
+        if view:
+            print(f"view: {view['degree']} linked (target {view['target']}, max {view['max']}), "
+                  f"{len(view['passive'])} known")  # fmt: skip
         for b in doc["banned"]:
             print(f"banned {b['who']} for {b['seconds_left']:.0f}s: {b['reason']}")
         site = doc.get("site") or {}

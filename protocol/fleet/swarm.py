@@ -1,0 +1,582 @@
+"""Swarming one release between neighbours: who offers what, what to ask whom.
+
+Theory of operation
+-------------------
+One ``ReleaseSwarm`` per release a node fetches or serves. It sees only the
+node's links (the partial view, protocol/fleet/view.py), so everything it keeps is
+per neighbour -- O(view size x blobs/8) bytes, whatever the site's size.
+Blobs are numbered in digest order and sets of them are bitfields
+(protocol/fleet/bitfield.py), the same ones ``HaveBits`` carries.
+
+Knowledge runs ahead of data: a node starts a swarm as soon as it verified
+the manifest (it may hold none of the blobs yet), and tells every
+swarm-capable neighbour what it offers -- an empty ``HaveBits`` still says
+"I am fetching this". From then on each side keeps the other told of new
+blobs, in batches (``have_interval``). A neighbour's offers are what we may
+ask it for; anything it offers is fair game, complete holder or not.
+
+Asking (``next_requests``): for each neighbour with a free slot, the rarest
+blob it offers that we still want and nobody is fetching for us -- rarity
+counted over our neighbours' offers, ties broken from a random point -- so
+different nodes start from different blobs and scarce blobs spread first. A
+neighbour gets at most ``per_source`` requests in flight, or
+``sole_source`` while it is the only one offering anything we lack, and all
+neighbours together at most ``max_in_flight`` -- except that a neighbour
+with nothing of ours in flight always gets one request, so none sits idle
+(a first holder least of all) while our other requests wait in busier
+neighbours' queues. Short queues everywhere, so a blob is asked of the
+neighbour that can send it now and never sits queued behind others at a
+busy node while another neighbour has it idle. When every blob still wanted
+is in flight and few remain (``endgame_blobs``), an idle neighbour that
+offers one is asked for it too (BitTorrent's end game). A request
+not answered in ``request_timeout`` is re-planned to another holder (the
+slot stays taken until the peer answers: it still counts the request); a
+slow peer's cap halves per timeout. ``ChunkMissing`` steers elsewhere; bad
+data (``ok=False``) is punished by the caller (ban) and re-planned.
+
+Offering: a node offers every blob it holds, except the *first holder* of a
+release (``first_holder``: it got the release from a bundle, not from
+peers), which super-seeds in the spirit of BitTorrent's BEP 16: it offers
+each interested neighbour only a few blobs at a time, first blobs it has
+offered to nobody yet, and offers the next only when the neighbour got one
+(from it or anyone). Each blob thus leaves the first holder about once; its
+neighbours relay to theirs. The few offers per neighbour
+(``seed_pipeline`` spread over the interested neighbours, at least
+``seed_offers``) keep its uplink busy. When every blob has been offered
+once, a neighbour that made no progress for ``starve_after`` seconds is
+offered the blobs rarest among the first holder's neighbours, so nothing
+can stall on it.
+
+Peers of older versions: one that speaks "have" gets and sends ``Have``
+digest lists instead of bitfields (``Source.HAVE``), one that speaks neither
+is taken to hold all of a release it announced (``Source.ANNOUNCE``). Neither
+is super-seeded.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from p2pupd.protocol.fleet.bitfield import BlobIndex, iter_bits, pick_bit
+
+P = TypeVar("P", bound=Hashable)
+
+
+class Source(enum.Enum):
+    SWARM = "swarm"  # HaveBits both ways
+    HAVE = "have"  # an older peer: Have digest lists
+    ANNOUNCE = "announce"  # an older peer without Have: holds all it announced
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    per_source: int = 2
+    unique_bonus: int = 2  # more in flight to a peer that alone offers some blob
+    sole_source: int = 16
+    max_in_flight: int = 8
+    request_timeout: float = 30.0
+    have_interval: float = 0.05
+    seed_offers: int = 2
+    seed_pipeline: int = 32
+    starve_after: float = 2.0
+    endgame_blobs: int = 8  # when this few remain (all in flight), ask idle holders too
+
+
+@dataclass(frozen=True)
+class Fetch(Generic[P]):
+    """Ask ``peer`` for these blobs (indices), in this order."""
+
+    peer: P
+    blobs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Offer(Generic[P]):
+    """Tell ``peer`` we (also) offer ``bits``; ``complete``: we hold the whole release.
+
+    The first Offer to a peer may be empty: "I am in on this release".
+    """
+
+    peer: P
+    bits: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Punish(Generic[P]):
+    """``peer`` sent bad data: ban it (the swarm already stopped using it)."""
+
+    peer: P
+    reason: str
+
+
+Action = Fetch[P] | Offer[P] | Punish[P]
+
+
+@dataclass
+class _Peer:
+    source: Source
+    offers: int = 0  # what it offers us
+    lacks: int = 0  # said ChunkMissing for these
+    told: int = 0  # what we offered it
+    told_any: bool = False
+    heard: bool = False  # it said something about this release
+    interested: bool = False  # it is fetching this release (it told us so)
+    got: int = 0  # blobs we served it
+    slots: dict[int, float] = field(default_factory=dict)  # blob -> deadline
+    penalty: float = 0.0
+    banned: bool = False
+    progress_at: float = 0.0  # when it last got a blob (first holder's view)
+    starved: bool = False  # no progress for starve_after: offer it more
+
+
+class ReleaseSwarm(Generic[P]):
+    """One release on one node; see the module docstring."""
+
+    def __init__(
+        self,
+        sizes: Mapping[bytes, int],
+        rng: random.Random,
+        *,
+        held: Iterable[bytes] = (),
+        wanted: Iterable[bytes] | None = None,
+        first_holder: bool = False,
+        config: SwarmConfig | None = None,
+    ) -> None:
+        self.index = BlobIndex(sizes)
+        self.config = config or SwarmConfig()
+        self._rng = rng
+        n = self.index.count
+        self.held = self.index.bits_of(held)
+        want = self.index.all if wanted is None else self.index.bits_of(wanted)
+        self.wanted = want & ~self.held  # still to fetch
+        self._wanted_at_start = self.wanted
+        self.first_holder = first_holder
+        self._peers: dict[P, _Peer] = {}
+        self._avail = [0] * n  # neighbours offering each blob
+        self._buckets: list[int] = [self.wanted]  # by availability: wanted, not in flight
+        self._active: dict[int, P] = {}  # blob -> peer of its live request (deadline order)
+        self._doubled: set[int] = set()  # blobs also asked of a second peer (end game)
+        self._unoffered = self.index.all  # first holder: offered to nobody yet
+        self._next_flush: float | None = None
+        self._dirty: set[P] = set()  # peers with something new to be told
+        self.uploads = 0  # blobs served
+        self.bytes_done = 0
+
+    def want(self, wanted: Iterable[bytes], held: Iterable[bytes], now: float) -> None:
+        """Plan afresh: these blobs are wanted, these held (a fetch restarted, e.g.
+        after an import brought blobs). What neighbours offered and were told stays."""
+        self.add_held(self.index.bits_of(held), now)
+        self.wanted = self.index.bits_of(wanted) & ~self.held
+        self._active.clear()
+        self._buckets = [0]
+        for blob in iter_bits(self.wanted):
+            self._pool_add(blob)
+
+    def seed(self, now: float) -> None:
+        """Become the first holder (hold it all, got none of it from peers): super-seed."""
+        if not self.first_holder:
+            self.first_holder = True
+            for p, state in self._peers.items():
+                self._unoffered &= ~(state.offers | state.told)
+                if state.interested:
+                    self._mark(p, now)
+
+    # ----- queries ------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return not self.wanted
+
+    @property
+    def complete(self) -> bool:
+        return self.held == self.index.all
+
+    @property
+    def peers(self) -> list[P]:
+        return list(self._peers)
+
+    def offered_by(self, peer: P) -> int:
+        state = self._peers.get(peer)
+        return state.offers if state is not None else 0
+
+    def in_flight(self, peer: P) -> int:
+        state = self._peers.get(peer)
+        return len(state.slots) if state is not None else 0
+
+    def unavailable(self) -> int:
+        """Wanted blobs no usable neighbour offers (a bitfield)."""
+        offered = 0
+        for state in self._peers.values():
+            if not state.banned:
+                offered |= state.offers
+        return self.wanted & ~offered
+
+    def next_deadline(self) -> float | None:
+        times = []
+        for blob, peer in self._active.items():  # the oldest live request
+            times.append(self._peers[peer].slots[blob])
+            break
+        if self._dirty and self._next_flush is not None:
+            times.append(self._next_flush)
+        if self.first_holder and self.complete:
+            waits = [s.progress_at for s in self._peers.values() if s.interested and not s.starved]
+            if waits:
+                times.append(min(waits) + self.config.starve_after)
+        return min(times, default=None)
+
+    # ----- neighbours -----------------------------------------------------------
+
+    def peer_joined(self, peer: P, source: Source, now: float) -> list[Action[P]]:
+        """A link came up: tell it what we offer (swarm and Have peers)."""
+        if peer in self._peers:
+            return []
+        self._peers[peer] = _Peer(source, progress_at=now)
+        if source is Source.ANNOUNCE:
+            return []
+        return self._tell(peer, now, first=True)
+
+    def peer_left(self, peer: P) -> None:
+        state = self._peers.pop(peer, None)
+        if state is None:
+            return
+        self._dirty.discard(peer)
+        self._forget_offers(state)
+        self._requeue(peer)
+        if self.first_holder:  # offers it never took go back to the pool
+            self._unoffered |= state.told & ~state.got & ~state.offers
+
+    def on_offer(
+        self, peer: P, bits: int, now: float, *, interested: bool = True
+    ) -> list[Action[P]]:
+        """``peer`` offers ``bits`` (HaveBits, Have, or all for an announcer).
+
+        ``interested``: it is fetching the release (a swarm peer that sends
+        HaveBits is, until it offers every blob). Returns our answer if this
+        was the first we heard from it.
+        """
+        state = self._peers.get(peer)
+        if state is None or state.banned:
+            return []
+        bits &= self.index.all & ~state.lacks
+        new = bits & ~state.offers
+        if new:
+            state.offers |= new
+            state.progress_at = now
+            state.starved = False
+            self._add_offers(new)
+        state.interested = interested and state.offers != self.index.all
+        if not state.heard:
+            # Its first word on this release. What we told it before may have
+            # arrived while it did not know the release yet (and been dropped
+            # as a mere hint): answer with our whole offer, once.
+            state.heard = True
+            return self._tell(peer, now, again=True)
+        if self.first_holder and new:
+            self._mark(peer, now)  # a super-seeded peer that got something: offer more
+        return []
+
+    # ----- transfers -------------------------------------------------------------
+
+    def next_requests(self, now: float) -> list[Fetch[P]]:
+        """Blobs to ask for now (see the module docstring); expires timed-out requests."""
+        if self._active:
+            self._expire(now)
+        cfg = self.config
+        budget = cfg.max_in_flight - len(self._active)
+        wanted = self.wanted
+        if not wanted:
+            return []
+        pool = 0
+        for bucket in self._buckets[1:]:
+            pool |= bucket
+        if not pool:
+            return self._endgame(now)
+        useful = [(p, s) for p, s in self._peers.items() if s.offers & wanted and not s.banned]
+        sole = len(useful) == 1
+        only = self._buckets[1] if len(self._buckets) > 1 and not sole else 0  # one offers
+        free = {}
+        for p, state in useful:
+            if sole:
+                cap = cfg.sole_source
+            else:
+                cap = cfg.per_source + cfg.unique_bonus if state.offers & only else cfg.per_source
+            room = (cap >> int(state.penalty) if state.penalty else cap) or 1
+            room -= len(state.slots)
+            if room > 0 and state.offers & pool:
+                free[p] = room
+        if not free:
+            return []
+        picked: dict[P, list[int]] = {}
+        order = list(free)
+        self._rng.shuffle(order)
+        width = self.index.count
+        # Blobs only one neighbour offers go first, outside the total budget
+        # (its own cap bounds them): a first holder's uplink must never wait
+        # because our other requests are slow.
+        for p in order:
+            state = self._peers[p]
+            if not state.slots and (mine := state.offers & pool):
+                # Every neighbour with something for us gets one request even
+                # when the total is reached: none idles while our requests
+                # wait in busier neighbours' queues (a first holder would).
+                blob = self._rarest(mine, width)
+                self._take(blob, p, now)
+                picked.setdefault(p, []).append(blob)
+                free[p] -= 1
+                budget -= 1
+                pool &= ~(1 << blob)
+        order = [p for p in order if free[p] > 0]
+        while order and budget > 0:
+            still = []
+            for p in order:
+                state = self._peers[p]
+                blob = self._rarest(state.offers, width)
+                if blob < 0:
+                    continue
+                self._take(blob, p, now)
+                picked.setdefault(p, []).append(blob)
+                budget -= 1
+                free[p] -= 1
+                if free[p] > 0:
+                    still.append(p)
+                if budget <= 0:
+                    break
+            order = still
+        return [Fetch(p, tuple(blobs)) for p, blobs in picked.items()]
+
+    def _endgame(self, now: float) -> list[Fetch[P]]:
+        """Everything still wanted is in flight: ask an idle neighbour that offers one
+        of the last few blobs for it too (once per blob); the first copy wins, the
+        other is discarded when it comes (BitTorrent's end game)."""
+        cfg = self.config
+        if not self._active or len(self._active) > cfg.endgame_blobs:
+            return []
+        out: list[Fetch[P]] = []
+        for p, state in self._peers.items():
+            if state.slots or state.banned:
+                continue
+            for blob, holder in self._active.items():
+                if holder != p and blob not in self._doubled and state.offers >> blob & 1:
+                    self._doubled.add(blob)
+                    state.slots[blob] = now + cfg.request_timeout
+                    out.append(Fetch(p, (blob,)))
+                    break
+        return out
+
+    def on_blob(self, peer: P, blob: int, ok: bool, now: float) -> list[Action[P]]:
+        """``peer`` sent ``blob``; ``ok``: it passed the hash check (and was stored)."""
+        state = self._peers.get(peer)
+        if state is not None:
+            state.slots.pop(blob, None)
+        if self._active.get(blob) == peer:
+            del self._active[blob]
+            if not ok:
+                self._pool_add(blob)
+        if not ok:
+            if state is None:
+                return []
+            state.banned = True
+            self._forget_offers(state)
+            self._requeue(peer)
+            return [
+                Punish(peer, f"blob {self.index.digests[blob].hex()[:16]} failed its hash check")
+            ]
+        if state is not None:
+            state.penalty = max(0.0, state.penalty - 0.25)
+        self.add_held(1 << blob, now)
+        return []
+
+    def on_missing(self, peer: P, blob: int, now: float) -> None:
+        """``peer`` does not have ``blob`` after all: ask someone else, never it again."""
+        state = self._peers.get(peer)
+        if state is None:
+            return
+        state.slots.pop(blob, None)
+        bit = 1 << blob
+        state.lacks |= bit
+        if state.offers & bit:
+            state.offers &= ~bit
+            self._bump(blob, -1)
+        state.penalty += 0.25
+        if self._active.get(blob) == peer:
+            del self._active[blob]
+            self._pool_add(blob)
+
+    def on_served(self, peer: P, blob: int, now: float) -> None:
+        """We sent ``blob`` to ``peer`` (counts toward what it got from us)."""
+        self.uploads += 1
+        state = self._peers.get(peer)
+        if state is not None:
+            state.got |= 1 << blob
+            if self.first_holder:
+                state.progress_at = now
+                state.starved = False
+                self._mark(peer, now)
+
+    def add_held(self, bits: int, now: float) -> None:
+        """These blobs are now here and servable (fetched, imported, built)."""
+        bits &= self.index.all & ~self.held
+        if not bits:
+            return
+        self.held |= bits
+        got = bits & self.wanted
+        if got:
+            self.wanted &= ~got
+            self.bytes_done += self.index.size_of(got)
+            for blob in iter_bits(got):
+                self._pool_remove(blob)
+                self._active.pop(blob, None)  # a late duplicate or another route
+        for p, state in self._peers.items():  # tell those still fetching
+            if state.interested and not state.banned and state.source is not Source.ANNOUNCE:
+                self._mark(p, now)
+
+    # ----- time -----------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action[P]]:
+        """Send the batched offers that are due; starving peers of a first holder."""
+        out: list[Action[P]] = []
+        if self.first_holder and self.complete:
+            for p, state in self._peers.items():
+                if (
+                    state.interested
+                    and not state.starved
+                    and now - state.progress_at >= self.config.starve_after
+                ):
+                    state.starved = True
+                    self._mark(p, now)
+        if self._dirty and (self._next_flush is None or now >= self._next_flush):
+            dirty, self._dirty = self._dirty, set()
+            self._next_flush = None
+            for p in dirty:
+                out += self._tell(p, now)
+        return out
+
+    # ----- internals: offers -------------------------------------------------------
+
+    def _mark(self, peer: P, now: float) -> None:
+        self._dirty.add(peer)
+        if self._next_flush is None:
+            self._next_flush = now + self.config.have_interval
+
+    def _tell(
+        self, peer: P, now: float, first: bool = False, again: bool = False
+    ) -> list[Action[P]]:
+        """Our offer to ``peer``: what is new to it; ``first``: even if empty (once);
+        ``again``: all of it, even if told before or empty."""
+        state = self._peers.get(peer)
+        if state is None or state.banned or state.source is Source.ANNOUNCE:
+            return []
+        offer = self._offer_for(peer, state, now)
+        new = offer & ~state.told
+        if first and state.told_any:
+            return []
+        if not (new or first or again):
+            return []
+        state.told |= new
+        state.told_any = True
+        sent = state.told if again else new
+        return [Offer(peer, sent, self.complete and state.told == self.index.all)]
+
+    def _offer_for(self, peer: P, state: _Peer, now: float) -> int:
+        if not (self.first_holder and self.complete) or state.source is not Source.SWARM:
+            return self.held
+        if not state.interested:
+            return 0
+        cfg = self.config
+        # Spread over every neighbour that may soon ask, not only those that
+        # already did: the first to ask must not be handed the whole release.
+        sharing = sum(1 for s in self._peers.values() if s.source is Source.SWARM and not s.banned)
+        allowance = max(cfg.seed_offers, -(-cfg.seed_pipeline // max(sharing, 1)))
+        pending = state.told & ~state.got & ~state.offers
+        room = allowance - pending.bit_count()
+        lacking = self.index.all & ~state.offers & ~state.told
+        extra = 0
+        width = self.index.count
+        scarce = -1  # blobs no neighbour offers yet, computed on first need
+        while room > 0 and lacking:
+            fresh = self._unoffered & lacking
+            if fresh:
+                blob = pick_bit(fresh, self._rng, width)
+                self._unoffered &= ~(1 << blob)
+            elif state.starved:
+                # Every blob went out once, and this neighbour made no progress
+                # for a while: unstick it with what the neighbours lack most.
+                if scarce < 0:
+                    held_around = 0
+                    for other in self._peers.values():
+                        held_around |= other.offers
+                    scarce = self.index.all & ~held_around
+                pick = lacking & scarce or lacking
+                blob = pick_bit(pick, self._rng, width)
+            else:
+                break
+            extra |= 1 << blob
+            lacking &= ~(1 << blob)
+            room -= 1
+        return state.told | extra
+
+    # ----- internals: requests -----------------------------------------------------
+
+    def _rarest(self, offers: int, width: int) -> int:
+        for bucket in self._buckets[1:]:
+            mine = bucket & offers
+            if mine:
+                return pick_bit(mine, self._rng, width)
+        return -1
+
+    def _take(self, blob: int, peer: P, now: float) -> None:
+        self._pool_remove(blob)
+        self._active[blob] = peer
+        self._peers[peer].slots[blob] = now + self.config.request_timeout
+
+    def _expire(self, now: float) -> None:
+        for blob, peer in list(self._active.items()):
+            state = self._peers[peer]
+            if state.slots.get(blob, math.inf) > now:
+                break  # in assignment order = deadline order
+            del self._active[blob]
+            state.penalty += 1.0
+            self._pool_add(blob)
+
+    def _requeue(self, peer: P) -> None:
+        for blob in [b for b, p in self._active.items() if p == peer]:
+            del self._active[blob]
+            self._pool_add(blob)
+
+    def _forget_offers(self, state: _Peer) -> None:
+        for blob in iter_bits(state.offers):
+            self._bump(blob, -1)
+        state.offers = 0
+
+    def _add_offers(self, bits: int) -> None:
+        for blob in iter_bits(bits):
+            self._bump(blob, 1)
+
+    def _bump(self, blob: int, delta: int) -> None:
+        old = self._avail[blob]
+        new = old + delta
+        self._avail[blob] = new
+        bit = 1 << blob
+        buckets = self._buckets
+        while len(buckets) <= max(old, new):
+            buckets.append(0)
+        if buckets[old] & bit:
+            buckets[old] &= ~bit
+            buckets[new] |= bit
+
+    def _pool_add(self, blob: int) -> None:
+        bit = 1 << blob
+        if self.wanted & bit:
+            count = self._avail[blob]
+            while len(self._buckets) <= count:
+                self._buckets.append(0)
+            self._buckets[count] |= bit
+
+    def _pool_remove(self, blob: int) -> None:
+        self._buckets[self._avail[blob]] &= ~(1 << blob)
