@@ -12,8 +12,8 @@ offline artifact's wheels (_selfupdate.py). Two network namespaces, real mDNS:
   protocol version and only the features both offer), and the new node
   fetches 1.0 from the old one;
 * 2.0 imported on the new node travels to the old one, which applies it;
-* the new CLI reads the old node's unmarked state directory as it is, a
-  locked command migrates it, and the old CLI still reads it afterwards.
+* the new CLI reads the old node's unmarked state directory as it is, and a
+  locked command migrates it to this version's format.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from _netns import Host, Lan, netns_unavailable
 from _selfupdate import has_commit, old_p2pupd
 
 from p2pupd.daemon.ops import self_platform
+from p2pupd.daemon.state import stateformat
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -166,10 +167,13 @@ def test_an_old_and_a_new_daemon_exchange_releases(old: Path, tmp_path: Path) ->
                 for p in host.procs:
                     p.wait(timeout=30)
 
-        # The state directory the old code made: read as it is, migrated under the
-        # lock, and still read by the old code afterwards.
+        # The state directory the old code made: read as it is, then migrated by a
+        # command that holds the lock. (p2pupd 0.1.0 predates the marker, so it cannot
+        # refuse format 2, whose packed blobs it would not see; the marker tells every
+        # later version: oldest reader 2.)
         assert status(h_new, new_cmd, st_old)["components"]["app"]["serial"] == 2
         assert not (st_old / "format").exists()
         run(h_new, [*new_cmd, "gc", "--state-dir", st_old])
-        assert json.loads((st_old / "format").read_text())["format"] == 2
-        assert status(h_old, old_cmd, st_old)["components"]["app"]["serial"] == 2
+        marker = stateformat.read_marker(st_old)
+        assert (marker.format, marker.oldest_reader) == (2, 2)
+        assert status(h_new, new_cmd, st_old)["components"]["app"]["serial"] == 2
