@@ -25,7 +25,7 @@ is enforced by tests/unit/test_layering.py, with no import cycle anywhere):
     state/      the state dir and node config, the open node, trusted roots and
                 releases, the gate every release enters a node through, the
                 node's own rollout report
-    store/      bytes named by sha256: the blob store, spools of incoming blobs,
+    store/      bytes named by sha256: packs and loose blobs, the one spool of incoming blobs,
                 state-dir members opened without following links
     ground      errors.py, events.py (log lines), offload.py (blocking work off
                 the event loop), fsutil.py (real system calls), config.py

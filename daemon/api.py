@@ -130,6 +130,7 @@ def init_node(
     cluster: str | None = None,
     hook_limits: HookLimits | None = None,
     site_file: Path | None = None,
+    self_update: Path | None = None,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root (see ``ops``).
 
@@ -139,6 +140,7 @@ def init_node(
     return ops.init_node(
         state_dir, trust_file, components, options=options, platform=platform,
         cluster=cluster, hook_limits=hook_limits, site_file=site_file,
+        self_update=self_update,
     )  # fmt: skip
 
 

@@ -231,8 +231,11 @@ def syncfs_fd(fd: int, what: str | os.PathLike[str]) -> None:
         raise storage_error(OSError(err, os.strerror(err)), "sync filesystem of", what)
 
 
-def start_writeback(fd: int) -> None:
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting.
+
+    ``offset`` and ``length`` narrow it to a range (length 0: to the end of
+    the file), as a pack writer does for each stretch it has appended.
 
     Files made durable later by one ``syncfs_fd`` would otherwise all be
     written at that flush, after the work that produced them (on a real disk,
@@ -242,7 +245,32 @@ def start_writeback(fd: int) -> None:
     """
     fn = getattr(_libc()[0], "sync_file_range", None)
     if fn is not None:
-        fn(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+        fn(fd, ctypes.c_int64(offset), ctypes.c_int64(length), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+
+_FALLOC_FL_KEEP_SIZE = 1  # <linux/falloc.h>
+_FALLOC_FL_PUNCH_HOLE = 2
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the blocks of ``fd`` in ``[offset, offset + length)``; the size stays.
+
+    Those bytes then read as zeros and the filesystem gets their space back
+    (partial blocks at either end are zeroed in place). Returns ``False``
+    where the filesystem or libc cannot punch holes; raises ``StorageError``
+    for other failures.
+    """
+    libc = _libc()[0]
+    fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fn is None or length <= 0:
+        return False
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if fn(fd, ctypes.c_int(mode), ctypes.c_int64(offset), ctypes.c_int64(length)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise storage_error(OSError(err, os.strerror(err)), "free space in", f"fd {fd}")
 
 
 def _renameat2(a: bytes, b: bytes, flags: int, *, via_syscall: bool = False) -> int:
@@ -651,6 +679,41 @@ class FileLock:
         with contextlib.suppress(OSError):
             os.pwrite(fd, f"{os.getpid()}\n".ljust(_PID_BYTES).encode(), 0)
             os.ftruncate(fd, _PID_BYTES)
+        self._fd = fd
+
+    def hand_over(self) -> int:
+        """Stop managing the lock without releasing it: return its fd, made
+        inheritable, for a process this one ``exec``s into (``adopt``). The
+        lock then passes to the new program with no moment in which another
+        process could take it. Raises ``LockedError`` when not held."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise LockedError(f"{self.path} is not held by this process")
+        os.set_inheritable(fd, True)
+        return fd
+
+    def adopt(self, fd: int) -> None:
+        """Take over the lock an ``exec``ing predecessor held on ``fd`` (``hand_over``).
+
+        Raises ``LockedError`` when ``fd`` is not an open descriptor of this
+        lock file, or does not hold the lock.
+        """
+        if self._fd is not None:
+            raise LockedError(f"{self.path} is already held by this process")
+        try:
+            st, want = os.fstat(fd), os.stat(self.path)
+        except OSError as exc:
+            raise LockedError(f"inherited lock fd {fd} of {self.path}: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            raise LockedError(f"inherited fd {fd} is not the lock file {self.path}")
+        try:
+            # Succeeds at once if this open file description holds the lock.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LockedError(f"inherited fd {fd} does not hold the lock {self.path}") from None
+        os.set_inheritable(fd, False)  # children (health commands, hooks) must not keep it
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"{os.getpid()}\n".ljust(_PID_BYTES).encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

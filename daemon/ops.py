@@ -19,6 +19,7 @@ otherwise report the open transaction.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +52,7 @@ from p2pupd.daemon.state.statedir import (
     now_seconds,
 )
 from p2pupd.daemon.state.trusted import TrustStore
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import CodecError, MixAndMatchError, VerificationError
 from p2pupd.protocol.manifest import Manifest
@@ -67,9 +68,14 @@ from p2pupd.protocol.trust import TrustedRoot
 
 @contextlib.contextmanager
 def locked(state_dir: Path) -> Iterator[Node]:
-    """Open the node at ``state_dir`` and hold its state lock (``LockedError`` if taken)."""
+    """Open the node at ``state_dir`` and hold its state lock (``LockedError`` if taken).
+
+    An older state directory is migrated to this code's format first
+    (state/stateformat.py); one it does not understand was refused on opening.
+    """
     node = Node(state_dir)
     with node.lock:
+        node.state.migrate()
         yield node
 
 
@@ -113,8 +119,13 @@ def init_node(
     cluster: str | None = None,
     hook_limits: HookLimits | None = None,
     site_file: Path | None = None,
+    self_update: Path | None = None,
 ) -> NodeConfig:
     """Create or update a node's state directory and pin its trust root.
+
+    ``self_update`` (a prefix such as /opt/p2pupd, as the offline installer
+    made it) configures p2pupd itself as the component ``SELF_COMPONENT``
+    (``self_component``).
 
     Re-running adds or re-targets the components it names; the others, and
     every setting not given again (``options`` fields left ``None``, platform,
@@ -138,6 +149,9 @@ def init_node(
         raise CodecError(f"{trust_file} is not a p2pupd root file ({exc})") from None
     sd = StateDir(state_dir)
     names = [_component_name(n) for n in components]
+    if self_update is not None and SELF_COMPONENT in names:
+        raise ConfigError(f"--self-update configures {SELF_COMPONENT}: do not also name it")
+    own = None if self_update is None else self_component(self_update, options)
     if platform is not None:
         try:
             ids.check_platform(platform)
@@ -169,6 +183,10 @@ def init_node(
             # follow it to the version it points at): resolve only its directory.
             path = target.parent.resolve() / target.name if made.kind == "symlink" else None
             comps[name] = replace(made, target=path or target.resolve())
+        if own is not None:
+            base = comps.get(SELF_COMPONENT) or own
+            comps[SELF_COMPONENT] = replace(base, target=own.target, kind="symlink",
+                                            self_update=True, platform=own.platform)  # fmt: skip
         cfg = NodeConfig(
             node_id=old.node_id if old else new_node_id(),
             platform=platform or (old.platform if old else default_platform()),
@@ -177,7 +195,7 @@ def init_node(
             hooks=hook_limits or (old.hooks if old else HookLimits()),
         )
         sd.create(cfg)
-        BlobStore(sd.root)  # the store's directories, so the skeleton is whole from the start
+        PackStore(sd.root)  # the store's directories, so the skeleton is whole from the start
         trust = TrustStore(sd)
         if not trust.current_path.exists():
             trust.install(data, now_seconds())
@@ -190,6 +208,40 @@ def init_node(
     finally:
         lock.release()
     return cfg
+
+
+SELF_COMPONENT = "p2pupd"
+# p2pupd's own restart must start, read its state and rejoin its peers: more
+# than a typical health command, on a slow ARM box with mDNS to wait for.
+SELF_HEALTH_SECONDS = 120.0
+
+
+def self_platform(node_platform: str | None = None) -> str:
+    """The variant of p2pupd's own releases this installation takes: CPU and
+    CPython minor version (``linux-x86_64-cp311``), since its trees carry
+    native wheels built per minor version."""
+    base = node_platform or default_platform()
+    return f"{base}-cp{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def self_component(prefix: Path, options: ComponentOptions) -> ComponentConfig:
+    """The component that is p2pupd itself, installed under ``prefix`` by the
+    offline installer (``prefix/current`` a link to a version directory).
+
+    Raises ``ConfigError`` if ``prefix`` does not hold such an installation.
+    """
+    prefix = prefix.resolve()
+    current = prefix / "current"
+    if not current.is_symlink() or not (current / "bin" / "p2pupd").is_file():
+        raise ConfigError(
+            f"--self-update {prefix}: no p2pupd installed there ({current} is not a link to a "
+            "version directory with bin/p2pupd); install p2pupd from the offline artifact first"
+        )
+    health = options.health_seconds or SELF_HEALTH_SECONDS
+    return ComponentConfig(
+        name=SELF_COMPONENT, target=current, kind="symlink", health_seconds=health,
+        self_update=True, platform=self_platform(),
+    )  # fmt: skip
 
 
 def _read_site_file(path: Path) -> bytes:
@@ -429,6 +481,8 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
         "serial": st.installed,
         "target": str(cfg.target),
         "kind": cfg.kind,
+        **({"self_update": True} if cfg.self_update else {}),
+        "platform": node.config.platform_of(name),
         "kept": [{"serial": s, "version": label(s)} for s in st.kept],
         "available": {"serial": newest, "version": label(newest)} if newest else None,
         "high_water": st.high_water,
@@ -501,6 +555,8 @@ def gc(node: Node, dry_run: bool = False) -> dict[str, Any]:
         "bytes_freed": res.bytes_freed,
         "blobs_kept": res.blobs_kept,
         "temp_files_removed": res.temp_files_removed,
+        "blobs_packed": res.blobs_packed,
+        "packs_rewritten": res.packs_rewritten,
         "recovered": res.recovered,
     }
 

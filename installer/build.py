@@ -57,7 +57,7 @@ GLIBC_MAX = 28
 LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 BUILD_REQUIRES = ("setuptools>=77", "wheel")
 # Bump when the cache layout or what goes into a cached wheelhouse changes.
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
 
 
 class BuildError(Exception):
@@ -105,9 +105,16 @@ def glibc_floor(wheel_names: list[str]) -> tuple[int, int]:
 
 
 def cache_key(*parts: str) -> str:
+    """What a cached wheelhouse depends on: the dependencies and build
+    requirements pyproject.toml declares and the pins -- not p2pupd's own
+    version, so a new release (or a test's build of one) refetches nothing."""
     h = hashlib.sha256(CACHE_FORMAT.encode())
-    for path in (ROOT / "pyproject.toml", CONSTRAINTS):
-        h.update(path.read_bytes() if path.exists() else b"")
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = doc.get("project", {})
+    declared = [project.get("dependencies", []), project.get("requires-python", ""),
+                doc.get("build-system", {}).get("requires", [])]  # fmt: skip
+    h.update(json.dumps(declared, sort_keys=True).encode())
+    h.update(CONSTRAINTS.read_bytes() if CONSTRAINTS.exists() else b"")
     for part in parts:
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]

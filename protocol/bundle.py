@@ -17,6 +17,12 @@ Each p2pupd document is an OCI artifact manifest referenced from ``index.json``
 * at most one *request* artifact: the signed request file of the node the
   bundle was cut for (minimal bundles only).
 
+``index.json`` names the bundle *format* in its annotations (``MAJOR.MINOR``,
+see "the format version" below): a reader refuses a newer major format with
+one line before it reads anything else, and a writer puts the oldest format
+that can carry what the bundle holds, so older nodes keep importing sticks
+that need nothing new -- among them the stick that carries their own update.
+
 Every artifact's ``config`` is the OCI empty descriptor (``{}``), as the OCI
 artifact guidance asks. Nothing here is trusted: an importer reads the OCI
 metadata only to find the signed envelopes, verifies those against its pinned
@@ -30,12 +36,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pupd.protocol import ids, limits
-from p2pupd.protocol.errors import CodecError, FrameTooLargeError, SchemaError
+from p2pupd.protocol.errors import CodecError, FrameTooLargeError, NewerFormatError, SchemaError
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.varint import encode_uvarint, read_uvarint
 
@@ -78,6 +85,38 @@ ANNOTATION_PATCH_RESULT = "org.p2pupd.patch.result"
 ANNOTATION_PATCH_RESULT_SIZE = "org.p2pupd.patch.result.size"
 ANNOTATION_PATCH_BASE_SERIAL = "org.p2pupd.patch.base.serial"
 ANNOTATION_PATCH_BASE_VERSION = "org.p2pupd.patch.base.version"
+
+# -- the format version ------------------------------------------------------
+#
+# A bundle's format is ``MAJOR.MINOR`` in index.json's annotations
+# (``ANNOTATION_FORMAT``); a bundle without it is 1.0 (everything written
+# before the marker existed). A new *major* format adds something an older
+# reader would misread or refuse with a confusing error (a new artifact or
+# layer media type, a new layout): a reader refuses a major newer than its
+# own, first and with one line (``NewerFormatError``). A new *minor* format
+# adds only what an older reader of the same major may ignore safely
+# (informative annotations, say), so it is read. ``FORMAT_OF`` names the
+# format that introduced each artifact type and media type; the writer puts
+# the oldest format that can carry what its bundle holds (``format_needed``),
+# never simply the newest it knows, so a stick that needs no new feature is
+# read by every older node. ``ANNOTATION_WRITER`` ("p2pupd 0.2.0") is
+# informative: it lets a refusal say which p2pupd wrote the bundle.
+#
+# Formats: 1.0 -- plain bundles (p2pupd 0.1.0 onwards; unmarked before the
+# marker). 2.0 -- sealed bundles (protocol/site/sealed.py): the whole stick
+# encrypted to a site, one artifact a 1.x reader does not know; the plain
+# bundle inside keeps its own format.
+BUNDLE_FORMAT = (2, 0)  # the newest format this code reads and writes
+ANNOTATION_FORMAT = "org.p2pupd.bundle.format"
+ANNOTATION_WRITER = "org.p2pupd.bundle.writer"
+FORMAT_OF: dict[str, tuple[int, int]] = {
+    name: (1, 0)
+    for name in (
+        *ARTIFACT_TYPES, ROOT_MEDIA_TYPE, RELEASE_MEDIA_TYPE, *RELEASE_PATCH_MEDIA_TYPES,
+        REQUEST_MEDIA_TYPE, *BLOB_MEDIA_TYPES, PACK_MEDIA_TYPE, EMPTY_MEDIA_TYPE,
+    )
+}  # fmt: skip
+_FORMAT_RE = re.compile(r"([1-9][0-9]{0,3})\.(0|[1-9][0-9]{0,3})")
 
 # Bounds of the OCI side (the signed documents have their own in ``limits``).
 MAX_ARTIFACT_BYTES = limits.ARTIFACT_JSON_BUDGET.max_bytes  # a release listing ~500 k blobs
@@ -193,15 +232,65 @@ def build_artifact(artifact: Artifact) -> bytes:
     )
 
 
-def build_index(manifests: list[Descriptor]) -> bytes:
-    """Return the JSON bytes of ``index.json`` listing ``manifests``."""
+def build_index(
+    manifests: list[Descriptor], fmt: tuple[int, int] = (1, 0), writer: str | None = None
+) -> bytes:
+    """Return the JSON bytes of ``index.json`` listing ``manifests``, marked as
+    bundle format ``fmt`` (``format_needed``) written by ``writer`` (informative)."""
+    ann = {ANNOTATION_FORMAT: format_text(fmt)}
+    if writer is not None:
+        ann[ANNOTATION_WRITER] = writer
     return _json_bytes(
         {
             "schemaVersion": 2,
             "mediaType": INDEX_MEDIA_TYPE,
             "manifests": [d.to_json() for d in manifests],
+            "annotations": ann,
         }
     )
+
+
+def format_text(fmt: tuple[int, int]) -> str:
+    return f"{fmt[0]}.{fmt[1]}"
+
+
+def format_needed(artifacts: Sequence[Artifact]) -> tuple[int, int]:
+    """The oldest bundle format that can carry ``artifacts`` (their types and
+    every layer's media type); ``ValueError`` for a type no format defines
+    (a feature added without its ``FORMAT_OF`` entry)."""
+    need = (1, 0)
+    for art in artifacts:
+        for name in (art.artifact_type, *(d.media_type for d in art.layers)):
+            fmt = FORMAT_OF.get(name)
+            if fmt is None:
+                raise ValueError(f"no bundle format defines {name!r}: add it to FORMAT_OF")
+            need = max(need, fmt)
+    return need
+
+
+def check_format(annotations: dict[str, str]) -> tuple[int, int]:
+    """The format index.json's ``annotations`` declare (1.0 if none).
+
+    Raises ``NewerFormatError`` for a major format newer than ``BUNDLE_FORMAT``
+    (one line: the format, who wrote it, what to do) and ``SchemaError`` for a
+    marker that is not ``MAJOR.MINOR``.
+    """
+    text = annotations.get(ANNOTATION_FORMAT)
+    if text is None:
+        return (1, 0)
+    m = _FORMAT_RE.fullmatch(text)
+    if m is None:
+        raise SchemaError(f"index.json: bundle format {text!r:.40} is not MAJOR.MINOR")
+    fmt = (int(m[1]), int(m[2]))
+    if fmt[0] > BUNDLE_FORMAT[0]:
+        writer = annotations.get(ANNOTATION_WRITER, "")
+        by = f" (written by {writer!r:.60})" if writer else ""
+        raise NewerFormatError(
+            f"bundle format {format_text(fmt)}{by} is newer than this p2pupd reads "
+            f"(formats up to {BUNDLE_FORMAT[0]}.x): update p2pupd on this node first, or "
+            f"have the bundle cut without the newer features"
+        )
+    return fmt
 
 
 def layer_media_types(man: Manifest) -> dict[bytes, str]:
@@ -301,13 +390,16 @@ def parse_descriptor(v: Any, what: str) -> Descriptor:
 def parse_index(data: bytes) -> list[Descriptor]:
     """Parse ``index.json``; return the descriptors of the artifacts it lists.
 
-    Raises ``FrameTooLargeError`` beyond ``limits.INDEX_JSON_BUDGET`` and
-    ``SchemaError``/``CodecError`` for anything that is not a bounded OCI index
-    of image manifests, each listed once.
+    Raises ``FrameTooLargeError`` beyond ``limits.INDEX_JSON_BUDGET``,
+    ``NewerFormatError`` for a bundle format newer than this code reads
+    (``check_format``), and ``SchemaError``/``CodecError`` for anything that is
+    not a bounded OCI index of image manifests, each listed once.
     """
     v = _load_json(data, limits.INDEX_JSON_BUDGET)
     if not isinstance(v, dict) or v.get("schemaVersion") != 2:
         raise SchemaError("index.json is not an OCI image index")
+    # The format first: a newer bundle may hold anything after this point.
+    check_format(_annotations(v.get("annotations"), "index.json"))
     mans = v.get("manifests")
     if not isinstance(mans, list) or len(mans) > MAX_INDEX_ENTRIES:
         raise SchemaError(f"index.json must list at most {MAX_INDEX_ENTRIES} manifests")

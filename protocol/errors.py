@@ -47,6 +47,12 @@ class UnsafePathError(CodecError):
     """A path is absolute, escapes its root, or holds forbidden characters."""
 
 
+class NewerFormatError(ProtocolError):
+    """A bundle, state directory or document is of a format newer than this
+    p2pupd reads: not malformed, not hostile -- this node needs a newer p2pupd
+    (exit code 2 at the CLI; docs/self-update.md, "Version rules")."""
+
+
 class VerificationError(P2pupdError):
     """Content is well-formed but trust rules refuse it."""
 

@@ -28,6 +28,23 @@ body would cost as much time as the diff. A bsdiff4 patch packed with zstd is
 written in container v1 (``PZB1``), which every node applies; the other three
 forms need container v2 (``PZP2``).
 
+Patch formats, for mixed sites
+------------------------------
+A node applies only the containers its version knows, so what a publisher
+may write depends on the oldest p2pupd among the nodes a release must reach
+(docs/self-update.md, "Version rules"):
+
+* format 1 -- ``PZB1`` (bsdiff4, zstd) and classic ``BSDIFF40``: every p2pupd
+  applies them (0.1.0 included);
+* format 2 -- ``PZP2`` as well (hdiffpatch; LZMA2 packing): p2pupd with
+  this module's codecs.
+
+``encode_best(..., patch_format=1)`` writes only what format 1 allows: the
+bsdiff4 patch, packed with zstd whatever its size. The publisher's choice is
+the repository's ``patch_format`` (``publish --patch-format``); patches of
+release envelopes in bundles are always format 1 (tools/publisher/export.py:
+a bundle is written in the oldest format that carries it).
+
 ``encode_dict_patch``: a zstd frame of the new bytes compressed with the old as
 a raw-content dictionary, the other form a bundle may carry a release envelope
 in (``daemon.metadata`` decodes it). An envelope is mostly 32-byte digests:
@@ -63,6 +80,8 @@ BSDIFF_FALLBACK_MAX_INPUT_BYTES = 16 * limits.MiB  # ~17x this in memory when hd
 LZMA2_MIN_BODY = 4 * limits.KiB  # below this LZMA2 never won in the benchmark
 ZSTD_MAX_BODY = 128 * limits.KiB  # above this zstd never won in the benchmark
 BIG_CACHE_MATCH_BYTES = 1 * limits.MiB  # HDiffPatch's match cache pays off above this
+PATCH_FORMAT = 2  # the newest patch format (above) this code writes and applies
+PATCH_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -75,14 +94,21 @@ class EncodedPatch:
 
 
 def encode_patch(
-    old: bytes, new: bytes, level: int = PATCH_LEVEL, *, bsdiff: bool | None = None
+    old: bytes,
+    new: bytes,
+    level: int = PATCH_LEVEL,
+    *,
+    bsdiff: bool | None = None,
+    patch_format: int = PATCH_FORMAT,
 ) -> bytes:
     """Return the smallest patch from ``old`` to ``new`` (see the module doc).
 
     Falls back to bsdiff4 whatever the size if hdiffpatch fails: for callers
     that need a patch (release envelopes in bundles, tests).
     """
-    best = encode_best(old, new, level, bsdiff=bsdiff, fallback_max=None)
+    best = encode_best(
+        old, new, level, bsdiff=bsdiff, fallback_max=None, patch_format=patch_format
+    )
     assert best is not None  # bsdiff4 always yields a patch
     return best.data
 
@@ -94,14 +120,24 @@ def encode_best(
     *,
     bsdiff: bool | None = None,
     fallback_max: int | None = BSDIFF_FALLBACK_MAX_INPUT_BYTES,
+    patch_format: int = PATCH_FORMAT,
 ) -> EncodedPatch | None:
     """Return the smallest of the candidate patches from ``old`` to ``new``.
 
     ``bsdiff`` forces bsdiff4 on (True) or off (False); by default it is tried
     for inputs up to ``BSDIFF_MAX_INPUT_BYTES``, and when hdiffpatch gives
     nothing usable for inputs up to ``fallback_max`` (None: any size). Returns
-    None only when neither gives a patch.
+    None only when neither gives a patch. ``patch_format`` 1: only the bsdiff4
+    patch in container v1, which every node applies (see "Patch formats").
     """
+    if patch_format not in PATCH_FORMATS:
+        raise ValueError(f"patch format {patch_format} is not one of {PATCH_FORMATS}")
+    if patch_format == 1:
+        control, diff, extra = bsdiff4.core.diff(old, new)
+        raw = control + diff + extra
+        body = _pack(raw, Packing.ZSTD, level)
+        frame = _bsdiff_frame(len(new), len(control), len(diff), raw, Packing.ZSTD, body)
+        return EncodedPatch(frame, Codec.BSDIFF4, Packing.ZSTD)
     best: EncodedPatch | None = None
     for cand in _hdiff_candidates(old, new, level):
         if best is None or len(cand.data) < len(best.data):

@@ -16,9 +16,12 @@ the table is refused -- with ``RemoteProtocolError`` when the peer did it and
 ``ERROR``; from there we may still send ``Error`` or ``Bye`` to say why.
 
 Handshake: both sides send ``Hello`` first, in either order. The peer's Hello
-must carry our magic, our protocol version, our cluster id and a node id other
-than ours (else ``HandshakeError``). Until both Hellos are through, nothing else
-may be sent or received.
+must carry our magic, a protocol version we can speak (``negotiate_version``:
+the conversation runs at the lower of the two versions; only a peer below our
+``MIN_PROTOCOL_VERSION`` is refused), our cluster id and a node id other than
+ours (else ``HandshakeError``). Features are the intersection of both Hellos'
+(``supports``): offered, never required. Until both Hellos are through,
+nothing else may be sent or received.
 
 Proof (feature "proof", protocol/fleet/identity.py): when both sides offer it, the
 handshake goes on through ``PROVING``: each side sends one ``Proof``
@@ -53,7 +56,7 @@ import enum
 from collections import deque
 from collections.abc import Mapping
 
-from p2pupd.protocol import ids, limits
+from p2pupd.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ids, limits
 from p2pupd.protocol.errors import HashMismatchError, LocalProtocolError, RemoteProtocolError
 from p2pupd.protocol.fleet import identity
 from p2pupd.protocol.wire import (
@@ -110,6 +113,25 @@ from p2pupd.protocol.wire import (
 
 class HandshakeError(RemoteProtocolError):
     """The peer is not a compatible member of our cluster."""
+
+
+def negotiate_version(
+    theirs: int, ours: int = PROTOCOL_VERSION, oldest: int = MIN_PROTOCOL_VERSION
+) -> int:
+    """The protocol version a conversation with a peer of version ``theirs`` runs at.
+
+    The lower of the two: a newer node speaks down to an older one, so the
+    older side accepts any newer peer, and a node refuses only a peer older
+    than the oldest version it still speaks (``HandshakeError``, naming both).
+    mDNS discovery applies the same rule to the TXT ``proto`` of a service.
+    """
+    agreed = min(theirs, ours)
+    if agreed < oldest:
+        raise HandshakeError(
+            f"peer speaks p2pupd protocol version {theirs}, this node speaks versions "
+            f"{oldest} to {ours}; update the older node"
+        )
+    return agreed
 
 
 class State(enum.Enum):
@@ -248,6 +270,8 @@ class Session:
             challenge = b""
         self.hello = Hello.create(node_id, cluster_id, listen_port, features, public_key, challenge)
         self.peer_hello: Hello | None = None
+        # The version the conversation runs at, once the peer's Hello is in.
+        self.protocol_version: int | None = None
         self.state = State.IDLE
         self._key = key
         self._local_host = local_host
@@ -347,11 +371,7 @@ class Session:
     def _check_peer_hello(self, hello: Hello) -> None:
         if hello.magic != MAGIC:
             raise HandshakeError(f"peer is not a p2pupd node (magic {hello.magic!r})")
-        if hello.protocol_version != self.hello.protocol_version:
-            raise HandshakeError(
-                f"peer speaks p2pupd protocol version {hello.protocol_version}, this node "
-                f"speaks version {self.hello.protocol_version}; upgrade the older node"
-            )
+        self.protocol_version = negotiate_version(hello.protocol_version)
         if hello.cluster_id != self.hello.cluster_id:
             raise HandshakeError(
                 f"peer belongs to cluster {hello.cluster_id!r}, "

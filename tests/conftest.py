@@ -148,3 +148,25 @@ def world(tmp_path: Path, run: Run) -> World:
     )
     assert r.code == 0, r.err
     return w
+
+
+@pytest.fixture(scope="session")
+def dist_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline installer artifact of this checkout, for this CPU and CPython,
+    built once per session for the integration tests that need it (the first
+    build fills build/dist-cache from the index; tests/integration/_dist.py)."""
+    from _dist import (  # tests/integration/ is on the path once one of its tests is
+        ArtifactBuildError,
+        base_interpreter,
+        build_artifact,
+        this_arch,
+    )
+
+    if this_arch() is None:
+        pytest.skip("the artifacts are for x86_64 and aarch64 only")
+    if not base_interpreter().exists():
+        pytest.skip(f"no base interpreter at {base_interpreter()}")
+    try:
+        return build_artifact(tmp_path_factory.mktemp("artifact"))
+    except ArtifactBuildError as exc:
+        pytest.fail(str(exc))

@@ -4,7 +4,8 @@ Exit codes (documented in README and ``p2pupd --help``):
   0  success
   1  operational error (I/O, missing data, apply failed and rolled back);
      for apply, import --apply and rollback: the old version is live
-  2  usage or configuration error
+  2  usage or configuration error; a bundle or state directory of a format
+     newer than this p2pupd reads
   3  refused by verification (signature, threshold, hash, rollback, expiry,
      malformed or hostile input)
   4  an apply or rollback failed after its swap and the new version is live,
@@ -25,6 +26,7 @@ from importlib import metadata
 
 from p2pupd.daemon import api
 from p2pupd.protocol.errors import (
+    NewerFormatError,
     P2pupdError,
     RemoteProtocolError,
     UnsafePathError,
@@ -85,7 +87,9 @@ def exit_code_for(exc: BaseException) -> int:
     """Map an error to its documented exit code."""
     if isinstance(exc, (VerificationError, RemoteProtocolError, UnsafePathError)):
         return EXIT_REFUSED
-    if isinstance(exc, (UsageError, keys.KeyFileError, api.ConfigError, SiteError)):
+    if isinstance(
+        exc, (UsageError, keys.KeyFileError, api.ConfigError, SiteError, NewerFormatError)
+    ):
         return EXIT_USAGE
     if isinstance(exc, api.UnfinishedTransactionError):
         return EXIT_UNFINISHED

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 from p2pupd.daemon.apply.checks import HealthCheck, Hooks, run_health_command
 from p2pupd.daemon.apply.plan import Planner, StagePlan, kept_path, reusable_files
 from p2pupd.daemon.apply.targets import Target, lstat_or_none, target_for
-from p2pupd.daemon.apply.transaction import CRASH_POINTS, Transactions, Tx
+from p2pupd.daemon.apply.transaction import CRASH_POINTS, HandOver, Transactions, Tx
 from p2pupd.daemon.errors import (
     ApplyError,
     HealthCheckFailedError,
@@ -57,12 +57,15 @@ __all__ = [
     "CRASH_POINTS",
     "Applier",
     "ApplyResult",
+    "HandOver",
     "kept_path",
     "reusable_files",
     "run_health_command",
 ]
 
 CHECK_ERRORS = (HealthCheckFailedError, HookError, VerificationError, NotFoundError)
+# A self-update's trial record for a component, or None (see ``Applier``).
+Trial = Callable[[ComponentConfig], "dict[str, Any] | None"]
 
 
 @contextlib.contextmanager
@@ -114,11 +117,15 @@ class Applier:
     """
 
     def __init__(
-        self, node: Node, health: HealthCheck | None = None, hooks: Hooks | None = None
-    ) -> None:
+        self, node: Node, health: HealthCheck | None = None, hooks: Hooks | None = None,
+        trial: Trial | None = None,
+    ) -> None:  # fmt: skip
+        """``trial(cfg)`` returns the ``trial`` record of a self-update of ``cfg``
+        (then a checked apply raises ``HandOver`` before its swap), or None."""
         self.node = node
         self.health = health or run_health_command
         self.hooks = hooks if hooks is not None else Hooks(node)
+        self.trial = trial
         self._manifests = ManifestCache(node)
         self.tx = Transactions(node, self.manifest)
         self.planner = Planner(node, self.manifest)
@@ -204,6 +211,25 @@ class Applier:
         """Finish or undo every open transaction; return one line per action."""
         return self.tx.recover()
 
+    def finish_trial(self, component: str, tx_id: str) -> ApplyResult:
+        """A self-update's trial run proved itself: make it live and commit.
+
+        Raises ``NotFoundError`` if ``tx_id`` is not open at its trial, and
+        what ``Transactions.finish_trial`` raises.
+        """
+        cfg = self.node.config.component(component)
+        tx = self.tx.open_trial(cfg, tx_id)
+        man = self.manifest(component, tx.to)
+        self.tx.finish_trial(cfg, man, tx)
+        return ApplyResult(
+            component, tx.to, man.version, tx.frm, True, live_seconds=0.0, swap_ns=tx.swap_ns
+        )
+
+    def fail_trial(self, component: str, tx_id: str, reason: str) -> None:
+        """Record why a self-update's trial run did not prove itself (recovery marks it bad)."""
+        cfg = self.node.config.component(component)
+        self.tx.fail_trial(self.tx.open_trial(cfg, tx_id), reason)
+
     def pending(self) -> dict[str, dict[str, Any]]:
         """Open transactions by component (for ``status`` when recovery cannot run)."""
         return self.tx.pending()
@@ -226,7 +252,8 @@ class Applier:
             tx, report = self._stage_tx(cfg, target, cache, man, st, plan, rec, checked, event)
         stage_seconds = time.monotonic() - t0
         try:
-            self.tx.swap_and_commit(cfg, man, tx, self._checks)
+            trial = self.trial(cfg) if self.trial is not None else None
+            self.tx.swap_and_commit(cfg, man, tx, self._checks, trial)
         except CHECK_ERRORS as exc:
             raise HealthCheckFailedError(f"{cfg.name} {man.version} rolled back: {exc}") from None
         modified = tuple(plan.reuse.modified) if plan else ()

@@ -19,13 +19,16 @@ store's crash debris. On a full disk, where recovery cannot write, gc still
 runs (it is how room is made): the releases of open transactions are kept and
 their targets left for the recovery that follows.
 
-``fsck`` re-hashes the store and compares every live target with its
-manifest: types, modes, symlink targets, empty directories, no extra entries,
-and contents (through the stat cache, or re-hashed with ``full``).
+``fsck`` checks the store (every packed blob against its checksum, or its
+sha256 with ``full``; every loose file re-hashed) and compares every live
+target with its manifest: types, modes, symlink targets, empty directories,
+no extra entries, and contents (through the stat cache, or re-hashed with
+``full``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -40,6 +43,8 @@ from p2pupd.daemon.fsutil import hash_file
 from p2pupd.daemon.stage.stagefs import walk_tree
 from p2pupd.daemon.stage.statcache import StatCache
 from p2pupd.daemon.state.node import Node
+from p2pupd.daemon.state.statedir import LEGACY_DIRS
+from p2pupd.daemon.store import members
 from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import Manifest
 
@@ -52,6 +57,8 @@ class GcResult:
     bytes_freed: int = 0
     blobs_kept: int = 0
     temp_files_removed: int = 0
+    blobs_packed: int = 0  # small blobs moved from their own files into a pack
+    packs_rewritten: int = 0
     recovered: list[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -120,6 +127,12 @@ def collect(node: Node, dry_run: bool = False) -> GcResult:
     report = node.store.gc(keep)
     res.blobs_removed, res.bytes_freed = report.removed, report.bytes_freed
     res.temp_files_removed = node.store.clean_tmp()
+    for legacy in LEGACY_DIRS:  # the spool directories of format 1
+        if members.check(node.root, legacy, members.DIR):
+            res.temp_files_removed += members.clear(node.root, legacy)
+            with contextlib.suppress(OSError):
+                (node.root / legacy).rmdir()
+    res.blobs_packed, res.packs_rewritten = report.packed, report.repacked
     # Decoded manifests of releases whose blobs are gone: rebuilt on demand.
     shutil.rmtree(node.state.cache_dir / "manifests", ignore_errors=True)
     for cfg in node.config.components.values():
@@ -136,7 +149,7 @@ def fsck(node: Node, repair: bool = False, full: bool = False) -> dict[str, Any]
     """
     applier = Applier(node)
     doc: dict[str, Any] = {"recovered": applier.recover()}
-    rep = node.store.fsck(repair=repair)
+    rep = node.store.fsck(repair=repair, full=full)
     doc["store"] = {
         "checked": rep.checked,
         "corrupt": [d.hex() for d in rep.corrupt],

@@ -21,7 +21,20 @@ interruption is counted against the release. That is not a verdict on the
 release, so it is retried; only the ``INTERRUPTIONS_BEFORE_BAD``-th (state/components.py)
 interruption marks it bad (as boot counting does in A/B updaters: a release
 that takes the machine down with it must not be retried for ever). A failed
-health check is a verdict: a recorded ``undo`` marks the release bad at once. docs/apply.md shows this table; a test checks that the two agree.
+health check is a verdict: a recorded ``undo`` marks the release bad at once.
+
+A self-update (docs/self-update.md) tries the new version *before* the swap:
+after ``staged`` it journals ``trial`` and restarts the daemon into the
+staged version, which journals ``healthy`` once it has proved itself, then
+swaps and commits -- or ``unhealthy`` with its reason; the old version's
+watchdog journals ``unhealthy`` too when the trial run dies or hangs. Its
+process holds the node lock throughout, so whoever recovers such a
+transaction knows its trial run is over. ``unhealthy`` is a verdict: the
+release is marked bad, and the old version, never swapped out, stays. A
+trial with neither was cut off (a power cut, the service stopped): an
+interruption, counted like one between swap and commit. ``healthy`` means
+the new version proved itself: if the swap happened the commit is
+finished, else the attempt counts as an interruption and is retried. docs/apply.md shows this table; a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -36,6 +49,9 @@ class Phase(enum.Enum):
 
     BEGUN = "`begin`, no `staged`"
     STAGED = "`staged` (maybe `swapped`, `health`), no verdict"
+    TRIAL = "`trial` (self-update: the new version's trial run), no verdict"
+    UNPROVEN = "`unhealthy` (self-update: the trial run failed)"
+    PROVEN = "`healthy` (self-update: the trial run proved it), no `commit`"
     UNDOING = "`undo`"
     COMMITTING = "`commit`"
 
@@ -60,6 +76,10 @@ class Action(enum.Enum):
         "the release is retried, and marked bad at the third interruption"
     )
     FINISH_UNDO = "finish the undo: old version back, the recorded failure marks the release bad"
+    TRIAL_FAILED = (
+        "the trial run failed: the old version stays (or goes back), the release is "
+        "marked bad"
+    )
     FINISH_COMMIT = "finish the commit (state, kept version, cleanup); the new version stays"
 
 
@@ -68,6 +88,15 @@ RECOVERY: dict[tuple[Phase, Seen], Action] = {
     (Phase.STAGED, Seen.OLD): Action.ABORT,
     (Phase.STAGED, Seen.NEITHER): Action.ABORT,
     (Phase.STAGED, Seen.NEW): Action.UNDO_INTERRUPTED,
+    (Phase.TRIAL, Seen.OLD): Action.UNDO_INTERRUPTED,
+    (Phase.TRIAL, Seen.NEW): Action.UNDO_INTERRUPTED,
+    (Phase.TRIAL, Seen.NEITHER): Action.ABORT,
+    (Phase.UNPROVEN, Seen.OLD): Action.TRIAL_FAILED,
+    (Phase.UNPROVEN, Seen.NEW): Action.TRIAL_FAILED,
+    (Phase.UNPROVEN, Seen.NEITHER): Action.ABORT,
+    (Phase.PROVEN, Seen.OLD): Action.UNDO_INTERRUPTED,
+    (Phase.PROVEN, Seen.NEW): Action.FINISH_COMMIT,
+    (Phase.PROVEN, Seen.NEITHER): Action.ABORT,
     (Phase.UNDOING, Seen.OLD): Action.FINISH_UNDO,
     (Phase.UNDOING, Seen.NEW): Action.FINISH_UNDO,
     (Phase.UNDOING, Seen.NEITHER): Action.FINISH_UNDO,
@@ -84,6 +113,12 @@ def phase_of(records: Iterable[dict[str, Any]]) -> Phase:
         return Phase.COMMITTING
     if "undo" in steps:
         return Phase.UNDOING
+    if "healthy" in steps:
+        return Phase.PROVEN
+    if "unhealthy" in steps:
+        return Phase.UNPROVEN
+    if "trial" in steps:
+        return Phase.TRIAL
     if "staged" in steps:
         return Phase.STAGED
     return Phase.BEGUN

@@ -18,6 +18,17 @@ the daemon) reads the open transaction and the target's identity and does what
 the recovery table says (recovery.py: one entry per pair of what the journal
 reached and what the target holds).
 
+A self-update (``swap_and_commit(..., trial=...)``; docs/self-update.md)
+tries the new version before the swap::
+
+    ... staged ─► trial ─► (hand over: the daemon restarts into the stage) ─► healthy ─► swap ─► ...
+
+``HandOver`` leaves the transaction open at ``trial``; the restarted daemon,
+which inherits the node lock, claims it (``claim_trial``: recovery leaves it
+alone), proves itself and ends it with ``finish_trial`` (or records why not
+with ``fail_trial``). Anyone who recovers it later holds the lock, so its
+trial run is over: recovery.py decides.
+
 So after any crash the target is exactly the old or the new version. The
 cleanup after a commit (dropping versions beyond ``retain``, scratch names,
 stale cache records) is idempotent and runs before ``done``, so recovery
@@ -211,11 +222,19 @@ CRASH_POINTS = (
     "commit-state",  # state updated, replaced version not yet moved to its kept name
     "done",
 )
+# A self-update's own points (not met by other applies, so kept apart).
+TRIAL_CRASH_POINTS = (
+    "trial",  # trial record durable, not yet handed over
+    "healthy",  # healthy record durable, swap not done
+)
 _CRASH_AT = os.environ.get("P2PUPD_CRASH_AT")
 # A test's fault injector, called at every point (fill the disk, remount, cut the power).
 FAULT: Callable[[str], None] | None = None
 
 Checks = Callable[[ComponentConfig, Target, Manifest, "Tx"], None]
+# The self-update trial this process runs (its ``trial`` transaction id), set
+# by the restarted daemon (``claim_trial``): recovery must not judge it.
+_OWN_TRIAL: set[str] = set()
 
 
 def crash_point(point: str) -> None:
@@ -233,6 +252,26 @@ class UnfinishedTransactionError(DaemonError):
     as the recovery table says. The CLI's exit code 4, never 1: exit 1 means
     the old version is live.
     """
+
+
+def claim_trial(tx_id: str | None) -> None:
+    """This process is the trial run of transaction ``tx_id`` (None: no longer)."""
+    _OWN_TRIAL.clear()
+    if tx_id is not None:
+        _OWN_TRIAL.add(tx_id)
+
+
+class HandOver(Exception):
+    """Raised by ``swap_and_commit`` at the ``trial`` point of a self-update.
+
+    The transaction stays open; the caller must run ``tx.src`` (the staged new
+    version) for its trial, handing it the node lock. Not a ``P2pupdError``:
+    nothing failed.
+    """
+
+    def __init__(self, tx: Tx) -> None:
+        super().__init__(f"{tx.component}: serial {tx.to} staged at {tx.src}, trial pending")
+        self.tx = tx
 
 
 @dataclass
@@ -335,14 +374,19 @@ class Transactions:
         with contextlib.suppress(StorageError):
             self.abort(cfg, tx)
 
-    def swap_and_commit(self, cfg: ComponentConfig, man: Manifest, tx: Tx, checks: Checks) -> None:
+    def swap_and_commit(
+        self, cfg: ComponentConfig, man: Manifest, tx: Tx, checks: Checks,
+        trial: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         """Swap ``tx.src`` in, run ``checks`` (if ``tx.checked``), then commit or undo.
 
         Raises whatever ``checks`` raised after the old version is back and
         the release is marked bad; ``StorageError``/``ApplyError`` when the
         transaction failed with the old version live (never replaced, or put
         back); ``UnfinishedTransactionError`` when it failed with the new
-        version live (``_settle``).
+        version live (``_settle``). With ``trial`` (a checked self-update: the
+        fields of its ``trial`` record), raises ``HandOver`` before the swap
+        instead (see the module docstring).
         """
         target = target_for(cfg)
         try:
@@ -357,6 +401,15 @@ class Transactions:
             self.abort_quietly(cfg, tx)
             raise
         crash_point("staged")
+        if trial is not None and tx.checked:
+            self.step(tx, "trial", **trial)
+            crash_point("trial")
+            raise HandOver(tx)
+        self._finish(cfg, man, tx, target, checks)
+
+    def _finish(
+        self, cfg: ComponentConfig, man: Manifest, tx: Tx, target: Target, checks: Checks
+    ) -> None:
         try:
             self._swap_check_commit(cfg, man, tx, target, checks)
         except Exception as exc:
@@ -365,6 +418,41 @@ class Transactions:
         crash_point("done")
         with contextlib.suppress(StorageError):  # done: a large log is compacted next time
             self.journal(cfg.name).compact()
+
+    def open_trial(self, cfg: ComponentConfig, tx_id: str) -> Tx:
+        """The open self-update transaction ``tx_id`` of ``cfg``, stopped at ``trial``.
+
+        Raises ``NotFoundError`` if the journal holds no such transaction (it
+        was settled, or never reached its trial).
+        """
+        recs = self.journal(cfg.name).open_transaction() or []
+        steps = [r.get("step") for r in recs]
+        if (
+            not recs
+            or recs[0].get("tx") != tx_id
+            or "trial" not in steps
+            or {"healthy", "unhealthy"} & set(steps)
+        ):
+            raise NotFoundError(f"{cfg.name}: no open trial {tx_id} in the journal")
+        tx = Tx.from_records(recs)
+        tx.steps = [str(s) for s in steps]
+        return tx
+
+    def finish_trial(self, cfg: ComponentConfig, man: Manifest, tx: Tx) -> None:
+        """The trial run proved ``tx.to`` healthy: journal it, swap, commit.
+
+        Raises as ``swap_and_commit`` does after its swap.
+        """
+        self.step(tx, "healthy")
+        crash_point("healthy")
+        self._finish(cfg, man, tx, target_for(cfg), lambda *_: None)
+        with contextlib.suppress(StorageError):
+            self.journal(cfg.name).compact()
+
+    def fail_trial(self, tx: Tx, reason: str) -> None:
+        """Record why the trial run of ``tx`` did not prove it healthy; whoever
+        recovers the transaction (recovery.py) then marks the release bad with it."""
+        self.step(tx, "unhealthy", reason=reason)
 
     def _swap_check_commit(
         self, cfg: ComponentConfig, man: Manifest, tx: Tx, target: Target, checks: Checks
@@ -525,6 +613,8 @@ class Transactions:
         out = []
         for name, cfg in self.node.config.components.items():
             recs = self.journal(name).open_transaction()
+            if recs and recs[0].get("tx") in _OWN_TRIAL:
+                continue  # this process is its trial run: not over, not ours to judge
             if recs:
                 out.append(self._recover_one(cfg, recs))
             else:
@@ -567,10 +657,14 @@ class Transactions:
             return (
                 f"{cfg.name}: discarded an interrupted {tx.op} of serial {tx.to}; old version kept"
             )
-        verdict = action is Action.FINISH_UNDO
+        verdict = action in (Action.FINISH_UNDO, Action.TRIAL_FAILED)
+        default = {
+            Phase.TRIAL: "its trial run was cut off before a verdict (a crash, a power cut, "
+            "the service stopped)",
+            Phase.PROVEN: "interrupted between its healthy trial run and the swap",
+        }.get(phase_of(recs), "interrupted between swap and commit")
         reason = next(
-            (r["reason"] for r in recs if r.get("step") == "undo"),
-            "interrupted between swap and commit",
+            (str(r["reason"]) for r in recs if r.get("step") in ("undo", "unhealthy")), default
         )
         recorded = any(r.get("step") == "recorded" for r in recs)
         self._undo(cfg, target, tx, reason, verdict=verdict, recorded=recorded)

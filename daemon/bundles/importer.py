@@ -25,15 +25,17 @@ for how it is read), and nothing on the node changes until all of it checks out:
 4. *Layout.* Every referenced blob must be a regular file of its declared
    size; an unreferenced blob or a stray name in ``blobs/sha256`` is refused.
    Any failure so far raises before a single byte is written.
-5. *Copy* the blobs the store lacks into ``STATE/incoming`` (incoming.py),
-   hashing as they stream; blobs an interrupted run left there are re-checked
-   and reused. Packed blobs come first: each pack is read again (one in memory
-   at a time) and its entries are copied out of it like files. A mismatch
-   discards what this run copied (exit 3, nothing changed); an I/O error keeps
-   it for the rerun (exit 1).
-6. *Commit*: flush, move the blobs into the store, then persist the new root
-   and the release envelopes and raise the high-water marks (atomic writes).
-   A crash in between is repaired by a rerun: blobs already stored are skipped.
+5. *Copy* the blobs the store lacks into the spool (``store/spool.py``: small
+   ones appended to a pack, large ones to files), hashing each on one of
+   ``COPY_THREADS`` threads; what an interrupted run left is re-checked and
+   reused. Blobs the bundle carries in packs come first: each bundle pack is
+   read again (one in memory at a time) and its entries are copied out of it.
+   A mismatch discards what this run copied (exit 3, nothing changed); an I/O
+   error keeps it for the rerun (exit 1).
+6. *Commit*: flush, make the blobs part of the store, then persist the new
+   root and the release envelopes and raise the high-water marks (atomic
+   writes). A crash in between is repaired by a rerun: blobs already stored
+   are skipped.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from p2pupd.daemon.fsutil import ensure_free, write_all
 from p2pupd.daemon.state import components
 from p2pupd.daemon.state.gate import needed_for, persist_release
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.store.incoming import Incoming
+from p2pupd.daemon.store.spool import Spool
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
 from p2pupd.protocol.errors import (
@@ -130,7 +132,7 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
         man = r.manifest
         if man.component not in node.config.components:
             report.skipped.append(f"{man.component} {man.version}: not configured on this node")
-        elif man.platform is not None and man.platform != node.config.platform:
+        elif man.platform is not None and man.platform != node.config.platform_of(man.component):
             others.setdefault((man.component, man.serial), []).append(man)
         else:
             by_comp.setdefault(man.component, []).append(r)
@@ -139,7 +141,7 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
     ours = {(r.manifest.component, r.manifest.serial) for rels in by_comp.values() for r in rels}
     for key, mans in sorted(others.items()):
         if key not in ours:
-            msg = no_variant_message(mans, node.config.platform)
+            msg = no_variant_message(mans, node.config.platform_of(key[0]))
             report.skipped.append(msg)
             st = states.get(key[0])
             if key[1] > (st.high_water if st else 0):
@@ -233,7 +235,7 @@ def import_bundle(
     blobs. Raises a ``VerificationError`` (refused) or ``RemoteProtocolError``
     (malformed medium) with the node unchanged; ``BundleError`` (the medium
     could not be read), ``ImportInterruptedError`` or ``StorageError`` with the
-    node unchanged but for complete blobs kept in ``STATE/incoming`` to resume.
+    node unchanged but for complete blobs kept in the spool to resume.
     """
     t0 = time.monotonic()
     keys = partial(node.membership.seal_keys, node.config.node_id)
@@ -265,16 +267,17 @@ def import_bundle(
             carried.update(c.rel.carried)
         need = {d: s for d, s in carried.items() if not node.store.has(d)}
         report.blobs_present = len(carried) - len(need)
-        incoming = Incoming(node.root, node.store)
+        spool = Spool(node.root, node.store)
+        done = False
         try:
             blobs = _BlobOpener(reader, meta.packed)
-            _copy(blobs, incoming, need, inodes, report, progress, on_total, cancel)
+            _copy(blobs, spool, need, inodes, report, progress, on_total, cancel)
             # Everything is verified and on our disk. From here on only complete
             # blobs and atomically written documents are added.
-            incoming.commit(sorted(need))
-            incoming.remove()
+            spool.commit()
+            done = True
         finally:
-            incoming.remove_if_empty()  # an empty area left by a failure goes
+            spool.close(clear=done)
     _persist(node, meta, todo, report, now, os.fspath(src))
     report.seconds = time.monotonic() - t0
     return report
@@ -283,7 +286,7 @@ def import_bundle(
 class _BlobOpener:
     """Opens the bytes of a blob to copy: its file on the medium, or its entry in a pack.
 
-    ``Incoming.copy`` reads from an fd, so a packed blob is served from an
+    ``Spool.copy`` reads from an fd, so a packed blob is served from an
     anonymous in-memory file. The pack is read (hash-checked) again, one at a
     time: packed blobs are copied in pack order, so each pack is read about once.
     """
@@ -335,7 +338,7 @@ def _memory_fd(data: bytes) -> int:
 
 def _copy(
     blobs: _BlobOpener,
-    incoming: Incoming,
+    spool: Spool,
     need: dict[bytes, int],
     inodes: dict[bytes, int],
     report: ImportReport,
@@ -343,21 +346,19 @@ def _copy(
     on_total: Callable[[int], None] | None,
     cancel: Callable[[], bool] | None,
 ) -> None:
-    """Bring every blob of ``need`` into ``incoming``; see step 5 of the module doc.
+    """Bring every blob of ``need`` into the spool; see step 5 of the module doc.
 
     Blobs are copied by ``COPY_THREADS`` threads (hashing and the kernel's
     file creation release the GIL): packed blobs first, then files in on-disk
     order of the medium.
     """
-    incoming.open()
-    left = incoming.held()
-    resumed = {d for d in need if d in left and incoming.reverify(d, need[d])}
+    resumed = spool.resume(need)
     todo = iter(sorted((d for d in need if d not in resumed), key=lambda d: blobs.order(d, inodes)))
     total = sum(s for d, s in need.items() if d not in resumed)
     if on_total is not None:
         on_total(total)
     if total:
-        ensure_free(incoming.dir.parent, total, FREE_MARGIN_BYTES)
+        ensure_free(spool.dir.parent, total, FREE_MARGIN_BYTES)
     report.blobs_resumed = len(resumed)
     lock = threading.Lock()
     copied: list[bytes] = []
@@ -382,7 +383,7 @@ def _copy(
                     )
                 fd = blobs.open(dg, need[dg])
                 try:
-                    n = incoming.copy(fd, dg, need[dg], advance)
+                    n = spool.copy(fd, dg, need[dg], advance)
                 finally:
                     os.close(fd)
             except BaseException as exc:
@@ -410,8 +411,7 @@ def _copy(
     if failed:
         if isinstance(failed[0], (VerificationError, RemoteProtocolError)):
             # The bundle lied: what it brought goes, so a refusal changes nothing.
-            incoming.discard(copied)
-            incoming.remove_if_empty()
+            spool.discard()
         raise failed[0]
 
 

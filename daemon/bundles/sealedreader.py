@@ -21,8 +21,8 @@ and the table may list no blob the inner metadata leaves unreferenced.
 Blobs up to ``WHOLE_BYTES`` of ciphertext are decrypted in memory (chunks,
 packs); a larger one is hashed first, then decrypted segment by segment into
 an unlinked file beside the state (never all in memory). Resume works as for
-a plain bundle: the importer keeps complete *plaintext* blobs in
-``STATE/incoming``.
+a plain bundle: the importer keeps complete *plaintext* blobs in the
+spool (``store/spool.py``).
 """
 
 from __future__ import annotations

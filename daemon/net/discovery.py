@@ -52,6 +52,7 @@ from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log
 from p2pupd.daemon.net.peers import format_endpoint
 from p2pupd.protocol import PROTOCOL_VERSION
+from p2pupd.protocol.session import HandshakeError, negotiate_version
 from p2pupd.protocol.wire import PeerAddr
 
 SERVICE_TYPE = "_p2pupd._tcp.local."
@@ -248,7 +249,7 @@ class Discovery:
             len(node_id) != 16
             or node_id == cfg.node_id
             or props.get("cluster") != cfg.cluster
-            or props.get("proto") != str(PROTOCOL_VERSION)
+            or not speaks_with(props.get("proto"))
             or not info.port
         ):
             return
@@ -268,6 +269,18 @@ class Discovery:
 def _offer(send: trio.MemorySendChannel[str], item: str) -> None:
     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         send.send_nowait(item)  # a full channel drops a hint; the browser repeats
+
+
+def speaks_with(proto: str | None) -> bool:
+    """Whether a service whose TXT ``proto`` is ``proto`` speaks a protocol
+    version we can talk at (the handshake's rule, ``session.negotiate_version``)."""
+    if proto is None or not proto.isascii() or not proto.isdigit() or len(proto) > 9:
+        return False
+    try:
+        negotiate_version(int(proto))
+    except HandshakeError:
+        return False
+    return True
 
 
 def _text_props(props: dict[bytes, bytes | None] | Any) -> dict[str, str]:

@@ -24,16 +24,25 @@ systemd (``$NOTIFY_SOCKET``, a datagram; no dependency).
 SIGTERM/SIGINT: ``STOPPING=1``, ``Bye`` to every peer (bounded wait), cancel
 everything; discovery unregisters, the control socket is removed, the lock is
 released.
+
+Self-update (selfupdate.py): a daemon that owns its process may be asked to
+become another version of p2pupd -- the staged one for its trial run, or the
+live one after a failed trial or a rollback. It stops the same way, but keeps
+the node lock's descriptor for the next program and ``main`` ``exec``s it
+(same pid: still systemd's main process). A daemon started that way adopts
+the lock instead of taking it, and a trial run proves itself once ready.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +51,7 @@ from typing import Any
 import trio
 
 from p2pupd.daemon import ops
+from p2pupd.daemon.apply.transaction import claim_trial
 from p2pupd.daemon.bundles.siterequest import node_identity, node_public_key
 from p2pupd.daemon.config import DaemonOptions
 from p2pupd.daemon.errors import LockedError
@@ -50,10 +60,12 @@ from p2pupd.daemon.net.dialer import Dialer
 from p2pupd.daemon.net.discovery import Discovery
 from p2pupd.daemon.net.peers import format_endpoint
 from p2pupd.daemon.net.transport import serve_listener
+from p2pupd.daemon.service import selfupdate
 from p2pupd.daemon.service.autoimport import serve_watch
 from p2pupd.daemon.service.metrics import MetricsFeed, serve_metrics
 from p2pupd.daemon.service.nodeservice import NodeService, ServiceOptions
 from p2pupd.daemon.service.rollout.service import RolloutOptions
+from p2pupd.daemon.service.selfupdate import Restart, TrialRun
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import now_seconds
 from p2pupd.protocol.errors import P2pupdError
@@ -141,20 +153,46 @@ async def supervise(
         delay = min(policy.backoff_max, delay * 2)
 
 
-async def run(
-    options: DaemonOptions, *, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Run the daemon for ``options.state_dir`` until SIGTERM/SIGINT or cancellation.
+@dataclass
+class Exit:
+    """How ``run`` ended, for ``main``: a restart into another version, with the lock's fd."""
 
-    Raises ``ConfigError``/``LockedError``/``ListenError``/``StorageError`` when
-    it cannot start.
+    restart: Restart | None = None
+    lock_fd: int | None = None
+
+
+async def run(
+    options: DaemonOptions,
+    adopted: TrialRun | None = None,
+    *,
+    task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,
+) -> Exit:
+    """Run the daemon for ``options.state_dir`` until SIGTERM/SIGINT, cancellation or a
+    self-update restart (returned for ``main``).
+
+    ``adopted``: what a predecessor that ``exec``ed into this process handed
+    over (selfupdate.py). Raises ``ConfigError``/``LockedError``/
+    ``ListenError``/``StorageError`` when it cannot start.
     """
     node = Node(options.state_dir)
     try:
-        node.lock.acquire()
+        if adopted is not None and adopted.lock_fd is not None:
+            node.lock.adopt(adopted.lock_fd)
+        else:
+            node.lock.acquire()
     except LockedError as exc:
         raise LockedError(f"{exc}: is a p2pupd daemon already running on this state?") from None
+    trial = adopted if adopted is not None and adopted.tx else None
+    out = Exit()
     try:
+        fields = {}
+        if trial is not None:
+            claim_trial(trial.tx)  # our own recovery must leave it open
+            fields = await trio.to_thread.run_sync(selfupdate.trial_fields, node, trial)
+        # During a trial only what the old version still reads (stateformat.py).
+        reader = fields.get("state_format") if trial is not None else None
+        for line in await trio.to_thread.run_sync(node.state.migrate, reader):
+            log("state-migrated", detail=line)
         await trio.to_thread.run_sync(node.store.clean_tmp)
         _announce_membership(node, options)
         host, port = options.listen
@@ -185,6 +223,19 @@ async def run(
         async with trio.open_nursery() as nursery:
             if options.handle_signals:
                 nursery.start_soon(_on_signals, core, nursery.cancel_scope)
+
+                def restart(r: Restart) -> None:
+                    if out.restart is None:
+                        out.restart = r
+                        nursery.start_soon(_restarting, core, nursery.cancel_scope, r)
+
+                # A daemon that owns its process may become another version of
+                # p2pupd (selfupdate.py); an embedded one (tests) never execs.
+                core.lifecycle.self_update = selfupdate.Hooks(
+                    options.state_dir, lambda: len(core.conns), restart
+                )
+            if adopted is not None and adopted.watchdog:
+                nursery.start_soon(selfupdate.reap, adopted.watchdog)
 
             async def on_stream(stream: trio.SocketStream, address: str) -> None:
                 try:
@@ -235,10 +286,19 @@ async def run(
                 mdns="on" if options.mdns else "off",
             )
             sd_notify("READY=1")
+            if trial is not None and core.lifecycle.self_update is not None:
+                nursery.start_soon(
+                    selfupdate.prove, core, trial, fields, core.lifecycle.self_update.restart
+                )
             task_status.started(core)
     finally:
-        node.lock.release()
+        if out.restart is not None and out.restart.keep_lock and node.lock.held:
+            out.lock_fd = node.lock.hand_over()
+        else:
+            node.lock.release()
+        claim_trial(None)
         log("stopped")
+    return out
 
 
 def _announce_membership(node: Node, options: DaemonOptions) -> None:
@@ -290,6 +350,15 @@ def _control(core: NodeService) -> StartFn:
     return serve
 
 
+async def _restarting(core: NodeService, scope: trio.CancelScope, r: Restart) -> None:
+    """Stop every service for a self-update restart, as for SIGTERM but without STOPPING=1."""
+    await trio.sleep(0.2)  # let the control reply that caused it go out first
+    log("restarting", launcher=str(r.launcher), reason=r.reason)
+    with trio.move_on_after(3):
+        await core.close_all(f"restarting: {r.reason}")
+    scope.cancel()
+
+
 async def _on_signals(core: NodeService, scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -306,14 +375,19 @@ async def _on_signals(core: NodeService, scope: trio.CancelScope) -> None:
 
 
 def main(options: DaemonOptions) -> int:
-    """Run the daemon in this process (the ``p2pupd daemon`` command); returns 0."""
+    """Run the daemon in this process (the ``p2pupd daemon`` command); returns 0, or
+    ``exec``s another version of p2pupd (a self-update) with this process's arguments."""
     setup_logging(options.log_level)
+    adopted = selfupdate.adopted()
+    out = Exit()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            trio.run(run, options)
+            out = trio.run(functools.partial(run, options, adopted))
     except BaseExceptionGroup as group:  # trio's nurseries wrap even a single error
         leaf = _leaf(group)
         if isinstance(leaf, P2pupdError):
             raise leaf from None  # one line and an exit code at the CLI
         raise
+    if out.restart is not None:
+        return selfupdate.exec_restart(out.restart, out.lock_fd, sys.argv[1:])
     return 0

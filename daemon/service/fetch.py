@@ -18,14 +18,15 @@ accepted release replaces it (blobs already stored count for the new one).
    are asked for without a task of their own (``PeerConnection.send_request``):
    one ``ChunkBatchRequest`` per peer and turn from a peer that speaks
    "batch", else one ``ChunkRequest`` each. The reader hands each answer to
-   a callback that queues it and wakes the fetch loop; the loop lands what
-   arrived (``Landing.put`` hash-checks and writes it -- the blob is
-   servable from then on, ``serving.Content`` reads landed blobs), tells the
-   swarm and sends the next requests. A larger blob (patches, hooks) gets a
-   task that fetches ranged pieces (``ranged.get_ranged``) and streams them
-   into the store (``BlobStore.put_stream``). Landed blobs are made durable
-   and moved into the store in batches (``landing``), at the latest before
-   the release counts as complete.
+   a callback that queues it and wakes the fetch loop; the loop hands what
+   arrived to a worker thread as one batch (``Spool.put_many`` hash-checks it
+   on both cores and appends it to a pack; the connections keep reading
+   meanwhile), tells the swarm and sends the next requests. A larger blob
+   (patches, hooks) gets a task that fetches ranged pieces
+   (``ranged.get_ranged``) and streams them into the store
+   (``BlobStore.put_stream``). Spooled blobs are made durable and committed to
+   the store in batches (every ``COMMIT_SECONDS``; ``spool``), at the latest
+   before the release counts as complete; from then on they are servable.
    A mismatch bans and disconnects the peer; a peer that does not answer
    within ``hard_timeout`` is disconnected; ChunkMissing just steers the
    swarm elsewhere.
@@ -53,9 +54,8 @@ from p2pupd.daemon.service.links import Links
 from p2pupd.daemon.service.offers import Offers
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for
-from p2pupd.daemon.store.landing import Landing
+from p2pupd.daemon.store.spool import Spool
 from p2pupd.protocol import limits
-from p2pupd.protocol.errors import HashMismatchError
 from p2pupd.protocol.fleet.swarm import Fetch, ReleaseSwarm
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.session import Session
@@ -69,7 +69,7 @@ from p2pupd.protocol.wire import (
     Response,
 )
 
-COMMIT_SECONDS = 0.25  # landed blobs are flushed, stored and announced in batches
+COMMIT_SECONDS = 0.25  # spooled blobs are flushed, stored and announced in batches
 IDLE_SECONDS = 5.0
 RETRY_SECONDS = 30.0
 # A blob up to this size goes in one ChunkData frame (room for the envelope).
@@ -155,8 +155,7 @@ class FetchManager:
         self.active: dict[str, ReleaseFetch] = {}
         self.received: dict[str, Received] = {}
         self._commit_wanted = trio.Event()
-        self.landing = Landing(links.node.root, links.node.store)
-        content.serve_landed(self.landing.dir)
+        self.spool = Spool(links.node.root, links.node.store)
         self._nursery: trio.Nursery | None = None
 
     def wake(self, component: str) -> None:
@@ -167,15 +166,18 @@ class FetchManager:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run fetches and the batched commits (and Have updates) until cancelled."""
-        await self._links.offload(self.landing.clear)
+        await self._links.offload(self.spool.resume)  # keeps what a killed run received
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                await self._commit_wanted.wait()
-                await trio.sleep(COMMIT_SECONDS)  # batch what lands meanwhile
-                self._commit_wanted = trio.Event()
-                await self.commit()
+            try:
+                while True:
+                    await self._commit_wanted.wait()
+                    await trio.sleep(COMMIT_SECONDS)  # batch what lands meanwhile
+                    self._commit_wanted = trio.Event()
+                    await self.commit()
+            finally:
+                self.spool.close()
 
     def start(self, man: Manifest, digest: bytes) -> None:
         """Fetch what ``man`` still needs (replacing an older fetch of its component)."""
@@ -248,6 +250,7 @@ class FetchManager:
             run = _Attempt(rf, swarm, needed)
             async with trio.open_nursery() as nursery:  # ranged transfers
                 while True:
+                    await self._land(run)
                     failure = self._settle(run)
                     if failure is not None or swarm.done:
                         break
@@ -343,10 +346,23 @@ class FetchManager:
                 self._committed([digest])  # streamed straight into the store
             run.report(peer, digest, got)
 
+    async def _land(self, run: _Attempt) -> None:
+        """Spool the blobs that arrived, as one batch in a worker thread.
+
+        Their outcomes become True (stored at the next commit), False (bad
+        bytes) or the store's error. Answers arriving meanwhile queue behind.
+        """
+        results, run.results = run.results, []
+        batch = [(digest, o) for _, digest, o in results if isinstance(o, bytes)]
+        if batch:
+            landed = iter(await self._links.offload(partial(self.spool.put_many, batch)))
+            results = [(p, d, next(landed) if isinstance(o, bytes) else o) for p, d, o in results]
+        run.results = results + run.results
+
     def _settle(self, run: _Attempt) -> DaemonError | None:
         """Apply the answers that arrived since the last call to the swarm.
 
-        Returns the first store error a landing ran into, if any.
+        Returns the first store error spooling ran into, if any.
         """
         failure = None
         results, run.results = run.results, []
@@ -354,16 +370,12 @@ class FetchManager:
         component = run.rf.man.component
         for peer, digest, outcome in results:
             blob = swarm.index.position[digest]
-            if isinstance(outcome, bytes):
-                try:
-                    self.landing.put(outcome, digest)
-                    outcome = True
-                except HashMismatchError:
-                    outcome = False
-                except DaemonError as exc:  # our store failed (full disk, I/O)
-                    outcome = exc
+            if isinstance(outcome, bytes):  # arrived while the last batch was spooled
+                run.results.append((peer, digest, outcome))
+                run.rf.wake.set()
+                continue
             if outcome is True:
-                swarm.on_blob(peer, blob, True, now)  # servable from now on (Content)
+                swarm.on_blob(peer, blob, True, now)  # servable once committed
                 self._received(run.rf, peer, run.needed[digest])
             elif outcome is False:
                 self._offers.run(component, swarm.on_blob(peer, blob, False, now))
@@ -385,8 +397,8 @@ class FetchManager:
             info.blobs_in += 1
 
     async def commit(self) -> None:
-        """Make landed blobs durable and move them into the store."""
-        await self._links.offload(self.landing.commit)
+        """Make spooled blobs durable and commit them to the store."""
+        await self._links.offload(self.spool.commit)
 
     def _committed(self, digests: list[bytes]) -> None:
         """Blobs that went straight into the store (ranged transfers): servable now."""

@@ -24,6 +24,13 @@ newest complete release per component), resumes the fetch of a newer
 incomplete one, and offers the gate a complete release never applied here. A release
 the operator rolled back from (it has an ``applied`` history entry) is not
 re-applied automatically, at start or later.
+
+p2pupd's own component (``self_update``) differs in two ways (selfupdate.py,
+docs/self-update.md). Its apply stops before the swap (``HandOver``) and the
+daemon restarts into the new version for a trial run. And a node announces
+only the release of it that it *runs* and proved healthy, never one it merely
+holds: a self-update spreads from nodes that proved it, so a release that
+fails on the first node to try it goes no further (each hop is a canary).
 """
 
 from __future__ import annotations
@@ -37,14 +44,15 @@ from typing import Any
 import trio
 
 from p2pupd.daemon import ops
-from p2pupd.daemon.apply.engine import Applier, ApplyResult
+from p2pupd.daemon.apply.engine import Applier, ApplyResult, HandOver
 from p2pupd.daemon.bundles.importer import ImportReport
-from p2pupd.daemon.errors import DaemonError
+from p2pupd.daemon.errors import ApplyError, DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.service.fetch import FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.rollout.service import RolloutHeldError, RolloutService
+from p2pupd.daemon.service.selfupdate import Hooks, Restart, launcher, restart_for
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node
@@ -110,14 +118,20 @@ class Lifecycle:
         self.holdings_changed = holdings_changed
         self.origin: dict[str, tuple[int, str]] = {}  # component -> (serial, where from)
         self._high: dict[str, int] = {}  # high-water marks, cached for gossip
+        # Set by a daemon that owns its process: p2pupd's own component is then
+        # tried by restarting into it (None: applied like any other, e.g. in tests).
+        self.self_update: Hooks | None = None
         self.complete: dict[str, tuple[int, bytes]] = {}  # newest release held in full
 
     def scan(self) -> Scan:
         """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
         node, out = self.node, Scan()
-        out.recovered = Applier(node).recover()
+        applier = Applier(node)
+        out.recovered = applier.recover()
+        trying = applier.pending()  # open after recovery: only a trial this process runs
         self.content.refresh()
         chain = node.trust_chain()
+        newest: set[str] = set()
         for name, cfg in node.config.components.items():
             st = node.state.read_state(name)
             self._high[name] = st.high_water
@@ -136,11 +150,19 @@ class Lifecycle:
                     continue
                 digest = env.payload_digest()
                 if not needed_for(node, man):
-                    out.holdings[name] = (serial, digest)
-                    out.held.append(man)
-                    self.complete[name] = (serial, digest)
-                    if serial == serials[-1] and should_auto_apply(cfg, st, serial):
+                    if name not in newest:  # newest complete one
+                        newest.add(name)
+                        self.complete[name] = (serial, digest)
+                        out.held.append(man)
+                    if (
+                        serial == serials[-1]
+                        and name not in trying
+                        and should_auto_apply(cfg, st, serial)
+                    ):
                         out.apply.append(man)
+                    if cfg.self_update and (st.installed is None or serial > st.installed):
+                        continue  # held, not proven here: not announced (see above)
+                    out.holdings[name] = (serial, digest)
                     break
                 if serial == serials[-1] and serial not in st.bad:
                     out.resume.append((man, digest))
@@ -177,7 +199,7 @@ class Lifecycle:
         if new:
             self.origin[c] = (s, short(peer))
             log("manifest-accepted", component=c, version=man.version, serial=s, from_=short(peer))
-            self.gossip.verified(c, s, digest)  # news runs ahead of the blobs
+            await self.news(c, s, digest)  # news runs ahead of the blobs
             self.fetch.start(man, digest)
 
     async def advance_root(self, version: int, data: bytes) -> None:
@@ -192,8 +214,9 @@ class Lifecycle:
     async def release_complete(self, man: Manifest, digest: bytes) -> None:
         """Every blob of ``man`` is here: announce it, apply it if the policy says so."""
         c, s = man.component, man.serial
+        cfg = self.node.config.components[c]
         self.forget_servable()
-        self.gossip.verified(c, s, digest)  # known already unless found at start
+        await self.news(c, s, digest)  # known already unless found at start
         if self.complete.get(c, (0, b""))[0] < s:
             self.complete[c] = (s, digest)
         self.holdings_changed()
@@ -208,8 +231,34 @@ class Lifecycle:
         )
         st = await self.offload(lambda: self.node.state.read_state(c))
         self.rollout.know(man)
-        if should_auto_apply(self.node.config.components[c], st, s):
+        if should_auto_apply(cfg, st, s):
             self.rollout.offer(man)
+
+    async def announceable(self, component: str, serial: int) -> bool:
+        """Whether this node tells its peers of release ``serial`` (announces or
+        offers it): any verified release, but of p2pupd's own component only the
+        one it runs and proved (module docstring)."""
+        if not self.node.config.components[component].self_update:
+            return True
+        st = await self.offload(lambda: self.node.state.read_state(component))
+        return st.installed == serial
+
+    async def news(self, component: str, serial: int, digest: bytes) -> None:
+        """Announce a verified release to the peers behind, if it is ``announceable``."""
+        if await self.announceable(component, serial):
+            self.gossip.verified(component, serial, digest)
+
+    async def self_update_committed(self, component: str, serial: int) -> bytes:
+        """p2pupd's own release ``serial`` runs here and proved healthy: announce it.
+        Returns its manifest digest (the caller offers its blobs)."""
+        chain = await self.offload(self.node.trust_chain)
+        _, env = await self.offload(lambda: self.node.releases.get(chain, component, serial))
+        await self.offload(self.content.refresh)
+        self.forget_servable()
+        digest = env.payload_digest()
+        self.gossip.verified(component, serial, digest)
+        self.holdings_changed()
+        return digest
 
     def sources(self, component: str, serial: int) -> str:
         """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""
@@ -250,6 +299,7 @@ class Lifecycle:
         halt holds the release.
         """
         async with self.mutex:
+            await self._not_in_trial(component)
             if version is not None:
                 serial = await self.offload(lambda: ops.serial_of(self.node, component, version))
             man = await self.offload(lambda: self._target(component, serial))
@@ -258,10 +308,16 @@ class Lifecycle:
                     self.rollout.check_manual(man)
                 self.rollout.apply_started(component, man.serial)
             started = trio.current_time()
+            hooks = self.self_update
             try:
                 result = await self.offload(
-                    lambda: Applier(self.node).apply(component, serial, force)
+                    lambda: Applier(self.node, trial=hooks.record if hooks else None).apply(
+                        component, serial, force
+                    )
                 )
+            except HandOver as handover:
+                assert hooks is not None  # only a trial record makes a HandOver
+                return self._hand_over(hooks, handover)
             finally:
                 self.rollout.apply_ended(component)
             await self.offload(self.content.refresh)
@@ -290,9 +346,37 @@ class Lifecycle:
         except DaemonError:
             return None
 
+    async def _not_in_trial(self, component: str) -> None:
+        """Refuse to change ``component`` while this daemon is its trial run.
+
+        Under the state mutex an open transaction can only be that trial (any
+        other is recovered first), and a second one would bury it in the journal.
+        """
+        pending = await self.offload(lambda: Applier(self.node).pending())
+        if component in pending:
+            raise ApplyError(
+                f"{component}: this daemon is the trial run of serial {pending[component]['to']}; "
+                "try again once it has settled"
+            )
+
+    def _hand_over(self, hooks: Hooks, handover: HandOver) -> ApplyResult:
+        """Restart into a staged self-update for its trial run (selfupdate.py)."""
+        tx = handover.tx
+        cfg = self.node.config.component(tx.component)
+        version = self.node.manifest(tx.component, tx.to).version
+        log("self-update-trial", component=tx.component, version=version, serial=tx.to,
+            seconds=cfg.health_seconds)  # fmt: skip
+        hooks.restart(restart_for(handover, cfg, self.node.root))
+        note = (
+            f"restarting into it: it goes live once it proves itself healthy within "
+            f"{cfg.health_seconds:g} s, else the node stays on this version"
+        )
+        return ApplyResult(tx.component, tx.to, version, tx.frm, False, message=note)
+
     async def rollback(self, component: str) -> ApplyResult:
         """Make the previous version live again (an operator act)."""
         async with self.mutex:
+            await self._not_in_trial(component)
             try:
                 result = await self.offload(lambda: Applier(self.node).rollback(component))
             finally:
@@ -300,6 +384,11 @@ class Lifecycle:
             await self.offload(self.content.refresh)
         self.forget_servable()
         log("rolled-back", component=component, version=result.version, serial=result.serial)
+        cfg = self.node.config.component(component)
+        if cfg.self_update and self.self_update is not None and result.changed:
+            # p2pupd itself went back: run the version now live (no trial: an operator's act).
+            why = f"rolled back to {component} {result.version}"
+            self.self_update.restart(Restart(launcher(cfg), why, keep_lock=False))
         return result
 
     async def import_dir(
@@ -343,7 +432,7 @@ class Lifecycle:
                     serial=r.serial,
                     from_="import",
                 )
-                self.gossip.verified(r.component, r.serial, env.payload_digest())
+                await self.news(r.component, r.serial, env.payload_digest())
                 self.fetch.start(man, env.payload_digest())
             elif self.fetch.restart(r.component, r.serial):
                 # Accepted earlier from a peer and still being fetched: the bundle

@@ -51,6 +51,7 @@ from p2pupd.daemon.service.offers import Offers
 from p2pupd.daemon.service.overlay import Overlay
 from p2pupd.daemon.service.rollout.gossip import ReportGossip
 from p2pupd.daemon.service.rollout.service import RolloutOptions, RolloutService
+from p2pupd.daemon.service.selfupdate import running_version
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.service.sitegate import SiteGate
@@ -527,7 +528,10 @@ class NodeService:
         await self.lifecycle.advance_root(version, data)
 
     async def _to_lifecycle_complete(self, man: Manifest, digest: bytes, first: bool) -> None:
-        self.offers.complete(man, digest, first_holder=first)
+        # Not offered to peers when it is p2pupd's own, not yet proven here
+        # (lifecycle.py): offers carry news of a release as announces do.
+        if await self.lifecycle.announceable(man.component, man.serial):
+            self.offers.complete(man, digest, first_holder=first)
         await self.lifecycle.release_complete(man, digest)
 
     def _rollout_go(self, component: str, serial: int) -> None:
@@ -704,6 +708,7 @@ class NodeService:
         return {
             "running": True,
             "pid": os.getpid(),
+            "version": running_version(),
             "listen": self.listen_endpoint,
             "peers": len(self.conns),
             "uptime_seconds": round(_now() - self.started_at, 1),

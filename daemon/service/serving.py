@@ -2,19 +2,19 @@
 
 Theory of operation. A blob can be served from two places:
 
-* the blob store (``blobs/sha256/<hex>``), named by its hash;
+* the blob store (``store/packstore.py``), named by its hash;
 * a *held file*: a file of a version on disk (installed or kept) whose
   manifest says which chunks it is made of and at which offsets. A node that
   built a release from deltas, or whose store was garbage-collected, can so
   still serve the literal chunks its neighbours need.
 
-A blob a fetch just landed (``STATE/fetching``, hash-checked, not yet made
-durable) is served too: a swarm relays each blob as soon as it is here.
-
-Every whole blob read is re-hashed before it leaves (a held file may have been
-edited on disk, a stored blob may have rotted): serving bad bytes would get
-this node banned by its peers. A piece of a blob (range request) cannot be
-checked alone; the receiver checks the reassembled blob.
+Serving bad bytes would get this node banned by its peers, so nothing leaves
+unchecked, at the cheapest check that suffices: a packed blob was verified
+(sha256) when it was stored, and its xxh3 checksum is checked at every read
+(bit rot), which costs about a microsecond a chunk where re-hashing cost tens;
+a blob from a held file (which may have been edited on disk) or a loose file
+is re-hashed. A piece of a blob (range request) cannot be checked alone; the
+receiver checks the reassembled blob.
 
 The held-file index is rebuilt by ``refresh`` after every apply or rollback.
 Reads are small (one chunk, one range piece) and done inline.
@@ -36,13 +36,6 @@ from p2pupd.protocol.manifest import Manifest
 MANIFEST_CACHE = 4
 
 
-def _open(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return -1
-
-
 class Content:
     """Read-side view of a node's store and held files; see the module docstring."""
 
@@ -50,12 +43,6 @@ class Content:
         self.node = node
         self._held: dict[bytes, tuple[Path, int, int]] = {}  # chunk -> (file, offset, size)
         self._manifests: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._blob_dir = str(node.store.blob_dir)
-        self._landing_dir: str | None = None
-
-    def serve_landed(self, landing_dir: Path) -> None:
-        """Also serve blobs landed in ``landing_dir`` (the fetch's, before they are committed)."""
-        self._landing_dir = str(landing_dir)
 
     def refresh(self) -> None:
         """Rebuild the index of chunks readable from held files."""
@@ -86,28 +73,9 @@ class Content:
         return len(have) == len(blobs), have
 
     def read_blob(self, digest: bytes, max_bytes: int) -> bytes | None:
-        """The whole blob, hash-checked, or None (absent, too big, unreadable)."""
-        # One open, fstat and read: this runs for every chunk a peer asks for.
-        name = digest.hex()
-        fd = _open(os.path.join(self._blob_dir, name))
-        if fd < 0 and self._landing_dir is not None:
-            # Landed from a peer and hash-checked, not yet committed: served at
-            # once (a swarm relays a blob as soon as it is here); if the commit
-            # moved it meanwhile, the store has it now.
-            fd = _open(os.path.join(self._landing_dir, name))
-            if fd < 0:
-                fd = _open(os.path.join(self._blob_dir, name))
-        if fd >= 0:
-            try:
-                size = os.fstat(fd).st_size
-                data = os.read(fd, size) if size <= max_bytes else b""
-            except OSError:
-                data = b""
-            finally:
-                os.close(fd)
-            if data and ids.sha256(data) == digest:
-                return data
-            return None  # too big for one frame, unreadable or rotted: not served
+        """The whole blob, checked, or None (absent, too big, unreadable, rotted)."""
+        if self.node.store.has(digest):
+            return self.node.store.read_blob(digest, max_bytes)
         held = self._held.get(digest)
         if held is None or held[2] > max_bytes:
             return None
@@ -126,14 +94,7 @@ class Content:
         """Up to ``length`` bytes of the blob from ``offset``, or None if not served."""
         store = self.node.store
         if store.has(digest):
-            try:
-                with store.open(digest) as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if offset >= size:
-                        return None
-                    return os.pread(f.fileno(), min(length, size - offset), offset)
-            except (DaemonError, OSError):
-                return None
+            return store.read_range(digest, offset, length)
         held = self._held.get(digest)
         if held is None or offset >= held[2]:
             return None

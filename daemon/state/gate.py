@@ -52,10 +52,11 @@ def verify_offer(
         )
     if component not in node.config.components:
         raise NotForThisNodeError(f"component {component!r} is not configured on this node")
-    if man.platform is not None and man.platform != node.config.platform:
+    platform = node.config.platform_of(component)
+    if man.platform is not None and man.platform != platform:
         raise NotForThisNodeError(
             f"{component} {man.version} is for platform {man.platform}, "
-            f"this node is {node.config.platform}"
+            f"this node installs {platform}"
         )
     try:
         check_modes(man, node.config.components[component].allow_hazardous_modes)

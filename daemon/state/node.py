@@ -8,7 +8,7 @@ from p2pupd.daemon.fsutil import FileLock
 from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.statedir import NodeConfig, StateDir
 from p2pupd.daemon.state.trusted import ReleaseStore, TrustStore
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import TrustChain, TrustedRoot
 
@@ -23,7 +23,7 @@ class Node:
     def __init__(self, root: Path) -> None:
         self.state = StateDir(root)
         self.config: NodeConfig = self.state.read_config()
-        self.store = BlobStore(root)
+        self.store = PackStore(root)
         self.trust_store = TrustStore(self.state)
         self.releases = ReleaseStore(self.state)
         self.lock = FileLock(self.state.lock_path)

@@ -253,6 +253,7 @@ def as_doc(cfg: NodeConfig) -> dict[str, Any]:
                 "health_cmd": list(c.health_cmd),
                 "health_timeout": c.health_seconds,
                 "allow_hazardous_modes": c.allow_hazardous_modes,
+                **({"self_update": True, "platform": c.platform} if c.self_update else {}),
             }
             for n, c in sorted(cfg.components.items())
         },

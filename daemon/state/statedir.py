@@ -9,11 +9,18 @@ Layout (all under STATE, one filesystem):
     trust/root.msgpack        the pinned root envelope (latest accepted)
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
-    blobs/sha256/<hex>        the content-addressed store (see store.py)
+    format                    the state format (state/stateformat.py); absent: 1
+    blobs/packs/<t>.pack|.idx small blobs in packs (store/packstore.py)
+    blobs/sha256/<hex>        large blobs, and those stored before packs
     journal/<c>.log           the apply journal (see apply/transaction.py)
     lock                      flock held by whoever mutates the state
-    tmp/ fetching/ incoming/  blobs on their way into the store
+    tmp/ spool/               blobs on their way into the store (store/spool.py)
     cache/                    derived data (manifests, hook modules, stat caches)
+
+Format 1 had no packs and spooled blobs in ``fetching/`` and ``incoming/``;
+its state directories are read as they are (loose blobs stay readable, the
+two old spool directories are removed by ``gc``), and marked 2 by the first
+command that holds the state lock (the format's rules: state/stateformat.py).
 
 Every member must be what p2pupd made it: ``check_layout`` (run whenever the
 node is opened) refuses a state directory in which one is a symlink or of the
@@ -36,6 +43,7 @@ from typing import Any
 
 from p2pupd.daemon.errors import ConfigError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import atomic_write, storage_error
+from p2pupd.daemon.state import stateformat
 from p2pupd.daemon.store import members
 from p2pupd.protocol import encoding, ids
 from p2pupd.protocol.errors import CodecError
@@ -63,12 +71,17 @@ STATE_LAYOUT: tuple[tuple[str, int], ...] = (
     ("cache", members.DIR),
     ("cache/manifests", members.DIR),
     ("cache/hooks", members.DIR),
+    ("format", members.FILE),
     ("blobs", members.DIR),
     ("blobs/sha256", members.DIR),
+    ("blobs/packs", members.DIR),
     ("tmp", members.DIR),
-    ("fetching", members.DIR),
-    ("incoming", members.DIR),
+    ("spool", members.DIR),
+    ("fetching", members.DIR),  # format 1
+    ("incoming", members.DIR),  # format 1
 )
+"""Version of the state directory's layout: 2 added packs and the spool."""
+LEGACY_DIRS = ("fetching", "incoming")
 DEFAULT_RETAIN = 2
 HISTORY_LIMIT = 200
 
@@ -93,9 +106,15 @@ class ComponentConfig:
     # Install set-id files others can write and world-writable directories
     # without the sticky bit (protocol.manifest.check_modes); refused unless set at init.
     allow_hazardous_modes: bool = False
+    # This component is p2pupd itself (docs/self-update.md): a new version is
+    # tried by restarting the daemon into it before it goes live.
+    self_update: bool = False
+    # The release variant this component installs, if not the node's platform
+    # (p2pupd's own trees are per CPU *and* CPython: linux-x86_64-cp311).
+    platform: str | None = None
 
     def to_value(self) -> dict[str, Any]:
-        return {
+        v = {
             "target": str(self.target),
             "kind": self.kind,
             "retain": self.retain,
@@ -105,6 +124,13 @@ class ComponentConfig:
             "auto_apply": self.auto_apply,
             "allow_hazardous_modes": self.allow_hazardous_modes,
         }
+        # Written only when set, so other components' documents keep their bytes
+        # (format 1 readers ignore both keys: state/stateformat.py).
+        if self.self_update:
+            v["self_update"] = True
+        if self.platform is not None:
+            v["platform"] = self.platform
+        return v
 
     @classmethod
     def from_value(cls, name: str, v: dict[str, Any]) -> ComponentConfig:
@@ -121,6 +147,8 @@ class ComponentConfig:
             health_seconds=int(v.get("health_ms", 30000)) / 1000,
             auto_apply=bool(v.get("auto_apply", True)),
             allow_hazardous_modes=bool(v.get("allow_hazardous_modes", False)),
+            self_update=bool(v.get("self_update", False)),
+            platform=None if v.get("platform") is None else ids.check_platform(v["platform"]),
         )
 
 
@@ -175,6 +203,11 @@ class NodeConfig:
             return self.components[name]
         except KeyError:
             raise NotFoundError(f"component {name!r} is not configured on this node") from None
+
+    def platform_of(self, name: str) -> str:
+        """The release variant component ``name`` installs (its own, else the node's)."""
+        comp = self.components.get(name)
+        return comp.platform if comp is not None and comp.platform else self.platform
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -338,12 +371,23 @@ class StateDir:
                 f"cannot create state directory {self.root}: {exc.strerror}"
             ) from None
         self.check_layout()
+        self.migrate()  # a new directory is simply marked; an older one migrated
         self.write_config(config)
         if not self.state_path.exists():
             self.write_states({})
 
+    def check_format(self) -> None:
+        """Refuse a state directory of a format this code does not understand
+        (``StateFormatError``, one line, exit code 2): see stateformat.py."""
+        stateformat.check(self.root)
+
+    def migrate(self, upto_reader: int | None = None) -> list[str]:
+        """Bring the directory to this code's format; the caller holds the node lock."""
+        return stateformat.migrate(self.root, upto_reader)
+
     def read_config(self) -> NodeConfig:
         self.check_layout()
+        self.check_format()
         if not self.config_path.exists():
             raise ConfigError(
                 f"{self.root} is not an initialised p2pupd state directory (run `p2pupd init`)"

@@ -90,6 +90,8 @@ class GcReport:
 
     removed: int = 0
     bytes_freed: int = 0
+    packed: int = 0  # files moved into packs (a pack store's migration)
+    repacked: int = 0  # packs rewritten
 
 
 class BlobStore:
@@ -187,6 +189,10 @@ class BlobStore:
 
         Raises ``StorageError`` if the blob directory cannot be listed.
         """
+        yield from self.iter_files()
+
+    def iter_files(self) -> Iterator[bytes]:
+        """Yield the digest of every blob kept as a file of its own (``blobs/sha256``)."""
         for name in self._list(self.blob_dir):
             if HEX_RE.fullmatch(name):
                 yield bytes.fromhex(name)
@@ -367,11 +373,11 @@ class BlobStore:
 
     # --- maintenance --------------------------------------------------------
 
-    def fsck(self, repair: bool = False) -> FsckReport:
+    def fsck(self, repair: bool = False, full: bool = False) -> FsckReport:
         """Re-hash every blob and look for debris; see the module docstring.
 
         With ``repair``, deletes corrupt blobs and temp files (stray names are
-        only reported). Raises ``StorageError`` if a directory cannot be listed
+        only reported). Every file is re-hashed, ``full`` or not. Raises ``StorageError`` if a directory cannot be listed
         or a repair fails.
         """
         self.check_layout()
@@ -400,10 +406,15 @@ class BlobStore:
         """
         self.check_layout()
         keep_set = set(keep)
+        return self.remove_files([d for d in self.iter_files() if d not in keep_set])
+
+    def remove_files(self, digests: Collection[bytes]) -> GcReport:
+        """Delete the files of these blobs (those absent are skipped); one directory sync.
+
+        Raises ``StorageError`` if a blob cannot be removed.
+        """
         report = GcReport()
-        for digest in list(self.iter_digests()):
-            if digest in keep_set:
-                continue
+        for digest in digests:
             p = self.path(digest)
             try:
                 size = p.lstat().st_size

@@ -39,7 +39,7 @@ from preflight import (
     verify_files,
 )
 from systemfiles import UNIT_NAME, install_system_files, reload_services, render_unit
-from versiondir import Interpreter, build_version, record_of, reusable
+from versiondir import Interpreter, build_version, interpreter_link, record_of, reusable
 
 ARTIFACT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +92,7 @@ def install(args: argparse.Namespace, artifact: Path) -> list[str]:
     try:
         lay.prefix_dir.mkdir(parents=True, exist_ok=True)
         with locked(lay.prefix_dir):
+            interpreter_link(lay.prefix_dir, py)  # what every version's bin/python leads to
             why = reusable(lay, record) if lay.version_dir.exists() else None
             if lay.version_dir.exists() and why is None and not args.force:
                 out.append(f"{vdir} is already installed from this artifact")

@@ -18,11 +18,20 @@ STATE_DIR = "/var/lib/p2pupd"
 
 
 def render_unit(text: str, lay: Layout) -> str:
-    """The unit with ExecStart naming this prefix's ``current`` launcher."""
+    """The unit with ExecStart naming this prefix's ``current`` launcher, and the
+    prefix among the paths the daemon may write (it updates itself there)."""
     default = f"{DEFAULT_PREFIX}/current/bin/p2pupd"
     if f"ExecStart={default} " not in text:
         raise RefusedError(f"systemd/{UNIT_NAME} in the artifact does not start {default}")
-    return text.replace(default, lay.command)
+    lines = []
+    for line in text.replace(default, lay.command).splitlines(keepends=True):
+        if line.startswith("ReadWritePaths="):
+            key, _, paths = line.rstrip("\n").partition("=")
+            line = key + "=" + " ".join(
+                lay.prefix if p == DEFAULT_PREFIX else p for p in paths.split()
+            ) + "\n"
+        lines.append(line)
+    return "".join(lines)
 
 
 def install_system_files(lay: Layout, artifact: Path, unit: str | None, udev: bool) -> list[str]:

@@ -4,8 +4,10 @@ Theory of operation. Each version lives in its own directory; the symlink
 ``current`` names the live one::
 
     /opt/p2pupd/0.1.0/        a virtualenv (PEP 405): bin/p2pupd (launcher),
-                              bin/python* -> the box's CPython, pyvenv.cfg,
+                              bin/pythonX.Y -> ../../pythonX.Y, pyvenv.cfg,
                               lib/pythonX.Y/site-packages (p2pupd and every dependency)
+    /opt/p2pupd/pythonX.Y -> /usr/bin/pythonX.Y   this box's CPython (the one
+                              entry tied to the box, outside every version)
     /opt/p2pupd/current -> 0.1.0
 
 A version directory is built under a scratch name beside its final one
@@ -16,8 +18,13 @@ by renaming a new symlink over it, so at every instant it names one whole
 version, the old or the new. That is the swap of p2pupd's own ``symlink``
 target kind, so p2pupd can later update itself as a component whose target is
 ``/opt/p2pupd/current``. The launcher finds its version directory from its own
-path, so a version directory works wherever it is kept; the only entries tied
-to this box are bin/python* and pyvenv.cfg, which name its interpreter.
+path, and a version directory names no path of this box: its interpreter
+link is relative (``bin/python3.11 -> ../../python3.11``), resolved through
+the one link beside the versions that names the box's CPython, and
+pyvenv.cfg has no ``home`` (CPython then finds its standard library from the
+interpreter the links lead to). So the tree is the same bytes on every box of
+one CPU and CPython minor version: a release of p2pupd is such a tree,
+published as is and swapped in by p2pupd itself (docs/self-update.md).
 
 Running again is safe: a version directory whose install record matches this
 artifact and interpreter, and which runs, is kept as it is. Older version
@@ -36,7 +43,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from layout import Layout, fsync_dir
+from layout import Layout, fsync_dir, point_link
 from preflight import InstallError, Manifest
 
 RECORD = "p2pupd-install.json"
@@ -85,23 +92,32 @@ def record_of(lay: Layout, sums_digest: str, py: Interpreter) -> dict[str, str]:
 
 
 def make_venv(dest: Path, py: Interpreter) -> None:
-    """A virtualenv as PEP 405 defines it. Not ``python -m venv``: that binds
-    to the path the installer was started by (a shim, or a link a distribution
-    may repoint), writes activate scripts with absolute paths, and on Debian
-    needs the python3-venv package for ensurepip even when pip is not wanted."""
+    """A virtualenv as PEP 405 defines it, portable between boxes. Not
+    ``python -m venv``: that binds to the path the installer was started by
+    (a shim, or a link a distribution may repoint), writes ``home`` and
+    activate scripts with absolute paths, and on Debian needs the
+    python3-venv package for ensurepip even when pip is not wanted.
+
+    ``dest`` lies directly in the prefix, beside the link ``interpreter_link``
+    makes (``../../pythonX.Y`` from its bin/)."""
     bindir = dest / "bin"
     site = dest / "lib" / f"python{py.minor}" / "site-packages"
     site.mkdir(parents=True)
     bindir.mkdir()
-    os.symlink(py.path, bindir / f"python{py.minor}")
+    os.symlink(f"../../python{py.minor}", bindir / f"python{py.minor}")
     os.symlink(f"python{py.minor}", bindir / "python3")
     os.symlink(f"python{py.minor}", bindir / "python")
+    # No home/executable: CPython takes its base from the interpreter the
+    # links resolve to, so nothing here names this box.
     (dest / "pyvenv.cfg").write_text(
-        f"home = {os.path.dirname(py.path)}\n"
-        "include-system-site-packages = false\n"
-        f"version = {py.version}\n"
-        f"executable = {py.path}\n"
+        f"include-system-site-packages = false\nversion = {py.minor}\n"
     )
+
+
+def interpreter_link(prefix: Path, py: Interpreter) -> None:
+    """``PREFIX/pythonX.Y`` -> this box's CPython binary: the one name every
+    version directory's bin/pythonX.Y leads to (replaced atomically)."""
+    point_link(prefix / f"python{py.minor}", py.path)
 
 
 def pip_env() -> dict[str, str]:
@@ -182,6 +198,7 @@ def build_version(
     partial = lay.prefix_dir / f".{lay.version}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
+        interpreter_link(lay.prefix_dir, py)
         make_venv(partial, py)
         pip_install(partial, man, artifact)
         write_launcher(partial, lay.version)

@@ -61,6 +61,11 @@ SEALED_ARTIFACT = "application/vnd.p2pupd.sealed.v1"
 HEADER_MEDIA_TYPE = "application/vnd.p2pupd.sealed-header.v1+msgpack"
 TABLE_MEDIA_TYPE = "application/vnd.p2pupd.sealed-table.v1"
 BLOB_MEDIA_TYPE = "application/vnd.p2pupd.sealed-blob.v1"
+# The bundle format of a sealed stick (protocol/bundle.py): a reader of 1.x
+# would not know its artifact. The plain bundle inside keeps its own format.
+BUNDLE_FORMAT = (2, 0)
+_SEALED_TYPES = (SEALED_ARTIFACT, HEADER_MEDIA_TYPE, TABLE_MEDIA_TYPE, BLOB_MEDIA_TYPE)
+oci.FORMAT_OF.update(dict.fromkeys(_SEALED_TYPES, BUNDLE_FORMAT))
 HEADER_TYPE = "sealed-header"
 SPEC_VERSION = 1
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _store import drop
 from conftest import World, make_tree, tree_snapshot
 
 from p2pupd.daemon import api, fsutil
@@ -20,7 +21,7 @@ from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.errors import ApplyError, CorruptStoreError, NotFoundError
 from p2pupd.daemon.stage import statcache
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 
 FILES = {f"lib/f{i:02}": os.urandom(3000 + i) for i in range(20)}
 V1 = {**FILES, "bin/tool": b"v1\n", "etc/conf": b"a=1\n"}
@@ -94,8 +95,7 @@ def test_locally_modified_file_without_its_chunks_is_refused(world: World) -> No
     before = tree_snapshot(world.target)
     node = Node(world.state)
     man = Applier(node).manifest("app", 2)
-    for c in man.file_map()["lib/f05"].chunks:
-        node.store.path(c.digest).unlink()
+    drop(world.state, {c.digest for c in man.file_map()["lib/f05"].chunks})
     with pytest.raises(NotFoundError) as info:
         api.apply(world.state, "app", version="2.0")
     assert "1 live file(s) were modified locally (lib/f05)" in str(info.value)
@@ -212,11 +212,11 @@ def test_gc_keeps_every_blob_a_kept_or_newer_release_needs(world: World) -> None
     assert only_v1
     dry = api.gc(world.state, dry_run=True)
     assert dry["blobs_removed"] == len(only_v1)
-    assert set(BlobStore(world.state).iter_digests()) >= need | only_v1
+    assert set(PackStore(world.state).iter_digests()) >= need | only_v1
     r = world.run("gc", "--state-dir", world.state, "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["blobs_removed"] == len(only_v1)
-    assert set(BlobStore(world.state).iter_digests()) == need
+    assert set(PackStore(world.state).iter_digests()) == need
     assert api.rollback(world.state, "app").version == "2.0"  # the kept one
     assert api.apply(world.state, "app", version="4.0").version == "4.0"  # the pending one
     assert world.run("fsck", "--state-dir", world.state, "--full").code == 0
@@ -332,8 +332,7 @@ def test_immutable_recycled_file_with_a_new_mode_is_planned_from_another_copy(
     for version in ("1.0", "2.0", "3.0"):
         api.apply(world.state, "app", version=version)
     node = Node(world.state)
-    for c in Applier(node).manifest("app", 4).file_map()["lib/f00"].chunks:
-        node.store.path(c.digest).unlink()
+    drop(world.state, {c.digest for c in Applier(node).manifest("app", 4).file_map()["lib/f00"].chunks})
     r = api.apply(world.state, "app", version="4.0")
     assert r.stage is not None and r.stage.methods.get("copy") == 1
     assert tree_snapshot(world.target) == tree_snapshot(v4)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _store import drop
 from conftest import World, tree_snapshot
 
 from p2pupd.daemon import api
@@ -179,8 +180,7 @@ def test_kept_version_whose_cache_file_was_lost_is_rolled_back_to(world: World) 
     node = Node(world.state)
     man = Applier(node).manifest("app", 1)
     only_v1 = {c.digest for f in man.files if f.path == "old/notes.txt" for c in f.chunks}
-    for digest in only_v1:  # the store can no longer rebuild it: only the disk can
-        node.store.path(digest).unlink()
+    drop(world.state, only_v1)  # the store can no longer rebuild it: only the disk can
     r = world.run("rollback", "app", "--state-dir", world.state)
     assert r.code == 0, r.err
     assert live(world, trees) == 1

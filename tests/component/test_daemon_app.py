@@ -18,8 +18,8 @@ from p2pupd.daemon.config import parse_endpoint, parse_rate
 from p2pupd.daemon.errors import ConfigError, HealthCheckFailedError, NotFoundError
 from p2pupd.daemon.events import format_event
 from p2pupd.daemon.service import app
-from p2pupd.daemon.store.blobs import BlobStore
-from p2pupd.daemon.store.landing import Landing
+from p2pupd.daemon.store.packstore import PackStore
+from p2pupd.daemon.store.spool import Spool
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import HashMismatchError, RollbackError, VerificationError
 
@@ -119,21 +119,20 @@ def test_unknown_error_classes_fall_back_to_their_nearest_base() -> None:
     assert "internal error" in str(ctlclient.error_from_doc(ctlclient.error_to_doc(KeyError(1))))
 
 
-def test_landed_blobs_are_checked_then_committed_in_one_batch(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
-    landing = Landing(tmp_path, store)
-    (tmp_path / "fetching").mkdir()
-    (tmp_path / "fetching" / "torn").write_bytes(b"left by a crash")
-    landing.clear()
-    assert not list((tmp_path / "fetching").iterdir())
+def test_spooled_blobs_are_checked_then_committed_in_one_batch(tmp_path: Path) -> None:
+    store = PackStore(tmp_path)
+    spool = Spool(tmp_path, store)
+    spool.open()
     good = [b"one" * 1000, b"two" * 1000]
     with pytest.raises(HashMismatchError):
-        landing.put(b"evil", ids.sha256(b"not evil"))
-    assert not list((tmp_path / "fetching").iterdir())  # nothing written
-    for data in good:
-        landing.put(data, ids.sha256(data))
+        spool.put(b"evil", ids.sha256(b"not evil"))
+    assert spool.pending_bytes == 0  # nothing written
+    landed = spool.put_many([(ids.sha256(d), d) for d in good] + [(ids.sha256(b"x"), b"y")])
+    assert landed == [True, True, False]
     assert not any(store.has(ids.sha256(d)) for d in good)  # not durable yet: not stored
-    assert landing.pending_bytes == 6000
-    assert sorted(landing.commit()) == sorted(ids.sha256(d) for d in good)
+    assert spool.pending_bytes == 6000
+    assert sorted(spool.commit()) == sorted(ids.sha256(d) for d in good)
     assert all(store.get_bytes(ids.sha256(d)) == d for d in good)
-    assert landing.commit() == [] and landing.pending_bytes == 0
+    assert spool.commit() == [] and spool.pending_bytes == 0
+    assert not list(store.blob_dir.iterdir())  # small blobs went into a pack
+    spool.close()

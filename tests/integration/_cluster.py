@@ -29,6 +29,7 @@ from typing import Any
 
 from _kit import Site, cli
 from _netns import Host, Lan
+from _store import stored_sizes
 
 PORT = 7707
 P2PUPD = (sys.executable, "-m", "p2pupd.tools.cli")
@@ -217,8 +218,7 @@ class Node:
 
     def store_blobs(self) -> dict[str, int]:
         """{hex digest: size} of every blob in the node's store."""
-        d = self.state / "blobs" / "sha256"
-        return {p.name: p.stat().st_size for p in d.iterdir()} if d.exists() else {}
+        return stored_sizes(self.state)
 
 
 class Cluster:

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "installer" / "build.py"
 ARCHES = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "amd64": "x86_64"}
 
 
@@ -44,11 +43,17 @@ def base_interpreter() -> Path:
     return Path(sys.base_prefix) / "bin" / f"python{minor}"
 
 
-def build_artifact(out: Path, timeout: float = 900) -> Path:
-    """Build and unpack the artifact into ``out``; returns its top directory."""
+def build_artifact(
+    out: Path, timeout: float = 900, source: Path = ROOT, offline: bool = False
+) -> Path:
+    """Build and unpack the artifact of the tree ``source`` into ``out``; returns its
+    top directory. Dependency wheels come from this checkout's build/dist-cache
+    (``offline``: only from there)."""
     arch = this_arch()
-    argv = [sys.executable, str(BUILD), "dist", "--out", str(out / "dist"),
-            "--arch", str(arch), "--python", this_python()]  # fmt: skip
+    argv = [sys.executable, str(source / "installer" / "build.py"), "dist",
+            "--out", str(out / "dist"), "--cache", str(ROOT / "build" / "dist-cache"),
+            "--arch", str(arch), "--python", this_python(),
+            *(["--offline"] if offline else [])]  # fmt: skip
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if r.returncode != 0:
         raise ArtifactBuildError(

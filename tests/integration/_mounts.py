@@ -8,6 +8,7 @@ unmounts, so a failing test leaves no mount behind.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -138,6 +139,9 @@ class Ext4:
         mounted again, or the new mount could meet the old, shut-down one.
         """
         for _ in range(50):
+            # This process's own pack readers (PackIndex, shared per directory
+            # and closed when the last store using it goes) may be in a cycle.
+            gc.collect()
             r = _run("umount", str(self.where))
             if r.returncode == 0:
                 break

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from _store import stored
 from conftest import Result, World, state_snapshot, tree_snapshot
 
 from p2pupd.protocol import bundle as oci
@@ -132,8 +133,7 @@ def flip_bit(p: Path, offset: int = 0, bit: int = 0) -> None:
 
 
 def store_blobs(state: Path) -> dict[str, bytes]:
-    d = state / "blobs" / "sha256"
-    return {p.name: p.read_bytes() for p in d.iterdir()}
+    return stored(state)
 
 
 def snapshot(w: World) -> tuple[object, ...]:

@@ -36,7 +36,7 @@ from _mounts import Ext4, ext4
 from p2pupd.daemon import api
 from p2pupd.daemon.apply.transaction import CRASH_POINTS, Journal
 from p2pupd.daemon.state.statedir import StateDir
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.tools.cli import main
 
 KINDS = ("dir", "symlink", "file")
@@ -207,7 +207,7 @@ class Node:
         installed, kept, _ = self.installed()
         assert serial == installed
         assert self.journal().open_transaction() is None
-        report = BlobStore(self.state).fsck()
+        report = PackStore(self.state).fsck(full=True)
         assert report.clean, report
         allowed = {f".{self.target.name}.p2pupd-v{s}" for s in kept}
         if installed is not None:

@@ -10,8 +10,10 @@ import random
 from pathlib import Path
 
 import pytest
+from _store import drop
 from conftest import World, tree_snapshot
 
+from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol import limits
 
 # Small enough to be fast, big enough that both delta kinds are exercised: the
@@ -70,8 +72,7 @@ def at_v1(world: World, monkeypatch: pytest.MonkeyPatch) -> World:
 def forget_blobs(w: World) -> None:
     """Empty the node's blob store, as if it had been garbage-collected: the
     node then holds v1 only as the files of its live tree."""
-    for p in (w.state / "blobs" / "sha256").iterdir():
-        p.unlink()
+    drop(w.state, set(PackStore(w.state).iter_digests()))
 
 
 @pytest.mark.parametrize("empty_store", [False, True])

@@ -1,7 +1,7 @@
 """The offline installer artifact, installed where there is no network.
 
-The artifact for this machine's CPU and CPython is built once per module
-(_dist.py: wheels cached under build/dist-cache). Inside a network namespace
+The artifact for this machine's CPU and CPython is built once per session
+(tests/conftest.py, _dist.py: wheels cached under build/dist-cache). Inside a network namespace
 with loopback only and no route, its install.sh installs into a scratch root
 (``--root``) with pip ``--no-index``; then the installed copy runs
 ``--version``, ``init``, ``import`` of a stick and ``status``. The environment
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _dist import ROOT, ArtifactBuildError, base_interpreter, build_artifact, this_arch, this_python
+from _dist import ROOT, base_interpreter, this_arch, this_python
 from _kit import Site, tree_snapshot
 from _netns import Host, netns_unavailable, offline_host
 
@@ -43,15 +43,8 @@ else:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if this_arch() is None:
-        pytest.skip("the artifacts are for x86_64 and aarch64 only")
-    if not base_interpreter().exists():
-        pytest.skip(f"no base interpreter at {base_interpreter()}")
-    try:
-        return build_artifact(tmp_path_factory.mktemp("artifact"))
-    except ArtifactBuildError as exc:
-        pytest.fail(str(exc))
+def artifact(dist_artifact: Path) -> Path:
+    return dist_artifact  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture
@@ -107,7 +100,13 @@ def test_installs_offline_and_the_installed_copy_runs(
     prefix = root / "opt" / "p2pupd"
     vdir = prefix / version
     assert os.readlink(prefix / "current") == version
-    assert "include-system-site-packages = false" in (vdir / "pyvenv.cfg").read_text()
+    cfg = (vdir / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = false" in cfg
+    # Nothing in the version directory names this box (a release of p2pupd is
+    # this tree): the interpreter is reached through one link beside the versions.
+    assert "home" not in cfg and python not in cfg
+    assert os.readlink(vdir / "bin" / f"python{this_python()}") == f"../../python{this_python()}"
+    assert os.readlink(prefix / f"python{this_python()}") == os.path.realpath(python)
     assert sorted(p.name for p in (vdir / "bin").iterdir()) == sorted(
         ["p2pupd", "python", "python3", f"python{this_python()}"]
     )

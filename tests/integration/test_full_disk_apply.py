@@ -26,7 +26,7 @@ from conftest import Run, make_tree, tree_snapshot
 from p2pupd.daemon import api, fsutil
 from p2pupd.daemon.errors import NoSpaceError
 from p2pupd.daemon.stage import stager as stage
-from p2pupd.daemon.store.blobs import BlobStore
+from p2pupd.daemon.store.packstore import PackStore
 
 MiB = 1 << 20
 
@@ -67,7 +67,7 @@ def full(tmp_path: Path, run: Run) -> Iterator[Setup]:
 def assert_untouched(s: Setup, blobs_before: set[bytes]) -> None:
     assert tree_snapshot(s.target) == tree_snapshot(s.v1)
     assert os.listdir(s.target.parent) == ["app"]  # no stage, no scratch left
-    store = BlobStore(s.state)
+    store = PackStore(s.state)
     assert set(store.iter_digests()) == blobs_before
     assert store.fsck().clean
     doc = api.status(s.state)["components"]["app"]
@@ -75,7 +75,7 @@ def assert_untouched(s: Setup, blobs_before: set[bytes]) -> None:
 
 
 def test_update_bigger_than_free_space_is_refused_before_staging(full: Setup) -> None:
-    blobs = set(BlobStore(full.state).iter_digests())
+    blobs = set(PackStore(full.state).iter_digests())
     r = subprocess.run(
         [sys.executable, "-m", "p2pupd.tools.cli", "apply", "app", "--state-dir", full.state],
         capture_output=True, text=True, timeout=120, check=False,
@@ -93,7 +93,7 @@ def test_update_bigger_than_free_space_is_refused_before_staging(full: Setup) ->
 
 
 def test_disk_full_mid_stage_is_a_clean_error(full: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    blobs = set(BlobStore(full.state).iter_digests())
+    blobs = set(PackStore(full.state).iter_digests())
     # Skip the up-front check so the kernel's ENOSPC arrives half-way.
     monkeypatch.setattr(stage, "ensure_free", lambda *a: None)
     with pytest.raises(NoSpaceError, match=r"no space left to .*huge\.bin"):

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from _sneaker import parts, rand, store_blobs
+from _store import spooled, tail_records
 from conftest import World, state_snapshot, tree_snapshot
 
 from p2pupd.daemon import api
-from p2pupd.protocol.ids import sha256
+from p2pupd.daemon.store.packstore import PackStore
 
 KILL_AFTER = 10
 TREE = {"big/one.bin": rand(11, 1_200_000), "big/two.bin": rand(12, 600_000), "small": b"x\n"}
@@ -50,11 +51,6 @@ def chunk_count(usb: Path) -> int:
     return p.blob_count
 
 
-def complete_in(incoming: Path) -> list[str]:
-    """Names of the blobs in ``incoming`` whose bytes match their name."""
-    return sorted(p.name for p in incoming.iterdir() if sha256(p.read_bytes()).hex() == p.name)
-
-
 def kill_halfway(w: World, usb: Path) -> None:
     r = cli(
         "import", usb, "--state-dir", w.state, env={"P2PUPD_IMPORT_KILL_AFTER": str(KILL_AFTER)}
@@ -62,50 +58,72 @@ def kill_halfway(w: World, usb: Path) -> None:
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
 
 
+SPOOL = ("spool", "blobs/packs/")
+
+
 def test_sigkill_halfway_then_rerun_copies_no_blob_twice(world: World, usb: Path) -> None:
     total = chunk_count(usb)
     assert total > 2 * KILL_AFTER
     before_state, before_blobs = state_snapshot(world.state), store_blobs(world.state)
     kill_halfway(world, usb)
-    # Killed: nothing is stored or recorded yet; the complete blobs wait in incoming/.
+    # Killed: nothing is stored or recorded yet; the complete blobs wait past
+    # a pack's index, where no entry names them.
     assert store_blobs(world.state) == before_blobs
-    after = {k: v for k, v in state_snapshot(world.state).items() if not k.startswith("incoming")}
-    assert after == before_state
+    after = {k: v for k, v in state_snapshot(world.state).items() if not k.startswith(SPOOL)}
+    assert after == {k: v for k, v in before_state.items() if not k.startswith(SPOOL)}
     # Blobs are copied by parallel threads: at the kill another may be complete
     # or half-written (a torn one is re-checked and copied again by the rerun).
-    incoming = complete_in(world.state / "incoming")
-    assert KILL_AFTER <= len(incoming) <= KILL_AFTER + 4
+    left = spooled(world.state)
+    assert KILL_AFTER <= len(left) <= KILL_AFTER + 4
 
     r = cli("import", usb, "--state-dir", world.state, "--apply", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["blobs_resumed"] == len(incoming)
-    assert doc["blobs_copied"] == total - len(incoming)  # together: every blob exactly once
+    assert doc["blobs_resumed"] == len(left)
+    assert doc["blobs_copied"] == total - len(left)  # together: every blob exactly once
     assert doc["releases"][0]["complete"] and doc["applied"][0]["version"] == "1.0"
     assert tree_snapshot(world.target) == tree_snapshot(world.base / "src" / "1.0")
-    assert not (world.state / "incoming").exists()
+    assert not (world.state / "spool").exists() and not tail_records(world.state)
 
 
 def test_rerun_rechecks_left_blobs_and_recopies_a_torn_one(world: World, usb: Path) -> None:
-    """Blobs damaged in incoming/ (a power cut before they reached the disk) are
-    not trusted: they are copied again; debris is removed."""
+    """A record damaged past a pack's index (a power cut before it reached the
+    disk) is not trusted: that blob is copied again, the intact ones are kept."""
     total = chunk_count(usb)
     kill_halfway(world, usb)
-    left = [world.state / "incoming" / n for n in complete_in(world.state / "incoming")]
-    # Tear two blobs that can be torn: the 2-byte one ("small") survives a cut to 100 bytes.
-    left.sort(key=lambda p: p.stat().st_size < 200)
-    os.chmod(left[0], 0o644)
-    left[0].write_bytes(b"\0" * left[0].stat().st_size)  # torn: right size, wrong bytes
-    os.chmod(left[1], 0o644)
-    left[1].write_bytes(left[1].read_bytes()[:100])  # torn: cut short
-    (world.state / "incoming" / "0123.part").write_bytes(b"debris of an older version")
+    records = tail_records(world.state)
+    intact = len(spooled(world.state))  # one more may be torn by the kill itself
+    assert intact >= KILL_AFTER
+    pack, offset, size = records[3]
+    os.chmod(pack, 0o644)
+    with open(pack, "r+b") as f:  # torn: right size, wrong bytes
+        f.seek(offset)
+        f.write(b"\0" * size)
+    assert len(spooled(world.state)) == intact - 1
     r = world.import_(usb, "--json")
     assert r.code == 0, r.err
     doc = json.loads(r.out)
-    assert doc["blobs_resumed"] == len(left) - 2
-    assert doc["blobs_copied"] == total - len(left) + 2
-    assert not (world.state / "incoming").exists()
+    assert doc["blobs_resumed"] == intact - 1
+    assert doc["blobs_copied"] == total - intact + 1
+    assert not (world.state / "spool").exists() and not tail_records(world.state)
     assert all(d.hex() in store_blobs(world.state) for d in _chunk_digests(usb))
+    assert PackStore(world.state).fsck(full=True).clean
+
+
+def test_rerun_after_a_record_cut_short(world: World, usb: Path) -> None:
+    """A pack that ends inside a record (the kill came mid-write) keeps the
+    records before it; the cut one is copied again."""
+    total = chunk_count(usb)
+    kill_halfway(world, usb)
+    pack, offset, size = tail_records(world.state)[5]
+    os.truncate(pack, offset + size // 2)
+    kept = len(spooled(world.state))
+    assert kept >= 4  # the five before the cut, but one the kill itself may have torn
+    r = world.import_(usb, "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert (doc["blobs_resumed"], doc["blobs_copied"]) == (kept, total - kept)
+    assert PackStore(world.state).fsck(full=True).clean
 
 
 def _chunk_digests(usb: Path) -> list[bytes]:
@@ -122,7 +140,7 @@ def test_cancel_between_blobs_keeps_complete_blobs(world: World, usb: Path) -> N
 
     with pytest.raises(api.ImportInterruptedError):
         api.import_dir(world.state, usb, progress=copied.append, cancel=cancel)
-    n = len(list((world.state / "incoming").iterdir()))
+    n = len(spooled(world.state))
     assert n >= 3
     report, _ = api.import_dir(world.state, usb)
     assert report.blobs_resumed == n and report.blobs_copied == chunk_count(usb) - n

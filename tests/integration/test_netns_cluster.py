@@ -302,14 +302,17 @@ def test_daemon_killed_mid_fetch_resumes_without_refetching(
 
     leech.start()
     second = leech.wait_log(r"event=fetch-started .* blobs=(\d+) bytes=(\d+)", 20)
-    # It asks only for what the store lacks: nothing stored is fetched again.
-    assert int(second.group(2)) == total - stored_bytes
-    assert int(second.group(1)) == len(sizes) - len(stored)
+    # It asks only for what the store lacks: nothing stored is fetched again
+    # (and intact records the killed daemon had spooled but not committed are
+    # salvaged at start, so it may ask for less still).
+    again_blobs, again_bytes = int(second.group(1)), int(second.group(2))
+    assert 0 < again_bytes <= total - stored_bytes
+    assert again_blobs <= len(sizes) - len(stored)
     cluster.wait_serial(1, CONVERGE_SECONDS, [leech])
     assert_tree(leech, src)
     received = leech.app()["received"]
-    assert received["bytes"] == total - stored_bytes
-    assert received["blobs"] == len(sizes) - len(stored)
+    assert received["bytes"] == again_bytes
+    assert received["blobs"] == again_blobs
     assert set(leech.store_blobs()) >= set(stored)
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from _sneaker import rand, store_blobs
+from _store import spooled
 from conftest import Run, World, state_snapshot, tree_snapshot
-from test_import_resume import cli, complete_in
+from test_import_resume import cli
 
 from p2pupd.daemon.bundles import sealedreader
 from p2pupd.protocol.site import sealed
@@ -114,7 +115,7 @@ def test_non_member_is_refused_with_one_line(world: World, site: Path, run: Run,
     assert len(lines) == 1 and "sealed to site(s)" in lines[0], r.err
     assert "Traceback" not in r.err
     assert state_snapshot(state) == before
-    assert not (state / "incoming").exists()
+    assert not (state / "spool").exists()
 
 
 def test_flipped_byte_is_refused_before_decryption(
@@ -162,7 +163,7 @@ def test_sigkill_halfway_then_rerun_resumes(world: World, site: Path) -> None:
     usb = sealed_export(world, site)
     r = cli("import", usb, "--state-dir", world.state, env={"P2PUPD_IMPORT_KILL_AFTER": "8"})
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
-    left = complete_in(world.state / "incoming")  # plaintext blobs, checked by their names
+    left = [d.hex() for d in spooled(world.state)]  # plaintext blobs, checked by their names
     assert len(left) >= 8
     r = cli("import", usb, "--state-dir", world.state, "--apply", "--json")
     assert r.returncode == 0, r.stderr

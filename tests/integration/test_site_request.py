@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from _daemonkit import Site, random_tree
+from _store import stored_sizes
 from test_daemon_processes import Daemon, cli, daemons, private_cluster
 
 from p2pupd.daemon.state.statedir import StateDir
@@ -35,7 +36,7 @@ def blob_names(bundle: Path) -> set[str]:
 
 
 def store_names(state: Path) -> set[str]:
-    return {p.name for p in (state / "blobs" / "sha256").iterdir()}
+    return set(stored_sizes(state))
 
 
 def test_site_request_collects_peers_and_its_bundle_serves_every_member(tmp_path: Path) -> None:

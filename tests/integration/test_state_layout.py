@@ -22,11 +22,21 @@ import pytest
 from _kit import Site, cli, tree_snapshot
 
 from p2pupd.daemon.errors import StateLayoutError
-from p2pupd.daemon.store.blobs import BlobStore
-from p2pupd.daemon.store.landing import Landing
+from p2pupd.daemon.store.packstore import PackStore
+from p2pupd.daemon.store.spool import Spool
 from p2pupd.tools.cli import main
 
-MEMBERS = ["tmp", "fetching", "incoming", "blobs/sha256", "blobs", "cache/manifests", "trust"]
+MEMBERS = [
+    "tmp",
+    "spool",
+    "fetching",
+    "incoming",
+    "blobs/sha256",
+    "blobs/packs",
+    "blobs",
+    "cache/manifests",
+    "trust",
+]
 COMMANDS = [["gc"], ["fsck", "--repair"], ["status"], ["import", "{bundle}"], ["recover"]]
 
 
@@ -39,7 +49,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Site, Path, Path]:
     state, _ = site.node("template")
     cli("import", "--state-dir", state, bundle)
     (state / "cache" / "manifests").mkdir(parents=True, exist_ok=True)
-    (state / "fetching").mkdir(exist_ok=True)
+    (state / "spool").mkdir(exist_ok=True)
+    (state / "fetching").mkdir(exist_ok=True)  # format 1's spool directories
     (state / "incoming").mkdir(exist_ok=True)
     return site, state, bundle
 
@@ -133,13 +144,13 @@ def test_a_file_where_a_directory_belongs_is_refused(
     assert "tmp is a regular file, not a directory" in err
 
 
-def test_store_and_landing_never_delete_through_a_link(tmp_path: Path) -> None:
-    """Below the layout check, the store and the landing area refuse on their
-    own (an fd opened O_NOFOLLOW), and a link *inside* tmp is removed as a link."""
+def test_store_and_spool_never_delete_through_a_link(tmp_path: Path) -> None:
+    """Below the layout check, the store and the spool refuse on their own (an
+    fd opened O_NOFOLLOW), and a link *inside* tmp is removed as a link."""
     victim = victim_dir(tmp_path)
     before = tree_snapshot(victim)
     root = tmp_path / "store"
-    store = BlobStore(root)
+    store = PackStore(root)
     (root / "tmp" / "link").symlink_to(victim, target_is_directory=True)
     (root / "tmp" / "torn").write_bytes(b"x")
     assert store.clean_tmp() == 2
@@ -151,7 +162,12 @@ def test_store_and_landing_never_delete_through_a_link(tmp_path: Path) -> None:
             op()
     (root / "tmp").unlink()
     (root / "tmp").mkdir()
-    (root / "fetching").symlink_to(victim, target_is_directory=True)
-    with pytest.raises(StateLayoutError, match="fetching is a symbolic link"):
-        Landing(root, store).clear()
+    (root / "spool").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(StateLayoutError, match="spool is a symbolic link"):
+        Spool(root, store).resume()
+    assert tree_snapshot(victim) == before
+    shutil.rmtree(root / "blobs" / "packs")
+    (root / "blobs" / "packs").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(StateLayoutError, match="packs is a symbolic link"):
+        PackStore(root)
     assert tree_snapshot(victim) == before

@@ -31,6 +31,7 @@ from _sneaker import (
     store_blobs,
     writable,
 )
+from _store import spooled, tail_records
 from conftest import Run, World, make_tree
 
 from p2pupd.daemon.bundles.reader import BundleReader
@@ -309,7 +310,7 @@ def test_pack_changes_between_check_and_copy(site: Site, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(BundleReader, "check_blobs", then_tamper)
     refused(site, site.usb2, "does not match its sha256")
-    assert not (site.w.state / "incoming").exists()
+    assert not (site.w.state / "spool").exists() and not tail_records(site.w.state)
 
 
 # -- links and special files ---------------------------------------------------------
@@ -577,7 +578,7 @@ def test_stick_pulled_out_mid_import(
     site: Site, stick: LoopStick, on_first_progress: Callable[[Callable[[], None]], None]
 ) -> None:
     """EIO from the kernel half-way: exit 1, store and target unchanged; the
-    blobs that arrived complete wait in STATE/incoming and a rerun resumes."""
+    blobs that arrived complete wait past a pack's index and a rerun resumes."""
     w = site.w
     shutil.copytree(site.usb2, stick.mnt / "usb2")
     stick.seal()
@@ -588,10 +589,13 @@ def test_stick_pulled_out_mid_import(
     state1, blobs1, tree1 = snapshot(w)
     assert blobs1 == blobs0 and tree1 == tree0
     assert isinstance(state0, dict) and isinstance(state1, dict)
-    assert {k: v for k, v in state1.items() if not k.startswith("incoming")} == state0
+    spool = ("spool", "blobs/packs/")
+    assert {k: v for k, v in state1.items() if not k.startswith(spool)} == {
+        k: v for k, v in state0.items() if not k.startswith(spool)
+    }
     assert installed_version(w) == "1.0"
-    left = [p.name for p in (w.state / "incoming").iterdir()]
-    assert left and not [n for n in left if n.endswith(".part")]
+    left = spooled(w.state)
+    assert left
     # The stick comes back (a good copy): the import resumes, copying no blob twice.
     r = w.import_(site.usb2, "--apply", "--json")
     assert r.code == 0, r.err
@@ -600,7 +604,7 @@ def test_stick_pulled_out_mid_import(
     total = doc["blobs_copied"] + doc["blobs_resumed"] + doc["blobs_present"]
     assert total == parts(site.usb2).blob_count
     assert installed_version(w) == "2.0"
-    assert not (w.state / "incoming").exists()
+    assert not (w.state / "spool").exists() and not tail_records(w.state)
 
 
 # -- `verify` gives the verdict `import` gives ----------------------------------------

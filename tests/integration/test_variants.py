@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _sneaker import carried_blobs
+from _store import stored_sizes
 from conftest import Run, World, make_tree, tree_snapshot
 
 from p2pupd.tools.publisher.repo import Repo
@@ -55,7 +56,7 @@ class Node:
         return doc
 
     def blobs(self) -> set[str]:
-        return set(os.listdir(self.state / "blobs" / "sha256"))
+        return set(stored_sizes(self.state))
 
 
 def blob_names(root: Path) -> set[str]:

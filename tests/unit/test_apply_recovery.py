@@ -29,9 +29,10 @@ def recs(*steps: str) -> list[dict[str, str]]:
 def test_every_situation_has_exactly_one_action() -> None:
     reachable = {(Phase.BEGUN, Seen.UNKNOWN)} | set(
         itertools.product(
-            (Phase.STAGED, Phase.UNDOING, Phase.COMMITTING), (Seen.OLD, Seen.NEW, Seen.NEITHER)
+            (Phase.STAGED, Phase.TRIAL, Phase.UNPROVEN, Phase.PROVEN, Phase.UNDOING),
+            (Seen.OLD, Seen.NEW, Seen.NEITHER),
         )
-    )
+    ) | {(Phase.COMMITTING, s) for s in (Seen.OLD, Seen.NEW, Seen.NEITHER)}
     assert set(RECOVERY) == reachable
 
 
@@ -48,6 +49,13 @@ def test_every_situation_has_exactly_one_action() -> None:
         (("staged", "swapped", "health", "undo", "recorded"), "old", Action.FINISH_UNDO),
         (("staged", "swapped", "commit"), "new", Action.FINISH_COMMIT),
         (("staged", "swapped", "health", "commit"), "old", Action.FINISH_COMMIT),
+        # Self-update: the trial run comes before the swap (docs/self-update.md).
+        (("staged", "trial"), "old", Action.UNDO_INTERRUPTED),  # cut off: no verdict
+        (("staged", "trial", "unhealthy"), "old", Action.TRIAL_FAILED),
+        (("staged", "trial"), "other", Action.ABORT),
+        (("staged", "trial", "healthy"), "old", Action.UNDO_INTERRUPTED),  # retried
+        (("staged", "trial", "healthy", "swapped"), "new", Action.FINISH_COMMIT),
+        (("staged", "trial", "healthy", "swapped", "health", "commit"), "new", Action.FINISH_COMMIT),
     ],
 )
 def test_decide(steps: tuple[str, ...], live: str | None, action: Action) -> None:

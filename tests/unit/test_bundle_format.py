@@ -9,7 +9,7 @@ import pytest
 
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids
-from p2pupd.protocol.errors import CodecError, FrameTooLargeError, SchemaError
+from p2pupd.protocol.errors import CodecError, FrameTooLargeError, NewerFormatError, SchemaError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, HookRef, Manifest
 
 
@@ -229,3 +229,58 @@ def test_zstd_release_patch_layer() -> None:
     got = oci.release_patch(oci.parse_artifact(oci.build_artifact(art)))
     assert got is not None and got.media_type == oci.RELEASE_ZPATCH_MEDIA_TYPE
     assert got.result_size == 1000
+
+
+# -- the format version -------------------------------------------------------------
+
+
+def marked(fmt: str, writer: str | None = None) -> bytes:
+    ann = {oci.ANNOTATION_FORMAT: fmt, **({oci.ANNOTATION_WRITER: writer} if writer else {})}
+    return json.dumps({"schemaVersion": 2, "manifests": [desc(1)], "annotations": ann}).encode()
+
+
+def test_index_carries_its_format_and_writer() -> None:
+    idx = json.loads(oci.build_index([], (1, 0), "p2pupd 9.9"))
+    assert idx["annotations"] == {oci.ANNOTATION_FORMAT: "1.0", oci.ANNOTATION_WRITER: "p2pupd 9.9"}
+
+
+def test_a_newer_major_format_is_refused_first_naming_who_wrote_it() -> None:
+    # Refused before anything else is looked at: a newer bundle may hold anything
+    # (here an index entry of a media type this reader does not know).
+    doc = json.loads(marked("3.0", "p2pupd 3.1"))
+    doc["manifests"] = [desc(1, mt="application/vnd.p2pupd.future")]
+    with pytest.raises(NewerFormatError) as err:
+        oci.parse_index(json.dumps(doc).encode())
+    assert str(err.value).startswith(
+        "bundle format 3.0 (written by 'p2pupd 3.1') is newer than this p2pupd reads "
+        "(formats up to 2.x)"
+    )
+    assert "\n" not in str(err.value)
+
+
+def test_a_newer_minor_format_and_an_unmarked_index_are_read() -> None:
+    assert [x.digest for x in oci.parse_index(marked("1.7"))] == [d(1)]
+    assert oci.check_format({}) == (1, 0)  # written before the marker existed
+    assert oci.check_format({oci.ANNOTATION_FORMAT: "1.3"}) == (1, 3)
+
+
+@pytest.mark.parametrize("bad", ["1", "x.0", "01.0", "1.0.0", "-1.0", "1.00", "99999.0", ""])
+def test_a_malformed_format_marker_is_malformed_input(bad: str) -> None:
+    with pytest.raises(SchemaError, match="bundle format"):
+        oci.parse_index(marked(bad))
+
+
+def test_writer_puts_the_oldest_format_that_carries_the_content() -> None:
+    layers = (oci.Descriptor(oci.RELEASE_MEDIA_TYPE, d(9), 100),)
+    plain = oci.Artifact(oci.RELEASE_ARTIFACT, layers, {})
+    assert oci.format_needed([plain]) == (1, 0)
+    # A feature registers the format that introduced it; the writer then needs it.
+    future = oci.Artifact(oci.RELEASE_ARTIFACT, (*layers, oci.Descriptor("x/new", d(1), 5)), {})
+    with pytest.raises(ValueError, match="no bundle format defines 'x/new'"):
+        oci.format_needed([future])
+    oci.FORMAT_OF["x/new"] = (3, 0)
+    try:
+        assert oci.format_needed([plain, future]) == (3, 0)
+        assert oci.format_needed([plain]) == (1, 0)
+    finally:
+        del oci.FORMAT_OF["x/new"]

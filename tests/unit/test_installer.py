@@ -104,6 +104,8 @@ def test_unit_names_the_prefixs_current_launcher() -> None:
         in unit.splitlines()
     )
     assert not [ln for ln in unit.splitlines() if "/opt/p2pupd" in ln and not ln.startswith("#")]
+    # The daemon may write its own prefix: it updates itself there.
+    assert "ReadWritePaths=/var/lib/p2pupd /srv/p2pupd" in unit.splitlines()
     assert "does not start" in refused(systemfiles.render_unit, "[Service]\n", lay)
 
 

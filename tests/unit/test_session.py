@@ -20,6 +20,7 @@ from p2pupd.protocol.session import (
     Session,
     Signal,
     State,
+    negotiate_version,
     verify_chunk,
 )
 from p2pupd.protocol.wire import (
@@ -155,7 +156,7 @@ def test_must_send_its_own_hello() -> None:
     ("hello", "match"),
     [
         (Hello(b"HTTP/1", 1, B_ID, "site", 0), "not a p2pupd node"),
-        (Hello(MAGIC, 2, B_ID, "site", 0), "protocol version 2, this node speaks version 1"),
+        (Hello(MAGIC, 0, B_ID, "site", 0), "protocol version 0, this node speaks versions 1 to 1"),
         (Hello(MAGIC, 1, B_ID, "other-site", 0), "cluster 'other-site', this node to 'site'"),
         (Hello(MAGIC, 1, A_ID, "site", 0), "ourselves"),
     ],
@@ -171,6 +172,32 @@ def test_incompatible_peers_are_refused_clearly(hello: Hello, match: str) -> Non
         session.send(Announce(()))
     session.send(Error(1, "incompatible"))
     assert session.state is State.CLOSED
+
+
+def test_a_newer_peer_is_spoken_to_at_our_version_and_its_extra_features_ignored() -> None:
+    """Mixed sites: a node of a later protocol version, offering features we have
+    never heard of, still gets a conversation -- at our version, with only the
+    features both offered -- and so does an older peer within our range."""
+    session = Session(A_ID, "site", features=frozenset({FEATURE_HAVE}))
+    session.send_hello()
+    newer = Hello(MAGIC, 7, B_ID, "site", 7001, frozenset({FEATURE_HAVE, "teleport"}))
+    session.receive_data(encode_message(newer))
+    assert session.next_event() == newer
+    assert session.state is State.OPEN
+    assert session.protocol_version == 1
+    assert session.supports(FEATURE_HAVE) and not session.supports("teleport")
+    # A feature only the peer offered is never sent to it by us, nor accepted from it.
+    with pytest.raises(LocalProtocolError, match="did not offer feature 'range'"):
+        session.send(BlobRangeData(1, b"\x01" * 32, 0, b"x"))
+
+
+def test_version_negotiation_rule() -> None:
+    # The lower of the two versions; refused only below the oldest we speak.
+    assert negotiate_version(1, ours=3, oldest=1) == 1
+    assert negotiate_version(5, ours=3, oldest=2) == 3
+    assert negotiate_version(2, ours=3, oldest=2) == 2
+    with pytest.raises(HandshakeError, match="version 1, this node speaks versions 2 to 3"):
+        negotiate_version(1, ours=3, oldest=2)
 
 
 def test_error_state_raises_again() -> None:

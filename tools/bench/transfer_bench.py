@@ -1,14 +1,18 @@
-"""Single-peer transfer throughput through two daemons vs a plain socket; idle cost.
+"""Single-peer transfer throughput through two daemons beside three references; idle cost.
 
 Run: ``python -m p2pupd.tools.bench.transfer_bench [--mb 200] [--dir DIR]``.
 
 1. Publishes a release of ``--mb`` MiB of random files, imports it into node A.
-2. Baseline: a plain Python sender and receiver (two processes, TCP on
-   127.0.0.1, 1 MiB ``sendall``/``recv_into``) move the same number of bytes.
+2. References, on the same number of bytes, in the same run: a plain Python
+   sender and receiver (two processes, TCP on 127.0.0.1, 1 MiB
+   ``sendall``/``recv_into``); the same, but the receiver hashes every 64 KiB
+   (sha256) and appends it to one file, synced at the end -- the least a
+   receiver that must check every chunk before storing it does; and sha256
+   alone over the bytes, in memory, on every core (threads).
 3. Starts ``p2pupd daemon`` A (holding the release) and B (``--peer`` A,
    ``--no-mdns``) as real processes and times B from ``event=fetch-started``
    to ``event=release-complete`` (every chunk requested, hash-checked,
-   fsynced into B's store); then the apply, for information. The CPU each
+   committed durably to B's store); then the apply, for information. The CPU each
    daemon spent meanwhile (sampled when those lines appear, so a few ms off)
    is shown per chunk: on a two-core machine their sum bounds the rate.
 4. Idle: after the transfer both daemons sit connected; RSS (VmRSS) and CPU
@@ -19,13 +23,15 @@ Run: ``python -m p2pupd.tools.bench.transfer_bench [--mb 200] [--dir DIR]``.
    enroll``/``join`` before the daemons start), whose link is TLS 1.3 with
    both credentials checked (daemon/service/sitegate.py).
 
-Prints a table; the targets of issue 6 are >= 50 % of the plain socket and
-< 60 MB idle RSS; of issue 16, TLS >= 80 % of the plaintext daemon transfer.
+Prints a table with the load average; the targets are, of issue 18, >= 1 GB/s
+or >= 80 % of the hash-and-append receiver; of issue 6, < 60 MB idle RSS; of
+issue 16, TLS >= 80 % of the plaintext daemon transfer.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import re
@@ -34,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,31 +88,50 @@ while (k := c.recv_into(buf)): n += k
 print(n, flush=True)
 """
 
-# The same bytes, but landed like a store does: one file per 64 KiB chunk (the
-# average chunk size), one flush at the end. This is what the disk allows.
-FILES_RECEIVER = """
-import os, socket, sys
-out = sys.argv[1]; chunk = 64 * 1024
+# The same bytes, received as a store must: every 64 KiB (the average chunk)
+# hashed, then appended to one file, synced once at the end.
+HASH_APPEND_RECEIVER = """
+import hashlib, os, socket, sys
+chunk = 64 * 1024
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
 print(s.getsockname()[1], flush=True)
-c, _ = s.accept(); f = c.makefile("rb"); n = i = 0
+c, _ = s.accept(); f = c.makefile("rb"); n = 0
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
 while (block := f.read(chunk)):
-    fd = os.open(f"{out}/{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-    os.write(fd, block); os.close(fd); n += len(block); i += 1
-os.sync()
+    hashlib.sha256(block).digest()
+    os.write(out, block); n += len(block)
+os.fdatasync(out); os.close(out)
 print(n, flush=True)
 """
 
 
-def plain_socket(total: int, files_dir: Path | None = None) -> float:
+def sha256_all_cores(total: int) -> float:
+    """Seconds to sha256 ``total`` bytes in 64 KiB pieces on every core (threads)."""
+    block = random.Random(2).randbytes(64 * 1024)
+    threads = os.cpu_count() or 1
+    per = total // (64 * 1024) // threads + 1
+
+    def work() -> None:
+        for _ in range(per):
+            hashlib.sha256(block).digest()
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - start
+
+
+def plain_socket(total: int, append_to: Path | None = None) -> float:
     """Seconds for a plain Python sender -> receiver (separate processes) of ``total`` bytes.
 
-    With ``files_dir`` the receiver writes each 64 KiB to its own file there.
+    With ``append_to`` the receiver hashes each 64 KiB and appends it to that file.
     """
     cmd = [sys.executable, "-c", PLAIN_RECEIVER]
-    if files_dir is not None:
-        files_dir.mkdir()
-        cmd = [sys.executable, "-c", FILES_RECEIVER, str(files_dir)]
+    if append_to is not None:
+        cmd = [sys.executable, "-c", HASH_APPEND_RECEIVER, str(append_to)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
@@ -233,8 +259,10 @@ def run(base: Path, mb: int, idle_seconds: float, runs: int) -> list[tuple[str, 
     seeds = {"plain": node("a"), "tls": node("ta")}
     for state in seeds.values():
         cli("import", bundle, "--state-dir", state)
+    load = os.getloadavg()[0]
     plain = min(plain_socket(total) for _ in range(3))
-    files = plain_socket(total, base / "plain-files")
+    appended = min(plain_socket(total, base / f"append-{i}") for i in range(2))
+    hashed = min(sha256_all_cores(total) for _ in range(3))
     # Alternate the two modes (a busy machine drifts), a fresh receiver each
     # time; the best of each is kept, with its CPU figures.
     best: dict[str, tuple[float, str, list[float], float, float, tuple[float, ...]]] = {}
@@ -254,25 +282,37 @@ def run(base: Path, mb: int, idle_seconds: float, runs: int) -> list[tuple[str, 
         rss_c, cpu_c = idle(fresh, idle_seconds)
     finally:
         fresh.stop()
+    gb = total / 1e9
     return [
         ("bytes transferred", f"{total / MiB:.0f} MiB in {blobs} chunks, best of {runs} per mode"),
-        ("plain Python socket", f"{total / plain / MiB:8.1f} MiB/s  ({plain:.2f} s, best of 3)"),
-        ("daemon -> daemon", f"{total / daemon / MiB:8.1f} MiB/s  ({daemon:.2f} s)"),
-        ("ratio (target >= 50 %)", f"{100 * plain / daemon:8.1f} %"),
+        ("load average (1 min) at start / end", f"{load:8.2f}  {os.getloadavg()[0]:.2f}"),
+        ("ref: plain Python socket", f"{gb / plain:8.2f} GB/s  ({plain:.2f} s, best of 3)"),
+        (
+            "ref: socket, sha256 + append to a file",
+            f"{gb / appended:8.2f} GB/s  ({appended:.2f} s, best of 2)",
+        ),
+        (
+            f"ref: sha256 alone, {os.cpu_count()} threads",
+            f"{gb / hashed:8.2f} GB/s  ({hashed:.2f} s, best of 3)",
+        ),
+        ("p2pupd daemon -> daemon", f"{gb / daemon:8.2f} GB/s  ({daemon:.2f} s)"),
+        ("  vs hash-and-append (target >= 80 %)", f"{100 * appended / daemon:8.1f} %"),
+        ("  vs plain socket", f"{100 * plain / daemon:8.1f} %"),
         ("CPU per chunk, seed / receiver", f"{per_chunk[0]:8.0f} us  {per_chunk[1]:.0f} us"),
-        ("daemon -> daemon, TLS 1.3 (site members)", f"{total / tls / MiB:8.1f} MiB/s  ({tls:.2f} s)"),
+        (
+            "daemon -> daemon, TLS 1.3 (site members)",
+            f"{total / tls / MiB:8.1f} MiB/s  ({tls:.2f} s)",
+        ),
         ("TLS / plaintext daemon (target >= 80 %)", f"{100 * daemon / tls:8.1f} %"),
-        ("CPU per chunk with TLS, seed / receiver", f"{tls_chunk[0]:8.0f} us  {tls_chunk[1]:.0f} us"),
+        (
+            "CPU per chunk with TLS, seed / receiver",
+            f"{tls_chunk[0]:8.0f} us  {tls_chunk[1]:.0f} us",
+        ),
         (
             "CPU-bound estimate: plain / TLS CPU",
             f"{100 * per_chunk[0] / tls_chunk[0]:8.1f} %  "
             f"{100 * per_chunk[1] / tls_chunk[1]:.1f} % (seed, receiver)",
         ),
-        (
-            "plain socket, 1 file/64 KiB + sync",
-            f"{total / files / MiB:8.1f} MiB/s  ({files:.2f} s)",
-        ),
-        ("ratio to that disk-bound reference", f"{100 * files / daemon:8.1f} %"),
         ("apply after transfer", f"{apply_s:8.2f} s"),
         ("receiver peak RSS", f"{peak_b:8.1f} MB"),
         (f"idle RSS / CPU, seed ({idle_seconds:.0f} s)", f"{rss_a:8.1f} MB  {cpu_a:5.2f} %"),
@@ -286,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mb", type=int, default=200, help="release size in MiB (default 200)")
     p.add_argument("--idle", type=float, default=10.0, help="idle sampling seconds (default 10)")
     p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
-    p.add_argument("--runs", type=int, default=2, help="transfers per mode, alternating (best kept)")
+    p.add_argument(
+        "--runs", type=int, default=2, help="transfers per mode, alternating (best kept)"
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rows = run(Path(tmp), args.mb, args.idle, args.runs)

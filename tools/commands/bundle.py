@@ -379,6 +379,7 @@ def _report(args: argparse.Namespace, report: ExportReport) -> int:
         "bytes_in_bundle": report.bytes_in_bundle,
         "notes": report.notes,
         "for_node": report.for_node,
+        "format": report.format,
     }
 
     def human() -> None:
@@ -386,7 +387,8 @@ def _report(args: argparse.Namespace, report: ExportReport) -> int:
         who = f" for node {report.for_node[:12]}" if report.for_node else ""
         print(
             f"exported {rels}{who} to {args.dest}: {report.blobs_in_bundle} blobs "
-            f"({report.bytes_in_bundle} bytes) in the bundle, {report.blobs} written"
+            f"({report.bytes_in_bundle} bytes) in the bundle, {report.blobs} written; "
+            f"bundle format {report.format}"
         )
         for n in report.notes:
             print(f"note: {n}")

@@ -23,6 +23,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"{verb} {doc['blobs_removed']} blobs ({_mib(doc['bytes_freed'])}), "
             f"kept {doc['blobs_kept']}"
         )
+        if doc.get("blobs_packed") or doc.get("packs_rewritten"):
+            print(f"packed {doc['blobs_packed']} blob files, rewrote {doc['packs_rewritten']} packs")
 
     out(args, doc, human)
     return EXIT_OK
@@ -75,7 +77,7 @@ def register(add: Adder) -> None:
     sp = add(
         "fsck",
         cmd_fsck,
-        "re-hash the store and compare each live target with its release (exit 1 if not clean)",
+        "check the store and compare each live target with its release (exit 1 if not clean)",
         json_opt=True,
         state=True,
     )
@@ -83,7 +85,8 @@ def register(add: Adder) -> None:
     sp.add_argument(
         "--full",
         action="store_true",
-        help="re-hash every live file (default: trust the stat cache)",
+        help="re-hash every stored blob with sha256 and every live file "
+        "(default: check packed blobs' checksums and trust the stat cache)",
     )
     add(
         "recover",

@@ -46,6 +46,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         auto_apply=args.auto_apply,
         allow_hazardous_modes=args.allow_hazardous_modes,
     )
+    if not comps and args.self_update is None:
+        raise UsageError("init needs --component NAME=TARGET or --self-update PREFIX")
     cfg = api.init_node(
         _state(args),
         Path(args.trust),
@@ -53,6 +55,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         options=options,
         platform=args.platform,
         hook_limits=_hook_limits(args),
+        self_update=None if args.self_update is None else Path(args.self_update),
         site_file=Path(args.site) if args.site else None,
     )
     print(f"initialised {_state(args)}: components {', '.join(sorted(cfg.components))}")
@@ -195,7 +198,13 @@ def register(add: Adder) -> None:
         "--site", metavar="SITE.pub", help="the site this node belongs to (from `site init`)"
     )
     sp.add_argument(
-        "--component", action="append", required=True, help="NAME=TARGET_DIR (repeatable)"
+        "--component", action="append", default=[], help="NAME=TARGET_DIR (repeatable)"
+    )
+    sp.add_argument(
+        "--self-update",
+        metavar="PREFIX",
+        help="update p2pupd itself like a release: component p2pupd over PREFIX/current, "
+        "where the offline installer put it (e.g. /opt/p2pupd; docs/self-update.md)",
     )
     sp.add_argument(
         "--kind", choices=["dir", "symlink", "file"], help="target kind (default: dir)"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from p2pupd.protocol import ids
 from p2pupd.protocol.errors import CodecError, SchemaError
+from p2pupd.protocol.patchcodec import PATCH_FORMAT, PATCH_FORMATS
 from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.tools.commands import bundle as cmd_bundle
 from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, now, out
@@ -33,6 +34,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
         args.release_threshold,
         name=args.name,
         expires=_expiry(args.expires_days),
+        patch_format=args.patch_format,
     )
     print(
         f"created repository {args.repo}: root v{root.version}; install {repo.root_path} on nodes"
@@ -92,6 +94,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         delta_depth=args.delta_depth,
         force=args.force,
         rollout=rollout,
+        patch_format=args.patch_format,
     )
     sign_and_write(repo, man, [Path(k) for k in args.key] if args.key else None)
     doc = {
@@ -130,7 +133,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not serials:
             raise RepoError(f"component {c!r} has no releases in {args.repo}")
         if args.from_version is not None:  # only what a node at that version needs
-            sources.append(source_for_node_at(repo, c, args.from_version, notes))
+            for platform in repo.platforms(c, serials[-1]):  # each variant, or the one
+                sources.append(source_for_node_at(repo, c, args.from_version, notes, platform))
             continue
         for serial in serials[-max(1, args.history) :]:
             # Every variant: one bundle serves a fleet of mixed platforms.
@@ -199,6 +203,14 @@ def register(add: Adder) -> None:
     sp.set_defaults(fn=cmd_repo_init)
     sp.add_argument("repo")
     sp.add_argument(
+        "--patch-format",
+        type=int,
+        choices=PATCH_FORMATS,
+        default=PATCH_FORMAT,
+        help=f"newest delta patch format releases may use (default {PATCH_FORMAT}; 1 if "
+        "nodes run p2pupd 0.1.0: docs/self-update.md)",
+    )
+    sp.add_argument(
         "--root-key", action="append", required=True, help="root key file (repeat for k-of-n)"
     )
     sp.add_argument("--threshold", type=int, default=1, help="root signatures required (default 1)")
@@ -262,6 +274,13 @@ def register(add: Adder) -> None:
         metavar="POLICY",
         help="spread in waves, e.g. 'waves=1,10%%,50%% soak=30m halt-after=1' "
         "(default: every node applies on arrival; see docs/rollouts.md)",
+    )
+    sp.add_argument(
+        "--patch-format",
+        type=int,
+        choices=PATCH_FORMATS,
+        help="newest delta patch format to write: 1 every p2pupd applies (bsdiff4), 2 adds "
+        "hdiffpatch and LZMA2 (default: the repo's setting; docs/self-update.md)",
     )
 
     sp = add(

@@ -57,7 +57,12 @@ from p2pupd.protocol.deltaplan import (
 )
 from p2pupd.protocol.errors import RevokedKeyError
 from p2pupd.protocol.manifest import ChunkRef, Delta, FileEntry, Manifest
-from p2pupd.protocol.patchcodec import EncodedPatch, encode_best
+from p2pupd.protocol.patchcodec import (
+    BSDIFF_FALLBACK_MAX_INPUT_BYTES,
+    PATCH_FORMAT,
+    EncodedPatch,
+    encode_best,
+)
 from p2pupd.protocol.trust import Envelope
 from p2pupd.tools.publisher.export import HeldEnvelope, ReleaseSource
 from p2pupd.tools.publisher.repo import Repo, RepoError
@@ -159,11 +164,15 @@ class DeltaMaker:
         workers: int | None = None,
         progress: Callable[[str], None] | None = None,
         whole_file_max: int | None = None,
+        patch_format: int = PATCH_FORMAT,
     ) -> None:
         self.store = store
-        self.whole_file_max = (
-            limits.WHOLE_FILE_DELTA_MAX_BYTES if whole_file_max is None else whole_file_max
-        )
+        self.patch_format = patch_format
+        if whole_file_max is None:
+            whole_file_max = limits.WHOLE_FILE_DELTA_MAX_BYTES
+            if patch_format < 2:  # bsdiff4 only: ~17x its input in memory
+                whole_file_max = min(whole_file_max, BSDIFF_FALLBACK_MAX_INPUT_BYTES)
+        self.whole_file_max = whole_file_max
         self.previous = list(previous)
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self.progress = progress
@@ -288,7 +297,9 @@ class DeltaMaker:
 
     def _file_job(self, old: FileEntry, new: FileEntry, literal: int) -> Delta | None:
         with self._budget.take(old.size + new.size):
-            patch = encode_best(self._read(old.chunks), self._read(new.chunks))
+            patch = encode_best(
+                self._read(old.chunks), self._read(new.chunks), patch_format=self.patch_format
+            )
         if patch is None or len(patch.data) > KEEP_RATIO * literal:
             return None
         return self._keep(KIND_FILE, new.sha256, new.size, (old.sha256,), patch)
@@ -314,7 +325,9 @@ class DeltaMaker:
         self, bases: tuple[ChunkRef, ...], targets: tuple[ChunkRef, ...]
     ) -> Delta | None:
         size = sum(c.size for c in targets)
-        patch = encode_best(self._read(bases), self._read(targets))
+        patch = encode_best(
+            self._read(bases), self._read(targets), patch_format=self.patch_format
+        )
         if patch is None or len(patch.data) > KEEP_RATIO * size:
             return None
         return self._keep(
@@ -332,7 +345,11 @@ class DeltaMaker:
 
 
 def source_for_node_at(
-    repo: Repo, component: str, version: str, notes: list[str] | None = None
+    repo: Repo,
+    component: str,
+    version: str,
+    notes: list[str] | None = None,
+    platform: str | None = None,
 ) -> ReleaseSource:
     """Return the newest release of ``component`` with only the blobs a node at ``version`` needs.
 
@@ -343,7 +360,9 @@ def source_for_node_at(
     the hooks that changed. The node also holds that version's signed
     envelope, so the new envelope travels as a patch against it where that is
     smaller, and the roots up to the one it was signed under stay home
-    (``write_bundle``).
+    (``write_bundle``). ``platform`` names the variant, for a release that has
+    only platform variants (a node holds the same platform's variant, or a
+    universal release).
 
     A version label names one release only if it was published once: a label
     published again (``publish --force``) names several, and the node may hold
@@ -357,12 +376,14 @@ def source_for_node_at(
     serials = repo.serials(component)
     if not serials:
         raise RepoError(f"component {component!r} has no releases in {repo.path}")
-    new, env = repo.release(component, serials[-1])
+    new, env = repo.release(component, serials[-1], platform)
     held: list[tuple[int, Manifest, Envelope]] = []
     for serial in serials[:-1]:
-        for platform in repo.platforms(component, serial):
+        for variant in repo.platforms(component, serial):
+            if variant not in (None, new.platform):
+                continue  # another platform's: a node that takes ``new`` never holds it
             try:
-                man, held_env = repo.release(component, serial, platform)
+                man, held_env = repo.release(component, serial, variant)
             except RevokedKeyError:
                 continue  # nodes refuse it: none holds it any more
             if man.version == version:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -47,6 +48,7 @@ from p2pupd.protocol.errors import HashMismatchError, MixAndMatchError, P2pupdEr
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.patchcodec import encode_dict_patch, encode_patch
 from p2pupd.protocol.request import Request, plan_for_request
+from p2pupd.protocol.site import sealed
 from p2pupd.protocol.trust import Envelope, Root, TrustedRoot
 from p2pupd.tools.publisher.repo import Repo, RepoError
 from p2pupd.tools.publisher.sealexport import SealingStore
@@ -67,6 +69,7 @@ class ExportReport:
     roots_left_out: int = 0  # roots the receiving node already trusts
     notes: list[str] = field(default_factory=list)
     for_node: str | None = None
+    format: str = ""  # the bundle format written (protocol/bundle.py: the oldest that fits)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ def envelope_layer(rel: ReleaseSource) -> tuple[bytes, str, dict[str, str]]:
     if base == data:
         return data, oci.RELEASE_MEDIA_TYPE, {}
     patch, media_type = min(
-        (encode_patch(base, data), oci.RELEASE_PATCH_MEDIA_TYPE),
+        # Format 1 (every node applies it): a bundle is written in the oldest
+        # format that carries it, and an envelope patch is a few hundred bytes.
+        (encode_patch(base, data, patch_format=1), oci.RELEASE_PATCH_MEDIA_TYPE),
         (encode_dict_patch(base, data), oci.RELEASE_ZPATCH_MEDIA_TYPE),
         key=lambda c: len(c[0]),
     )
@@ -242,6 +247,14 @@ def full_releases(
     return out
 
 
+def writer() -> str:
+    """``p2pupd VERSION`` of this code, for the bundle's informative writer annotation."""
+    try:
+        return f"p2pupd {metadata.version('p2pupd')}"
+    except metadata.PackageNotFoundError:
+        return "p2pupd (source tree)"
+
+
 def write_bundle(
     dest: Path,
     roots: dict[int, bytes],
@@ -266,9 +279,10 @@ def write_bundle(
     with contextlib.suppress(FileNotFoundError):
         (dest / "index.json").unlink()  # a stale index must never outlive its blobs
     out: BlobStore | SealingStore = (
-        BlobStore(dest) if not seal_to else SealingStore(dest, seal_to)
+        BlobStore(dest) if not seal_to else SealingStore(dest, seal_to, writer())
     )
     index: list[oci.Descriptor] = []
+    artifacts: list[oci.Artifact] = []
     keep: set[bytes] = set()
 
     def put_doc(data: bytes, media_type: str, ann: dict[str, str] | None = None) -> oci.Descriptor:
@@ -279,6 +293,7 @@ def write_bundle(
     def put_artifact(art: oci.Artifact, ann: dict[str, str]) -> None:
         d = put_doc(oci.build_artifact(art), oci.MANIFEST_MEDIA_TYPE, ann)
         index.append(d)
+        artifacts.append(art)
 
     put_doc(oci.EMPTY_JSON, oci.EMPTY_MEDIA_TYPE)
     held = receiver_root(roots, releases)
@@ -360,11 +375,17 @@ def write_bundle(
         )
         report.releases.append((man.component, man.version, man.serial))
 
+    # The oldest format that carries this content, not the newest we know:
+    # older nodes import what needs nothing new (protocol/bundle.py).
+    fmt = oci.format_needed(artifacts)
+    plain = oci.build_index(index, fmt, writer())
     if isinstance(out, SealingStore):
-        top = out.finish(oci.build_index(index), keep)
+        top = out.finish(plain, keep)  # the sealed stick's own format, around this one
+        fmt = max(fmt, sealed.BUNDLE_FORMAT)
     else:
         out.gc(keep)  # blobs of an earlier bundle in the same place: importers refuse extras
-        top = oci.build_index(index)
+        top = plain
+    report.format = oci.format_text(fmt)
     out.clean_tmp()
     with contextlib.suppress(OSError):
         (dest / "tmp").rmdir()  # the writer's scratch dir is not part of the layout

@@ -410,7 +410,7 @@ def _check_blob(path: Path, digest: bytes, size: int, *, bundle: bool) -> None:
     finally:
         os.close(fd)
     if n != size or h.digest() != digest:
-        what = "bundle blob" if bundle else "blob"  # as ``import`` says (store/incoming.py)
+        what = "bundle blob" if bundle else "blob"  # as ``import`` says (store/spool.py)
         raise HashMismatchError(f"{what} {digest.hex()[:16]} does not match its sha256")
 
 

@@ -34,6 +34,7 @@ from p2pupd.protocol.manifest import (
     SymlinkEntry,
     sort_entries,
 )
+from p2pupd.protocol.patchcodec import PATCH_FORMATS
 from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.protocol.trust import RELEASE_TYPE, Envelope, sign
 from p2pupd.tools.publisher.deltas import DeltaMaker
@@ -125,6 +126,7 @@ def build_manifest(
     delta_workers: int | None = None,
     force: bool = False,
     rollout: RolloutPolicy | None = None,
+    patch_format: int | None = None,
 ) -> Manifest:
     """Return the (unsigned) manifest for ``src`` as the next serial of ``component``.
 
@@ -132,7 +134,9 @@ def build_manifest(
     releases get deltas; 0 publishes chunks only. ``force`` allows a version
     label already published (``next_serial``). ``rollout`` is how the release
     spreads through a site (protocol/rollout; None: everywhere at once).
-    Raises ``RepoError``, ``UnsafePathError``.
+    ``patch_format`` (default: the repository's setting) limits the deltas to
+    what nodes of that patch format apply (protocol/patchcodec.py). Raises
+    ``RepoError``, ``UnsafePathError``.
     """
     ids.check_component(component)
     ids.check_version_label(version)
@@ -169,7 +173,10 @@ def build_manifest(
                 files.append(FileEntry(rel, mode, size, digest, mtime, refs))
                 yield files[-1]
 
-    maker = DeltaMaker(store, previous, delta_workers, progress)
+    fmt = repo.settings().patch_format if patch_format is None else patch_format
+    if fmt not in PATCH_FORMATS:
+        raise RepoError(f"patch format {fmt} is not one of {', '.join(map(str, PATCH_FORMATS))}")
+    maker = DeltaMaker(store, previous, delta_workers, progress, patch_format=fmt)
     deltas = maker.compute(chunked(), {rel for rel, _path, _st in tree.files})
     f, s, d = sort_entries(files, tree.symlinks, tree.dirs)
     return Manifest(

@@ -29,6 +29,7 @@ from p2pupd.daemon.api import BlobStore, atomic_write
 from p2pupd.protocol import encoding, ids, limits
 from p2pupd.protocol.errors import CodecError, P2pupdError, ThresholdError, UnknownKeyError
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.patchcodec import PATCH_FORMAT
 from p2pupd.protocol.trust import (
     ROOT_TYPE,
     Envelope,
@@ -50,9 +51,15 @@ class RepoError(P2pupdError):
 class RepoSettings:
     release_keys: tuple[str, ...]
     delta_depth: int = 2
+    # The newest patch format releases may use (protocol/patchcodec.py): what
+    # the oldest p2pupd among the repository's nodes applies. A repository
+    # made before the setting existed (whose nodes may run p2pupd 0.1.0) has
+    # 1; ``repo init`` records the newest, since a new root starts a new fleet.
+    patch_format: int = 1
 
     def to_value(self) -> dict[str, Any]:
-        return {"release_keys": list(self.release_keys), "delta_depth": self.delta_depth}
+        return {"release_keys": list(self.release_keys), "delta_depth": self.delta_depth,
+                "patch_format": self.patch_format}  # fmt: skip
 
 
 class Repo:
@@ -84,8 +91,10 @@ class Repo:
         release_threshold: int = 1,
         name: str = "p2pupd",
         expires: int | None = None,
+        patch_format: int = PATCH_FORMAT,
     ) -> TrustedRoot:
-        """Create the repository with root v1 signed by ``root_keys``."""
+        """Create the repository with root v1 signed by ``root_keys``; its releases'
+        patches of at most ``patch_format`` (see ``RepoSettings``)."""
         if self.exists():
             raise RepoError(f"{self.path} already holds a repository")
         privs = [load_private(k) for k in root_keys]
@@ -97,7 +106,11 @@ class Repo:
         self._write_root(env)
         atomic_write(
             self.settings_path,
-            encoding.encode(RepoSettings(tuple(str(k.resolve()) for k in release_keys)).to_value()),
+            encoding.encode(
+                RepoSettings(
+                    tuple(str(k.resolve()) for k in release_keys), patch_format=patch_format
+                ).to_value()
+            ),
         )
         return TrustedRoot.load(env.encode())
 
@@ -145,9 +158,7 @@ class Repo:
             atomic_write(
                 self.settings_path,
                 encoding.encode(
-                    RepoSettings(
-                        tuple(str(k.resolve()) for k in release_keys), s.delta_depth
-                    ).to_value()
+                    replace(s, release_keys=tuple(str(k.resolve()) for k in release_keys)).to_value()
                 ),
             )
         return new
@@ -180,7 +191,10 @@ class Repo:
         self.require()
         try:
             v = encoding.decode(self.settings_path.read_bytes())
-            return RepoSettings(tuple(v["release_keys"]), int(v.get("delta_depth", 2)))
+            return RepoSettings(
+                tuple(v["release_keys"]), int(v.get("delta_depth", 2)),
+                int(v.get("patch_format", 1)),
+            )  # fmt: skip
         except (OSError, CodecError, KeyError, TypeError, ValueError) as exc:
             raise RepoError(f"cannot read {self.settings_path}: {exc}") from None
 

@@ -75,9 +75,12 @@ class _Encrypting:
 class SealingStore:
     """Blobs of a bundle being written, sealed (see the module docstring)."""
 
-    def __init__(self, dest: os.PathLike[str] | str, recipients: list[bytes]) -> None:
+    def __init__(
+        self, dest: os.PathLike[str] | str, recipients: list[bytes], writer: str | None = None
+    ) -> None:
         self.out = BlobStore(Path(dest))
         self.recipients = recipients
+        self.writer = writer  # "p2pupd VERSION", informative in index.json
         self.file_key = os.urandom(sealed.KEY_BYTES)
         self.table: dict[bytes, sealed.SealedBlob] = {}
 
@@ -168,7 +171,9 @@ class SealingStore:
                     len(art),
                     {oci.ANNOTATION_REF_NAME: sealed.SEALED_REF},
                 )
-            ]
+            ],
+            sealed.BUNDLE_FORMAT,
+            self.writer,
         )
 
     def clean_tmp(self) -> int:
