@@ -485,6 +485,8 @@ def component_status(node: Node, name: str) -> dict[str, Any]:
         "platform": node.config.platform_of(name),
         "kept": [{"serial": s, "version": label(s)} for s in st.kept],
         "available": {"serial": newest, "version": label(newest)} if newest else None,
+        # Other platforms' variants carried for the LAN (never installed here).
+        "carried": [{"serial": s, "platform": p} for s, p in node.carried.carried(name)],
         "high_water": st.high_water,
         "bad": {str(s): r for s, r in st.bad.items()},
         "interrupted": {str(s): n for s, n in st.interrupted.items()},
@@ -557,6 +559,7 @@ def gc(node: Node, dry_run: bool = False) -> dict[str, Any]:
         "temp_files_removed": res.temp_files_removed,
         "blobs_packed": res.blobs_packed,
         "packs_rewritten": res.packs_rewritten,
+        "variants_dropped": res.variants_dropped,
         "recovered": res.recovered,
     }
 

@@ -26,6 +26,15 @@ Trust rule: an announced serial is only a *hint* about where to look.
 after the manifest passed signature, threshold and rollback checks, so a node
 never holds, or announces onward, what it has not verified itself.
 
+Platform variants (protocol/fleet/variants.py): with ``variants`` rules, a
+key ``component@platform`` another platform's variant of a tracked component
+is gossiped like a component of its own, with one more rule: it is asked
+for only at the serial this node holds of the component itself (it carries
+variants of the release it holds, never of one it does not), and dropped
+from the holdings when the node's own release moves on. ``announcement``
+lists only the node's own releases (what an older peer may hear);
+``carrying`` the variants it carries.
+
 Peers are any hashable ids the caller chooses (node ids, addresses).
 """
 
@@ -33,10 +42,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from p2pupd.protocol.fleet.variants import SEP, VariantRules
 from p2pupd.protocol.wire import Announce
 
 P = TypeVar("P", bound=Hashable)
@@ -92,10 +102,12 @@ class Gossip(Generic[P]):
         request_timeout: float = 15.0,
         retry_after: float = 60.0,
         ban_seconds: float = 3600.0,
+        variants: VariantRules | None = None,
     ) -> None:
         self._rng = rng
+        self._variants = variants
         self._holdings: dict[str, tuple[int, bytes]] = dict(holdings or {})
-        self._tracked = set(tracked) | set(self._holdings)
+        self._tracked = {k for k in (*tracked, *self._holdings) if SEP not in k}
         self._fanout = fanout
         self._interval = announce_interval
         self._timeout = request_timeout
@@ -127,8 +139,14 @@ class Gossip(Generic[P]):
         return {key: p.peer for key, p in self._pending.items()}
 
     def announcement(self) -> Announce:
-        """Return the Announce message describing our verified holdings."""
-        return Announce.from_holdings(self._holdings)
+        """Return the Announce message describing our own verified holdings (without
+        the variants we carry: see ``carrying``)."""
+        return Announce.from_holdings({k: v for k, v in self._holdings.items() if SEP not in k})
+
+    @property
+    def carrying(self) -> dict[str, tuple[int, bytes]]:
+        """The other platforms' variants we hold: key -> (serial, digest)."""
+        return {k: v for k, v in self._holdings.items() if SEP in k}
 
     def is_banned(self, peer: P, now: float) -> bool:
         """True while ``peer`` is banned."""
@@ -176,8 +194,8 @@ class Gossip(Generic[P]):
         behind = any(announced.get(c, (0, b""))[0] < s for c, (s, _) in self._holdings.items())
         if behind and self._told.get(peer) != self._generation:
             actions.append(self._announce_to(peer))
-        for component in sorted(announced.keys() & self._tracked):
-            actions += self._plan(component, now)
+        for key in sorted(k for k in announced if self._wants(k)):
+            actions += self._plan(key, now)
         return actions
 
     def on_hint(self, peer: P, component: str, serial: int, now: float) -> list[Action[P]]:
@@ -187,7 +205,7 @@ class Gossip(Generic[P]):
 
         Returns manifest requests, like ``on_announce``.
         """
-        if self.is_banned(peer, now) or component not in self._tracked:
+        if self.is_banned(peer, now) or not self._wants(component):
             return []
         announced = self._peers.setdefault(peer, {})
         if announced.get(component, (0, b""))[0] >= serial:
@@ -204,12 +222,20 @@ class Gossip(Generic[P]):
         An older serial than the one held changes nothing (rollback protection
         is the verifier's job; this only keeps the highest).
         """
-        self._tracked.add(component)
+        own = SEP not in component
+        if own:
+            self._tracked.add(component)
         for key in [k for k in self._pending if k[0] == component and k[1] <= serial]:
             del self._pending[key]
         actions: list[Action[P]] = []
         if serial > self._holdings.get(component, (0, b""))[0]:
             self._holdings[component] = (serial, digest)
+            if own:  # variants carried of an older release of ours are no longer news
+                prefix = component + SEP
+                stale = [k for k, (s, _) in self._holdings.items() if k.startswith(prefix)]
+                for variant in stale:
+                    if self._holdings[variant][0] < serial:
+                        del self._holdings[variant]
             self._generation += 1
             behind = [
                 p for p, ann in self._peers.items() if ann.get(component, (0, b""))[0] < serial
@@ -217,7 +243,11 @@ class Gossip(Generic[P]):
             # Every peer behind hears of it now (the module doc's rule), not a
             # fan-out sample: the others would wait until the first ones finished.
             actions += [self._announce_to(p) for p in behind]
-        return actions + self._plan(component, now)
+        actions += self._plan(component, now)
+        if own:  # the variants of the release we now hold may be carried
+            for variant in sorted(self._carried_on_offer(component)):
+                actions += self._plan(variant, now)
+        return actions
 
     def on_manifest_rejected(
         self, peer: P, component: str, serial: int, now: float, reason: str = ""
@@ -235,10 +265,14 @@ class Gossip(Generic[P]):
         return actions + self._drop_pending_of(peer, now, also=component)
 
     def on_manifest_unavailable(
-        self, peer: P, component: str, serial: int, now: float
+        self, peer: P, component: str, serial: int, now: float, retry_after: float | None = None
     ) -> list[Action[P]]:
-        """``peer`` answered ManifestMissing; returns a request to another peer."""
-        self._skip[(peer, component, serial)] = now + self._retry_after
+        """``peer`` answered ManifestMissing, or sent a valid manifest this node does not
+        take (another platform's, say: no fault, so no ban); it is not asked for
+        that serial again for ``retry_after`` seconds (default: the configured
+        retry). Returns a request to another peer."""
+        wait = self._retry_after if retry_after is None else retry_after
+        self._skip[(peer, component, serial)] = now + wait
         pending = self._pending.get((component, serial))
         if pending is not None and pending.peer == peer:
             del self._pending[(component, serial)]
@@ -258,8 +292,8 @@ class Gossip(Generic[P]):
         if self._next_announce is None or now >= self._next_announce:
             actions += [self._announce_to(p) for p in self._sample(list(self._peers))]
             self._next_announce = now + self._interval * self._rng.uniform(0.5, 1.5)
-        for component in sorted(self._tracked):
-            actions += self._plan(component, now)
+        for name in sorted(self._tracked | self._carried_on_offer()):
+            actions += self._plan(name, now)
         return actions
 
     # ----- internals ------------------------------------------------------
@@ -281,10 +315,40 @@ class Gossip(Generic[P]):
             actions += self._plan(component, now)
         return actions
 
+    def _wants(self, key: str) -> bool:
+        """A component we track, or another platform's variant of one (to carry)."""
+        if key in self._tracked:
+            return True
+        found = self._variants.carried(key) if self._variants is not None else None
+        return found is not None and found[0] in self._tracked
+
+    def _carried_on_offer(self, component: str | None = None) -> set[str]:
+        """Keys of variants to carry that peers announce (of ``component``, or any)."""
+        out = set()
+        for announced in self._peers.values():
+            for key in announced:
+                if SEP in key and (component is None or key.startswith(component + SEP)):
+                    out.add(key)
+        return {k for k in out if self._wants(k)}
+
+    def _may_carry(self, key: str) -> Callable[[int], bool] | None:
+        """For another platform's variant: which serials of it we may carry (the
+        rules' ``carry_serial``); None for our own keys."""
+        found = self._variants.carried(key) if self._variants is not None else None
+        if found is None or self._variants is None:
+            return None
+        rules, prefix = self._variants, found[0] + SEP
+        held = self._holdings.get(found[0], (0, b""))[0]
+        carried_now = sum(1 for k in self._holdings if k.startswith(prefix) and k != key)
+        already = key in self._holdings
+        return lambda serial: rules.carry_serial(serial, held, carried_now, already)
+
     def _plan(self, component: str, now: float) -> list[Action[P]]:
-        """Request the highest serial on offer above what we hold and what is pending."""
-        if component not in self._tracked:
+        """Request the highest serial on offer above what we hold and what is pending
+        (for a carried variant: the serial we hold of its component, if on offer)."""
+        if not self._wants(component):
             return []
+        may_carry = self._may_carry(component)
         floor = max(
             [self._holdings.get(component, (0, b""))[0]]
             + [serial for c, serial in self._pending if c == component]
@@ -292,6 +356,8 @@ class Gossip(Generic[P]):
         offers: dict[int, list[P]] = {}
         for peer, announced in self._peers.items():
             serial = announced.get(component, (0, b""))[0]
+            if may_carry is not None and not may_carry(serial):
+                continue
             if serial > floor and self._skip.get((peer, component, serial), -math.inf) <= now:
                 offers.setdefault(serial, []).append(peer)
         if not offers:

@@ -18,6 +18,10 @@ DIGEST_BYTES = 32
 HEX_RE = re.compile(r"[0-9a-f]{64}")
 COMPONENT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 PLATFORM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+# A release key: a component, or a component and a platform variant of it
+# (protocol/fleet/variants.py). '@' is in neither name, so it parses one way.
+RELEASE_KEY_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9_-]{0,31})?")
+MAX_RELEASE_KEY_BYTES = 64 + 1 + 32
 
 
 def sha256(data: bytes) -> bytes:

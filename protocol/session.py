@@ -39,7 +39,8 @@ its kind (chunk digest, root version and range offset must match too, and a
 range answer may not be longer than asked), otherwise the peer is lying or
 confused. Messages of a Hello feature (ranges, Have) may only be sent to a
 peer that advertised the feature, and are refused from a peer we did not
-advertise it to. At most ``max_in_flight`` requests may be outstanding each
+advertise it to; so is a release key naming a platform variant
+(``app@linux-aarch64``, feature "variants") in any message. At most ``max_in_flight`` requests may be outstanding each
 way: sending more is our bug, receiving more is the peer's abuse. A request we
 gave up on (``cancel_request``) keeps its slot until the peer answers, because
 the peer still counts it; its answer is then dropped silently.
@@ -68,6 +69,7 @@ from p2pupd.protocol.wire import (
     FEATURE_REQUEST,
     FEATURE_SITE,
     FEATURE_SWARM,
+    FEATURE_VARIANTS,
     FEATURE_VIEW,
     MAGIC,
     MAX_RANGE_BYTES,
@@ -234,6 +236,24 @@ _FEATURE_OF: dict[type[Message], str] = {
     ReportDigest: FEATURE_REPORT,
 }
 
+_KEYED = (ManifestRequest, ManifestRangeRequest, Have, HaveBits)
+
+
+def names_variant(msg: Message) -> bool:
+    """True if ``msg`` names a release by a platform variant key (feature "variants")."""
+    if isinstance(msg, _KEYED):
+        return "@" in msg.component
+    if isinstance(msg, Announce):
+        return any("@" in e.component for e in msg.entries)
+    return False
+
+
+def _features_of(msg: Message) -> tuple[str, ...]:
+    """The Hello features both sides must have offered for ``msg`` to flow."""
+    feature = _FEATURE_OF.get(type(msg))
+    needs = () if feature is None else (feature,)
+    return (*needs, FEATURE_VARIANTS) if names_variant(msg) else needs
+
 
 def verify_chunk(msg: ChunkData) -> None:
     """Raise ``HashMismatchError`` unless ``msg.data`` hashes to ``msg.digest``."""
@@ -335,11 +355,11 @@ class Session:
         if new_state is None:
             raise RemoteProtocolError(f"peer sent {type(msg).__name__} in state {self.state.value}")
         deliver = True
-        feature = _FEATURE_OF.get(type(msg))
-        if feature is not None and feature not in self.hello.features:
-            raise RemoteProtocolError(
-                f"peer sent {type(msg).__name__}, but feature {feature!r} was not offered"
-            )
+        for feature in _features_of(msg):
+            if feature not in self.hello.features:
+                raise RemoteProtocolError(
+                    f"peer sent {type(msg).__name__}, but feature {feature!r} was not offered"
+                )
         if isinstance(msg, Hello):
             self._check_peer_hello(msg)
             self.peer_hello = msg
@@ -431,9 +451,9 @@ class Session:
             )
         if isinstance(msg, Hello) and msg != self.hello:
             raise LocalProtocolError("send session.hello, not another Hello")
-        feature = _FEATURE_OF.get(type(msg))
-        if feature is not None and feature not in self.peer_features:
-            raise LocalProtocolError(f"peer did not offer feature {feature!r}")
+        for feature in _features_of(msg):
+            if feature not in self.peer_features:
+                raise LocalProtocolError(f"peer did not offer feature {feature!r}")
         if isinstance(msg, _REQUESTS):
             if msg.request_id in self._ours:
                 raise LocalProtocolError(f"request id {msg.request_id} is already in flight")

@@ -54,6 +54,13 @@ kinds are only sent to peers that advertised the matching Hello feature:
   what it lacks. Both are hints like Announce: every document is verified by
   the receiver (signature, site, membership, replay) before it counts. An
   older peer simply never sees them.
+* ``"variants"`` (``FEATURE_VARIANTS``): no new message, a wider name. The
+  ``component`` field of ``Announce`` entries, ``ManifestRequest``,
+  ``ManifestRangeRequest``, ``Have`` and ``HaveBits`` may then be a release
+  key ``component@platform``: one platform variant of a release, which nodes
+  of other platforms carry and serve (protocol/fleet/variants.py). The
+  session refuses such a key from or to a peer that did not offer the
+  feature, so an older peer never sees one.
 
 Why the receive side stays O(n) under hostile input
 ---------------------------------------------------
@@ -109,7 +116,9 @@ MAX_ANNOUNCE_ENTRIES = 4096
 MAX_FEATURES = 32
 MAX_CLUSTER_ID_BYTES = 64
 MAX_TEXT_BYTES = 1 * limits.KiB  # Bye reasons and Error messages end up in logs
-MAX_COMPONENT_BYTES = limits.MAX_COMPONENT_NAME_BYTES
+# A "component" field holds a release key: a component, or (feature "variants")
+# ``component@platform``.
+MAX_COMPONENT_BYTES = ids.MAX_RELEASE_KEY_BYTES
 # Largest piece a range request may ask for: what fits in one data frame.
 MAX_RANGE_BYTES = MAX_PAYLOAD_BYTES
 # Digests per Have message: 32 Ki x 34 encoded bytes ~ 1.1 MiB, well inside a frame.
@@ -137,6 +146,7 @@ NEIGHBOR_KINDS = 4  # protocol/fleet/view.py: join, high, low, forward
 MAX_HAVE_BITS_BYTES = 64 * limits.KiB
 FEATURE_SITE = "site"
 FEATURE_REPORT = "report"
+FEATURE_VARIANTS = "variants"
 # Signed documents per ReportNews, and their sizes (protocol/rollout bounds them
 # again when it decodes them): 32 x 8 KiB + 32 x 6 KiB stays far below a frame.
 MAX_NEWS_DOCS = 32
@@ -299,7 +309,7 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "node_id": lambda v, n, _: _blob(v, n, exact=NODE_ID_BYTES),
     "magic": lambda v, n, _: _blob(v, n, most=MAX_MAGIC_BYTES),
     "data": lambda v, n, limit: _blob(v, n, most=limit),
-    "component": lambda v, n, _: _text(v, n, MAX_COMPONENT_BYTES, ids.COMPONENT_RE),
+    "component": lambda v, n, _: _text(v, n, MAX_COMPONENT_BYTES, ids.RELEASE_KEY_RE),
     "cluster_id": lambda v, n, _: _text(v, n, MAX_CLUSTER_ID_BYTES, _CLUSTER_RE),
     "reason": lambda v, n, _: _text(v, n, MAX_TEXT_BYTES),
     "message": lambda v, n, _: _text(v, n, MAX_TEXT_BYTES),
@@ -944,7 +954,7 @@ def _pack_hot(msg: object) -> tuple[tuple[bytes, ...], bytes] | None:
         return (b"\x93\x06", _packed_uint(msg.request_id), _DIGEST_HEAD, msg.digest), b""
     if kind is HaveBits:
         assert isinstance(msg, HaveBits)
-        name = msg.component.encode()  # ASCII by ids.COMPONENT_RE, at most 64 bytes
+        name = msg.component.encode()  # ASCII by ids.RELEASE_KEY_RE, at most 97 bytes
         head = bytes((0xA0 | len(name),)) if len(name) < 32 else b"\xd9" + bytes((len(name),))
         serial, offset = _packed_uint(msg.serial), _packed_uint(msg.offset)
         return (b"\x95\x1a", head, name, serial, offset, _bin_head(len(msg.bits))), msg.bits

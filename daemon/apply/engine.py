@@ -241,6 +241,14 @@ class Applier:
     ) -> ApplyResult:
         target = target_for(cfg)
         man = self.manifest(cfg.name, serial)
+        platform = self.node.config.platform_of(cfg.name)
+        if man.platform is not None and man.platform != platform:
+            # Never reached through the node's own stores (they hold only its own
+            # variants): a last line against a state directory altered by hand.
+            raise ApplyError(
+                f"{cfg.name} {man.version} is the variant for {man.platform}; "
+                f"this node installs {platform} (nothing changed)"
+            )
         target.check(man)
         cache = self.tx.cache(cfg.name)
         report, plan, t0 = None, None, time.monotonic()

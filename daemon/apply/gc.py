@@ -8,7 +8,11 @@ shrinks it. A blob survives if any release a node may still need names it:
 * every kept release (``rollback`` may need to re-stage it),
 * every stored release newer than the installed one (not applied yet), and the
   newest stored release of every component, configured or not (what this node
-  announces to its peers).
+  announces to its peers),
+* the other platforms' variants this node carries of any of those releases
+  (state/carried.py): kept exactly as long as its own release of that serial,
+  and their manifests dropped with it (a carried variant is a neighbour's
+  update, never worth more room than the node's own).
 
 If any of those stored manifests cannot be read (damaged, or signed by keys
 no longer trusted), gc refuses to delete anything: guessing would risk a
@@ -42,6 +46,7 @@ from p2pupd.daemon.errors import NoSpaceError, NotFoundError, StorageError
 from p2pupd.daemon.fsutil import hash_file
 from p2pupd.daemon.stage.stagefs import walk_tree
 from p2pupd.daemon.stage.statcache import StatCache
+from p2pupd.daemon.state import carried
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import LEGACY_DIRS
 from p2pupd.daemon.store import members
@@ -59,6 +64,7 @@ class GcResult:
     temp_files_removed: int = 0
     blobs_packed: int = 0  # small blobs moved from their own files into a pack
     packs_rewritten: int = 0
+    variants_dropped: int = 0  # carried variants of releases gc no longer keeps
     recovered: list[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -95,6 +101,7 @@ def keep_set(node: Node, applier: Applier) -> set[bytes]:
                     f"cannot read release {comp}/{serial} ({exc}); refusing to collect garbage"
                 ) from None
             keep.update(man.blob_sizes())
+        keep |= carried.keep_blobs(node, comp, wanted_serials(node, comp))
     return keep
 
 
@@ -133,6 +140,8 @@ def collect(node: Node, dry_run: bool = False) -> GcResult:
             with contextlib.suppress(OSError):
                 (node.root / legacy).rmdir()
     res.blobs_packed, res.packs_rewritten = report.packed, report.repacked
+    for comp in sorted(set(node.config.components) | set(node.releases.components())):
+        res.variants_dropped += carried.prune(node, comp, wanted_serials(node, comp))
     # Decoded manifests of releases whose blobs are gone: rebuilt on demand.
     shutil.rmtree(node.state.cache_dir / "manifests", ignore_errors=True)
     for cfg in node.config.components.values():

@@ -21,7 +21,12 @@ for how it is read), and nothing on the node changes until all of it checks out:
    hazardous mode the component does not allow (``protocol.manifest.check_modes``).
 3. *Rollback rule*, per component: the newest release offered must be newer
    than the high-water mark (or be exactly the release held); older ones are
-   imported only if already held, else skipped as history.
+   imported only if already held, else skipped as history. The other
+   platforms' variants of every release this node then holds are *carried*
+   (protocol/fleet/variants.py, state/carried.py): stored with every blob the
+   bundle brings for them, never installed, served to the LAN. A variant
+   whose envelope is a patch against a release this node does not hold is
+   skipped with a note; only a missing base of its own variant refuses.
 4. *Layout.* Every referenced blob must be a regular file of its declared
    size; an unreferenced blob or a stray name in ``blobs/sha256`` is refused.
    Any failure so far raises before a single byte is written.
@@ -61,7 +66,7 @@ from p2pupd.daemon.bundles.verify import (
 )
 from p2pupd.daemon.errors import BundleError, MissingBaseError, StorageError
 from p2pupd.daemon.fsutil import ensure_free, write_all
-from p2pupd.daemon.state import components
+from p2pupd.daemon.state import carried, components
 from p2pupd.daemon.state.gate import needed_for, persist_release
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.store.spool import Spool
@@ -110,6 +115,8 @@ class ImportReport:
     seconds: float = 0.0
     # Newer releases with no variant for this node: (component, serial, version, message).
     no_variant: list[tuple[str, int, str, str]] = field(default_factory=list)
+    # Other platforms' variants carried for the LAN: (component, version, serial, platform).
+    carried: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -118,8 +125,11 @@ class _Candidate:
     new: bool
 
 
-def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> list[_Candidate]:
-    """Apply the configuration and the rollback rule; return what to import.
+def select_releases(
+    node: Node, meta: BundleMetadata, report: ImportReport
+) -> tuple[list[_Candidate], list[VerifiedRelease]]:
+    """Apply the configuration and the rollback rule; return (what to import, the
+    other platforms' variants to carry).
 
     Raises ``RollbackError`` when a component's newest offered release is not
     newer than the node's high-water mark (a replayed, frozen or stale
@@ -127,25 +137,15 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
     """
     states = node.state.read_states()
     by_comp: dict[str, list[VerifiedRelease]] = {}
-    others: dict[tuple[str, int], list[Manifest]] = {}  # variants for other platforms
+    others: dict[tuple[str, int], list[VerifiedRelease]] = {}  # variants for other platforms
     for r in meta.releases:
         man = r.manifest
         if man.component not in node.config.components:
             report.skipped.append(f"{man.component} {man.version}: not configured on this node")
         elif man.platform is not None and man.platform != node.config.platform_of(man.component):
-            others.setdefault((man.component, man.serial), []).append(man)
+            others.setdefault((man.component, man.serial), []).append(r)
         else:
             by_comp.setdefault(man.component, []).append(r)
-    # Another platform's variant is noise when ours came along; a release with
-    # no variant for us is worth saying so, naming what it does have.
-    ours = {(r.manifest.component, r.manifest.serial) for rels in by_comp.values() for r in rels}
-    for key, mans in sorted(others.items()):
-        if key not in ours:
-            msg = no_variant_message(mans, node.config.platform_of(key[0]))
-            report.skipped.append(msg)
-            st = states.get(key[0])
-            if key[1] > (st.high_water if st else 0):
-                report.no_variant.append((*key, mans[0].version, msg))
     out: list[_Candidate] = []
     for comp, rels in sorted(by_comp.items()):
         rels.sort(key=lambda r: r.manifest.serial)
@@ -170,7 +170,24 @@ def select_releases(node: Node, meta: BundleMetadata, report: ImportReport) -> l
                 report.skipped.append(
                     f"{comp} {man.version}: serial {man.serial} is older than trusted serial {high}"
                 )
-    return out
+    # Another platform's variant of a release this node holds (or takes now) is
+    # carried for the LAN; a release with no variant for us is worth saying so,
+    # naming what it does have.
+    taken = {(c.rel.manifest.component, c.rel.manifest.serial) for c in out}
+    rules = carried.rules_of(node)
+    carry: list[VerifiedRelease] = []
+    for key, rels in sorted(others.items()):
+        if key in taken or node.releases.has(*key):
+            rels.sort(key=lambda r: str(r.manifest.platform))
+            carry += rels[: rules.max_carried]
+            continue
+        mans = [r.manifest for r in rels]
+        msg = no_variant_message(mans, node.config.platform_of(key[0]))
+        report.skipped.append(msg)
+        st = states.get(key[0])
+        if key[1] > (st.high_water if st else 0):
+            report.no_variant.append((*key, mans[0].version, msg))
+    return out, carry
 
 
 def no_variant_message(variants: list[Manifest], platform: str) -> str:
@@ -206,9 +223,17 @@ def held_envelopes(node: Node) -> HeldEnvelopes:
         if patch.base_serial in serials:
             serials.remove(patch.base_serial)
             serials.append(patch.base_serial)
-        for serial in reversed(serials):
+        reads: list[Callable[[], bytes]] = [
+            partial(node.releases.get_bytes, component, s) for s in reversed(serials)
+        ]
+        # A variant carried for another platform is the base of that platform's next one.
+        reads += [
+            partial(node.carried.get_bytes, component, s, p)
+            for s, p in reversed(node.carried.carried(component))
+        ]
+        for read in reads:
             try:
-                data = node.releases.get_bytes(component, serial)
+                data = read()
             except P2pupdError:  # unreadable: not a base
                 continue
             if ids.sha256(data) == patch.base:
@@ -252,21 +277,27 @@ def import_bundle(
                     cfg.node_id, node_public_key(node.state), cfg.former_node_ids
                 )
         for u in meta.unresolved:
-            if u.component in node.config.components:
+            if u.component not in node.config.components:
+                report.skipped.append(f"{u.label}: not configured on this node")
+            elif u.platform not in (None, node.config.platform_of(u.component)):
+                report.skipped.append(  # a neighbour's variant: not carried this time
+                    f"{u.label} for {u.platform}: not carried, its manifest is a patch against "
+                    "a release this node does not hold"
+                )
+            else:
                 raise MissingBaseError(u.message)
-            report.skipped.append(f"{u.label}: not configured on this node")
-        todo = select_releases(node, meta, report)
+        todo, carry = select_releases(node, meta, report)
         for c in todo:  # before any blob is copied: a refused mode changes nothing
             man = c.rel.manifest
             check_modes(man, node.config.components[man.component].allow_hazardous_modes)
         # An honest blob directory holds exactly the referenced blobs (and a
         # little OS debris), which bounds the listing far below MAX_BUNDLE_MEMBERS.
         inodes = reader.check_blobs(meta.referenced, len(meta.referenced) + DEBRIS_ENTRIES)
-        carried: dict[bytes, int] = {}
-        for c in todo:
-            carried.update(c.rel.carried)
-        need = {d: s for d, s in carried.items() if not node.store.has(d)}
-        report.blobs_present = len(carried) - len(need)
+        brought: dict[bytes, int] = {}
+        for rel in [c.rel for c in todo] + carry:
+            brought.update(rel.carried)
+        need = {d: s for d, s in brought.items() if not node.store.has(d)}
+        report.blobs_present = len(brought) - len(need)
         spool = Spool(node.root, node.store)
         done = False
         try:
@@ -278,7 +309,7 @@ def import_bundle(
             done = True
         finally:
             spool.close(clear=done)
-    _persist(node, meta, todo, report, now, os.fspath(src))
+    _persist(node, meta, todo, carry, report, now, os.fspath(src))
     report.seconds = time.monotonic() - t0
     return report
 
@@ -419,11 +450,13 @@ def _persist(
     node: Node,
     meta: BundleMetadata,
     todo: list[_Candidate],
+    carry: list[VerifiedRelease],
     report: ImportReport,
     now: int | None,
     src: str,
 ) -> None:
-    """Record the new root, the releases and the high-water marks (step 6).
+    """Record the new root, the releases and the high-water marks (step 6), then the
+    variants carried for other platforms.
 
     Releases take the one path every verified release takes into a node
     (``gate.persist_release``).
@@ -441,3 +474,8 @@ def _persist(
         report.releases.append(
             ImportedRelease(man.component, man.version, man.serial, c.new, complete)
         )
+    for rel in carry:
+        man = rel.manifest
+        assert man.platform is not None
+        carried.persist_carried(node, man, rel.envelope)
+        report.carried.append((man.component, man.version, man.serial, man.platform))

@@ -86,6 +86,7 @@ class UnresolvedRelease:
     component: str  # from the (unsigned) artifact annotations
     label: str  # "app 2.0", printable
     message: str
+    platform: str | None = None  # the variant's, from the annotations too (None: universal)
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,10 @@ def _rebuild_envelope(
             f"bundle was cut for a node holding {have}, which this node does not have "
             "(export it again for this node: --from-version its version, or --for its request)"
         )
-        return UnresolvedRelease(comp, what, msg)
+        platform = art.annotations.get(oci.ANNOTATION_PLATFORM)
+        if platform is not None and not ids.PLATFORM_RE.fullmatch(platform):
+            platform = None
+        return UnresolvedRelease(comp, what, msg, platform)
     return rebuild_envelope(base, blob, patch, what)
 
 

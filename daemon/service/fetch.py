@@ -2,12 +2,15 @@
 
 Theory of operation
 -------------------
-One ``ReleaseFetch`` per component, for the newest accepted release; a newer
-accepted release replaces it (blobs already stored count for the new one).
+One ``ReleaseFetch`` per release key, for the newest accepted release of a
+component -- and for each other platform's variant of it the node carries
+(key ``app@platform``; protocol/fleet/variants.py); a newer accepted
+release replaces it (blobs already stored count for the new one).
 
 1. *What is missing*: ``gate.needed_for`` -- ``deltaplan.needed_blobs``, the
-   cheapest path given the versions on disk and the store. So a restart
-   resumes from what is stored, and an empty answer means complete.
+   cheapest path given the versions on disk and the store (for a carried
+   variant: what a node of its platform one release behind needs). So a
+   restart resumes from what is stored, and an empty answer means complete.
 2. *Who offers what*: the component's ``ReleaseSwarm``, kept by ``Offers``
    (offers.py), fed by the neighbours' ``HaveBits`` (or ``Have``, or an
    older peer's Announce) and telling them ours. A fetch starts as soon as
@@ -103,9 +106,6 @@ class ReleaseFetch:
     wake: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.man.component, self.man.serial)
 
 
 # What became of one request: the bytes (to land), True (landed), False (bad
@@ -148,6 +148,7 @@ class FetchManager:
         """``on_complete(man, digest, first_holder)``: awaited once a release's every
         blob is stored (``first_holder``: none of it came from peers)."""
         self._links = links
+        self._key_of = links.spelling.rules.key_of
         self._offers = offers
         self._content = content
         self._on_complete = on_complete
@@ -158,9 +159,9 @@ class FetchManager:
         self.spool = Spool(links.node.root, links.node.store)
         self._nursery: trio.Nursery | None = None
 
-    def wake(self, component: str) -> None:
-        """What the component's swarm may ask for changed: plan again."""
-        rf = self.active.get(component)
+    def wake(self, key: str) -> None:
+        """What the release's swarm may ask for changed: plan again."""
+        rf = self.active.get(key)
         if rf is not None:
             rf.wake.set()
 
@@ -180,19 +181,20 @@ class FetchManager:
                 self.spool.close()
 
     def start(self, man: Manifest, digest: bytes) -> None:
-        """Fetch what ``man`` still needs (replacing an older fetch of its component)."""
-        old = self.active.get(man.component)
+        """Fetch what ``man`` still needs (replacing an older fetch of its key)."""
+        key = self._key_of(man)
+        old = self.active.get(key)
         if old is not None:
             if old.man.serial >= man.serial:
                 return
             old.scope.cancel()
         rf = ReleaseFetch(man, digest)
-        self.active[man.component] = rf
-        self.received[man.component] = Received(man.serial)
+        self.active[key] = rf
+        self.received[key] = Received(man.serial)
         assert self._nursery is not None, "FetchManager.serve is not running"
         self._nursery.start_soon(self._run, rf)
 
-    def restart(self, component: str, serial: int) -> bool:
+    def restart(self, key: str, serial: int) -> bool:
         """Re-plan the running fetch of (component, serial) from what the store holds.
 
         For blobs that arrived another way (an import of the same release): the
@@ -200,18 +202,18 @@ class FetchManager:
         forever; the new fetch finds them stored and completes. Returns False
         if no such fetch was running.
         """
-        rf = self.active.get(component)
+        rf = self.active.get(key)
         if rf is None or rf.man.serial != serial:
             return False
         rf.scope.cancel()
-        del self.active[component]
+        del self.active[key]
         self.start(rf.man, rf.digest)
         return True
 
     # ----- the fetch -----------------------------------------------------------
 
     async def _run(self, rf: ReleaseFetch) -> None:
-        c = rf.man.component
+        c = self._key_of(rf.man)
         with rf.scope:
             while True:
                 try:
@@ -367,7 +369,7 @@ class FetchManager:
         failure = None
         results, run.results = run.results, []
         swarm, now = run.swarm, trio.current_time()
-        component = run.rf.man.component
+        component = self._key_of(run.rf.man)
         for peer, digest, outcome in results:
             blob = swarm.index.position[digest]
             if isinstance(outcome, bytes):  # arrived while the last batch was spooled
@@ -388,7 +390,7 @@ class FetchManager:
 
     def _received(self, rf: ReleaseFetch, peer: bytes, size: int) -> None:
         self._commit_wanted.set()
-        rec = self.received.setdefault(rf.man.component, Received(rf.man.serial))
+        rec = self.received.setdefault(self._key_of(rf.man), Received(rf.man.serial))
         rec.bytes += size
         rec.blobs += 1
         rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size

@@ -27,7 +27,13 @@ A manifest signed by keys our root does not know may be signed under a newer
 root: before banning, the peer is asked for root N+1, N+2, ... and each is
 accepted only through ``TrustStore.advance`` (threshold of old and new keys).
 Expired or other-platform releases are valid, so they are skipped, not
-punished.
+punished: an older peer announces its own platform's variant under the bare
+component name, which a node of another platform fetches once and then
+leaves alone for ``FOREIGN_RETRY_SECONDS`` (``manifest-skipped``, not an
+error in the metrics). A peer that speaks "variants" names every variant
+with its platform (``Spelling``, links.py), so a node asks it for its own
+variant by name, and for the others' only to carry them
+(protocol/fleet/variants.py).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log, short
 from p2pupd.daemon.net.transport import PeerConnection, TransferError
 from p2pupd.daemon.service.links import Links
-from p2pupd.daemon.state.gate import NotForThisNodeError
+from p2pupd.daemon.state.carried import NotCarriedError
+from p2pupd.daemon.state.gate import NotForThisNodeError, OtherPlatformError
 from p2pupd.protocol.errors import (
     ExpiredError,
     RemoteProtocolError,
@@ -64,6 +71,9 @@ from p2pupd.protocol.wire import (
 
 MAX_TICK_SECONDS = 30.0
 MAX_ROTATIONS = 8
+# A valid manifest not for this node (another platform's, say) is not asked of
+# that peer again for this long: it will not change, and it is no one's fault.
+FOREIGN_RETRY_SECONDS = 600.0
 
 
 class GossipService:
@@ -74,7 +84,7 @@ class GossipService:
         links: Links,
         rng: random.Random,
         *,
-        announcement: Callable[[], Announce],
+        announcement: Callable[[PeerConnection], Announce],
         high_water: Callable[[str], int],
         on_offer: Callable[[bytes, RequestManifest[bytes]], Awaitable[None]],
         on_root: Callable[[int, bytes], Awaitable[None]],
@@ -82,7 +92,7 @@ class GossipService:
         request_timeout: float,
         ban_seconds: float,
     ) -> None:
-        """``announcement()``: the Announce we send; ``high_water(c)``: the newest
+        """``announcement(conn)``: the Announce we send that peer; ``high_water(c)``: the newest
         serial accepted for ``c``; ``on_offer(envelope, action)``: verify, persist and
         fetch a manifest a peer sent (raises what verification raises);
         ``on_root(version, data)``: accept a newer root."""
@@ -95,7 +105,9 @@ class GossipService:
         self._interval = interval
         self._timeout = request_timeout
         self._ban_seconds = ban_seconds
-        self.gossip: Gossip[bytes] = Gossip(rng, tracked=links.node.config.components)
+        self.gossip: Gossip[bytes] = Gossip(
+            rng, tracked=links.node.config.components, variants=links.spelling.rules
+        )
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -108,6 +120,7 @@ class GossipService:
             announce_interval=self._interval,
             request_timeout=self._timeout,
             ban_seconds=self._ban_seconds,
+            variants=self._links.spelling.rules,
         )
 
     @property
@@ -115,7 +128,12 @@ class GossipService:
         return self.gossip.holdings
 
     def announcement(self) -> Announce:
+        """Our own releases (what an older peer hears; ``carrying`` adds the rest)."""
         return self.gossip.announcement()
+
+    @property
+    def carrying(self) -> dict[str, tuple[int, bytes]]:
+        return self.gossip.carrying
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tick loop (periodic announces, timeouts) until cancelled."""
@@ -145,9 +163,9 @@ class GossipService:
         """A peer has blobs of a release we do not know: ask it for the manifest."""
         self._run(self.gossip.on_hint(peer, component, serial, trio.current_time()))
 
-    def on_announce(self, peer: bytes, msg: Announce) -> None:
-        """Record a peer's holdings; request newer manifests."""
-        self._run(self.gossip.on_announce(peer, msg.entries, trio.current_time()))
+    def on_announce(self, peer: bytes, entries: list[tuple[str, int, bytes]]) -> None:
+        """Record a peer's holdings (in our keys); request newer manifests."""
+        self._run(self.gossip.on_announce(peer, entries, trio.current_time()))
 
     def verified(self, component: str, serial: int, digest: bytes) -> None:
         """A release's manifest is verified and stored: announce it to the peers behind.
@@ -165,7 +183,7 @@ class GossipService:
             if isinstance(action, SendAnnounce):
                 conn = self._links.conns.get(action.peer)
                 if conn is not None:
-                    conn.post(self._announcement())
+                    conn.post(self._announcement(conn))
             elif isinstance(action, RequestManifest):
                 if self._high_water(action.component) >= action.serial:
                     continue  # already accepted (fetching its blobs) or newer
@@ -180,7 +198,7 @@ class GossipService:
             return
         c, s, peer = action.component, action.serial, action.peer
         try:
-            data = await fetch_manifest(conn, c, s, self._timeout)
+            data = await fetch_manifest(conn, self._links.spelling.request(conn, c), s, self._timeout)
         except TransferError:
             return  # gossip's own timeout retries elsewhere
         except RemoteProtocolError as exc:
@@ -193,7 +211,15 @@ class GossipService:
             try:
                 await self._on_offer(data, action)
                 return
-            except (NotForThisNodeError, ExpiredError) as exc:
+            except (NotForThisNodeError, NotCarriedError) as exc:
+                # Valid and honest, just not for this node: no fault, no error.
+                why = "platform" if isinstance(exc, OtherPlatformError) else "other"
+                log("manifest-skipped", component=c, serial=s, peer=short(peer), why=why,
+                    reason=str(exc))  # fmt: skip
+                now = trio.current_time()
+                self._run(self.gossip.on_manifest_unavailable(peer, c, s, now, FOREIGN_RETRY_SECONDS))
+                return
+            except ExpiredError as exc:
                 log("manifest-refused", component=c, serial=s, peer=short(peer), reason=str(exc))
                 self._run(self.gossip.on_manifest_unavailable(peer, c, s, trio.current_time()))
                 return

@@ -25,6 +25,12 @@ incomplete one, and offers the gate a complete release never applied here. A rel
 the operator rolled back from (it has an ``applied`` history entry) is not
 re-applied automatically, at start or later.
 
+Other platforms' variants of a release the node holds take the same path
+under their own key (``app@linux-aarch64``; protocol/fleet/variants.py,
+state/carried.py) but stop at *complete*: carried, served, never applied.
+They are announced with the node's own release and, for p2pupd's own
+component, only with the one it runs and proved.
+
 p2pupd's own component (``self_update``) differs in two ways (selfupdate.py,
 docs/self-update.md). Its apply stops before the swap (``HandOver``) and the
 daemon restarts into the new version for a trial run. And a node announces
@@ -54,6 +60,7 @@ from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.rollout.service import RolloutHeldError, RolloutService
 from p2pupd.daemon.service.selfupdate import Hooks, Restart, launcher, restart_for
 from p2pupd.daemon.service.serving import Content
+from p2pupd.daemon.state import carried
 from p2pupd.daemon.state.gate import needed_for, persist_release, verify_offer
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig, ComponentState, now_seconds
@@ -122,6 +129,7 @@ class Lifecycle:
         # tried by restarting into it (None: applied like any other, e.g. in tests).
         self.self_update: Hooks | None = None
         self.complete: dict[str, tuple[int, bytes]] = {}  # newest release held in full
+        self.rules = carried.rules_of(node)
 
     def scan(self) -> Scan:
         """Recover, then find holdings, fetches to resume and releases to apply (blocking)."""
@@ -166,7 +174,31 @@ class Lifecycle:
                     break
                 if serial == serials[-1] and serial not in st.bad:
                     out.resume.append((man, digest))
+            if serials:
+                self._scan_carried(name, serials[-1], out)
         return out
+
+    def _scan_carried(self, name: str, serial: int, out: Scan) -> None:
+        """The variants carried of our newest release: hold them, or resume their fetch."""
+        node, chain = self.node, self.node.trust_chain()
+        cfg, st = node.config.components[name], node.state.read_state(name)
+        proven = not cfg.self_update or st.installed == serial  # see the module docstring
+        for platform in node.carried.platforms(name, serial):
+            try:
+                man, env = node.carried.get(chain, name, serial, platform)
+            except DaemonError as exc:
+                log("release-unreadable", level=logging.WARNING, component=name, serial=serial,
+                    platform=platform, reason=str(exc))  # fmt: skip
+                continue
+            key, digest = self.carry_key(man), env.payload_digest()
+            if proven:  # announced at once, complete or not (news runs ahead of data)
+                out.holdings[key] = (serial, digest)
+            if needed_for(node, man):
+                out.resume.append((man, digest))
+
+    def carry_key(self, man: Manifest) -> str:
+        """Our key for ``man``: its component, or ``component@platform`` when carried."""
+        return carried.rules_of(self.node).key_of(man)
 
     def high_water(self, component: str) -> int:
         """The component's rollback high-water mark as last accepted here."""
@@ -179,6 +211,10 @@ class Lifecycle:
         it is not the release the peer announced.
         """
         c, s, peer = action.component, action.serial, action.peer
+        other = self.rules.carried(c)
+        if other is not None:
+            await self._carry_from_peer(data, action, *other)
+            return
         async with self.mutex:
             if s < self.high_water(c):
                 # Overtaken while it travelled (a newer serial was accepted from
@@ -202,6 +238,32 @@ class Lifecycle:
             await self.news(c, s, digest)  # news runs ahead of the blobs
             self.fetch.start(man, digest)
 
+    async def _carry_from_peer(
+        self, data: bytes, action: RequestManifest[bytes], component: str, platform: str
+    ) -> None:
+        """Verify and store another platform's variant a peer sent, then fetch what a
+        node of that platform needs of it. Raises what ``carried.verify_carried``
+        raises, and ``MixAndMatchError`` if it is not the variant announced."""
+        s, peer = action.serial, action.peer
+        async with self.mutex:
+            man, env, new = await self.offload(
+                lambda: carried.verify_carried(
+                    self.node, data, component, s, platform, now_seconds()
+                )
+            )
+            digest = env.payload_digest()
+            if digest != action.manifest_digest:
+                raise MixAndMatchError(
+                    f"{component} serial {s} for {platform} differs from the manifest announced"
+                )
+            if new:
+                await self.offload(lambda: carried.persist_carried(self.node, man, env))
+        if new:
+            log("variant-accepted", component=component, version=man.version, serial=s,
+                platform=platform, from_=short(peer))  # fmt: skip
+            await self.news(action.component, s, digest)
+            self.fetch.start(man, digest)
+
     async def advance_root(self, version: int, data: bytes) -> None:
         """Accept root ``version`` (rotation rules of ``TrustStore.advance``)."""
         async with self.mutex:
@@ -212,8 +274,14 @@ class Lifecycle:
         log("root-advanced", version=version)
 
     async def release_complete(self, man: Manifest, digest: bytes) -> None:
-        """Every blob of ``man`` is here: announce it, apply it if the policy says so."""
+        """Every blob of ``man`` is here: announce it, apply it if the policy says so
+        (a variant carried for another platform: just say so, it is served already)."""
         c, s = man.component, man.serial
+        if man.platform is not None and not self.rules.installs(c, man.platform):
+            self.forget_servable()
+            log("variant-carried", component=c, version=man.version, serial=s,
+                platform=man.platform, from_=self.sources(self.carry_key(man), s))  # fmt: skip
+            return
         cfg = self.node.config.components[c]
         self.forget_servable()
         await self.news(c, s, digest)  # known already unless found at start
@@ -237,7 +305,11 @@ class Lifecycle:
     async def announceable(self, component: str, serial: int) -> bool:
         """Whether this node tells its peers of release ``serial`` (announces or
         offers it): any verified release, but of p2pupd's own component only the
-        one it runs and proved (module docstring)."""
+        one it runs and proved (module docstring); the variants carried of a release
+        (``component`` a key ``app@platform``) as that release."""
+        found = self.rules.carried(component)
+        if found is not None:
+            component = found[0]
         if not self.node.config.components[component].self_update:
             return True
         st = await self.offload(lambda: self.node.state.read_state(component))
@@ -438,11 +510,30 @@ class Lifecycle:
                 # Accepted earlier from a peer and still being fetched: the bundle
                 # brought the blobs, so that fetch finds them and completes.
                 self.origin[r.component] = (r.serial, "import")
+        for c, _version, serial, platform in report.carried:
+            await self._carry_imported(c, serial, platform, chain)
         results = []
         if apply_after:
             for comp in ops.imported_components(report):
                 results.append(await self.apply_release(comp))
         return report, results
+
+    async def _carry_imported(self, component: str, serial: int, platform: str, chain: Any) -> None:
+        """A variant a bundle brought for another platform: announce it and serve it
+        (its fetch finds the blobs stored, or fetches what the bundle lacked)."""
+        try:
+            man, env = await self.offload(
+                lambda: self.node.carried.get(chain, component, serial, platform)
+            )
+        except (DaemonError, VerificationError) as exc:
+            log("release-unreadable", level=logging.WARNING, component=component, serial=serial,
+                platform=platform, reason=str(exc))  # fmt: skip
+            return
+        key, digest = self.carry_key(man), env.payload_digest()
+        self.origin[key] = (serial, "import")
+        await self.news(key, serial, digest)
+        if not self.fetch.restart(key, serial):
+            self.fetch.start(man, digest)
 
     def component_doc(self, component: str) -> dict[str, Any]:
         """The daemon's additions to one component of ``status --json``."""

@@ -9,8 +9,10 @@ reading so a stray client cannot hold memory.
 
 ``MetricsFeed`` keeps the registry in step with a running daemon. Counters
 follow the event stream (``events.observe``): bans, applies, apply durations,
-failed applies and operator rollbacks, refused manifests, bundles imported
-(or refused) through the daemon, bytes of peers whose connection closed.
+failed applies and operator rollbacks, refused manifests (errors) and
+skipped ones (another platform's: not errors), variants carried for other
+platforms, bundles imported (or refused) through the daemon, bytes of peers
+whose connection closed.
 Counters whose label sets are known at start (imports by outcome, bans by
 reason, applies and rollbacks per configured component) start at 0. At scrape time the live peer table and the node's state add
 what is current (bytes of connected peers, live serials), so a scrape never
@@ -39,6 +41,8 @@ READ_TIMEOUT_S = 5.0
 IMPORT_RESULTS = ("imported", "refused", "failed")
 BAN_REASONS = ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout", "other")
 ROLLBACK_REASONS = ("apply-failed", "operator")
+# Why a valid manifest a peer offered was left alone (no error: gossip.py).
+SKIP_REASONS = ("platform", "other")
 # Why a site member refused a link (daemon/service/sitegate.py), by the words of its reason.
 REFUSAL_REASONS = ("handshake", "expired", "revoked", "member", "timed out", "other")
 
@@ -145,6 +149,17 @@ class DaemonMetrics:
         self.fetch_errors = r.counter(
             "p2pupd_fetch_errors", "Failed or refused blob fetches", ("peer", "reason")
         )
+        self.manifest_skips = r.counter(
+            "p2pupd_manifest_skips",
+            "Valid manifests a peer offered that this node does not take (another platform's "
+            "variant it does not carry: reason=platform); not errors",
+            ("reason",),
+        )
+        self.variants_carried = r.counter(
+            "p2pupd_variants_carried",
+            "Other platforms' variants this node stored in full to serve its neighbours",
+            ("component",),
+        )
         self.bans = r.counter(
             "p2pupd_peer_bans", "Peers banned for bad data or protocol errors", ("reason",)
         )
@@ -202,8 +217,11 @@ class DaemonMetrics:
             self.bans.inc(0, reason=reason)
         for reason in REFUSAL_REASONS:
             self.refused.inc(0, reason=reason)
+        for reason in SKIP_REASONS:
+            self.manifest_skips.inc(0, reason=reason)
         for comp in components:
             self.applies.inc(0, component=comp)
+            self.variants_carried.inc(0, component=comp)
             for reason in ROLLBACK_REASONS:
                 self.rollbacks.inc(0, component=comp, reason=reason)
 
@@ -276,6 +294,11 @@ class MetricsFeed:
             m.rollbacks.inc(component=str(fields.get("component")), reason="operator")
         elif event == "manifest-refused":
             m.fetch_errors.inc(peer=str(fields.get("peer", "-")), reason="manifest")
+        elif event == "manifest-skipped":
+            why = str(fields.get("why"))
+            m.manifest_skips.inc(reason=why if why in SKIP_REASONS else "other")
+        elif event == "variant-carried":
+            m.variants_carried.inc(component=str(fields.get("component")))
         elif event == "blob-refused":
             m.fetch_errors.inc(peer=str(fields.get("peer", "-")), reason="blob")
         elif event == "peer-closed":

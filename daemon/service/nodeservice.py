@@ -47,6 +47,7 @@ from p2pupd.daemon.offload import Offload, in_thread
 from p2pupd.daemon.service.fetch import SINGLE_FRAME_BYTES, FetchManager
 from p2pupd.daemon.service.gossip import GossipService
 from p2pupd.daemon.service.lifecycle import Lifecycle
+from p2pupd.daemon.service.links import Spelling
 from p2pupd.daemon.service.offers import Offers
 from p2pupd.daemon.service.overlay import Overlay
 from p2pupd.daemon.service.rollout.gossip import ReportGossip
@@ -55,11 +56,13 @@ from p2pupd.daemon.service.selfupdate import running_version
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.service.sitecollect import SiteRequests
 from p2pupd.daemon.service.sitegate import SiteGate
+from p2pupd.daemon.state.carried import rules_of
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.errors import CodecError, RemoteProtocolError, RollbackError, VerificationError
 from p2pupd.protocol.fleet.admission import Admission, AdmissionConfig, Admit
 from p2pupd.protocol.fleet.identity import CHALLENGE_BYTES, NodeKey
 from p2pupd.protocol.fleet.swarm import SwarmConfig
+from p2pupd.protocol.fleet.variants import split_key
 from p2pupd.protocol.fleet.view import Kind, ViewConfig
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
@@ -73,6 +76,7 @@ from p2pupd.protocol.wire import (
     FEATURE_REQUEST,
     FEATURE_SITE,
     FEATURE_SWARM,
+    FEATURE_VARIANTS,
     FEATURE_VIEW,
     Announce,
     BlobRangeData,
@@ -104,7 +108,7 @@ from p2pupd.protocol.wire import (
 FEATURES = frozenset(
     {
         FEATURE_RANGE, FEATURE_HAVE, FEATURE_REQUEST, FEATURE_BATCH, FEATURE_PROOF,
-        FEATURE_VIEW, FEATURE_SWARM, FEATURE_SITE, FEATURE_REPORT,
+        FEATURE_VIEW, FEATURE_SWARM, FEATURE_SITE, FEATURE_REPORT, FEATURE_VARIANTS,
     }
 )  # fmt: skip
 MEMBERSHIP_RECHECK_SECONDS = 60.0  # how late an expired credential may still be connected
@@ -159,6 +163,8 @@ class NodeService:
                 per_host=opts.per_host,
             ),
         )
+        # How releases are named to each peer: ours, and variants carried for others.
+        self.spelling = Spelling(rules_of(node), node.manifest)
         self.overlay = Overlay(self, self._rng, opts.view)
         self.overlay.listen_port = opts.listen_port
         # Gossip and fetch report to the lifecycle, which is built after them
@@ -167,7 +173,7 @@ class NodeService:
         self.gossip = GossipService(
             self,
             self._rng,
-            announcement=self.announcement,
+            announcement=self.announcement_for,
             high_water=self.high_water,
             on_offer=self._to_lifecycle_offer,
             on_root=self._to_lifecycle_root,
@@ -181,6 +187,7 @@ class NodeService:
             config=SwarmConfig(request_timeout=opts.request_timeout),
             servable=lambda man: self.content.servable(man)[1],
             on_change=self._wake_fetch,
+            manifest=self.release_manifest,
         )
         self.fetch = FetchManager(
             self,
@@ -233,9 +240,12 @@ class NodeService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             known = dict(scan.holdings)  # announce what we fetch as well as what we hold
-            for man, digest in scan.resume:
-                if man.serial > known.get(man.component, (0, b""))[0]:
-                    known[man.component] = (man.serial, digest)
+            for man, digest in scan.resume:  # ours first, then the variants carried
+                key = self.spelling.rules.key_of(man)
+                if key != man.component and known.get(man.component, (0, b""))[0] != man.serial:
+                    continue  # a variant of a release we do not announce (yet)
+                if man.serial > known.get(key, (0, b""))[0]:
+                    known[key] = (man.serial, digest)
             self.gossip.load(known)
             for component, (serial, digest) in scan.holdings.items():
                 self.offers.holding(component, serial, digest)
@@ -430,16 +440,22 @@ class NodeService:
                 queue.append(msg.data)
         elif isinstance(msg, Announce):
             info = self.peers.get(conn.node_id)
-            if info is not None:
+            if info is not None:  # as the peer named them (``peers`` shows it)
                 info.announced = {e.component: (e.serial, e.manifest_digest) for e in msg.entries}
-            self.gossip.on_announce(conn.node_id, msg)
-            self.offers.on_announce(conn, msg)
-        elif isinstance(msg, HaveBits):
-            if not self.offers.on_have_bits(conn, msg):
-                self.gossip.on_hint(conn.node_id, msg.component, msg.serial)
-        elif isinstance(msg, Have):
-            if not self.offers.on_have(conn, msg):
-                self.gossip.on_hint(conn.node_id, msg.component, msg.serial)
+            entries = self.spelling.read_announce(conn, msg.entries)
+            self.gossip.on_announce(conn.node_id, entries)
+            self.offers.on_announce(conn, entries)
+        elif isinstance(msg, HaveBits | Have):
+            key = self.spelling.read(conn, msg.component)
+            if key is None:
+                return  # a variant of a component this node does not run
+            known = (
+                self.offers.on_have_bits(conn, msg, key)
+                if isinstance(msg, HaveBits)
+                else self.offers.on_have(conn, msg, key)
+            )
+            if not known:
+                self.gossip.on_hint(conn.node_id, key, msg.serial)
         else:
             self.overlay.message(conn, msg)
 
@@ -504,7 +520,7 @@ class NodeService:
                 return ChunkMissing(rid, req.digest)
             return BlobRangeData(rid, req.digest, req.offset, piece)
         if isinstance(req, ManifestRequest | ManifestRangeRequest):
-            doc = self.content.manifest_bytes(req.component, req.serial)
+            doc = self._manifest_doc(req.component, req.serial)
             if isinstance(req, ManifestRequest):
                 if doc is None or len(doc) > ManifestData.DATA_LIMIT:
                     return ManifestMissing(rid)  # too big for one frame: ask for ranges
@@ -518,8 +534,47 @@ class NodeService:
         return RootMissing(rid) if root is None else RootData(rid, req.version, root)
 
     def announcement(self) -> Announce:
-        """Our Announce (a seam for tests that play a lying node)."""
+        """Our Announce of our own releases (a seam for tests that play a lying node)."""
         return self.gossip.announcement()
+
+    def announcement_for(self, conn: PeerConnection) -> Announce:
+        """What ``conn``'s peer hears: ``announcement``, and to a peer that speaks
+        "variants" our variants named with their platform and the ones we carry."""
+        own = self.announcement()
+        if not self.spelling.speaks(conn):
+            return own
+        named: dict[str, tuple[int, bytes]] = {}
+        for e in own.entries:
+            name = self.spelling.write(conn, e.component, e.serial) or e.component
+            named[name] = (e.serial, e.manifest_digest)
+        named.update(self.gossip.carrying)
+        return Announce.from_holdings(named)
+
+    def release_manifest(self, key: str, serial: int) -> Manifest:
+        """A stored release by our key: ours, or a variant carried for another platform.
+
+        Raises ``DaemonError`` (absent, unreadable) or a ``VerificationError``."""
+        carried = self.spelling.rules.carried(key)
+        if carried is None:
+            return self.node.manifest(key, serial)
+        component, platform = carried
+        return self.node.carried.get(self.node.trust_chain(), component, serial, platform)[0]
+
+    def _manifest_doc(self, name: str, serial: int) -> bytes | None:
+        """The envelope a peer asked for by ``name``: one of our releases, or a variant
+        we carry; for a variant we neither hold nor carry, our release of that serial
+        if it is universal (it serves every platform)."""
+        try:
+            component, platform = split_key(name)
+        except CodecError:
+            return None
+        if platform is None or platform == self.spelling.rules.platforms.get(component):
+            return self.content.manifest_bytes(component, serial)
+        doc = self.content.manifest_bytes(component, serial, platform)
+        universal = self.node.releases.has(component, serial) and (
+            self.spelling.platform_of(component, serial) is None
+        )
+        return self.content.manifest_bytes(component, serial) if doc is None and universal else doc
 
     async def _to_lifecycle_offer(self, data: bytes, action: RequestManifest[bytes]) -> None:
         await self.lifecycle.accept_from_peer(data, action)

@@ -1,10 +1,13 @@
-"""Who offers which blobs: one ``ReleaseSwarm`` per component, and the messages that feed it.
+"""Who offers which blobs: one ``ReleaseSwarm`` per release key, and the messages that feed it.
 
 Theory of operation
 -------------------
 The pure ``protocol.fleet.swarm.ReleaseSwarm`` decides; this service keeps
-one per component -- the release being fetched, or once complete the newest
-held one, which it goes on serving -- and carries its actions out:
+one per release key -- a component's release being fetched, or once
+complete the newest held one, which it goes on serving; and likewise for
+each other platform's variant the node carries (key ``app@platform``,
+protocol/fleet/variants.py), offered only to peers that speak "variants"
+-- and carries its actions out:
 
 * ``Offer``: ``HaveBits`` slices to a peer that speaks "swarm", a ``Have``
   digest list (or ``Have(complete)``) to an older peer that speaks "have";
@@ -51,7 +54,6 @@ from p2pupd.protocol.wire import (
     FEATURE_HAVE,
     FEATURE_SWARM,
     MAX_HAVE_DIGESTS,
-    Announce,
     Have,
     HaveBits,
 )
@@ -90,11 +92,15 @@ class Offers:
         config: SwarmConfig,
         servable: Callable[[Manifest], list[bytes]],
         on_change: Callable[[str], None],
+        manifest: Callable[[str, int], Manifest],
     ) -> None:
         """``servable(man)``: the blobs of ``man`` this node can serve now (blocking is
-        fine: small releases' checks are stat calls); ``on_change(component)``: wake
-        that component's fetch."""
+        fine: small releases' checks are stat calls); ``on_change(key)``: wake that
+        release's fetch; ``manifest(key, serial)``: a stored release, ours or carried
+        (raises ``DaemonError``)."""
         self._links = links
+        self._manifest = manifest
+        self._key_of = links.spelling.rules.key_of
         self._rng = rng
         self._config = config
         self._servable = servable
@@ -110,7 +116,8 @@ class Offers:
         """The swarm for fetching ``needed`` of ``man``: the component's swarm of that
         release if there is one (what peers offered and were told stays), else a new
         one replacing the component's."""
-        held = self.releases.get(man.component)
+        key = self._key_of(man)
+        held = self.releases.get(key)
         if held is not None and held.serial == man.serial and held.swarm is not None:
             held.man, held.fetching = man, True
             held.swarm.want(needed, have, trio.current_time())
@@ -119,13 +126,14 @@ class Offers:
         swarm: ReleaseSwarm[bytes] = ReleaseSwarm(
             man.blob_sizes(), self._rng, held=have, wanted=needed, config=self._config
         )
-        self.releases[man.component] = Held(man.serial, digest, man, swarm, fetching=True)
-        self._introduce(man.component, swarm)
+        self.releases[key] = Held(man.serial, digest, man, swarm, fetching=True)
+        self._introduce(key, swarm)
         return swarm
 
     def complete(self, man: Manifest, digest: bytes, first_holder: bool) -> None:
         """``man`` is held in full: serve it (super-seeding if we are its first holder)."""
-        held = self.releases.get(man.component)
+        key = self._key_of(man)
+        held = self.releases.get(key)
         if held is not None and held.serial > man.serial:
             return
         now = trio.current_time()
@@ -135,8 +143,8 @@ class Offers:
                 man.blob_sizes(), self._rng, held=self._servable(man), wanted=(),
                 first_holder=first_holder, config=self._config,
             )  # fmt: skip
-            self.releases[man.component] = Held(man.serial, digest, man, swarm)
-            self._introduce(man.component, swarm)
+            self.releases[key] = Held(man.serial, digest, man, swarm)
+            self._introduce(key, swarm)
         else:  # the fetch's own swarm goes on serving: peers' offers and interest stay
             assert held is not None
             held.fetching = False
@@ -158,7 +166,7 @@ class Offers:
             return None
         if held.swarm is None:
             try:
-                man = held.man or self._links.node.manifest(component, serial)
+                man = held.man or self._manifest(component, serial)
             except DaemonError:
                 return None
             held.man = man
@@ -171,35 +179,49 @@ class Offers:
 
     # ----- what peers say ------------------------------------------------------------
 
-    def on_have_bits(self, conn: PeerConnection, msg: HaveBits) -> bool:
-        """A swarm peer's offer; False if we do not know the release."""
-        swarm = self.swarm(msg.component, msg.serial)
+    def on_have_bits(self, conn: PeerConnection, msg: HaveBits, key: str) -> bool:
+        """A swarm peer's offer of our release ``key``; False if we do not know it."""
+        swarm = self.swarm(key, msg.serial)
         if swarm is None:
             return False
+        if self._other_release(conn, key, msg.serial):
+            return True
         bits = bitfield.from_wire(msg.offset, msg.bits, swarm.index.count)
-        self._offered(msg.component, swarm, conn.node_id, bits, bits != swarm.index.all)
+        self._offered(key, swarm, conn.node_id, bits, bits != swarm.index.all)
         return True
 
-    def on_have(self, conn: PeerConnection, msg: Have) -> bool:
-        """An older peer's Have; False if we do not know the release."""
-        swarm = self.swarm(msg.component, msg.serial)
+    def on_have(self, conn: PeerConnection, msg: Have, key: str) -> bool:
+        """An older peer's Have of our release ``key``; False if we do not know it."""
+        swarm = self.swarm(key, msg.serial)
         if swarm is None:
             return False
+        if self._other_release(conn, key, msg.serial):
+            return True
         bits = swarm.index.all if msg.complete else swarm.index.bits_of(msg.digests)
-        self._offered(msg.component, swarm, conn.node_id, bits, not msg.complete)
+        self._offered(key, swarm, conn.node_id, bits, not msg.complete)
         return True
 
-    def on_announce(self, conn: PeerConnection, msg: Announce) -> None:
+    def _other_release(self, conn: PeerConnection, key: str, serial: int) -> bool:
+        """True if the peer announced another release under this name and serial: an
+        older peer of another platform, whose variant shares the serial, not the blobs."""
+        if self._links.spelling.speaks(conn):
+            return False  # it names every variant by its platform
+        held = self.releases[key]
+        info = self._links.peers.get(conn.node_id)
+        said = info.announced.get(key) if info is not None else None
+        return said is not None and said[0] == serial and said[1] != held.digest
+
+    def on_announce(self, conn: PeerConnection, entries: list[tuple[str, int, bytes]]) -> None:
         """An older peer without "have" is taken to hold all of a release it announces."""
         if source_of(conn) is not Source.ANNOUNCE:
             return
-        for entry in msg.entries:
-            held = self.releases.get(entry.component)
-            if held is None or (held.serial, held.digest) != (entry.serial, entry.manifest_digest):
+        for key, serial, digest in entries:
+            held = self.releases.get(key)
+            if held is None or (held.serial, held.digest) != (serial, digest):
                 continue
-            swarm = self.swarm(entry.component, entry.serial)
+            swarm = self.swarm(key, serial)
             if swarm is not None:
-                self._offered(entry.component, swarm, conn.node_id, swarm.index.all, False)
+                self._offered(key, swarm, conn.node_id, swarm.index.all, False)
 
     def _offered(
         self, component: str, swarm: ReleaseSwarm[bytes], peer: bytes, bits: int, interested: bool
@@ -208,11 +230,11 @@ class Offers:
         self._on_change(component)
 
     def peer_joined(self, conn: PeerConnection) -> None:
-        """Introduce a new peer to every swarm (our offers go out to it)."""
-        for component, held in self.releases.items():
-            if held.swarm is not None:
+        """Introduce a new peer to every swarm it may hear of (our offers go out to it)."""
+        for key, held in self.releases.items():
+            if held.swarm is not None and self._links.spelling.write(conn, key, held.serial):
                 now = trio.current_time()
-                self.run(component, held.swarm.peer_joined(conn.node_id, source_of(conn), now))
+                self.run(key, held.swarm.peer_joined(conn.node_id, source_of(conn), now))
 
     def peer_left(self, peer: bytes) -> None:
         for component, held in self.releases.items():
@@ -257,11 +279,14 @@ class Offers:
     def _post_offer(
         self,
         conn: PeerConnection,
-        component: str,
+        key: str,
         serial: int,
         swarm: ReleaseSwarm[bytes],
         offer: Offer[bytes],
     ) -> None:
+        component = self._links.spelling.write(conn, key, serial)
+        if component is None:  # a carried variant, and the peer does not speak "variants"
+            return
         if source_of(conn) is Source.SWARM:
             for offset, data in bitfield.to_wire(offer.bits, swarm.index.count):
                 conn.post(HaveBits(component, serial, offset, data))
@@ -276,7 +301,7 @@ class Offers:
         now = trio.current_time()
         held = self.releases[component]
         for peer, conn in list(self._links.conns.items()):
-            if not conn.joined:
+            if not conn.joined or not self._links.spelling.write(conn, component, held.serial):
                 continue
             source = source_of(conn)
             self.run(component, swarm.peer_joined(peer, source, now))

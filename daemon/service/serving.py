@@ -31,6 +31,7 @@ from p2pupd.daemon.errors import DaemonError, NotFoundError
 from p2pupd.daemon.state.gate import held_manifests
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import ids
+from p2pupd.protocol.errors import P2pupdError
 from p2pupd.protocol.manifest import Manifest
 
 MANIFEST_CACHE = 4
@@ -42,7 +43,7 @@ class Content:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._held: dict[bytes, tuple[Path, int, int]] = {}  # chunk -> (file, offset, size)
-        self._manifests: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._manifests: OrderedDict[tuple[str, int, str | None], bytes] = OrderedDict()
 
     def refresh(self) -> None:
         """Rebuild the index of chunks readable from held files."""
@@ -101,14 +102,20 @@ class Content:
         data = self.read_blob(digest, held[2])
         return None if data is None else data[offset : offset + length]
 
-    def manifest_bytes(self, component: str, serial: int) -> bytes | None:
-        """The stored envelope of a release, or None (small LRU cache: ranged reads)."""
-        key = (component, serial)
+    def manifest_bytes(
+        self, component: str, serial: int, platform: str | None = None
+    ) -> bytes | None:
+        """The stored envelope of one of our releases, or with ``platform`` of a variant
+        we carry for that platform; None if not here (small LRU cache: ranged reads)."""
+        key = (component, serial, platform)
         data = self._manifests.get(key)
         if data is None:
             try:
-                data = self.node.releases.get_bytes(component, serial)
-            except (DaemonError, ValueError):
+                if platform is None:
+                    data = self.node.releases.get_bytes(component, serial)
+                else:
+                    data = self.node.carried.get_bytes(component, serial, platform)
+            except (DaemonError, P2pupdError, ValueError):
                 return None
             self._manifests[key] = data
             while len(self._manifests) > MANIFEST_CACHE:

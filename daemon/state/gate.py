@@ -21,7 +21,7 @@ given the versions on disk), and a release with nothing missing is complete.
 from __future__ import annotations
 
 from p2pupd.daemon.errors import DaemonError, NotFoundError, StorageError
-from p2pupd.daemon.state import components
+from p2pupd.daemon.state import carried, components
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.deltaplan import needed_blobs
 from p2pupd.protocol.errors import HazardousModeError, MixAndMatchError, RevokedKeyError
@@ -31,6 +31,11 @@ from p2pupd.protocol.trust import Envelope, check_serial
 
 class NotForThisNodeError(DaemonError):
     """A validly signed release this node does not take (component or platform)."""
+
+
+class OtherPlatformError(NotForThisNodeError):
+    """A validly signed variant for another platform than the one this node installs
+    (it may carry it for others: carried.py; it never installs it)."""
 
 
 def verify_offer(
@@ -54,7 +59,7 @@ def verify_offer(
         raise NotForThisNodeError(f"component {component!r} is not configured on this node")
     platform = node.config.platform_of(component)
     if man.platform is not None and man.platform != platform:
-        raise NotForThisNodeError(
+        raise OtherPlatformError(
             f"{component} {man.version} is for platform {man.platform}, "
             f"this node installs {platform}"
         )
@@ -94,5 +99,8 @@ def held_manifests(node: Node, component: str) -> list[Manifest]:
 
 
 def needed_for(node: Node, man: Manifest) -> dict[bytes, int]:
-    """Blobs (digest -> size) still to receive before ``man`` can be built here."""
+    """Blobs (digest -> size) still to receive before ``man`` can be built here; for
+    another platform's variant, before this node carries it (``carried.carry_needed``)."""
+    if man.platform is not None and man.platform != node.config.platform_of(man.component):
+        return carried.carry_needed(node, man)
     return needed_blobs(man, held_manifests(node, man.component), node.store.has)

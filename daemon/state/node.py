@@ -7,7 +7,7 @@ from pathlib import Path
 from p2pupd.daemon.fsutil import FileLock
 from p2pupd.daemon.state.membership import MembershipStore
 from p2pupd.daemon.state.statedir import NodeConfig, StateDir
-from p2pupd.daemon.state.trusted import ReleaseStore, TrustStore
+from p2pupd.daemon.state.trusted import CarriedStore, ReleaseStore, TrustStore
 from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol.manifest import Manifest
 from p2pupd.protocol.trust import TrustChain, TrustedRoot
@@ -26,6 +26,7 @@ class Node:
         self.store = PackStore(root)
         self.trust_store = TrustStore(self.state)
         self.releases = ReleaseStore(self.state)
+        self.carried = CarriedStore(self.state)  # other platforms' variants (carried.py)
         self.lock = FileLock(self.state.lock_path)
         self.membership = MembershipStore(self.state)
 

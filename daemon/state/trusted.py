@@ -1,7 +1,8 @@
 """The node's trusted metadata: pinned root and verified release envelopes.
 
 Theory of operation: this module is the only writer of ``trust/`` and
-``releases/``. Every document is verified *before* it is written, with the same
+``releases/`` (the node's own releases, and beside them the other platforms'
+variants it carries for its neighbours: ``CarriedStore``, rules in carried.py). Every document is verified *before* it is written, with the same
 ``TrustedRoot`` rules whatever its source (bundle, peer, publisher), so what is
 on disk here is always something the node decided to trust. Reads re-verify
 signatures (cheap) so a document altered on disk is caught, not acted on.
@@ -148,4 +149,80 @@ class ReleaseStore:
         except OSError as exc:
             raise StorageError(
                 f"cannot remove release {component}/{serial}: {exc.strerror}"
+            ) from None
+
+
+class CarriedStore:
+    """Signed envelopes of other platforms' variants, by component, serial and platform."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.dir = state.releases_dir
+
+    def path(self, component: str, serial: int, platform: str) -> Path:
+        name = f"{serial}.{ids.check_platform(platform)}.msgpack"
+        return self.dir / ids.check_component(component) / name
+
+    def put(self, component: str, serial: int, platform: str, envelope: Envelope) -> None:
+        """Store an envelope the caller verified (``verify_carried``)."""
+        d = self.dir / component
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {d}: {exc.strerror}") from None
+        atomic_write(self.path(component, serial, platform), envelope.encode(), mode=0o644)
+
+    def get_bytes(self, component: str, serial: int, platform: str) -> bytes:
+        try:
+            return self.path(component, serial, platform).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"variant {component}/{serial} for {platform} is not carried here"
+            ) from None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read variant {component}/{serial} for {platform}: {exc.strerror}"
+            ) from None
+
+    def get(
+        self, chain: TrustChain, component: str, serial: int, platform: str
+    ) -> tuple[Manifest, Envelope]:
+        """Load and re-verify a carried variant. Raises ``NotFoundError``,
+        ``StorageError``, ``RevokedKeyError`` or ``CorruptStoreError``."""
+        data = self.get_bytes(component, serial, platform)
+        try:
+            man, env, _ = chain.verify_held(data, component)
+        except RevokedKeyError:
+            raise
+        except (CodecError, VerificationError) as exc:
+            raise CorruptStoreError(
+                f"carried variant {component}/{serial} for {platform} is damaged: {exc}"
+            ) from None
+        if (man.serial, man.platform) != (serial, platform):
+            raise CorruptStoreError(f"carried variant {component}/{serial} for {platform} "
+                                    "holds another release")  # fmt: skip
+        return man, env
+
+    def carried(self, component: str) -> list[tuple[int, str]]:
+        """(serial, platform) of every variant of ``component`` carried, sorted."""
+        d = self.dir / component
+        out = []
+        if d.is_dir():
+            for p in d.glob("*.*.msgpack"):
+                head, _, platform = p.name.removesuffix(".msgpack").partition(".")
+                try:
+                    out.append((int(head), ids.check_platform(platform)))
+                except (ValueError, CodecError):
+                    continue
+        return sorted(out)
+
+    def platforms(self, component: str, serial: int) -> list[str]:
+        """The platforms whose variant of (component, serial) is carried."""
+        return [p for s, p in self.carried(component) if s == serial]
+
+    def remove(self, component: str, serial: int, platform: str) -> None:
+        try:
+            self.path(component, serial, platform).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot remove variant {component}/{serial} for {platform}: {exc.strerror}"
             ) from None

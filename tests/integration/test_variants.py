@@ -3,8 +3,9 @@
 `p2pupd publish ... --platform P` with the newest release's version adds a
 variant to that release (same serial, its own signed manifest). One bundle
 carries every variant, with the chunks they share once; each node installs its
-own platform's variant, and a node of a platform the release lacks says so and
-changes nothing.
+own platform's variant and carries the others for its neighbours (stored, never
+installed), and a node of a platform the release lacks says so and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -131,14 +132,19 @@ def test_each_node_installs_its_own_variant_from_one_bundle(
         imp = node.import_(world.base / "usb2", "--apply")
         assert [(r["version"], r["serial"]) for r in imp["releases"]] == [("2.0", 2)]  # type: ignore[index]
         assert imp["skipped"] == []
+        neighbour = ARM if platform == X86 else X86
+        assert imp["carried"] == [
+            {"component": "app", "version": "2.0", "serial": 2, "platform": neighbour}
+        ]
         assert tree_snapshot(node.target) == tree_snapshot(src)
         st = node.status()
         assert (st["version"], st["serial"]) == ("2.0", 2)
-        # Its store holds its variant's chunks, not the other platform's.
+        assert st["carried"] == [{"serial": 2, "platform": neighbour}]
+        # Its store holds its variant's chunks and, to serve the other platform's
+        # nodes over the LAN, the other variant's (what the bundle brought for it).
         own = {d.hex() for d in man[platform].chunk_digests()}
-        other = {d.hex() for d in man[ARM if platform == X86 else X86].chunk_digests()}
-        assert own <= node.blobs()
-        assert not (other - own) & node.blobs()
+        other = {d.hex() for d in man[neighbour].chunk_digests()}
+        assert own | other <= node.blobs()
 
     # A platform the release lacks: a clear message, and nothing changes.
     state_before = tree_snapshot(riscv.state)

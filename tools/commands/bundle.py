@@ -68,6 +68,10 @@ def import_doc(report: api.ImportReport, results: list[api.ApplyResult]) -> dict
             for r in report.releases
         ],
         "skipped": report.skipped,
+        "carried": [
+            {"component": c, "version": v, "serial": s, "platform": p}
+            for c, v, s, p in report.carried
+        ],
         "blobs_copied": report.blobs_copied,
         "blobs_resumed": report.blobs_resumed,
         "blobs_present": report.blobs_present,
@@ -93,6 +97,8 @@ def import_lines(report: api.ImportReport, results: list[api.ApplyResult]) -> li
         what = "imported" if r.new else "already had"
         gap = "" if r.complete else " -- incomplete: some blobs are still missing"
         lines.append(f"{what} {r.component} {r.version} (serial {r.serial}){gap}")
+    lines += [f"carrying {c} {v} for {p} (its nodes fetch it from here)"
+              for c, v, _s, p in report.carried]  # fmt: skip
     lines += [f"skipped {s}" for s in report.skipped]
     rate = report.bytes_copied / report.seconds / 1e6 if report.seconds > 0 else 0.0
     lines.append(

@@ -25,6 +25,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         )
         if doc.get("blobs_packed") or doc.get("packs_rewritten"):
             print(f"packed {doc['blobs_packed']} blob files, rewrote {doc['packs_rewritten']} packs")
+        if doc.get("variants_dropped"):
+            print(f"dropped {doc['variants_dropped']} variant(s) carried for other platforms")
 
     out(args, doc, human)
     return EXIT_OK
