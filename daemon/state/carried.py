@@ -93,7 +93,7 @@ def base_for(node: Node, man: Manifest) -> Manifest | None:
     c, platform = man.component, man.platform
     found: list[tuple[int, str | None]] = [(s, None) for s in node.releases.serials(c)]
     found += [(s, p) for s, p in node.carried.carried(c) if p == platform]
-    for serial, variant in sorted(found, reverse=True):
+    for serial, variant in sorted(found, key=lambda f: (f[0], f[1] or ""), reverse=True):
         if serial >= man.serial:
             continue
         try:
