@@ -339,7 +339,8 @@ class Gossip(Generic[P]):
             return None
         rules, prefix = self._variants, found[0] + SEP
         held = self._holdings.get(found[0], (0, b""))[0]
-        carried_now = sum(1 for k in self._holdings if k.startswith(prefix) and k != key)
+        busy = set(self._holdings) | {k for k, _ in self._pending}  # held or being fetched
+        carried_now = sum(1 for k in busy if k.startswith(prefix) and k != key)
         already = key in self._holdings
         return lambda serial: rules.carry_serial(serial, held, carried_now, already)
 

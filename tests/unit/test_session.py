@@ -27,6 +27,8 @@ from p2pupd.protocol.wire import (
     FEATURE_HAVE,
     FEATURE_RANGE,
     FEATURE_REQUEST,
+    FEATURE_SWARM,
+    FEATURE_VARIANTS,
     MAGIC,
     MAX_RANGE_BYTES,
     Announce,
@@ -37,6 +39,7 @@ from p2pupd.protocol.wire import (
     ChunkRequest,
     Error,
     Have,
+    HaveBits,
     Hello,
     ManifestData,
     ManifestMissing,
@@ -496,3 +499,33 @@ def test_node_request_query_needs_the_request_feature() -> None:
     pair.b.receive_data(encode_message(NodeRequestQuery(5)))
     with pytest.raises(RemoteProtocolError, match="not offered"):
         drain(pair.b)
+
+
+# ----- platform variant keys (feature "variants") ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Announce.from_holdings({"app": (2, D), "app@linux-aarch64": (2, D)}),
+        ManifestRequest(7, "app@linux-aarch64", 2),
+        Have("app@linux-aarch64", 2, True),
+        HaveBits("app@linux-aarch64", 2, 0, b"\x01"),
+    ],
+)
+def test_a_variant_key_flows_only_between_peers_that_both_speak_variants(msg: Message) -> None:
+    both = FEATURES | {FEATURE_SWARM, FEATURE_VARIANTS}
+    pair = featured_pair(both, both)
+    assert pair.a.supports(FEATURE_VARIANTS)
+    assert pair.send(pair.a, msg)[0] == msg
+    # An older peer: we never send it one, and one arriving from it is its fault.
+    older = featured_pair(both, both - {FEATURE_VARIANTS})
+    with pytest.raises(LocalProtocolError, match="'variants'"):
+        older.a.send(msg)
+    older.b.receive_data(encode_message(msg))
+    with pytest.raises(RemoteProtocolError, match="'variants' was not offered"):
+        drain(older.b)
+    # Plain component names are spoken to everyone, as before.
+    plain = Have("app", 2, True)
+    fresh = featured_pair(both, both - {FEATURE_VARIANTS})
+    assert fresh.send(fresh.a, plain) == [plain, NEED_DATA]

@@ -96,6 +96,11 @@ EXAMPLES: list[Message] = [
     HaveBits("app", 3, 0, b""),
     HaveBits("app", 3, 2, b"\x81\x00\x01"),
     HaveBits("a" * 40, 1 << 40, 70000, b"\xff" * 300),
+    # Release keys of platform variants (feature "variants"), up to their longest.
+    HaveBits("a" * 64 + "@" + "b" * 32, 3, 0, b"\x01"),
+    Have("app@linux-aarch64", 2, True),
+    ManifestRequest(5, "app@linux-aarch64", 2),
+    Announce.from_holdings({"app": (2, D1), "app@linux-aarch64": (2, D2)}),
 ]
 
 
@@ -160,6 +165,10 @@ def test_announce_from_holdings_is_sorted() -> None:
         lambda: Have("app", 1, False, (b"short",)),
         lambda: Have("app", 1, False, (D1,) * (MAX_HAVE_DIGESTS + 1)),
         lambda: NodeRequestQuery(-1),
+        lambda: Have("app@", 1, True),  # a release key names a platform after '@'
+        lambda: Have("app@linux-aarch64@x", 1, True),
+        lambda: ManifestRequest(1, "app@Linux", 1),
+        lambda: HaveBits("a" * 65 + "@x", 1, 0, b""),
         lambda: NodeRequestData(1, "text"),  # type: ignore[arg-type]
         lambda: NodeRequestData(1, b"x" * (MAX_PAYLOAD_BYTES + 1)),
     ],
@@ -337,7 +346,11 @@ def test_new_messages_refuse_bad_fields(build: object) -> None:
 
 
 def test_have_bits_hot_path_matches_the_generic_encoding() -> None:
-    for msg in (HaveBits("app", 1, 0, b""), HaveBits("x" * 33, 300, 1 << 16, b"\x01" * 999)):
+    for msg in (
+        HaveBits("app", 1, 0, b""),
+        HaveBits("x" * 33, 300, 1 << 16, b"\x01" * 999),
+        HaveBits("app@linux-aarch64", 2, 0, b"\x03"),
+    ):
         generic = encoding.encode([msg.TYPE, msg.component, msg.serial, msg.offset, msg.bits])
         assert encode_message(msg)[4:] == generic
         assert decode_body(generic) == msg
