@@ -148,6 +148,7 @@ async def test_a_peer_without_variants_hears_only_releases_and_skips_without_fau
     and it is never offered the variant the x86 node carries for it."""
     (s0, _), _, (sa, ta) = mixed["nodes"].values()
     cli("import", mixed["stick"], "--apply", "--state-dir", s0)
+    before = tree_snapshot(ta)
     x0 = make_service(s0, seed=1, gossip_interval=10.0)
     old = make_service(sa, seed=2, gossip_interval=10.0, features=FEATURES - {FEATURE_VARIANTS})
     events = Events()
@@ -172,5 +173,5 @@ async def test_a_peer_without_variants_hears_only_releases_and_skips_without_fau
     feed = events.feeds[0]
     assert counter(feed, "p2pupd_manifest_skips")[("platform",)] == len(skipped)
     assert all(v == 0 for v in counter(feed, "p2pupd_fetch_errors").values())
-    assert Node(sa).state.read_state("app").installed == 1
+    assert Node(sa).state.read_state("app").installed == 1 and tree_snapshot(ta) == before
     assert Node(sa).carried.carried("app") == []
