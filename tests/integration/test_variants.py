@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from _sneaker import carried_blobs
 from _store import stored_sizes
-from conftest import Run, World, make_tree, tree_snapshot
+from conftest import Result, Run, World, make_tree, tree_snapshot
 
 from p2pupd.tools.publisher.repo import Repo
 
@@ -214,3 +214,63 @@ def test_rollback_protection_stays_per_component(
     # Replaying the older universal bundle is still refused as a rollback.
     r = world.run("import", world.base / "usb1", "--state-dir", arm.state)
     assert r.code == 3, r.err
+
+
+def refs(bundle: Path) -> list[str]:
+    index = json.loads((bundle / "index.json").read_text())
+    return sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"])
+
+
+def one_line_error(r: Result, code: int, text: str) -> None:
+    assert r.code == code, (r.code, r.err)
+    assert r.err.count("\n") == 1 and text in r.err, r.err
+
+
+def test_from_version_sticks_carry_every_variant_or_the_ones_named(
+    world: World, fleet: tuple[Node, Node, Node, Path]
+) -> None:
+    """`export --from-version` of a release with variants: every variant by default,
+    each from its platform's release at that version; `--platform P` (repeatable,
+    or `all`) names them; a platform it cannot serve is one clear line."""
+    x86, arm, _riscv, _v1 = fleet
+    src = {p: publish(world, "2.0", V2[p], "--platform", p) for p in (X86, ARM)}
+    both = world.base / "usb-both"
+    r = world.run("export", world.repo, both, "--from-version", "1.0", "--json")
+    assert r.code == 0, r.err
+    assert [(d["version"], d["serial"]) for d in json.loads(r.out)["releases"]] == [("2.0", 2)] * 2
+    assert refs(both) == [f"app-2-{ARM}", f"app-2-{X86}"]  # nodes at 1.0 trust its root
+    for node, platform in ((x86, X86), (arm, ARM)):
+        imp = node.import_(both, "--apply")
+        assert imp["applied"] and tree_snapshot(node.target) == tree_snapshot(src[platform])
+        assert [c["platform"] for c in imp["carried"]] == [ARM if platform == X86 else X86]  # type: ignore[index]
+    # One variant, named; `all` is the default spelled out.
+    only_arm = world.base / "usb-arm"
+    r = world.run("export", world.repo, only_arm, "--from-version", "1.0", "--platform", ARM)
+    assert r.code == 0, r.err
+    assert refs(only_arm) == [f"app-2-{ARM}"]
+    r = world.run("export", world.repo, world.base / "usb-all", "--from-version", "1.0",
+                  "--platform", "all")  # fmt: skip
+    assert r.code == 0 and refs(world.base / "usb-all") == refs(both), r.err
+    # A platform the release lacks, a name that is no platform, a stick cut for a request.
+    r = world.run("export", world.repo, world.base / "x", "--from-version", "1.0",
+                  "--platform", RISCV)  # fmt: skip
+    one_line_error(r, 1, f"app 2.0 has no variant for {RISCV} (it has {ARM}, {X86})")
+    r = world.run("export", world.repo, world.base / "x", "--platform", "Linux x86")
+    one_line_error(r, 2, "is not a platform name")
+    r = world.run("export", world.repo, world.base / "x", "--for", world.base / "req",
+                  "--platform", X86)  # fmt: skip
+    one_line_error(r, 2, "--platform is for a repository export without --for")
+    # 3.0 adds riscv: no riscv node can be at 2.0 (it had no riscv variant), so
+    # "every variant from 2.0" is ambiguous -- say so, and which to name.
+    for p in (X86, ARM, RISCV):
+        publish(world, "3.0", V2[X86] if p == RISCV else V2[p], "--platform", p)
+    r = world.run("export", world.repo, world.base / "y", "--from-version", "2.0")
+    one_line_error(r, 1, f"app 2.0 has no variant for {RISCV} (only {ARM}, {X86})")
+    assert "--platform" in r.err
+    r = world.run("export", world.repo, world.base / "y", "--from-version", "2.0",
+                  "--platform", X86, "--platform", ARM)  # fmt: skip
+    assert r.code == 0, r.err
+    assert refs(world.base / "y") == [f"app-3-{ARM}", f"app-3-{X86}"]
+    # A full export names variants the same way.
+    r = world.run("export", world.repo, world.base / "z", "--platform", RISCV)
+    assert r.code == 0 and refs(world.base / "z") == [f"app-3-{RISCV}", "trust"], r.err

@@ -254,6 +254,11 @@ def export_special(args: argparse.Namespace) -> int | None:
     special = args.request or args.state_dir or args.for_request or len(given) == 1
     if special and getattr(args, "from_version", None):
         raise UsageError("--from-version is for a repository export without --for")
+    if special and getattr(args, "platform", None):
+        raise UsageError(
+            "--platform is for a repository export without --for (a request names each "
+            "node's platform)"
+        )
     if len(given) == 2:
         if args.request or args.state_dir:
             raise UsageError("give REPO DEST, or DEST with --state-dir/--request, not both")

@@ -125,6 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return special
     repo = Repo(Path(args.repo))
     comps = args.component or repo.components()
+    wanted = chosen_platforms(args.platform)
     sources = []
     left_out: list[str] = []
     notes: list[str] = []
@@ -133,12 +134,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not serials:
             raise RepoError(f"component {c!r} has no releases in {args.repo}")
         if args.from_version is not None:  # only what a node at that version needs
-            for platform in repo.platforms(c, serials[-1]):  # each variant, or the one
+            for platform in variants_to_export(repo, c, serials[-1], wanted, strict=True):
                 sources.append(source_for_node_at(repo, c, args.from_version, notes, platform))
             continue
         for serial in serials[-max(1, args.history) :]:
-            # Every variant: one bundle serves a fleet of mixed platforms.
-            for platform in repo.platforms(c, serial):
+            # Every variant (or those named): one bundle serves a site of mixed
+            # platforms, whichever node imports it (the daemons carry the others').
+            newest = serial == serials[-1]
+            for platform in variants_to_export(repo, c, serial, wanted, strict=newest):
                 data = repo.release_bytes(c, serial, platform)
                 if not repo.signed_under_current(data, c):
                     # Nodes accept a release arriving from outside only under their
@@ -183,6 +186,35 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out(args, doc, human)
     return EXIT_OK
+
+
+def chosen_platforms(given: list[str] | None) -> set[str] | None:
+    """The platforms ``--platform`` names (None: every variant, also for ``all``)."""
+    if not given or "all" in given:
+        return None
+    for p in given:
+        if not ids.PLATFORM_RE.fullmatch(p):
+            raise UsageError(f"--platform {p!r} is not a platform name (e.g. linux-aarch64, or all)")
+    return set(given)
+
+
+def variants_to_export(
+    repo: Repo, component: str, serial: int, wanted: set[str] | None, *, strict: bool
+) -> list[str | None]:
+    """The variants of release ``serial`` to carry: ``[None]`` for a universal release,
+    else those of ``wanted`` (every one when None). With ``strict``, a release none
+    of whose variants is wanted is an error naming the ones it has."""
+    have = repo.platforms(component, serial)
+    if None in have or wanted is None:
+        return have
+    picked: list[str | None] = [p for p in have if p in wanted]
+    if not picked and strict:
+        label = repo.label(component, serial) or f"serial {serial}"
+        raise RepoError(
+            f"{component} {label} has no variant for {', '.join(sorted(wanted))} "
+            f"(it has {', '.join(str(p) for p in have)})"
+        )
+    return picked
 
 
 def register(add: Adder) -> None:
@@ -313,4 +345,11 @@ def register(add: Adder) -> None:
         "--from-version",
         metavar="V",
         help="carry only what a node at version V needs for the newest release (deltas)",
+    )
+    sp.add_argument(
+        "--platform",
+        action="append",
+        metavar="P",
+        help="of a release with platform variants carry only the variant for P "
+        "(repeatable; default and 'all': every variant)",
     )

@@ -362,7 +362,8 @@ def source_for_node_at(
     smaller, and the roots up to the one it was signed under stay home
     (``write_bundle``). ``platform`` names the variant, for a release that has
     only platform variants (a node holds the same platform's variant, or a
-    universal release).
+    universal release); a ``version`` that is a variant release without one
+    for ``platform`` is an error saying so (no node of it can be at it).
 
     A version label names one release only if it was published once: a label
     published again (``publish --force``) names several, and the node may hold
@@ -378,9 +379,12 @@ def source_for_node_at(
         raise RepoError(f"component {component!r} has no releases in {repo.path}")
     new, env = repo.release(component, serials[-1], platform)
     held: list[tuple[int, Manifest, Envelope]] = []
+    others: set[str] = set()  # platforms of other variants labelled ``version``
     for serial in serials[:-1]:
         for variant in repo.platforms(component, serial):
             if variant not in (None, new.platform):
+                if repo.label(component, serial) == version:
+                    others.add(variant)
                 continue  # another platform's: a node that takes ``new`` never holds it
             try:
                 man, held_env = repo.release(component, serial, variant)
@@ -393,6 +397,12 @@ def source_for_node_at(
             if notes is not None:
                 notes.append(f"a node at {component} {version} already has its newest release")
             return ReleaseSource(new, env, {})
+        if others:  # a variant release: no node of this platform can be at it
+            raise RepoError(
+                f"{component} {version} has no variant for {new.platform} (only "
+                f"{', '.join(sorted(others))}), so no node of it is at {version}: "
+                "name the platforms to carry with --platform"
+            )
         raise RepoError(f"no release of {component} has version {version!r} in {repo.path}")
     blobs: dict[bytes, int] = {}
     for _serial, man, _env in held:
