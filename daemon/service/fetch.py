@@ -248,6 +248,8 @@ class FetchManager:
                 serial=rf.man.serial,
                 blobs=len(needed),
                 bytes=sum(needed.values()),
+                # A variant carried for other nodes says whose it is.
+                **({"platform": rf.man.platform} if self._key_of(rf.man) != rf.man.component else {}),
             )
             run = _Attempt(rf, swarm, needed)
             async with trio.open_nursery() as nursery:  # ranged transfers

@@ -531,6 +531,8 @@ class Lifecycle:
             return
         key, digest = self.carry_key(man), env.payload_digest()
         self.origin[key] = (serial, "import")
+        log("variant-accepted", component=component, version=man.version, serial=serial,
+            platform=platform, from_="import")  # fmt: skip
         await self.news(key, serial, digest)
         if not self.fetch.restart(key, serial):
             self.fetch.start(man, digest)
