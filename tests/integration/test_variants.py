@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,87 @@ def test_from_version_sticks_carry_every_variant_or_the_ones_named(
     # A full export names variants the same way.
     r = world.run("export", world.repo, world.base / "z", "--platform", RISCV)
     assert r.code == 0 and refs(world.base / "z") == [f"app-3-{RISCV}", "trust"], r.err
+
+
+def variants_of(version: str, salt: int) -> dict[str, dict[str, bytes]]:
+    """A release's tree per platform: a native binary each, and SHARED."""
+    return {
+        p: {"bin/tool": f"ELF {p} tool {version} {salt}\n".encode() * 50, "share/data": SHARED}
+        for p in (X86, ARM)
+    }
+
+
+def test_carried_variants_live_as_long_as_the_own_release_of_their_serial(
+    world: World, fleet: tuple[Node, Node, Node, Path]
+) -> None:
+    """gc keeps what a node carries exactly as long as it keeps its own release of
+    that serial (installed, kept for rollback, newer, newest), then drops the
+    variant's manifest and the blobs only it named."""
+    x86, _arm, _riscv, _v1 = fleet
+    for n, version in enumerate(("2.0", "3.0", "4.0", "5.0")):
+        for p, files in variants_of(version, n).items():
+            publish(world, version, files, "--platform", p)
+        doc = x86.import_(world.export(f"usb-{version}"), "--apply")
+        assert doc["applied"] and [c["platform"] for c in doc["carried"]] == [ARM]  # type: ignore[index]
+    repo = Repo(world.repo)
+    arm_tool = {s: {c.digest.hex() for c in repo.release("app", s, ARM)[0].files[0].chunks}
+                for s in (2, 3, 4, 5)}  # fmt: skip
+    st = x86.status()
+    assert st["serial"] == 5 and [k["serial"] for k in st["kept"]] == [4, 3]  # type: ignore[index]
+    assert st["carried"] == [{"serial": s, "platform": ARM} for s in (2, 3, 4, 5)]
+    r = world.run("gc", "--state-dir", x86.state, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["variants_dropped"] == 1
+    st = x86.status()
+    assert st["carried"] == [{"serial": s, "platform": ARM} for s in (3, 4, 5)]
+    blobs = x86.blobs()
+    assert arm_tool[3] | arm_tool[4] | arm_tool[5] <= blobs  # with 3, 4 (kept) and 5 (live)
+    assert not arm_tool[2] & blobs  # went with release 2
+    assert not (x86.state / "releases" / "app" / f"2.{ARM}.msgpack").exists()
+
+
+def test_a_node_never_applies_another_platforms_variant(
+    world: World, fleet: tuple[Node, Node, Node, Path]
+) -> None:
+    """Even a state directory altered by hand to hold the aarch64 manifest where
+    the node's own release belongs: `apply` refuses with one line, nothing changes."""
+    x86, _arm, _riscv, v1 = fleet
+    for p, files in variants_of("2.0", 0).items():
+        publish(world, "2.0", files, "--platform", p)
+    doc = x86.import_(world.export("usb2"))  # stored, not applied
+    assert [c["platform"] for c in doc["carried"]] == [ARM]  # type: ignore[index]
+    releases = x86.state / "releases" / "app"
+    (releases / "2.msgpack").write_bytes((releases / f"2.{ARM}.msgpack").read_bytes())
+    shutil.rmtree(x86.state / "cache", ignore_errors=True)  # no decoded copy of the real one
+    r = world.run("apply", "app", "--state-dir", x86.state)
+    assert r.code == 1, r.err
+    assert r.err == (
+        f"p2pupd: error: app 2.0 is the variant for {ARM}; this node installs {X86} "
+        "(nothing changed)\n"
+    )
+    assert tree_snapshot(x86.target) == tree_snapshot(v1)
+    assert x86.status()["serial"] == 1
+
+
+def test_a_variant_whose_manifest_patch_has_no_base_here_is_skipped_not_refused(
+    world: World, fleet: tuple[Node, Node, Node, Path]
+) -> None:
+    """A `--from-version` stick carries each variant's envelope as a patch against
+    that platform's earlier one. A node that never carried the earlier aarch64
+    variant takes its own and says it cannot carry the other; one that did carries it."""
+    x86, arm, _riscv, _v1 = fleet
+    for p, files in variants_of("2.0", 0).items():
+        publish(world, "2.0", files, "--platform", p)
+    assert x86.import_(world.export("usb2-x86", "--platform", X86), "--apply")["applied"]
+    assert arm.import_(world.export("usb2-all"), "--apply")["applied"]  # and carries x86's
+    for p, files in variants_of("3.0", 1).items():
+        publish(world, "3.0", files, "--platform", p)
+    stick = world.export("usb3", "--from-version", "2.0")
+    doc = x86.import_(stick, "--apply")
+    assert doc["applied"] and doc["carried"] == []
+    assert doc["skipped"] == [
+        f"app 3.0 for {ARM}: not carried, its manifest is a patch against a release "
+        "this node does not hold"
+    ]
+    doc = arm.import_(stick, "--apply")
+    assert doc["applied"] and [c["platform"] for c in doc["carried"]] == [X86]  # type: ignore[index]
