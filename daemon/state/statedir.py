@@ -9,6 +9,8 @@ Layout (all under STATE, one filesystem):
     trust/root.msgpack        the pinned root envelope (latest accepted)
     trust/root.<N>.msgpack    every root accepted, for export and audit
     releases/<c>/<serial>.msgpack   verified release envelopes
+    releases/<c>/<serial>.<platform>.msgpack   variants carried for other
+                              platforms (state/carried.py), never installed
     format                    the state format (state/stateformat.py); absent: 1
     blobs/packs/<t>.pack|.idx small blobs in packs (store/packstore.py)
     blobs/sha256/<hex>        large blobs, and those stored before packs

@@ -40,7 +40,10 @@ Format history:
   old small files into packs), so a reader of format 1 would not see them:
   its oldest reader is 2. Additive in it, ignored by any reader of 2:
   components' ``self_update`` and ``platform``, a self-update's
-  ``trial``/``healthy``/``unhealthy`` journal steps.
+  ``trial``/``healthy``/``unhealthy`` journal steps, the variants a node
+  carries for other platforms (``releases/<c>/<serial>.<platform>.msgpack``:
+  a reader of 2 lists only bare serials there; its gc drops their blobs,
+  which the daemon fetches again).
 
 (A marker holding only the number, as development builds of format 2 wrote
 it, is read with the oldest reader this code knows for that format.)
