@@ -210,6 +210,15 @@ class FetchManager:
         self.start(rf.man, rf.digest)
         return True
 
+    def stop_carried(self, component: str, below: int) -> None:
+        """End the fetches of variants of ``component`` carried for other platforms
+        of releases older than ``below``."""
+        for key, rf in list(self.active.items()):
+            found = self._links.spelling.rules.carried(key)
+            if found is not None and found[0] == component and rf.man.serial < below:
+                rf.scope.cancel()
+                del self.active[key]
+
     # ----- the fetch -----------------------------------------------------------
 
     async def _run(self, rf: ReleaseFetch) -> None:
@@ -241,6 +250,7 @@ class FetchManager:
             _, have = await self._links.offload(lambda: self._content.servable(rf.man))
             swarm = self._offers.fetching(rf.man, rf.digest, needed, have)
             rf.swarm = swarm
+            carried = self._key_of(rf.man) != rf.man.component
             log(
                 "fetch-started",
                 component=rf.man.component,
@@ -248,8 +258,7 @@ class FetchManager:
                 serial=rf.man.serial,
                 blobs=len(needed),
                 bytes=sum(needed.values()),
-                # A variant carried for other nodes says whose it is.
-                **({"platform": rf.man.platform} if self._key_of(rf.man) != rf.man.component else {}),
+                platform=rf.man.platform if carried else None,  # a variant carried for others
             )
             run = _Attempt(rf, swarm, needed)
             async with trio.open_nursery() as nursery:  # ranged transfers

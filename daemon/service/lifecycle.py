@@ -316,7 +316,13 @@ class Lifecycle:
         return st.installed == serial
 
     async def news(self, component: str, serial: int, digest: bytes) -> None:
-        """Announce a verified release to the peers behind, if it is ``announceable``."""
+        """Announce a verified release to the peers behind, if it is ``announceable``.
+
+        A release of our own also ends the fetches of variants carried of an older
+        one: nobody will ask for those any more (the rules carry the release held).
+        """
+        if self.rules.carried(component) is None:
+            self.fetch.stop_carried(component, below=serial)
         if await self.announceable(component, serial):
             self.gossip.verified(component, serial, digest)
 
