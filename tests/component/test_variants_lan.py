@@ -130,8 +130,10 @@ async def test_a_stick_imported_on_x86_reaches_the_aarch64_node_through_a_carrie
     assert 0 < received.bytes < sum(arm.blob_sizes().values()) // 2
     # Carried in full: arm by x0 (from the stick) and x1, x86 by the aarch64 node.
     assert sorted(str(e["platform"]) for e in events.named("variant-carried")) == [ARM, ARM, X86]
-    # Nothing was anybody's fault.
+    # Nothing was anybody's fault, and between peers that speak "variants" no node
+    # even fetched another platform's manifest as if it were its own.
     assert not events.named("manifest-refused") and not events.named("peer-banned")
+    assert not events.named("manifest-skipped")
     for feed in events.feeds:
         assert all(v == 0 for v in counter(feed, "p2pupd_fetch_errors").values())
         assert all(v == 0 for v in counter(feed, "p2pupd_peer_bans").values())
@@ -175,3 +177,22 @@ async def test_a_peer_without_variants_hears_only_releases_and_skips_without_fau
     assert all(v == 0 for v in counter(feed, "p2pupd_fetch_errors").values())
     assert Node(sa).state.read_state("app").installed == 1 and tree_snapshot(ta) == before
     assert Node(sa).carried.carried("app") == []
+
+
+async def test_a_restarted_node_serves_the_variants_it_carries(
+    mixed: dict[str, Any], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Imported without a daemon, then started: the node finds the aarch64 variant
+    among what it holds (its scan) and serves it to an aarch64 node."""
+    (s0, _), _, (sa, ta) = mixed["nodes"].values()
+    cli("import", mixed["stick"], "--apply", "--state-dir", s0)
+    x0 = make_service(s0, seed=1, gossip_interval=10.0)
+    a = make_service(sa, seed=2, gossip_interval=10.0)
+    async with trio.open_nursery() as nursery:
+        for svc in (x0, a):
+            await nursery.start(svc.serve)
+        assert [(k, s) for k, (s, _) in x0.gossip.carrying.items()] == [(ARM_KEY, 2)]
+        link(nursery, x0, a)
+        await wait_until(lambda: Node(sa).state.read_state("app").installed == 2, 600)
+        nursery.cancel_scope.cancel()
+    assert tree_snapshot(ta) == tree_snapshot(mixed["src"][ARM])
