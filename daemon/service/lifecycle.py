@@ -72,6 +72,7 @@ from p2pupd.protocol.errors import (
 )
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
+from p2pupd.protocol.trust import TrustChain
 
 
 @dataclass
@@ -198,7 +199,7 @@ class Lifecycle:
 
     def carry_key(self, man: Manifest) -> str:
         """Our key for ``man``: its component, or ``component@platform`` when carried."""
-        return carried.rules_of(self.node).key_of(man)
+        return self.rules.key_of(man)
 
     def high_water(self, component: str) -> int:
         """The component's rollback high-water mark as last accepted here."""
@@ -524,7 +525,9 @@ class Lifecycle:
                 results.append(await self.apply_release(comp))
         return report, results
 
-    async def _carry_imported(self, component: str, serial: int, platform: str, chain: Any) -> None:
+    async def _carry_imported(
+        self, component: str, serial: int, platform: str, chain: TrustChain
+    ) -> None:
         """A variant a bundle brought for another platform: announce it and serve it
         (its fetch finds the blobs stored, or fetches what the bundle lacked)."""
         try:
