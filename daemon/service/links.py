@@ -21,7 +21,7 @@ from p2pupd.daemon.offload import Offload
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol.fleet.variants import VariantRules
 from p2pupd.protocol.manifest import Manifest
-from p2pupd.protocol.wire import FEATURE_VARIANTS, AnnounceEntry
+from p2pupd.protocol.wire import FEATURE_VARIANTS, Announce, AnnounceEntry
 
 MAX_PLATFORMS_CACHED = 256  # (component, serial) -> platform of our releases, for spelling
 
@@ -89,6 +89,21 @@ class Spelling:
     def request(self, conn: PeerConnection, key: str) -> str:
         """How to ask ``conn``'s peer for the manifest of our release ``key``."""
         return self.rules.request_key(key, self.speaks(conn))
+
+    def announce(
+        self, conn: PeerConnection, own: Announce, carrying: dict[str, tuple[int, bytes]]
+    ) -> Announce:
+        """Our Announce for ``conn``'s peer: ``own`` as it is to an older peer; to one
+        that speaks "variants", our variants named with their platform and the
+        variants we carry (``carrying``) besides."""
+        if not self.speaks(conn):
+            return own
+        named: dict[str, tuple[int, bytes]] = {}
+        for e in own.entries:
+            name = self.write(conn, e.component, e.serial) or e.component
+            named[name] = (e.serial, e.manifest_digest)
+        named.update(carrying)
+        return Announce.from_holdings(named)
 
     def read_announce(
         self, conn: PeerConnection, entries: tuple[AnnounceEntry, ...]

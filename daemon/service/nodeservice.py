@@ -62,7 +62,6 @@ from p2pupd.protocol.errors import CodecError, RemoteProtocolError, RollbackErro
 from p2pupd.protocol.fleet.admission import Admission, AdmissionConfig, Admit
 from p2pupd.protocol.fleet.identity import CHALLENGE_BYTES, NodeKey
 from p2pupd.protocol.fleet.swarm import SwarmConfig
-from p2pupd.protocol.fleet.variants import split_key
 from p2pupd.protocol.fleet.view import Kind, ViewConfig
 from p2pupd.protocol.gossip import RequestManifest
 from p2pupd.protocol.manifest import Manifest
@@ -152,7 +151,9 @@ class NodeService:
         self.identity = identity or node_identity(node)
         self.peers = PeerTable()
         self.conns: dict[bytes, PeerConnection] = {}
-        self.content = Content(node)
+        # How releases are named to each peer: ours, and variants carried for others.
+        self.spelling = Spelling(rules_of(node), node.manifest)
+        self.content = Content(node, self.spelling)
         self.limits = Limits.symmetric(opts.bandwidth_limit)
         self.mutex = trio.Lock()
         self.admission = Admission(
@@ -163,8 +164,6 @@ class NodeService:
                 per_host=opts.per_host,
             ),
         )
-        # How releases are named to each peer: ours, and variants carried for others.
-        self.spelling = Spelling(rules_of(node), node.manifest)
         self.overlay = Overlay(self, self._rng, opts.view)
         self.overlay.listen_port = opts.listen_port
         # Gossip and fetch report to the lifecycle, which is built after them
@@ -187,7 +186,7 @@ class NodeService:
             config=SwarmConfig(request_timeout=opts.request_timeout),
             servable=lambda man: self.content.servable(man)[1],
             on_change=self._wake_fetch,
-            manifest=self.release_manifest,
+            manifest=self.content.release_manifest,
         )
         self.fetch = FetchManager(
             self,
@@ -520,7 +519,7 @@ class NodeService:
                 return ChunkMissing(rid, req.digest)
             return BlobRangeData(rid, req.digest, req.offset, piece)
         if isinstance(req, ManifestRequest | ManifestRangeRequest):
-            doc = self._manifest_doc(req.component, req.serial)
+            doc = self.content.manifest_for(req.component, req.serial)
             if isinstance(req, ManifestRequest):
                 if doc is None or len(doc) > ManifestData.DATA_LIMIT:
                     return ManifestMissing(rid)  # too big for one frame: ask for ranges
@@ -540,41 +539,7 @@ class NodeService:
     def announcement_for(self, conn: PeerConnection) -> Announce:
         """What ``conn``'s peer hears: ``announcement``, and to a peer that speaks
         "variants" our variants named with their platform and the ones we carry."""
-        own = self.announcement()
-        if not self.spelling.speaks(conn):
-            return own
-        named: dict[str, tuple[int, bytes]] = {}
-        for e in own.entries:
-            name = self.spelling.write(conn, e.component, e.serial) or e.component
-            named[name] = (e.serial, e.manifest_digest)
-        named.update(self.gossip.carrying)
-        return Announce.from_holdings(named)
-
-    def release_manifest(self, key: str, serial: int) -> Manifest:
-        """A stored release by our key: ours, or a variant carried for another platform.
-
-        Raises ``DaemonError`` (absent, unreadable) or a ``VerificationError``."""
-        carried = self.spelling.rules.carried(key)
-        if carried is None:
-            return self.node.manifest(key, serial)
-        component, platform = carried
-        return self.node.carried.get(self.node.trust_chain(), component, serial, platform)[0]
-
-    def _manifest_doc(self, name: str, serial: int) -> bytes | None:
-        """The envelope a peer asked for by ``name``: one of our releases, or a variant
-        we carry; for a variant we neither hold nor carry, our release of that serial
-        if it is universal (it serves every platform)."""
-        try:
-            component, platform = split_key(name)
-        except CodecError:
-            return None
-        if platform is None or platform == self.spelling.rules.platforms.get(component):
-            return self.content.manifest_bytes(component, serial)
-        doc = self.content.manifest_bytes(component, serial, platform)
-        universal = self.node.releases.has(component, serial) and (
-            self.spelling.platform_of(component, serial) is None
-        )
-        return self.content.manifest_bytes(component, serial) if doc is None and universal else doc
+        return self.spelling.announce(conn, self.announcement(), self.gossip.carrying)
 
     async def _to_lifecycle_offer(self, data: bytes, action: RequestManifest[bytes]) -> None:
         await self.lifecycle.accept_from_peer(data, action)

@@ -17,7 +17,9 @@ is re-hashed. A piece of a blob (range request) cannot be checked alone; the
 receiver checks the reassembled blob.
 
 The held-file index is rebuilt by ``refresh`` after every apply or rollback.
-Reads are small (one chunk, one range piece) and done inline.
+Reads are small (one chunk, one range piece) and done inline. Manifests are
+asked for by name (``manifest_for``): a peer that speaks "variants" may ask
+for one of another platform's variants this node carries (state/carried.py).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 
 from p2pupd.daemon.apply.engine import reusable_files
 from p2pupd.daemon.errors import DaemonError, NotFoundError
+from p2pupd.daemon.service.links import Spelling
 from p2pupd.daemon.state.gate import held_manifests
 from p2pupd.daemon.state.node import Node
 from p2pupd.protocol import ids
-from p2pupd.protocol.errors import P2pupdError
+from p2pupd.protocol.errors import CodecError, P2pupdError
+from p2pupd.protocol.fleet.variants import split_key
 from p2pupd.protocol.manifest import Manifest
 
 MANIFEST_CACHE = 4
@@ -40,8 +44,10 @@ MANIFEST_CACHE = 4
 class Content:
     """Read-side view of a node's store and held files; see the module docstring."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, spelling: Spelling) -> None:
+        """``spelling``: how releases are named (ours, and variants carried for others)."""
         self.node = node
+        self.spelling = spelling
         self._held: dict[bytes, tuple[Path, int, int]] = {}  # chunk -> (file, offset, size)
         self._manifests: OrderedDict[tuple[str, int, str | None], bytes] = OrderedDict()
 
@@ -122,6 +128,33 @@ class Content:
                 self._manifests.popitem(last=False)
         self._manifests.move_to_end(key)
         return data
+
+    def release_manifest(self, key: str, serial: int) -> Manifest:
+        """A stored release by our key: ours, or a variant carried for another platform.
+
+        Raises ``DaemonError`` (absent, unreadable) or a ``VerificationError``.
+        """
+        found = self.spelling.rules.carried(key)
+        if found is None:
+            return self.node.manifest(key, serial)
+        component, platform = found
+        return self.node.carried.get(self.node.trust_chain(), component, serial, platform)[0]
+
+    def manifest_for(self, name: str, serial: int) -> bytes | None:
+        """The envelope a peer asked for by ``name``: one of our releases, or a variant
+        we carry; for a variant we neither hold nor carry, our release of that serial
+        if it is universal (it serves every platform). None if there is none."""
+        try:
+            component, platform = split_key(name)
+        except CodecError:
+            return None
+        if platform is None or platform == self.spelling.rules.platforms.get(component):
+            return self.manifest_bytes(component, serial)
+        doc = self.manifest_bytes(component, serial, platform)
+        universal = self.node.releases.has(component, serial) and (
+            self.spelling.platform_of(component, serial) is None
+        )
+        return self.manifest_bytes(component, serial) if doc is None and universal else doc
 
     def root_bytes(self, version: int) -> bytes | None:
         """Root metadata of ``version`` if this node accepted it, else None."""
