@@ -131,7 +131,8 @@ class RolloutService:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the saved view, report, and keep the gate and our report current."""
-        await self.offload(self._load)
+        now = trio.current_time()  # read here: _load runs in a worker thread
+        await self.offload(lambda: self._load(now))
         self._started = trio.current_time()
         try:
             task_status.started()
@@ -464,8 +465,8 @@ class RolloutService:
         except DaemonError:
             return None
 
-    def _load(self) -> None:
-        """Open the site rules and the saved view (blocking)."""
+    def _load(self, now: float) -> None:
+        """Open the site rules and the saved view as of trio time ``now`` (blocking)."""
         node = self.node
         rules = self._site_rules()
         live = self.options.live or 3 * self.options.report_interval
@@ -485,7 +486,6 @@ class RolloutService:
             return
         seq = saved.get("seq")
         self._seq = seq if isinstance(seq, int) and seq > 0 else 0
-        now = trio.current_time()
         with contextlib.suppress(CodecError):
             self.table.restore(saved.get("table"), now, now_seconds())
         for raw in saved.get("actions", []) if isinstance(saved.get("actions"), list) else []:
