@@ -120,12 +120,22 @@ def index_for(directory: Path) -> PackIndex:
     key = (st.st_dev, st.st_ino)
     with _registry_lock:
         index = _registry.get(key)
-        if index is None:
+        if index is None or not _same_dir(index.dir, key):
+            # None yet, or the index of a directory since deleted whose inode
+            # the file system gave to this one: its path names nothing now.
             index = PackIndex(directory)
             _registry[key] = index
             return index
     index.refresh()  # also right if the directory was replaced by one with its inode
     return index
+
+
+def _same_dir(path: Path, key: tuple[int, int]) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == key
 
 
 class PackIndex:

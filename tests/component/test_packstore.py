@@ -254,3 +254,26 @@ def test_spool_resume_keeps_intact_large_files_and_commits_them(
     assert again.commit() == [sha(big[0])]
     again.close(clear=True)
     assert store.get_bytes(sha(big[0])) == big[0] and not store.has(sha(big[1]))
+
+
+def test_a_new_directory_on_a_deleted_ones_inode_gets_an_index_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """The process shares one index per packs directory, found by (device, inode).
+    A directory deleted while its index lives on may hand its inode to a new one
+    (a node's state dir wiped and made again): the new one must not get the old
+    index, whose path names nothing now."""
+    import shutil
+
+    from p2pupd.daemon.store import packs as packs_mod
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    stale = packs_mod.index_for(old)
+    st = os.stat(new)
+    packs_mod._registry[(st.st_dev, st.st_ino)] = stale  # as the file system may do
+    shutil.rmtree(old)
+    fresh = packs_mod.index_for(new)
+    assert fresh is not stale and fresh.dir == new
+    assert packs_mod.index_for(new) is fresh  # and it is shared from then on
