@@ -87,12 +87,16 @@ class Received:
     bytes: int = 0
     blobs: int = 0
     by_peer: dict[str, int] = field(default_factory=dict)
+    # Second copies of a blob: the swarm's end game asks idle holders for blobs
+    # already in flight elsewhere (protocol/fleet/swarm.py), and both may answer.
+    duplicate_bytes: int = 0
 
     def to_doc(self) -> dict[str, Any]:
         return {
             "serial": self.serial,
             "bytes": self.bytes,
             "blobs": self.blobs,
+            "duplicate_bytes": self.duplicate_bytes,
             "from": self.by_peer,
         }
 
@@ -126,6 +130,7 @@ class _Attempt:
     swarm: ReleaseSwarm[bytes]
     needed: dict[bytes, int]
     results: list[tuple[bytes, bytes, Outcome]] = field(default_factory=list)
+    got: set[bytes] = field(default_factory=set)  # blobs that arrived (to tell second copies)
 
     def report(self, peer: bytes, digest: bytes, outcome: Outcome) -> None:
         """Queue an outcome for the fetch loop and wake it."""
@@ -389,7 +394,9 @@ class FetchManager:
                 continue
             if outcome is True:
                 swarm.on_blob(peer, blob, True, now)  # servable once committed
-                self._received(run.rf, peer, run.needed[digest])
+                second = digest in run.got
+                run.got.add(digest)
+                self._received(run.rf, peer, run.needed[digest], second)
             elif outcome is False:
                 self._offers.run(component, swarm.on_blob(peer, blob, False, now))
             elif outcome is None:
@@ -399,11 +406,14 @@ class FetchManager:
             # else the connection ended: Offers.peer_left re-planned its blobs
         return failure
 
-    def _received(self, rf: ReleaseFetch, peer: bytes, size: int) -> None:
+    def _received(self, rf: ReleaseFetch, peer: bytes, size: int, second: bool) -> None:
         self._commit_wanted.set()
         rec = self.received.setdefault(self._key_of(rf.man), Received(rf.man.serial))
-        rec.bytes += size
-        rec.blobs += 1
+        if second:
+            rec.duplicate_bytes += size
+        else:
+            rec.bytes += size
+            rec.blobs += 1
         rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size
         info = self._links.peers.get(peer)
         if info is not None:
