@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 # Test processes (pytest-xdist). Most of the suite's time is daemons, network
 # namespaces and SIGKILLed children waiting on one another, not CPU: three
-# workers on a 2-core machine take the suite from ~10 to ~6 minutes.
+# workers on a 2-core machine take the suite from ~10 to ~7 minutes.
 TEST_WORKERS ?= 3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed

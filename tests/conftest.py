@@ -14,6 +14,13 @@ from _kit import TREE_MTIME, make_tree, tree_snapshot
 
 from p2pupd.tools.cli import main
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (stable otherwise): ``make test`` spreads the suite over
+    pytest-xdist workers, and a minute-long test started last keeps one worker
+    busy while the others sit idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 __all__ = ["TREE_MTIME", "make_tree", "tree_snapshot"]  # re-exported for the tests
 
 
