@@ -32,6 +32,7 @@ import platform
 import re
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -136,6 +137,30 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def buffer_fd(data: bytes, what: str, scratch: str | os.PathLike[str] | None = None) -> int:
+    """An fd at the start of a private, unnamed file holding ``data``.
+
+    For readers that hand out fds of blobs they hold only in memory (a blob cut
+    from a pack, a decrypted one): a memfd where the kernel has them, else an
+    unlinked file in ``scratch`` (default: the temp dir). ``StorageError``
+    naming ``what`` if neither can be made or written.
+    """
+    fd = -1
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            fd = os.memfd_create("p2pupd-" + what.replace(" ", "-"), os.MFD_CLOEXEC)
+        if fd < 0:
+            fd, name = tempfile.mkstemp(prefix="p2pupd-", dir=scratch)
+            os.unlink(name)
+        write_all(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise StorageError(f"cannot buffer a {what}: {exc.strerror or exc}") from None
+    return fd
 
 
 def create_temp(directory: str | os.PathLike[str], prefix: str, mode: int) -> tuple[int, Path]:

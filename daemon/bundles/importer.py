@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -64,8 +63,8 @@ from p2pupd.daemon.bundles.verify import (
     VerifiedRelease,
     read_metadata,
 )
-from p2pupd.daemon.errors import BundleError, MissingBaseError, StorageError
-from p2pupd.daemon.fsutil import ensure_free, write_all
+from p2pupd.daemon.errors import BundleError, MissingBaseError
+from p2pupd.daemon.fsutil import buffer_fd, ensure_free
 from p2pupd.daemon.state import carried, components
 from p2pupd.daemon.state.gate import needed_for, persist_release
 from p2pupd.daemon.state.node import Node
@@ -345,26 +344,7 @@ class _BlobOpener:
                 self._pack = None  # one pack in memory at a time
                 self._pack = (at.pack, self.reader.read_blob(at.pack, at.pack_size))
             data = self._pack[1][at.offset : at.offset + at.size]
-        return _memory_fd(data)
-
-
-def _memory_fd(data: bytes) -> int:
-    """Return an fd positioned at the start of a private, unnamed file holding ``data``."""
-    try:
-        if hasattr(os, "memfd_create"):
-            fd = os.memfd_create("p2pupd-packed-blob", os.MFD_CLOEXEC)
-        else:
-            fd, name = tempfile.mkstemp(prefix="p2pupd-packed-")
-            os.unlink(name)
-    except OSError as exc:
-        raise StorageError(f"cannot buffer a packed blob: {exc.strerror or exc}") from None
-    try:
-        write_all(fd, data)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError as exc:
-        os.close(fd)
-        raise StorageError(f"cannot buffer a packed blob: {exc.strerror or exc}") from None
-    return fd
+        return buffer_fd(data, "packed blob")
 
 
 def _copy(

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pupd.daemon.bundles.reader import BundleReader
 from p2pupd.daemon.errors import BundleError, StorageError
-from p2pupd.daemon.fsutil import write_all
+from p2pupd.daemon.fsutil import buffer_fd, write_all
 from p2pupd.protocol import bundle as oci
 from p2pupd.protocol import ids, limits
 from p2pupd.protocol.errors import HashMismatchError, SchemaError
@@ -127,7 +127,7 @@ class SealedReader:
     def open_blob(self, digest: bytes, size: int) -> int:
         """An fd reading the blob's plaintext from its start (the caller closes it)."""
         if sealed.sealed_size(size) <= WHOLE_BYTES:
-            return _to_fd(self.read_blob(digest, size), self.scratch)
+            return buffer_fd(self.read_blob(digest, size), "sealed blob", self.scratch)
         entry = self._entry(digest, size)
         csize = sealed.sealed_size(size)
         fd = self.base.open_blob(entry.sealed, csize)
@@ -221,23 +221,6 @@ def _scratch_fd(scratch: Path) -> int:
             return os.dup(f.fileno())
     except OSError as exc:
         raise StorageError(f"cannot make a scratch file in {scratch}: {exc.strerror}") from None
-
-
-def _to_fd(data: bytes, scratch: Path) -> int:
-    if hasattr(os, "memfd_create"):
-        try:
-            fd = os.memfd_create("p2pupd-sealed-blob", os.MFD_CLOEXEC)
-        except OSError:
-            fd = _scratch_fd(scratch)
-    else:
-        fd = _scratch_fd(scratch)
-    try:
-        write_all(fd, data)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError as exc:
-        os.close(fd)
-        raise StorageError(f"cannot buffer a sealed blob: {exc.strerror or exc}") from None
-    return fd
 
 
 def open_bundle(
