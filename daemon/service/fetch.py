@@ -130,7 +130,6 @@ class _Attempt:
     swarm: ReleaseSwarm[bytes]
     needed: dict[bytes, int]
     results: list[tuple[bytes, bytes, Outcome]] = field(default_factory=list)
-    got: set[bytes] = field(default_factory=set)  # blobs that arrived (to tell second copies)
 
     def report(self, peer: bytes, digest: bytes, outcome: Outcome) -> None:
         """Queue an outcome for the fetch loop and wake it."""
@@ -393,9 +392,8 @@ class FetchManager:
                 run.rf.wake.set()
                 continue
             if outcome is True:
+                second = bool(swarm.held >> blob & 1)  # held already: an end-game copy
                 swarm.on_blob(peer, blob, True, now)  # servable once committed
-                second = digest in run.got
-                run.got.add(digest)
                 self._received(run.rf, peer, run.needed[digest], second)
             elif outcome is False:
                 self._offers.run(component, swarm.on_blob(peer, blob, False, now))
