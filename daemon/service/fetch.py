@@ -407,12 +407,12 @@ class FetchManager:
     def _received(self, rf: ReleaseFetch, peer: bytes, size: int, second: bool) -> None:
         self._commit_wanted.set()
         rec = self.received.setdefault(self._key_of(rf.man), Received(rf.man.serial))
-        if second:
+        if second:  # traffic, not content: in duplicate_bytes only
             rec.duplicate_bytes += size
         else:
             rec.bytes += size
             rec.blobs += 1
-        rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size
+            rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size
         info = self._links.peers.get(peer)
         if info is not None:
             info.blobs_in += 1
