@@ -148,9 +148,8 @@ class PackStore(BlobStore):
             if len(data) > max_bytes or packfile.checksum(data) != xxh:
                 return None
             return data
-        try:
-            fd = os.open(os.path.join(self._blob_dir, digest.hex()), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        fd = self._open_loose(digest)
+        if fd is None:
             return None
         try:
             size = os.fstat(fd).st_size
@@ -173,9 +172,8 @@ class PackStore(BlobStore):
                 return os.pread(found[0].fd, n, e.offset + offset)
             except OSError:
                 return None
-        try:
-            fd = os.open(os.path.join(self._blob_dir, digest.hex()), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        fd = self._open_loose(digest)
+        if fd is None:
             return None
         try:
             size = os.fstat(fd).st_size
@@ -184,6 +182,13 @@ class PackStore(BlobStore):
             return None
         finally:
             os.close(fd)
+
+    def _open_loose(self, digest: bytes) -> int | None:
+        """A read-only fd of the blob's own file, or None if it has none."""
+        try:
+            return os.open(os.path.join(self._blob_dir, digest.hex()), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     def iter_digests(self) -> Iterator[bytes]:
         """Yield every blob present once (packed first, then loose files)."""
