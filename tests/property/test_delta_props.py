@@ -6,7 +6,6 @@ or a wrong base is refused with ``HashMismatchError`` and nothing is staged."""
 from __future__ import annotations
 
 import hashlib
-import random
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import bsdiff4
 import pytest
+from _edits import base_bytes, edit_scripts, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,42 +39,7 @@ from p2pupd.tools.publisher.segments import plan_segments
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# An edit script: (kind, position as a fraction, length, seed).
-edits = st.lists(
-    st.tuples(
-        st.sampled_from(["replace", "insert", "delete"]),
-        st.floats(0, 1),
-        st.integers(1, 5000),
-        st.integers(0, 2**16),
-    ),
-    max_size=8,
-)
-
-
-def base_bytes(seed: int, size: int) -> bytes:
-    """Semi-compressible bytes: random runs mixed with repeated text."""
-    r = random.Random(seed)
-    out = bytearray()
-    while len(out) < size:
-        if r.random() < 0.5:
-            out += r.randbytes(r.randint(50, 2000))
-        else:
-            out += b"word %d " % r.randint(0, 99) * r.randint(1, 40)
-    return bytes(out[:size])
-
-
-def mutate(old: bytes, script: list[tuple[str, float, int, int]]) -> bytes:
-    new = bytearray(old)
-    for kind, frac, n, seed in script:
-        p = int(frac * len(new))
-        data = random.Random(seed).randbytes(n)
-        if kind == "replace":
-            new[p : p + n] = data[: max(0, len(new) - p)]
-        elif kind == "insert":
-            new[p:p] = data
-        else:
-            del new[p : p + n]
-    return bytes(new)
+edits = edit_scripts(max_len=5000, max_edits=8)
 
 
 def entry(path: str, data: bytes, store: BlobStore) -> FileEntry:

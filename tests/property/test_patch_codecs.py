@@ -8,12 +8,13 @@ another exception, a crash or an allocation the header chose."""
 
 from __future__ import annotations
 
-import random
 import zlib
 
 import bsdiff4
 import pytest
 import zstandard
+from _edits import base_bytes as _base_bytes
+from _edits import edit_scripts, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,41 +40,11 @@ from p2pupd.protocol.patchcodec import (
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FORMS = [(c, p) for c in Codec for p in Packing]
 
-edits = st.lists(
-    st.tuples(
-        st.sampled_from(["replace", "insert", "delete"]),
-        st.floats(0, 1),
-        st.integers(1, 3000),
-        st.integers(0, 2**16),
-    ),
-    max_size=6,
-)
+edits = edit_scripts(max_len=3000, max_edits=6)
 
 
 def base_bytes(seed: int, size: int) -> bytes:
-    """Semi-compressible bytes: random runs mixed with repeated text."""
-    r = random.Random(seed)
-    out = bytearray()
-    while len(out) < size:
-        if r.random() < 0.5:
-            out += r.randbytes(r.randint(20, 1500))
-        else:
-            out += b"entry %d; " % r.randint(0, 99) * r.randint(1, 30)
-    return bytes(out[:size])
-
-
-def mutate(old: bytes, script: list[tuple[str, float, int, int]]) -> bytes:
-    new = bytearray(old)
-    for kind, frac, n, seed in script:
-        p = int(frac * len(new))
-        data = random.Random(seed).randbytes(n)
-        if kind == "replace":
-            new[p : p + n] = data[: max(0, len(new) - p)]
-        elif kind == "insert":
-            new[p:p] = data
-        else:
-            del new[p : p + n]
-    return bytes(new)
+    return _base_bytes(seed, size, runs=(20, 1500), word=b"entry %d; ", repeat=30)
 
 
 @FAST
