@@ -354,7 +354,10 @@ class PeerView(Generic[P]):
             self._dialing.pop(addr, None)
         known = self._passive.pop(addr, None) if addr is not None else None
         static = known is not None and known.static
-        first = (kind or Kind.LOW) if outbound else None
+        # Inbound links may fill the view while one of our dials is under way:
+        # that dial then ends here instead of holding the view above its maximum.
+        full = outbound and not static and self.degree >= self.config.max_active
+        first = (kind or Kind.LOW) if outbound and not full else None
         link = _Link(addr, outbound, capable, first, now, now, now, static, trusted)
         old = self._links.pop(peer, None)
         if old is not None:
@@ -367,6 +370,8 @@ class PeerView(Generic[P]):
             self._by_addr[addr] = peer
         if self._next_shuffle is None:
             self._next_shuffle = now + self._jitter(self.config.shuffle_interval)
+        if full:
+            return [Close(peer, "view full: filled while this dial was under way")]
         if not outbound and not capable:
             return self._classify(peer, link, Kind.LOW, now)
         return []

@@ -112,6 +112,18 @@ def test_dials_only_while_below_target_and_at_most_max_dialing() -> None:
     assert not v.bootstrap_wanted(1.0)
 
 
+def test_a_dial_that_completes_into_a_view_filled_meanwhile_is_closed() -> None:
+    v = view()
+    v.add_known([addr(1)], 0.0)
+    (dial,) = [a for a in v.tick(0.0) if isinstance(a, Dial)]
+    fill(v, CFG.max_active, first=20)  # inbound links arrive while the dial runs
+    acts = v.connected("late", dial.addr, outbound=True, capable=True, now=1.0, kind=dial.kind)
+    assert [a.peer for a in acts if isinstance(a, Close)] == ["late"]
+    assert v.degree == CFG.max_active and "late" not in v.active
+    v.disconnected("late", 1.0)
+    assert v.degree == CFG.max_active
+
+
 def test_links_are_pinged_when_quiet_and_closed_when_silent() -> None:
     v = view()
     fill(v, 1)
