@@ -246,7 +246,8 @@ def fsck_packs(index: PackIndex, report: FsckReport, repair: bool, full: bool) -
     """Verify every pack into ``report`` (see the module docstring).
 
     ``report.checked`` counts entries, ``corrupt`` their digests; debris (a
-    tail no entry names, an index without its pack) goes in ``temp_files``
+    tail no entry names, an index without its pack, the temp file of an index
+    rewrite that was cut off) goes in ``temp_files``
     and names that are no part of a pack in ``stray``. Raises ``StorageError``.
     """
     index.refresh()
@@ -256,6 +257,11 @@ def fsck_packs(index: PackIndex, report: FsckReport, repair: bool, full: bool) -
         raise fsutil.storage_error(exc, "list", index.dir) from None
     orphans = _orphan_indexes(index, names)
     for n in sorted(names):
+        if n.startswith(".") and n.endswith(".tmp"):  # an index rewrite cut off (SIGKILL)
+            report.temp_files.append(f"packs/{n}")
+            if repair:
+                fsutil.unlink_quietly(index.dir / n)
+            continue
         _, dot, suffix = n.rpartition(".")
         if not dot or f".{suffix}" not in (packfile.PACK_SUFFIX, packfile.IDX_SUFFIX):
             report.stray.append(f"packs/{n}")

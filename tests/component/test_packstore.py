@@ -277,3 +277,17 @@ def test_a_new_directory_on_a_deleted_ones_inode_gets_an_index_of_its_own(
     fresh = packs_mod.index_for(new)
     assert fresh is not stale and fresh.dir == new
     assert packs_mod.index_for(new) is fresh  # and it is shared from then on
+
+
+def test_the_temp_file_of_a_cut_off_index_rewrite_is_debris_not_a_stranger(
+    store: PackStore,
+) -> None:
+    """A repack killed between writing an index's temp file and renaming it leaves
+    ``.NAME.RANDOM.tmp`` in packs/: fsck calls it a temp file and repair removes it."""
+    store.put_bytes(b"x" * 5000)
+    left = store.pack_dir / ".0123abcd.a1b2c3d4e5f6.tmp"
+    left.write_bytes(b"half an index")
+    report = store.fsck()
+    assert report.stray == [] and report.temp_files == [f"packs/{left.name}"]
+    store.fsck(repair=True)
+    assert not left.exists() and store.fsck().clean
