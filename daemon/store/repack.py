@@ -89,7 +89,7 @@ def collect(store: BlobStore, index: PackIndex, keep: Collection[bytes]) -> GcRe
     """
     store.check_layout()
     salvage_all(index)
-    for name in _orphan_indexes(index):
+    for name in _orphan_indexes(index) + _cut_off_rewrites(index):
         fsutil.unlink_quietly(index.dir / name)
     keep_set = set(keep)
     report = GcReport()
@@ -319,6 +319,14 @@ def fsck_packs(index: PackIndex, report: FsckReport, repair: bool, full: bool) -
                 )
             finally:
                 w.close()
+
+
+def _cut_off_rewrites(index: PackIndex) -> list[str]:
+    """Temp files of index rewrites a killed gc or repair left (``_rewrite_index``)."""
+    try:
+        return [n for n in os.listdir(index.dir) if n.startswith(".") and n.endswith(".tmp")]
+    except OSError as exc:
+        raise fsutil.storage_error(exc, "list", index.dir) from None
 
 
 def _orphan_indexes(index: PackIndex, names: list[str] | None = None) -> list[str]:

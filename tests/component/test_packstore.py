@@ -291,3 +291,11 @@ def test_the_temp_file_of_a_cut_off_index_rewrite_is_debris_not_a_stranger(
     assert report.stray == [] and report.temp_files == [f"packs/{left.name}"]
     store.fsck(repair=True)
     assert not left.exists() and store.fsck().clean
+
+
+def test_gc_removes_the_temp_file_of_a_cut_off_index_rewrite(store: PackStore) -> None:
+    kept = store.put_bytes(b"y" * 5000)
+    left = store.pack_dir / ".0123abcd.a1b2c3d4e5f6.tmp"
+    left.write_bytes(b"half an index")
+    store.gc({kept})
+    assert not left.exists() and store.fsck().clean and store.has(kept)
