@@ -21,10 +21,13 @@ release replaces it (blobs already stored count for the new one).
    are asked for without a task of their own (``PeerConnection.send_request``):
    one ``ChunkBatchRequest`` per peer and turn from a peer that speaks
    "batch", else one ``ChunkRequest`` each. The reader hands each answer to
-   a callback that queues it and wakes the fetch loop; the loop hands what
-   arrived to a worker thread as one batch (``Spool.put_many`` hash-checks it
-   on both cores and appends it to a pack; the connections keep reading
-   meanwhile), tells the swarm and sends the next requests. A larger blob
+   a callback that queues it for a *lander* (one per core): a lander takes
+   everything that arrived since its last batch to a worker thread
+   (``Spool.put_batch`` hash-checks it and appends it to a pack in one
+   write) and queues the outcomes for the fetch loop, which tells the swarm
+   and sends the next requests. Nothing waits on anything else: the
+   connections keep reading, the loop keeps asking, and the landers keep
+   both cores hashing. A larger blob
    (patches, hooks) gets a task that fetches ranged pieces
    (``ranged.get_ranged``) and streams them into the store
    (``BlobStore.put_stream``). Spooled blobs are made durable and committed to
@@ -57,7 +60,7 @@ from p2pupd.daemon.service.links import Links
 from p2pupd.daemon.service.offers import Offers
 from p2pupd.daemon.service.serving import Content
 from p2pupd.daemon.state.gate import needed_for
-from p2pupd.daemon.store.spool import Spool
+from p2pupd.daemon.store.spool import HASH_THREADS, Spool
 from p2pupd.protocol import limits
 from p2pupd.protocol.fleet.swarm import Fetch, ReleaseSwarm
 from p2pupd.protocol.manifest import Manifest
@@ -74,6 +77,7 @@ from p2pupd.protocol.wire import (
 
 COMMIT_SECONDS = 0.25  # spooled blobs are flushed, stored and announced in batches
 IDLE_SECONDS = 5.0
+LANDERS = HASH_THREADS  # batches hash-checked at once: one per core (two at most)
 RETRY_SECONDS = 30.0
 # A blob up to this size goes in one ChunkData frame (room for the envelope).
 SINGLE_FRAME_BYTES = MAX_PAYLOAD_BYTES - 4 * limits.KiB
@@ -111,7 +115,6 @@ class ReleaseFetch:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-
 # What became of one request: the bytes (to land), True (landed), False (bad
 # bytes), None (the peer lacks the blob), a connection (it ended before
 # answering) or a store error.
@@ -123,18 +126,26 @@ class _Attempt:
     """One swarm's go at a release: the answers to its requests come back here.
 
     Callbacks hold the attempt they asked for, so the answers to an earlier
-    attempt's requests never reach a newer attempt's swarm.
+    attempt's requests never reach a newer attempt's swarm. Bytes that arrive
+    wait in ``arrived`` for the lander; every other outcome (and what the
+    lander made of the bytes) waits in ``results`` for the fetch loop.
     """
 
     rf: ReleaseFetch
     swarm: ReleaseSwarm[bytes]
     needed: dict[bytes, int]
     results: list[tuple[bytes, bytes, Outcome]] = field(default_factory=list)
+    arrived: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    land_wake: trio.Event = field(default_factory=trio.Event)
 
     def report(self, peer: bytes, digest: bytes, outcome: Outcome) -> None:
-        """Queue an outcome for the fetch loop and wake it."""
-        self.results.append((peer, digest, outcome))
-        self.rf.wake.set()
+        """Queue an outcome (bytes for the lander, the rest for the loop) and wake it."""
+        if isinstance(outcome, bytes):
+            self.arrived.append((peer, digest, outcome))
+            self.land_wake.set()
+        else:
+            self.results.append((peer, digest, outcome))
+            self.rf.wake.set()
 
 
 class FetchManager:
@@ -265,9 +276,10 @@ class FetchManager:
                 platform=rf.man.platform if carried else None,  # a variant carried for others
             )
             run = _Attempt(rf, swarm, needed)
-            async with trio.open_nursery() as nursery:  # ranged transfers
+            async with trio.open_nursery() as nursery:  # the lander, ranged transfers
+                for _ in range(LANDERS):
+                    nursery.start_soon(self._lander, run)
                 while True:
-                    await self._land(run)
                     failure = self._settle(run)
                     if failure is not None or swarm.done:
                         break
@@ -363,18 +375,25 @@ class FetchManager:
                 self._committed([digest])  # streamed straight into the store
             run.report(peer, digest, got)
 
-    async def _land(self, run: _Attempt) -> None:
-        """Spool the blobs that arrived, as one batch in a worker thread.
+    async def _lander(self, run: _Attempt) -> None:
+        """Spool what arrived, a batch at a time in a worker thread, until cancelled.
 
-        Their outcomes become True (stored at the next commit), False (bad
-        bytes) or the store's error. Answers arriving meanwhile queue behind.
+        It runs beside the fetch loop, so the loop settles answers and sends
+        the next requests while a batch is hash-checked: the wire never waits
+        for the disk or the hash, and what arrives during one batch is the
+        next (larger) batch. Each blob's outcome becomes True (stored at the
+        next commit), False (bad bytes) or the store's error.
         """
-        results, run.results = run.results, []
-        batch = [(digest, o) for _, digest, o in results if isinstance(o, bytes)]
-        if batch:
-            landed = iter(await self._links.offload(partial(self.spool.put_many, batch)))
-            results = [(p, d, next(landed) if isinstance(o, bytes) else o) for p, d, o in results]
-        run.results = results + run.results
+        while True:
+            await run.land_wake.wait()
+            run.land_wake = trio.Event()
+            arrived, run.arrived = run.arrived, []
+            if not arrived:
+                continue
+            batch = [(digest, data) for _, digest, data in arrived]
+            landed = await self._links.offload(partial(self.spool.put_batch, batch))
+            run.results += [(p, d, o) for (p, d, _), o in zip(arrived, landed, strict=True)]
+            run.rf.wake.set()
 
     def _settle(self, run: _Attempt) -> DaemonError | None:
         """Apply the answers that arrived since the last call to the swarm.
@@ -387,10 +406,6 @@ class FetchManager:
         component = self._key_of(run.rf.man)
         for peer, digest, outcome in results:
             blob = swarm.index.position[digest]
-            if isinstance(outcome, bytes):  # arrived while the last batch was spooled
-                run.results.append((peer, digest, outcome))
-                run.rf.wake.set()
-                continue
             if outcome is True:
                 second = bool(swarm.held >> blob & 1)  # held already: an end-game copy
                 swarm.on_blob(peer, blob, True, now)  # servable once committed

@@ -209,25 +209,44 @@ class Spool:
         """
         total = sum(len(data) for _, data in items)
         if HASH_THREADS < 2 or len(items) < 2 or total < PARALLEL_MIN_BYTES:
-            return self._put_all(items)
+            return self.put_batch(items)
         half, k = 0, 0
         while k < len(items) - 1 and half < total // 2:
             half += len(items[k][1])
             k += 1
-        other = _hash_pool().submit(self._put_all, items[:k])
-        mine = self._put_all(items[k:])
+        other = _hash_pool().submit(self.put_batch, items[:k])
+        mine = self.put_batch(items[k:])
         return other.result() + mine
 
-    def _put_all(self, items: Sequence[tuple[bytes, bytes]]) -> list[Landed]:
+    def put_batch(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> list[Landed]:
+        """``put_many`` on this thread alone: each blob hash-checked, then the packed
+        ones appended with one write (``PackWriter.append_many``)."""
         out: list[Landed] = []
+        packed: list[tuple[bytes, bytes | memoryview, int]] = []
+        at: list[int] = []  # where each packed blob's outcome goes in ``out``
         for digest, data in items:
-            try:
-                self.put(data, digest)
-                out.append(True)
-            except HashMismatchError:
+            if hashlib.sha256(data).digest() != digest:
                 out.append(False)
+                continue
+            try:
+                if len(data) > packfile.PACKED_MAX_BYTES:
+                    self._put_file(bytes(data), digest)
+                elif self._claim(digest, len(data)):
+                    packed.append((digest, data, packfile.checksum(data)))
+                    at.append(len(out))
             except DaemonError as exc:
                 out.append(exc)
+                continue
+            out.append(True)
+        if packed:
+            try:
+                self._writer().append_many(packed)
+            except DaemonError as exc:
+                with self._lock:
+                    for digest, _, _ in packed:
+                        self._appended.pop(digest, None)
+                for i in at:
+                    out[i] = exc
         return out
 
     def _put_file(self, data: bytes, digest: bytes) -> None:

@@ -19,9 +19,11 @@ Asking (``next_requests``): for each neighbour with a free slot, the rarest
 blob it offers that we still want and nobody is fetching for us -- rarity
 counted over our neighbours' offers, ties broken from a random point -- so
 different nodes start from different blobs and scarce blobs spread first. A
-neighbour gets at most ``per_source`` requests in flight, or
-``sole_source`` while it is the only one offering anything we lack, and all
-neighbours together at most ``max_in_flight`` -- except that a neighbour
+neighbour gets at most ``per_source`` requests in flight, and all
+neighbours together at most ``max_in_flight`` -- but while one neighbour is
+the only one offering anything we lack, it alone bounds the pipeline:
+``sole_source`` requests and ``sole_bytes`` in flight, deep enough that a
+single fast link stays full while the answers before are hash-checked. And a neighbour
 with nothing of ours in flight always gets one request, so none sits idle
 (a first holder least of all) while our other requests wait in busier
 neighbours' queues. Short queues everywhere, so a blob is asked of the
@@ -77,7 +79,8 @@ class Source(enum.Enum):
 class SwarmConfig:
     per_source: int = 2
     unique_bonus: int = 2  # more in flight to a peer that alone offers some blob
-    sole_source: int = 16
+    sole_source: int = 32
+    sole_bytes: int = 4 * 1024 * 1024  # and at most this much in flight from it
     max_in_flight: int = 8
     request_timeout: float = 30.0
     have_interval: float = 0.05
@@ -299,6 +302,14 @@ class ReleaseSwarm(Generic[P]):
             return self._endgame(now)
         useful = [(p, s) for p, s in self._peers.items() if s.offers & wanted and not s.banned]
         sole = len(useful) == 1
+        byte_room = math.inf
+        if sole:
+            # One neighbour: its own cap bounds it, in blobs and in bytes. A
+            # deep pipeline keeps one fast link full while the answers before
+            # are hash-checked; the bytes keep what a receiver holds small
+            # when the blobs are large (patches).
+            budget += max(cfg.sole_source - cfg.max_in_flight, 0)
+            byte_room = cfg.sole_bytes - sum(self.index.sizes[b] for b in self._active)
         only = self._buckets[1] if len(self._buckets) > 1 and not sole else 0  # one offers
         free = {}
         for p, state in useful:
@@ -330,8 +341,11 @@ class ReleaseSwarm(Generic[P]):
                 picked.setdefault(p, []).append(blob)
                 free[p] -= 1
                 budget -= 1
+                byte_room -= self.index.sizes[blob]
                 pool &= ~(1 << blob)
         order = [p for p in order if free[p] > 0]
+        if byte_room <= 0:
+            budget = 0
         while order and budget > 0:
             still = []
             for p in order:
@@ -343,6 +357,9 @@ class ReleaseSwarm(Generic[P]):
                 picked.setdefault(p, []).append(blob)
                 budget -= 1
                 free[p] -= 1
+                byte_room -= self.index.sizes[blob]
+                if byte_room <= 0:
+                    budget = 0
                 if free[p] > 0:
                     still.append(p)
                 if budget <= 0:

@@ -299,3 +299,63 @@ def test_gc_removes_the_temp_file_of_a_cut_off_index_rewrite(store: PackStore) -
     left.write_bytes(b"half an index")
     store.gc({kept})
     assert not left.exists() and store.fsck().clean and store.has(kept)
+
+
+def test_a_batch_goes_down_as_whole_records_beside_single_appends(store: PackStore) -> None:
+    w = store.writer()
+    data = blobs(5, size=3 * KiB, seed=7)
+    w.append(sha(data[0]), data[0], packfile.checksum(data[0]))
+    w.append_many([(sha(d), memoryview(d), packfile.checksum(d)) for d in data[1:4]])
+    w.append(sha(data[4]), data[4], packfile.checksum(data[4]))
+    assert not any(store.has(sha(d)) for d in data)  # invisible until committed
+    assert sorted(w.commit()) == sorted(sha(d) for d in data)
+    index = elsewhere(store)
+    p = index.packs()[0]
+    start = packfile.PACK_HEADER.size
+    records = list(packfile.read_records(p.fd, start, os.fstat(p.fd).st_size))
+    assert [r[0] for r in records] == [sha(d) for d in data]  # in order, back to back
+    assert records[-1][1] + len(data[-1]) == os.fstat(p.fd).st_size
+    assert all(store.get_bytes(sha(d)) == d for d in data)
+    w.close()
+    assert store.fsck(full=True).clean
+
+
+def test_a_batch_cut_off_mid_write_leaves_whole_records_and_drops_the_torn_one(
+    store: PackStore,
+) -> None:
+    w = store.writer()
+    data = blobs(4, size=5 * KiB, seed=8)
+    w.append_many([(sha(d), d, packfile.checksum(d)) for d in data])
+    w.close()  # the writer dies before its commit
+    index = elsewhere(store)
+    p = index.packs()[0]
+    records = list(packfile.read_records(p.fd, p.data_end, os.fstat(p.fd).st_size))
+    assert [r[0] for r in records] == [sha(d) for d in data]
+    pack = store.pack_dir / f"{p.name}.pack"
+    os.chmod(pack, 0o644)
+    with open(pack, "r+b") as f:  # the write stopped inside the third record
+        f.truncate(records[2][1] + 100)
+    w2 = store.writer()  # salvages the dead writer's tail
+    assert [store.has(sha(d)) for d in data] == [True, True, False, False]
+    w2.close()
+    assert store.fsck(full=True).clean
+
+
+def test_put_batch_reports_each_blob_in_order(tmp_path: Path, store: PackStore) -> None:
+    spool = Spool(tmp_path / "state", store)
+    spool.open()
+    small = blobs(3, size=2 * KiB, seed=9)
+    large = os.urandom(packfile.PACKED_MAX_BYTES + 1)
+    items = [
+        (sha(small[0]), small[0]),
+        (sha(b"other"), small[1]),  # bytes that are not the blob asked for
+        (sha(large), memoryview(large)),
+        (sha(small[2]), memoryview(small[2])),
+        (sha(small[0]), small[0]),  # the same blob again in the batch: stored once
+    ]
+    assert spool.put_batch(items) == [True, False, True, True, True]
+    assert sorted(spool.commit()) == sorted({sha(small[0]), sha(small[2]), sha(large)})
+    assert store.get_bytes(sha(small[2])) == small[2] and store.get_bytes(sha(large)) == large
+    assert not store.has(sha(b"other")) and not store.has(sha(small[1]))
+    assert len(elsewhere(store)) == 2
+    spool.close()

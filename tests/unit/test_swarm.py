@@ -250,3 +250,27 @@ def test_a_holder_that_turns_out_first_super_seeds_from_then_on() -> None:
     assert s.first_holder and to_a.bits.bit_count() == max(CFG.seed_offers, CFG.seed_pipeline // 2)
     (to_b,) = s.on_offer("b", 0, 2.0)
     assert to_b.bits and not to_b.bits & to_a.bits
+
+
+def test_a_sole_source_is_bounded_by_its_own_cap_in_blobs_and_bytes() -> None:
+    # One fast neighbour gets a pipeline deeper than the total for many
+    # neighbours (the receiver hash-checks earlier answers meanwhile) ...
+    deep = replace(CFG, sole_source=12, max_in_flight=4, sole_bytes=10_000)
+    s = ReleaseSwarm(SIZES, random.Random(1), config=deep)
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", ALL, 0.0, interested=False)
+    (blobs,) = fetched(s.next_requests(0.0)).values()
+    assert len(blobs) == 12
+    # ... but never more bytes in flight than sole_bytes (large blobs):
+    # the request that crosses the bound is the last one.
+    tight = replace(deep, sole_bytes=350)
+    s = ReleaseSwarm(SIZES, random.Random(1), config=tight)
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", ALL, 0.0, interested=False)
+    (blobs,) = fetched(s.next_requests(0.0)).values()
+    sizes = [SIZES[bytes([b]) * 32] for b in blobs]
+    assert 3 <= len(blobs) < 12 and sum(sizes[:-1]) < 350 <= sum(sizes)
+    # A second holder joins: back to the shared total.
+    s.peer_joined("b", Source.SWARM, 0.0)
+    s.on_offer("b", ALL, 0.0, interested=False)
+    assert sum(map(len, fetched(s.next_requests(0.0)).values())) <= 1
