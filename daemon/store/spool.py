@@ -291,6 +291,29 @@ class Spool:
             progress(size)
         return size
 
+    def copy_batch(
+        self,
+        sources: Sequence[tuple[int, bytes, int]],
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """``copy`` several small blobs: each ``(src_fd, digest, size)`` (``size`` at
+        most ``PACKED_MAX_BYTES``) is read whole, then the batch is hash-checked
+        and appended with one write (``put_batch``). Returns the bytes copied.
+
+        Raises as ``copy`` does for the first blob that fails; nothing of that
+        blob is kept (the ones before it in the batch may be spooled).
+        """
+        items = [(digest, _read_exactly(fd, digest, size)) for fd, digest, size in sources]
+        for (digest, data), outcome in zip(items, self.put_batch(items), strict=True):
+            if outcome is False:
+                raise HashMismatchError(_mismatch(digest.hex(), len(data), len(data)))
+            if isinstance(outcome, DaemonError):
+                raise outcome
+        if progress is not None:
+            for _, data in items:
+                progress(len(data))
+        return sum(len(data) for _, data in items)
+
     def _copy_file(
         self, src_fd: int, digest: bytes, size: int, progress: Callable[[int], None] | None
     ) -> int:

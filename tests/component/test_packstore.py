@@ -359,3 +359,83 @@ def test_put_batch_reports_each_blob_in_order(tmp_path: Path, store: PackStore) 
     assert not store.has(sha(b"other")) and not store.has(sha(small[1]))
     assert len(elsewhere(store)) == 2
     spool.close()
+
+
+def test_copy_batch_spools_a_run_and_names_the_blob_that_fails(
+    tmp_path: Path, store: PackStore
+) -> None:
+    spool = Spool(tmp_path / "state", store)
+    spool.open()
+    src = tmp_path / "medium"
+    src.mkdir()
+    data = blobs(4, size=4 * KiB, seed=10)
+
+    def opened(contents: list[bytes]) -> list[int]:
+        fds = []
+        for i, c in enumerate(contents):
+            (src / str(i)).write_bytes(c)
+            fds.append(os.open(src / str(i), os.O_RDONLY))
+        return fds
+
+    fds = opened(data)
+    try:
+        got = spool.copy_batch([(fd, sha(d), len(d)) for fd, d in zip(fds, data, strict=True)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert got == sum(map(len, data))
+    spool.commit()
+    assert all(store.get_bytes(sha(d)) == d for d in data)
+
+    more = blobs(3, size=4 * KiB, seed=11)
+    bad = [more[0], more[1][:-1] + b"?", more[2]]  # the second one rotted on the medium
+    fds = opened(bad)
+    try:
+        with pytest.raises(HashMismatchError, match=sha(more[1]).hex()[:16]):
+            spool.copy_batch([(fd, sha(d), len(d)) for fd, d in zip(fds, more, strict=True)])
+        for fd in fds:
+            os.lseek(fd, 0, os.SEEK_SET)
+        short = [(fds[0], sha(more[0]), len(more[0]) + 1)]  # the medium lost a byte
+        with pytest.raises(HashMismatchError, match="read 4096 bytes, expected 4097"):
+            spool.copy_batch(short)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    spool.commit()
+    assert not store.has(sha(more[1]))
+    spool.close()
+
+
+def test_an_import_copies_small_blobs_in_runs_and_a_large_one_alone(
+    tmp_path: Path, store: PackStore
+) -> None:
+    from p2pupd.daemon.bundles import importer
+
+    medium = tmp_path / "medium"
+    medium.mkdir()
+    small = blobs(40, size=20 * KiB, seed=12)
+    large = os.urandom(packfile.PACKED_MAX_BYTES + 10)
+    order = [*small[:20], large, *small[20:]]  # the large one ends a run of small ones
+    for d in order:
+        (medium / sha(d).hex()).write_bytes(d)
+
+    class Opener:
+        def order(self, digest: bytes, inodes: dict[bytes, int]) -> tuple[int, bytes, int]:
+            return (1, b"", inodes[digest])
+
+        def open(self, digest: bytes, size: int) -> int:
+            return os.open(medium / digest.hex(), os.O_RDONLY)
+
+    need = {sha(d): len(d) for d in order}
+    inodes = {sha(d): i for i, d in enumerate(order)}
+    spool = Spool(tmp_path / "state", store)
+    spool.open()
+    report, seen = importer.ImportReport(), []
+    importer._copy(Opener(), spool, need, inodes, report, seen.append, None, None)  # type: ignore[arg-type]
+    assert report.blobs_copied == 41 and report.bytes_copied == sum(need.values())
+    assert sum(seen) == report.bytes_copied and seen.count(20 * KiB) == 40  # blob by blob
+    spool.commit()
+    assert all(store.get_bytes(sha(d)) == d for d in order)
+    assert os.listdir(store.blob_dir) == [sha(large).hex()]  # the large one: a file
+    assert len(elsewhere(store)) == 40  # the small ones: packed
+    spool.close()

@@ -10,12 +10,18 @@ exports it as a bundle, then in the same run measures:
   filesystem -- verify all metadata, read, hash and copy every blob, flush
   (syncfs) and commit into the store;
 * the same with the state on a freshly made ext4 image (loop-mounted; root
-  only) and on tmpfs (no disk writes), when available.
+  only) and on tmpfs (no disk writes), when available;
+* beside each, writing the same number of bytes to one file there and
+  fsyncing it: the floor of any import that leaves them durable, whatever
+  it hashes (on the loop-mounted image every byte crosses the page cache
+  twice and reaches the same disk).
 
-The store keeps one file per chunk (~16 000 per GB), so the filesystem's cost
-of creating a file matters as much as bandwidth; it is measured and printed,
-since some (aged or virtual) filesystems spend a millisecond of kernel time on
-each. Each row is the median of ``--repeat`` runs. With ``--cold`` (root only)
+The store packs small blobs (docs/store.md), so it creates a handful of
+files per import, not one per chunk; the bundle on the medium still holds
+one file per blob, which both ``sha256sum`` and the import open. The cost of
+creating a file is printed for each filesystem all the same (aged or
+virtual filesystems can spend a millisecond of kernel time on each). Each
+row is the median of ``--repeat`` runs. With ``--cold`` (root only)
 the page cache is dropped before every run, so the bundle is read from the
 disk as from a stick; by default it is warm for both, which compares CPU work.
 """
@@ -122,6 +128,25 @@ def time_import(bundle: Path, root: Path, where: Path, cold: bool, run: int) -> 
     return elapsed
 
 
+def time_durable_write(where: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` to one new file under ``where`` and fsync it: the
+    least any durable import onto that filesystem costs, hashing aside."""
+    block = os.urandom(1 << 20)
+    path = where / "durable-write.bin"
+    t = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, block[: min(left, len(block))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.monotonic() - t
+    path.unlink()
+    return elapsed
+
+
 def create_ms(where: Path, n: int = 1000) -> float:
     """Milliseconds the filesystem at ``where`` takes to create (and close) one empty file."""
     d = Path(tempfile.mkdtemp(dir=where))
@@ -193,12 +218,18 @@ def main() -> None:
                 print(f"{name}: creating a file takes {create_ms(where):.3f} ms")
             shas: list[float] = []
             imps: dict[str, list[float]] = {name: [] for name, _ in places}
+            writes: dict[str, list[float]] = {name: [] for name, _ in places}
             for run in range(args.repeat):  # interleaved, so drift hits every row alike
                 shas.append(time_sha256sum(bundle, args.cold))
                 for name, where in places:
                     imps[name].append(time_import(bundle, root, where, args.cold, run))
+                    writes[name].append(time_durable_write(where, blobs))
         rows = [("sha256sum of the blob files", statistics.median(shas))]
-        rows += [(f"p2pupd import, {name}", statistics.median(v)) for name, v in imps.items()]
+        for name, v in imps.items():
+            rows.append((f"p2pupd import, {name}", statistics.median(v)))
+            rows.append(
+                ("  (ref: write + fsync of the bytes there)", statistics.median(writes[name]))
+            )
         base = rows[0][1]
         cache = "cold" if args.cold else "warm"
         print(f"\n({cache} page cache, median of {args.repeat}, {count} blobs)")
