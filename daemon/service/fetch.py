@@ -398,18 +398,29 @@ class FetchManager:
     def _settle(self, run: _Attempt) -> DaemonError | None:
         """Apply the answers that arrived since the last call to the swarm.
 
-        Returns the first store error spooling ran into, if any.
+        Returns the first store error spooling ran into, if any. The blobs
+        that landed reach the swarm (and the counters) once per peer and call,
+        not one by one: each update tells every interested neighbour.
         """
         failure = None
         results, run.results = run.results, []
         swarm, now = run.swarm, trio.current_time()
         component = self._key_of(run.rf.man)
+        landed: dict[bytes, list[int]] = {}
+        fresh: dict[bytes, list[int]] = {}  # peer -> [bytes, blobs] of first copies
+        held, duplicate = swarm.held, 0
         for peer, digest, outcome in results:
             blob = swarm.index.position[digest]
-            if outcome is True:
-                second = bool(swarm.held >> blob & 1)  # held already: an end-game copy
-                swarm.on_blob(peer, blob, True, now)  # servable once committed
-                self._received(run.rf, peer, run.needed[digest], second)
+            if outcome is True:  # servable once committed
+                landed.setdefault(peer, []).append(blob)
+                size = run.needed[digest]
+                if held >> blob & 1:  # held already: an end-game copy
+                    duplicate += size
+                else:
+                    held |= 1 << blob
+                    count = fresh.setdefault(peer, [0, 0])
+                    count[0] += size
+                    count[1] += 1
             elif outcome is False:
                 self._offers.run(component, swarm.on_blob(peer, blob, False, now))
             elif outcome is None:
@@ -417,20 +428,30 @@ class FetchManager:
             elif isinstance(outcome, DaemonError):
                 failure = failure or outcome
             # else the connection ended: Offers.peer_left re-planned its blobs
+        for peer, blobs in landed.items():
+            swarm.on_blobs(peer, blobs, now)
+        if landed:
+            self._received(run.rf, landed, fresh, duplicate)
         return failure
 
-    def _received(self, rf: ReleaseFetch, peer: bytes, size: int, second: bool) -> None:
+    def _received(
+        self,
+        rf: ReleaseFetch,
+        landed: dict[bytes, list[int]],
+        fresh: dict[bytes, list[int]],
+        duplicate: int,
+    ) -> None:
         self._commit_wanted.set()
         rec = self.received.setdefault(self._key_of(rf.man), Received(rf.man.serial))
-        if second:  # traffic, not content: in duplicate_bytes only
-            rec.duplicate_bytes += size
-        else:
+        rec.duplicate_bytes += duplicate  # traffic, not content
+        for peer, (size, blobs) in fresh.items():
             rec.bytes += size
-            rec.blobs += 1
+            rec.blobs += blobs
             rec.by_peer[peer.hex()] = rec.by_peer.get(peer.hex(), 0) + size
-        info = self._links.peers.get(peer)
-        if info is not None:
-            info.blobs_in += 1
+        for peer, all_blobs in landed.items():
+            info = self._links.peers.get(peer)
+            if info is not None:
+                info.blobs_in += len(all_blobs)
 
     async def commit(self) -> None:
         """Make spooled blobs durable and commit them to the store."""

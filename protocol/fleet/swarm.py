@@ -388,26 +388,36 @@ class ReleaseSwarm(Generic[P]):
 
     def on_blob(self, peer: P, blob: int, ok: bool, now: float) -> list[Action[P]]:
         """``peer`` sent ``blob``; ``ok``: it passed the hash check (and was stored)."""
+        if ok:
+            self.on_blobs(peer, (blob,), now)
+            return []
         state = self._peers.get(peer)
         if state is not None:
             state.slots.pop(blob, None)
         if self._active.get(blob) == peer:
             del self._active[blob]
-            if not ok:
-                self._pool_add(blob)
-        if not ok:
-            if state is None:
-                return []
-            state.banned = True
-            self._forget_offers(state)
-            self._requeue(peer)
-            return [
-                Punish(peer, f"blob {self.index.digests[blob].hex()[:16]} failed its hash check")
-            ]
-        if state is not None:
-            state.penalty = max(0.0, state.penalty - 0.25)
-        self.add_held(1 << blob, now)
-        return []
+            self._pool_add(blob)
+        if state is None:
+            return []
+        state.banned = True
+        self._forget_offers(state)
+        self._requeue(peer)
+        return [Punish(peer, f"blob {self.index.digests[blob].hex()[:16]} failed its hash check")]
+
+    def on_blobs(self, peer: P, blobs: Iterable[int], now: float) -> None:
+        """``peer`` sent these blobs and each passed its hash check (and was stored):
+        ``on_blob(..., ok=True)`` for each, with one update of what is held."""
+        state = self._peers.get(peer)
+        bits = 0
+        for blob in blobs:
+            if state is not None:
+                state.slots.pop(blob, None)
+            if self._active.get(blob) == peer:
+                del self._active[blob]
+            bits |= 1 << blob
+        if state is not None and bits:
+            state.penalty = max(0.0, state.penalty - 0.25 * bits.bit_count())
+        self.add_held(bits, now)
 
     def on_missing(self, peer: P, blob: int, now: float) -> None:
         """``peer`` does not have ``blob`` after all: ask someone else, never it again."""

@@ -274,3 +274,22 @@ def test_a_sole_source_is_bounded_by_its_own_cap_in_blobs_and_bytes() -> None:
     s.peer_joined("b", Source.SWARM, 0.0)
     s.on_offer("b", ALL, 0.0, interested=False)
     assert sum(map(len, fetched(s.next_requests(0.0)).values())) <= 1
+
+
+def test_blobs_landed_together_count_as_if_they_landed_one_by_one() -> None:
+    one, many = fetcher(seed=4), fetcher(seed=4)
+    for s in (one, many):
+        for p in "ab":
+            s.peer_joined(p, Source.SWARM, 0.0)
+        s.on_offer("a", ALL, 0.0, interested=False)
+        s.on_offer("b", bits(0, 1, 2, 3), 0.0)  # b is fetching too: it is told
+    asked_one, asked_many = fetched(one.next_requests(0.0)), fetched(many.next_requests(0.0))
+    assert asked_one == asked_many
+    for p, blobs in asked_one.items():
+        for blob in blobs:
+            one.on_blob(p, blob, True, 0.1)
+        many.on_blobs(p, blobs, 0.1)
+    assert (one.held, one.wanted, one.bytes_done) == (many.held, many.wanted, many.bytes_done)
+    assert [one.in_flight(p) for p in "ab"] == [many.in_flight(p) for p in "ab"] == [0, 0]
+    assert one.tick(1.0) == many.tick(1.0) != []  # b hears of the new blobs alike
+    assert fetched(one.next_requests(1.0)) == fetched(many.next_requests(1.0))
