@@ -33,7 +33,11 @@ def test_every_node_learns_of_the_release_and_completes_it(fleet: dict[str, floa
 
 def test_the_seed_sends_about_one_copy(fleet: dict[str, float]) -> None:
     assert fleet["seed_upload_ratio"] <= 1.5
-    assert fleet["max_node_upload_ratio"] < 6  # nobody turns into a central server
+    # Nobody turns into a central server (that would send ~200 copies here).
+    # The busiest node's figure depends on set order, so on PYTHONHASHSEED:
+    # 4.7-6.6 copies over 130 hash seeds, before and after the swarm's
+    # sole-source change alike.
+    assert fleet["max_node_upload_ratio"] < 8
 
 
 def test_degrees_stay_within_the_view_bounds(fleet: dict[str, int]) -> None:
