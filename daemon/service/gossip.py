@@ -220,7 +220,10 @@ class GossipService:
                 self._run(self.gossip.on_manifest_unavailable(peer, c, s, now, FOREIGN_RETRY_SECONDS))
                 return
             except ExpiredError as exc:
-                log("manifest-refused", component=c, serial=s, peer=short(peer), reason=str(exc))
+                # Signed and honest, only past its date (the peer may just
+                # hold an old release): skipped, not the peer's fault.
+                log("manifest-skipped", component=c, serial=s, peer=short(peer), why="expired",
+                    reason=str(exc))  # fmt: skip
                 self._run(self.gossip.on_manifest_unavailable(peer, c, s, trio.current_time()))
                 return
             except (UnknownKeyError, ThresholdError) as exc:

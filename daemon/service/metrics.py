@@ -42,7 +42,7 @@ IMPORT_RESULTS = ("imported", "refused", "failed")
 BAN_REASONS = ("signature", "hash", "protocol", "frame", "rollback", "manifest", "timeout", "other")
 ROLLBACK_REASONS = ("apply-failed", "operator")
 # Why a valid manifest a peer offered was left alone (no error: gossip.py).
-SKIP_REASONS = ("platform", "other")
+SKIP_REASONS = ("platform", "expired", "other")
 # Why a site member refused a link (daemon/service/sitegate.py), by the words of its reason.
 REFUSAL_REASONS = ("handshake", "expired", "revoked", "member", "timed out", "other")
 

@@ -1,22 +1,28 @@
 """One or two in-process nodes over memory streams under MockClock: resume,
-ranged transfers, bans for protocol errors, apply policy, duplicate links."""
+ranged transfers, bans for protocol errors, apply policy, duplicate links,
+expired releases skipped without fault."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from _daemonkit import Site, installed, link, make_service, random_tree, wait_until
+from _kit import cli, make_tree
 
 from p2pupd.daemon import api
+from p2pupd.daemon.events import observe
 from p2pupd.daemon.net.ranged import get_ranged
 from p2pupd.daemon.net.ratelimit import TokenBucket
 from p2pupd.daemon.net.transport import ERR_PROTOCOL
 from p2pupd.daemon.service.gossip import fetch_manifest
+from p2pupd.daemon.service.metrics import MetricsFeed
 from p2pupd.daemon.state.node import Node
-from p2pupd.daemon.state.statedir import StateDir
+from p2pupd.daemon.state.statedir import NOW_ENV, StateDir
 from p2pupd.protocol import ids
 from p2pupd.protocol.session import Session, Signal
 from p2pupd.protocol.wire import FEATURE_HAVE, FEATURE_RANGE, Error
@@ -235,3 +241,45 @@ async def test_nodes_of_the_previous_version_still_swarm_with_new_ones(
         nursery.cancel_scope.cancel()
     assert set(c.fetch.received["app"].by_peer) == {b.node.config.node_id.hex()}
     assert set(b.fetch.received["app"].by_peer) == {a.node.config.node_id.hex()}
+
+
+async def test_an_expired_release_a_peer_offers_is_skipped_not_held_against_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a holds a release that has since expired (its clock says so too, so it
+    offers what it holds): b fetches the manifest, finds it past its date and
+    leaves it -- a skip with its reason, no fetch error, no ban."""
+    site = Site(tmp_path)
+    src = make_tree(tmp_path / "src" / "1.0", random_tree(5, files=2))
+    cli("publish", site.repo, "app", "1.0", src, "--expires-days", "1")
+    (sa, _), (sb, _) = site.node("a"), site.node("b")
+    api.import_dir(sa, site.bundle("v1"))
+    monkeypatch.setenv(NOW_ENV, str(int(time.time()) + 3 * 86400))
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    feed = MetricsFeed(b)
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def sink(event: str, fields: dict[str, object]) -> None:
+        seen.append((event, fields))
+        feed.on_event(event, fields)
+
+    unobserve = observe(sink)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.serve)
+            await nursery.start(b.serve)
+            link(nursery, b, a)
+            await wait_until(lambda: any(e == "manifest-skipped" for e, _ in seen), 120)
+            await trio.sleep(60)
+            conns = len(b.conns)
+            nursery.cancel_scope.cancel()
+    finally:
+        unobserve()
+    skipped = [f for e, f in seen if e == "manifest-skipped"]
+    assert {f["why"] for f in skipped} == {"expired"} and "expired" in str(skipped[0]["reason"])
+    assert not [e for e, _ in seen if e in ("manifest-refused", "peer-banned")]
+    assert conns == 1 and installed(sb) is None
+    feed.metrics.registry.render()
+    skips = dict(feed.metrics.registry.metrics["p2pupd_manifest_skips"].values)
+    assert skips[("expired",)] == len(skipped)
+    assert all(v == 0 for v in feed.metrics.registry.metrics["p2pupd_fetch_errors"].values.values())
