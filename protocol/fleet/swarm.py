@@ -167,7 +167,9 @@ class ReleaseSwarm(Generic[P]):
         self._doubled: set[int] = set()  # blobs also asked of a second peer (end game)
         self._unoffered = self.index.all  # first holder: offered to nobody yet
         self._next_flush: float | None = None
-        self._dirty: set[P] = set()  # peers with something new to be told
+        # Peers with something new to be told, in the order they became so (a
+        # dict, not a set: the same events give the same actions in the same order).
+        self._dirty: dict[P, None] = {}
         self.uploads = 0  # blobs served
         self.bytes_done = 0
 
@@ -248,7 +250,7 @@ class ReleaseSwarm(Generic[P]):
         state = self._peers.pop(peer, None)
         if state is None:
             return
-        self._dirty.discard(peer)
+        self._dirty.pop(peer, None)
         self._forget_offers(state)
         self._requeue(peer)
         if self.first_holder:  # offers it never took go back to the pool
@@ -478,7 +480,7 @@ class ReleaseSwarm(Generic[P]):
                     state.starved = True
                     self._mark(p, now)
         if self._dirty and (self._next_flush is None or now >= self._next_flush):
-            dirty, self._dirty = self._dirty, set()
+            dirty, self._dirty = self._dirty, {}
             self._next_flush = None
             for p in dirty:
                 out += self._tell(p, now)
@@ -487,7 +489,7 @@ class ReleaseSwarm(Generic[P]):
     # ----- internals: offers -------------------------------------------------------
 
     def _mark(self, peer: P, now: float) -> None:
-        self._dirty.add(peer)
+        self._dirty[peer] = None
         if self._next_flush is None:
             self._next_flush = now + self.config.have_interval
 
