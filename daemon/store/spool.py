@@ -7,12 +7,13 @@ directory) caps a fetch at a few hundred chunks a second, and an import that
 a bundle may still refuse must not touch the store until every blob checked
 out. Both therefore go through one spool and one commit path:
 
-1. ``put``/``put_many`` (fetch) and ``copy`` (import) check each blob against
-   its sha256 (a mismatch raises ``HashMismatchError``, and nothing of that
-   blob is kept) and write it without flushing: a small blob is appended to a
-   pack (``packs.PackWriter``: its record is not part of the store until
-   its index entry is), a large one (over ``PACKED_MAX_BYTES``) goes to its own
-   file in ``STATE/spool/``.
+1. ``put``/``put_batch``/``put_many`` (fetch) and ``copy``/``copy_batch``
+   (import) check each blob against its sha256 (a mismatch raises
+   ``HashMismatchError`` or is reported, and nothing of that blob is kept)
+   and write it without flushing: a small blob is appended to a pack
+   (``packs.PackWriter``: its record is not part of the store until its
+   index entry is; a batch goes down in one write), a large one (over
+   ``PACKED_MAX_BYTES``) goes to its own file in ``STATE/spool/``.
 2. ``commit`` makes them durable and visible at once: one ``fdatasync`` of
    each pack, then its index entries (synced); an fsync of each large file,
    then its rename into ``blobs/sha256/`` and one sync of that directory.
@@ -29,12 +30,15 @@ intact files of blobs still needed are kept for this run's commit, and torn
 ones are dropped and copied again. A fetch calls it at start too, so a
 daemon killed mid-fetch keeps what it had received.
 
-*Hashing off the event loop, on every core.* ``put_many`` takes a whole batch
-of received chunks: the fetch hands it to a worker thread, which hashes half
-of it on a second thread meanwhile (``HASH_THREADS``; hashlib and the pack
-writes release the GIL on large buffers). ``copy`` is called from several
-import threads at once. Appends reserve their place under a lock and write
-outside it, so these threads only meet for a moment per blob.
+*Hashing off the event loop, on every core.* The fetch's landers (one per
+core, ``HASH_THREADS``) each hand a batch of received chunks to
+``put_batch`` in a worker thread; ``put_many`` splits a large batch over two
+threads itself. hashlib and the pack writes release the GIL on large
+buffers. ``copy``/``copy_batch`` are called from several import threads at
+once. A single append reserves its place under the writer's lock and writes
+outside it; a batch writes its records in one ``pwritev`` under the lock
+(the kernel serialises writes to one file anyway), so the threads meet at
+the pack once per batch.
 """
 
 from __future__ import annotations
