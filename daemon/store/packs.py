@@ -17,10 +17,12 @@ a blob: 15 MB for 100,000 chunks, 6 GB of content).
 ``PackWriter`` is the one writer of one pack: it holds an exclusive ``flock``
 on the data file for as long as it is open, so two writers (threads,
 processes) never append to the same pack, and a pack whose writer died is
-recognised by its lock being free. Appending reserves a range under a lock
-and writes the record outside it (``pwritev``), so threads that hashed
-different blobs write them in parallel. ``commit`` is the one way a blob
-enters the store:
+recognised by its lock being free. ``append`` reserves a range under a lock
+and writes the record outside it, so threads that hashed different blobs
+write them in parallel; ``append_many`` writes a batch's records in one
+``pwritev`` under the lock (one system call and one wait for the lock per
+batch, not two per blob). ``commit`` is the one way a blob enters the
+store:
 
 1. ``fdatasync`` the data file: every record appended so far is durable;
 2. append their entries to the index file and ``fdatasync`` it;
@@ -29,8 +31,9 @@ enters the store:
 A crash before 2 completes leaves records that no entry names: the next
 writer to take the pack re-reads that tail, re-hashes every record against
 its digest, commits the intact ones, steps over torn ones (each header is
-written with its reservation, so a torn record's size is known) and cuts a
-record the file ends inside (``salvage``). So
+written with its reservation or ahead of its bytes in the same write, so a
+torn record's size is known) and cuts a record the file ends inside
+(``salvage``). So
 a blob is either absent or complete and verified, and an interrupted import
 resumes from what it wrote without a journal. Writeback of appended data is
 started every ``WRITEBACK_BYTES`` (``sync_file_range``), so the flush of step
