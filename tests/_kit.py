@@ -109,11 +109,14 @@ class Site:
         cli("export", self.repo, dest)
         return dest
 
-    def node(self, name: str, component: str = "app") -> tuple[Path, Path]:
-        """Initialise a node; returns (state dir, target dir)."""
+    def node(
+        self, name: str, component: str = "app", platform: str | None = None
+    ) -> tuple[Path, Path]:
+        """Initialise a node (of ``platform``, if given); returns (state dir, target dir)."""
         state = self.base / "nodes" / name / "state"
         target = self.base / "nodes" / name / "target" / component
         target.parent.mkdir(parents=True)
+        extra = ("--platform", platform) if platform is not None else ()
         cli("init", "--state-dir", state, "--trust", self.root_file,
-            "--component", f"{component}={target}")  # fmt: skip
+            "--component", f"{component}={target}", *extra)  # fmt: skip
         return state, target

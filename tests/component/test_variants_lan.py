@@ -46,15 +46,6 @@ def publish(site: Site, version: str, files: dict[str, bytes], *extra: str) -> P
     return src
 
 
-def node(site: Site, name: str, platform: str) -> tuple[Path, Path]:
-    state = site.base / "nodes" / name / "state"
-    target = site.base / "nodes" / name / "target" / "app"
-    target.parent.mkdir(parents=True)
-    cli("init", "--state-dir", state, "--trust", site.root_file,
-        "--component", f"app={target}", "--platform", platform)  # fmt: skip
-    return state, target
-
-
 @pytest.fixture
 def mixed(tmp_path: Path) -> dict[str, Any]:
     """1.0 (universal) on three nodes; 2.0 published for both platforms, on a stick."""
@@ -64,7 +55,11 @@ def mixed(tmp_path: Path) -> dict[str, Any]:
     src = {X86: publish(site, "2.0", build(X86, 1), "--platform", X86),
            ARM: publish(site, "2.0", build(ARM, 2), "--platform", ARM)}  # fmt: skip
     stick = site.bundle("v2")  # every variant
-    nodes = {"x0": node(site, "x0", X86), "x1": node(site, "x1", X86), "a": node(site, "a", ARM)}
+    nodes = {
+        "x0": site.node("x0", platform=X86),
+        "x1": site.node("x1", platform=X86),
+        "a": site.node("a", platform=ARM),
+    }
     for state, _ in nodes.values():
         cli("import", v1, "--apply", "--state-dir", state)
     return {"site": site, "src": src, "stick": stick, "nodes": nodes}

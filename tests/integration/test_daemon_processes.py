@@ -85,6 +85,18 @@ def daemons() -> Iterator[list[Daemon]]:
             d.stop()
 
 
+def linked_pair(running: list[Daemon], first: Path, second: Path) -> tuple[Daemon, Daemon]:
+    """Start daemons on ``first`` and ``second`` (no mDNS; the second dials the first),
+    add them to ``running`` and wait until each has the link."""
+    a = Daemon(first, "--no-mdns")
+    running.append(a)
+    b = Daemon(second, "--no-mdns", "--peer", f"127.0.0.1:{a.port}")
+    running.append(b)
+    a.wait_for(re.compile(r"event=peer-connected"))
+    b.wait_for(re.compile(r"event=peer-connected"))
+    return a, b
+
+
 def private_cluster(*states: Path) -> None:
     """Give these nodes a cluster id of their own, so no other p2pupd on this host joins."""
     cluster = f"test-{secrets.token_hex(4)}"
@@ -128,11 +140,7 @@ def test_static_peers_spread_an_imported_release(tmp_path: Path) -> None:
     (sa, _), (sb, tb) = site.node("a"), site.node("b")
     private_cluster(sa, sb)
     with daemons() as running:
-        a = Daemon(sa, "--no-mdns")
-        running.append(a)
-        b = Daemon(sb, "--no-mdns", "--peer", f"127.0.0.1:{a.port}")
-        running.append(b)
-        b.wait_for(re.compile(r"event=peer-connected"))
+        a, b = linked_pair(running, sa, sb)
         r = cli("import", bundle, "--state-dir", sa)  # the node lock is the daemon's: routed
         assert r.returncode == 0, r.stderr
         m = b.wait_for(re.compile(r"event=applied component=app version=1\.0 serial=1 from=(\S+)"))

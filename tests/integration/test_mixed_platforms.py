@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from pathlib import Path
 
 from _daemonkit import Site
 from _kit import cli as cli_inproc
 from _kit import make_tree, tree_snapshot
-from test_daemon_processes import Daemon, cli, daemons, private_cluster
+from test_daemon_processes import Daemon, cli, daemons, linked_pair, private_cluster
 
 X86, ARM = "linux-x86_64", "linux-aarch64"
 WAIT_SECONDS = 20.0  # the bounded wait for the aarch64 node to install its variant
@@ -43,15 +42,6 @@ def publish_variants(site: Site, version: str) -> dict[str, Path]:
     return out
 
 
-def node(site: Site, name: str, platform: str) -> tuple[Path, Path]:
-    state = site.base / "nodes" / name / "state"
-    target = site.base / "nodes" / name / "target" / "app"
-    target.parent.mkdir(parents=True)
-    cli_inproc("init", "--state-dir", state, "--trust", site.root_file,
-               "--component", f"app={target}", "--platform", platform)  # fmt: skip
-    return state, target
-
-
 def wait_installed(state: Path, version: str, daemon: Daemon) -> float:
     """Seconds until ``status`` shows ``version`` live (at most ``WAIT_SECONDS``)."""
     t0 = time.monotonic()
@@ -69,7 +59,7 @@ def test_variants_reach_the_aarch64_node_from_a_stick_and_from_a_site_bundle(
     site = Site(tmp_path)
     site.publish("1.0", V1)  # universal: both nodes run it
     v1 = site.bundle("v1")
-    (sx, tx), (sa, ta) = node(site, "x86", X86), node(site, "arm", ARM)
+    (sx, tx), (sa, ta) = site.node("x86", platform=X86), site.node("arm", platform=ARM)
     for state in (sx, sa):
         r = cli("import", v1, "--apply", "--state-dir", state)
         assert r.returncode == 0, r.stderr
@@ -77,12 +67,7 @@ def test_variants_reach_the_aarch64_node_from_a_stick_and_from_a_site_bundle(
     v2 = publish_variants(site, "2.0")
     stick = site.bundle("v2")  # a full export: every variant
     with daemons() as running:
-        x = Daemon(sx, "--no-mdns")
-        running.append(x)
-        a = Daemon(sa, "--no-mdns", "--peer", f"127.0.0.1:{x.port}")
-        running.append(a)
-        a.wait_for(re.compile(r"event=peer-connected"))
-        x.wait_for(re.compile(r"event=peer-connected"))
+        x, a = linked_pair(running, sx, sa)
 
         # 1. The stick, imported on the x86-64 node (routed to its daemon).
         r = cli("import", stick, "--state-dir", sx, "--json")

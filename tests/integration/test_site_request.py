@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 from _daemonkit import Site, random_tree
 from _store import stored_sizes
-from test_daemon_processes import Daemon, cli, daemons, private_cluster
+from test_daemon_processes import cli, daemons, linked_pair, private_cluster
 
 from p2pupd.daemon.state.statedir import StateDir
 from p2pupd.protocol.request import verify_any_request
@@ -60,12 +59,7 @@ def test_site_request_collects_peers_and_its_bundle_serves_every_member(tmp_path
     stick = tmp_path / "stick"
     stick.mkdir()
     with daemons() as running:
-        a = Daemon(sa, "--no-mdns")
-        running.append(a)
-        b = Daemon(sb, "--no-mdns", "--peer", f"127.0.0.1:{a.port}")
-        running.append(b)
-        a.wait_for(re.compile(r"event=peer-connected"))
-        b.wait_for(re.compile(r"event=peer-connected"))
+        a, b = linked_pair(running, sa, sb)
 
         # On node a, with its daemon running: a request for the whole site.
         r = cli("export", "--request", stick, "--state-dir", sa, "--json")
