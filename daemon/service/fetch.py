@@ -203,6 +203,7 @@ class FetchManager:
             if old.man.serial >= man.serial:
                 return
             old.scope.cancel()
+        self._links.spelling.note(man)  # its platform, for naming it to peers
         rf = ReleaseFetch(man, digest)
         self.active[key] = rf
         self.received[key] = Received(man.serial)

@@ -57,7 +57,14 @@ class Spelling:
         self._platforms: dict[tuple[str, int], str | None] = {}
 
     def note(self, man: Manifest) -> None:
-        """Remember the platform of one of our own releases (saves reading it again)."""
+        """Remember the platform of one of our own releases (saves reading it again).
+
+        The daemon notes every release it reads at start or starts fetching, so
+        ``platform_of`` reads a manifest from disk on the event loop only for a
+        release it met another way (a complete one an import brought). A variant
+        carried for another platform is not ours and is not noted."""
+        if self.rules.key_of(man) != man.component:
+            return
         if len(self._platforms) >= MAX_PLATFORMS_CACHED:
             self._platforms.clear()
         self._platforms[man.component, man.serial] = man.platform

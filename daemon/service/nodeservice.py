@@ -239,6 +239,8 @@ class NodeService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             known = dict(scan.holdings)  # announce what we fetch as well as what we hold
+            for man in (*scan.held, *(m for m, _ in scan.resume)):
+                self.spelling.note(man)  # read already: no disk read on the loop later
             for man, digest in scan.resume:  # ours first, then the variants carried
                 key = self.spelling.rules.key_of(man)
                 if key != man.component and known.get(man.component, (0, b""))[0] != man.serial:

@@ -194,3 +194,20 @@ def test_a_manifest_for_another_platform_is_not_asked_of_that_peer_again_for_a_w
     assert asked(g.on_manifest_unavailable("p", "app", 2, 1.0, retry_after=600.0)) == []
     assert asked(g.tick(300.0)) == []  # past the usual retry, not past this one
     assert asked(g.tick(602.0)) == [("p", "app", 2)]
+
+
+def test_spelling_remembers_the_platform_of_our_own_releases_only() -> None:
+    from p2pupd.daemon.errors import NotFoundError
+    from p2pupd.daemon.service.links import Spelling
+
+    reads: list[tuple[str, int]] = []
+
+    def from_disk(component: str, serial: int) -> Manifest:
+        reads.append((component, serial))
+        raise NotFoundError("not stored")
+
+    spelling = Spelling(RULES, from_disk)
+    spelling.note(Manifest("app", "2", 2, 0, (), platform=X86))  # ours (an x86 node)
+    spelling.note(Manifest("app", "3", 3, 0, (), platform=ARM))  # carried for arm nodes
+    assert spelling.platform_of("app", 2) == X86 and reads == []  # no disk read
+    assert spelling.platform_of("app", 3) is None and reads == [("app", 3)]
