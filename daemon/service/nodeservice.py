@@ -183,7 +183,7 @@ class NodeService:
         self.offers = Offers(
             self,
             self._rng,
-            config=SwarmConfig(request_timeout=opts.request_timeout),
+            config=SwarmConfig(request_timeout=opts.request_timeout).for_rate(opts.bandwidth_limit),
             servable=lambda man: self.content.servable(man)[1],
             on_change=self._wake_fetch,
             manifest=self.content.release_manifest,
@@ -663,7 +663,11 @@ class NodeService:
                     if not doc.get("changed"):
                         continue
                     await self.offload(self.gate.reload)
-                log("site-news", peer=short(peer), **{k: v for k, v in doc.items() if k != "changed"})
+                log(
+                    "site-news",
+                    peer=short(peer),
+                    **{k: v for k, v in doc.items() if k != "changed"},
+                )
                 self.membership_changed()
                 self.spread_site_news(data, exclude=peer)
         finally:

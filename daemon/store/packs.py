@@ -19,9 +19,9 @@ on the data file for as long as it is open, so two writers (threads,
 processes) never append to the same pack, and a pack whose writer died is
 recognised by its lock being free. ``append`` reserves a range under a lock
 and writes the record outside it, so threads that hashed different blobs
-write them in parallel; ``append_many`` writes a batch's records in one
-``pwritev`` under the lock (one system call and one wait for the lock per
-batch, not two per blob). ``commit`` is the one way a blob enters the
+write them in parallel; ``append_many`` writes a batch's records under the lock in
+``pwritev`` calls of at most ``fsutil.WRITE_BYTES`` (one wait for the lock
+per batch, not two per blob; why the calls are small: see there). ``commit`` is the one way a blob enters the
 store:
 
 1. ``fdatasync`` the data file: every record appended so far is durable;
@@ -712,11 +712,22 @@ _IOV_MAX = 1024  # Linux's limit on the pieces of one pwritev
 
 
 def _pwritev_all(fd: int, iov: list[bytes | memoryview], offset: int) -> None:
-    """Write every piece of ``iov`` at ``offset`` on, retrying short writes."""
+    """Write every piece of ``iov`` at ``offset`` on, retrying short writes.
+
+    At most ``fsutil.WRITE_BYTES`` per system call: see there why.
+    """
     views = [memoryview(p) for p in iov if len(p)]
     i = 0
     while i < len(views):
-        n = os.pwritev(fd, views[i : i + _IOV_MAX], offset)
+        group: list[memoryview] = []
+        room = fsutil.WRITE_BYTES
+        j = i
+        while j < len(views) and room > 0 and len(group) < _IOV_MAX:
+            piece = views[j][:room]
+            group.append(piece)
+            room -= len(piece)
+            j += 1
+        n = os.pwritev(fd, group, offset)
         if n <= 0:
             raise OSError(5, "short write")
         offset += n

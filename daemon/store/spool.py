@@ -36,7 +36,7 @@ core, ``HASH_THREADS``) each hand a batch of received chunks to
 threads itself. hashlib and the pack writes release the GIL on large
 buffers. ``copy``/``copy_batch`` are called from several import threads at
 once. A single append reserves its place under the writer's lock and writes
-outside it; a batch writes its records in one ``pwritev`` under the lock
+outside it; a batch writes its records with ``pwritev`` under the lock
 (the kernel serialises writes to one file anyway), so the threads meet at
 the pack once per batch.
 """

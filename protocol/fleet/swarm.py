@@ -36,6 +36,12 @@ slot stays taken until the peer answers: it still counts the request); a
 slow peer's cap halves per timeout. ``ChunkMissing`` steers elsewhere; bad
 data (``ok=False``) is punished by the caller (ban) and re-planned.
 
+An answer ends its request twice: when its bytes arrive (``on_arrived``:
+the slot is free, so the wire never waits for the hash check; the blob is
+*landing* and asked of nobody) and when they were checked and stored
+(``on_blobs``, or ``on_blob(ok=False)``, which puts it back in the pool).
+What is landing is the caller's to bound (it holds those bytes).
+
 Offering: a node offers every blob it holds, except the *first holder* of a
 release (``first_holder``: it got the release from a bundle, not from
 peers), which super-seeds in the spirit of BitTorrent's BEP 16: it offers
@@ -61,7 +67,7 @@ import enum
 import math
 import random
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from p2pupd.protocol.fleet.bitfield import BlobIndex, iter_bits, pick_bit
@@ -79,8 +85,12 @@ class Source(enum.Enum):
 class SwarmConfig:
     per_source: int = 2
     unique_bonus: int = 2  # more in flight to a peer that alone offers some blob
-    sole_source: int = 32
-    sole_bytes: int = 4 * 1024 * 1024  # and at most this much in flight from it
+    # A sole source's window covers the wire's round trip only (answers free
+    # their slots when they arrive, see on_arrived): measured on loopback,
+    # 32 requests / 4 MiB left one peer at 0.83-0.87 s for 200 MiB, 128 /
+    # 12 MiB at 0.66-0.78 s (tools/bench/transfer_bench.py).
+    sole_source: int = 128
+    sole_bytes: int = 12 * 1024 * 1024  # and at most this much in flight from it
     max_in_flight: int = 8
     request_timeout: float = 30.0
     have_interval: float = 0.05
@@ -88,6 +98,15 @@ class SwarmConfig:
     seed_pipeline: int = 32
     starve_after: float = 2.0
     endgame_blobs: int = 8  # when this few remain (all in flight), ask idle holders too
+
+    def for_rate(self, rate: float | None) -> SwarmConfig:
+        """These rules for a node whose download is capped at ``rate`` bytes/s:
+        a sole source's window is at most what the cap lets through in a
+        quarter of ``request_timeout``, so a deep window never times itself out."""
+        if not rate:
+            return self
+        drain = int(rate * self.request_timeout / 4)
+        return replace(self, sole_bytes=min(self.sole_bytes, max(drain, 1)))
 
 
 @dataclass(frozen=True)
@@ -164,6 +183,7 @@ class ReleaseSwarm(Generic[P]):
         self._avail = [0] * n  # neighbours offering each blob
         self._buckets: list[int] = [self.wanted]  # by availability: wanted, not in flight
         self._active: dict[int, P] = {}  # blob -> peer of its live request (deadline order)
+        self._landing: dict[int, P] = {}  # blob -> peer whose bytes are being checked
         self._doubled: set[int] = set()  # blobs also asked of a second peer (end game)
         self._unoffered = self.index.all  # first holder: offered to nobody yet
         self._next_flush: float | None = None
@@ -179,6 +199,7 @@ class ReleaseSwarm(Generic[P]):
         self.add_held(self.index.bits_of(held), now)
         self.wanted = self.index.bits_of(wanted) & ~self.held
         self._active.clear()
+        self._landing.clear()
         self._buckets = [0]
         for blob in iter_bits(self.wanted):
             self._pool_add(blob)
@@ -388,6 +409,24 @@ class ReleaseSwarm(Generic[P]):
                     break
         return out
 
+    def on_arrived(self, peer: P, blobs: Iterable[int]) -> None:
+        """``peer``'s answers with these blobs' bytes came; they are being checked.
+
+        Their requests are over (the peer's slots are free for the next ones),
+        and the blobs are asked of nobody until ``on_blobs`` or ``on_blob``
+        says how the check went.
+        """
+        state = self._peers.get(peer)
+        for blob in blobs:
+            if state is not None:
+                state.slots.pop(blob, None)
+            if not self.wanted >> blob & 1:
+                continue  # held already: a late duplicate
+            if self._active.get(blob) == peer:
+                del self._active[blob]
+            self._pool_remove(blob)  # re-planned after a timeout, not yet asked again
+            self._landing[blob] = peer
+
     def on_blob(self, peer: P, blob: int, ok: bool, now: float) -> list[Action[P]]:
         """``peer`` sent ``blob``; ``ok``: it passed the hash check (and was stored)."""
         if ok:
@@ -399,6 +438,10 @@ class ReleaseSwarm(Generic[P]):
         if self._active.get(blob) == peer:
             del self._active[blob]
             self._pool_add(blob)
+        elif self._landing.get(blob) == peer:
+            del self._landing[blob]
+            if blob not in self._active:  # nobody else is sending it
+                self._pool_add(blob)
         if state is None:
             return []
         state.banned = True
@@ -461,6 +504,7 @@ class ReleaseSwarm(Generic[P]):
             for blob in iter_bits(got):
                 self._pool_remove(blob)
                 self._active.pop(blob, None)  # a late duplicate or another route
+                self._landing.pop(blob, None)
         for p, state in self._peers.items():  # tell those still fetching
             if state.interested and not state.banned and state.source is not Source.ANNOUNCE:
                 self._mark(p, now)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,13 @@ from p2pupd.daemon.events import observe
 from p2pupd.daemon.net.ranged import get_ranged
 from p2pupd.daemon.net.ratelimit import TokenBucket
 from p2pupd.daemon.net.transport import ERR_PROTOCOL
+from p2pupd.daemon.offload import inline
 from p2pupd.daemon.service.gossip import fetch_manifest
 from p2pupd.daemon.service.metrics import MetricsFeed
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import NOW_ENV, StateDir
 from p2pupd.protocol import ids
+from p2pupd.protocol.fleet.swarm import SwarmConfig
 from p2pupd.protocol.session import Session, Signal
 from p2pupd.protocol.wire import FEATURE_HAVE, FEATURE_RANGE, Error
 
@@ -208,7 +211,9 @@ async def test_bandwidth_cap_slows_the_transfer_to_its_rate(
         await nursery.start(b.serve)
         start = trio.current_time()
         link(nursery, b, a)
-        await wait_until(lambda: b.lifecycle.complete.get("app", (0,))[0] == 1, timeout=300, step=0.1)
+        await wait_until(
+            lambda: b.lifecycle.complete.get("app", (0,))[0] == 1, timeout=300, step=0.1
+        )
         elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
     moved = b.fetch.received["app"].bytes
@@ -283,3 +288,38 @@ async def test_an_expired_release_a_peer_offers_is_skipped_not_held_against_it(
     skips = dict(feed.metrics.registry.metrics["p2pupd_manifest_skips"].values)
     assert skips[("expired",)] == len(skipped)
     assert all(v == 0 for v in feed.metrics.registry.metrics["p2pupd_fetch_errors"].values.values())
+
+
+async def test_answers_waiting_to_land_hold_back_new_requests_past_their_budget(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pupd.daemon.service import fetch
+
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    monkeypatch.setattr(fetch, "LANDING_BYTES", 1)  # one answer waiting stops the asking
+    # Two requests at a time, so the release takes several rounds of asking.
+    shallow = dataclasses.replace(SwarmConfig(), sole_source=2, max_in_flight=2)
+    monkeypatch.setattr(SwarmConfig, "for_rate", lambda self, rate: shallow)
+    waiting_at_ask: list[int] = []
+    real_ask = fetch.FetchManager._ask
+
+    def ask(self: fetch.FetchManager, run: fetch._Attempt, *args: object) -> None:
+        waiting_at_ask.append(run.landing_bytes)
+        real_ask(self, run, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fetch.FetchManager, "_ask", ask)
+    a, b = make_service(sa, 1), make_service(sb, 2)
+
+    async def slow_disk(fn: Callable[[], object]) -> object:
+        await trio.sleep(0.01)  # the loop runs on while a batch lands, as in the daemon
+        return await inline(fn)
+
+    b.offload = slow_disk  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        nursery.cancel_scope.cancel()
+    assert len(waiting_at_ask) > 2 and max(waiting_at_ask) == 0
+    assert b.fetch.received["app"].bytes > 250_000  # all of it came, past the budget

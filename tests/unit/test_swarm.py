@@ -293,3 +293,46 @@ def test_blobs_landed_together_count_as_if_they_landed_one_by_one() -> None:
     assert [one.in_flight(p) for p in "ab"] == [many.in_flight(p) for p in "ab"] == [0, 0]
     assert one.tick(1.0) == many.tick(1.0) != []  # b hears of the new blobs alike
     assert fetched(one.next_requests(1.0)) == fetched(many.next_requests(1.0))
+
+
+def test_arrived_bytes_free_the_slot_and_the_blob_is_asked_of_nobody_meanwhile() -> None:
+    s = fetcher()
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", ALL, 0.0, interested=False)
+    (first,) = fetched(s.next_requests(0.0)).values()
+    assert s.next_requests(0.0) == []  # a's pipeline is full
+    s.on_arrived("a", first[:2])  # two answers came, still to be checked
+    assert s.in_flight("a") == CFG.sole_source - 2
+    (more,) = fetched(s.next_requests(0.1)).values()
+    assert len(more) == 2 and not set(more) & set(first)  # landing blobs are not re-asked
+    assert not s.done
+    # One passes its check, the other fails: only the bad one is asked again
+    # (of b: a is banned for it).
+    s.on_blobs("a", (first[0],), 0.2)
+    (punish,) = s.on_blob("a", first[1], False, 0.2)
+    assert isinstance(punish, Punish) and punish.peer == "a"
+    s.peer_joined("b", Source.SWARM, 0.3)
+    s.on_offer("b", bits(*first), 0.3, interested=False)  # of a's first, b has all
+    # b is asked for the bad one and those a had in flight when it was banned,
+    # not for the one that landed.
+    assert sorted(fetched(s.next_requests(0.3))["b"]) == sorted(first[1:])
+
+
+def test_a_landing_blob_outlives_its_request_timing_out() -> None:
+    s = fetcher()
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", bits(0), 0.0, interested=False)
+    assert fetched(s.next_requests(0.0)) == {"a": (0,)}
+    s.next_requests(CFG.request_timeout + 1)  # timed out: back in the pool ...
+    s.on_arrived("a", (0,))  # ... then the answer came after all
+    assert s.next_requests(CFG.request_timeout + 2) == []  # it is not asked again
+    s.on_blobs("a", (0,), CFG.request_timeout + 3)
+    assert s.held == bits(0)
+
+
+def test_a_capped_link_gets_a_window_it_drains_well_within_the_timeout() -> None:
+    base = SwarmConfig(request_timeout=20.0)
+    assert base.for_rate(None) == base
+    slow = base.for_rate(100_000)  # 100 kB/s: 500 kB in a quarter of 20 s
+    assert slow.sole_bytes == 500_000 and slow.sole_source == base.sole_source
+    assert base.for_rate(10**12).sole_bytes == base.sole_bytes
