@@ -53,6 +53,7 @@ ROOT_ROOMS = {
     "errors": "ground",
     "events": "ground",
     "offload": "ground",
+    "heap": "ground",
     "fsutil": "ground",
     "config": "ground",
     "ops": "ops",
