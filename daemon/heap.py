@@ -6,8 +6,9 @@ budget plus a request window of chunks (about 30 MiB, fetch.py), scattered
 over the heap, so without this a node that fetched one release would sit at
 that high-water mark, idle, until the next one (measured: 88 MB idle after
 a 200 MiB transfer against 69 MB before the landing budget).
-``malloc_trim`` hands every free page back; a C library without it (musl)
-makes this a no-op.
+``malloc_trim`` hands every free page back, after a fetch and after an
+apply (which builds files through buffers of its own); a C library without
+it (musl) makes this a no-op.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from typing import Any
 
 import trio
 
+from p2pupd.daemon import heap
 from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log
 from p2pupd.daemon.net.ranged import get_ranged
@@ -269,6 +270,7 @@ class FetchManager:
             rec = self.received.get(c)
             first_holder = rec is None or rec.serial != rf.man.serial or rec.bytes == 0
             await self._on_complete(rf.man, rf.digest, first_holder)
+        await self._links.offload(heap.trim)  # the landing budget's memory, back
 
     async def _fetch(self, rf: ReleaseFetch) -> None:
         node = self._links.node

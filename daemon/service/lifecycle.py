@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from p2pupd.daemon import ops
+from p2pupd.daemon import heap, ops
 from p2pupd.daemon.apply.engine import Applier, ApplyResult, HandOver
 from p2pupd.daemon.bundles.importer import ImportReport
 from p2pupd.daemon.errors import ApplyError, DaemonError
@@ -400,6 +400,7 @@ class Lifecycle:
             finally:
                 self.rollout.apply_ended(component)
             await self.offload(self.content.refresh)
+            await self.offload(heap.trim)  # what building the tree took, back
         self.forget_servable()
         if result.changed:
             log(
@@ -461,6 +462,7 @@ class Lifecycle:
             finally:
                 self.rollout.apply_ended(component)
             await self.offload(self.content.refresh)
+            await self.offload(heap.trim)  # what building the tree took, back
         self.forget_servable()
         log("rolled-back", component=component, version=result.version, serial=result.serial)
         cfg = self.node.config.component(component)
