@@ -50,7 +50,7 @@ from typing import Any
 
 import trio
 
-from p2pupd.daemon import ops
+from p2pupd.daemon import heap, ops
 from p2pupd.daemon.apply.transaction import claim_trial
 from p2pupd.daemon.bundles.siterequest import node_identity, node_public_key
 from p2pupd.daemon.config import DaemonOptions
@@ -388,6 +388,7 @@ def main(options: DaemonOptions) -> int:
     # more than working. At 1 ms a 200 MiB single-peer transfer took a
     # median 0.645 s against 0.707 s (5 runs each, tools/bench/transfer_bench.py).
     sys.setswitchinterval(SWITCH_INTERVAL)
+    heap.keep()  # freed memory is reused, not faulted in again; see heap.py
     out = Exit()
     try:
         with contextlib.suppress(KeyboardInterrupt):
