@@ -11,8 +11,17 @@ from typing import Any
 
 import pytest
 from _kit import TREE_MTIME, make_tree, tree_snapshot
+from hypothesis import settings
 
 from p2pupd.tools.cli import main
+
+# Hypothesis fails an example slower than 200 ms by default. `make test` runs
+# three workers on two cores beside daemons and SIGKILLed children, where a
+# fast example now and then waits that long for a core: a failure that says
+# nothing about the code. Time is bounded where it matters by the decoders'
+# own budgets (tests/property/_fuzz.py), not by this.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

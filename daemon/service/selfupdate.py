@@ -48,7 +48,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,8 @@ def boottime() -> float:
 
 def running_version() -> str:
     """The p2pupd version this process runs (``status`` shows it)."""
+    from importlib import metadata  # email, zipfile, csv...: 1.5 MB, not at start-up
+
     try:
         return metadata.version("p2pupd")
     except metadata.PackageNotFoundError:

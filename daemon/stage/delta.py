@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bsdiff4
-import hdiffpatch
 import zstandard
 
 from p2pupd.daemon.errors import NotFoundError, StorageError
@@ -206,6 +205,8 @@ def _hpatch(base: bytes, body: bytes, target_size: int) -> bytes:
     hdr = parse_hdiff_header(body)
     if hdr.new_size != target_size or hdr.old_size != len(base):
         raise HashMismatchError("hdiffpatch patch was made for other sizes")
+    import hdiffpatch  # ~3 MB with its C++ runtime: loaded by the first such patch
+
     try:
         out: bytes = hdiffpatch.apply(base, body)
     except hdiffpatch.HDiffPatchError as exc:

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from p2pupd.daemon.errors import ConfigError, StorageError
@@ -106,6 +105,8 @@ def _oldest_known(fmt: int) -> int | None:
 
 
 def this_version() -> str:
+    from importlib import metadata  # email, zipfile, csv...: 1.5 MB, not at start-up
+
     try:
         return f"p2pupd {metadata.version('p2pupd')}"
     except metadata.PackageNotFoundError:
