@@ -55,20 +55,23 @@ def verify_carried(
     Returns the manifest, its envelope and whether it is new here. Raises a
     ``VerificationError`` or ``RemoteProtocolError`` when the offer was bad
     (signature, expiry, another release than offered: ``MixAndMatchError``)
-    and ``NotCarriedError`` when it is valid but not one this node carries.
+    and ``NotCarriedError`` when it is not one this node carries, which is
+    decided on what the offer claims, before the signature is checked.
     Reads state, writes nothing.
     """
+    # What the offer claims decides first, before the signature is checked:
+    # a variant this node does not carry costs it a lookup, not a verification.
+    if rules_of(node).carried(release_key(component, platform)) is None:
+        raise NotCarriedError(f"{component} serial {serial} for {platform}: not carried here")
+    if not node.releases.has(component, serial):
+        raise NotCarriedError(
+            f"{component} serial {serial} for {platform}: this node does not hold that release"
+        )
     man, env = node.trusted_root().verify_release(data, now, component)
     if (man.serial, man.platform) != (serial, platform):
         raise MixAndMatchError(
             f"manifest offered as {component} serial {serial} for {platform} is serial "
             f"{man.serial} for {man.platform or 'every platform'}"
-        )
-    if rules_of(node).carried(release_key(component, platform)) is None:
-        raise NotCarriedError(f"{component} {man.version} for {platform}: not carried here")
-    if not node.releases.has(component, serial):
-        raise NotCarriedError(
-            f"{component} {man.version} for {platform}: this node does not hold that release"
         )
     try:
         held = Envelope.decode(

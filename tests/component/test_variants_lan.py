@@ -191,3 +191,26 @@ async def test_a_restarted_node_serves_the_variants_it_carries(
         await wait_until(lambda: Node(sa).state.read_state("app").installed == 2, 600)
         nursery.cancel_scope.cancel()
     assert tree_snapshot(ta) == tree_snapshot(mixed["src"][ARM])
+
+
+def test_an_offer_this_node_would_not_carry_is_refused_before_its_signature(
+    mixed: dict[str, Any],
+) -> None:
+    """What the offer claims is checked first: bytes that are no manifest at all,
+    offered as a variant of a component the node does not run, or of its own
+    platform, or of a release it does not hold, are turned away as not carried, never parsed or verified; the
+    same bytes offered as a variant it does carry are refused as bad."""
+    from p2pupd.daemon.state import carried
+    from p2pupd.protocol.errors import P2pupdError
+
+    (s0, _), _, _ = mixed["nodes"].values()
+    cli("import", mixed["stick"], "--apply", "--state-dir", s0)
+    node, junk = Node(s0), b"\xff" * 64
+    for component, platform in (("other", ARM), ("app", X86)):
+        with pytest.raises(carried.NotCarriedError, match="not carried here"):
+            carried.verify_carried(node, junk, component, 2, platform, None)
+    with pytest.raises(carried.NotCarriedError, match="does not hold that release"):
+        carried.verify_carried(node, junk, "app", 9, ARM, None)
+    with pytest.raises(P2pupdError) as bad:
+        carried.verify_carried(node, junk, "app", 2, ARM, None)
+    assert not isinstance(bad.value, carried.NotCarriedError)
