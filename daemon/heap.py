@@ -17,7 +17,8 @@ pages; on a busy transfer that gave the memory back and took it again
 hundreds of times a second, and every page taken again is a page fault
 while the kernel copies received bytes into it (measured: 10,000 faults
 and 0.2-0.5 s of system time on a 200 MiB transfer, most of the receiver's
-system time; 2,000-3,000 faults with ``keep``).
+system time; 1,000-8,000 with ``keep``, mostly a new process touching
+its heap for the first time).
 """
 
 from __future__ import annotations
