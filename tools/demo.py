@@ -35,16 +35,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from p2pupd.daemon import api
 from p2pupd.protocol.rollout.policy import RolloutPolicy
 from p2pupd.tools.commands.base import EXIT_ERROR, EXIT_OK, Adder
-
-if TYPE_CHECKING:  # the publisher is imported when the demo runs: every
-    # command, the daemon included, loads this module to register ``demo``
-    from p2pupd.tools.publisher.export import ReleaseSource
-    from p2pupd.tools.publisher.repo import Repo
+from p2pupd.tools.publisher.deltas import source_for_node_at
+from p2pupd.tools.publisher.export import ReleaseSource, write_bundle
+from p2pupd.tools.publisher.keys import generate
+from p2pupd.tools.publisher.publish import build_manifest, sign_and_write
+from p2pupd.tools.publisher.repo import Repo
 
 NODES = ("node1", "node2", "node3")
 CONVERGE_SECONDS = 60.0
@@ -82,9 +82,6 @@ class Publisher:
 
     @classmethod
     def create(cls, base: Path) -> Publisher:
-        from p2pupd.tools.publisher.keys import generate
-        from p2pupd.tools.publisher.repo import Repo
-
         keys = base / "keys"
         keys.mkdir()
         generate(keys / "root.key")
@@ -96,8 +93,6 @@ class Publisher:
     def publish(
         self, version: int, image_mib: int, rollout: RolloutPolicy | None = None
     ) -> tuple[str, int]:
-        from p2pupd.tools.publisher.publish import build_manifest, sign_and_write
-
         src = self.base / f"src-v{version}"
         sample_tree(src, version, image_mib)
         man = build_manifest(
@@ -107,21 +102,11 @@ class Publisher:
         return man.version, man.total_size()
 
     def bundle(self, name: str, sources: list[ReleaseSource]) -> tuple[Path, int]:
-        from p2pupd.tools.publisher.export import write_bundle
-
         dest = self.base / name
         rep = write_bundle(dest, self.repo.roots(), sources, self.repo.store)
         return dest, rep.bytes
 
-    def delta_source(self, installed: str) -> ReleaseSource:
-        """The latest release, as a node with ``installed`` needs it (deltas)."""
-        from p2pupd.tools.publisher.deltas import source_for_node_at
-
-        return source_for_node_at(self.repo, "appliance", installed)
-
     def full_source(self) -> ReleaseSource:
-        from p2pupd.tools.publisher.export import ReleaseSource
-
         serial = self.repo.serials("appliance")[-1]
         man, env = self.repo.release("appliance", serial)
         return ReleaseSource(man, env, man.blob_sizes())
@@ -222,7 +207,7 @@ def run_cluster(base: Path, image_mib: int, quiet: bool) -> dict[str, Any]:
         api.import_dir(states[name], stick1, apply_after=True)
     say(f"nodes:     {', '.join(NODES)} run appliance {v1}")
 
-    stick2, stick_bytes = pub.bundle("usb-v2", [pub.delta_source(v1)])
+    stick2, stick_bytes = pub.bundle("usb-v2", [source_for_node_at(pub.repo, "appliance", v1)])
     say(
         f"usb stick: delta-only bundle of {v2}: {stick_bytes / 1e3:.1f} kB (full release {size2 / 1e6:.1f} MB)"
     )
@@ -360,7 +345,7 @@ def run_offline(base: Path) -> None:
     api.init_node(state, pub.repo.root_path, {"appliance": target})
     for v in (1, 2):
         version, _ = pub.publish(v, 4)
-        src = pub.full_source() if v == 1 else pub.delta_source("1.0")
+        src = pub.full_source() if v == 1 else source_for_node_at(pub.repo, "appliance", "1.0")
         stick, nbytes = pub.bundle(f"usb-v{v}", [src])
         report, _ = api.import_dir(state, stick, apply_after=True)
         print(

@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from p2pupd.daemon import api
 from p2pupd.tools.commands.base import EXIT_OK, Adder, UsageError, out, state_dir
-
-if TYPE_CHECKING:  # rich is imported when a table is drawn, not by every
-    # command (the daemon's included) that loads this module to register
-    from rich.console import Console, Group
-    from rich.table import Table
 
 STATE_STYLE = {
     "committed": "green",
@@ -41,9 +41,6 @@ def _ago(seconds: float) -> str:
 
 def node_table(doc: dict[str, Any]) -> Table:
     """One row per node and component: version, state, wait, last heard."""
-    from rich.table import Table
-    from rich.text import Text
-
     t = Table(title=f"site {doc['site']} ({len(doc['nodes'])} nodes)", title_justify="left")
     for col in ("NODE", "PLATFORM", "COMPONENT", "VERSION", "STATE", "DETAIL", "HEARD"):
         t.add_column(col, no_wrap=col != "DETAIL")
@@ -67,9 +64,6 @@ def node_table(doc: dict[str, Any]) -> Table:
 
 def release_table(doc: dict[str, Any]) -> Table:
     """Per release: how far it got, and whether the brake or a halt holds it."""
-    from rich.table import Table
-    from rich.text import Text
-
     t = Table(title="releases", title_justify="left")
     for col in ("RELEASE", "ON IT", "APPLYING", "FAILED", "WAITING", "ROLLOUT"):
         t.add_column(col, no_wrap=col != "ROLLOUT")
@@ -93,16 +87,12 @@ def release_table(doc: dict[str, Any]) -> Table:
 
 
 def render(doc: dict[str, Any]) -> Group:
-    from rich.console import Group
-
     return Group(node_table(doc), release_table(doc))
 
 
 def console() -> Console:
     """A console for the table: the terminal's width, or wide when piped (a script or
     a log reads whole node ids and reasons, not an 80-column cut)."""
-    from rich.console import Console
-
     return Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
 
 
@@ -114,8 +104,6 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.json:
         raise UsageError("--watch shows a live table; use --json without it")
-    from rich.live import Live
-
     with Live(render(api.fleet(state)), console=console(), refresh_per_second=4) as live:
         deadline = time.monotonic() + MAX_WATCH_SECONDS
         while time.monotonic() < deadline:
