@@ -56,6 +56,7 @@ from p2pupd.daemon.state.statedir import (
     NodeConfig,
     now_seconds,
 )
+from p2pupd.daemon.state.stateformat import installed_version
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.protocol.errors import P2pupdError, RemoteProtocolError, VerificationError
 from p2pupd.protocol.request import SiteRequest, verify_any_request
@@ -97,6 +98,7 @@ __all__ = [
     "history",
     "import_dir",
     "init_node",
+    "installed_version",
     "load_config",
     "make_request",
     "mark_good",

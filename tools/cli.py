@@ -89,12 +89,7 @@ class _Version(argparse.Action):
 def version() -> str:
     """The installed distribution's version (pyproject.toml's), or "unknown"
     when run from a source tree that was never installed."""
-    from importlib import metadata  # email, zipfile, csv...: 1.5 MB, not at start-up
-
-    try:
-        return metadata.version("p2pupd")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return api.installed_version() or "unknown"
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -58,6 +58,7 @@ from p2pupd.daemon.apply.engine import Applier
 from p2pupd.daemon.apply.transaction import HandOver, claim_trial
 from p2pupd.daemon.errors import DaemonError
 from p2pupd.daemon.events import log
+from p2pupd.daemon.state import stateformat
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import ComponentConfig
 from p2pupd.daemon.state.stateformat import STATE_FORMAT
@@ -78,12 +79,7 @@ def boottime() -> float:
 
 def running_version() -> str:
     """The p2pupd version this process runs (``status`` shows it)."""
-    from importlib import metadata  # email, zipfile, csv...: 1.5 MB, not at start-up
-
-    try:
-        return metadata.version("p2pupd")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return stateformat.installed_version() or "unknown"
 
 
 def launcher(cfg: ComponentConfig, version_dir: Path | None = None) -> Path:

@@ -104,13 +104,20 @@ def _oldest_known(fmt: int) -> int | None:
     return next((m.oldest_reader for m in MIGRATIONS if m.to == fmt), None)
 
 
-def this_version() -> str:
+def installed_version() -> str | None:
+    """The installed distribution's version (pyproject.toml's), or None when run
+    from a source tree that was never installed."""
     from importlib import metadata  # email, zipfile, csv...: 1.5 MB, not at start-up
 
     try:
-        return f"p2pupd {metadata.version('p2pupd')}"
+        return metadata.version("p2pupd")
     except metadata.PackageNotFoundError:
-        return "p2pupd (source tree)"
+        return None
+
+
+def this_version() -> str:
+    version = installed_version()
+    return f"p2pupd {version}" if version else "p2pupd (source tree)"
 
 
 def read_marker(root: Path) -> Marker:
