@@ -197,9 +197,10 @@ def test_an_offer_this_node_would_not_carry_is_refused_before_its_signature(
     mixed: dict[str, Any],
 ) -> None:
     """What the offer claims is checked first: bytes that are no manifest at all,
-    offered as a variant of a component the node does not run, or of its own
-    platform, or of a release it does not hold, are turned away as not carried, never parsed or verified; the
-    same bytes offered as a variant it does carry are refused as bad."""
+    offered as a variant of a component the node does not run, of its own
+    platform or of a release it does not hold, are turned away as not carried,
+    never parsed or verified; the same bytes offered as a variant it does carry
+    are refused as bad."""
     from p2pupd.daemon.state import carried
     from p2pupd.protocol.errors import P2pupdError
 
