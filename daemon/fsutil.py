@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -237,7 +236,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
 @functools.cache
 def _libc() -> tuple[ctypes.CDLL, Callable[..., int] | None]:
     """Load libc once; return it and its renameat2 wrapper if it has one (glibc >= 2.28)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # our own symbols: no ldconfig child
     wrapper: Callable[..., int] | None = getattr(libc, "renameat2", None)
     if wrapper is not None:
         wrapper.argtypes = [  # type: ignore[attr-defined]

@@ -389,6 +389,7 @@ def main(options: DaemonOptions) -> int:
     # median 0.645 s against 0.707 s (5 runs each, tools/bench/transfer_bench.py).
     sys.setswitchinterval(SWITCH_INTERVAL)
     heap.keep()  # freed memory is reused, not faulted in again; see heap.py
+    heap.settle()  # full collections walk only what came after the imports
     out = Exit()
     try:
         with contextlib.suppress(KeyboardInterrupt):

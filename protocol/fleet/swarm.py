@@ -50,7 +50,12 @@ offered to nobody yet, and offers the next only when the neighbour got one
 (from it or anyone). Each blob thus leaves the first holder about once; its
 neighbours relay to theirs. The few offers per neighbour
 (``seed_pipeline`` spread over the interested neighbours, at least
-``seed_offers``) keep its uplink busy. When every blob has been offered
+``seed_offers``) keep its uplink busy: the next goes out as soon as one was
+served, not batched like other offers (held back for ``have_interval``, they
+capped a first holder at ``seed_pipeline`` blobs per interval: 200 MiB to
+one neighbour took 4.3 s instead of 0.8 s). A first holder with a single
+neighbour offers it everything at once: nobody could relay to it, and it
+takes the whole release from us anyway. When every blob has been offered
 once, a neighbour that made no progress for ``starve_after`` seconds is
 offered the blobs rarest among the first holder's neighbours, so nothing
 can stall on it.
@@ -183,6 +188,7 @@ class ReleaseSwarm(Generic[P]):
         self._avail = [0] * n  # neighbours offering each blob
         self._buckets: list[int] = [self.wanted]  # by availability: wanted, not in flight
         self._active: dict[int, P] = {}  # blob -> peer of its live request (deadline order)
+        self._active_bytes = 0  # their sizes (kept, not summed: asked at every turn)
         self._landing: dict[int, P] = {}  # blob -> peer whose bytes are being checked
         self._doubled: set[int] = set()  # blobs also asked of a second peer (end game)
         self._unoffered = self.index.all  # first holder: offered to nobody yet
@@ -199,6 +205,7 @@ class ReleaseSwarm(Generic[P]):
         self.add_held(self.index.bits_of(held), now)
         self.wanted = self.index.bits_of(wanted) & ~self.held
         self._active.clear()
+        self._active_bytes = 0
         self._landing.clear()
         self._buckets = [0]
         for blob in iter_bits(self.wanted):
@@ -304,7 +311,7 @@ class ReleaseSwarm(Generic[P]):
             state.heard = True
             return self._tell(peer, now, again=True)
         if self.first_holder and new:
-            self._mark(peer, now)  # a super-seeded peer that got something: offer more
+            self._mark(peer, now, prompt=True)  # a super-seeded peer got something: offer more
         return []
 
     # ----- transfers -------------------------------------------------------------
@@ -332,7 +339,7 @@ class ReleaseSwarm(Generic[P]):
             # are hash-checked; the bytes keep what a receiver holds small
             # when the blobs are large (patches).
             budget += max(cfg.sole_source - cfg.max_in_flight, 0)
-            byte_room = cfg.sole_bytes - sum(self.index.sizes[b] for b in self._active)
+            byte_room = cfg.sole_bytes - self._active_bytes
         only = self._buckets[1] if len(self._buckets) > 1 and not sole else 0  # one offers
         free = {}
         for p, state in useful:
@@ -423,7 +430,7 @@ class ReleaseSwarm(Generic[P]):
             if not self.wanted >> blob & 1:
                 continue  # held already: a late duplicate
             if self._active.get(blob) == peer:
-                del self._active[blob]
+                self._drop_active(blob)
             self._pool_remove(blob)  # re-planned after a timeout, not yet asked again
             self._landing[blob] = peer
 
@@ -436,7 +443,7 @@ class ReleaseSwarm(Generic[P]):
         if state is not None:
             state.slots.pop(blob, None)
         if self._active.get(blob) == peer:
-            del self._active[blob]
+            self._drop_active(blob)
             self._pool_add(blob)
         elif self._landing.get(blob) == peer:
             del self._landing[blob]
@@ -458,7 +465,7 @@ class ReleaseSwarm(Generic[P]):
             if state is not None:
                 state.slots.pop(blob, None)
             if self._active.get(blob) == peer:
-                del self._active[blob]
+                self._drop_active(blob)
             bits |= 1 << blob
         if state is not None and bits:
             state.penalty = max(0.0, state.penalty - 0.25 * bits.bit_count())
@@ -477,7 +484,7 @@ class ReleaseSwarm(Generic[P]):
             self._bump(blob, -1)
         state.penalty += 0.25
         if self._active.get(blob) == peer:
-            del self._active[blob]
+            self._drop_active(blob)
             self._pool_add(blob)
 
     def on_served(self, peer: P, blob: int, now: float) -> None:
@@ -489,7 +496,7 @@ class ReleaseSwarm(Generic[P]):
             if self.first_holder:
                 state.progress_at = now
                 state.starved = False
-                self._mark(peer, now)
+                self._mark(peer, now, prompt=True)
 
     def add_held(self, bits: int, now: float) -> None:
         """These blobs are now here and servable (fetched, imported, built)."""
@@ -503,7 +510,8 @@ class ReleaseSwarm(Generic[P]):
             self.bytes_done += self.index.size_of(got)
             for blob in iter_bits(got):
                 self._pool_remove(blob)
-                self._active.pop(blob, None)  # a late duplicate or another route
+                if blob in self._active:  # a late duplicate or another route
+                    self._drop_active(blob)
                 self._landing.pop(blob, None)
         for p, state in self._peers.items():  # tell those still fetching
             if state.interested and not state.banned and state.source is not Source.ANNOUNCE:
@@ -532,9 +540,16 @@ class ReleaseSwarm(Generic[P]):
 
     # ----- internals: offers -------------------------------------------------------
 
-    def _mark(self, peer: P, now: float) -> None:
+    def _mark(self, peer: P, now: float, prompt: bool = False) -> None:
+        """``peer`` has something new to be told: at the next flush, or at once
+        (``prompt``: a super-seeded neighbour's allowance has room again; held
+        back for ``have_interval``, its few offers would cap what the first
+        holder sends at ``seed_pipeline`` blobs per interval, all neighbours
+        together)."""
         self._dirty[peer] = None
-        if self._next_flush is None:
+        if prompt:
+            self._next_flush = now
+        elif self._next_flush is None:
             self._next_flush = now + self.config.have_interval
 
     def _tell(
@@ -565,6 +580,13 @@ class ReleaseSwarm(Generic[P]):
         # Spread over every neighbour that may soon ask, not only those that
         # already did: the first to ask must not be handed the whole release.
         sharing = sum(1 for s in self._peers.values() if s.source is Source.SWARM and not s.banned)
+        if sharing <= 1:
+            # Its only neighbour: nobody could relay to it, and it takes the
+            # whole release from us anyway. Offered a few at a time, each
+            # round trip of offer and request held its pipeline short
+            # (measured: 200 MiB on loopback in 0.80 s, against 0.45 s).
+            self._unoffered = 0
+            return self.held
         allowance = max(cfg.seed_offers, -(-cfg.seed_pipeline // max(sharing, 1)))
         pending = state.told & ~state.got & ~state.offers
         room = allowance - pending.bit_count()
@@ -605,21 +627,30 @@ class ReleaseSwarm(Generic[P]):
 
     def _take(self, blob: int, peer: P, now: float) -> None:
         self._pool_remove(blob)
+        if blob in self._active:
+            self._drop_active(blob)
         self._active[blob] = peer
+        self._active_bytes += self.index.sizes[blob]
         self._peers[peer].slots[blob] = now + self.config.request_timeout
 
+    def _drop_active(self, blob: int) -> None:
+        del self._active[blob]
+        self._active_bytes -= self.index.sizes[blob]
+
     def _expire(self, now: float) -> None:
-        for blob, peer in list(self._active.items()):
-            state = self._peers[peer]
-            if state.slots.get(blob, math.inf) > now:
+        late = []
+        for blob, peer in self._active.items():
+            if self._peers[peer].slots.get(blob, math.inf) > now:
                 break  # in assignment order = deadline order
-            del self._active[blob]
-            state.penalty += 1.0
+            late.append((blob, peer))
+        for blob, peer in late:
+            self._drop_active(blob)
+            self._peers[peer].penalty += 1.0
             self._pool_add(blob)
 
     def _requeue(self, peer: P) -> None:
         for blob in [b for b, p in self._active.items() if p == peer]:
-            del self._active[blob]
+            self._drop_active(blob)
             self._pool_add(blob)
 
     def _forget_offers(self, state: _Peer) -> None:

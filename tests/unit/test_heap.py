@@ -73,3 +73,23 @@ def test_keep_reuses_freed_memory_instead_of_faulting_it_in_again() -> None:
     # heap's top back after each burst and faults it in again.
     assert without > 50_000, without
     assert with_keep < 1_000, with_keep
+
+
+SETTLE = """
+import gc
+import p2pupd.daemon.service.app  # what the daemon's process has loaded by its main()
+from p2pupd.daemon import heap
+
+before = len(gc.get_objects())
+heap.settle()
+print(before, gc.get_freeze_count(), len(gc.get_objects()))
+"""
+
+
+def test_settle_leaves_full_collections_only_what_came_after_the_imports() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SETTLE], capture_output=True, text=True, check=True
+    ).stdout.split()
+    before, frozen, left = map(int, out)
+    assert before > 10_000  # the daemon's modules are that many objects
+    assert frozen >= before - 10 and left < 10

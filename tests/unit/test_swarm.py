@@ -147,10 +147,12 @@ def test_the_first_holder_offers_each_blob_once_a_few_at_a_time() -> None:
     per = max(CFG.seed_offers, CFG.seed_pipeline // 2)
     assert all(b.bit_count() == per for b in offers.values())
     assert offers["a"] & offers["b"] == 0  # different blobs to different neighbours
-    # Serving one of a's blobs lets the seed offer a the next fresh one.
+    # Serving one of a's blobs lets the seed offer a the next fresh one, at
+    # once: held back for have_interval, a few offers per neighbour would cap
+    # the first holder's upload at seed_pipeline blobs per interval.
     first = next(bitfield.iter_bits(offers["a"]))
     seed.on_served("a", first, 1.5)
-    (more,) = [x for x in seed.tick(2.1) if isinstance(x, Offer)]
+    (more,) = [x for x in seed.tick(1.5) if isinstance(x, Offer)]
     assert more.peer == "a" and more.bits.bit_count() == 1
     assert more.bits & (offers["a"] | offers["b"]) == 0
     # Over the whole release each blob is offered once while there are fresh ones.
@@ -158,9 +160,18 @@ def test_the_first_holder_offers_each_blob_once_a_few_at_a_time() -> None:
     assert told.bit_count() == 2 * per + 1
 
 
+def test_a_first_holder_offers_its_only_neighbour_everything_at_once() -> None:
+    # Nobody could relay to it, and it takes every blob from us anyway.
+    seed = ReleaseSwarm(SIZES, random.Random(3), held=SIZES, first_holder=True, config=CFG)
+    seed.peer_joined("a", Source.SWARM, 0.0)
+    (answer,) = seed.on_offer("a", 0, 0.0)
+    assert isinstance(answer, Offer) and answer.bits == ALL and answer.complete
+
+
 def test_a_starving_neighbour_of_the_first_holder_is_offered_more() -> None:
     seed = ReleaseSwarm(SIZES, random.Random(3), held=SIZES, first_holder=True, config=CFG)
     seed.peer_joined("a", Source.SWARM, 0.0)
+    seed.peer_joined("b", Source.SWARM, 0.0)  # a second neighbour, not (yet) fetching
     pending = seed.on_offer("a", 0, 0.0)
     told = 0
     now = 1.0
@@ -336,3 +347,42 @@ def test_a_capped_link_gets_a_window_it_drains_well_within_the_timeout() -> None
     slow = base.for_rate(100_000)  # 100 kB/s: 500 kB in a quarter of 20 s
     assert slow.sole_bytes == 500_000 and slow.sole_source == base.sole_source
     assert base.for_rate(10**12).sole_bytes == base.sole_bytes
+
+
+def test_the_bytes_in_flight_stay_the_sum_of_the_live_requests() -> None:
+    # The sole-source window reads a kept count, not a sum: whatever happens to
+    # the requests (answers, timeouts, misses, bad data, leavers, restarts),
+    # the count must stay the sum of the live requests' sizes.
+    for seed in range(30):
+        rng = random.Random(seed)
+        s = fetcher(seed)
+        now, peers = 0.0, ["a", "b", "c"]
+        for p in peers:
+            s.peer_joined(p, Source.SWARM, now)
+            s.on_offer(p, rng.randrange(1, ALL + 1), now)
+        for _ in range(200):
+            now += rng.choice((0.0, 0.5, 11.0))
+            inflight = list(s._active.items())
+            op = rng.randrange(7)
+            if op == 0 or not inflight:
+                s.next_requests(now)
+            elif op == 1:
+                blob, peer = rng.choice(inflight)
+                s.on_arrived(peer, [blob])
+            elif op == 2:
+                blob, peer = rng.choice(inflight)
+                s.on_blobs(peer, [blob], now)
+            elif op == 3:
+                blob, peer = rng.choice(inflight)
+                s.on_missing(peer, blob, now)
+            elif op == 4:
+                blob, peer = rng.choice(inflight)
+                s.on_blob(peer, blob, False, now)
+            elif op == 5:
+                p = rng.choice(peers)
+                s.peer_left(p)
+                s.peer_joined(p, Source.SWARM, now)
+                s.on_offer(p, rng.randrange(1, ALL + 1), now)
+            else:
+                s.want(list(SIZES)[rng.randrange(8) :], [], now)
+            assert s._active_bytes == sum(s.index.sizes[b] for b in s._active)
