@@ -15,7 +15,8 @@ release replaces it (blobs already stored count for the new one).
    (offers.py), fed by the neighbours' ``HaveBits`` (or ``Have``, or an
    older peer's Announce) and telling them ours. A fetch starts as soon as
    the manifest is verified, so the neighbours hear "I am in" before a single
-   blob is here, and every blob that lands is offered onward (in batches).
+   blob is here, and every blob that lands is offered onward (in batches,
+   once committed: see 3).
 3. *Plan*: the swarm picks (peer, blobs) -- rarest first, a few in flight
    per neighbour and in all, re-planned on timeout. Blobs that fit a frame
    are asked for without a task of their own (``PeerConnection.send_request``):
@@ -38,7 +39,9 @@ release replaces it (blobs already stored count for the new one).
    (``ranged.get_ranged``) and streams them into the store
    (``BlobStore.put_stream``). Spooled blobs are made durable and committed to
    the store in batches (every ``COMMIT_SECONDS``; ``spool``), at the latest
-   before the release counts as complete; from then on they are servable.
+   before the release counts as complete; from then on they are servable,
+   and only then offered to the neighbours (``ReleaseSwarm.on_blobs`` with
+   ``servable=False``, then ``add_held``).
    A mismatch bans and disconnects the peer; a peer that does not answer
    within ``hard_timeout`` is disconnected; ChunkMissing just steers the
    swarm elsewhere.
@@ -431,16 +434,16 @@ class FetchManager:
         component = self._key_of(run.rf.man)
         landed: dict[bytes, list[int]] = {}
         fresh: dict[bytes, list[int]] = {}  # peer -> [bytes, blobs] of first copies
-        held, duplicate = swarm.held, 0
+        got, duplicate = swarm.index.all & ~swarm.wanted, 0
         for peer, digest, outcome in results:
             blob = swarm.index.position[digest]
             if outcome is True:  # servable once committed
                 landed.setdefault(peer, []).append(blob)
                 size = run.needed[digest]
-                if held >> blob & 1:  # held already: an end-game copy
+                if got >> blob & 1:  # here already: an end-game copy
                     duplicate += size
                 else:
-                    held |= 1 << blob
+                    got |= 1 << blob
                     count = fresh.setdefault(peer, [0, 0])
                     count[0] += size
                     count[1] += 1
@@ -452,7 +455,9 @@ class FetchManager:
                 failure = failure or outcome
             # else the connection ended: Offers.peer_left re-planned its blobs
         for peer, blobs in landed.items():
-            swarm.on_blobs(peer, blobs, now)
+            # Offered onward once committed (``commit``): a neighbour asking
+            # before would hear "missing" and never ask us for them again.
+            swarm.on_blobs(peer, blobs, now, servable=False)
         if landed:
             self._received(run.rf, landed, fresh, duplicate)
         return failure
@@ -477,15 +482,21 @@ class FetchManager:
                 info.blobs_in += len(all_blobs)
 
     async def commit(self) -> None:
-        """Make spooled blobs durable and commit them to the store."""
-        await self._links.offload(self.spool.commit)
+        """Make spooled blobs durable and commit them to the store; offer them."""
+        self._committed(await self._links.offload(self.spool.commit))
 
     def _committed(self, digests: list[bytes]) -> None:
-        """Blobs that went straight into the store (ranged transfers): servable now."""
+        """Blobs now in the store (committed, or streamed straight in by a ranged
+        transfer): servable, so offered to the neighbours."""
         now = trio.current_time()
         for rf in self.active.values():
             if rf.swarm is not None:
                 rf.swarm.add_held(rf.swarm.index.bits_of(digests), now)
+        if digests:
+            # Their offers are batched (have_interval) by the offers' timers,
+            # which sleep up to MAX_TICK_SECONDS unless told: neighbours that
+            # needed these from us waited up to 5 s.
+            self._offers.poke()
 
     # ----- reporting ------------------------------------------------------------
 

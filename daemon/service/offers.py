@@ -312,6 +312,11 @@ class Offers:
                 self.run(component, swarm.on_offer(peer, swarm.index.all, now, interested=False))
         self._wake.set()
 
+    def poke(self) -> None:
+        """A swarm changed outside these methods (blobs became servable): its
+        next batched offers may be due before the timers last computed."""
+        self._wake.set()
+
     # ----- time ------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -456,9 +456,15 @@ class ReleaseSwarm(Generic[P]):
         self._requeue(peer)
         return [Punish(peer, f"blob {self.index.digests[blob].hex()[:16]} failed its hash check")]
 
-    def on_blobs(self, peer: P, blobs: Iterable[int], now: float) -> None:
+    def on_blobs(self, peer: P, blobs: Iterable[int], now: float, servable: bool = True) -> None:
         """``peer`` sent these blobs and each passed its hash check (and was stored):
-        ``on_blob(..., ok=True)`` for each, with one update of what is held."""
+        ``on_blob(..., ok=True)`` for each, with one update of what is held.
+
+        ``servable=False``: they are here but cannot be served yet (written,
+        not yet committed): no longer wanted, and offered to nobody until
+        ``add_held`` says they can be. A neighbour that asked for a blob
+        offered too early would hear "missing" and never ask us for it again.
+        """
         state = self._peers.get(peer)
         bits = 0
         for blob in blobs:
@@ -469,7 +475,10 @@ class ReleaseSwarm(Generic[P]):
             bits |= 1 << blob
         if state is not None and bits:
             state.penalty = max(0.0, state.penalty - 0.25 * bits.bit_count())
-        self.add_held(bits, now)
+        if servable:
+            self.add_held(bits, now)
+        else:
+            self._got(bits & ~self.held)
 
     def on_missing(self, peer: P, blob: int, now: float) -> None:
         """``peer`` does not have ``blob`` after all: ask someone else, never it again."""
@@ -504,6 +513,13 @@ class ReleaseSwarm(Generic[P]):
         if not bits:
             return
         self.held |= bits
+        self._got(bits)
+        for p, state in self._peers.items():  # tell those still fetching
+            if state.interested and not state.banned and state.source is not Source.ANNOUNCE:
+                self._mark(p, now)
+
+    def _got(self, bits: int) -> None:
+        """These blobs are here: no longer wanted, in flight or landing."""
         got = bits & self.wanted
         if got:
             self.wanted &= ~got
@@ -513,9 +529,6 @@ class ReleaseSwarm(Generic[P]):
                 if blob in self._active:  # a late duplicate or another route
                     self._drop_active(blob)
                 self._landing.pop(blob, None)
-        for p, state in self._peers.items():  # tell those still fetching
-            if state.interested and not state.banned and state.source is not Source.ANNOUNCE:
-                self._mark(p, now)
 
     # ----- time -----------------------------------------------------------------
 
