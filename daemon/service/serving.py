@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from p2pupd.daemon.apply.engine import reusable_files
@@ -48,6 +49,8 @@ class Content:
         """``spelling``: how releases are named (ours, and variants carried for others)."""
         self.node = node
         self.spelling = spelling
+        # Blobs fetched and not yet committed (the fetch's ``Spool.read``).
+        self.spooled: Callable[[bytes, int], bytes | None] = lambda _d, _n: None
         self._held: dict[bytes, tuple[Path, int, int]] = {}  # chunk -> (file, offset, size)
         self._manifests: OrderedDict[tuple[str, int, str | None], bytes] = OrderedDict()
 
@@ -85,7 +88,7 @@ class Content:
             return self.node.store.read_blob(digest, max_bytes)
         held = self._held.get(digest)
         if held is None or held[2] > max_bytes:
-            return None
+            return self.spooled(digest, max_bytes)
         path, offset, size = held
         try:
             with open(path, "rb") as f:

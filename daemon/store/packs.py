@@ -543,7 +543,7 @@ class PackWriter:
         with self._lock:
             self._pending.append(entry)
 
-    def append_many(self, blobs: Sequence[tuple[bytes, bytes | memoryview, int]]) -> None:
+    def append_many(self, blobs: Sequence[tuple[bytes, bytes | memoryview, int]]) -> list[Entry]:
         """``append`` each verified ``(digest, data, xxh)``, as one contiguous write.
 
         A batch of received chunks goes down in one ``pwritev`` under the lock:
@@ -552,7 +552,7 @@ class PackWriter:
         blob is what lets two landing threads keep up with the wire. Records
         are written whole, header first, so a kill mid-write leaves one torn
         record at the end, which a salvage drops. Visible after ``commit``.
-        Raises ``StorageError``/``NoSpaceError``.
+        Returns where each record's bytes went. Raises ``StorageError``/``NoSpaceError``.
         """
         entries: list[Entry] = []
         iov: list[bytes | memoryview] = []
@@ -580,6 +580,7 @@ class PackWriter:
             self._pending.extend(entries)
         if flush >= 0:
             fsutil.start_writeback(self._fd, flush, start - flush)
+        return entries
 
     @property
     def fd(self) -> int:

@@ -55,6 +55,7 @@ from p2pupd.daemon import fsutil
 from p2pupd.daemon.errors import BundleError, DaemonError, StorageError
 from p2pupd.daemon.store import members, packfile
 from p2pupd.daemon.store.blobs import BLOB_MODE
+from p2pupd.daemon.store.packfile import Entry
 from p2pupd.daemon.store.packs import PackWriter, salvage_all
 from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.protocol import ids, limits
@@ -93,6 +94,9 @@ class Spool:
         self._open_lock = threading.Lock()
         self._writers: list[PackWriter] = []
         self._appended: dict[bytes, int] = {}  # digest -> size, in a pack, not committed
+        # Where put_batch's blobs lie until committed, so they can be served
+        # at once (``read``): a swarm relays a blob the moment it landed.
+        self._landed: dict[bytes, tuple[PackWriter, Entry]] = {}
         self._files: dict[bytes, int] = {}  # digest -> size, in STATE/spool, not committed
         self._dirfd: int | None = None
 
@@ -243,15 +247,41 @@ class Spool:
                 continue
             out.append(True)
         if packed:
+            writer = self._writer()
             try:
-                self._writer().append_many(packed)
+                entries = writer.append_many(packed)
             except DaemonError as exc:
                 with self._lock:
                     for digest, _, _ in packed:
                         self._appended.pop(digest, None)
                 for i in at:
                     out[i] = exc
+            else:
+                with self._lock:
+                    for e in entries:
+                        if e.digest in self._appended:  # not committed meanwhile
+                            self._landed[e.digest] = (writer, e)
         return out
+
+    def read(self, digest: bytes, max_bytes: int) -> bytes | None:
+        """A blob ``put_batch`` wrote and no commit has taken yet, or None.
+
+        Its sha256 was checked when it landed; its checksum is checked again
+        here, as the store does. Not durable yet: serving it is safe (every
+        receiver checks what it gets), keeping it is the commit's business.
+        """
+        with self._lock:
+            hit = self._landed.get(digest)
+        if hit is None or hit[1].size > max_bytes:
+            return None
+        writer, e = hit
+        try:
+            data = os.pread(writer.fd, e.size, e.offset)
+        except OSError:  # the writer failed and was closed meanwhile
+            return None
+        if len(data) != e.size or packfile.checksum(data) != e.xxh:
+            return None
+        return data
 
     def _put_file(self, data: bytes, digest: bytes) -> None:
         name = digest.hex()
@@ -377,6 +407,7 @@ class Spool:
             # and may be spooled again, into another pack.
             with self._lock:
                 self._appended.clear()
+                self._landed.clear()
                 self._writers = [x for x in self._writers if x not in writers]
             for w in writers:
                 w.close()
@@ -385,6 +416,7 @@ class Spool:
             with self._lock:
                 for d in done:
                     self._appended.pop(d, None)
+                    self._landed.pop(d, None)
         if files:
             done += self._commit_files(files)
         self._retire()
@@ -434,6 +466,7 @@ class Spool:
         with self._lock:
             writers, files = list(self._writers), list(self._files)
             self._appended.clear()
+            self._landed.clear()
             self._files.clear()
         for w in writers:
             w.abort()
@@ -447,6 +480,7 @@ class Spool:
         directory goes when it is empty."""
         with self._lock:
             writers, self._writers = self._writers, []
+            self._landed.clear()
         for w in writers:
             w.close()
         if clear and self._dirfd is not None:

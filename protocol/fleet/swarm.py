@@ -456,14 +456,12 @@ class ReleaseSwarm(Generic[P]):
         self._requeue(peer)
         return [Punish(peer, f"blob {self.index.digests[blob].hex()[:16]} failed its hash check")]
 
-    def on_blobs(self, peer: P, blobs: Iterable[int], now: float, servable: bool = True) -> None:
+    def on_blobs(self, peer: P, blobs: Iterable[int], now: float) -> None:
         """``peer`` sent these blobs and each passed its hash check (and was stored):
         ``on_blob(..., ok=True)`` for each, with one update of what is held.
 
-        ``servable=False``: they are here but cannot be served yet (written,
-        not yet committed): no longer wanted, and offered to nobody until
-        ``add_held`` says they can be. A neighbour that asked for a blob
-        offered too early would hear "missing" and never ask us for it again.
+        Held means servable: they are offered to the neighbours next, and one
+        that asks and hears "missing" never asks us for that blob again.
         """
         state = self._peers.get(peer)
         bits = 0
@@ -475,10 +473,7 @@ class ReleaseSwarm(Generic[P]):
             bits |= 1 << blob
         if state is not None and bits:
             state.penalty = max(0.0, state.penalty - 0.25 * bits.bit_count())
-        if servable:
-            self.add_held(bits, now)
-        else:
-            self._got(bits & ~self.held)
+        self.add_held(bits, now)
 
     def on_missing(self, peer: P, blob: int, now: float) -> None:
         """``peer`` does not have ``blob`` after all: ask someone else, never it again."""

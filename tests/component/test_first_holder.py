@@ -4,9 +4,10 @@ Four in-process nodes, every pair linked, under MockClock: the real Session,
 swarm, fetch, spool and store. The node that imports the release is its first
 holder and offers each neighbour different blobs (super-seeding), so the
 neighbours must relay the rest among themselves. Two faults made them wait:
-a node offered blobs it had received but not yet committed, and a neighbour
-that asked too soon heard "missing" and never asked it again; and blobs that
-became servable waited for the offers' timer, up to 5 s, to be offered.
+a node offered the blobs it received before it could serve them (they were
+not committed yet), and a neighbour that asked too soon heard "missing" and
+never asked it again (they are served from the spool now); and new blobs
+waited for the offers' timer, up to 5 s, to be offered.
 """
 
 from __future__ import annotations

@@ -361,6 +361,31 @@ def test_put_batch_reports_each_blob_in_order(tmp_path: Path, store: PackStore) 
     spool.close()
 
 
+def test_a_landed_blob_is_served_from_the_spool_until_its_commit(
+    tmp_path: Path, store: PackStore
+) -> None:
+    # A swarm relays a blob the moment it landed: offered only after the
+    # commit, every hop would wait for it; offered before and not readable,
+    # the neighbour that asked would hear "missing" and never ask again.
+    spool = Spool(tmp_path / "state", store)
+    spool.open()
+    a, b = blobs(2, size=30 * KiB, seed=11)
+    assert spool.put_batch([(sha(a), a)]) == [True]
+    assert not store.has(sha(a)) and spool.read(sha(a), 1 << 20) == a
+    assert spool.read(sha(a), 1000) is None  # larger than the caller takes
+    assert spool.read(sha(b), 1 << 20) is None  # never landed
+    assert spool.commit() == [sha(a)]
+    assert spool.read(sha(a), 1 << 20) is None and store.get_bytes(sha(a)) == a
+    # Rot between landing and reading is caught (the record's checksum).
+    assert spool.put_batch([(sha(b), b)]) == [True]
+    writer, entry = spool._landed[sha(b)]
+    os.pwrite(writer.fd, b"\x00" * 8, entry.offset)
+    assert spool.read(sha(b), 1 << 20) is None
+    spool.discard()  # a refused batch: nothing of it is served
+    assert spool.read(sha(b), 1 << 20) is None and not spool._landed
+    spool.close()
+
+
 def test_copy_batch_spools_a_run_and_names_the_blob_that_fails(
     tmp_path: Path, store: PackStore
 ) -> None:

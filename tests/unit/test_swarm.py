@@ -387,21 +387,3 @@ def test_the_bytes_in_flight_stay_the_sum_of_the_live_requests() -> None:
                 s.want(list(SIZES)[rng.randrange(8) :], [], now)
             assert s._active_bytes == sum(s.index.sizes[b] for b in s._active)
 
-
-def test_blobs_not_yet_servable_are_not_offered_until_they_are() -> None:
-    # A fetching node's received blobs are written but not committed for a
-    # moment: a neighbour asking then would hear "missing" and never ask again.
-    s = fetcher()
-    s.peer_joined("a", Source.SWARM, 0.0)
-    s.peer_joined("b", Source.SWARM, 0.0)
-    s.on_offer("a", ALL, 0.0)
-    s.on_offer("b", 0, 0.0)  # b is fetching too, and has nothing
-    s.tick(1.0)
-    asked = fetched(s.next_requests(1.0))["a"]
-    s.on_blobs("a", asked, 1.1, servable=False)
-    assert not s.wanted & bits(*asked) and not s.held & bits(*asked)
-    assert not [a for a in s.tick(2.0) if isinstance(a, Offer) and a.bits & bits(*asked)]
-    assert not set(fetched(s.next_requests(2.0)).get("a", ())) & set(asked)  # not asked again
-    s.add_held(bits(*asked), 2.1)  # committed
-    told = [a for a in s.tick(2.7) if isinstance(a, Offer) and a.peer == "b"]
-    assert told and told[0].bits == bits(*asked)
