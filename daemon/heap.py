@@ -60,7 +60,7 @@ def keep() -> bool:
 
 def settle() -> None:
     """Take what the daemon made while starting (its modules, classes and
-    functions: about 50,000 objects that live as long as it does) out of the
+    functions: about 44,000 objects that live as long as it does) out of the
     cyclic collector's generations. A full collection walks every object it
     tracks while it holds the interpreter lock, so every one of them would
     stall a transfer's event loop and landers for 15-22 ms (measured) to

@@ -436,16 +436,16 @@ class FetchManager:
         component = self._key_of(run.rf.man)
         landed: dict[bytes, list[int]] = {}
         fresh: dict[bytes, list[int]] = {}  # peer -> [bytes, blobs] of first copies
-        got, duplicate = swarm.index.all & ~swarm.wanted, 0
+        held, duplicate = swarm.held, 0
         for peer, digest, outcome in results:
             blob = swarm.index.position[digest]
-            if outcome is True:  # servable once committed
+            if outcome is True:  # in the spool: servable from there until committed
                 landed.setdefault(peer, []).append(blob)
                 size = run.needed[digest]
-                if got >> blob & 1:  # here already: an end-game copy
+                if held >> blob & 1:  # held already: an end-game copy
                     duplicate += size
                 else:
-                    got |= 1 << blob
+                    held |= 1 << blob
                     count = fresh.setdefault(peer, [0, 0])
                     count[0] += size
                     count[1] += 1
@@ -457,7 +457,7 @@ class FetchManager:
                 failure = failure or outcome
             # else the connection ended: Offers.peer_left re-planned its blobs
         for peer, blobs in landed.items():
-            swarm.on_blobs(peer, blobs, now)  # servable from the spool at once
+            swarm.on_blobs(peer, blobs, now)
         if landed:
             self._received(run.rf, landed, fresh, duplicate)
         return failure

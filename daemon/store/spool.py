@@ -247,8 +247,8 @@ class Spool:
                 continue
             out.append(True)
         if packed:
-            writer = self._writer()
             try:
+                writer = self._writer()
                 entries = writer.append_many(packed)
             except DaemonError as exc:
                 with self._lock:

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _store import rewrite_packed
 
-from p2pupd.daemon.errors import CorruptStoreError
+from p2pupd.daemon.errors import CorruptStoreError, StorageError
 from p2pupd.daemon.store import packfile
 from p2pupd.daemon.store.blobs import BlobStore
 from p2pupd.daemon.store.packs import PackIndex, PackWriter
@@ -383,6 +383,26 @@ def test_a_landed_blob_is_served_from_the_spool_until_its_commit(
     assert spool.read(sha(b), 1 << 20) is None
     spool.discard()  # a refused batch: nothing of it is served
     assert spool.read(sha(b), 1 << 20) is None and not spool._landed
+    spool.close()
+
+
+def test_a_pack_that_cannot_be_opened_fails_the_batch_and_releases_its_blobs(
+    tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path / "state", store)
+    spool.open()
+    (a,) = blobs(1, size=10 * KiB, seed=12)
+
+    def no_room() -> PackWriter:
+        raise StorageError("no room for a pack")
+
+    monkeypatch.setattr(spool, "_writer", no_room)
+    (outcome,) = spool.put_batch([(sha(a), a)])
+    assert isinstance(outcome, StorageError)
+    monkeypatch.undo()
+    # Not left claimed: the next batch stores it.
+    assert spool.put_batch([(sha(a), a)]) == [True]
+    assert spool.commit() == [sha(a)] and store.get_bytes(sha(a)) == a
     spool.close()
 
 

@@ -68,6 +68,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 MiB = 1024 * 1024
@@ -286,26 +287,30 @@ def transfer(
     return max(t1 - t0, 1e-3), blobs, per_chunk, t2 - t1, peak_b, idles
 
 
+def yardstick_pair(total: int, stem: Path, out: list[float]) -> None:
+    """The yardstick twice, right before a receiver starts: the second run is
+    that transfer's pair, measured as the machine stands now, and both leave
+    the page cache as they found it for the daemon (see "Pairs")."""
+    out += [plain_socket(total, stem.with_name(f"{stem.name}-{k}")) for k in range(2)]
+
+
 def first_holder(sa: Path, sb: Path, sc: Path, bundle: Path) -> tuple[float, float]:
     """Seconds from ``fetch-started`` to ``release-complete`` at ``sb`` when the
     release reaches ``sa`` by an import while both daemons run and are linked
     (``sa`` is its first holder: it super-seeds, protocol/fleet/swarm.py); then
     the same from ``sa`` restarted (no longer its first holder) to ``sc``,
     right after, as the machine stands then (no yardstick pair before either)."""
-    times = []
-    for receiver in (sb, sc):
-        a = Daemon(sa)
-        b = Daemon(receiver, "--peer", f"127.0.0.1:{a.port}")
-        try:
-            if receiver == sb:
-                b.wait("event=peer-connected", 30)
-                cli("import", bundle, "--state-dir", sa)
-            t0 = b.stamp("fetch-started", 60)
-            times.append(max(b.stamp("release-complete", 600) - t0, 1e-3))
-        finally:
-            b.stop()
-            a.stop()
-    return times[0], times[1]
+    a = Daemon(sa)
+    b = Daemon(sb, "--peer", f"127.0.0.1:{a.port}")
+    try:
+        b.wait("event=peer-connected", 30)
+        cli("import", bundle, "--state-dir", sa)
+        t0 = b.stamp("fetch-started", 60)
+        first = max(b.stamp("release-complete", 600) - t0, 1e-3)
+    finally:
+        b.stop()
+        a.stop()
+    return first, transfer(sa, sc)[0]
 
 
 def run(base: Path, mb: int, idle_seconds: float, runs: int) -> list[tuple[str, str]]:
@@ -347,17 +352,8 @@ def run(base: Path, mb: int, idle_seconds: float, runs: int) -> list[tuple[str, 
         for mode, seed in seeds.items():
             receiver = node(f"{'t' if mode == 'tls' else ''}b{i}")
             just_before: list[float] = []
-
-            def yardstick(i: int = i, mode: str = mode, out: list[float] = just_before) -> None:
-                # Right before the receiver starts, the yardstick twice: the
-                # second run is this transfer's pair, measured as the machine
-                # stands now, and both leave the page cache as they found it
-                # for the daemon (see "Pairs" in the module docstring).
-                out += [plain_socket(total, base / f"append-{mode}{i}-{k}") for k in range(2)]
-
-            res = transfer(
-                seed, receiver, idle_seconds if (i, mode) == (0, "plain") else 0.0, yardstick
-            )
+            pair = partial(yardstick_pair, total, base / f"append-{mode}{i}", just_before)
+            res = transfer(seed, receiver, idle_seconds if (i, mode) == (0, "plain") else 0.0, pair)
             appends += just_before
             # Each run starts as the references did: without the last one's
             # 200 MiB in the page cache and on the disk.
@@ -411,7 +407,8 @@ def run(base: Path, mb: int, idle_seconds: float, runs: int) -> list[tuple[str, 
         ("CPU per chunk, seed / receiver", f"{per_chunk[0]:8.0f} us  {per_chunk[1]:.0f} us"),
         (
             f"  CPU-bound rate on {os.cpu_count()} cores at that cost",
-            f"{gb / (int(blobs) * sum(per_chunk) / 1e6 / (os.cpu_count() or 1)):8.2f} GB/s",
+            # CPU is sampled in clock ticks: a small --mb may show none.
+            f"{gb / max(int(blobs) * sum(per_chunk) / 1e6 / (os.cpu_count() or 1), 1e-9):8.2f} GB/s",
         ),
         (
             "daemon -> daemon, TLS 1.3 (site members)",
@@ -424,8 +421,8 @@ def run(base: Path, mb: int, idle_seconds: float, runs: int) -> list[tuple[str, 
         ),
         (
             "CPU-bound estimate: plain / TLS CPU",
-            f"{100 * per_chunk[0] / tls_chunk[0]:8.1f} %  "
-            f"{100 * per_chunk[1] / tls_chunk[1]:.1f} % (seed, receiver)",
+            f"{100 * per_chunk[0] / max(tls_chunk[0], 1e-9):8.1f} %  "
+            f"{100 * per_chunk[1] / max(tls_chunk[1], 1e-9):.1f} % (seed, receiver)",
         ),
         (
             "first holder (imported while running) -> its one neighbour",
