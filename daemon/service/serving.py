@@ -88,7 +88,13 @@ class Content:
             return self.node.store.read_blob(digest, max_bytes)
         held = self._held.get(digest)
         if held is None or held[2] > max_bytes:
-            return self.spooled(digest, max_bytes)
+            data = self.spooled(digest, max_bytes)
+            if data is None and self.node.store.has(digest):
+                # Committed between the two looks: the spool's commit runs in a
+                # worker thread, indexes the blob, then forgets it. Answering
+                # "missing" here would make the asker never ask us for it again.
+                return self.node.store.read_blob(digest, max_bytes)
+            return data
         path, offset, size = held
         try:
             with open(path, "rb") as f:

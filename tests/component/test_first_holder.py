@@ -12,6 +12,7 @@ waited for the offers' timer, up to 5 s, to be offered.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import trio
@@ -77,3 +78,24 @@ async def test_neighbours_of_a_first_holder_relay_at_once(
     # Commits every 0.25 s and offers batched by 0.05 s: well under a second
     # of (virtual) time each round; before, up to 5 s per round of relays.
     assert took < 2.0, took
+
+
+def test_a_blob_committed_between_the_two_looks_is_served_not_missing(tmp_path: Path) -> None:
+    """Content looks in the store, then in the spool; the spool's commit (a worker
+    thread) may move the blob from one to the other in between. It is served
+    from the store then: "missing" would make the asker never ask us again."""
+    site = Site(tmp_path)
+    state, _ = site.node("n0")
+    svc = make_service(state, seed=0)
+    data = b"landed, then committed meanwhile" * 100
+    digest = hashlib.sha256(data).digest()
+
+    def committed_meanwhile(d: bytes, max_bytes: int) -> bytes | None:
+        svc.node.store.put_bytes(data, d)  # the commit took it from the spool
+        return None
+
+    svc.content.spooled = committed_meanwhile
+    assert svc.content.read_blob(digest, len(data)) == data
+    other = hashlib.sha256(b"never landed").digest()
+    svc.content.spooled = lambda d, n: None
+    assert svc.content.read_blob(other, 1 << 20) is None
