@@ -181,6 +181,7 @@ class PeerConnection:
         self._waiters: dict[int, AnswerFn] = {}
         # send_request's requests: request id -> (give up at, timeout).
         self._deadlines: dict[int, tuple[float, float]] = {}
+        self._answered_at = -math.inf  # when the peer last answered any request
         self._backlog: deque[tuple[Callable[[Session], Request], AnswerFn, float]] = deque()
         self._watch: trio.CancelScope | None = None  # the watchdog's sleep
         self._slots = trio.lowlevel.ParkingLot()
@@ -373,7 +374,15 @@ class PeerConnection:
             self.close(f"said nothing for {FIRST_MESSAGE_SECONDS:.0f}s", ERR_REFUSED)
 
     async def _watchdog(self) -> None:
-        """End the connection when a ``send_request`` request is not answered in time."""
+        """End the connection when the peer stops answering ``send_request`` requests.
+
+        A request is late once its timeout passed since it was sent *and*
+        since the peer last answered anything: a peer answers in order, so
+        on a slow link a request waits behind the answers before it (a deep
+        window of requests at 25 kB/s is minutes of them) while the peer is
+        plainly alive. Which requests are worth waiting for is the swarm's
+        business (it re-plans a blob after its own, shorter timeout).
+        """
         while True:
             soonest = min((d for d, _ in self._deadlines.values()), default=math.inf)
             with trio.CancelScope(deadline=soonest) as scope:
@@ -381,10 +390,16 @@ class PeerConnection:
                 await trio.sleep_forever()
             self._watch = None
             now = trio.current_time()
-            late = [t for d, t in self._deadlines.values() if d <= now]
-            if late:
-                self.close(f"request failed: no answer within {min(late):.0f}s")
-                return
+            late = [(rid, t) for rid, (d, t) in self._deadlines.items() if d <= now]
+            if not late:
+                continue
+            quiet = now - self._answered_at
+            if all(quiet < t for _, t in late):  # still answering: queued behind those
+                for rid, t in late:
+                    self._deadlines[rid] = (self._answered_at + t, t)
+                continue
+            self.close(f"request failed: no answer within {min(t for _, t in late):.0f}s")
+            return
 
     async def _writer(self) -> None:
         gather = WRITE_BYTES if self.limits.upload is None else COALESCE_BYTES
@@ -475,11 +490,12 @@ class PeerConnection:
                 raise LocalProtocolError("request queue overflow") from None
         elif isinstance(msg, Response):
             rid = msg.request_id
+            self._answered_at = self.last_seen  # the read that carried it
             if self.session.in_flight(rid):  # a batch: more answers to come
                 on_answer = self._waiters.get(rid)
                 timing = self._deadlines.get(rid)
                 if timing is not None:  # the clock restarts for the next answer
-                    self._deadlines[rid] = (trio.current_time() + timing[1], timing[1])
+                    self._deadlines[rid] = (self._answered_at + timing[1], timing[1])
             else:
                 on_answer = self._waiters.pop(rid, None)
                 self._deadlines.pop(rid, None)

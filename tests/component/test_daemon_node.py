@@ -222,6 +222,42 @@ async def test_bandwidth_cap_slows_the_transfer_to_its_rate(
     assert (moved - 64 * 1024) / 50_000 * 0.9 <= elapsed <= moved / 50_000 * 1.5
 
 
+async def test_a_slow_link_the_receiver_was_not_told_of_is_not_dropped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A sole source is asked for up to 12 MiB at once. At 25 kB/s (the seed's
+    cap; the receiver knows nothing of it) the last of those requests waits
+    minutes behind the answers before it. The receiver used to drop the link
+    once a request went 120 s unanswered, though answers kept coming, and the
+    release never arrived; a request is late only when the peer went quiet."""
+    site = Site(tmp_path)
+    site.publish("1.0", random_tree(3, files=8, size=1_750_000))  # ~180 blobs: 3 batches
+    (sa, _), (sb, _) = site.node("a"), site.node("b")
+    api.import_dir(sa, site.bundle("v1"))
+    a = make_service(sa, 1, bandwidth_limit=25_000)
+    b = make_service(sb, 2)
+    events: list[str] = []
+    stop = observe(lambda event, _: events.append(event))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.serve)
+            await nursery.start(b.serve)
+            start = trio.current_time()
+            link(nursery, b, a)
+            await wait_until(
+                lambda: b.lifecycle.complete.get("app", (0,))[0] == 1, timeout=1200, step=1.0
+            )
+            elapsed = trio.current_time() - start
+            closed = events.count("peer-closed")
+            nursery.cancel_scope.cancel()
+    finally:
+        stop()
+    got = b.fetch.received["app"]
+    assert got.bytes > 13_000_000 and got.duplicate_bytes == 0
+    assert closed == 0
+    assert elapsed <= got.bytes / 25_000 * 1.1  # the link's rate, no restarts
+
+
 async def test_nodes_of_the_previous_version_still_swarm_with_new_ones(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -142,6 +142,43 @@ async def test_no_answer_in_time_ends_the_connection_and_tells_the_requester(
     assert not client.send_request(lambda s: s.request_chunk(D1), got.append, 7)
 
 
+class SlowServer(Server):
+    """Answers each request ``delay`` seconds after taking it up, one at a time."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def answer(self, conn: PeerConnection, req: Request) -> Response:
+        if not self.silent:
+            await trio.sleep(self.delay)
+        return await super().answer(conn, req)
+
+
+async def test_requests_queued_behind_answers_are_waited_for_until_the_peer_goes_quiet(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer answers in order: on a slow link the last of many requests waits
+    far longer than the timeout behind the others while answers keep coming.
+    The connection ends only once the peer answered nothing for the timeout."""
+    server = SlowServer(delay=5)
+    client = await connect(nursery, server)
+    got: list[Response | None] = []
+    start = trio.current_time()
+    for _ in range(4):  # answered at 5, 10, 15 and 20 s: the last 20 s after it was sent
+        assert client.send_request(lambda s: s.request_chunk(D1), got.append, 7)
+    await wait_until(lambda: len(got) == 4, timeout=60, step=0.5)
+    assert all(isinstance(r, ChunkData) for r in got) and not client.closed
+    assert 20 <= trio.current_time() - start < 21
+    server.silent = True
+    answered = trio.current_time()
+    assert client.send_request(lambda s: s.request_chunk(D1), got.append, 7)
+    await wait_until(lambda: client.closed, timeout=60, step=0.5)
+    assert 7 <= trio.current_time() - answered < 9
+    assert client.reason == "request failed: no answer within 7s"
+    assert got[4:] == [None]
+
+
 async def test_a_served_release_of_many_chunks_needs_no_idle_waits(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
