@@ -238,7 +238,9 @@ class PeerConnection:
         """Send the request ``build(session)`` makes and return the peer's answer.
 
         Waits for a free in-flight slot first. Raises ``TransferError`` if the
-        connection ends or no answer comes within ``timeout`` seconds.
+        connection ends or no answer comes within ``timeout`` seconds -- of
+        its sending and of the peer's last answer to anything, as for
+        ``send_request`` (see ``_watchdog``).
         """
         while not self.session.can_request:
             if self.closed or self.session.state is not State.OPEN:
@@ -255,8 +257,13 @@ class PeerConnection:
         try:
             if not self.post(req):
                 raise TransferError(f"connection to {self.address} is closed")
-            with trio.move_on_after(timeout):
-                await event.wait()
+            deadline = trio.current_time() + timeout
+            while True:
+                with trio.move_on_at(deadline):
+                    await event.wait()
+                if event.is_set() or self.closed or self._answered_at + timeout <= deadline:
+                    break
+                deadline = self._answered_at + timeout  # answering others: queued behind
         finally:
             if not event.is_set():  # timed out, cancelled or never sent
                 self._waiters.pop(req.request_id, None)

@@ -5,6 +5,7 @@ expired releases skipped without fault."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,32 @@ async def test_blobs_and_manifests_larger_than_a_frame_travel_in_pieces(
     assert Node(sb).store.get_bytes(digest) == big
     assert envelope == Node(sa).releases.get_bytes("app", 1)
     assert not list(Node(sb).store.tmp_dir.iterdir())  # spool files cleaned up
+
+
+async def test_a_large_blob_crosses_a_slow_link_in_pieces_queued_behind_each_other(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Four 1 MiB pieces are asked for at once; at 25 kB/s the fourth comes
+    168 s after it was asked for, while the pieces before it keep arriving.
+    It is waited for: only a peer that answers nothing for the timeout is
+    given up on (a patch of a few MB never crossed such a link before)."""
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    big = random.Random(5).randbytes(6 * 1024 * 1024 + 99)
+    digest = Node(sa).store.put_bytes(big)
+    a, b = make_service(sa, 1, bandwidth_limit=25_000), make_service(sb, 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        await wait_until(lambda: bool(b.conns), timeout=10, step=0.1)
+        conn = next(iter(b.conns.values()))
+        start = trio.current_time()
+        assert await get_ranged(conn, digest, len(big), b.node.store, b.offload, 120) is True
+        elapsed = trio.current_time() - start
+        assert not conn.closed
+        nursery.cancel_scope.cancel()
+    assert Node(sb).store.get_bytes(digest) == big
+    assert elapsed <= len(big) / 25_000 * 1.1
 
 
 async def test_a_peer_breaking_the_protocol_is_banned_and_the_node_carries_on(
