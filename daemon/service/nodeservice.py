@@ -248,8 +248,9 @@ class NodeService:
                 if man.serial > known.get(key, (0, b""))[0]:
                     known[key] = (man.serial, digest)
             self.gossip.load(known)
+            read = {(man.component, man.serial): man for man in scan.held}
             for component, (serial, digest) in scan.holdings.items():
-                self.offers.holding(component, serial, digest)
+                self.offers.holding(component, serial, digest, read.get((component, serial)))
             await nursery.start(self.rollout.serve)
             await nursery.start(self.report_gossip.serve)
             await nursery.start(self.gossip.serve)

@@ -70,6 +70,27 @@ async def test_restart_resumes_from_what_is_stored(
     assert sorted(p.name for p in tb.iterdir()) == sorted(f"f{i}.bin" for i in range(4))
 
 
+async def test_a_held_release_is_served_without_reading_its_manifest_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The start-up scan read the held release's manifest. The first peer's
+    # offer must not read, decode and check it again on the event loop (7 ms
+    # for 2,655 chunks, which every connection and that peer waited out).
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    reads: list[tuple[str, int]] = []
+    stored = a.offers._manifest
+    a.offers._manifest = lambda key, serial: (reads.append((key, serial)), stored(key, serial))[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        nursery.cancel_scope.cancel()
+    assert a.offers.releases["app"].swarm is not None  # b was served from a's swarm
+    assert reads == []
+
+
 async def test_blobs_and_manifests_larger_than_a_frame_travel_in_pieces(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
