@@ -6,6 +6,7 @@ second ``PackIndex`` of the same directory (it shares nothing in memory)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from _store import rewrite_packed
 from p2pupd.daemon.errors import CorruptStoreError, StorageError
 from p2pupd.daemon.store import packfile
 from p2pupd.daemon.store.blobs import BlobStore
-from p2pupd.daemon.store.packs import PackIndex, PackWriter
+from p2pupd.daemon.store.packs import WRITEBACK_BYTES, PackIndex, PackWriter
 from p2pupd.daemon.store.packstore import PackStore
 from p2pupd.daemon.store.spool import Spool
 from p2pupd.protocol.errors import HashMismatchError
@@ -318,6 +319,29 @@ def test_a_batch_goes_down_as_whole_records_beside_single_appends(store: PackSto
     assert all(store.get_bytes(sha(d)) == d for d in data)
     w.close()
     assert store.fsck(full=True).clean
+
+
+def test_writeback_is_started_as_a_writer_goes_so_its_commit_has_little_left(
+    store: PackStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        "p2pupd.daemon.fsutil.start_writeback",
+        lambda fd, offset=0, length=0: started.append((offset, length)),
+    )
+    w = store.writer()
+    batch = 60
+    for i in range(40):  # 40 batches of 60 x 20 KiB: 47 MiB
+        w.append_many([(sha(d), d, packfile.checksum(d)) for d in blobs(batch, seed=1000 + i)])
+    end = os.fstat(w.fd).st_size
+    # Contiguous ranges from the first record on, none left out ...
+    assert started[0][0] == packfile.PACK_HEADER.size
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(started))
+    # ... leaving the commit's flush at most WRITEBACK_BYTES and one batch.
+    flushed = started[-1][0] + started[-1][1]
+    assert end - flushed < WRITEBACK_BYTES + batch * (20 * KiB + packfile.RECORD.size)
+    assert len(w.commit()) == 40 * batch
+    w.close()
 
 
 def test_a_batch_cut_off_mid_write_leaves_whole_records_and_drops_the_torn_one(
