@@ -33,7 +33,8 @@ is in flight and few remain (``endgame_blobs``), an idle neighbour that
 offers one is asked for it too (BitTorrent's end game). A request
 not answered in ``request_timeout`` is re-planned to another holder (the
 slot stays taken until the peer answers: it still counts the request); a
-slow peer's cap halves per timeout. ``ChunkMissing`` steers elsewhere; bad
+slow peer's cap halves per timeout. ``ChunkMissing`` steers elsewhere (that
+peer is asked again for what it had offered after ``lack_seconds``); bad
 data (``ok=False``) is punished by the caller (ban) and re-planned.
 
 An answer ends its request twice: when its bytes arrive (``on_arrived``:
@@ -103,6 +104,11 @@ class SwarmConfig:
     seed_pipeline: int = 32
     starve_after: float = 2.0
     endgame_blobs: int = 8  # when this few remain (all in flight), ask idle holders too
+    # How long a ChunkMissing stands: then what the peer had offered is asked
+    # of it again. Its store may have failed a read, or the blob was between
+    # its spool and its store; for good, a fetch whose only holder once said
+    # "missing" waited until the link broke.
+    lack_seconds: float = 60.0
 
     def for_rate(self, rate: float | None) -> SwarmConfig:
         """These rules for a node whose download is capped at ``rate`` bytes/s:
@@ -149,7 +155,9 @@ Action = Fetch[P] | Offer[P] | Punish[P]
 class _Peer:
     source: Source
     offers: int = 0  # what it offers us
-    lacks: int = 0  # said ChunkMissing for these
+    lacks: int = 0  # said ChunkMissing for these (for lack_seconds from lacks_at)
+    lacks_at: float = 0.0
+    withdrawn: int = 0  # of those, what it had offered: offered again when they expire
     told: int = 0  # what we offered it
     told_any: bool = False
     heard: bool = False  # it said something about this release
@@ -193,6 +201,7 @@ class ReleaseSwarm(Generic[P]):
         self._doubled: set[int] = set()  # blobs also asked of a second peer (end game)
         self._unoffered = self.index.all  # first holder: offered to nobody yet
         self._next_flush: float | None = None
+        self._lacks_due = math.inf  # the first ChunkMissing to expire
         # Peers with something new to be told, in the order they became so (a
         # dict, not a set: the same events give the same actions in the same order).
         self._dirty: dict[P, None] = {}
@@ -261,6 +270,8 @@ class ReleaseSwarm(Generic[P]):
             waits = [s.progress_at for s in self._peers.values() if s.interested and not s.starved]
             if waits:
                 times.append(min(waits) + self.config.starve_after)
+        if self.wanted and self._lacks_due < math.inf:
+            times.append(self._lacks_due)
         return min(times, default=None)
 
     # ----- neighbours -----------------------------------------------------------
@@ -320,6 +331,8 @@ class ReleaseSwarm(Generic[P]):
         """Blobs to ask for now (see the module docstring); expires timed-out requests."""
         if self._active:
             self._expire(now)
+        if now >= self._lacks_due:
+            self._forgive(now)
         cfg = self.config
         budget = cfg.max_in_flight - len(self._active)
         wanted = self.wanted
@@ -476,15 +489,20 @@ class ReleaseSwarm(Generic[P]):
         self.add_held(bits, now)
 
     def on_missing(self, peer: P, blob: int, now: float) -> None:
-        """``peer`` does not have ``blob`` after all: ask someone else, never it again."""
+        """``peer`` does not have ``blob`` after all: ask someone else, and it
+        only once ``lack_seconds`` have passed (``_forgive``)."""
         state = self._peers.get(peer)
         if state is None:
             return
         state.slots.pop(blob, None)
         bit = 1 << blob
+        if not state.lacks:
+            state.lacks_at = now
+            self._lacks_due = min(self._lacks_due, now + self.config.lack_seconds)
         state.lacks |= bit
         if state.offers & bit:
             state.offers &= ~bit
+            state.withdrawn |= bit
             self._bump(blob, -1)
         state.penalty += 0.25
         if self._active.get(blob) == peer:
@@ -660,6 +678,23 @@ class ReleaseSwarm(Generic[P]):
         for blob in iter_bits(state.offers):
             self._bump(blob, -1)
         state.offers = 0
+
+    def _forgive(self, now: float) -> None:
+        """End the ChunkMissing answers older than ``lack_seconds``: what those
+        peers had offered counts as offered again."""
+        due = math.inf
+        for state in self._peers.values():
+            if not state.lacks:
+                continue
+            if now < state.lacks_at + self.config.lack_seconds:
+                due = min(due, state.lacks_at + self.config.lack_seconds)
+                continue
+            back = state.withdrawn & ~state.offers
+            state.lacks = state.withdrawn = 0
+            if back and not state.banned:
+                state.offers |= back
+                self._add_offers(back)
+        self._lacks_due = due
 
     def _add_offers(self, bits: int) -> None:
         for blob in iter_bits(bits):

@@ -91,6 +91,35 @@ async def test_a_held_release_is_served_without_reading_its_manifest_again(
     assert reads == []
 
 
+async def test_a_blob_its_only_holder_once_said_was_missing_is_asked_for_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # a fails one read (a disk hiccup): b hears ChunkMissing for a blob that
+    # only a has. b asks again after lack_seconds instead of waiting forever.
+    _, (sa, _), (sb, _) = two_nodes(tmp_path)
+    a, b = make_service(sa, 1), make_service(sb, 2)
+    read = a.content.read_blob
+    failed: list[bytes] = []
+
+    def flaky(digest: bytes, max_bytes: int) -> bytes | None:
+        if not failed:
+            failed.append(digest)
+            return None
+        return read(digest, max_bytes)
+
+    a.content.read_blob = flaky  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        start = trio.current_time()
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert failed and b.node.store.has(failed[0])
+    assert SwarmConfig().lack_seconds <= took < SwarmConfig().lack_seconds + 10
+
+
 async def test_blobs_and_manifests_larger_than_a_frame_travel_in_pieces(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -116,11 +116,41 @@ def test_missing_steers_elsewhere_and_bad_data_is_punished() -> None:
     got = fetched(s.next_requests(0.0))
     holder = next(p for p, blobs in got.items() if 1 in blobs)
     s.on_missing(holder, 1, 0.1)
-    s.on_offer(holder, bits(1), 0.2)  # said it lacks it: its offer is not believed again
+    s.on_offer(holder, bits(1), 0.2)  # said it lacks it: its offer is not believed (yet)
     assert s.offered_by(holder) & bits(1) == 0
     acts = s.on_blob("b", 2, False, 0.3)
     assert acts and isinstance(acts[0], Punish) and acts[0].peer == "b"
     assert s.unavailable() & bits(2)  # nobody else offers it
+
+
+def test_a_sole_holder_that_said_missing_is_asked_again_after_a_while() -> None:
+    # Its store failed a read, or the blob was between its spool and its
+    # store: the one peer that has it must not be written off for good.
+    s = fetcher(wanted=[bytes([1]) * 32, bytes([2]) * 32])
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", bits(1, 2), 0.0)
+    assert sorted(fetched(s.next_requests(0.0))["a"]) == [1, 2]
+    s.on_missing("a", 1, 0.1)
+    s.on_blobs("a", [2], 0.1)
+    assert s.next_requests(1.0) == [] and s.unavailable() == bits(1)
+    s.tick(1.0)  # our own offer of blob 2 goes out
+    due = 0.1 + CFG.lack_seconds
+    assert s.next_deadline() == due  # the fetch loop wakes for it
+    assert s.next_requests(due - 0.01) == []
+    assert fetched(s.next_requests(due)) == {"a": (1,)}
+    s.on_missing("a", 1, due + 0.1)  # still missing: not asked again for a while
+    assert s.next_requests(due + 1.0) == [] and s.unavailable() == bits(1)
+
+
+def test_a_banned_peers_missing_blobs_are_not_offered_again() -> None:
+    s = fetcher()
+    s.peer_joined("a", Source.SWARM, 0.0)
+    s.on_offer("a", bits(1, 2), 0.0)
+    s.next_requests(0.0)
+    s.on_missing("a", 1, 0.1)
+    assert s.on_blob("a", 2, False, 0.2)  # bad bytes: punished (banned by the caller)
+    assert s.next_requests(CFG.lack_seconds + 1.0) == []
+    assert s.offered_by("a") & bits(1) == 0
 
 
 def test_a_first_word_is_answered_with_the_whole_offer_once() -> None:
