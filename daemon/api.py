@@ -29,6 +29,7 @@ from p2pupd.daemon.bundles.verify import rebuild_envelope
 from p2pupd.daemon.bundles.watch import WatchEvent, watch
 from p2pupd.daemon.config import (
     DEFAULT_CONFIG_PATH,
+    DEFAULT_PEER_TIMEOUT,
     DaemonOptions,
     FileConfig,
     RolloutConfig,
@@ -63,6 +64,7 @@ from p2pupd.protocol.request import SiteRequest, verify_any_request
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DEFAULT_PEER_TIMEOUT",
     "ApplyError",
     "ApplyResult",
     "BlobStore",

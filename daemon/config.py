@@ -2,8 +2,9 @@
 
 Every option has a default; the file may be absent. Command-line flags win
 over the file; ``DaemonOptions`` is the merged result as a plain value (no
-trio import: the CLI builds it). Unknown keys are an error (a typo should not silently leave a
-site on defaults). See docs/config.md for the annotated file.
+trio import: the CLI builds it). Unknown keys are an error (a typo should not
+silently leave a site on defaults). The annotated file, every option with its
+default: tools/systemd/config.toml.
 
     [node]
     state_dir = "/var/lib/p2pupd"
@@ -15,6 +16,7 @@ site on defaults). See docs/config.md for the annotated file.
     mdns_interfaces = []            # addresses to run mDNS on; empty = all
     bandwidth_limit = ""            # e.g. "5M" (bytes/s); empty = unlimited
     gossip_interval = 30            # seconds
+    peer_timeout = 120              # seconds a peer may leave us unanswered
     max_peers = 24                  # connections admitted at most (sockets stay bounded)
     view_target = 12                # peers a node works to keep linked (partial view)
     view_max = 16                   # peers it accepts links from at most
@@ -53,6 +55,12 @@ from typing import Any
 from p2pupd.daemon.errors import ConfigError
 
 DEFAULT_PORT = 7707
+# Seconds a peer may leave every request of ours unanswered, saying nothing
+# at all, before it is dropped (a peer that keeps answering is waited for:
+# daemon/net/transport.py). Raised for links so slow that one answer takes
+# longer than this (a 64 KiB chunk at 1 kB/s: a minute).
+DEFAULT_PEER_TIMEOUT = 120.0
+MAX_PEER_TIMEOUT = 3600
 DEFAULT_LISTEN = ("0.0.0.0", DEFAULT_PORT)
 _RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
@@ -80,6 +88,7 @@ class DaemonOptions:
     log_level: str = "info"
     handle_signals: bool = True  # False when embedded (tests)
     gossip_interval: float = 30.0
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT
     max_peers: int = 24
     view_target: int = 12
     view_max: int = 16
@@ -135,6 +144,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "mdns_interfaces": list,
         "bandwidth_limit": (str, int),
         "gossip_interval": (int, float),
+        "peer_timeout": (int, float),
         "max_peers": int,
         "view_target": int,
         "view_max": int,
@@ -177,6 +187,7 @@ class FileConfig:
     mdns_interfaces: tuple[str, ...] | None = None
     bandwidth_limit: str | None = None
     gossip_interval: float | None = None
+    peer_timeout: float | None = None
     max_peers: int | None = None
     view_target: int | None = None
     view_max: int | None = None
@@ -216,6 +227,11 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
     interval = get("network", "gossip_interval")
     if interval is not None and interval <= 0:
         raise ConfigError(f"{path}: [network] gossip_interval must be positive")
+    peer_timeout = get("network", "peer_timeout")
+    if peer_timeout is not None and not 1 <= peer_timeout <= MAX_PEER_TIMEOUT:
+        raise ConfigError(
+            f"{path}: [network] peer_timeout must be between 1 and {MAX_PEER_TIMEOUT} seconds"
+        )
     sizes = {k: get("network", k) for k in _SIZES}
     for key, (lo, hi) in _SIZES.items():
         value = sizes[key]
@@ -232,6 +248,7 @@ def load_config(path: Path, required: bool = False) -> FileConfig:
         mdns_interfaces=_strs(get("network", "mdns_interfaces"), path, "network.mdns_interfaces"),
         bandwidth_limit=None if bw in (None, "", 0) else str(bw),
         gossip_interval=None if interval is None else float(interval),
+        peer_timeout=None if peer_timeout is None else float(peer_timeout),
         **sizes,
         watch=tuple(Path(p) for p in _strs(get("import", "watch"), path, "import.watch") or ())
         if get("import", "watch") is not None

@@ -203,6 +203,7 @@ async def run(
             ServiceOptions(
                 bandwidth_limit=options.bandwidth_limit,
                 gossip_interval=options.gossip_interval,
+                hard_timeout=options.peer_timeout,
                 max_peers=options.max_peers,
                 per_host=options.per_host,
                 view=ViewConfig(

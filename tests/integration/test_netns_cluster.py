@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,43 @@ def test_daemon_killed_mid_fetch_resumes_without_refetching(
 # ----- (e) issue 13, item 3: no lockout --------------------------------------------
 
 PER_HOST = 8  # the daemon's default per-address share (config per_host)
+
+
+def test_a_slow_link_is_kept_while_the_peer_keeps_answering(
+    tmp_path: Path, make_cluster: MakeCluster
+) -> None:
+    """A 4 Mbit/s link (tc) and a 2 s ``peer_timeout``: the receiver asks for
+    the whole release at once (a sole source), in batches of 64 blobs, and
+    the last batch is answered ~8 s after it was sent, queued behind the
+    others. The seed answers all along, so the link is kept: a request is
+    late only once the peer has also said nothing for its timeout."""
+    pub = Publisher(tmp_path / "slow")
+    src = pub.publish("1.0", random_files(11, 5 * limits.MiB, files=4))
+    bundle = pub.bundle("v1")
+    blobs = len(manifest(pub, 1).blob_sizes())
+    assert blobs > 64  # more than one batch
+    config = tmp_path / "slow.toml"
+    config.write_text("[network]\npeer_timeout = 2\n")
+    cluster = make_cluster(pub, 2)
+    seed, leech = cluster.nodes
+    cluster.install(bundle, [seed])
+    cluster.lan.shape(seed.host, "4mbit")
+    seed.start("--config", str(config), mdns=False)
+    leech.start("--config", str(config), "--peer", seed.endpoint, mdns=False)
+    cluster.wait_serial(1, CONVERGE_SECONDS, [leech])
+    assert_tree(leech, src)
+    began = leech.wait_log(r"ts=(\S+)Z level=\w+ event=fetch-started", 1).group(1)
+    ended = leech.wait_log(r"ts=(\S+)Z level=\w+ event=release-complete", 1).group(1)
+    took = (datetime.fromisoformat(ended) - datetime.fromisoformat(began)).total_seconds()
+    assert took > 4 * 2  # the link, not the timeout, set the pace
+    dropped = [
+        e["reason"]
+        for node in (seed, leech)
+        for e in node.events("peer-closed")
+        if "no answer" in e.get("reason", "")
+    ]
+    assert dropped == []
+    assert leech.app()["received"]["from"] == {seed.node_id(): leech.app()["received"]["bytes"]}
 
 
 def test_silent_connections_from_one_host_do_not_lock_honest_peers_out(

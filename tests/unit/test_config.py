@@ -20,6 +20,7 @@ mdns = false
 mdns_interfaces = ["169.254.77.1"]
 bandwidth_limit = "5M"
 gossip_interval = 10
+peer_timeout = 600
 max_peers = 40
 view_target = 8
 view_max = 12
@@ -50,6 +51,7 @@ def test_full_file(tmp_path: Path) -> None:
         mdns_interfaces=("169.254.77.1",),
         bandwidth_limit="5M",
         gossip_interval=10.0,
+        peer_timeout=600.0,
         max_peers=40,
         view_target=8,
         view_max=12,
@@ -79,6 +81,8 @@ def test_absent_file_is_all_defaults(tmp_path: Path) -> None:
         ("[network\n", "not valid TOML"),
         ("[network]\ngossip_interval = 0\n", "gossip_interval must be positive"),
         ("[network]\ngossip_interval = true\n", "wrong type"),
+        ("[network]\npeer_timeout = 0.5\n", "peer_timeout must be between 1 and 3600"),
+        ("[network]\npeer_timeout = 7200\n", "peer_timeout must be between 1 and 3600"),
     ],
 )
 def test_bad_files_are_refused_clearly(tmp_path: Path, text: str, words: str) -> None:

@@ -36,6 +36,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         bandwidth_limit=api.parse_rate(rate) if rate else None,
         log_level=args.log_level or cfg.log_level or "info",
         gossip_interval=cfg.gossip_interval or 30.0,
+        peer_timeout=cfg.peer_timeout or api.DEFAULT_PEER_TIMEOUT,
         **sizes,
         metrics_listen=api.parse_endpoint(metrics, default_port=None) if metrics else None,
         watch=tuple(watch),
@@ -66,7 +67,11 @@ def cmd_peers(args: argparse.Namespace) -> int:
         if site.get("site") is None:
             print("no site: links are plain TCP, any host holding the root may join")
         else:
-            state = "TLS 1.3, credentials required" if site["tls"] else f"refusing all: {site['problem']}"
+            state = (
+                "TLS 1.3, credentials required"
+                if site["tls"]
+                else f"refusing all: {site['problem']}"
+            )
             print(f"site {site['site']}: {state}; {site['refused']} link(s) refused")
             for r in site["recent"][-5:]:
                 print(f"  refused {r['address']} {r['seconds_ago']:.0f}s ago: {r['reason']}")
