@@ -155,8 +155,8 @@ Action = Fetch[P] | Offer[P] | Punish[P]
 class _Peer:
     source: Source
     offers: int = 0  # what it offers us
-    lacks: int = 0  # said ChunkMissing for these (for lack_seconds from lacks_at)
-    lacks_at: float = 0.0
+    lacks: int = 0  # said ChunkMissing for these
+    lacks_at: float = 0.0  # the first of them: all are forgiven lack_seconds after it
     withdrawn: int = 0  # of those, what it had offered: offered again when they expire
     told: int = 0  # what we offered it
     told_any: bool = False
