@@ -327,17 +327,19 @@ class Lifecycle:
         if await self.announceable(component, serial):
             self.gossip.verified(component, serial, digest)
 
-    async def self_update_committed(self, component: str, serial: int) -> bytes:
+    async def self_update_committed(
+        self, component: str, serial: int
+    ) -> tuple[bytes, Manifest]:
         """p2pupd's own release ``serial`` runs here and proved healthy: announce it.
-        Returns its manifest digest (the caller offers its blobs)."""
+        Returns its manifest digest and manifest (the caller offers its blobs)."""
         chain = await self.offload(self.node.trust_chain)
-        _, env = await self.offload(lambda: self.node.releases.get(chain, component, serial))
+        man, env = await self.offload(lambda: self.node.releases.get(chain, component, serial))
         await self.offload(self.content.refresh)
         self.forget_servable()
         digest = env.payload_digest()
         self.gossip.verified(component, serial, digest)
         self.holdings_changed()
-        return digest
+        return digest, man
 
     def sources(self, component: str, serial: int) -> str:
         """Who a release came from, for log lines: peers by bytes, ``import`` or ``local``."""

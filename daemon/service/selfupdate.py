@@ -220,8 +220,8 @@ async def prove(
             serial=result.serial,
             migrated=";".join(migrated) or None,
         )
-        digest = await core.lifecycle.self_update_committed(cfg.name, result.serial)
-        core.offers.holding(cfg.name, result.serial, digest)  # and serve it to peers
+        digest, man = await core.lifecycle.self_update_committed(cfg.name, result.serial)
+        core.offers.holding(cfg.name, result.serial, digest, man)  # and serve it to peers
         return
     log("self-update-failed", level=logging.ERROR, component=cfg.name, reason=reason)
     with contextlib.suppress(DaemonError, P2pupdError):
