@@ -78,6 +78,7 @@ from p2pupd.protocol.trust import TrustChain
 @dataclass
 class Scan:
     holdings: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    read: dict[str, Manifest] = field(default_factory=dict)  # each holding's, as read here
     resume: list[tuple[Manifest, bytes]] = field(default_factory=list)
     apply: list[Manifest] = field(default_factory=list)
     held: list[Manifest] = field(default_factory=list)  # newest complete per component
@@ -172,6 +173,7 @@ class Lifecycle:
                     if cfg.self_update and (st.installed is None or serial > st.installed):
                         continue  # held, not proven here: not announced (see above)
                     out.holdings[name] = (serial, digest)
+                    out.read[name] = man
                     break
                 if serial == serials[-1] and serial not in st.bad:
                     out.resume.append((man, digest))
@@ -194,6 +196,7 @@ class Lifecycle:
             key, digest = self.carry_key(man), env.payload_digest()
             if proven:  # announced at once, complete or not (news runs ahead of data)
                 out.holdings[key] = (serial, digest)
+                out.read[key] = man
             if needed_for(node, man):
                 out.resume.append((man, digest))
 

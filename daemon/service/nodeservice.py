@@ -248,9 +248,8 @@ class NodeService:
                 if man.serial > known.get(key, (0, b""))[0]:
                     known[key] = (man.serial, digest)
             self.gossip.load(known)
-            read = {(man.component, man.serial): man for man in scan.held}
-            for component, (serial, digest) in scan.holdings.items():
-                self.offers.holding(component, serial, digest, read.get((component, serial)))
+            for key, (serial, digest) in scan.holdings.items():
+                self.offers.holding(key, serial, digest, scan.read.get(key))
             await nursery.start(self.rollout.serve)
             await nursery.start(self.report_gossip.serve)
             await nursery.start(self.gossip.serve)

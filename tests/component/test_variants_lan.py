@@ -183,6 +183,9 @@ async def test_a_restarted_node_serves_the_variants_it_carries(
     cli("import", mixed["stick"], "--apply", "--state-dir", s0)
     x0 = make_service(s0, seed=1, gossip_interval=10.0)
     a = make_service(sa, seed=2, gossip_interval=10.0)
+    reads: list[tuple[str, int]] = []  # manifests the offers read again (the scan has them)
+    stored = x0.offers._manifest
+    x0.offers._manifest = lambda key, serial: (reads.append((key, serial)), stored(key, serial))[1]
     async with trio.open_nursery() as nursery:
         for svc in (x0, a):
             await nursery.start(svc.serve)
@@ -191,6 +194,7 @@ async def test_a_restarted_node_serves_the_variants_it_carries(
         await wait_until(lambda: Node(sa).state.read_state("app").installed == 2, 600)
         nursery.cancel_scope.cancel()
     assert tree_snapshot(ta) == tree_snapshot(mixed["src"][ARM])
+    assert x0.offers.releases[ARM_KEY].swarm is not None and reads == []
 
 
 def test_an_offer_this_node_would_not_carry_is_refused_before_its_signature(
