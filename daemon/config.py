@@ -55,8 +55,8 @@ from typing import Any
 from p2pupd.daemon.errors import ConfigError
 
 DEFAULT_PORT = 7707
-# Seconds a peer may leave every request of ours unanswered, saying nothing
-# at all, before it is dropped (a peer that keeps answering is waited for:
+# Seconds a peer may go without answering any request of ours, while one
+# waits, before it is dropped (a peer that keeps answering is waited for:
 # daemon/net/transport.py). Raised for links so slow that one answer takes
 # longer than this (a 64 KiB chunk at 1 kB/s: a minute).
 DEFAULT_PEER_TIMEOUT = 120.0
