@@ -38,6 +38,7 @@ import trio
 
 from p2pupd.daemon import ops
 from p2pupd.daemon.bundles.siterequest import node_identity
+from p2pupd.daemon.config import DEFAULT_PEER_TIMEOUT
 from p2pupd.daemon.errors import ConfigError, DaemonError
 from p2pupd.daemon.events import LOGGER, log, short
 from p2pupd.daemon.net.peers import PeerInfo, PeerTable
@@ -121,7 +122,9 @@ class ServiceOptions:
     gossip_interval: float = 30.0
     manifest_timeout: float = 15.0
     request_timeout: float = 30.0  # swarm: re-plan a blob not answered after this
-    hard_timeout: float = 120.0  # no answer at all: drop the peer
+    hard_timeout: float = (
+        DEFAULT_PEER_TIMEOUT  # no answer at all: drop the peer ([network] peer_timeout)
+    )
     ban_seconds: float = 600.0
     max_peers: int = 24  # admitted links, whatever the site's size (sockets bounded)
     per_host: int = 8  # inbound connections from one IP address

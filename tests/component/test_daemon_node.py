@@ -24,6 +24,7 @@ from p2pupd.daemon.net.transport import ERR_PROTOCOL
 from p2pupd.daemon.offload import inline
 from p2pupd.daemon.service.gossip import fetch_manifest
 from p2pupd.daemon.service.metrics import MetricsFeed
+from p2pupd.daemon.service.nodeservice import NodeService
 from p2pupd.daemon.state.node import Node
 from p2pupd.daemon.state.statedir import NOW_ENV, StateDir
 from p2pupd.protocol import ids
@@ -38,6 +39,19 @@ def two_nodes(tmp_path: Path) -> tuple[Site, tuple[Path, Path], tuple[Path, Path
     a, b = site.node("a"), site.node("b")
     api.import_dir(a[0], site.bundle("v1"))
     return site, a, b
+
+
+async def b_gets_it_from_a(a: NodeService, b: NodeService, sb: Path) -> float:
+    """Serve ``a`` and ``b``, link ``b`` to ``a`` and wait until ``b`` (state dir
+    ``sb``) installed release 1; returns the virtual seconds from the link."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        link(nursery, b, a)
+        start = trio.current_time()
+        await wait_until(lambda: installed(sb) == 1, timeout=300)
+        nursery.cancel_scope.cancel()
+    return trio.current_time() - start
 
 
 async def test_restart_resumes_from_what_is_stored(
@@ -81,12 +95,7 @@ async def test_a_held_release_is_served_without_reading_its_manifest_again(
     reads: list[tuple[str, int]] = []
     stored = a.offers._manifest
     a.offers._manifest = lambda key, serial: (reads.append((key, serial)), stored(key, serial))[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.serve)
-        await nursery.start(b.serve)
-        link(nursery, b, a)
-        await wait_until(lambda: installed(sb) == 1, timeout=300)
-        nursery.cancel_scope.cancel()
+    await b_gets_it_from_a(a, b, sb)
     assert a.offers.releases["app"].swarm is not None  # b was served from a's swarm
     assert reads == []
 
@@ -108,14 +117,7 @@ async def test_a_blob_its_only_holder_once_said_was_missing_is_asked_for_again(
         return read(digest, max_bytes)
 
     a.content.read_blob = flaky  # type: ignore[method-assign]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.serve)
-        await nursery.start(b.serve)
-        link(nursery, b, a)
-        start = trio.current_time()
-        await wait_until(lambda: installed(sb) == 1, timeout=300)
-        took = trio.current_time() - start
-        nursery.cancel_scope.cancel()
+    took = await b_gets_it_from_a(a, b, sb)
     assert failed and b.node.store.has(failed[0])
     assert SwarmConfig().lack_seconds <= took < SwarmConfig().lack_seconds + 10
 
@@ -428,11 +430,6 @@ async def test_answers_waiting_to_land_hold_back_new_requests_past_their_budget(
         return await inline(fn)
 
     b.offload = slow_disk  # type: ignore[assignment]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.serve)
-        await nursery.start(b.serve)
-        link(nursery, b, a)
-        await wait_until(lambda: installed(sb) == 1, timeout=300)
-        nursery.cancel_scope.cancel()
+    await b_gets_it_from_a(a, b, sb)
     assert len(waiting_at_ask) > 2 and max(waiting_at_ask) == 0
     assert b.fetch.received["app"].bytes > 250_000  # all of it came, past the budget
