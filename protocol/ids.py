@@ -24,7 +24,7 @@ RELEASE_KEY_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9_-]{0,31
 MAX_RELEASE_KEY_BYTES = 64 + 1 + 32
 
 
-def sha256(data: bytes) -> bytes:
+def sha256(data: bytes | memoryview) -> bytes:
     """Return the raw SHA-256 digest of ``data``."""
     return hashlib.sha256(data).digest()
 

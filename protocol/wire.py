@@ -169,8 +169,10 @@ def _uint(value: Any, name: str, lo: int, hi: int) -> Any:
     return value
 
 
-def _blob(value: Any, name: str, *, exact: int | None = None, most: int = 0) -> Any:
-    if not isinstance(value, bytes):
+def _blob(
+    value: Any, name: str, *, exact: int | None = None, most: int = 0, view: bool = False
+) -> Any:
+    if not (isinstance(value, bytes) or (view and isinstance(value, memoryview))):
         raise LocalProtocolError(f"{name} must be bytes, got {type(value).__name__}")
     if exact is not None and len(value) != exact:
         raise LocalProtocolError(f"{name} must be exactly {exact} bytes, got {len(value)}")
@@ -308,7 +310,7 @@ _RULES: dict[str, Callable[[Any, str, int], Any]] = {
     "manifest_digest": lambda v, n, _: _blob(v, n, exact=DIGEST_BYTES),
     "node_id": lambda v, n, _: _blob(v, n, exact=NODE_ID_BYTES),
     "magic": lambda v, n, _: _blob(v, n, most=MAX_MAGIC_BYTES),
-    "data": lambda v, n, limit: _blob(v, n, most=limit),
+    "data": lambda v, n, limit: _blob(v, n, most=limit, view=True),  # see ChunkData
     "component": lambda v, n, _: _text(v, n, MAX_COMPONENT_BYTES, ids.RELEASE_KEY_RE),
     "cluster_id": lambda v, n, _: _text(v, n, MAX_CLUSTER_ID_BYTES, _CLUSTER_RE),
     "reason": lambda v, n, _: _text(v, n, MAX_TEXT_BYTES),
@@ -471,13 +473,19 @@ class ChunkRequest(_Wire):
 
 @dataclass(frozen=True, slots=True)
 class ChunkData(_Wire):
-    """A blob claimed to hash to ``digest``; the receiver must check it."""
+    """A blob claimed to hash to ``digest``; the receiver must check it.
+
+    Decoded from a whole frame in one read, ``data`` is a read-only view of
+    that read's buffer, not a copy (``FrameDecoder``): the receiver hashes
+    and stores it from there, and whoever keeps it keeps the whole buffer
+    alive (daemon/service/fetch.py charges the buffer, not the view).
+    """
 
     TYPE: ClassVar[int] = 7
     DATA_LIMIT: ClassVar[int] = MAX_PAYLOAD_BYTES
     request_id: int
     digest: bytes
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -943,6 +951,8 @@ def _pack_hot(msg: object) -> tuple[tuple[bytes, ...], bytes] | None:
     if kind is ChunkData:
         assert isinstance(msg, ChunkData)
         rid, data = _packed_uint(msg.request_id), msg.data
+        if isinstance(data, memoryview):  # a received chunk sent on (tests, tools)
+            data = data.tobytes()
         return (b"\x94\x07", rid, _DIGEST_HEAD, msg.digest, _bin_head(len(data))), data
     if kind is BlobRangeData:
         assert isinstance(msg, BlobRangeData)
@@ -1040,9 +1050,9 @@ def _parse_hot(
     pos += 1 + width
     if size < _MIN_OF_WIDTH[width or 1] or pos + size != len(body):
         return None
+    if cls is ChunkData:  # a view of the read, not a copy (see ChunkData)
+        return ChunkData(rid, digest, body[pos:])
     data = bytes(body[pos:])
-    if cls is ChunkData:
-        return ChunkData(rid, digest, data)
     return BlobRangeData(rid, digest, offset, data)
 
 
@@ -1097,10 +1107,10 @@ class FrameDecoder:
                 else:
                     self._need = length
             elif not self._body and end - pos >= self._need:
-                # Whole body in this read: a view of it, no copy (the data messages
-                # copy their payload once, when they are decoded).
+                # Whole body in this read: a view of it, no copy (ChunkData keeps
+                # a view of its payload; the other messages copy theirs).
                 body = view[pos : pos + self._need]
-                self._frames.append(body if isinstance(data, bytes) else bytes(body))
+                self._frames.append(body if isinstance(data, bytes) else memoryview(bytes(body)))
                 pos += self._need
                 self._need = None
             else:
@@ -1108,7 +1118,7 @@ class FrameDecoder:
                 self._body += view[pos : pos + take]
                 pos += take
                 if len(self._body) == self._need:
-                    self._frames.append(bytes(self._body))
+                    self._frames.append(memoryview(bytes(self._body)))
                     self._body.clear()
                     self._need = None
 

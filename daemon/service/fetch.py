@@ -127,10 +127,11 @@ class ReleaseFetch:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-# What became of one request: the bytes (to land), True (landed), False (bad
-# bytes), None (the peer lacks the blob), a connection (it ended before
-# answering) or a store error.
-Outcome = bytes | bool | PeerConnection | DaemonError | None
+# What became of one request: the bytes (to land; a view of the read that
+# brought them), True (landed), False (bad bytes), None (the peer lacks the
+# blob), a connection (it ended before answering) or a store error.
+Payload = bytes | memoryview
+Outcome = Payload | bool | PeerConnection | DaemonError | None
 
 
 @dataclass
@@ -147,21 +148,47 @@ class _Attempt:
     swarm: ReleaseSwarm[bytes]
     needed: dict[bytes, int]
     results: list[tuple[bytes, bytes, Outcome]] = field(default_factory=list)
-    arrived: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    arrived: list[tuple[bytes, bytes, Payload]] = field(default_factory=list)
     land_wake: trio.Event = field(default_factory=trio.Event)
     fresh: list[tuple[bytes, bytes]] = field(default_factory=list)  # arrived: for the swarm
-    landing_bytes: int = 0  # arrived, outcome not yet settled
+    landing_bytes: int = 0  # memory the arrived bytes hold until they land
+    # Read buffers that arrived views keep alive: id -> views not yet landed.
+    # A view holds its whole read (up to RECV_BYTES, other frames too), so
+    # the budget is charged each buffer once, in full, while any view of it
+    # waits: a peer padding small blobs with other frames pins no more than
+    # ``LANDING_BYTES`` either.
+    pinned: dict[int, int] = field(default_factory=dict)
 
     def report(self, peer: bytes, digest: bytes, outcome: Outcome) -> None:
         """Queue an outcome (bytes for the lander, the rest for the loop) and wake it."""
-        if isinstance(outcome, bytes):
+        if isinstance(outcome, bytes | memoryview):
             self.arrived.append((peer, digest, outcome))
             self.fresh.append((peer, digest))
-            self.landing_bytes += len(outcome)
+            self.landing_bytes += self._pin(outcome)
             self.land_wake.set()
         else:
             self.results.append((peer, digest, outcome))
         self.rf.wake.set()
+
+    def _pin(self, data: Payload) -> int:
+        """Bytes ``data`` newly holds in memory (its buffer's, for the first view)."""
+        if isinstance(data, bytes):
+            return len(data)
+        key = id(data.obj)
+        views = self.pinned.get(key, 0)
+        self.pinned[key] = views + 1
+        return 0 if views else memoryview(data.obj).nbytes
+
+    def unpin(self, data: Payload) -> int:
+        """Bytes freed once ``data`` landed (its buffer's, with its last view)."""
+        if isinstance(data, bytes):
+            return len(data)
+        key = id(data.obj)
+        views = self.pinned.pop(key) - 1
+        if views:
+            self.pinned[key] = views
+            return 0
+        return memoryview(data.obj).nbytes
 
 
 class FetchManager:
@@ -413,7 +440,7 @@ class FetchManager:
             batch = [(digest, data) for _, digest, data in arrived]
             landed = await self._links.offload(partial(self.spool.put_batch, batch))
             run.results += [(p, d, o) for (p, d, _), o in zip(arrived, landed, strict=True)]
-            run.landing_bytes -= sum(len(data) for _, _, data in arrived)
+            run.landing_bytes -= sum(run.unpin(data) for _, _, data in arrived)
             run.rf.wake.set()
 
     def _settle(self, run: _Attempt) -> DaemonError | None:

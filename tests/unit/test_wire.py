@@ -238,6 +238,27 @@ def test_decoder_byte_by_byte_matches_whole() -> None:
     assert decoder.buffered_bytes == 0
 
 
+def test_a_received_chunk_is_a_view_of_its_read_not_a_copy() -> None:
+    """A whole ChunkData frame in one read keeps a view of that read; one that
+    spans reads is assembled once, and its payload is a view of that copy."""
+    chunks = [ChunkData(i, bytes([i]) * 32, bytes([i]) * (1000 + i)) for i in range(1, 4)]
+    read = b"".join(encode_message(c) for c in chunks)
+    decoder = FrameDecoder()
+    decoder.feed(read)
+    got = list(decoder)
+    assert got == chunks
+    for msg in got:
+        assert isinstance(msg, ChunkData) and isinstance(msg.data, memoryview)
+        assert msg.data.obj is read and msg.data.readonly
+    split = len(read) - 500  # the last frame arrives in two reads
+    decoder.feed(read[:split])
+    decoder.feed(read[split:])
+    *_, last = list(decoder)
+    assert isinstance(last, ChunkData) and last == chunks[-1]
+    assert isinstance(last.data, memoryview) and len(last.data.obj) < len(read)  # type: ignore[arg-type]
+    assert encode_message(last) == encode_message(chunks[-1])  # sent on as it came
+
+
 def test_oversized_length_refused_before_body_is_buffered() -> None:
     decoder = FrameDecoder()
     decoder.feed((limits.MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
