@@ -475,8 +475,8 @@ class ChunkRequest(_Wire):
 class ChunkData(_Wire):
     """A blob claimed to hash to ``digest``; the receiver must check it.
 
-    Decoded from a whole frame in one read, ``data`` is a read-only view of
-    that read's buffer, not a copy (``FrameDecoder``): the receiver hashes
+    Decoded from a whole frame in a read that is mostly chunks, ``data`` is
+    a read-only view of that read's buffer, not a copy (``FrameDecoder``): the receiver hashes
     and stores it from there, and whoever keeps it keeps the whole buffer
     alive (daemon/service/fetch.py charges the buffer, not the view).
     """
@@ -972,8 +972,9 @@ def _pack_hot(msg: object) -> tuple[tuple[bytes, ...], bytes] | None:
 
 
 # The first two body bytes of each hot message: array header, type code.
+_CHUNK_HEAD = b"\x94\x07"  # a ChunkData body begins so (array of 4, type 7)
 _HOT: dict[bytes, type[ChunkData | BlobRangeData | ChunkRequest | HaveBits]] = {
-    b"\x94\x07": ChunkData,
+    _CHUNK_HEAD: ChunkData,
     b"\x95\x0f": BlobRangeData,
     b"\x93\x06": ChunkRequest,
     b"\x95\x1a": HaveBits,
@@ -1091,6 +1092,8 @@ class FrameDecoder:
             raise LocalProtocolError("data fed after end of stream")
         view = memoryview(data)
         pos, end = 0, len(view)
+        got: list[tuple[memoryview, bool]] = []  # frames completed here; a view of data?
+        chunks = 0  # bytes of the ChunkData frames whole in this read
         while pos < end and self._error is None:
             if self._need is None:
                 take = min(HEADER_BYTES - len(self._header), end - pos)
@@ -1107,10 +1110,10 @@ class FrameDecoder:
                 else:
                     self._need = length
             elif not self._body and end - pos >= self._need:
-                # Whole body in this read: a view of it, no copy (ChunkData keeps
-                # a view of its payload; the other messages copy theirs).
-                body = view[pos : pos + self._need]
-                self._frames.append(body if isinstance(data, bytes) else memoryview(bytes(body)))
+                body = view[pos : pos + self._need]  # whole in this read
+                got.append((body, True))
+                if body[:2] == _CHUNK_HEAD:
+                    chunks += self._need
                 pos += self._need
                 self._need = None
             else:
@@ -1118,9 +1121,18 @@ class FrameDecoder:
                 self._body += view[pos : pos + take]
                 pos += take
                 if len(self._body) == self._need:
-                    self._frames.append(memoryview(bytes(self._body)))
+                    got.append((memoryview(bytes(self._body)), False))
                     self._body.clear()
                     self._need = None
+        # A ChunkData keeps a view of its payload (the other messages copy
+        # theirs), and a view keeps the whole read alive. So views of a read
+        # are kept only when chunks fill at least half of it: a peer padding
+        # small chunks with other frames makes them copies, and what they pin
+        # stays within twice their bytes. Bytes that are not ``bytes`` may
+        # change under a view: always copied.
+        keep = isinstance(data, bytes) and 2 * chunks >= end
+        for body, of_data in got:
+            self._frames.append(body if keep or not of_data else memoryview(bytes(body)))
 
     def feed_eof(self) -> None:
         """Mark the end of the stream; a partial frame then becomes an error."""

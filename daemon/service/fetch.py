@@ -155,8 +155,8 @@ class _Attempt:
     # Read buffers that arrived views keep alive: id -> views not yet landed.
     # A view holds its whole read (up to RECV_BYTES, other frames too), so
     # the budget is charged each buffer once, in full, while any view of it
-    # waits: a peer padding small blobs with other frames pins no more than
-    # ``LANDING_BYTES`` either.
+    # waits. (The decoder keeps views only of reads that are at least half
+    # chunks: padding around small blobs makes them copies.)
     pinned: dict[int, int] = field(default_factory=dict)
 
     def report(self, peer: bytes, digest: bytes, outcome: Outcome) -> None:

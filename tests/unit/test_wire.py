@@ -259,6 +259,23 @@ def test_a_received_chunk_is_a_view_of_its_read_not_a_copy() -> None:
     assert encode_message(last) == encode_message(chunks[-1])  # sent on as it came
 
 
+def test_a_small_chunk_padded_with_other_frames_is_copied_out_of_its_read() -> None:
+    """A view keeps its whole read alive: where chunks are less than half of a
+    read, they are copies, so a few bytes of chunk never pin a MiB."""
+    chunk = ChunkData(1, D1, b"c" * 1000)
+    padding = ManifestRangeData(2, 0, 200_000, b"p" * 100_000)
+    decoder = FrameDecoder()
+    padded = encode_message(chunk) + encode_message(padding)
+    decoder.feed(padded)
+    got, _ = list(decoder)
+    assert got == chunk
+    assert isinstance(got, ChunkData) and got.data.obj is not padded  # type: ignore[union-attr]
+    mostly = encode_message(chunk) + encode_message(ChunkData(3, D2, b"d" * 900))
+    decoder.feed(mostly)
+    first, _ = list(decoder)
+    assert isinstance(first, ChunkData) and first.data.obj is mostly  # type: ignore[union-attr]
+
+
 def test_oversized_length_refused_before_body_is_buffered() -> None:
     decoder = FrameDecoder()
     decoder.feed((limits.MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
