@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 A ``ReportTable`` holds at most ``capacity`` (10,000) reports, one per node
 id, each with the time it was received on the caller's monotonic clock.
-``offer`` is the only way in, and applies these rules in order (the first
-that fails decides, and nothing changes):
+``offer`` is the only way in (or its two halves around the signature check,
+``screen`` and ``admit``, for a caller that checks signatures in another
+thread), and applies these rules in order (the first that fails decides, and
+nothing changes):
 
 1. the document decodes and is signed by the node key it names (``report``;
    a document not newer than its node's mark is OLDER before its signature
@@ -44,6 +46,7 @@ from typing import Any
 from p2pupd.protocol.errors import RemoteProtocolError, SchemaError, VerificationError
 from p2pupd.protocol.rollout.report import NodeReport, check_report_signature, decode_report
 from p2pupd.protocol.rollout.site import SiteRules
+from p2pupd.protocol.trust import Envelope
 
 CAPACITY = 10_000
 LIVE_SECONDS = 30 * 60.0
@@ -74,6 +77,23 @@ class Entry:
     report: NodeReport
     raw: bytes
     received: float
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A report that decoded and may be newer: its signature is still to check."""
+
+    raw: bytes
+    report: NodeReport
+    env: Envelope
+
+    def check(self) -> str | None:
+        """Why the signature does not hold, or None. Pure: safe in any thread."""
+        try:
+            check_report_signature(self.report, self.env)
+        except VerificationError as exc:
+            return str(exc)
+        return None
 
 
 @dataclass
@@ -137,6 +157,19 @@ class ReportTable:
 
     def offer(self, raw: bytes, now: float, wall: int) -> Offer:
         """Apply the rules of the module docstring to a signed report; never raises for it."""
+        screened = self.screen(raw)
+        if isinstance(screened, Offer):
+            return screened
+        return self.admit(screened, now, wall, screened.check())
+
+    def screen(self, raw: bytes) -> Offer | Screened:
+        """The part of ``offer`` before the signature check: the verdict when it
+        is already decided (malformed, not newer), else what is left to check.
+
+        ``offer`` is ``screen``, ``Screened.check``, ``admit``; a caller with
+        many reports checks their signatures elsewhere (a worker thread: the
+        check is pure and takes no lock) and admits them in order afterwards.
+        """
         try:
             report, env = decode_report(raw)
         except RemoteProtocolError as exc:
@@ -147,10 +180,15 @@ class ReportTable:
             # it, so replays and echoes of gossip cost no signature check.
             self.older += 1
             return Offer(Verdict.OLDER, "not newer than the report seen", report)
-        try:
-            check_report_signature(report, env)
-        except VerificationError as exc:
-            return self._refuse(f"bad report: {exc}")
+        return Screened(raw, report, env)
+
+    def admit(self, screened: Screened, now: float, wall: int, bad_signature: str | None) -> Offer:
+        """Rules 2-4 for a screened report whose signature check said ``bad_signature``
+        (None: it holds). The table may have moved since ``screen``: rule 4 is
+        judged again against the mark as it is now."""
+        if bad_signature is not None:
+            return self._refuse(f"bad report: {bad_signature}")
+        report, raw = screened.report, screened.raw
         rules = self.rules
         if not rules.same_site(report.repository, report.site):
             return self._refuse(
@@ -159,6 +197,7 @@ class ReportTable:
             )
         if not rules.admits(report.node_id, report.node_key, report.credential, wall):
             return self._refuse(f"node {report.node_id.hex()[:12]} {rules.refusal}")
+        mark = self._marks.get(report.node_id)
         if mark is not None and report.seq <= mark.seq:
             self.older += 1
             return Offer(Verdict.OLDER, "not newer than the report seen", report)

@@ -35,12 +35,12 @@ def health_script(tmp_path: Path, body: str) -> Path:
     return script
 
 
-def make_site(tmp_path: Path, health: str = "") -> tuple[Site, list[Path]]:
+def make_site(tmp_path: Path, health: str = "", nodes: int = N) -> tuple[Site, list[Path]]:
     site = Site(tmp_path)
     site.publish("1.0", random_tree(1, files=2, size=20_000))
     extra = ["--health-cmd", str(health_script(tmp_path, health))] if health else []
     states = []
-    for i in range(N):
+    for i in range(nodes):
         state = tmp_path / "nodes" / f"n{i}" / "state"
         target = tmp_path / "nodes" / f"n{i}" / "target" / "app"
         target.parent.mkdir(parents=True)

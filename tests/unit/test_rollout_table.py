@@ -23,7 +23,7 @@ from p2pupd.protocol.rollout.report import (
     sign_report,
     verify_report,
 )
-from p2pupd.protocol.rollout.table import ReportTable, Verdict
+from p2pupd.protocol.rollout.table import Offer, ReportTable, Screened, Verdict
 from p2pupd.protocol.trust import Envelope, sign
 
 ME = SimNode(0)
@@ -91,6 +91,46 @@ def test_an_older_or_replayed_report_moves_nothing() -> None:
     assert t.offer(new, 2, 0).verdict is Verdict.OLDER  # the same one again
     entry = t.get(a.node_id)
     assert entry is not None and entry.raw == new and entry.received == 0
+
+
+def test_screen_check_admit_is_offer_in_three_steps() -> None:
+    """What ``offer`` decides, ``screen`` + ``check`` (in any thread) + ``admit`` decide
+    too, counters and all; only reports that may be newer reach the signature check."""
+    a, b, far = SimNode(1), SimNode(2), SimNode(3, site="other")
+    old, new = a.report(committed(3)), a.report(failed(4, 3))
+    env = Envelope.decode(b.report(), MAX_REPORT_BYTES)
+    forged = Envelope(env.payload, ((env.signatures[0][0], bytes(64)),)).encode()
+    docs = [new, old, new, forged, far.report(), b"\x93garbage", b.report()]
+    whole, split = table(), table()
+    expect = [whole.offer(d, 0, 0) for d in docs]
+    got, checked = [], 0
+    for d in docs:
+        s = split.screen(d)
+        if isinstance(s, Screened):
+            checked += 1
+            s = split.admit(s, 0, 0, s.check())
+        assert isinstance(s, Offer)
+        got.append(s)
+    assert [o.verdict for o in got] == [o.verdict for o in expect] == [
+        Verdict.NEW, Verdict.OLDER, Verdict.OLDER, Verdict.REFUSED, Verdict.REFUSED,
+        Verdict.REFUSED, Verdict.NEW,
+    ]  # fmt: skip
+    assert checked == 4  # the replays were decided before any signature check
+    assert (split.refused, split.older, len(split)) == (whole.refused, whole.older, len(whole))
+
+
+def test_admit_judges_newness_against_the_table_as_it_is_then() -> None:
+    t, a = table(), SimNode(1)
+    older, newer = a.report(committed(3)), a.report(committed(4))
+    s = t.screen(older)
+    assert isinstance(s, Screened)  # nothing seen yet: it may be newer
+    assert t.offer(newer, 0, 0).accepted  # meanwhile, on the loop, a newer one landed
+    assert t.admit(s, 1, 0, s.check()).verdict is Verdict.OLDER
+    assert t.get(a.node_id).raw == newer  # type: ignore[union-attr]
+    s = t.screen(a.report(committed(5)))
+    assert isinstance(s, Screened)
+    offer = t.admit(s, 2, 0, "no good")  # the check said the signature does not hold
+    assert offer.verdict is Verdict.REFUSED and "no good" in offer.reason
 
 
 def test_a_replay_after_the_node_went_silent_is_still_refused() -> None:

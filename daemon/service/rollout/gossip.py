@@ -9,9 +9,11 @@ them) and feeds what peers send into the ``RolloutService``.
 
 Incoming news is rate-limited per peer before anything is decoded
 (``Spread.admit``), queued (at most ``MAX_QUEUED`` documents; the excess is
-dropped and counted), and checked by a task of its own that yields to the
-other tasks every ``BATCH`` documents: a signature check is ~0.1 ms, and a
-burst of news must not stall the connections. Documents accepted for the
+dropped and counted), and checked by a task of its own: a signature check is
+~0.1 ms, and a burst of news (a node joining a site of 10,000 hears them all)
+must not stall the connections, so reports are checked ``BATCH`` at a time in
+a worker thread (``RolloutService.offer_reports``; the check releases the
+GIL) and only their bookkeeping runs on the event loop. Documents accepted for the
 first time are pushed on (``Spread.learned``): actions always, reports when
 they came as news or in a small digest answer (a healed partition), not when
 a digest answer brought hundreds (this node catching up on joining: old news
@@ -41,7 +43,7 @@ from p2pupd.protocol.wire import (
 
 MAX_QUEUED = 4096
 CATCH_UP_RELAY = 32  # new reports from one digest answer still passed on
-BATCH = 16
+BATCH = 64  # reports checked per worker-thread hop
 TICK_SECONDS = 30.0
 
 
@@ -107,18 +109,23 @@ class ReportGossip:
     async def _drain(self) -> None:
         # per origin: (reports pushed as news, reports from a digest answer, actions)
         by_origin: dict[bytes, tuple[list[bytes], list[bytes], list[bytes]]] = {}
-        done = 0
         while self._queue:
-            peer, is_report, doc, relay = self._queue.popleft()
-            fresh = by_origin.setdefault(peer, ([], [], []))
-            if is_report:
-                if self._rollout.offer_report(doc, trio.current_time()).accepted:
-                    fresh[0 if relay else 1].append(doc)
-            elif self._rollout.offer_action(doc) is ActionVerdict.ACCEPTED:
-                fresh[2].append(doc)  # few and weighty: always passed on
-            done += 1
-            if done % BATCH == 0:
+            # A run of reports (at most BATCH) is checked in one worker-thread
+            # hop; an action is taken where it stands, so order is kept.
+            run: list[tuple[bytes, bytes, bool]] = []
+            while self._queue and len(run) < BATCH and self._queue[0][1]:
+                peer, _, doc, relay = self._queue.popleft()
+                run.append((peer, doc, relay))
+            if run:
+                offers = await self._rollout.offer_reports([doc for _, doc, _ in run])
+                for (peer, doc, relay), offer in zip(run, offers, strict=True):
+                    if offer.accepted:
+                        by_origin.setdefault(peer, ([], [], []))[0 if relay else 1].append(doc)
                 await trio.sleep(0)
+                continue
+            peer, _, doc, _ = self._queue.popleft()
+            if self._rollout.offer_action(doc) is ActionVerdict.ACCEPTED:
+                by_origin.setdefault(peer, ([], [], []))[2].append(doc)  # always passed on
         for origin, (news, caught_up, actions) in by_origin.items():
             # A digest answer with a handful of new reports is news this node
             # missed (a healed partition): pass it on. Hundreds are a catch-up
