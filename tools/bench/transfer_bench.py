@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idle", type=float, default=10.0, help="idle sampling seconds (default 10)")
     p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     p.add_argument(
-        "--runs", type=int, default=3, help="transfers per mode, alternating (best kept; default 3)"
+        "--runs", type=int, default=5,
+        help="transfers per mode, alternating (best kept, plain runs paired; default 5)"
     )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
